@@ -1,0 +1,225 @@
+"""The merge configuration: mergekit's YAML schema plus distmerge's ``aim:`` and ``execution:``.
+
+A mergekit user's file runs unchanged for the common case (``merge_method``, ``base_model``,
+``models``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``). Parameter values
+take mergekit's three forms, resolved per tensor by :func:`resolve_value`:
+
+- a scalar;
+- a list of numbers, a gradient over decoder layers: layer ``i`` of ``L`` takes
+  ``t = i / (L - 1)`` (tensors outside the decoder layers take ``t = 0``) and the value is
+  interpolated linearly at ``t * (len - 1)``;
+- a list of ``{filter, value}`` entries: the first whose filter is a substring of the tensor
+  name wins, an entry without a filter is the fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distmerge.dtypes import config_dtype
+from distmerge.errors import ConfigError
+from distmerge.sizes import parse_size
+
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Parameters mergekit accepts that change nothing here (memory tricks of a single-process merge).
+IGNORED_PARAMETERS = {"int8_mask"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class CalibrationConfig(_Strict):
+    dataset: str = "builtin"
+    text_field: str = "text"
+    n_samples: int = Field(256, ge=1)
+    block_size: int = Field(512, ge=2)
+    seed: int = 42
+
+
+class AimConfig(_Strict):
+    omega: float = Field(0.4, ge=0.0, le=1.0)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    stats: str | None = None
+    stages: int | Literal["auto"] = "auto"
+    stage_memory: int = 2 * 1000**3
+    micro_batch_size: int = Field(4, ge=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _positive_stages(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("stages must be 'auto' or a positive integer")
+        return v
+
+    @field_validator("stage_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v, "aim.stage_memory")
+
+
+class ExecutionConfig(_Strict):
+    shard_size: int = 256 * 1000**2
+    max_file_size: int = 5 * 1000**3
+    workers: int | None = Field(None, ge=1)
+    seed: int = 0
+    allow_nonfinite: bool = False
+
+    @field_validator("shard_size", "max_file_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any, info: Any) -> int:
+        return parse_size(v, f"execution.{info.field_name}")
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    trust_remote_code: bool = False
+    aim: AimConfig | None = None
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None, info: Any) -> str | None:
+        if v is not None:
+            config_dtype(v, info.field_name)
+        return v
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source(cls, v: str | None) -> str | None:
+        if v == "union":
+            raise ValueError("'union' (a merged vocabulary) is not supported; use 'base' or a model path")
+        return v
+
+    @property
+    def compute_dtype(self) -> str:
+        """Safetensors code of the dtype merges are computed in (float32 unless ``dtype`` says)."""
+        return config_dtype(self.dtype, "dtype") if self.dtype else "F32"
+
+    def out_dtype_code(self, stored: str) -> str:
+        """Output dtype of a tensor stored as ``stored``: out_dtype, else dtype, else as stored."""
+        if self.out_dtype:
+            return config_dtype(self.out_dtype, "out_dtype")
+        if self.dtype:
+            return config_dtype(self.dtype, "dtype")
+        return stored
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid merge config"]
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            parent = item["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}" + (f" (got {item['input']!r})" if item["type"] not in ("missing", "extra_forbidden") else ""))
+    return "\n".join(lines)
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = MergeConfig
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[str(part)].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        for cand in candidates:
+            if issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    """Validate a config mapping; errors name the key and the allowed values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys (merge_method, models, ...), got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a YAML config file; YAML syntax errors report the line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except PermissionError as e:
+        raise ConfigError(f"{path}: permission denied ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected YAML)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    return parse_config(data, str(path))
+
+
+def layer_position(tensor: str, num_layers: int | None) -> float:
+    """mergekit's gradient position t in [0, 1]: i / (L - 1) in decoder layer i, else 0."""
+    match = LAYER_RE.search(tensor)
+    if not match or not num_layers or num_layers <= 1:
+        return 0.0
+    return min(int(match.group(1)), num_layers - 1) / (num_layers - 1)
+
+
+def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
+    """Resolve a parameter value (scalar, gradient or filter list) for one tensor."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where}: empty list; give a number, a gradient or {{filter, value}} entries")
+        if all(isinstance(v, dict) for v in value):
+            fallback = None
+            for entry in value:
+                unknown = set(entry) - {"filter", "value"}
+                if unknown or "value" not in entry:
+                    raise ConfigError(f"{where}: filter entries take keys 'filter' and 'value', got {sorted(entry)}")
+                flt = entry.get("filter")
+                if flt is None:
+                    if fallback is None:
+                        fallback = entry
+                elif str(flt) in tensor:
+                    return resolve_value(entry["value"], tensor, t, where)
+            if fallback is None:
+                return None
+            return resolve_value(fallback["value"], tensor, t, where)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            if len(value) == 1:
+                return float(value[0])
+            x = t * (len(value) - 1)
+            i = min(int(math.floor(x)), len(value) - 2)
+            frac = x - i
+            return float(value[i]) * (1 - frac) + float(value[i + 1]) * frac
+        raise ConfigError(f"{where}: a list must be all numbers (a gradient) or all {{filter, value}} entries")
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a number, a gradient list or a list of {{filter, value}}, got a mapping")
+    return value

@@ -1,0 +1,128 @@
+"""The merge-method interface: pure tensor math on row shards, no I/O, no Ray.
+
+A method sees one row shard at a time: the base rows (if the method uses a base model) and the
+same rows of each expert, already cast to the compute dtype, plus a :class:`ShardContext` that
+says which tensor and rows these are. Methods whose math needs a whole-tensor quantity (a
+magnitude threshold, a norm, a dot product) declare it through :meth:`MergeMethod.statistics`
+and :meth:`MergeMethod.reduce`: the engine runs ``statistics`` over canonical row chunks that do
+not depend on the shard size, reduces the partial results in chunk order and hands the reduced
+statistics to every shard's :meth:`MergeMethod.merge`, so outputs are identical under any
+sharding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from distmerge.errors import ConfigError
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its default (``None`` = required), kind and the allowed range."""
+
+    default: Any
+    kind: type = float
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""
+
+    def validate(self, value: Any, where: str) -> Any:
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = self.kind(value)
+        if self.check is not None and not self.check(value):
+            raise ConfigError(f"{where}: {value!r} is out of range; allowed: {self.allowed}")
+        return value
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """Which rows of which tensor a call works on; enough to key random streams by position."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    row_start: int
+    row_end: int
+    seed: int = 0
+    expert_ids: tuple[int, ...] = ()
+
+    @property
+    def row_numel(self) -> int:
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+    @property
+    def element_start(self) -> int:
+        """Flat index of the first element of this shard within the whole tensor."""
+        return self.row_start * self.row_numel if self.shape else 0
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Resolved parameters for one tensor: global ones and one dict per expert."""
+
+    global_: Params = field(default_factory=dict)
+    experts: tuple[Params, ...] = ()
+
+
+class MergeMethod:
+    """Base class of all methods; subclasses are registered by name in ``methods.registry``."""
+
+    name: ClassVar[str]
+    uses_base: ClassVar[bool] = True
+    min_experts: ClassVar[int] = 1
+    max_experts: ClassVar[int | None] = None
+    global_parameters: ClassVar[dict[str, ParamSpec]] = {}
+    model_parameters: ClassVar[dict[str, ParamSpec]] = {}
+
+    def needs_statistics(self, params: TensorParams) -> bool:
+        """True when this tensor's merge needs a whole-tensor statistics pass first."""
+        return False
+
+    def statistics(
+        self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams, ctx: ShardContext
+    ) -> dict[str, torch.Tensor]:
+        """Partial statistics of one canonical chunk (exact integers or float64 sums)."""
+        raise NotImplementedError
+
+    def reduce(self, partials: Sequence[dict[str, torch.Tensor]], params: TensorParams, shape: tuple[int, ...]) -> dict[str, Any]:
+        """Combine the chunk statistics, given in chunk order, into what ``merge`` needs."""
+        raise NotImplementedError
+
+    def merge(
+        self,
+        base: torch.Tensor | None,
+        experts: Sequence[torch.Tensor],
+        params: TensorParams,
+        ctx: ShardContext,
+        stats: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Merged rows of this shard, in the compute dtype."""
+        raise NotImplementedError
+
+    def validate(self, params: TensorParams, where: str) -> None:
+        """Cross-parameter checks that a single ParamSpec cannot express (raise ConfigError)."""
+
+
+def unit_interval(allow_zero: bool = False) -> tuple[Callable[[float], bool], str]:
+    if allow_zero:
+        return (lambda v: 0.0 <= v <= 1.0), "0 <= value <= 1"
+    return (lambda v: 0.0 < v <= 1.0), "0 < value <= 1"
+
+
+def stack_weights(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-expert scalars as a tensor broadcastable against ``torch.stack(experts)``."""
+    w = torch.tensor(list(values), dtype=like.dtype)
+    return w.reshape((len(values),) + (1,) * like.dim())
