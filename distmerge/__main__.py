@@ -1,0 +1,7 @@
+"""``python -m distmerge`` is the ``distmerge`` command."""
+
+import sys
+
+from distmerge.cli import main
+
+sys.exit(main())

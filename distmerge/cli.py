@@ -1,0 +1,117 @@
+"""Command line: ``distmerge merge | plan | calibrate``.
+
+User errors (bad config, broken inputs, unusable output) print one message and exit 2;
+``--debug`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distmerge.errors import DistmergeError
+from distmerge.sizes import parse_size
+
+log = logging.getLogger("distmerge")
+
+
+def _size_arg(value: str) -> int:
+    try:
+        return parse_size(value, "--shard-size")
+    except DistmergeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distmerge", description="Merge large language models on Ray, shard by shard.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge the models of CONFIG into OUT_DIR")
+    merge.add_argument("config", type=Path, help="merge config (YAML, mergekit schema)")
+    merge.add_argument("out_dir", type=Path, help="output directory (Hugging Face layout)")
+    merge.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    merge.add_argument("--shard-size", type=_size_arg, help="memory budget of one work unit, e.g. 256MB (default from config)")
+    merge.add_argument("--workers", type=int, help="work units in flight at once (default: CPUs of the cluster)")
+    merge.add_argument("--seed", type=int, help="seed of randomized methods (DARE, DELLA)")
+    merge.add_argument("--overwrite", action="store_true", help="replace whatever OUT_DIR holds")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    plan = sub.add_parser("plan", help="read headers only and print what a merge would do")
+    plan.add_argument("config", type=Path)
+    plan.add_argument("--shard-size", type=_size_arg)
+
+    calibrate = sub.add_parser("calibrate", help="compute AIM activation statistics of the base model")
+    calibrate.add_argument("config", type=Path)
+    calibrate.add_argument("--out", type=Path, required=True, help="statistics file to write (.safetensors)")
+    calibrate.add_argument("--ray-address")
+    calibrate.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "filelock", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from distmerge.engine.run import run_merge
+
+    report = run_merge(
+        args.config, args.out_dir, ray_address=args.ray_address, shard_size=args.shard_size,
+        workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(f"merged {report['merge_method']}: {report['tensors']} tensors, {report['bytes_written']} bytes "
+          f"in {report['seconds']:.1f}s -> {args.out_dir}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from distmerge.config import load_config
+    from distmerge.plan import build_plan
+
+    print(build_plan(load_config(args.config), args.shard_size).summary())
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from distmerge.aim import calibrate
+    from distmerge.config import load_config
+    from distmerge.engine.cluster import connect
+    from distmerge.errors import ConfigError
+
+    config = load_config(args.config)
+    if config.aim is None or not config.base_model:
+        raise ConfigError(f"{args.config}: calibrate needs base_model and an aim: block")
+    connect(args.ray_address)
+    stats, _ = calibrate(Path(config.base_model), config.aim, args.out, progress=not args.no_progress)
+    print(f"wrote statistics of {len(stats)} modules to {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.debug)
+    commands = {"merge": _cmd_merge, "plan": _cmd_plan, "calibrate": _cmd_calibrate}
+    try:
+        return commands[args.command](args)
+    except DistmergeError as e:
+        if args.debug:
+            raise
+        print(f"distmerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("distmerge: interrupted; rerun the same command to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The execution engine: Ray connection, worker tasks, scheduling, and the merge driver."""

@@ -1,0 +1,339 @@
+"""The merge plan: headers in, work units and output files out. No tensor data is read.
+
+Planning opens every input's safetensors headers, checks that the models agree (names,
+shapes), resolves every parameter for every tensor, lays out the output files (their
+headers are fully determined by names, shapes and dtypes) and cuts each tensor into row-range
+work units sized by a memory budget. The same config gives the same plan, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distmerge.checkpoint import Checkpoint, TensorInfo
+from distmerge.config import IGNORED_PARAMETERS, MergeConfig, layer_position, resolve_value
+from distmerge.dtypes import FLOAT_CODES, ITEMSIZE
+from distmerge.errors import CheckpointError, ConfigError
+from distmerge.methods import get_method
+from distmerge.methods.base import MergeMethod, TensorParams
+from distmerge.sizes import format_size
+
+log = logging.getLogger(__name__)
+
+# Rows per statistics chunk are derived from this element count and the tensor shape only, so
+# whole-tensor statistics never depend on the shard size (shard invariance).
+STATISTICS_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its sources (template/base first when the method uses one)."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    base: TensorInfo | None
+    experts: tuple[TensorInfo, ...]
+    params: TensorParams | None  # None: copied unchanged from the template
+    file_index: int
+    out_offset: int
+    needs_statistics: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def out_nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.out_dtype]
+
+    @property
+    def sources(self) -> tuple[TensorInfo, ...]:
+        return ((self.base,) if self.base is not None else ()) + self.experts
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows ``[row_start, row_end)`` of tensor ``tensor`` (an index into ``MergePlan.tensors``)."""
+
+    tensor: int
+    row_start: int
+    row_end: int
+    read_bytes: int
+    write_bytes: int
+    working_bytes: int
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One output safetensors file: its final name, header bytes and total size."""
+
+    name: str
+    header: bytes
+    size: int
+    tensors: tuple[str, ...]
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    template: Checkpoint
+    base: Checkpoint | None
+    experts: list[Checkpoint]
+    tensors: list[TensorPlan]
+    files: list[OutputFile]
+    units: list[WorkUnit]
+    shard_size: int
+    compute_dtype: str
+    aim_modules: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(u.read_bytes for u in self.units)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def peak_worker_bytes(self) -> int:
+        return max((u.working_bytes for u in self.units), default=0)
+
+    def statistics_units(self) -> list[WorkUnit]:
+        """Canonical row chunks of the tensors whose merge needs whole-tensor statistics."""
+        units = []
+        for i, t in enumerate(self.tensors):
+            if not t.needs_statistics:
+                continue
+            step = max(1, STATISTICS_CHUNK_ELEMENTS // max(1, t.row_numel))
+            for r0 in range(0, t.rows, step):
+                r1 = min(t.rows, r0 + step)
+                read = sum((r1 - r0) * t.row_numel * ITEMSIZE[s.dtype] for s in t.sources)
+                units.append(WorkUnit(i, r0, r1, read, 0, 0))
+        return units
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """What determines the output bytes: config, inputs' headers and the output layout."""
+        return {
+            "config": self.config.model_dump(mode="json", exclude={"execution": {"workers", "shard_size"}}),
+            "inputs": [
+                {"path": str(c.path), "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset] for n, t in sorted(c.tensors.items())},
+                 "sizes": sorted({(Path(t.file).name, Path(t.file).stat().st_size, int(Path(t.file).stat().st_mtime_ns)) for t in c.tensors.values()})}
+                for c in self.inputs
+            ],
+            "files": [f.name for f in self.files],
+        }
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        return ([self.base] if self.base is not None else []) + self.experts
+
+    def summary(self) -> str:
+        """Human-readable plan: inputs, tensors, bytes, units, files and memory estimate."""
+        lines = [f"merge method: {self.method.name}    compute dtype: {self.compute_dtype}"]
+        if self.base is not None:
+            lines.append(f"base model:   {self.base.path}  ({format_size(self.base.total_bytes)})")
+        for i, e in enumerate(self.experts):
+            lines.append(f"model {i + 1}:      {e.path}  ({format_size(e.total_bytes)})")
+        merged = sum(1 for t in self.tensors if t.params is not None)
+        lines += [
+            f"tensors:      {len(self.tensors)} ({merged} merged, {len(self.tensors) - merged} copied)",
+            f"bytes read:   {format_size(self.read_bytes)}    bytes written: {format_size(self.write_bytes)}",
+            f"work units:   {len(self.units)} (shard size {format_size(self.shard_size)})",
+            f"output files: {len(self.files)} (max {format_size(self.config.execution.max_file_size)} each)",
+            f"peak memory per worker (estimate): {format_size(self.peak_worker_bytes)} of tensor buffers "
+            f"+ ~0.5 GB process overhead",
+        ]
+        stats = sum(1 for t in self.tensors if t.needs_statistics)
+        if stats:
+            lines.append(f"whole-tensor statistics pass: {stats} tensors, {len(self.statistics_units())} chunks")
+        if self.aim_modules:
+            lines.append(f"AIM: {len(self.aim_modules)} tensors relaxed (omega {self.config.aim.omega if self.config.aim else '-'})")
+        return "\n".join(lines)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _resolve_params(config: MergeConfig, method: MergeMethod, expert_entries: list[tuple[int, Any]],
+                    tensor: str, t: float) -> TensorParams:
+    global_values: dict[str, Any] = {}
+    for key, spec in method.global_parameters.items():
+        where = f"parameters.{key}"
+        value = resolve_value(config.parameters.get(key), tensor, t, where) if key in config.parameters else None
+        global_values[key] = spec.validate(spec.default if value is None else value, f"{where} (tensor {tensor})")
+    experts = []
+    for index, entry in expert_entries:
+        values = {}
+        for key, spec in method.model_parameters.items():
+            value = None
+            where = f"models[{index}].parameters.{key}"
+            if key in entry.parameters:
+                value = resolve_value(entry.parameters[key], tensor, t, where)
+            if value is None and key in config.parameters:
+                where = f"parameters.{key}"
+                value = resolve_value(config.parameters[key], tensor, t, where)
+            if value is None:
+                if spec.default is None:
+                    raise ConfigError(
+                        f"models[{index}] ({entry.model}): parameter {key!r} is required "
+                        f"and has no value for tensor {tensor}"
+                    )
+                value = spec.default
+            values[key] = spec.validate(value, f"{where} of {entry.model} (tensor {tensor})")
+        experts.append(values)
+    params = TensorParams(global_values, tuple(experts))
+    method.validate(params, f"tensor {tensor}")
+    return params
+
+
+def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
+    model_keys = set(method.model_parameters)
+    global_keys = set(method.global_parameters) | model_keys | IGNORED_PARAMETERS
+    for key in config.parameters:
+        if key not in global_keys:
+            raise ConfigError(
+                f"parameters.{key}: not a parameter of {method.name}; allowed: {', '.join(sorted(global_keys - IGNORED_PARAMETERS))}"
+            )
+    for i, entry in enumerate(config.models):
+        for key in entry.parameters:
+            if key not in model_keys:
+                raise ConfigError(
+                    f"models[{i}].parameters.{key} ({entry.model}): not a per-model parameter of {method.name}; "
+                    f"allowed: {', '.join(sorted(model_keys)) or '(none)'}"
+                )
+
+
+def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
+    """Cut a tensor into row ranges whose working memory fits the shard budget (>= 1 row)."""
+    in_bytes = sum(ITEMSIZE[s.dtype] for s in t.sources)
+    n_in = len(t.sources)
+    per_element = in_bytes + compute_itemsize * (2 * n_in + 2) + ITEMSIZE[t.out_dtype]
+    if t.params is None:
+        per_element = ITEMSIZE[t.sources[0].dtype] + ITEMSIZE[t.out_dtype]
+    row_working = max(1, t.row_numel * per_element)
+    step = max(1, shard_size // row_working)
+    units = []
+    for r0 in range(0, t.rows, step):
+        r1 = min(t.rows, r0 + step)
+        read = (r1 - r0) * t.row_numel * (in_bytes if t.params is not None else ITEMSIZE[t.sources[0].dtype])
+        units.append(WorkUnit(index, r0, r1, read, (r1 - r0) * t.row_numel * ITEMSIZE[t.out_dtype],
+                              (r1 - r0) * row_working))
+    return units
+
+
+def layout_files(entries: list[tuple[str, str, tuple[int, ...]]], max_file_size: int) -> tuple[list[OutputFile], dict[str, tuple[int, int]]]:
+    """Group tensors (in order) into files of at most ``max_file_size`` data bytes.
+
+    Returns the files and, per tensor, ``(file index, absolute data offset in that file)``.
+    A tensor larger than the limit gets a file of its own.
+    """
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        if groups[-1] and size + nbytes > max_file_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, dtype, shape))
+        size += nbytes
+    n = len(groups)
+    files, where = [], {}
+    for i, group in enumerate(groups):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        begin = 0
+        for name, dtype, shape in group:
+            nbytes = math.prod(shape) * ITEMSIZE[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
+            begin += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        data_start = 8 + len(raw)
+        for name, _, _ in group:
+            where[name] = (i, data_start + header[name]["data_offsets"][0])
+        files.append(OutputFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors",
+                                len(raw).to_bytes(8, "little") + raw, data_start + begin,
+                                tuple(name for name, _, _ in group)))
+    return files, where
+
+
+def build_plan(config: MergeConfig, shard_size: int | None = None) -> MergePlan:
+    """Open all inputs' headers, validate them against each other and cut the work."""
+    method = get_method(config.merge_method)
+    _check_parameter_names(config, method)
+    shard_size = shard_size or config.execution.shard_size
+    if method.uses_base and not config.base_model:
+        raise ConfigError(f"base_model: {method.name} needs a base model; add base_model: PATH")
+    if config.aim is not None and not config.base_model:
+        raise ConfigError("aim: AIM relaxes each delta towards the base model; add base_model: PATH")
+    base = Checkpoint.open(config.base_model, "base_model") if config.base_model else None
+    expert_entries = [
+        (i, e) for i, e in enumerate(config.models)
+        if not (method.uses_base and config.base_model and _same_path(e.model, config.base_model))
+    ]
+    n = len(expert_entries)
+    if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
+        most = "" if method.max_experts is None else f" and at most {method.max_experts}"
+        raise ConfigError(
+            f"models: {method.name} takes at least {method.min_experts}{most} models besides the base; got {n}"
+        )
+    experts = [Checkpoint.open(e.model, f"models[{i}]") for i, e in expert_entries]
+    template = base if base is not None else experts[0]
+    num_layers = template.num_layers
+    compute = config.compute_dtype
+    entries, raw = [], []
+    for name, info in sorted(template.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
+        sources = []
+        for (index, entry), ckpt in zip(expert_entries, experts, strict=True):
+            other = ckpt.tensors.get(name)
+            if other is None:
+                raise CheckpointError(
+                    f"models[{index}] {entry.model}: tensor {name!r} is missing (the {'base' if base else 'first'} "
+                    f"model {template.path} has it with shape {list(info.shape)}); the models must share an architecture"
+                )
+            if other.shape != info.shape:
+                raise CheckpointError(
+                    f"models[{index}] {entry.model}: tensor {name!r} has shape {list(other.shape)} but "
+                    f"{template.path} has {list(info.shape)}; the models must share an architecture and vocabulary"
+                )
+            if (other.dtype in FLOAT_CODES) != (info.dtype in FLOAT_CODES):
+                raise CheckpointError(
+                    f"models[{index}] {entry.model}: tensor {name!r} is {other.dtype} but {template.path} has {info.dtype}"
+                )
+            sources.append(other)
+        mergeable = info.dtype in FLOAT_CODES
+        out_dtype = config.out_dtype_code(info.dtype) if mergeable else info.dtype
+        raw.append((name, info, tuple(sources), mergeable, out_dtype))
+        entries.append((name, out_dtype, info.shape))
+    for (index, entry), ckpt in zip(expert_entries, experts, strict=True):
+        extra = sorted(set(ckpt.tensors) - set(template.tensors))
+        if extra:
+            log.warning("models[%d] %s has %d tensors the template lacks (ignored), e.g. %s",
+                        index, entry.model, len(extra), extra[0])
+    files, where = layout_files(entries, config.execution.max_file_size)
+    tensors: list[TensorPlan] = []
+    for name, info, sources, mergeable, out_dtype in raw:
+        file_index, offset = where[name]
+        if not mergeable:
+            # Integer and bool buffers are copied unchanged from the template model.
+            tensors.append(TensorPlan(name, info.shape, out_dtype, None, (info,), None, file_index, offset))
+            continue
+        params = _resolve_params(config, method, expert_entries, name, layer_position(name, num_layers))
+        tensors.append(TensorPlan(
+            name, info.shape, out_dtype, info if (method.uses_base or config.aim is not None) else None, sources, params, file_index, offset,
+            needs_statistics=method.needs_statistics(params),
+        ))
+    compute_itemsize = ITEMSIZE[compute]
+    units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]
+    return MergePlan(config, method, template, base, experts, tensors, files, units, shard_size, compute)

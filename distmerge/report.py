@@ -1,0 +1,113 @@
+"""The merge report (``merge_report.json``) and the model card (``README.md``) of an output."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distmerge import __version__
+from distmerge.sizes import format_size
+from distmerge.writer import write_text_atomic
+
+if TYPE_CHECKING:
+    from distmerge.engine.worker import BatchResult
+    from distmerge.plan import MergePlan
+
+REPORT_NAME = "merge_report.json"
+
+
+def aim_summary(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per module: channels, and how far the largest channel statistic is above the median.
+
+    AIM differs from a uniform shrink only where a few channels dominate, so the max/median
+    ratio is the number that says how much activation information a module carries.
+    """
+    out = {}
+    for name, vec in sorted(stats.items()):
+        v = vec.double()
+        median = float(v.median())
+        out[name] = {
+            "channels": int(v.numel()),
+            "max": float(v.max()),
+            "median": median,
+            "max_over_median": float(v.max()) / median if median > 0 else float("inf"),
+        }
+    return out
+
+
+def build_report(plan: MergePlan, results: list[BatchResult], seconds: float, *,
+                 aim_stats: dict[str, Any] | None = None, aim_meta: dict[str, str] | None = None) -> dict[str, Any]:
+    nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_read": 0, "bytes_written": 0, "units": 0, "batches": 0})
+    workers: dict[str, dict[str, Any]] = {}
+    for r in results:
+        n = nodes[r.node]
+        n["bytes_read"] += r.bytes_read
+        n["bytes_written"] += r.bytes_written
+        n["units"] += len(r.units)
+        n["batches"] += 1
+        key = f"{r.node}:{r.pid}"
+        w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss, "batches": 0})
+        w["peak_anon_rss"] = max(w["peak_anon_rss"], r.peak_anon_rss)
+        w["baseline_anon_rss"] = min(w["baseline_anon_rss"], r.start_anon_rss)
+        w["batches"] += 1
+    read = sum(r.bytes_read for r in results)
+    written = sum(r.bytes_written for r in results)
+    cfg = plan.config
+    report: dict[str, Any] = {
+        "distmerge_version": __version__,
+        "python": platform.python_version(),
+        "merge_method": plan.method.name,
+        "base_model": str(plan.base.path) if plan.base else None,
+        "models": [str(e.path) for e in plan.experts],
+        "compute_dtype": plan.compute_dtype,
+        "tensors": len(plan.tensors),
+        "merged_tensors": sum(1 for t in plan.tensors if t.params is not None),
+        "units": len(plan.units),
+        "files": [f.name for f in plan.files],
+        "shard_size": plan.shard_size,
+        "seed": cfg.execution.seed,
+        "bytes_read": read,
+        "bytes_written": written,
+        "seconds": round(seconds, 3),
+        "read_throughput_bytes_per_s": read / seconds if seconds > 0 else None,
+        "nodes": dict(nodes),
+        "workers": sorted(workers.values(), key=lambda w: (w["node"], w["pid"])),
+        "peak_worker_anon_rss": max((w["peak_anon_rss"] for w in workers.values()), default=0),
+        "unit_checksums": sorted((r2.tensor, r2.row_start, r2.row_end, r2.crc32) for r in results for r2 in r.units),
+    }
+    if cfg.aim is not None and aim_stats:
+        report["aim"] = {
+            "omega": cfg.aim.omega,
+            "stats_source": cfg.aim.stats or "calibrated for this merge",
+            "metadata": aim_meta or {},
+            "relaxed_tensors": len(plan.aim_modules),
+            "modules": aim_summary(aim_stats),
+        }
+    return report
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    write_text_atomic(out_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+
+
+def write_model_card(out_dir: Path, plan: MergePlan, report: dict[str, Any]) -> None:
+    """A short README.md: what was merged, how, and the numbers of the run."""
+    lines = [
+        "---",
+        "tags: [merge, distmerge]",
+        "---",
+        f"# Merged with distmerge ({plan.method.name})",
+        "",
+        f"- base model: `{report['base_model']}`" if report["base_model"] else "- base model: none",
+        *[f"- model: `{m}`" for m in report["models"]],
+        f"- tensors: {report['tensors']} ({report['merged_tensors']} merged), compute dtype {plan.compute_dtype}",
+        f"- read {format_size(report['bytes_read'])}, wrote {format_size(report['bytes_written'])} "
+        f"in {report['seconds']:.1f} s on {len(report['nodes'])} node(s)",
+    ]
+    if "aim" in report:
+        lines.append(f"- AIM (arXiv 2502.02421): omega {report['aim']['omega']}, {report['aim']['relaxed_tensors']} tensors relaxed")
+    lines += ["", "The exact configuration is in `distmerge_config.yml`, the run's figures in `merge_report.json`.", ""]
+    write_text_atomic(out_dir / "README.md", "\n".join(lines))

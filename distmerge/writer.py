@@ -1,0 +1,157 @@
+"""Writing the merged checkpoint: preallocated safetensors files, row writes at offsets, finalize.
+
+Each output file's header is computed ahead from names, shapes and dtypes (see
+:func:`distmerge.plan.layout_files`), so the file is created once at its final size under a
+temporary name (``*.partial``) and any worker can write any tensor's rows at their byte offset
+without holding the whole tensor. Space is reserved up front with ``posix_fallocate``, so a full
+disk is reported before hours of work, not after. A file is fsynced and renamed when all its
+rows are written; ``model.safetensors.index.json`` is written last, so a checkpoint without an
+index is visibly unfinished.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from distmerge.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.txt", "spiece.model",
+)
+
+
+def _os_error(e: OSError, path: Path | str, action: str) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"{path}: no space left on the device while {action}; free space or choose another OUT_DIR")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"{path}: permission denied while {action} ({e.strerror}); choose a writable OUT_DIR")
+    return OutputError(f"{path}: {e.strerror or e} while {action}")
+
+
+def partial_path(out_dir: Path, name: str) -> Path:
+    return out_dir / (name + PARTIAL_SUFFIX)
+
+
+def create_file(path: Path, header: bytes, size: int) -> None:
+    """Create ``path`` at its full size with its header written and the space reserved."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    except OSError as e:
+        raise _os_error(e, path, "creating the output file") from e
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                os.ftruncate(fd, size)
+            else:
+                raise
+        os.pwrite(fd, header, 0)
+    except OSError as e:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise _os_error(e, path, f"reserving {size} bytes") from e
+    os.close(fd)
+
+
+def write_at(path: Path, offset: int, tensor: torch.Tensor) -> int:
+    """Write a contiguous tensor's bytes at ``offset`` of an existing file; returns bytes written."""
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    view = memoryview(data)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise _os_error(e, path, "opening for writing") from e
+    try:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as e:
+        raise _os_error(e, path, f"writing at offset {offset + done}") from e
+    finally:
+        os.close(fd)
+    return len(view)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finalize_file(out_dir: Path, name: str) -> None:
+    """fsync a completed ``*.partial`` file and give it its final name."""
+    tmp = partial_path(out_dir, name)
+    fsync_path(tmp)
+    os.replace(tmp, out_dir / name)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file under a temporary name, fsync it, then rename it into place."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _os_error(e, path, "writing") from e
+
+
+def write_index(out_dir: Path, files: Iterable[tuple[str, tuple[str, ...], int]], total_size: int) -> None:
+    """Write ``model.safetensors.index.json`` (last: it marks the checkpoint complete)."""
+    weight_map = {t: name for name, tensors, _ in files for t in tensors}
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    write_text_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    fsync_dir(out_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_config(out_dir: Path, config: dict, out_dtype_name: str | None) -> None:
+    """config.json of the template with the output dtype recorded."""
+    config = dict(config)
+    if out_dtype_name:
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+        for key in keys:
+            config[key] = out_dtype_name
+    write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(source: Path, out_dir: Path) -> list[str]:
+    """Copy tokenizer and generation files from ``source``; returns what was copied."""
+    copied = []
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        src = source / name
+        if src.is_file():
+            try:
+                shutil.copyfile(src, out_dir / name)
+            except OSError as e:
+                raise _os_error(e, out_dir / name, f"copying {src}") from e
+            copied.append(name)
+    if not any(n.startswith(("tokenizer", "vocab", "spiece")) for n in copied):
+        log.warning("tokenizer_source %s has no tokenizer files; the output has none either", source)
+    return copied
