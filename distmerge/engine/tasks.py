@@ -18,7 +18,11 @@ TASK_RETRIES = 3
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
 def merge_batch_task(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, Any]]) -> BatchResult:
-    return run_batch(job, units, stats)
+    result = run_batch(job, units, stats)
+    # Simulated nodes share a hostname; the Ray node id tells them apart in the report.
+    context = ray.get_runtime_context()
+    result.node = f"{result.node}/{context.get_node_id()[:12]}"
+    return result
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")

@@ -1,0 +1,80 @@
+"""Config parsing: mergekit schema, sizes, parameter forms and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from distmerge.config import layer_position, load_config, parse_config, resolve_value
+from distmerge.errors import ConfigError
+from distmerge.sizes import parse_size
+
+BASE = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 1}}]}
+
+
+@pytest.mark.parametrize("text,value", [("512B", 512), ("64KB", 64_000), ("8MB", 8_000_000), ("5GB", 5 * 10**9),
+                                        ("1GiB", 2**30), (4096, 4096), ("1.5MB", 1_500_000), (" 7 ", 7)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["5XB", "-1MB", "MB", "0", True, ""])
+def test_bad_sizes_name_the_field(bad):
+    with pytest.raises(ConfigError, match="shard"):
+        parse_size(bad, "execution.shard_size")
+
+
+def test_gradient_interpolates_like_mergekit():
+    # 5 layers: layer i takes t = i / 4; a 3-entry gradient is sampled at t * 2.
+    values = [0.0, 1.0, 0.5]
+    got = [resolve_value(values, f"model.layers.{i}.mlp.up_proj.weight",
+                         layer_position(f"model.layers.{i}.mlp.up_proj.weight", 5), "w") for i in range(5)]
+    assert got == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5])
+    assert resolve_value(values, "model.embed_tokens.weight", layer_position("model.embed_tokens.weight", 5), "w") == 0.0
+    assert resolve_value(values, "lm_head.weight", layer_position("lm_head.weight", 5), "w") == 0.0
+
+
+def test_filters_first_match_wins_and_fallback():
+    value = [{"filter": "self_attn", "value": 0.1}, {"filter": "attn", "value": 0.2}, {"value": 0.9}]
+    assert resolve_value(value, "model.layers.0.self_attn.q_proj.weight", 0.0, "w") == 0.1
+    assert resolve_value(value, "x.cross_attn.weight", 0.0, "w") == 0.2
+    assert resolve_value(value, "model.norm.weight", 0.0, "w") == 0.9
+    nested = [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 3}]
+    assert resolve_value(nested, "model.layers.3.mlp.up_proj.weight", 0.5, "w") == 0.5
+    assert resolve_value([{"filter": "mlp", "value": 1}], "model.norm.weight", 0.0, "w") is None
+
+
+def test_unknown_key_lists_allowed():
+    with pytest.raises(ConfigError, match=r"models\.0\.paramters: unknown key; allowed keys here: model, parameters"):
+        parse_config({**BASE, "models": [{"model": "m", "paramters": {}}]})
+    with pytest.raises(ConfigError, match=r"execution\.shard_sise: unknown key.*shard_size"):
+        parse_config({**BASE, "execution": {"shard_sise": "1MB"}})
+
+
+def test_wrong_types_and_ranges():
+    with pytest.raises(ConfigError, match=r"aim\.omega"):
+        parse_config({**BASE, "aim": {"omega": 1.5}})
+    with pytest.raises(ConfigError, match=r"dtype.*allowed"):
+        parse_config({**BASE, "dtype": "float8"})
+    with pytest.raises(ConfigError, match="models.*required key is missing"):
+        parse_config({"merge_method": "linear"})
+    with pytest.raises(ConfigError, match="union"):
+        parse_config({**BASE, "tokenizer_source": "union"})
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("merge_method: linear\nmodels:\n  - model: a\n   parameters: {weight: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yml: YAML syntax error at line \d+, column \d+"):
+        load_config(path)
+
+
+def test_mergekit_file_runs_unchanged(tmp_path):
+    path = tmp_path / "mk.yml"
+    path.write_text(
+        "models:\n  - model: a\n    parameters:\n      density: 0.5\n      weight: 0.5\n"
+        "  - model: b\n    parameters:\n      density: 0.5\n      weight: [0, 0.3, 0.7, 1]\n"
+        "merge_method: ties\nbase_model: base\nparameters:\n  normalize: true\n  int8_mask: true\n"
+        "dtype: bfloat16\ntokenizer_source: base\n"
+    )
+    cfg = load_config(path)
+    assert cfg.merge_method == "ties" and cfg.compute_dtype == "BF16" and cfg.out_dtype_code("F32") == "BF16"

@@ -1,0 +1,85 @@
+"""Plans are deterministic and valid; the CLI prints plans and turns user errors into messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from distmerge.cli import main
+from distmerge.config import parse_config
+from distmerge.errors import ConfigError
+from distmerge.plan import build_plan, layout_files
+from tests.helpers import make_config
+
+
+def test_layout_files_gives_loadable_headers(tmp_path):
+    entries = [("a", "F32", (3, 5)), ("b", "BF16", (7,)), ("c", "F16", (2, 2, 2)), ("d", "I64", ())]
+    files, where = layout_files(entries, max_file_size=70)
+    assert len(files) == 2
+    for f in files:
+        path = tmp_path / f.name
+        path.write_bytes(f.header + b"\0" * (f.size - len(f.header)))
+        loaded = load_file(path)
+        for name, _dtype, shape in entries:
+            if name in f.tensors:
+                assert tuple(loaded[name].shape) == shape
+        assert len(f.header) % 8 == 0
+    assert where["a"][0] == 0 and where["d"][0] == 1
+
+
+def test_plan_units_cover_every_row_once_and_are_deterministic(llama_family):
+    base, experts = llama_family
+    cfg = make_config("task_arithmetic", base, experts, [1, 1])
+    p1, p2 = build_plan(cfg, 3000), build_plan(cfg, 3000)
+    assert p1.units == p2.units and [f.header for f in p1.files] == [f.header for f in p2.files]
+    for i, t in enumerate(p1.tensors):
+        rows = [(u.row_start, u.row_end) for u in p1.units if u.tensor == i]
+        assert rows[0][0] == 0 and rows[-1][1] == t.rows
+        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
+        assert all(u.working_bytes <= 3000 or u.row_end - u.row_start == 1 for u in p1.units if u.tensor == i)
+
+
+def test_unknown_parameter_and_missing_weight(llama_family):
+    base, experts = llama_family
+    typo = parse_config({"merge_method": "linear",
+                         "models": [{"model": str(experts[0]), "parameters": {"weight": 1, "densty": 0.5}}]})
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.densty.*allowed: weight"):
+        build_plan(typo)
+    cfg = make_config("linear", None, experts, [1, 1])
+    cfg = cfg.model_copy(update={"models": [cfg.models[0].model_copy(update={"parameters": {}}), cfg.models[1]]})
+    with pytest.raises(ConfigError, match=r"models\[0\].*'weight' is required"):
+        build_plan(cfg)
+    with pytest.raises(ConfigError, match="merge_method: unknown method 'tiez'.*linear"):
+        build_plan(make_config("tiez", base, experts, [1, 1]))
+    with pytest.raises(ConfigError, match="needs a base model"):
+        build_plan(make_config("task_arithmetic", None, experts, [1, 1]))
+
+
+def test_cli_plan_and_user_error(llama_family, tmp_path, capsys):
+    base, experts = llama_family
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump(make_config("task_arithmetic", base, experts, [1, 1]).model_dump(mode="json")))
+    assert main(["plan", str(cfg), "--shard-size", "8KB"]) == 0
+    out = capsys.readouterr().out
+    assert "work units:" in out and "tensors:      39" in out and "peak memory per worker" in out
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: linear\nmodels: [{model: /nope, parameters: {weight: 1}}]\n")
+    proc = subprocess.run([sys.executable, "-m", "distmerge", "merge", str(bad), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "models[0] /nope: folder does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
+
+
+def test_plan_reads_no_tensor_data(llama_family, monkeypatch):
+    import distmerge.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "read_rows", lambda *a, **k: pytest.fail("plan read tensor data"))
+    base, experts = llama_family
+    plan = build_plan(make_config("task_arithmetic", base, experts, [1, 1]))
+    assert plan.read_bytes == 3 * sum(t.out_nbytes for t in plan.tensors)
