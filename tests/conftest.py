@@ -37,3 +37,30 @@ def llama_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[P
     from distmerge.tiny import build_family
 
     return build_family(tmp_path_factory.mktemp("llama"), n_experts=2)
+
+
+# AIM: tiny 3-layer models of every architecture the staged calibration supports. Sliding
+# windows are shorter than the test blocks (and Gemma 3 mixes local and global layers) so the
+# masks and per-layer-type rotary embeddings are really exercised; Gemma ties its embeddings.
+AIM_ARCHS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": 8},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+    "qwen3": {},
+    "gemma2": {"sliding_window": 8, "tie_word_embeddings": True},
+    "gemma3": {
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "tie_word_embeddings": True,
+    },
+    "phi3": {"sliding_window": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def aim_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny fp32 base model per AIM-supported architecture, 3 decoder layers each."""
+    from distmerge.tiny import build_model
+
+    root = tmp_path_factory.mktemp("aim_models")
+    return {arch: build_model(root / arch, arch, num_hidden_layers=3, **kw) for arch, kw in AIM_ARCHS.items()}

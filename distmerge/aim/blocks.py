@@ -1,0 +1,133 @@
+"""Calibration blocks: token ids ``[n_blocks, block_size]`` from a dataset, as the AIM authors cut them.
+
+The AIM code samples like AWQ's ``get_calib_dataset``: shuffle the documents with the seed,
+tokenize them in that order, keep those of at most ``block_size`` tokens (skipping empty and
+longer ones) until ``n_samples`` are kept, concatenate them and cut the stream into blocks of
+``block_size`` (the remainder is dropped). The shuffle is ``numpy.random.default_rng(seed)
+.permutation``, the one ``datasets.Dataset.shuffle(seed=...)`` uses. A dataset with an
+``input_ids`` column is already tokenized: one block per row, used as given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from distmerge.aim.data import read_dataset
+from distmerge.config import CalibrationConfig
+from distmerge.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def load_calibration_blocks(calibration: CalibrationConfig, tokenizer_dir: Path) -> torch.Tensor:
+    """The calibration blocks for ``calibration``, tokenized with the tokenizer in ``tokenizer_dir``."""
+    table = read_dataset(calibration.dataset, calibration.text_field)
+    if "input_ids" in table.column_names:
+        return pretokenized_blocks(table, calibration.block_size)
+    field = calibration.text_field
+    if calibration.dataset == "builtin" and field not in table.column_names:
+        field = "text"
+    texts = text_column(table, field, calibration.dataset)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    blocks = sample_blocks(texts, tokenizer.encode, calibration.n_samples, calibration.block_size, calibration.seed)
+    log.info("calibration data %s: %d blocks of %d tokens", calibration.dataset, *blocks.shape)
+    return blocks
+
+
+def text_column(table: pa.Table, field: str, dataset: str) -> list[str | None]:
+    """The ``field`` column as Python strings; a ConfigError listing the columns if absent."""
+    if field not in table.column_names:
+        raise ConfigError(
+            f"aim.calibration.text_field: column {field!r} is not in {dataset}; its columns are: "
+            f"{', '.join(table.column_names)}"
+        )
+    column = table.column(field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ConfigError(
+            f"aim.calibration.text_field: column {field!r} of {dataset} holds {column.type}, not text"
+        )
+    return column.to_pylist()
+
+
+def sample_blocks(
+    texts: Sequence[str | None],
+    encode: Callable[[str], list[int]],
+    n_samples: int,
+    block_size: int,
+    seed: int,
+) -> torch.Tensor:
+    """Shuffle, keep up to ``n_samples`` documents of at most ``block_size`` tokens, cut blocks."""
+    order = np.random.default_rng(seed).permutation(len(texts))
+    kept: list[list[int]] = []
+    for index in order:
+        text = texts[int(index)]
+        if text is None:
+            continue
+        text = text.strip()
+        if not text:
+            continue
+        ids = list(encode(text))
+        if not ids or len(ids) > block_size:
+            continue
+        kept.append(ids)
+        if len(kept) == n_samples:
+            break
+    if len(kept) < n_samples:
+        log.warning("calibration data: only %d samples of at most %d tokens (n_samples=%d)",
+                    len(kept), block_size, n_samples)
+    stream = torch.tensor([t for ids in kept for t in ids], dtype=torch.int64)
+    n_blocks = stream.numel() // block_size
+    if n_blocks == 0:
+        raise ConfigError(
+            f"aim.calibration: the data yields {stream.numel()} tokens in {len(kept)} samples of at most "
+            f"{block_size} tokens, not enough for one block; use more data, a larger n_samples or a "
+            "smaller block_size"
+        )
+    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+
+def pretokenized_blocks(table: pa.Table, block_size: int | None = None) -> torch.Tensor:
+    """Rows of an ``input_ids`` column as blocks, as given (all rows must have one length)."""
+    rows = table.column("input_ids").to_pylist()
+    if not rows or any(not isinstance(r, list) for r in rows):
+        raise ConfigError("aim.calibration: the input_ids column must hold lists of token ids, one block per row")
+    lengths = {len(r) for r in rows}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ConfigError(
+            f"aim.calibration: input_ids rows must all have the same non-zero length (one block each); "
+            f"found lengths {sorted(lengths)[:5]}"
+        )
+    try:
+        blocks = torch.tensor(rows, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"aim.calibration: input_ids must be integers ({e})") from e
+    if block_size is not None and blocks.shape[1] != block_size:
+        log.warning("calibration data: pre-tokenized blocks have %d tokens, not block_size=%d; using them as given",
+                    blocks.shape[1], block_size)
+    log.info("calibration data: %d pre-tokenized blocks of %d tokens", *blocks.shape)
+    return blocks
+
+
+def load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    """The base model's tokenizer (AutoTokenizer); a CheckpointError naming the folder if absent."""
+    folder = Path(tokenizer_dir)
+    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"base model {folder}: no tokenizer found (none of {', '.join(TOKENIZER_FILES)}); AIM "
+            "calibration tokenizes its data with the base model's tokenizer: save it into that folder, "
+            "or give pre-tokenized data with an input_ids column"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"base model {folder}: cannot load its tokenizer ({e})") from e

@@ -1,0 +1,44 @@
+"""``calibrate``: blocks, statistics and their file in one call, as ``distmerge calibrate`` does."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from distmerge.aim.blocks import load_calibration_blocks
+from distmerge.aim.pipeline import compute_statistics
+from distmerge.aim.stats_file import save_statistics
+from distmerge.config import AimConfig
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(
+    base_model: Path, aim: AimConfig, out_path: Path | None = None, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Calibrate ``base_model`` per ``aim``; save the statistics to ``out_path`` if given.
+
+    Returns the statistics and the metadata recorded with them.
+    """
+    cal = aim.calibration
+    blocks = load_calibration_blocks(cal, Path(base_model))
+    stats = compute_statistics(
+        Path(base_model), blocks, stages=aim.stages, stage_memory=aim.stage_memory,
+        micro_batch_size=aim.micro_batch_size, progress=progress,
+    )
+    metadata = {
+        "base_model": str(Path(base_model).resolve()),
+        "dataset": cal.dataset if cal.dataset == "builtin" else str(Path(cal.dataset).resolve()),
+        "text_field": cal.text_field,
+        "n_samples": str(cal.n_samples),
+        "seed": str(cal.seed),
+        "n_blocks": str(blocks.shape[0]),
+        "block_size": str(blocks.shape[1]),
+        "tokens": str(blocks.numel()),
+    }
+    if out_path is not None:
+        save_statistics(stats, out_path, metadata)
+        log.info("AIM statistics saved to %s", out_path)
+    return stats, metadata

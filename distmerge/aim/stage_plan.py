@@ -1,0 +1,95 @@
+"""Cutting the decoder layers into contiguous stages, and the Ray resources of each stage.
+
+Pure functions: bytes in, layer ranges and resource amounts out, so the sizing is testable
+without a model or a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+Stage = tuple[int, int]
+
+
+def split_even(num_layers: int, num_stages: int) -> list[Stage]:
+    """``num_stages`` contiguous ranges of near-equal layer counts (earlier stages get extras).
+
+    More stages than layers is clamped to one stage per layer, with a warning.
+    """
+    if num_layers < 1:
+        raise ValueError("the model has no decoder layers")
+    if num_stages > num_layers:
+        log.warning("aim.stages=%d exceeds the %d decoder layers; using %d stages (one per layer)",
+                    num_stages, num_layers, num_layers)
+        num_stages = num_layers
+    base, extra = divmod(num_layers, num_stages)
+    stages, start = [], 0
+    for i in range(num_stages):
+        end = start + base + (1 if i < extra else 0)
+        stages.append((start, end))
+        start = end
+    return stages
+
+
+def split_by_memory(layer_bytes: Sequence[int], embed_bytes: int, head_bytes: int, budget: int) -> list[Stage]:
+    """Greedy contiguous packing of layers into stages of at most ``budget`` weight bytes.
+
+    The embeddings count against the first stage, the final norm and head against the last.
+    A single layer (with its embeddings or head) above the budget gets a stage of its own and a
+    warning, since a layer cannot be split.
+    """
+    n = len(layer_bytes)
+    if n < 1:
+        raise ValueError("the model has no decoder layers")
+    sizes = list(layer_bytes)
+    sizes[0] += embed_bytes
+    sizes[-1] += head_bytes
+    stages: list[Stage] = []
+    start, used = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and used + size > budget:
+            stages.append((start, i))
+            start, used = i, 0
+        used += size
+    stages.append((start, n))
+    over = [s for s in stages if sum(sizes[s[0]:s[1]]) > budget]
+    if over:
+        log.warning("aim.stage_memory=%d bytes is smaller than what stages %s need; they exceed it",
+                    budget, over)
+    return stages
+
+
+def stage_resources(node_cpus: Sequence[float], node_gpus: Sequence[float], num_stages: int) -> tuple[float, float]:
+    """``(num_cpus, num_gpus)`` per stage actor such that all stages fit the nodes at once.
+
+    With GPUs each stage takes one GPU, or an equal fraction when there are more stages than
+    GPUs; CPU-only, each stage takes an equal whole share of CPUs (its torch threads), or a
+    fraction when there are more stages than CPUs. Checked per node, since an actor cannot span
+    nodes: every stage must be placed or the pipeline would wait forever.
+    """
+    def fits(per: float, capacities: Sequence[float]) -> bool:
+        return sum(math.floor(c / per + 1e-9) for c in capacities) >= num_stages
+
+    gpus = 0.0
+    if sum(node_gpus) >= 1e-9:
+        k = 1
+        while not fits(1.0 / k, node_gpus):
+            k += 1
+        gpus = 1.0 / k
+    cpu_total = sum(node_cpus)
+    start = min(max(node_cpus, default=1), max(1, math.floor(cpu_total / num_stages)))
+    if gpus:
+        start = min(start, 4)
+    per = float(max(1, start))
+    while per > 1 and not fits(per, node_cpus):
+        per -= 1
+    if not fits(per, node_cpus):
+        k = 2
+        while not fits(1.0 / k, node_cpus) and k < 10000:
+            k += 1
+        per = 1.0 / k
+    return per, gpus

@@ -1,0 +1,92 @@
+"""The AIM statistics file: safetensors, one float32 vector per module, with provenance.
+
+Keys are ``named_modules()`` names (``model.layers.0.self_attn.q_proj``, ``model.norm``,
+``lm_head``). Metadata records what produced the numbers (base model, dataset, blocks, block
+size, tokens) so a merge can reuse a file knowingly. Loading validates the file so a wrong or
+damaged file fails with a message instead of relaxing weights with garbage.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from distmerge.errors import ConfigError
+
+FORMAT = "distmerge-aim-statistics"
+VERSION = "1"
+REQUIRED_METADATA = ("base_model", "dataset", "n_blocks", "block_size", "tokens")
+
+
+def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write statistics as float32 safetensors, atomically (a temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if not stats:
+        raise ValueError("no statistics to save")
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    meta.update(format=FORMAT, version=VERSION)
+    tensors = {name: v.detach().to("cpu", torch.float32).contiguous() for name, v in stats.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_statistics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and validate a statistics file; ConfigError naming the file and the problem."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"aim.stats: {path} does not exist (or is not a file); run `distmerge calibrate` to make it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            stats = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"aim.stats: {path} is not a readable safetensors file ({e})") from e
+    if metadata.get("format") != FORMAT:
+        raise ConfigError(f"aim.stats: {path} is not an AIM statistics file (metadata format={metadata.get('format')!r})")
+    if metadata.get("version") != VERSION:
+        raise ConfigError(f"aim.stats: {path} has version {metadata.get('version')!r}; this distmerge reads {VERSION}")
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise ConfigError(f"aim.stats: {path} lacks metadata {', '.join(missing)}")
+    if not stats:
+        raise ConfigError(f"aim.stats: {path} holds no statistics")
+    for name, value in stats.items():
+        if value.dim() != 1 or value.numel() == 0 or value.dtype != torch.float32:
+            raise ConfigError(
+                f"aim.stats: {path}: {name!r} should be a non-empty float32 vector, got "
+                f"{value.dtype} of shape {tuple(value.shape)}"
+            )
+        if not torch.isfinite(value).all() or (value < 0).any():
+            raise ConfigError(f"aim.stats: {path}: {name!r} has negative or non-finite values; the file is damaged")
+    return stats, metadata
+
+
+def check_statistics(stats: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Check statistics cover the relaxable tensors of a model with matching lengths.
+
+    ``shapes`` maps tensor names to shapes (e.g. from a Checkpoint's headers). Each tensor that
+    :func:`~distmerge.aim.relax.module_for_tensor` maps to a module needs a statistic of length
+    ``shape[-1]``; a missing or mis-sized one means the file was made for another model.
+    """
+    from distmerge.aim.relax import module_for_tensor
+
+    for tensor, shape in shapes.items():
+        module = module_for_tensor(tensor)
+        if module is None or not shape:
+            continue
+        stat = stats.get(module)
+        if stat is None:
+            raise ConfigError(f"aim.stats: no statistic for module {module!r} (tensor {tensor}); made for another model?")
+        if stat.numel() != shape[-1]:
+            raise ConfigError(
+                f"aim.stats: statistic of {module!r} has length {stat.numel()} but {tensor} has shape "
+                f"{tuple(shape)}; made for another model?"
+            )
