@@ -49,10 +49,11 @@ def build_report(plan: MergePlan, results: list[BatchResult], seconds: float, *,
         n["units"] += len(r.units)
         n["batches"] += 1
         key = f"{r.node}:{r.pid}"
-        w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss, "batches": 0})
+        w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss, "batches": 0, "busy_seconds": 0.0})
         w["peak_anon_rss"] = max(w["peak_anon_rss"], r.peak_anon_rss)
         w["baseline_anon_rss"] = min(w["baseline_anon_rss"], r.start_anon_rss)
         w["batches"] += 1
+        w["busy_seconds"] += r.seconds
     read = sum(r.bytes_read for r in results)
     written = sum(r.bytes_written for r in results)
     cfg = plan.config

@@ -215,7 +215,11 @@ def run_merge(
 
     from distmerge.engine.tasks import merge_batch_task
 
-    limit = workers or cfg.execution.workers or cluster_cpus()
+    cpus = cluster_cpus()
+    concurrency = workers or cfg.execution.workers or cpus
+    # Ray runs at most one task per CPU, so when every CPU may work, a queue of as many again
+    # hides the submit/return round trip at no memory cost (queued tasks hold no buffers).
+    limit = concurrency * 2 if concurrency >= cpus else concurrency
     for f in plan.files:
         create_file(partial_path(out, f.name), f.header, f.size)
     factors = {i: aim_stats[m] for i, m in plan.aim_modules.items()}

@@ -122,6 +122,14 @@ def unit_interval(allow_zero: bool = False) -> tuple[Callable[[float], bool], st
     return (lambda v: 0.0 < v <= 1.0), "0 < value <= 1"
 
 
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i weights[i] * tensors[i]`` accumulated in place: one buffer, no stacked copy."""
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:], strict=True):
+        out.add_(t, alpha=w)
+    return out
+
+
 def stack_weights(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-expert scalars as a tensor broadcastable against ``torch.stack(experts)``."""
     w = torch.tensor(list(values), dtype=like.dtype)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from distmerge.errors import ConfigError
-from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams, stack_weights
+from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams, weighted_sum
 
 
 class Linear(MergeMethod):
@@ -34,9 +34,8 @@ class Linear(MergeMethod):
         ctx: ShardContext,
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        x = torch.stack(list(experts))
-        w = stack_weights([p["weight"] for p in params.experts], experts[0])
-        out = (w * x).sum(dim=0)
+        weights = [p["weight"] for p in params.experts]
         if params.global_["normalize"]:
-            out = out / w.sum(dim=0)
-        return out
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        return weighted_sum(experts, weights)

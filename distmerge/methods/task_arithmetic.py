@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams, stack_weights
+from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams, weighted_sum
 
 
 class TaskArithmetic(MergeMethod):
@@ -34,11 +34,8 @@ class TaskArithmetic(MergeMethod):
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         assert base is not None
-        deltas = torch.stack([x - base for x in experts])
-        w = stack_weights([p["weight"] for p in params.experts], base)
-        mixed = (w * deltas).sum(dim=0)
-        if params.global_["normalize"]:
-            divisor = w.sum(dim=0)
-            if divisor.abs().item() >= 1e-8:
-                mixed = mixed / divisor
+        weights = [p["weight"] for p in params.experts]
+        mixed = weighted_sum([x - base for x in experts], weights)
+        if params.global_["normalize"] and abs(sum(weights)) >= 1e-8:
+            mixed /= sum(weights)
         return base + params.global_["lambda"] * mixed
