@@ -42,7 +42,7 @@ class TensorPlan:
     params: TensorParams | None  # None: copied unchanged from the template
     file_index: int
     out_offset: int
-    needs_statistics: bool = False
+    statistics_rounds: int = 0
 
     @property
     def rows(self) -> int:
@@ -109,11 +109,15 @@ class MergePlan:
     def peak_worker_bytes(self) -> int:
         return max((u.working_bytes for u in self.units), default=0)
 
-    def statistics_units(self) -> list[WorkUnit]:
-        """Canonical row chunks of the tensors whose merge needs whole-tensor statistics."""
+    @property
+    def statistics_rounds(self) -> int:
+        return max((t.statistics_rounds for t in self.tensors), default=0)
+
+    def statistics_units(self, round_: int = 0) -> list[WorkUnit]:
+        """Canonical row chunks of the tensors whose merge needs statistics round ``round_``."""
         units = []
         for i, t in enumerate(self.tensors):
-            if not t.needs_statistics:
+            if t.statistics_rounds <= round_:
                 continue
             step = max(1, STATISTICS_CHUNK_ELEMENTS // max(1, t.row_numel))
             for r0 in range(0, t.rows, step):
@@ -154,9 +158,10 @@ class MergePlan:
             f"peak memory per worker (estimate): {format_size(self.peak_worker_bytes)} of tensor buffers "
             f"+ ~0.5 GB process overhead",
         ]
-        stats = sum(1 for t in self.tensors if t.needs_statistics)
+        stats = sum(1 for t in self.tensors if t.statistics_rounds)
         if stats:
-            lines.append(f"whole-tensor statistics pass: {stats} tensors, {len(self.statistics_units())} chunks")
+            lines.append(f"whole-tensor statistics: {stats} tensors, {self.statistics_rounds} round(s) of "
+                         f"{len(self.statistics_units())} canonical chunks")
         if self.aim_modules:
             lines.append(f"AIM: {len(self.aim_modules)} tensors relaxed (omega {self.config.aim.omega if self.config.aim else '-'})")
         return "\n".join(lines)
@@ -332,7 +337,7 @@ def build_plan(config: MergeConfig, shard_size: int | None = None) -> MergePlan:
         params = _resolve_params(config, method, expert_entries, name, layer_position(name, num_layers))
         tensors.append(TensorPlan(
             name, info.shape, out_dtype, info if (method.uses_base or config.aim is not None) else None, sources, params, file_index, offset,
-            needs_statistics=method.needs_statistics(params),
+            statistics_rounds=method.statistics_rounds(params),
         ))
     compute_itemsize = ITEMSIZE[compute]
     units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]

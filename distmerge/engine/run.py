@@ -127,26 +127,31 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 
 
 def compute_statistics_pass(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, dict[str, Any]]:
-    """Phase one for two-phase methods: canonical chunk statistics, reduced in chunk order."""
+    """Multi-phase methods: rounds of canonical chunk statistics, each reduced in chunk order."""
+    import ray
+
     from distmerge.engine.tasks import statistics_task
 
-    units = plan.statistics_units()
-    if not units:
-        return {}
-    partials: dict[int, dict[int, Any]] = defaultdict(dict)
-    bar = _progress(sum(u.read_bytes for u in units), progress, "statistics")
+    reduced: dict[int, dict[str, Any]] = {}
+    for round_ in range(plan.statistics_rounds):
+        units = plan.statistics_units(round_)
+        partials: dict[int, dict[int, Any]] = defaultdict(dict)
+        bar = _progress(sum(u.read_bytes for u in units), progress, f"statistics {round_ + 1}/{plan.statistics_rounds}")
 
-    def done(batch: list[WorkUnit], result: list[tuple[int, int, dict[str, Any]]]) -> None:
-        for tensor, row_start, stats in result:
-            partials[tensor][row_start] = stats
-        bar.update(sum(u.read_bytes for u in batch))
+        def done(batch: list[WorkUnit], result: list[tuple[int, int, dict[str, Any]]], partials=partials, bar=bar) -> None:
+            for tensor, row_start, stats in result:
+                partials[tensor][row_start] = stats
+            bar.update(sum(u.read_bytes for u in batch))
 
-    run_bounded(lambda b: statistics_task.remote(job_ref, b), batches(units, plan.shard_size), limit, done)
-    bar.close()
-    return {
-        i: plan.method.reduce([chunks[r] for r in sorted(chunks)], plan.tensors[i].params, plan.tensors[i].shape)
-        for i, chunks in partials.items()
-    }
+        previous_ref = ray.put(reduced)
+        run_bounded(lambda b, r=round_, p=previous_ref: statistics_task.remote(job_ref, b, r, p),
+                    batches(units, plan.shard_size), limit, done)
+        bar.close()
+        for i, chunks in partials.items():
+            t = plan.tensors[i]
+            reduced[i] = plan.method.reduce([chunks[r] for r in sorted(chunks)], t.params, t.shape, round_,
+                                            reduced.get(i))
+    return reduced
 
 
 def aim_tensor_modules(plan: MergePlan, stats: dict[str, Any]) -> dict[int, str]:

@@ -26,5 +26,6 @@ def merge_batch_task(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
-def statistics_task(job: MergeJob, units: list[WorkUnit]) -> list[tuple[int, int, dict[str, Any]]]:
-    return run_statistics(job, units)
+def statistics_task(job: MergeJob, units: list[WorkUnit], round_: int,
+                    previous: dict[int, dict[str, Any]]) -> list[tuple[int, int, dict[str, Any]]]:
+    return run_statistics(job, units, round_, previous)

@@ -159,8 +159,9 @@ def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, A
                        os.getpid(), memory.peak, memory.start)
 
 
-def run_statistics(job: MergeJob, units: list[WorkUnit]) -> list[tuple[int, int, dict[str, torch.Tensor]]]:
-    """Phase one of a two-phase method: partial statistics of canonical chunks."""
+def run_statistics(job: MergeJob, units: list[WorkUnit], round_: int,
+                   previous: dict[int, dict[str, Any]]) -> list[tuple[int, int, dict[str, torch.Tensor]]]:
+    """One statistics round of a multi-phase method: partial statistics of canonical chunks."""
     method = get_method(job.method)
     compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
     out = []
@@ -172,5 +173,6 @@ def run_statistics(job: MergeJob, units: list[WorkUnit]) -> list[tuple[int, int,
                 _check_finite(r, info, unit.row_start, unit.row_end)
         base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
         ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
-        out.append((unit.tensor, unit.row_start, method.statistics(base, experts, t.params, ctx)))
+        out.append((unit.tensor, unit.row_start,
+                    method.statistics(base, experts, t.params, ctx, round_, previous.get(unit.tensor))))
     return out

@@ -3,7 +3,8 @@
 A method sees one row shard at a time: the base rows (if the method uses a base model) and the
 same rows of each expert, already cast to the compute dtype, plus a :class:`ShardContext` that
 says which tensor and rows these are. Methods whose math needs a whole-tensor quantity (a
-magnitude threshold, a norm, a dot product) declare it through :meth:`MergeMethod.statistics`
+magnitude threshold, a norm, a dot product) declare how many passes it takes
+(:meth:`MergeMethod.statistics_rounds`) and compute it through :meth:`MergeMethod.statistics`
 and :meth:`MergeMethod.reduce`: the engine runs ``statistics`` over canonical row chunks that do
 not depend on the shard size, reduces the partial results in chunk order and hands the reduced
 statistics to every shard's :meth:`MergeMethod.merge`, so outputs are identical under any
@@ -87,18 +88,36 @@ class MergeMethod:
     global_parameters: ClassVar[dict[str, ParamSpec]] = {}
     model_parameters: ClassVar[dict[str, ParamSpec]] = {}
 
-    def needs_statistics(self, params: TensorParams) -> bool:
-        """True when this tensor's merge needs a whole-tensor statistics pass first."""
-        return False
+    def statistics_rounds(self, params: TensorParams) -> int:
+        """How many whole-tensor statistics passes this tensor's merge needs first (0: none).
+
+        Each round reads the tensor once in canonical chunks; round ``r`` sees the reduced
+        result of round ``r - 1`` (a radix selection narrows a threshold round by round).
+        """
+        return 0
 
     def statistics(
-        self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams, ctx: ShardContext
+        self,
+        base: torch.Tensor | None,
+        experts: Sequence[torch.Tensor],
+        params: TensorParams,
+        ctx: ShardContext,
+        round_: int,
+        previous: dict[str, Any] | None,
     ) -> dict[str, torch.Tensor]:
         """Partial statistics of one canonical chunk (exact integers or float64 sums)."""
         raise NotImplementedError
 
-    def reduce(self, partials: Sequence[dict[str, torch.Tensor]], params: TensorParams, shape: tuple[int, ...]) -> dict[str, Any]:
-        """Combine the chunk statistics, given in chunk order, into what ``merge`` needs."""
+    def reduce(
+        self,
+        partials: Sequence[dict[str, torch.Tensor]],
+        params: TensorParams,
+        shape: tuple[int, ...],
+        round_: int,
+        previous: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Combine one round's chunk statistics, given in chunk order, into what the next
+        round (or, after the last round, ``merge``) needs; carry forward what is still needed."""
         raise NotImplementedError
 
     def merge(
