@@ -31,7 +31,7 @@ def write_config(root: Path, base: Path, experts: list[Path], aim: bool) -> Path
         "execution": {"shard_size": "64KB", "max_file_size": "400KB"},
     }
     if aim:
-        config["aim"] = {"omega": 0.4, "calibration": {"dataset": "builtin", "n_samples": 16, "block_size": 64}}
+        config["aim"] = {"omega": 0.4, "calibration": {"dataset": "builtin", "n_samples": 32, "block_size": 512}}
     path = root / "merge.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

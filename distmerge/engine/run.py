@@ -227,7 +227,11 @@ def run_merge(
     limit = concurrency * 2 if concurrency >= cpus else concurrency
     for f in plan.files:
         create_file(partial_path(out, f.name), f.header, f.size)
-    factors = {i: aim_stats[m] for i, m in plan.aim_modules.items()}
+    factors = {}
+    if cfg.aim is not None:
+        from distmerge.aim import relaxation_factors
+
+        factors = {i: relaxation_factors(aim_stats[m], cfg.aim.omega) for i, m in plan.aim_modules.items()}
     job = MergeJob(
         plan.method.name, tuple(plan.tensors), tuple(str(partial_path(out, f.name)) for f in plan.files),
         plan.compute_dtype, cfg.execution.seed, not cfg.execution.allow_nonfinite,

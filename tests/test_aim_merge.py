@@ -1,0 +1,110 @@
+"""AIM fused into the merge: the engine's output equals the whole-tensor formula given the
+statistics, omega = 1 is the plain merge bit for bit, and statistics are calibrated or reused."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from distmerge.aim import load_statistics, module_for_tensor, save_statistics
+from distmerge.engine.run import run_merge
+from tests.helpers import file_bytes, load_state, make_config
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _fake_stats(base) -> dict[str, torch.Tensor]:
+    """Heavy-tailed positive statistics for every relaxable module of the base model."""
+    g = torch.Generator().manual_seed(7)
+    stats = {}
+    for name, t in load_state(base).items():
+        module = module_for_tensor(name)
+        if module is not None:
+            stats[module] = torch.rand(t.shape[-1], generator=g) ** 4 + 1e-3
+    return stats
+
+
+def _ta_reference(base, experts, weights):
+    b = load_state(base)
+    xs = [load_state(e) for e in experts]
+    return b, {n: v + sum(w * (x[n] - v) for w, x in zip(weights, xs, strict=True)) for n, v in b.items()}
+
+
+@pytest.mark.parametrize("omega", [0.2, 0.6])
+def test_aim_equals_whole_tensor_formula(llama_family, tmp_path, omega):
+    base, experts = llama_family
+    stats = _fake_stats(base)
+    save_statistics(stats, tmp_path / "stats.safetensors", {"base_model": str(base), "dataset": "test",
+                                                            "n_blocks": "1", "block_size": "8", "tokens": "8"})
+    cfg = make_config("task_arithmetic", base, experts, [0.7, 0.5], aim={"omega": omega, "stats": str(tmp_path / "stats.safetensors")},
+                      execution={"shard_size": "5KB"})
+    report = run_merge(cfg, tmp_path / "out", progress=False)
+    got = load_state(tmp_path / "out")
+    b, merged = _ta_reference(base, experts, [0.7, 0.5])
+    relaxed = 0
+    for name, w in merged.items():
+        module = module_for_tensor(name)
+        if module in stats:
+            a = stats[module].double()
+            r = (1 - (1 - omega) * a / a.max()).float()
+            expected = b[name] + (w - b[name]) * r  # broadcast along the last (input) dim
+            relaxed += 1
+        else:
+            expected = w
+            assert "embed_tokens" in name
+        torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert relaxed == report["aim"]["relaxed_tensors"] == len(merged) - 1
+    assert report["aim"]["modules"]["lm_head"]["max_over_median"] > 1
+
+
+def test_omega_one_is_the_plain_merge_bit_for_bit(llama_family, tmp_path):
+    base, experts = llama_family
+    save_statistics(_fake_stats(base), tmp_path / "s.safetensors", {"base_model": str(base), "dataset": "t",
+                                                                    "n_blocks": "1", "block_size": "8", "tokens": "8"})
+    plain = make_config("task_arithmetic", base, experts, [0.7, 0.5])
+    aim = make_config("task_arithmetic", base, experts, [0.7, 0.5], aim={"omega": 1.0, "stats": str(tmp_path / "s.safetensors")})
+    run_merge(plain, tmp_path / "plain", progress=False)
+    run_merge(aim, tmp_path / "aim", progress=False)
+    assert file_bytes(tmp_path / "plain") == file_bytes(tmp_path / "aim")
+
+
+def test_calibrate_command_then_merge_reuses_statistics(llama_family, tmp_path):
+    base, experts = llama_family
+    config = make_config("task_arithmetic", base, experts, [0.5, 0.5],
+                         aim={"omega": 0.4, "stages": 2, "calibration": {"n_samples": 8, "block_size": 512}})
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    proc = subprocess.run([sys.executable, "-m", "distmerge", "calibrate", str(path), "--out", str(tmp_path / "stats.safetensors"),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats, meta = load_statistics(tmp_path / "stats.safetensors")
+    assert meta["dataset"] == "builtin" and int(meta["block_size"]) == 512
+    assert "model.layers.3.mlp.down_proj" in stats and stats["model.layers.3.mlp.down_proj"].numel() == 160
+    # Calibrating inside the merge gives the same statistics as the saved file (same data, seed).
+    report = run_merge(config, tmp_path / "calibrated", progress=False)
+    reused = config.model_copy(update={"aim": config.aim.model_copy(update={"stats": str(tmp_path / "stats.safetensors")})})
+    run_merge(reused, tmp_path / "reused", progress=False)
+    assert file_bytes(tmp_path / "calibrated") == file_bytes(tmp_path / "reused")
+    assert report["aim"]["stats_source"] == "calibrated for this merge"
+    assert report["aim"]["metadata"]["tokens"] == meta["tokens"]
+    saved = json.loads((tmp_path / "reused" / "merge_report.json").read_text())
+    assert saved["aim"]["stats_source"].endswith("stats.safetensors")
+    assert all(re.fullmatch(r"(model\.layers\.\d+\.\w+(\.\w+)?|model\.norm|lm_head)", m) for m in saved["aim"]["modules"])
+
+
+def test_statistics_of_another_model_are_refused(llama_family, tmp_path):
+    from distmerge.errors import OutputError
+
+    base, experts = llama_family
+    bad = {"model.layers.0.mlp.up_proj": torch.ones(7)}
+    save_statistics(bad, tmp_path / "bad.safetensors", {"base_model": "x", "dataset": "t", "n_blocks": "1",
+                                                        "block_size": "8", "tokens": "8"})
+    cfg = make_config("task_arithmetic", base, experts, [1, 1], aim={"stats": str(tmp_path / "bad.safetensors")})
+    with pytest.raises(OutputError, match="up_proj.*7 channels.*64 input channels"):
+        run_merge(cfg, tmp_path / "out", progress=False)
