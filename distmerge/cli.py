@@ -1,4 +1,4 @@
-"""Command line: ``distmerge merge | plan | calibrate``.
+"""Command line: ``distmerge merge | plan | calibrate | verify``.
 
 User errors (bad config, broken inputs, unusable output) print one message and exit 2;
 ``--debug`` shows the traceback as well.
@@ -38,11 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--workers", type=int, help="work units in flight at once (default: CPUs of the cluster)")
     merge.add_argument("--seed", type=int, help="seed of randomized methods (DARE, DELLA)")
     merge.add_argument("--overwrite", action="store_true", help="replace whatever OUT_DIR holds")
+    merge.add_argument("--resume", action="store_true",
+                       help="finish an interrupted merge in OUT_DIR (rerunning the same command does this too)")
+    merge.add_argument("--allow-nonfinite", action="store_true",
+                       help="merge inputs holding NaN/Inf with a warning instead of refusing them")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     plan = sub.add_parser("plan", help="read headers only and print what a merge would do")
     plan.add_argument("config", type=Path)
     plan.add_argument("--shard-size", type=_size_arg)
+
+    verify = sub.add_parser("verify", help="check a merged checkpoint: index, headers, checksums, architecture, NaN/Inf")
+    verify.add_argument("out_dir", type=Path)
+    verify.add_argument("--quick", action="store_true", help="headers and architecture only (no data read)")
 
     calibrate = sub.add_parser("calibrate", help="compute AIM activation statistics of the base model")
     calibrate.add_argument("config", type=Path)
@@ -67,11 +75,29 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     report = run_merge(
         args.config, args.out_dir, ray_address=args.ray_address, shard_size=args.shard_size,
-        workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
+        workers=args.workers, seed=args.seed, overwrite=args.overwrite, resume=args.resume,
+        allow_nonfinite=True if args.allow_nonfinite else None, progress=not args.no_progress,
     )
-    print(f"merged {report['merge_method']}: {report['tensors']} tensors, {report['bytes_written']} bytes "
-          f"in {report['seconds']:.1f}s -> {args.out_dir}")
+    if report.get("noop"):
+        print(f"already complete: {report['out_dir']} (fingerprint {report.get('fingerprint')}); nothing to do")
+    else:
+        print(f"merged {report['merge_method']}: {report['tensors']} tensors, {report['bytes_written']} bytes "
+              f"in {report['seconds']:.1f}s -> {report['out_dir']}")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from distmerge.verify import verify_output
+
+    result = verify_output(args.out_dir, deep=not args.quick)
+    for w in result.warnings:
+        print(f"warning: {w}")
+    for p in result.problems:
+        print(f"problem: {p}")
+    state = "OK" if result.ok else f"FAILED ({len(result.problems)} problems)"
+    print(f"{args.out_dir}: {state}: {result.tensors} tensors, {result.checksums_verified} checksums verified, "
+          f"{result.bytes_scanned} bytes scanned for NaN/Inf")
+    return 0 if result.ok else 1
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -100,7 +126,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)
-    commands = {"merge": _cmd_merge, "plan": _cmd_plan, "calibrate": _cmd_calibrate}
+    commands = {"merge": _cmd_merge, "plan": _cmd_plan, "calibrate": _cmd_calibrate, "verify": _cmd_verify}
     try:
         return commands[args.command](args)
     except DistmergeError as e:

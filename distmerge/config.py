@@ -75,6 +75,7 @@ class ExecutionConfig(_Strict):
     workers: int | None = Field(None, ge=1)
     seed: int = 0
     allow_nonfinite: bool = False
+    verify: bool = True
 
     @field_validator("shard_size", "max_file_size", mode="before")
     @classmethod

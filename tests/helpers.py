@@ -25,7 +25,7 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
     """Every safetensors file's bytes, for bit-identity checks."""
-    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.safetensors"))}
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("model-*.safetensors"))}
 
 
 def make_config(method: str, base: Path | None, experts: list[Path], weights: list, **extra) -> MergeConfig:

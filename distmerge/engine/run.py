@@ -7,7 +7,9 @@ rows are written, and writes the index last.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import time
 from collections import defaultdict
@@ -18,15 +20,24 @@ from typing import Any, TypeVar
 import yaml
 
 from distmerge.config import MergeConfig, load_config
-from distmerge.dtypes import TORCH_NAME
+from distmerge.dtypes import ITEMSIZE, TORCH_NAME
 from distmerge.engine.cluster import cluster_cpus, connect
 from distmerge.engine.worker import BatchResult, MergeJob
 from distmerge.errors import DistmergeError, OutputError
+from distmerge.journal import (
+    JOURNAL_NAME,
+    JournalState,
+    JournalWriter,
+    crc_of_range,
+    describe_difference,
+    merge_fingerprint,
+    read_journal,
+)
 from distmerge.plan import MergePlan, WorkUnit, build_plan
-from distmerge.report import build_report, write_model_card, write_report
+from distmerge.report import REPORT_NAME, build_report, write_model_card, write_report
+from distmerge.verify import verify_output
 from distmerge.writer import (
     INDEX_NAME,
-    PARTIAL_SUFFIX,
     copy_tokenizer,
     create_file,
     finalize_file,
@@ -39,6 +50,7 @@ from distmerge.writer import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_UNITS_PER_BATCH = 256
+AIM_STATS_NAME = "aim_statistics.safetensors"
 
 
 def batches(units: Iterable[WorkUnit], budget: int) -> Iterator[list[WorkUnit]]:
@@ -97,28 +109,6 @@ def _unwrap(ref: Any) -> Any:
         raise
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a directory that holds something unless told to overwrite it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise OutputError(
-                f"{out_dir}: directory is not empty; pass --overwrite to replace it, "
-                "or --resume to finish an interrupted merge into it"
-            )
-        log.warning("overwriting %s", out_dir)
-        for child in out_dir.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{out_dir}: cannot create the output directory ({e.strerror})") from e
-
-
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
@@ -175,18 +165,101 @@ def aim_tensor_modules(plan: MergePlan, stats: dict[str, Any]) -> dict[int, str]
     return modules
 
 
-def load_aim(config: MergeConfig, progress: bool) -> tuple[dict[str, Any], dict[str, str]]:
-    """AIM statistics, loaded from ``aim.stats`` or calibrated now on the base model."""
+def load_aim(config: MergeConfig, out: Path, progress: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """AIM statistics: from ``aim.stats``, from an interrupted run's saved calibration, or
+    calibrated now on the base model (and saved beside the output for reuse)."""
     from distmerge import aim
 
-    assert config.aim is not None
-    if not config.base_model:
-        raise OutputError("aim: AIM needs base_model (its activations are the calibration signal)")
+    assert config.aim is not None and config.base_model
     if config.aim.stats:
-        stats, metadata = aim.load_statistics(Path(config.aim.stats))
-    else:
-        stats, metadata = aim.calibrate(Path(config.base_model), config.aim, None, progress=progress)
-    return stats, metadata
+        return aim.load_statistics(Path(config.aim.stats))
+    saved = out / AIM_STATS_NAME
+    if saved.is_file():
+        log.info("reusing the calibration of the interrupted run: %s", saved)
+        return aim.load_statistics(saved)
+    return aim.calibrate(Path(config.base_model), config.aim, saved, progress=progress)
+
+
+def input_fingerprint_data(plan: MergePlan) -> list[tuple[str, Any]]:
+    """Per input: tensor headers and the identity (name, size, mtime) of every file it reads."""
+    data = []
+    for ckpt in plan.inputs:
+        files = sorted({Path(t.file) for t in ckpt.tensors.values()} | {ckpt.path / "config.json"})
+        data.append((str(ckpt.path), {
+            "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset] for n, t in sorted(ckpt.tensors.items())},
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        }))
+    return data
+
+
+def fingerprint_config(cfg: MergeConfig) -> dict[str, Any]:
+    """The config less what cannot change the output bytes (parallelism and shard size)."""
+    return cfg.model_dump(mode="json", exclude={"execution": {"workers", "shard_size"}})
+
+
+def examine_output(out: Path, parts: dict[str, Any], config: dict[str, Any], overwrite: bool, resume: bool) -> tuple[str, Any]:
+    """Decide what to do with ``out``: ("fresh", None), ("resume", journal) or ("complete", report)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if overwrite or not out.exists() or not any(out.iterdir()):
+        if resume and not overwrite:
+            raise OutputError(f"{out}: nothing to resume (no {JOURNAL_NAME}); drop --resume to start the merge")
+        return "fresh", None
+    journal = read_journal(out / JOURNAL_NAME)
+    if journal is None:
+        raise OutputError(
+            f"{out}: directory is not empty and holds no distmerge journal; choose another OUT_DIR, "
+            "or pass --overwrite to replace what is there"
+        )
+    old = journal.header.get("parts", {})
+    if old.get("fingerprint") != parts["fingerprint"]:
+        what = describe_difference(old, parts, journal.header.get("config", {}), config)
+        state = "a finished" if journal.complete else "an unfinished"
+        raise OutputError(
+            f"{out}: holds {state} merge of different inputs or config ({what}); use another OUT_DIR "
+            "(a '{fingerprint}' in OUT_DIR names it by content), or pass --overwrite to replace it"
+        )
+    if journal.complete and (out / INDEX_NAME).is_file() and (out / REPORT_NAME).is_file():
+        return "complete", json.loads((out / REPORT_NAME).read_text())
+    return "resume", journal
+
+
+def clear_directory(out: Path) -> None:
+    log.warning("overwriting %s", out)
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def reopen_for_resume(out: Path, plan: MergePlan, journal: JournalState) -> set[tuple[int, int, int]]:
+    """Re-open the files of an interrupted merge; return the units whose bytes verify.
+
+    Every journaled unit is checked against the bytes on disk (a crash may have lost writes
+    that the journal recorded); a file that is missing or of the wrong size is recreated.
+    """
+    done = set()
+    names = journal.header.get("tensors", [])
+    if names != [t.name for t in plan.tensors]:
+        raise OutputError(f"{out}: the journal lists other tensors than this plan; pass --overwrite")
+    by_file: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for key in journal.units:
+        by_file[plan.tensors[key[0]].file_index].append(key)
+    for i, f in enumerate(plan.files):
+        final, partial = out / f.name, partial_path(out, f.name)
+        if final.exists():
+            os.replace(final, partial)
+        if not partial.exists() or partial.stat().st_size != f.size or partial.read_bytes()[:len(f.header)] != f.header:
+            create_file(partial, f.header, f.size)
+            continue
+        for key in by_file.get(i, []):
+            t = plan.tensors[key[0]]
+            row_bytes = t.row_numel * ITEMSIZE[t.out_dtype]
+            if crc_of_range(partial, t.out_offset + key[1] * row_bytes, (key[2] - key[1]) * row_bytes) == journal.units[key]:
+                done.add(key)
+    log.info("resuming: %d of %d units verified on disk and skipped", len(done), len(plan.units))
+    return done
 
 
 def run_merge(
@@ -198,23 +271,54 @@ def run_merge(
     workers: int | None = None,
     seed: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    allow_nonfinite: bool | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run a merge end to end and return its report (also written to ``merge_report.json``)."""
+    """Run a merge end to end and return its report (also written to ``merge_report.json``).
+
+    Rerunning a finished merge is a no-op; rerunning an interrupted one resumes it. A
+    ``{fingerprint}`` in ``out_dir`` is replaced by the fingerprint of config and inputs.
+    """
     started = time.time()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    out = Path(out_dir)
+    execution = {}
     if seed is not None:
-        cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"seed": seed})})
+        execution["seed"] = seed
+    if allow_nonfinite is not None:
+        execution["allow_nonfinite"] = allow_nonfinite
+    if execution:
+        cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update=execution)})
     plan = build_plan(cfg, shard_size)
+    extra = {"aim.stats": Path(cfg.aim.stats)} if cfg.aim is not None and cfg.aim.stats else {}
+    missing = [str(p) for p in extra.values() if not p.is_file()]
+    if missing:
+        raise OutputError(f"aim.stats: {missing[0]} does not exist; run distmerge calibrate first or drop aim.stats")
+    config_data = fingerprint_config(cfg)
+    parts = merge_fingerprint(config_data, input_fingerprint_data(plan), extra)
+    out = Path(str(out_dir).replace("{fingerprint}", parts["fingerprint"]))
+    state, found = examine_output(out, parts, config_data, overwrite, resume)
+    if state == "complete":
+        log.info("%s: already complete (fingerprint %s); nothing to do", out, parts["fingerprint"])
+        return {**found, "noop": True, "out_dir": str(out)}
+    journal: JournalState | None = found if state == "resume" else None
+    if journal is not None and journal.header.get("shard_size") != plan.shard_size:
+        log.warning("resuming with the interrupted run's shard size %s", journal.header.get("shard_size"))
+        plan = build_plan(cfg, journal.header["shard_size"])
+    if state == "fresh":
+        if out.exists() and any(out.iterdir()):
+            clear_directory(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot create the output directory ({e.strerror})") from e
     aim_stats: dict[str, Any] = {}
     aim_meta: dict[str, str] = {}
     if cfg.aim is not None:
         connect(ray_address)
-        aim_stats, aim_meta = load_aim(cfg, progress)
+        aim_stats, aim_meta = load_aim(cfg, out, progress)
         plan.aim_modules = aim_tensor_modules(plan, aim_stats)
     log.info("plan:\n%s", plan.summary())
-    prepare_out_dir(out, overwrite)
     connect(ray_address)
     import ray
 
@@ -225,8 +329,16 @@ def run_merge(
     # Ray runs at most one task per CPU, so when every CPU may work, a queue of as many again
     # hides the submit/return round trip at no memory cost (queued tasks hold no buffers).
     limit = concurrency * 2 if concurrency >= cpus else concurrency
-    for f in plan.files:
-        create_file(partial_path(out, f.name), f.header, f.size)
+    if journal is None:
+        for f in plan.files:
+            create_file(partial_path(out, f.name), f.header, f.size)
+        skip: set[tuple[int, int, int]] = set()
+        writer = JournalWriter(out / JOURNAL_NAME, {"parts": parts, "config": config_data, "shard_size": plan.shard_size,
+                                                    "tensors": [t.name for t in plan.tensors],
+                                                    "files": [f.name for f in plan.files]})
+    else:
+        skip = reopen_for_resume(out, plan, journal)
+        writer = JournalWriter(out / JOURNAL_NAME, None)
     factors = {}
     if cfg.aim is not None:
         from distmerge.aim import relaxation_factors
@@ -237,38 +349,58 @@ def run_merge(
         plan.compute_dtype, cfg.execution.seed, not cfg.execution.allow_nonfinite,
         cfg.aim.omega if cfg.aim else None, factors,
     )
-    job_ref = ray.put(job)
-    stats = compute_statistics_pass(plan, job_ref, limit, progress)
-    stats_ref = ray.put(stats)
+    todo = [u for u in plan.units if (u.tensor, u.row_start, u.row_end) not in skip]
     remaining = defaultdict(int)
-    for u in plan.units:
+    for u in todo:
         remaining[plan.tensors[u.tensor].file_index] += 1
     results: list[BatchResult] = []
-    bar = _progress(plan.write_bytes, progress, f"merge ({plan.method.name})")
+    try:
+        for i, f in enumerate(plan.files):
+            if remaining[i] == 0:
+                finalize_file(out, f.name)
+                writer.file(f.name)
+        job_ref = ray.put(job)
+        stats = compute_statistics_pass(plan, job_ref, limit, progress) if todo else {}
+        stats_ref = ray.put(stats)
+        bar = _progress(sum(u.write_bytes for u in todo), progress, f"merge ({plan.method.name})")
 
-    def done(batch: list[WorkUnit], result: BatchResult) -> None:
-        results.append(result)
-        bar.update(result.bytes_written)
-        for u in batch:
-            f = plan.tensors[u.tensor].file_index
-            remaining[f] -= 1
-            if remaining[f] == 0:
-                finalize_file(out, plan.files[f].name)
+        def done(batch: list[WorkUnit], result: BatchResult) -> None:
+            results.append(result)
+            for r in result.units:
+                writer.unit(r.tensor, r.row_start, r.row_end, r.crc32)
+            for w in result.warnings:
+                log.warning("%s", w)
+            bar.update(result.bytes_written)
+            for u in batch:
+                f = plan.tensors[u.tensor].file_index
+                remaining[f] -= 1
+                if remaining[f] == 0:
+                    finalize_file(out, plan.files[f].name)
+                    writer.file(plan.files[f].name)
 
-    run_bounded(lambda b: merge_batch_task.remote(job_ref, b, stats_ref), batches(plan.units, plan.shard_size),
-                limit, done)
-    bar.close()
-    out_dtypes = {t.out_dtype for t in plan.tensors if t.params is not None}
-    write_model_config(out, plan.template.config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
-    tokenizer_source = Path(cfg.tokenizer_source) if cfg.tokenizer_source not in (None, "base") else plan.template.path
-    copy_tokenizer(tokenizer_source, out)
-    write_text_atomic(out / "distmerge_config.yml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    report = build_report(plan, results, time.time() - started, aim_stats=aim_stats, aim_meta=aim_meta)
-    write_report(out, report)
-    write_model_card(out, plan, report)
-    write_index(out, [(f.name, f.tensors, f.size) for f in plan.files], sum(t.out_nbytes for t in plan.tensors))
-    leftovers = list(out.glob("*" + PARTIAL_SUFFIX))
-    if leftovers:
-        raise OutputError(f"{out}: unfinished files remain: {', '.join(p.name for p in leftovers)}")
+        run_bounded(lambda b: merge_batch_task.remote(job_ref, b, stats_ref), batches(todo, plan.shard_size),
+                    limit, done)
+        bar.close()
+        out_dtypes = {t.out_dtype for t in plan.tensors if t.params is not None}
+        write_model_config(out, plan.template.config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
+        tokenizer_source = Path(cfg.tokenizer_source) if cfg.tokenizer_source not in (None, "base") else plan.template.path
+        copy_tokenizer(tokenizer_source, out)
+        write_text_atomic(out / "distmerge_config.yml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        writer.close()
+        weight_map = {t: f.name for f in plan.files for t in f.tensors}
+        verified = verify_output(out, weight_map=weight_map, deep=cfg.execution.verify,
+                                 allow_nonfinite=cfg.execution.allow_nonfinite)
+        if not verified.ok:
+            raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
+        report = build_report(plan, results, time.time() - started, aim_stats=aim_stats, aim_meta=aim_meta)
+        report.update(out_dir=str(out), fingerprint=parts["fingerprint"], resumed_units=len(skip),
+                      verify=verified.as_dict(), warnings=[w for r in results for w in r.warnings])
+        write_report(out, report)
+        write_model_card(out, plan, report)
+        write_index(out, [(f.name, f.tensors, f.size) for f in plan.files], sum(t.out_nbytes for t in plan.tensors))
+        writer = JournalWriter(out / JOURNAL_NAME, None)
+        writer.complete()
+    finally:
+        writer.close()
     log.info("merged %s into %s in %.1fs", plan.method.name, out / INDEX_NAME, report["seconds"])
     return report

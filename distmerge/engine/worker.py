@@ -62,18 +62,22 @@ class BatchResult:
     pid: int
     peak_anon_rss: int
     start_anon_rss: int
+    warnings: list[str] = field(default_factory=list)
 
 
-def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int) -> None:
+def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal: bool) -> str | None:
+    """Raise (or, when not ``fatal``, return a warning) if the rows hold NaN or Inf."""
     # A float sum is finite iff every element is (barring overflow, which the exact count
     # below then rules out); it is several times cheaper than torch.isfinite on every element.
     if rows.is_floating_point() and not bool(torch.isfinite(rows.sum())):
         bad = int((~torch.isfinite(rows)).sum())
         if bad:
-            raise CheckpointError(
-                f"{info.file}: tensor {info.name!r} has {bad} NaN/Inf values in rows {r0}:{r1}; "
-                "the input is broken (set execution.allow_nonfinite: true to merge anyway)"
-            )
+            message = f"{info.file}: tensor {info.name!r} has {bad} NaN/Inf values in rows {r0}:{r1}"
+            if fatal:
+                raise CheckpointError(f"{message}; the input is broken (pass --allow-nonfinite, or set "
+                                      "execution.allow_nonfinite: true, to merge anyway with a warning)")
+            return message
+    return None
 
 
 def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
@@ -82,7 +86,8 @@ def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
     return [read_rows(info, unit.row_start, unit.row_end) for info in t.sources]
 
 
-def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: dict[str, Any] | None) -> torch.Tensor:
+def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: dict[str, Any] | None,
+                warnings: list[str] | None = None) -> torch.Tensor:
     """Merged (and AIM-relaxed) rows of a unit from its raw rows, in the output dtype."""
     t = job.tensors[unit.tensor]
     out_dtype = SAFETENSORS_TO_TORCH[t.out_dtype]
@@ -90,9 +95,10 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: d
         return raw[0].to(out_dtype)
     compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
     rows = [r.to(compute) for r in raw]
-    if job.check_finite:
-        for info, r in zip(t.sources, rows, strict=True):
-            _check_finite(r, info, unit.row_start, unit.row_end)
+    for info, r in zip(t.sources, rows, strict=True):
+        warning = _check_finite(r, info, unit.row_start, unit.row_end, job.check_finite)
+        if warning and warnings is not None:
+            warnings.append(warning)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
     ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
     merged = get_method(job.method).merge(base, experts, t.params, ctx, stats)
@@ -136,6 +142,7 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
 def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, Any]]) -> BatchResult:
     """Merge and write a batch of units; returns checksums and I/O and memory figures."""
     started = time.perf_counter()
+    warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
     crcs, sizes = [0] * len(units), [0] * len(units)
     with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
@@ -146,7 +153,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, A
             raw = upcoming.result()
             upcoming = reader.submit(read_block, job, work[k + 1][1]) if k + 1 < len(work) else None
             t = job.tensors[block.tensor]
-            out = merge_block(job, block, raw, stats.get(block.tensor))
+            out = merge_block(job, block, raw, stats.get(block.tensor), warnings)
             del raw
             offset = t.out_offset + block.row_start * t.row_numel * ITEMSIZE[t.out_dtype]
             sizes[i] += write_at(job.out_paths[t.file_index], offset, out)
@@ -156,7 +163,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, A
     read = sum(u.read_bytes for u in units)
     written = sum(sizes)
     return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),
-                       os.getpid(), memory.peak, memory.start)
+                       os.getpid(), memory.peak, memory.start, warnings)
 
 
 def run_statistics(job: MergeJob, units: list[WorkUnit], round_: int,
@@ -168,9 +175,8 @@ def run_statistics(job: MergeJob, units: list[WorkUnit], round_: int,
     for unit in units:
         t = job.tensors[unit.tensor]
         rows = [r.to(compute) for r in read_block(job, unit)]
-        if job.check_finite:
-            for info, r in zip(t.sources, rows, strict=True):
-                _check_finite(r, info, unit.row_start, unit.row_end)
+        for info, r in zip(t.sources, rows, strict=True):
+            _check_finite(r, info, unit.row_start, unit.row_end, job.check_finite)
         base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
         ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
         out.append((unit.tensor, unit.row_start,

@@ -1,0 +1,189 @@
+"""Reliability: reruns are no-ops, interrupted merges resume to identical bytes, a killed worker
+or driver costs only unfinished work, journals of other merges are refused, verify catches damage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import yaml
+
+from distmerge.cli import main
+from distmerge.engine.run import run_merge
+from distmerge.errors import OutputError
+from distmerge.journal import JOURNAL_NAME
+from tests.helpers import file_bytes, make_config
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def clean_run(llama_family, tmp_path_factory):
+    """A reference merge, uninterrupted."""
+    base, experts = llama_family
+    cfg = make_config("task_arithmetic", base, experts, [0.6, 0.3])
+    out = tmp_path_factory.mktemp("clean") / "out"
+    run_merge(cfg, out, shard_size=4000, progress=False)
+    return cfg, out
+
+
+def test_rerun_of_finished_merge_is_a_noop(clean_run):
+    cfg, out = clean_run
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    started = time.perf_counter()
+    report = run_merge(cfg, out, progress=False)
+    assert report["noop"] is True and time.perf_counter() - started < 5
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_fingerprint_directory_changes_with_inputs(llama_family, tmp_path):
+    base, experts = llama_family
+    copy = tmp_path / "expert"
+    copy.mkdir()
+    for p in experts[1].iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    cfg = make_config("task_arithmetic", base, [experts[0], copy], [0.5, 0.5])
+    first = run_merge(cfg, tmp_path / "nightly-{fingerprint}", progress=False)
+    assert first["out_dir"] == str(tmp_path / f"nightly-{first['fingerprint']}")
+    again = run_merge(cfg, tmp_path / "nightly-{fingerprint}", progress=False)
+    assert again["noop"] and again["out_dir"] == first["out_dir"]
+    victim = sorted(copy.glob("model-*.safetensors"))[0]
+    os.utime(victim, ns=(time.time_ns(), time.time_ns()))  # a re-saved fine-tune
+    second = run_merge(cfg, tmp_path / "nightly-{fingerprint}", progress=False)
+    assert second["fingerprint"] != first["fingerprint"] and not second.get("noop")
+    assert (tmp_path / f"nightly-{first['fingerprint']}" / "model.safetensors.index.json").exists()
+
+
+def test_journal_of_another_merge_is_refused(clean_run, llama_family):
+    cfg, out = clean_run
+    base, experts = llama_family
+    other = make_config("task_arithmetic", base, experts, [0.6, 0.9])
+    with pytest.raises(OutputError, match=r"holds a finished merge of different inputs or config \(the config differs \(models\)\)"):
+        run_merge(other, out, progress=False)
+
+
+def _interrupt(out, keep_units: int, damage: bool) -> None:
+    """Turn a finished output into what a crash leaves: no index, a partial journal, lost writes."""
+    (out / "model.safetensors.index.json").unlink()
+    lines = (out / JOURNAL_NAME).read_text().splitlines()
+    header, units = lines[0], [line for line in lines[1:] if '"kind":"unit"' in line]
+    (out / JOURNAL_NAME).write_text("\n".join([header, *units[:keep_units]]) + '\n{"kind":"unit","t":')
+    for f in out.glob("model-*.safetensors"):
+        f.rename(f.with_name(f.name + ".partial"))
+        if damage:  # a write the journal recorded but the disk lost
+            with open(f.with_name(f.name + ".partial"), "r+b") as fh:
+                fh.seek(-3, os.SEEK_END)
+                fh.write(b"\xff\xff\xff")
+
+
+def test_resume_after_crash_gives_identical_bytes(clean_run, tmp_path):
+    cfg, clean = clean_run
+    out = tmp_path / "out"
+    total = run_merge(cfg, out, shard_size=4000, progress=False)["units"]
+    _interrupt(out, keep_units=total // 2, damage=True)
+    report = run_merge(cfg, out, progress=False)
+    assert 0 < report["resumed_units"] < total // 2 + 1
+    assert file_bytes(out) == file_bytes(clean)
+    assert report["verify"]["ok"] and report["verify"]["checksums_verified"] >= total
+
+
+def test_resume_flag_without_journal_and_non_empty_dir(llama_family, tmp_path):
+    base, experts = llama_family
+    cfg = make_config("linear", None, experts, [1, 1])
+    with pytest.raises(OutputError, match="nothing to resume"):
+        run_merge(cfg, tmp_path / "empty", resume=True, progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(OutputError, match="not empty and holds no distmerge journal"):
+        run_merge(cfg, tmp_path / "busy", progress=False)
+
+
+def _merge_processes() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::merge_batch_task"):
+            found.append(p)
+    return found
+
+
+def test_killed_worker_costs_only_its_unit(clean_run, tmp_path):
+    cfg, clean = clean_run
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            for p in _merge_processes():
+                try:
+                    p.send_signal(signal.SIGKILL)
+                    killed.append(p.pid)
+                    return
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    run_merge(cfg, tmp_path / "out", shard_size=1, workers=2, progress=False)
+    thread.join()
+    assert killed, "no merge worker was seen to kill"
+    assert file_bytes(tmp_path / "out") == file_bytes(clean)
+
+
+def test_killed_driver_is_resumed_by_rerunning(clean_run, tmp_path):
+    cfg, clean = clean_run
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "distmerge", "merge", str(path), str(out), "--shard-size", "1B", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            journal = out / JOURNAL_NAME
+            if journal.exists() and journal.read_text().count('"kind":"unit"') >= 30:
+                break
+            assert proc.poll() is None, "the merge ended before it could be interrupted"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not (out / "model.safetensors.index.json").exists()
+    rerun = subprocess.run([*command[:-3], "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming:" in rerun.stderr
+    assert file_bytes(out) == file_bytes(clean)
+
+
+def test_verify_command(clean_run, tmp_path, capsys):
+    _, clean = clean_run
+    out = tmp_path / "copy"
+    out.mkdir()
+    for p in clean.iterdir():
+        (out / p.name).write_bytes(p.read_bytes())
+    assert main(["verify", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+    victim = sorted(out.glob("model-*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0x40
+    victim.write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+    assert "fail their checksum" in capsys.readouterr().out
+    (out / "model.safetensors.index.json").unlink()
+    assert main(["verify", str(out)]) == 1
+    assert "did not finish" in capsys.readouterr().out
+
+
+def test_report_records_verification(clean_run):
+    _, clean = clean_run
+    report = json.loads((clean / "merge_report.json").read_text())
+    assert report["verify"]["ok"] and report["verify"]["problems"] == []
+    assert report["verify"]["tensors"] == report["tensors"]
