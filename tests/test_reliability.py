@@ -30,7 +30,7 @@ def clean_run(llama_family, tmp_path_factory):
     base, experts = llama_family
     cfg = make_config("task_arithmetic", base, experts, [0.6, 0.3])
     out = tmp_path_factory.mktemp("clean") / "out"
-    run_merge(cfg, out, shard_size=4000, progress=False)
+    run_merge(cfg, out, shard_size=20000, progress=False)
     return cfg, out
 
 
@@ -86,7 +86,7 @@ def _interrupt(out, keep_units: int, damage: bool) -> None:
 def test_resume_after_crash_gives_identical_bytes(clean_run, tmp_path):
     cfg, clean = clean_run
     out = tmp_path / "out"
-    total = run_merge(cfg, out, shard_size=4000, progress=False)["units"]
+    total = run_merge(cfg, out, shard_size=20000, progress=False)["units"]
     _interrupt(out, keep_units=total // 2, damage=True)
     report = run_merge(cfg, out, progress=False)
     assert 0 < report["resumed_units"] < total // 2 + 1
@@ -132,7 +132,7 @@ def test_killed_worker_costs_only_its_unit(clean_run, tmp_path):
 
     thread = threading.Thread(target=killer)
     thread.start()
-    run_merge(cfg, tmp_path / "out", shard_size=1, workers=2, progress=False)
+    run_merge(cfg, tmp_path / "out", shard_size=20000, workers=2, progress=False)
     thread.join()
     assert killed, "no merge worker was seen to kill"
     assert file_bytes(tmp_path / "out") == file_bytes(clean)
@@ -143,7 +143,7 @@ def test_killed_driver_is_resumed_by_rerunning(clean_run, tmp_path):
     path = tmp_path / "merge.yml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "distmerge", "merge", str(path), str(out), "--shard-size", "1B", "--no-progress"]
+    command = [sys.executable, "-m", "distmerge", "merge", str(path), str(out), "--shard-size", "20KB", "--no-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180

@@ -1,0 +1,158 @@
+"""Bad input ends with a short message naming the file, tensor or field, exit code 2, no
+traceback (unless --debug), and no output that looks finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from distmerge.engine.run import run_merge
+from distmerge.errors import CheckpointError
+from tests.helpers import load_state, make_config
+
+INDEX = "model.safetensors.index.json"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def _write_config(path: Path, cfg) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def _poison(folder: Path, tensor: str, value: float) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    file = folder / index["weight_map"][tensor]
+    tensors = load_file(file)
+    tensors[tensor][1, 2] = value
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path):
+    base, experts = llama_family
+    bad = _copy(experts[0], tmp_path / "nan")
+    _poison(bad, "model.layers.2.mlp.up_proj.weight", float("nan"))
+    cfg = make_config("task_arithmetic", base, [bad, experts[1]], [0.5, 0.5])
+    with pytest.raises(CheckpointError, match=r"nan/model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.2\.mlp\.up_proj\.weight' has 1 NaN/Inf"):
+        run_merge(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / INDEX).exists()
+    report = run_merge(cfg, tmp_path / "out2", allow_nonfinite=True, progress=False)
+    assert any("up_proj" in w for w in report["warnings"])
+    assert any("NaN/Inf" in w for w in report["verify"]["warnings"])
+    assert torch.isnan(load_state(tmp_path / "out2")["model.layers.2.mlp.up_proj.weight"][1, 2])
+
+
+def test_cli_errors_are_messages_not_tracebacks(llama_family, tmp_path):
+    base, experts = llama_family
+    broken = _copy(experts[0], tmp_path / "trunc")
+    victim = sorted(broken.glob("model-*.safetensors"))[2]
+    victim.write_bytes(victim.read_bytes()[:-7])
+    cfg = _write_config(tmp_path / "m.yml", make_config("task_arithmetic", base, [broken], [1.0]))
+    proc = _cli(["merge", str(cfg), str(tmp_path / "out")])
+    assert proc.returncode == 2
+    assert victim.name in proc.stderr and "truncated" in proc.stderr and "Traceback" not in proc.stderr
+    debug = _cli(["--debug", "merge", str(cfg), str(tmp_path / "out")])
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert not (tmp_path / "out" / INDEX).exists()
+
+
+def test_dtype_kind_mismatch_is_named(llama_family, tmp_path):
+    base, experts = llama_family
+    bad = _copy(experts[0], tmp_path / "int")
+    index = json.loads((bad / INDEX).read_text())
+    name = "model.norm.weight"
+    file = bad / index["weight_map"][name]
+    tensors = load_file(file)
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, file, metadata={"format": "pt"})
+    cfg = make_config("task_arithmetic", base, [bad], [1.0])
+    with pytest.raises(CheckpointError, match=r"models\[0\].*'model\.norm\.weight' is I32 but .* has F32"):
+        run_merge(cfg, tmp_path / "out", progress=False)
+
+
+def _can_mount() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs")
+def test_disk_full_is_reported_before_work(llama_family, tmp_path):
+    base, experts = llama_family
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        cfg = _write_config(tmp_path / "m.yml", make_config("task_arithmetic", base, experts, [0.5, 0.5]))
+        proc = _cli(["merge", str(cfg), str(mnt / "out"), "--no-progress"])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "no space left on the device" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (mnt / "out" / INDEX).exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a read-only tmpfs")
+def test_read_only_output_is_reported(llama_family, tmp_path):
+    base, experts = llama_family
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        cfg = _write_config(tmp_path / "m.yml", make_config("linear", None, experts, [1, 1]))
+        proc = _cli(["merge", str(cfg), str(mnt / "out"), "--no-progress"])
+        assert proc.returncode == 2 and "cannot create the output directory" in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def _without_dac_override() -> list[str] | None:
+    """A command prefix under which even root obeys file permissions (drops CAP_DAC_*)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        return None
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+@pytest.mark.skipif(_without_dac_override() is None, reason="needs root and setpriv to drop CAP_DAC_OVERRIDE")
+def test_permission_denied_on_input_is_named(llama_family, tmp_path):
+    _, experts = llama_family
+    model = _copy(experts[0], tmp_path / "model")
+    locked = sorted(model.glob("model-*.safetensors"))[0]
+    locked.chmod(0o000)
+    cfg = _write_config(tmp_path / "m.yml", make_config("linear", None, [model], [1]))
+    proc = subprocess.run([*_without_dac_override(), sys.executable, "-m", "distmerge", "plan", str(cfg)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{locked}: permission denied" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(_without_dac_override() is None, reason="needs root and setpriv to drop CAP_DAC_OVERRIDE")
+def test_permission_denied_on_output_is_named(llama_family, tmp_path):
+    _, experts = llama_family
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    cfg = _write_config(tmp_path / "m.yml", make_config("linear", None, experts, [1, 1]))
+    proc = subprocess.run([*_without_dac_override(), sys.executable, "-m", "distmerge", "merge", str(cfg),
+                           str(parent / "out"), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{parent / 'out'}: cannot create the output directory (Permission denied)" in proc.stderr
