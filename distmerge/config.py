@@ -91,7 +91,6 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    trust_remote_code: bool = False
     aim: AimConfig | None = None
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
