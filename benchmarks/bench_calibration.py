@@ -1,0 +1,121 @@
+"""Calibration benchmark: the staged AIM forward on Ray vs one whole-model forward with hooks.
+
+    .venv/bin/python -m benchmarks.bench_calibration --layers 8 --hidden 512 --blocks 16
+
+Same model, same tokens, same process tree. Reports wall time, tokens/s, the weight bytes each
+stage holds (target: at most 1/S of the model, plus the embedding/head ends) and the peak RSS of
+every stage actor, sampled while the run goes on, next to the whole-model run's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+WORK = Path(__file__).parent / "_work"
+
+
+class ProcessPeaks:
+    """Peak RSS of processes whose command line starts with ``prefix``, sampled in a thread."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if cmd.startswith(self.prefix) and p.info["memory_info"] is not None:
+                    self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), p.info["memory_info"].rss)
+
+    def __enter__(self) -> ProcessPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def whole_model_statistics(model_dir: Path, blocks: torch.Tensor, micro_batch: int) -> dict[str, torch.Tensor]:
+    """The reference: one from_pretrained model, forward hooks on every Linear and norm."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach().abs().double()
+            sums[name] = sums.get(name, 0) + x.mean(dim=1).sum(dim=0)  # mean over tokens, sum over blocks
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or "norm" in type(module).__name__.lower():
+            module.register_forward_pre_hook(hook(name))
+    with torch.inference_mode():
+        for batch in torch.split(blocks, micro_batch):
+            model(input_ids=batch)
+    return {k: v.float() for k, v in sums.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(psutil.cpu_count())
+    from distmerge.aim import compute_statistics
+    from distmerge.engine.cluster import connect
+    from distmerge.tiny import build_model
+
+    model_dir = WORK / f"calib-l{args.layers}-h{args.hidden}"
+    if not (model_dir / "config.json").exists():
+        build_model(model_dir, "llama", hidden_size=args.hidden, intermediate_size=args.hidden * 4,
+                    num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
+                    max_position_embeddings=args.block_size, vocab_size=4096, max_shard_size="50MB")
+    total_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    blocks = torch.randint(0, 260, (args.blocks, args.block_size), generator=torch.Generator().manual_seed(0))
+    tokens = blocks.numel()
+
+    start = time.perf_counter()
+    before = psutil.Process().memory_info().rss
+    ref = whole_model_statistics(model_dir, blocks, args.micro_batch)
+    whole_s = time.perf_counter() - start
+    whole_rss = psutil.Process().memory_info().rss - before
+
+    connect(None)
+    with ProcessPeaks("ray::StageActor") as peaks:
+        start = time.perf_counter()
+        stats = compute_statistics(model_dir, blocks, stages=args.stages, micro_batch_size=args.micro_batch, progress=False)
+        staged_s = time.perf_counter() - start
+    worst = max(float(((stats[k] - ref[k]).abs().max() / ref[k].abs().max()).item()) for k in ref)
+    result = {
+        "model_bytes": total_bytes, "tokens": tokens, "stages": args.stages,
+        "whole_model_s": round(whole_s, 2), "whole_model_tokens_per_s": round(tokens / whole_s),
+        "whole_model_rss_growth_gb": round(whole_rss / 1e9, 3),
+        "staged_s": round(staged_s, 2), "staged_tokens_per_s": round(tokens / staged_s),
+        "ratio_staged_to_whole": round(staged_s / whole_s, 2),
+        "stage_peak_rss_gb": sorted(round(v / 1e9, 3) for v in peaks.peaks.values()),
+        "max_relative_difference": worst,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
