@@ -50,6 +50,9 @@ class CalibrationConfig(_Strict):
 
 class AimConfig(_Strict):
     omega: float = Field(0.4, ge=0.0, le=1.0)
+    # "uniform" is the ablation control: each module's factors replaced by their mean, so the
+    # delta shrinks by as much overall as with AIM but without the per-channel information.
+    relaxation: Literal["activation", "uniform"] = "activation"
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     stats: str | None = None
     stages: int | Literal["auto"] = "auto"

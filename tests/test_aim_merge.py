@@ -108,3 +108,22 @@ def test_statistics_of_another_model_are_refused(llama_family, tmp_path):
     cfg = make_config("task_arithmetic", base, experts, [1, 1], aim={"stats": str(tmp_path / "bad.safetensors")})
     with pytest.raises(OutputError, match="up_proj.*7 channels.*64 input channels"):
         run_merge(cfg, tmp_path / "out", progress=False)
+
+
+def test_uniform_control_relaxes_by_the_mean_factor(llama_family, tmp_path):
+    base, experts = llama_family
+    stats = _fake_stats(base)
+    save_statistics(stats, tmp_path / "s.safetensors", {"base_model": str(base), "dataset": "t",
+                                                        "n_blocks": "1", "block_size": "8", "tokens": "8"})
+    cfg = make_config("task_arithmetic", base, experts, [0.7, 0.5],
+                      aim={"omega": 0.3, "stats": str(tmp_path / "s.safetensors"), "relaxation": "uniform"})
+    run_merge(cfg, tmp_path / "out", progress=False)
+    got = load_state(tmp_path / "out")
+    b, merged = _ta_reference(base, experts, [0.7, 0.5])
+    for name, w in merged.items():
+        module = module_for_tensor(name)
+        if module not in stats:
+            continue
+        a = stats[module].double()
+        mean_r = float((1 - 0.7 * a / a.max()).mean())
+        torch.testing.assert_close(got[name], b[name] + (w - b[name]) * mean_r, rtol=1e-5, atol=1e-6, msg=name)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from distmerge.config import MergeConfig, load_config
@@ -344,6 +345,8 @@ def run_merge(
         from distmerge.aim import relaxation_factors
 
         factors = {i: relaxation_factors(aim_stats[m], cfg.aim.omega) for i, m in plan.aim_modules.items()}
+        if cfg.aim.relaxation == "uniform":
+            factors = {i: torch.full_like(f, float(f.double().mean())) for i, f in factors.items()}
     job = MergeJob(
         plan.method.name, tuple(plan.tensors), tuple(str(partial_path(out, f.name)) for f in plan.files),
         plan.compute_dtype, cfg.execution.seed, not cfg.execution.allow_nonfinite,
