@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from distmerge.checkpoint import TensorInfo, parse_safetensors_header, read_rows
-from distmerge.dtypes import ITEMSIZE, TORCH_TO_SAFETENSORS
+from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
 from distmerge.errors import CheckpointError
-from distmerge.journal import JOURNAL_NAME, crc_of_range, read_journal
+from distmerge.journal import CRC_CHUNK, JOURNAL_NAME, read_journal
 from distmerge.writer import INDEX_NAME, PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,14 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
     result.tensors = len(infos)
     _check_architecture(out, infos, result)
     if deep:
-        _check_journal(out, infos, result)
+        nonfinite = _check_journal(out, infos, result)
         for name, info in sorted(infos.items()):
-            bad = _scan_finite(info)
-            result.bytes_scanned += info.nbytes
+            if name not in nonfinite:  # not covered by journaled units: scan on its own
+                nonfinite[name] = _scan_finite(info)
+                result.bytes_scanned += info.nbytes
+        for name, bad in sorted(nonfinite.items()):
             if bad:
-                message = f"{info.file}: tensor {name!r} has {bad} NaN/Inf values"
+                message = f"{infos[name].file}: tensor {name!r} has {bad} NaN/Inf values"
                 (result.warnings if allow_nonfinite else result.problems).append(message)
     return result
 
@@ -152,21 +154,52 @@ def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyR
                 result.problems.append(f"tensor {name!r} is {info.dtype} but config.json says {dtype_name}")
 
 
-def _check_journal(out: Path, infos: dict[str, TensorInfo], result: VerifyResult) -> None:
+def _check_journal(out: Path, infos: dict[str, TensorInfo], result: VerifyResult) -> dict[str, int]:
+    """Check every journaled unit's CRC, counting NaN/Inf in the same read of its bytes.
+
+    Returns NaN/Inf counts of the tensors whose rows the journal covers completely, so the
+    caller scans only the others: the output is read once, not twice.
+    """
     journal = read_journal(out / JOURNAL_NAME)
     if journal is None:
         result.warnings.append(f"{out / JOURNAL_NAME}: no journal; checksums not verified")
-        return
+        return {}
     names = journal.header.get("tensors", [])
+    nonfinite: dict[str, int] = {}
+    covered: dict[str, int] = {}
     for (t, r0, r1), crc in sorted(journal.units.items()):
         info = infos.get(names[t]) if t < len(names) else None
         if info is None:
             result.problems.append(f"journal unit of tensor #{t} names no tensor of the output")
             continue
-        row_bytes = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype] if info.shape else ITEMSIZE[info.dtype]
-        got = crc_of_range(Path(info.file), info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+        row_bytes = info.row_numel * ITEMSIZE[info.dtype]
+        got, bad = _crc_and_nonfinite(info, info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+        result.bytes_scanned += (r1 - r0) * row_bytes
+        nonfinite[info.name] = nonfinite.get(info.name, 0) + bad
+        covered[info.name] = covered.get(info.name, 0) + (r1 - r0)
         if got != crc:
             result.problems.append(f"{info.file}: tensor {info.name!r} rows {r0}:{r1} fail their checksum "
                                    "(the file changed or was damaged after the merge)")
         else:
             result.checksums_verified += 1
+    return {name: bad for name, bad in nonfinite.items() if covered[name] >= infos[name].rows}
+
+
+def _crc_and_nonfinite(info: TensorInfo, offset: int, length: int) -> tuple[int | None, int]:
+    """CRC-32 of a byte range and the NaN/Inf count of the values in it, from one read."""
+    crc, bad, done = 0, 0, 0
+    is_float = info.dtype in ("F64", "F32", "F16", "BF16")
+    dtype = SAFETENSORS_TO_TORCH[info.dtype]
+    with open(info.file, "rb", buffering=0) as f:
+        while done < length:
+            f.seek(offset + done)
+            chunk = f.read(min(CRC_CHUNK, length - done))
+            if not chunk:
+                return None, bad
+            crc = zlib.crc32(chunk, crc)
+            if is_float:
+                values = torch.frombuffer(bytearray(chunk), dtype=dtype)
+                if not bool(torch.isfinite(values.float().sum())):
+                    bad += int((~torch.isfinite(values)).sum())
+            done += len(chunk)
+    return crc, bad

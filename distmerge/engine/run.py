@@ -234,6 +234,11 @@ def clear_directory(out: Path) -> None:
             child.unlink()
 
 
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def reopen_for_resume(out: Path, plan: MergePlan, journal: JournalState) -> set[tuple[int, int, int]]:
     """Re-open the files of an interrupted merge; return the units whose bytes verify.
 
@@ -251,7 +256,7 @@ def reopen_for_resume(out: Path, plan: MergePlan, journal: JournalState) -> set[
         final, partial = out / f.name, partial_path(out, f.name)
         if final.exists():
             os.replace(final, partial)
-        if not partial.exists() or partial.stat().st_size != f.size or partial.read_bytes()[:len(f.header)] != f.header:
+        if not partial.exists() or partial.stat().st_size != f.size or _head(partial, len(f.header)) != f.header:
             create_file(partial, f.header, f.size)
             continue
         for key in by_file.get(i, []):
