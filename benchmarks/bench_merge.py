@@ -52,6 +52,28 @@ def synthetic_statistics(base: Path, out: Path) -> Path:
     return out
 
 
+def compare_outputs(ours: Path, theirs: Path) -> dict:
+    """How close our output is to mergekit's: largest absolute difference, share of equal values."""
+    from safetensors import safe_open
+
+    files = {}
+    for folder in (theirs,):
+        for p in folder.glob("*.safetensors"):
+            with safe_open(p, "pt") as f:
+                files.update({k: p for k in f.keys()})  # noqa: SIM118 - safe_open has no __iter__
+    worst, equal, total = 0.0, 0, 0
+    for p in sorted(ours.glob("model-*.safetensors")):
+        with safe_open(p, "pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                a = f.get_tensor(name).float()
+                with safe_open(files[name], "pt") as g:
+                    b = g.get_tensor(name).float()
+                worst = max(worst, float((a - b).abs().max()))
+                equal += int((a == b).sum())
+                total += a.numel()
+    return {"max_abs_diff_vs_mergekit": worst, "equal_fraction_vs_mergekit": round(equal / total, 6)}
+
+
 def timed_merge(cfg: dict, out: Path, shard: str, inputs: list[Path]) -> tuple[float, dict, int]:
     evict(inputs)
     with PeakAnonRss(0.01) as driver:
@@ -94,6 +116,8 @@ def main() -> None:
                 evict(inputs)
                 mk_out = root / "out-mergekit"
                 mk = run_mergekit(cfg, mk_out, root)
+                if mk:
+                    row.update(compare_outputs(root / "out", mk_out))
                 shutil.rmtree(mk_out, ignore_errors=True)
                 row["mergekit_s"] = round(mk["seconds"], 2) if mk else None
                 row["mergekit_peak_rss_gb"] = round(mk["peak_rss"] / 1e9, 3) if mk else None
