@@ -29,16 +29,10 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, absolute byte offset of its data, dtype code and shape."""
+class RowShape:
+    """Row geometry of anything with a ``shape``: work is cut along the first dimension."""
 
-    name: str
-    file: str
-    dtype: str
     shape: tuple[int, ...]
-    offset: int
-    nbytes: int
 
     @property
     def rows(self) -> int:
@@ -52,6 +46,18 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo(RowShape):
+    """Where one tensor lives: file, absolute byte offset of its data, dtype code and shape."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
 
 
 def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distmerge.checkpoint import Checkpoint, TensorInfo
+from distmerge.checkpoint import Checkpoint, RowShape, TensorInfo
 from distmerge.config import IGNORED_PARAMETERS, MergeConfig, layer_position, resolve_value
 from distmerge.dtypes import FLOAT_CODES, ITEMSIZE
 from distmerge.errors import CheckpointError, ConfigError
@@ -31,7 +31,7 @@ STATISTICS_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
-class TensorPlan:
+class TensorPlan(RowShape):
     """One output tensor: its sources (template/base first when the method uses one)."""
 
     name: str
@@ -43,14 +43,6 @@ class TensorPlan:
     file_index: int
     out_offset: int
     statistics_rounds: int = 0
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
 
     @property
     def out_nbytes(self) -> int:

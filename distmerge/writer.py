@@ -114,6 +114,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (which makes the renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -146,15 +147,7 @@ def write_index(out_dir: Path, files: Iterable[tuple[str, tuple[str, ...], int]]
     weight_map = {t: name for name, tensors, _ in files for t in tensors}
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     write_text_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    fsync_dir(out_dir)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(out_dir)
 
 
 def write_model_config(out_dir: Path, config: dict, out_dtype_name: str | None) -> None:

@@ -26,14 +26,22 @@ Params = dict[str, Any]
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter: its default (``None`` = required), kind and the allowed range."""
+    """One parameter: its default (``None`` = required), kind and the allowed range.
+
+    ``kind=str`` parameters take one of ``choices`` (e.g. ``rescale_mode: l1 | inverse_density``).
+    """
 
     default: Any
     kind: type = float
     check: Callable[[Any], bool] | None = None
     allowed: str = ""
+    choices: tuple[str, ...] = ()
 
     def validate(self, value: Any, where: str) -> Any:
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise ConfigError(f"{where}: expected one of {', '.join(self.choices)}, got {value!r}")
+            return value
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -88,11 +96,14 @@ class MergeMethod:
     global_parameters: ClassVar[dict[str, ParamSpec]] = {}
     model_parameters: ClassVar[dict[str, ParamSpec]] = {}
 
-    def statistics_rounds(self, params: TensorParams) -> int:
+    def statistics_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
         """How many whole-tensor statistics passes this tensor's merge needs first (0: none).
 
         Each round reads the tensor once in canonical chunks; round ``r`` sees the reduced
         result of round ``r - 1`` (a radix selection narrows a threshold round by round).
+        ``shape`` lets a method skip a round that only some shapes need (e.g. a per-row
+        statistic is shard-local except for 1-D tensors, whose only "row" is the whole
+        vector); without it the count must be safe for every shape.
         """
         return 0
 
@@ -142,10 +153,15 @@ def unit_interval(allow_zero: bool = False) -> tuple[Callable[[float], bool], st
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_i weights[i] * tensors[i]`` accumulated in place: one buffer, no stacked copy."""
+    """``sum_i weights[i] * tensors[i]``, accumulated into one buffer (no stacked copy).
+
+    Every step is a separately rounded multiply or add: ``add_(t, alpha=w)`` would be a
+    fused multiply-add in torch's vectorized loop but not in its scalar tail, so an element's
+    last bit would depend on where the shard boundary put it (breaking shard invariance).
+    """
     out = tensors[0] * weights[0]
     for t, w in zip(tensors[1:], weights[1:], strict=True):
-        out.add_(t, alpha=w)
+        out.add_(t * w)
     return out
 
 

@@ -1,13 +1,31 @@
-"""Method registry: name -> method instance."""
+"""Method registry: mergekit's method names -> method instances."""
 
 from __future__ import annotations
 
 from distmerge.errors import ConfigError
 from distmerge.methods.base import MergeMethod
 from distmerge.methods.linear import Linear
-from distmerge.methods.task_arithmetic import TaskArithmetic
+from distmerge.methods.model_stock import ModelStock
+from distmerge.methods.passthrough import Passthrough
+from distmerge.methods.slerp import Slerp
+from distmerge.methods.task_vectors import (
+    Breadcrumbs,
+    BreadcrumbsTies,
+    DareLinear,
+    DareTies,
+    Della,
+    DellaLinear,
+    TaskArithmetic,
+    Ties,
+)
 
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (Linear(), TaskArithmetic())}
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
+        Della(), DellaLinear(), Slerp(), ModelStock(), Passthrough(),
+    )
+}
 
 
 def get_method(name: str) -> MergeMethod:

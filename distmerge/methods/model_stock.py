@@ -1,0 +1,99 @@
+"""Model Stock (Jang et al. 2024): interpolate the experts' average towards the base by the
+angle between their task vectors.
+
+    o_i = x_i - base;  cos = mean over pairs i<j of <o_i, o_j> / max(|o_i| |o_j|, 1e-6), clamped to [-1, 1]
+    t = N cos / (1 + (N - 1) cos);  out = t * mean_i(x_i) + (1 - t) * base
+
+Over the whole flattened tensor by default: one statistics round of float64 partial Gram
+matrices over the canonical chunks, reduced in chunk order. With ``filter_wise`` every
+last-dim vector gets its own t (mergekit's ``dim=-1``); rows are whole in every shard, so
+that is shard-local except for 1-D tensors, which mergekit treats as one vector (a round).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from distmerge.methods import reductions
+from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams
+
+NORM_FLOOR = 1e-6
+
+
+def stock_t(gram: torch.Tensor) -> torch.Tensor:
+    """t from Gram matrices ``[..., N, N]`` of the task vectors (float64)."""
+    n = gram.shape[-1]
+    norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1))
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            c = gram[..., i, j] / torch.clamp(norms[..., i] * norms[..., j], min=NORM_FLOOR)
+            cosines.append(c.clamp(-1.0, 1.0))
+    cos = torch.stack(cosines).mean(dim=0)
+    return (n * cos) / (1 + (n - 1) * cos)
+
+
+class ModelStock(MergeMethod):
+    name = "model_stock"
+    uses_base = True
+    min_experts = 2
+    global_parameters = {"filter_wise": ParamSpec(False, bool)}
+    model_parameters = {}
+
+    def statistics_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
+        if params.global_["filter_wise"] and shape is not None and len(shape) >= 2:
+            return 0
+        return 1
+
+    @staticmethod
+    def _whole(params: TensorParams, shape: tuple[int, ...]) -> bool:
+        return not params.global_["filter_wise"] or len(shape) < 2
+
+    def statistics(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+                   ctx: ShardContext, round_: int, previous: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+        assert base is not None
+        if not self._whole(params, ctx.shape):
+            return {}  # filter_wise on >= 2-D: shard-local, nothing to collect
+        offsets = [x - base for x in experts]
+        n = len(offsets)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                gram[i, j] = gram[j, i] = reductions.dot(offsets[i], offsets[j])
+        return {"gram": gram}
+
+    def reduce(self, partials: Sequence[dict[str, torch.Tensor]], params: TensorParams, shape: tuple[int, ...],
+               round_: int, previous: dict[str, Any] | None) -> dict[str, Any]:
+        if not self._whole(params, shape):
+            return {}
+        gram = partials[0]["gram"].clone()
+        for c in partials[1:]:
+            gram += c["gram"]
+        return {"t": float(stock_t(gram))}
+
+    def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+              ctx: ShardContext, stats: dict[str, Any] | None = None) -> torch.Tensor:
+        assert base is not None
+        n = len(experts)
+        if self._whole(params, ctx.shape):
+            assert stats is not None
+            t: torch.Tensor | float = stats["t"]
+            one_minus: torch.Tensor | float = 1.0 - stats["t"]
+        else:
+            offsets = [x - base for x in experts]
+            gram = torch.empty(base.shape[:-1] + (n, n), dtype=torch.float64)
+            for i in range(n):
+                for j in range(i, n):
+                    gram[..., i, j] = gram[..., j, i] = reductions.rowwise_dot(offsets[i], offsets[j])
+            del offsets
+            t = stock_t(gram).to(base.dtype).unsqueeze(-1)
+            one_minus = 1 - t
+        avg = experts[0].clone()
+        for x in experts[1:]:
+            avg.add_(x)
+        avg.div_(n)
+        out = avg.mul_(t)
+        return out.add_(base * one_minus)
