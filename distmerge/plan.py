@@ -329,7 +329,7 @@ def build_plan(config: MergeConfig, shard_size: int | None = None) -> MergePlan:
         params = _resolve_params(config, method, expert_entries, name, layer_position(name, num_layers))
         tensors.append(TensorPlan(
             name, info.shape, out_dtype, info if (method.uses_base or config.aim is not None) else None, sources, params, file_index, offset,
-            statistics_rounds=method.statistics_rounds(params),
+            statistics_rounds=method.statistics_rounds(params, info.shape),
         ))
     compute_itemsize = ITEMSIZE[compute]
     units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]

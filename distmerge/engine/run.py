@@ -34,6 +34,7 @@ from distmerge.journal import (
     merge_fingerprint,
     read_journal,
 )
+from distmerge.methods.base import STATISTICS_COMPLETE
 from distmerge.plan import MergePlan, WorkUnit, build_plan
 from distmerge.report import REPORT_NAME, build_report, write_model_card, write_report
 from distmerge.verify import verify_output
@@ -125,7 +126,9 @@ def compute_statistics_pass(plan: MergePlan, job_ref: Any, limit: int, progress:
 
     reduced: dict[int, dict[str, Any]] = {}
     for round_ in range(plan.statistics_rounds):
-        units = plan.statistics_units(round_)
+        units = [u for u in plan.statistics_units(round_) if not reduced.get(u.tensor, {}).get(STATISTICS_COMPLETE)]
+        if not units:
+            break
         partials: dict[int, dict[int, Any]] = defaultdict(dict)
         bar = _progress(sum(u.read_bytes for u in units), progress, f"statistics {round_ + 1}/{plan.statistics_rounds}")
 

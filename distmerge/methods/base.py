@@ -86,6 +86,11 @@ class TensorParams:
     experts: tuple[Params, ...] = ()
 
 
+# A reduce() result holding this key (true) needs no further statistics rounds: the engine
+# skips the remaining rounds' reads for that tensor.
+STATISTICS_COMPLETE = "statistics_complete"
+
+
 class MergeMethod:
     """Base class of all methods; subclasses are registered by name in ``methods.registry``."""
 

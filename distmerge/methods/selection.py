@@ -58,6 +58,52 @@ def low_histogram(keys: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.
     return values.to(torch.int32), counts.to(torch.int64)
 
 
+SPECULATIVE_BUCKETS = 3  # buckets around a chunk's local estimate whose low bits round 0 ships
+
+
+def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int) -> int | None:
+    """The first of the buckets around where this chunk's own share of ``rank`` falls.
+
+    Chunks of one tensor are alike, so the global k-th largest key usually lies in the bucket
+    a chunk estimates from its local histogram; shipping the low bits of a few buckets there
+    lets round 0 finish the selection and saves the second read (round 1 remains the fallback).
+    """
+    total = int(high.sum())
+    if total == 0:
+        return None
+    local = min(total, max(1, round(rank * chunk_numel / numel)))
+    bucket, _ = locate(high, local)
+    return max(0, bucket - SPECULATIVE_BUCKETS // 2)
+
+
+def range_histogram(keys: torch.Tensor, first_bucket: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse counts of the keys in ``buckets`` consecutive buckets, relative to the first's start."""
+    k = keys.numpy()
+    lo = first_bucket << 16
+    inside = torch.from_numpy(k[(k >= lo) & (k < lo + buckets * LOW_BINS)] - lo)
+    if not inside.numel():
+        return torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
+    values, counts = torch.unique(inside, return_counts=True)
+    return values.to(torch.int32), counts.to(torch.int64)
+
+
+def resolve_speculative(parts: Sequence[tuple[int | None, torch.Tensor, torch.Tensor]], bucket: int,
+                        residual: int) -> int | None:
+    """Exact low bits in ``bucket`` from round 0's speculative ranges, or None when some chunk
+    did not ship that bucket (then round 1 reads the tensor again)."""
+    low = torch.zeros(LOW_BINS, dtype=torch.int64)
+    for first, values, counts in parts:
+        if first is None:
+            continue  # an empty chunk holds nothing of any bucket
+        if not first <= bucket < first + SPECULATIVE_BUCKETS:
+            return None
+        offset = (bucket - first) * LOW_BINS
+        keep = (values >= offset) & (values < offset + LOW_BINS)
+        if bool(keep.any()):
+            low.index_add_(0, (values[keep] - offset).to(torch.int64), counts[keep])
+    return locate(low, residual)[0]
+
+
 def locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
     """Bin holding the ``rank``-th largest (1-based) and the rank left inside that bin.
 

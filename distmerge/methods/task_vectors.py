@@ -27,6 +27,7 @@ import torch
 from distmerge.errors import ConfigError
 from distmerge.methods import reductions, selection
 from distmerge.methods.base import (
+    STATISTICS_COMPLETE,
     MergeMethod,
     Params,
     ParamSpec,
@@ -147,7 +148,13 @@ class TaskVectorMethod(MergeMethod):
                     continue
                 keys = selection.magnitude_keys(delta)
                 if stage == "select_high":
-                    out[f"high{e}"] = selection.high_histogram(keys)
+                    high = selection.high_histogram(keys)
+                    out[f"high{e}"] = high
+                    for name, rank in ranks.items():
+                        first = selection.local_estimate(high, rank, numel, delta.numel())
+                        values, counts = selection.range_histogram(keys, first or 0, selection.SPECULATIVE_BUCKETS)
+                        out[f"spec{e}_{name}_first"] = torch.tensor(-1 if first is None else first)
+                        out[f"spec{e}_{name}_values"], out[f"spec{e}_{name}_counts"] = values, counts
                     continue
                 assert previous is not None
                 for name, (bucket, _) in previous["buckets"][e].items():
@@ -182,6 +189,20 @@ class TaskVectorMethod(MergeMethod):
                 hist = selection.sum_histograms([c[f"high{e}"] for c in partials])
                 buckets[e] = {n: selection.locate(hist, r) for n, r in self._trim(p, numel).ranks.items()}
             out["buckets"] = buckets
+            # Round 0 also shipped the low bits around each chunk's local estimate: when every
+            # chunk's range holds the global bucket, the thresholds are exact already.
+            resolved: dict[int, dict[str, int]] = {}
+            for e, named in buckets.items():
+                resolved[e] = {}
+                for name, (bucket, residual) in named.items():
+                    parts = [(None if int(c[f"spec{e}_{name}_first"]) < 0 else int(c[f"spec{e}_{name}_first"]),
+                              c[f"spec{e}_{name}_values"], c[f"spec{e}_{name}_counts"]) for c in partials]
+                    low = selection.resolve_speculative(parts, bucket, residual)
+                    if low is not None:
+                        resolved[e][name] = (bucket << 16) | low
+            if all(len(resolved[e]) == len(buckets[e]) for e in buckets) and len(self.stages(params, shape)) == 2:
+                out["thresholds"] = resolved
+                out[STATISTICS_COMPLETE] = True
         elif stage == "select_low":
             thresholds: dict[int, dict[str, int]] = {}
             for e, named in out["buckets"].items():
@@ -272,23 +293,27 @@ class TaskVectorMethod(MergeMethod):
             weighted.append(d * p["weight"])
         w = torch.tensor(weights, dtype=base.dtype)  # weights in the compute dtype, as mergekit
         if self.consensus:
-            # Elected sign +1 where the weighted sum is >= 0; a delta agrees iff delta * sign > 0
-            # (so a zero never agrees). Disagreeing deltas are zeroed in place: no extra buffers.
+            # Elected sign s = +1 where the weighted sum is >= 0, else -1. A delta agrees iff
+            # delta * s > 0 (a zero never agrees), so relu(delta * s) is |delta| where it agrees
+            # and 0 elsewhere: summing those and multiplying by s gives mergekit's masked sum
+            # exactly (s = +-1 makes every product exact), with float ops only, which vectorize
+            # far better than boolean masks. A total of -0.0 only arises when every delta is
+            # zero, where no delta agrees whichever sign is elected.
             total = _sum(weighted)
-            sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+            sign = torch.signbit(total).to(base.dtype).mul_(-2.0).add_(1.0)
             del total
             mixed: torch.Tensor | None = None
             divisor: torch.Tensor | None = None
             for i, wd in enumerate(weighted):
-                agree = (wd * sign) > 0
-                wd.masked_fill_(~agree, 0.0)
-                wpart = agree.to(base.dtype).mul_(w[i])
-                mixed = wd if mixed is None else mixed.add_(wd)
+                agreeing = wd.mul_(sign).clamp_(min=0.0)
+                wpart = torch.sign(agreeing).mul_(w[i])
+                mixed = agreeing if mixed is None else mixed.add_(agreeing)
                 divisor = wpart if divisor is None else divisor.add_(wpart)
-            del sign
             assert mixed is not None and divisor is not None
+            mixed.mul_(sign)
+            del sign
             if params.global_["normalize"]:
-                divisor.masked_fill_(divisor == 0, 1.0)
+                divisor.add_(divisor == 0)
                 mixed = mixed.div_(divisor)
         else:
             mixed = _sum(weighted)
