@@ -14,9 +14,9 @@ def _chunks_round0(chunks: list[torch.Tensor], rank: int):
     for c in chunks:
         keys = selection.magnitude_keys(c)
         high = selection.high_histogram(keys)
-        first = selection.local_estimate(high, rank, numel, c.numel())
-        values, counts = selection.range_histogram(keys, first or 0, selection.SPECULATIVE_BUCKETS)
-        parts.append((first, values, counts))
+        window = selection.local_estimate(high, rank, numel, c.numel())
+        values, counts = selection.range_histogram(keys, *(window or (0, 0)))
+        parts.append((window, values, counts))
         highs.append(high)
     return parts, selection.sum_histograms(highs)
 

@@ -19,6 +19,7 @@ bf16/fp16/fp32 deltas that is exact; mergekit ranks in float32 on CPU too).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,22 +59,23 @@ def low_histogram(keys: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.
     return values.to(torch.int32), counts.to(torch.int64)
 
 
-SPECULATIVE_BUCKETS = 3  # buckets around a chunk's local estimate whose low bits round 0 ships
+def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int) -> tuple[int, int] | None:
+    """Buckets ``(first, count)`` where this chunk expects the global ``rank``-th largest key.
 
-
-def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int) -> int | None:
-    """The first of the buckets around where this chunk's own share of ``rank`` falls.
-
-    Chunks of one tensor are alike, so the global k-th largest key usually lies in the bucket
-    a chunk estimates from its local histogram; shipping the low bits of a few buckets there
-    lets round 0 finish the selection and saves the second read (round 1 remains the fallback).
+    Chunks of one tensor are alike, so the chunk's share of the rank, give or take a few
+    binomial standard deviations (and one bucket on each side), brackets where the global
+    k-th largest key falls in it. Shipping the low bits of those buckets lets round 0 finish
+    the selection and saves a second read of the tensor; round 1 remains the fallback.
     """
     total = int(high.sum())
     if total == 0:
         return None
-    local = min(total, max(1, round(rank * chunk_numel / numel)))
-    bucket, _ = locate(high, local)
-    return max(0, bucket - SPECULATIVE_BUCKETS // 2)
+    share = rank * chunk_numel / numel
+    spread = 4.0 * math.sqrt(max(share * (1.0 - chunk_numel / max(numel, 1)), 1.0)) + 1.0
+    top, _ = locate(high, min(total, max(1, math.floor(share - spread))))
+    bottom, _ = locate(high, min(total, max(1, math.ceil(share + spread))))
+    first = max(0, bottom - 1)
+    return first, min(top + 1, HIGH_BINS - 1) - first + 1
 
 
 def range_histogram(keys: torch.Tensor, first_bucket: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,15 +89,16 @@ def range_histogram(keys: torch.Tensor, first_bucket: int, buckets: int) -> tupl
     return values.to(torch.int32), counts.to(torch.int64)
 
 
-def resolve_speculative(parts: Sequence[tuple[int | None, torch.Tensor, torch.Tensor]], bucket: int,
+def resolve_speculative(parts: Sequence[tuple[tuple[int, int] | None, torch.Tensor, torch.Tensor]], bucket: int,
                         residual: int) -> int | None:
     """Exact low bits in ``bucket`` from round 0's speculative ranges, or None when some chunk
     did not ship that bucket (then round 1 reads the tensor again)."""
     low = torch.zeros(LOW_BINS, dtype=torch.int64)
-    for first, values, counts in parts:
-        if first is None:
+    for window, values, counts in parts:
+        if window is None:
             continue  # an empty chunk holds nothing of any bucket
-        if not first <= bucket < first + SPECULATIVE_BUCKETS:
+        first, count = window
+        if not first <= bucket < first + count:
             return None
         offset = (bucket - first) * LOW_BINS
         keep = (values >= offset) & (values < offset + LOW_BINS)

@@ -151,9 +151,10 @@ class TaskVectorMethod(MergeMethod):
                     high = selection.high_histogram(keys)
                     out[f"high{e}"] = high
                     for name, rank in ranks.items():
-                        first = selection.local_estimate(high, rank, numel, delta.numel())
-                        values, counts = selection.range_histogram(keys, first or 0, selection.SPECULATIVE_BUCKETS)
-                        out[f"spec{e}_{name}_first"] = torch.tensor(-1 if first is None else first)
+                        window = selection.local_estimate(high, rank, numel, delta.numel())
+                        first, count = window or (0, 0)
+                        values, counts = selection.range_histogram(keys, first, count)
+                        out[f"spec{e}_{name}_window"] = torch.tensor([first, count if window else -1])
                         out[f"spec{e}_{name}_values"], out[f"spec{e}_{name}_counts"] = values, counts
                     continue
                 assert previous is not None
@@ -195,7 +196,8 @@ class TaskVectorMethod(MergeMethod):
             for e, named in buckets.items():
                 resolved[e] = {}
                 for name, (bucket, residual) in named.items():
-                    parts = [(None if int(c[f"spec{e}_{name}_first"]) < 0 else int(c[f"spec{e}_{name}_first"]),
+                    parts = [(None if int(c[f"spec{e}_{name}_window"][1]) < 0 else
+                              (int(c[f"spec{e}_{name}_window"][0]), int(c[f"spec{e}_{name}_window"][1])),
                               c[f"spec{e}_{name}_values"], c[f"spec{e}_{name}_counts"]) for c in partials]
                     low = selection.resolve_speculative(parts, bucket, residual)
                     if low is not None:
