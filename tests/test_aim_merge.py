@@ -43,7 +43,7 @@ def test_aim_equals_whole_tensor_formula(llama_family, tmp_path, omega):
     save_statistics(stats, tmp_path / "stats.safetensors", {"base_model": str(base), "dataset": "test",
                                                             "n_blocks": "1", "block_size": "8", "tokens": "8"})
     cfg = make_config("task_arithmetic", base, experts, [0.7, 0.5], aim={"omega": omega, "stats": str(tmp_path / "stats.safetensors")},
-                      execution={"shard_size": "5KB"})
+                      execution={"shard_size": "30KB"})
     report = run_merge(cfg, tmp_path / "out", progress=False)
     got = load_state(tmp_path / "out")
     b, merged = _ta_reference(base, experts, [0.7, 0.5])
