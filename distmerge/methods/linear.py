@@ -35,7 +35,9 @@ class Linear(MergeMethod):
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         weights = [p["weight"] for p in params.experts]
+        out = weighted_sum(experts, weights)
         if params.global_["normalize"]:
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        return weighted_sum(experts, weights)
+            # Divide the weighted sum by the weights' sum in the compute dtype, in mergekit's
+            # order of operations, so its outputs are reproduced bit for bit.
+            out.div_(torch.tensor(weights, dtype=out.dtype).sum())
+        return out
