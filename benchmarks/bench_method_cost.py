@@ -1,0 +1,78 @@
+"""Per-core cost of each method relative to linear, in one process without Ray.
+
+    .venv/bin/python -m benchmarks.bench_method_cost --model-gb 0.5 --methods linear,task_arithmetic,ties,dare_ties
+
+Runs the engine's own worker functions (statistics rounds, then merge-and-write of every unit)
+sequentially on one thread over the synthetic checkpoints, page cache warm, alternating the
+methods so background load hits them alike. On a shared machine this ratio is steadier than
+wall-clock figures of the multi-process engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_engine import merge_config
+from benchmarks.synthetic import write_family
+from distmerge.config import parse_config
+from distmerge.engine.run import batches
+from distmerge.engine.worker import MergeJob, run_batch, run_statistics
+from distmerge.methods.base import STATISTICS_COMPLETE
+from distmerge.plan import build_plan
+from distmerge.writer import create_file
+
+WORK = Path(__file__).parent / "_work"
+
+
+def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
+    plan = build_plan(parse_config(merge_config(method, base, experts)), 256 * 10**6)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in plan.files:
+        create_file(out / f.name, f.header, f.size)
+    job = MergeJob(plan.method.name, tuple(plan.tensors), tuple(str(out / f.name) for f in plan.files),
+                   plan.compute_dtype, 0)
+    started = time.perf_counter()
+    reduced: dict[int, dict] = {}
+    for round_ in range(plan.statistics_rounds):
+        units = [u for u in plan.statistics_units(round_) if not reduced.get(u.tensor, {}).get(STATISTICS_COMPLETE)]
+        partials: dict[int, dict[int, dict]] = {}
+        for batch in batches(units, plan.shard_size):
+            for tensor, row, stats in run_statistics(job, batch, round_, reduced):
+                partials.setdefault(tensor, {})[row] = stats
+        for i, chunks in partials.items():
+            t = plan.tensors[i]
+            reduced[i] = plan.method.reduce([chunks[r] for r in sorted(chunks)], t.params, t.shape, round_, reduced.get(i))
+    for batch in batches(plan.units, plan.shard_size):
+        run_batch(job, batch, reduced)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-gb", type=float, default=0.5)
+    parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base, experts = write_family(WORK / f"synthetic-{args.model_gb:g}GB", int(args.model_gb * 1e9))
+    methods = args.methods.split(",")
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    one_merge(methods[0], base, experts, WORK / "cost-out")  # warm the page cache
+    for _ in range(args.repeat):
+        for m in methods:
+            times[m].append(one_merge(m, base, experts, WORK / "cost-out"))
+    best = {m: min(v) for m, v in times.items()}
+    print("| method | best seconds (1 thread) | ratio to linear |")
+    print("|---|---:|---:|")
+    for m in methods:
+        print(f"| {m} | {best[m]:.2f} | {best[m] / best['linear']:.2f} |")
+    print(json.dumps(times))
+
+
+if __name__ == "__main__":
+    main()
