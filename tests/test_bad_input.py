@@ -3,11 +3,13 @@ traceback (unless --debug), and no output that looks finished."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,36 +93,36 @@ def _can_mount() -> bool:
     return os.geteuid() == 0 and shutil.which("mount") is not None
 
 
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``path`` for the test's duration (skips where mount is refused)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])
+
+
 @pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs")
 def test_disk_full_is_reported_before_work(llama_family, tmp_path):
     base, experts = llama_family
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("tmpfs mount not permitted here")
-    try:
+    with _tmpfs(tmp_path / "small", "size=256k") as mnt:
         cfg = _write_config(tmp_path / "m.yml", make_config("task_arithmetic", base, experts, [0.5, 0.5]))
         proc = _cli(["merge", str(cfg), str(mnt / "out"), "--no-progress"])
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "no space left on the device" in proc.stderr and "Traceback" not in proc.stderr
         assert not (mnt / "out" / INDEX).exists()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])
 
 
 @pytest.mark.skipif(not _can_mount(), reason="needs root to mount a read-only tmpfs")
 def test_read_only_output_is_reported(llama_family, tmp_path):
-    base, experts = llama_family
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("tmpfs mount not permitted here")
-    try:
+    _, experts = llama_family
+    with _tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         cfg = _write_config(tmp_path / "m.yml", make_config("linear", None, experts, [1, 1]))
         proc = _cli(["merge", str(cfg), str(mnt / "out"), "--no-progress"])
         assert proc.returncode == 2 and "cannot create the output directory" in proc.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])
 
 
 def _without_dac_override() -> list[str] | None:
