@@ -127,3 +127,30 @@ def test_uniform_control_relaxes_by_the_mean_factor(llama_family, tmp_path):
         a = stats[module].double()
         mean_r = float((1 - 0.7 * a / a.max()).mean())
         torch.testing.assert_close(got[name], b[name] + (w - b[name]) * mean_r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"weight": 0.6, "density": 0.5}),
+                                           ("dare_ties", {"weight": 0.6, "density": 0.5})])
+def test_aim_on_ties_and_dare_equals_formula_over_the_plain_merge(llama_family, tmp_path, method, params):
+    """AIM on TIES and DARE: the relaxed output is base + (plain merge - base) * r, channel by
+    channel, with the plain merge itself checked against whole-tensor references elsewhere."""
+    from tests.helpers import parse_config
+
+    base, experts = llama_family
+    stats = _fake_stats(base)
+    save_statistics(stats, tmp_path / "s.safetensors", {"base_model": str(base), "dataset": "t",
+                                                        "n_blocks": "1", "block_size": "8", "tokens": "8"})
+    data = {"merge_method": method, "base_model": str(base),
+            "models": [{"model": str(e), "parameters": params} for e in experts], "execution": {"seed": 5}}
+    run_merge(parse_config(data), tmp_path / "plain", progress=False)
+    omega = 0.3
+    run_merge(parse_config({**data, "aim": {"omega": omega, "stats": str(tmp_path / "s.safetensors")}}),
+              tmp_path / "aim", progress=False)
+    b, plain, got = load_state(base), load_state(tmp_path / "plain"), load_state(tmp_path / "aim")
+    for name, w in plain.items():
+        module = module_for_tensor(name)
+        expected = w
+        if module in stats:
+            a = stats[module].double()
+            expected = b[name] + (w - b[name]) * (1 - (1 - omega) * a / a.max()).float()
+        torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
