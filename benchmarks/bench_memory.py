@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -66,7 +67,7 @@ def main() -> None:
     for size in [float(s) for s in args.sizes.split(",")]:
         root = WORK / f"memory-{size:g}GB"
         # Written by a child process, so this driver's memory figures are the merge's alone.
-        with ProcessPoolExecutor(1) as pool:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             base, experts = pool.submit(write_family, root, int(size * 1e9), 2).result()
         inputs = safetensors_files([base, *experts])
         in_bytes = sum(p.stat().st_size for p in inputs)
