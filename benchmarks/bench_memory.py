@@ -48,6 +48,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.axvline(rows[0]["ram_gb"], color="grey", linestyle="--", label="machine RAM")
     b.set_xlabel("input GB (3 models)")
     b.set_ylabel("GB")
+    b.set_ylim(bottom=0)
     b.set_title("memory against size")
     b.legend()
     fig.tight_layout()
