@@ -120,18 +120,6 @@ class MergePlan:
                 units.append(WorkUnit(i, r0, r1, read, 0, working))
         return units
 
-    def fingerprint_data(self) -> dict[str, Any]:
-        """What determines the output bytes: config, inputs' headers and the output layout."""
-        return {
-            "config": self.config.model_dump(mode="json", exclude={"execution": {"workers", "shard_size"}}),
-            "inputs": [
-                {"path": str(c.path), "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset] for n, t in sorted(c.tensors.items())},
-                 "sizes": sorted({(Path(t.file).name, Path(t.file).stat().st_size, int(Path(t.file).stat().st_mtime_ns)) for t in c.tensors.values()})}
-                for c in self.inputs
-            ],
-            "files": [f.name for f in self.files],
-        }
-
     @property
     def inputs(self) -> list[Checkpoint]:
         return ([self.base] if self.base is not None else []) + self.experts

@@ -113,11 +113,6 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: d
     return merged.to(out_dtype)
 
 
-def merge_unit(job: MergeJob, unit: WorkUnit, stats: dict[str, Any] | None) -> torch.Tensor:
-    """Read and merge one unit (no prefetching): the whole per-unit computation."""
-    return merge_block(job, unit, read_block(job, unit), stats)
-
-
 def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
     """Cut a unit into row blocks of at most ``block_bytes`` working memory (>= 1 row).
 

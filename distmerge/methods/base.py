@@ -168,9 +168,3 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     for t, w in zip(tensors[1:], weights[1:], strict=True):
         out.add_(t * w)
     return out
-
-
-def stack_weights(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-expert scalars as a tensor broadcastable against ``torch.stack(experts)``."""
-    w = torch.tensor(list(values), dtype=like.dtype)
-    return w.reshape((len(values),) + (1,) * like.dim())
