@@ -44,13 +44,16 @@ def merge_config(method: str, base: Path, experts: list[Path], stats: str | None
 
 
 def warm_workers() -> None:
-    """Start one worker per CPU and import torch and distmerge in it, as a long merge would have."""
+    """Start one worker per CPU, import torch and distmerge and load the compiled kernels in
+    it, as a long merge would have (numba compiles a kernel once per machine, on first use)."""
     import ray
 
     @ray.remote(num_cpus=1)
     def warm() -> int:
         import distmerge.engine.worker  # noqa: F401
+        from distmerge.methods import kernels
 
+        kernels.warm_up()
         return os.getpid()
 
     ray.get([warm.remote() for _ in range(int(ray.cluster_resources()["CPU"]))])

@@ -12,11 +12,10 @@ def _chunks_round0(chunks: list[torch.Tensor], rank: int):
     numel = sum(c.numel() for c in chunks)
     parts, highs = [], []
     for c in chunks:
-        keys = selection.magnitude_keys(c)
-        high = selection.high_histogram(keys)
-        window = selection.local_estimate(high, rank, numel, c.numel())
-        values, counts = selection.range_histogram(keys, *(window or (0, 0)))
-        parts.append((window, values, counts))
+        keys = selection.DeltaKeys(torch.zeros_like(c), c)
+        high, speculated = keys.round_zero({"low": rank}, numel)
+        assert torch.equal(high, keys.high_histogram())  # the fused pass counts every key
+        parts.append(speculated["low"])
         highs.append(high)
     return parts, selection.sum_histograms(highs)
 
@@ -53,6 +52,6 @@ def test_unlike_chunks_fall_back_to_round_one_exactly():
     parts, hist = _chunks_round0(chunks, rank)
     bucket, residual = selection.locate(hist, rank)
     assert selection.resolve_speculative(parts, bucket, residual) is None
-    low_parts = [selection.low_histogram(selection.magnitude_keys(c), bucket) for c in chunks]
+    low_parts = [selection.DeltaKeys(torch.zeros_like(c), c).low_histogram(bucket) for c in chunks]
     low, _ = selection.locate(selection.dense_low(low_parts), residual)
     assert (bucket << 16) | low == _exact_kth(whole, rank)

@@ -18,7 +18,7 @@ import torch
 
 from distmerge.checkpoint import TensorInfo, read_rows
 from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH
-from distmerge.engine.memory import PeakAnonRss
+from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
 from distmerge.methods import get_method
 from distmerge.methods.base import ShardContext
@@ -95,10 +95,12 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: d
         return raw[0].to(out_dtype)
     compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
     rows = [r.to(compute) for r in raw]
-    for info, r in zip(t.sources, rows, strict=True):
-        warning = _check_finite(r, info, unit.row_start, unit.row_end, job.check_finite)
-        if warning and warnings is not None:
-            warnings.append(warning)
+    # A failing check fails the merge in the statistics pass, which read these rows already.
+    if not (job.check_finite and t.statistics_rounds):
+        for info, r in zip(t.sources, rows, strict=True):
+            warning = _check_finite(r, info, unit.row_start, unit.row_end, job.check_finite)
+            if warning and warnings is not None:
+                warnings.append(warning)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
     ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
     merged = get_method(job.method).merge(base, experts, t.params, ctx, stats)
@@ -136,6 +138,7 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
 
 def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, Any]]) -> BatchResult:
     """Merge and write a batch of units; returns checksums and I/O and memory figures."""
+    retain_freed_memory()
     started = time.perf_counter()
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
@@ -164,14 +167,16 @@ def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, A
 def run_statistics(job: MergeJob, units: list[WorkUnit], round_: int,
                    previous: dict[int, dict[str, Any]]) -> list[tuple[int, int, dict[str, torch.Tensor]]]:
     """One statistics round of a multi-phase method: partial statistics of canonical chunks."""
+    retain_freed_memory()
     method = get_method(job.method)
     compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
     out = []
     for unit in units:
         t = job.tensors[unit.tensor]
         rows = [r.to(compute) for r in read_block(job, unit)]
-        for info, r in zip(t.sources, rows, strict=True):
-            _check_finite(r, info, unit.row_start, unit.row_end, job.check_finite)
+        if job.check_finite and round_ == 0:  # fail before any output is written (see merge_block)
+            for info, r in zip(t.sources, rows, strict=True):
+                _check_finite(r, info, unit.row_start, unit.row_end, True)
         base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
         ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
         out.append((unit.tensor, unit.row_start,

@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-HIGH_BINS = 1 << 15
+from distmerge.methods import kernels
+
+HIGH_BINS = kernels.KEY_BUCKETS
 LOW_BINS = 1 << 16
 
 
@@ -33,63 +36,91 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1).abs().to(torch.float32).view(torch.int32)
 
 
-def _count(bins: torch.Tensor, size: int) -> torch.Tensor:
-    # index_add_ of ones: exact integer counts, several times faster than torch.bincount here.
-    out = torch.zeros(size, dtype=torch.int64)
-    if bins.numel():
-        out.index_add_(0, bins.to(torch.int64), torch.ones(1, dtype=torch.int64).expand(bins.numel()))
-    return out
+SAMPLE_STEP = 16  # round 0 places its windows from every 16th key of a chunk ...
+MIN_SAMPLED = 1 << 16  # ... when the chunk has at least this many (else from every key)
+MAX_WINDOW_BUCKETS = 64  # a wider window (a chunk unlike the others) is not worth counting: round 1 decides
 
 
-def high_histogram(keys: torch.Tensor) -> torch.Tensor:
-    """Round 0 partial: counts of the high 16 bits (int64, ``HIGH_BINS`` long)."""
-    return _count(keys >> 16, HIGH_BINS)
+class DeltaKeys:
+    """The selection keys of one expert's delta rows ``x - base``, counted by fused kernels.
+
+    The keys are never materialized: each count is a pass over the two row blocks
+    (subtract, round to the compute dtype, take the magnitude's bit pattern, count). float16
+    compute has no kernel, so torch computes that delta and the kernels count its keys.
+    """
+
+    def __init__(self, base: torch.Tensor, x: torch.Tensor) -> None:
+        mode = kernels.kernel_mode(x.dtype)
+        if mode is None:
+            delta = (x - base).to(torch.float32)
+            self._base = np.zeros(delta.numel(), dtype=np.float32)
+            self._x, self._mode = kernels.as_array(delta, torch.float32), kernels.NATIVE
+        else:
+            kd = kernels.kernel_dtype(x.dtype)
+            self._base, self._x, self._mode = kernels.as_array(base, kd), kernels.as_array(x, kd), mode
+        self.numel = x.numel()
+
+    def round_zero(self, ranks: dict[str, int], numel: int) -> tuple[torch.Tensor, dict[str, Speculation]]:
+        """Round 0 of a chunk: the high-bits histogram, and for each named rank the low bits
+        of the keys in the buckets where the chunk expects it.
+
+        The buckets are placed from a strided sample of the keys (a cheap pre-pass), so the
+        histogram and the first window's low bits come from one full pass over the rows
+        (breadcrumbs' second rank costs a second pass).
+        """
+        step = SAMPLE_STEP if self.numel >= MIN_SAMPLED else 1
+        sample = kernels.key_histogram(self._base[::step], self._x[::step], self._mode)
+        high: torch.Tensor | None = None
+        out: dict[str, Speculation] = {}
+        for name, rank in ranks.items():
+            window = local_estimate(sample, rank, numel, self.numel, step)
+            if window is not None and window[1] > MAX_WINDOW_BUCKETS:
+                window = (window[0], 0)
+            lo, hi = (window[0] << 16, (window[0] + window[1]) << 16) if window else (0, 0)
+            hist, (values, counts) = kernels.histogram_and_window(self._base, self._x, self._mode, lo, hi)
+            high = hist if high is None else high
+            out[name] = (window, values, counts)
+        assert high is not None
+        return high, out
+
+    def high_histogram(self) -> torch.Tensor:
+        """Counts of the high 16 bits (int64, ``HIGH_BINS`` long)."""
+        return kernels.key_histogram(self._base, self._x, self._mode)
+
+    def low_histogram(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round 1 partial, sparse: the distinct low 16 bits among keys in ``bucket`` and their counts."""
+        lo = bucket << 16
+        return kernels.histogram_and_window(self._base, self._x, self._mode, lo, lo + LOW_BINS)[1]
 
 
-def low_histogram(keys: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round 1 partial, sparse: the distinct low 16 bits among keys in ``bucket`` and their counts."""
-    # A range test on the whole key is one pass; numpy's compare and boolean take are several
-    # times faster than torch's shift + mask + index on CPU.
-    k = keys.numpy()
-    lo = bucket << 16
-    inside = torch.from_numpy(k[(k >= lo) & (k < lo + LOW_BINS)] - lo)
-    if not inside.numel():
-        return torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
-    values, counts = torch.unique(inside, return_counts=True)
-    return values.to(torch.int32), counts.to(torch.int64)
+# A chunk's round-0 window (first bucket, bucket count; None for an empty chunk) and the
+# distinct low bits (relative to the first bucket's start) of its keys inside, with counts.
+Speculation = tuple[tuple[int, int] | None, torch.Tensor, torch.Tensor]
 
 
-def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int) -> tuple[int, int] | None:
+def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int, step: int = 1,
+                   ) -> tuple[int, int] | None:
     """Buckets ``(first, count)`` where this chunk expects the global ``rank``-th largest key.
 
-    Chunks of one tensor are alike, so the chunk's share of the rank, give or take a few
-    binomial standard deviations (and one bucket on each side), brackets where the global
-    k-th largest key falls in it. Shipping the low bits of those buckets lets round 0 finish
-    the selection and saves a second read of the tensor; round 1 remains the fallback.
+    ``high`` counts every ``step``-th key of the chunk. Chunks of one tensor are alike, so the
+    chunk's share of the rank, give or take a few binomial standard deviations (across
+    chunks, and of the sample), and one bucket on each side, brackets where the global k-th
+    largest key falls in it. Shipping the low bits of those buckets lets round 0 finish the
+    selection and saves a second read of the tensor; round 1 remains the fallback.
     """
     total = int(high.sum())
     if total == 0:
         return None
-    share = rank * chunk_numel / numel
-    spread = 4.0 * math.sqrt(max(share * (1.0 - chunk_numel / max(numel, 1)), 1.0)) + 1.0
+    share = rank * chunk_numel / numel / step  # the expected rank within the sample
+    variance = share * (1.0 - chunk_numel / max(numel, 1)) / step + (share if step > 1 else 0.0)
+    spread = 4.0 * math.sqrt(max(variance, 1.0)) + 1.0
     top, _ = locate(high, min(total, max(1, math.floor(share - spread))))
     bottom, _ = locate(high, min(total, max(1, math.ceil(share + spread))))
     first = max(0, bottom - 1)
     return first, min(top + 1, HIGH_BINS - 1) - first + 1
 
 
-def range_histogram(keys: torch.Tensor, first_bucket: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse counts of the keys in ``buckets`` consecutive buckets, relative to the first's start."""
-    k = keys.numpy()
-    lo = first_bucket << 16
-    inside = torch.from_numpy(k[(k >= lo) & (k < lo + buckets * LOW_BINS)] - lo)
-    if not inside.numel():
-        return torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
-    values, counts = torch.unique(inside, return_counts=True)
-    return values.to(torch.int32), counts.to(torch.int64)
-
-
-def resolve_speculative(parts: Sequence[tuple[tuple[int, int] | None, torch.Tensor, torch.Tensor]], bucket: int,
+def resolve_speculative(parts: Sequence[Speculation], bucket: int,
                         residual: int) -> int | None:
     """Exact low bits in ``bucket`` from round 0's speculative ranges, or None when some chunk
     did not ship that bucket (then round 1 reads the tensor again)."""
@@ -140,8 +171,9 @@ def dense_low(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
     return out
 
 
-def kth_largest_key(keys: torch.Tensor, rank: int) -> int:
-    """Whole-tensor key of the ``rank``-th largest: the two rounds on one chunk (for tests/tools)."""
-    bucket, residual = locate(high_histogram(keys), rank)
-    low, _ = locate(dense_low([low_histogram(keys, bucket)]), residual)
+def kth_largest_key(delta: torch.Tensor, rank: int) -> int:
+    """Whole-tensor key of the ``rank``-th largest ``|delta|``: both rounds on one chunk (tests, tools)."""
+    keys = DeltaKeys(torch.zeros_like(delta), delta)
+    bucket, residual = locate(keys.high_histogram(), rank)
+    low, _ = locate(dense_low([keys.low_histogram(bucket)]), residual)
     return (bucket << 16) | low

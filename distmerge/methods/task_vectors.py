@@ -20,12 +20,14 @@ rounded torch op, so merge() gives the same bits for any row block.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from distmerge.errors import ConfigError
-from distmerge.methods import reductions, selection
+from distmerge.methods import kernels, reductions, selection
 from distmerge.methods.base import (
     STATISTICS_COMPLETE,
     MergeMethod,
@@ -141,34 +143,30 @@ class TaskVectorMethod(MergeMethod):
         for e, (x, p) in enumerate(zip(experts, params.experts, strict=True)):
             if not self._sparse(p):
                 continue
-            delta = x - base
             if stage in ("select_high", "select_low"):
                 ranks = self._trim(p, numel).ranks
                 if not ranks:
                     continue
-                keys = selection.magnitude_keys(delta)
+                keys = selection.DeltaKeys(base, x)
                 if stage == "select_high":
-                    high = selection.high_histogram(keys)
-                    out[f"high{e}"] = high
-                    for name, rank in ranks.items():
-                        window = selection.local_estimate(high, rank, numel, delta.numel())
+                    out[f"high{e}"], speculated = keys.round_zero(ranks, numel)
+                    for name, (window, values, counts) in speculated.items():
                         first, count = window or (0, 0)
-                        values, counts = selection.range_histogram(keys, first, count)
                         out[f"spec{e}_{name}_window"] = torch.tensor([first, count if window else -1])
                         out[f"spec{e}_{name}_values"], out[f"spec{e}_{name}_counts"] = values, counts
                     continue
                 assert previous is not None
                 for name, (bucket, _) in previous["buckets"][e].items():
-                    values, counts = selection.low_histogram(keys, bucket)
+                    values, counts = keys.low_histogram(bucket)
                     out[f"low{e}_{name}_values"], out[f"low{e}_{name}_counts"] = values, counts
-            elif stage == "della" and len(ctx.shape) < 2:
+                continue
+            if stage == "della" and len(ctx.shape) < 2:
                 # 1-D: the only "row" is the whole vector; ship the chunk's deltas and draws
+                delta = x - base
                 out[f"delta{e}"] = delta.reshape(-1).clone()
                 out[f"u{e}"] = della_mask_draws(ctx, e, delta.numel())
             else:  # "l1", or "della" on >= 2-D with the L1 rescale
-                mask, _ = self._keep(e, delta, p, params, ctx, previous)
-                out[f"l1_{e}"] = torch.tensor(
-                    [reductions.sum_abs(delta), reductions.sum_abs(delta * mask)], dtype=torch.float64)
+                out[f"l1_{e}"] = torch.tensor(self._l1_norms(e, x, base, p, params, ctx, previous), dtype=torch.float64)
         return out
 
     def reduce(
@@ -287,7 +285,91 @@ class TaskVectorMethod(MergeMethod):
         ctx: ShardContext,
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        """The merged rows: one fused kernel pass (:mod:`kernels`) where the compute dtype
+        has one, else :meth:`merge_reference`; the two agree bit for bit."""
         assert base is not None
+        mode = kernels.kernel_mode(base.dtype)
+        if mode is None:
+            return self.merge_reference(base, experts, params, ctx, stats)
+        kd = kernels.kernel_dtype(base.dtype)
+        base_a = kernels.as_array(base, kd)
+        xs = [kernels.as_array(x, kd) for x in experts]
+        terms = [self._kernel_terms(e, x, base, p, params, ctx, stats)
+                 for e, (x, p) in enumerate(zip(experts, params.experts, strict=True))]
+        weights = [p["weight"] for p in params.experts]
+        g = params.global_
+        total_w = _sum(list(torch.tensor(weights, dtype=base.dtype)))
+        normalize = bool(g["normalize"]) and (self.consensus or bool(total_w.abs() >= 1e-8))
+        out = kernels.task_vectors(
+            base_a, xs, mode,
+            low=[t.low for t in terms], high=[t.high for t in terms], masks=[t.mask for t in terms],
+            rescale_kind=[t.rescale_kind for t in terms],
+            rescale=np.array([kernels.scalar(t.factor, base.dtype) for t in terms]),
+            probs=[t.probs for t in terms],
+            weights=np.array([kernels.scalar(w, base.dtype) for w in weights]),
+            weights_stored=kernels.rounded(weights, base.dtype), consensus=self.consensus, normalize=normalize,
+            total_weight=total_w.to(kd).numpy(), lam=kernels.scalar(g["lambda"], base.dtype))
+        return torch.from_numpy(out).reshape(base.shape).to(base.dtype)
+
+    def _l1_norms(
+        self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, params: TensorParams, ctx: ShardContext,
+        stats: dict[str, Any] | None,
+    ) -> tuple[float, float]:
+        """float64 L1 norms of expert ``e``'s delta rows before and after sparsification."""
+        mode = kernels.kernel_mode(base.dtype)
+        if mode is None:  # float16 compute: torch computes the delta, the kernel sums it
+            delta = (x - base).to(torch.float32)
+            x, base, mode = delta, torch.zeros_like(delta), kernels.NATIVE
+        terms = self._kernel_terms(e, x, base, p, params, ctx, stats, rescale=False)
+        kd = kernels.kernel_dtype(base.dtype)
+        return kernels.abs_sums(kernels.as_array(base, kd), kernels.as_array(x, kd), mode, terms.low, terms.high,
+                                terms.mask)
+
+    def _kernel_terms(
+        self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, params: TensorParams, ctx: ShardContext,
+        stats: dict[str, Any] | None, rescale: bool = True,
+    ) -> KernelTerms:
+        """Expert ``e``'s sparsification (and, if ``rescale``, its rescale) in the form the
+        fused kernels take."""
+        if not self._sparse(p):
+            return KernelTerms()
+        kd = kernels.kernel_dtype(base.dtype)
+        terms = KernelTerms()
+        divide_by: torch.Tensor | float = p["density"]
+        if self.sparsifier in ("magnitude", "breadcrumbs"):
+            ranks = self._trim(p, _numel(ctx.shape))
+            thresholds = stats["thresholds"].get(e, {}) if stats is not None else {}
+            if ranks.nothing:
+                terms.low = kernels.KEEP_NOTHING
+            else:
+                terms.low = thresholds["low"] if ranks.low is not None else kernels.NO_LOW
+                terms.high = thresholds["high"] if ranks.high is not None else kernels.NO_HIGH
+        else:
+            mask, divide_by = self._keep(e, x - base if self.sparsifier == "della" else x, p, params, ctx, stats)
+            terms.mask = mask.reshape(-1).numpy()
+        g = params.global_
+        if rescale and g["rescale"]:
+            if g["rescale_mode"] == "l1":
+                assert stats is not None
+                if stats["ratio"][e] != 1.0:
+                    terms.rescale_kind, terms.factor = kernels.RESCALE_MULTIPLY, stats["ratio"][e]
+            elif isinstance(divide_by, torch.Tensor):
+                terms.rescale_kind = kernels.RESCALE_DIVIDE_BY_PROBS
+                terms.probs = kernels.as_array(divide_by.to(base.dtype), kd)
+            else:
+                terms.rescale_kind, terms.factor = kernels.RESCALE_DIVIDE, divide_by
+        return terms
+
+    def merge_reference(
+        self,
+        base: torch.Tensor,
+        experts: Sequence[torch.Tensor],
+        params: TensorParams,
+        ctx: ShardContext,
+        stats: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """The pipeline as torch ops, each separately rounded: the float16 path, and the
+        formulation the kernels reproduce."""
         weights = [p["weight"] for p in params.experts]
         weighted = []
         for e, (x, p) in enumerate(zip(experts, params.experts, strict=True)):
@@ -327,6 +409,18 @@ class TaskVectorMethod(MergeMethod):
         if lam != 1.0:
             mixed = mixed.mul_(lam)
         return base + mixed
+
+
+@dataclass
+class KernelTerms:
+    """One expert's keep rule and rescale for :func:`kernels.task_vectors` (default: keep all)."""
+
+    low: int = kernels.NO_LOW
+    high: int = kernels.NO_HIGH
+    mask: np.ndarray | None = None
+    rescale_kind: int = kernels.RESCALE_NONE
+    factor: float = 1.0
+    probs: np.ndarray | None = None
 
 
 def della_mask_draws(ctx: ShardContext, e: int, count: int) -> torch.Tensor:

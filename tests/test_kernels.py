@@ -1,0 +1,148 @@
+"""The fused kernels reproduce the torch formulation bit for bit.
+
+``TaskVectorMethod.merge`` runs one numba loop where the compute dtype has a kernel; the
+torch op-by-op pipeline (``merge_reference``) is the formulation it must equal exactly, for
+every task-vector method, switch and compute dtype. The catalogue tests check both against
+the published math; these pin the two implementations to each other, including signed
+zeros, so a merge gives the same bytes whichever path a dtype takes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distmerge.methods import get_method, kernels, selection
+from distmerge.methods.linear import Linear
+from tests.test_methods_catalogue import ctx, params_for, statistics
+
+COMPUTE = [torch.float32, torch.bfloat16, torch.float64]
+CASES = [
+    ("task_arithmetic", {}, {}),
+    ("task_arithmetic", {"normalize": True, "lambda": 0.7}, {}),
+    ("ties", {}, {"density": 0.4}),
+    ("ties", {"normalize": False, "lambda": 1.3}, {"density": 0.6}),
+    ("ties", {"rescale": True}, {"density": 0.3}),
+    ("breadcrumbs", {}, {"density": 0.5, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"normalize": True}, {"density": 0.5, "gamma": 0.1}),
+    ("dare_linear", {}, {"density": 0.5}),
+    ("dare_linear", {"rescale_mode": "inverse_density"}, {"density": 0.3}),
+    ("dare_ties", {"normalize": True}, {"density": 0.6}),
+    ("dare_ties", {"rescale": False}, {"density": 0.6}),
+    ("della", {}, {"density": 0.5, "epsilon": 0.2}),
+    ("della_linear", {"rescale_mode": "inverse_density"}, {"density": 0.4, "epsilon": 0.1}),
+]
+
+
+def inputs(shape, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    xs = [base + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+    # exact zeros and equal values: signed-zero and tie handling must agree too
+    xs[0].reshape(-1)[::7] = base.reshape(-1)[::7]
+    base.reshape(-1)[::11] = 0.0
+    return base.to(dtype), [x.to(dtype) for x in xs]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns, except that any NaN equals any NaN (torch's own NaN payloads vary)."""
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    ia = a.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()])
+    ib = b.contiguous().view(ia.dtype)
+    return torch.equal(ia[~nan], ib[~nan])
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+@pytest.mark.parametrize("name,glob,model", CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_fused_merge_equals_torch_formulation(name, glob, model, dtype):
+    shape = (41, 23)
+    base, xs = inputs(shape, 3, dtype, seed=len(name) + len(glob))
+    weights = [{"weight": w} | model for w in (0.6, -0.35, 0.9)]
+    params = params_for(name, 3, glob, weights)
+    stats = statistics(name, base, xs, params, seed=5)
+    m = get_method(name)
+    c = ctx(shape, 0, shape[0], 5, 3)
+    got = m.merge(base, xs, params, c, stats)
+    want = m.merge_reference(base, xs, params, c, stats)
+    assert got.dtype == want.dtype == dtype
+    assert same_bits(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+def test_fused_merge_propagates_nan_like_torch(dtype):
+    base, xs = inputs((9, 5), 2, dtype, seed=1)
+    xs[1][3, 2] = float("nan")
+    xs[0][4, 1] = float("inf")
+    params = params_for("ties", 2, {}, {"weight": 0.5, "density": 1.0})
+    m = get_method("ties")
+    c = ctx((9, 5), 0, 9, 0, 2)
+    got, want = m.merge(base, xs, params, c, None), m.merge_reference(base, xs, params, c, None)
+    assert torch.isnan(got[3, 2]) and same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_linear_equals_torch_formulation(dtype, normalize):
+    base, xs = inputs((33, 17), 3, dtype, seed=2)
+    params = params_for("linear", 3, {"normalize": normalize}, [{"weight": w} for w in (0.3, 0.45, 0.61)])
+    m = get_method("linear")
+    assert isinstance(m, Linear)
+    c = ctx((33, 17), 0, 33, 0, 3)
+    assert same_bits(m.merge(None, xs, params, c), m.merge_reference(xs, params))
+
+
+def test_bfloat16_rounding_equals_torch_conversion():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    edge = torch.tensor([0x7F7FFFFF, 0x7F7F8000, 0x3F808000, 0x3F818000, 0x00008000, 0x00018000, 0x80000000,
+                         0x7F800000, -1], dtype=torch.int64).to(torch.int32)
+    x = torch.cat([bits, edge]).view(torch.float32)
+    x = x[~torch.isnan(x)]
+    # a kernel that rounds its only operation: x * 1 in bfloat16 mode is the rounding itself
+    got = kernels.weighted_sum([x.numpy()], np.ones(1, dtype=np.float32), kernels.BFLOAT16, None)
+    assert same_bits(torch.from_numpy(got), x.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+def test_selection_kernels_equal_torch_keys(dtype):
+    """Histogram and window counts of |x - base| keys equal counting torch's own keys."""
+    base, (x,) = inputs((64, 31), 1, dtype, seed=3)
+    keys = (x - base).abs().to(torch.float32).view(torch.int32).reshape(-1).to(torch.int64)
+    kd = kernels.kernel_dtype(dtype)
+    mode = kernels.kernel_mode(dtype)
+    assert mode is not None
+    b, xa = kernels.as_array(base, kd), kernels.as_array(x, kd)
+    want_hist = torch.bincount(keys >> 16, minlength=selection.HIGH_BINS)
+    assert torch.equal(kernels.key_histogram(b, xa, mode), want_hist)
+    med = int(keys.median())
+    for lo, hi in [(med - 5000, med + 90000), (med + 20000, med + 400000), (0, 0)]:
+        hist, (values, counts) = kernels.histogram_and_window(b, xa, mode, lo, hi)
+        assert torch.equal(hist, want_hist)
+        want_values, want_counts = torch.unique(keys[(keys >= lo) & (keys < hi)] - lo, return_counts=True)
+        assert torch.equal(values.to(torch.int64), want_values) and torch.equal(counts, want_counts)
+        assert values.numel() > 0 or lo == hi
+
+
+def test_float16_compute_uses_the_torch_formulation():
+    assert kernels.kernel_mode(torch.float16) is None
+    base, xs = inputs((7, 3), 2, torch.float16, seed=4)
+    params = params_for("ties", 2, {}, {"weight": 0.5, "density": 0.5})
+    stats = statistics("ties", base, xs, params)
+    m = get_method("ties")
+    c = ctx((7, 3), 0, 7, 0, 2)
+    assert torch.equal(m.merge(base, xs, params, c, stats), m.merge_reference(base, xs, params, c, stats))
+
+
+@pytest.mark.parametrize("start", [0, 1, 3, 4, 1_000_003, 2**40 + 2])
+def test_philox_kernel_equals_numpy_philox(start):
+    from distmerge.methods.random_stream import bernoulli_mask, raw_draws, stream_key
+
+    key = stream_key(7, "model.layers.0.mlp.up_proj.weight", 2)
+    counter = np.array([start // 4, 0, 0, 0], dtype=np.uint64)
+    want = np.random.Philox(key=key, counter=counter).random_raw(start % 4 + 1001)[start % 4:]
+    assert np.array_equal(raw_draws(7, "model.layers.0.mlp.up_proj.weight", 2, start, 1001), want)
+    mask = bernoulli_mask(7, "model.layers.0.mlp.up_proj.weight", 2, start, (7, 143), 0.3)
+    assert torch.equal(mask.reshape(-1), torch.from_numpy(want < np.uint64(int(0.3 * 2.0**64))))
