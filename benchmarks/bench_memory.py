@@ -24,11 +24,12 @@ from benchmarks.bench_merge import timed_merge
 from benchmarks.io_baseline import safetensors_files
 from benchmarks.synthetic import write_family
 from distmerge.engine.cluster import connect
+from distmerge.sizes import parse_size
 
 WORK = Path(__file__).parent / "_work"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, target_gb: float | None = None) -> None:
     try:
         import matplotlib
 
@@ -46,11 +47,13 @@ def plot(rows: list[dict], path: Path) -> None:
     b.plot(x, [r["worker_peak_anon_gb"] for r in rows], "o-", label="worker peak anon RSS")
     b.plot(x, [r["driver_peak_anon_gb"] for r in rows], "s-", label="driver peak anon RSS")
     b.axvline(rows[0]["ram_gb"], color="grey", linestyle="--", label="machine RAM")
+    if target_gb is not None:
+        b.axhline(target_gb, color="red", linestyle=":", label="target per worker (2 x shard + 1 GB)")
     b.set_xlabel("input GB (3 models)")
     b.set_ylabel("GB")
-    b.set_ylim(bottom=0)
+    b.set_ylim(0, 1.15 * max([target_gb or 0.0] + [r["worker_peak_anon_gb"] for r in rows]))
     b.set_title("memory against size")
-    b.legend()
+    b.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -80,7 +83,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(root)
-    plot(rows, Path(__file__).parent / "memory_vs_size.png")
+    plot(rows, Path(__file__).parent / "memory_vs_size.png", (2 * parse_size(args.shard_size) + 10**9) / 1e9)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from distmerge.config import parse_config
 from distmerge.engine.run import run_merge
 from distmerge.errors import CheckpointError
 from tests.helpers import load_state, make_config
@@ -47,11 +48,14 @@ def _poison(folder: Path, tensor: str, value: float) -> None:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path):
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # ties: caught in its statistics pass
+def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path, method):
     base, experts = llama_family
     bad = _copy(experts[0], tmp_path / "nan")
     _poison(bad, "model.layers.2.mlp.up_proj.weight", float("nan"))
-    cfg = make_config("task_arithmetic", base, [bad, experts[1]], [0.5, 0.5])
+    params = {"weight": 0.5} | ({"density": 0.5} if method == "ties" else {})
+    cfg = parse_config({"merge_method": method, "base_model": str(base),
+                        "models": [{"model": str(m), "parameters": params} for m in (bad, experts[1])]})
     with pytest.raises(CheckpointError, match=r"nan/model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.2\.mlp\.up_proj\.weight' has 1 NaN/Inf"):
         run_merge(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / INDEX).exists()

@@ -3,8 +3,9 @@
 The task-vector pipeline written as torch ops makes some thirty passes over memory per
 element (delta, abs, compare, mask, weight, sign, clamp, sums ...), and the magnitude
 histogram needs several more; on a CPU core that made TIES cost six times a linear merge.
-Compiled with numba, each of them is one loop that keeps an element in registers from its
-inputs to its output, so TIES costs about what reading its inputs costs.
+Compiled with numba, each is one pass over cache-sized blocks of the rows (per core, a TIES
+merge of three 0.5 GB models went from 13.4 s to 5.1 s and linear from 2.7 s to 1.5 s; see
+benchmarks/RESULTS.md).
 
 Exactness is the point, not an afterthought. Every loop performs the same IEEE operations
 in the same order as the torch formulation (``TaskVectorMethod.merge_reference``), each
