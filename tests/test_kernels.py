@@ -146,3 +146,24 @@ def test_philox_kernel_equals_numpy_philox(start):
     assert np.array_equal(raw_draws(7, "model.layers.0.mlp.up_proj.weight", 2, start, 1001), want)
     mask = bernoulli_mask(7, "model.layers.0.mlp.up_proj.weight", 2, start, (7, 143), 0.3)
     assert torch.equal(mask.reshape(-1), torch.from_numpy(want < np.uint64(int(0.3 * 2.0**64))))
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+@pytest.mark.parametrize("shape", [(37, 19), (23,), (0, 5)], ids=str)
+def test_relax_kernel_equals_torch_formula(dtype, shape):
+    """AIM's relaxation in one pass equals ``b + (m - b) * f`` as three torch ops (in float32
+    for half types, rounded once), bit for bit, on whole tensors and on row shards."""
+    from distmerge.aim import apply_relaxation, shard_factors
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    merged = (base.double() + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    factors = torch.rand(shape[-1], generator=g)
+    compute = torch.promote_types(dtype, torch.float32)
+    b = base.to(compute)
+    want = (b + (merged.to(compute) - b) * factors.to(compute)).to(dtype)
+    assert same_bits(apply_relaxation(base, merged, factors, 0.4), want)
+    rows = shape[0]
+    pieces = [apply_relaxation(base[r0:r1], merged[r0:r1], shard_factors(factors, shape, r0, r1), 0.4)
+              for r0, r1 in [(0, rows // 3), (rows // 3, rows)]]
+    assert same_bits(torch.cat(pieces), want)

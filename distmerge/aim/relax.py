@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from distmerge.methods import kernels
+
 # Tensor-name endings of embedding matrices, which AIM never relaxes.
 EMBEDDING_MODULES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "embed_positions")
 
@@ -91,6 +93,7 @@ def apply_relaxation(
             f"of a shard of shape {tuple(merged.shape)}"
         )
     compute = torch.promote_types(merged.dtype, torch.float32)
-    b = base.to(compute)
-    out = b + (merged.to(compute) - b) * factors.to(device=merged.device, dtype=compute)
-    return out.to(merged.dtype)
+    # One fused pass (three separately rounded ops, as ``b + (m - b) * f`` in torch would be).
+    out = kernels.relax(kernels.as_array(base, compute), kernels.as_array(merged, compute),
+                        kernels.as_array(factors, compute))
+    return torch.from_numpy(out).reshape(merged.shape).to(merged.dtype)

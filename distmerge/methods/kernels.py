@@ -310,6 +310,31 @@ def abs_sums(base: np.ndarray, x: np.ndarray, mode: int, lo: int, hi: int, mask:
     return float(sums[0]), float(sums[1])
 
 
+# ---- AIM relaxation ------------------------------------------------------------------------
+
+@_jit
+def _relax(base, merged, factors, out):  # noqa: ANN001, ANN202
+    n = factors.size
+    for s in range(0, out.size, n):
+        b = base[s:s + n]
+        m = merged[s:s + n]
+        o = out[s:s + n]
+        for j in range(n):
+            o[j] = b[j] + (m[j] - b[j]) * factors[j]
+
+
+def relax(base: np.ndarray, merged: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """``base + (merged - base) * factors`` with ``factors`` along the last dimension (rows of
+    ``factors.size`` elements), each operation rounded as torch's three ops round it."""
+    out = np.empty_like(merged)
+    if merged.size == 0:
+        return out
+    if factors.size == 0 or merged.size % factors.size:
+        raise ValueError(f"{factors.size} factors do not divide a block of {merged.size} elements into rows")
+    _relax(base, merged, factors, out)
+    return out
+
+
 # ---- weighted sums (linear) -------------------------------------------------------------------
 
 @_jit
@@ -357,3 +382,4 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
                              weights_stored=ones, consensus=consensus, normalize=True, total_weight=ones[0],
                              lam=ones[0])
             weighted_sum([a] * n, ones, mode, ones[0])
+        relax(a, a, a[:8])
