@@ -229,16 +229,16 @@ def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs
                 acc[j] = _r(acc[j] + row[j], mode)
         if consensus:
             sg = sign[:m]
-            for j in range(m):
-                sg[j] = -one if np.signbit(acc[j]) else one
             dv = div[:m]
             for e in range(n):
                 row = wd[e, :m]
                 ws = weights_stored[e]
                 wz = zero * ws
-                if e == 0:
+                if e == 0:  # elect the sign from the total in acc, then start the agreeing sums
                     for j in range(m):
-                        a = row[j] * sg[j]
+                        sgn = -one if np.signbit(acc[j]) else one
+                        sg[j] = sgn
+                        a = row[j] * sgn
                         a = zero if a < zero else a  # clamp(min=0): -0.0 and NaN pass, as in torch
                         acc[j] = a
                         dv[j] = ws if a > zero else wz
@@ -248,6 +248,11 @@ def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs
                         a = zero if a < zero else a
                         acc[j] = _r(acc[j] + a, mode)
                         dv[j] = _r(dv[j] + (ws if a > zero else wz), mode)
+            if normalize and lam == one:  # TIES' defaults: sign, normalize and + base in one loop
+                o = out[s:s + m]
+                for j in range(m):
+                    o[j] = _r(b[j] + _r(acc[j] * sg[j] / (one if dv[j] == zero else dv[j]), mode), mode)
+                continue
             for j in range(m):
                 acc[j] = acc[j] * sg[j]
             if normalize:
