@@ -115,7 +115,8 @@ class MergePlan:
             for r0 in range(0, t.rows, step):
                 r1 = min(t.rows, r0 + step)
                 read = sum((r1 - r0) * t.row_numel * ITEMSIZE[s.dtype] for s in t.sources)
-                # Working set: raw rows, float32 copies, a delta and keys per expert.
+                # Working set: raw rows, their compute-dtype copies and room for kernel scratch
+                # (the round-0 window counts, a DARE mask, DELLA's per-row ranks) per source.
                 working = read + (r1 - r0) * t.row_numel * 4 * (3 * len(t.sources))
                 units.append(WorkUnit(i, r0, r1, read, 0, working))
         return units

@@ -96,21 +96,22 @@ def counts(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], omega: float) 
                 c[f"gain_shuf_{metric}"] += msd(paired(shuf, none, metric))[0]
         c["aim_vs_ctrl_ppl_mean_better"] += msd(paired(aim, ctrl, "ppl"))[0] < 0
         c["aim_vs_ctrl_acc_mean_better"] += msd(paired(aim, ctrl, "mean"))[0] > 0
-        ppl = beyond_noise(paired(aim, ctrl, "ppl"))
-        acc = beyond_noise(paired(aim, ctrl, "mean"))
-        c["aim_beats_ctrl_ppl_noise"] += ppl < 0
-        c["ctrl_beats_aim_ppl_noise"] += ppl > 0
-        c["aim_beats_ctrl_acc_noise"] += acc > 0
-        c["ctrl_beats_aim_acc_noise"] += acc < 0
+        count_beyond_noise(c, aim, ctrl, "ctrl")
         if shuf:
             c["shuffled_cells"] += 1
-            ppl = beyond_noise(paired(aim, shuf, "ppl"))
-            acc = beyond_noise(paired(aim, shuf, "mean"))
-            c["aim_beats_shuf_ppl_noise"] += ppl < 0
-            c["shuf_beats_aim_ppl_noise"] += ppl > 0
-            c["aim_beats_shuf_acc_noise"] += acc > 0
-            c["shuf_beats_aim_acc_noise"] += acc < 0
+            count_beyond_noise(c, aim, shuf, "shuf")
     return dict(c)
+
+
+def count_beyond_noise(c: dict[str, int], aim: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]],
+                       name: str) -> None:
+    """Add this cell to the counts of AIM beating ``other`` (and the reverse) beyond seed noise."""
+    ppl = beyond_noise(paired(aim, other, "ppl"))
+    acc = beyond_noise(paired(aim, other, "mean"))
+    c[f"aim_beats_{name}_ppl_noise"] += ppl < 0
+    c[f"{name}_beats_aim_ppl_noise"] += ppl > 0
+    c[f"aim_beats_{name}_acc_noise"] += acc > 0
+    c[f"{name}_beats_aim_acc_noise"] += acc < 0
 
 
 def references(rows: list[dict[str, Any]]) -> list[str]:

@@ -64,6 +64,20 @@ def as_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).reshape(-1).contiguous().numpy()
 
 
+def delta_arrays(base: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(base, x, mode)`` for a kernel that computes ``x - base`` in ``x``'s compute dtype.
+
+    float16 has no kernel mode: torch computes that delta (rounded to float16, as the torch
+    formulation does) and the kernel gets it in float32 against a zero base (``d - 0 == d``).
+    """
+    mode = kernel_mode(x.dtype)
+    if mode is None:
+        delta = as_array(x - base, torch.float32)
+        return np.zeros_like(delta), delta, NATIVE
+    kd = kernel_dtype(x.dtype)
+    return as_array(base, kd), as_array(x, kd), mode
+
+
 def scalar(value: float, dtype: torch.dtype) -> np.ndarray:
     """A Python number as torch uses it beside a ``dtype`` tensor: cast to the op's math type.
 

@@ -90,11 +90,16 @@ def _draws(key0, key1, start, threshold, compare, raw, mask):  # noqa: ANN001, A
         j = 0
 
 
+def _positioned_key(seed: int, tensor: str, model: int, start: int, count: int) -> np.ndarray:
+    """The stream's key, once the range ``start .. start + count`` is known to fit its counter."""
+    if start < 0 or start + count > OUTPUTS_PER_COUNTER * (2**64 - 1):
+        raise ValueError(f"stream positions {start}..{start + count} outside the 64-bit counter")
+    return stream_key(seed, tensor, model)
+
+
 def raw_draws(seed: int, tensor: str, model: int, start: int, count: int) -> np.ndarray:
     """The 64-bit outputs ``start .. start + count - 1`` of the stream, as uint64."""
-    if start + count > 2**64:
-        raise ValueError("stream position beyond 2**64")
-    key = stream_key(seed, tensor, model)
+    key = _positioned_key(seed, tensor, model, start, count)
     out = np.empty(count, dtype=np.uint64)
     _draws(key[0], key[1], start, np.uint64(0), False, out, np.zeros(0, dtype=np.bool_))
     return out
@@ -117,7 +122,7 @@ def bernoulli_mask(seed: int, tensor: str, model: int, start: int, shape: tuple[
     if p >= 1.0:
         return torch.ones(shape, dtype=torch.bool)
     threshold = np.uint64(min(int(p * 2.0**64), 2**64 - 1))
-    key = stream_key(seed, tensor, model)
+    key = _positioned_key(seed, tensor, model, start, count)
     keep = np.empty(count, dtype=np.bool_)
     _draws(key[0], key[1], start, threshold, True, np.zeros(0, dtype=np.uint64), keep)
     return torch.from_numpy(keep).reshape(shape)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from distmerge.methods import kernels
@@ -50,14 +49,7 @@ class DeltaKeys:
     """
 
     def __init__(self, base: torch.Tensor, x: torch.Tensor) -> None:
-        mode = kernels.kernel_mode(x.dtype)
-        if mode is None:
-            delta = (x - base).to(torch.float32)
-            self._base = np.zeros(delta.numel(), dtype=np.float32)
-            self._x, self._mode = kernels.as_array(delta, torch.float32), kernels.NATIVE
-        else:
-            kd = kernels.kernel_dtype(x.dtype)
-            self._base, self._x, self._mode = kernels.as_array(base, kd), kernels.as_array(x, kd), mode
+        self._base, self._x, self._mode = kernels.delta_arrays(base, x)
         self.numel = x.numel()
 
     def round_zero(self, ranks: dict[str, int], numel: int) -> tuple[torch.Tensor, dict[str, Speculation]]:

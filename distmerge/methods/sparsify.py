@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from distmerge.methods.random_stream import bernoulli_mask, uniform_tensor
+from distmerge.methods.selection import magnitude_keys
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def magnitude_mask(delta: torch.Tensor, ranks: TrimRanks, thresholds: dict[str, 
     """
     if ranks.nothing:
         return torch.zeros(delta.shape, dtype=torch.bool)
-    keys = delta.abs().to(torch.float32).view(torch.int32)
+    keys = magnitude_keys(delta).reshape(delta.shape)
     mask: torch.Tensor | None = None
     if ranks.low is not None:
         mask = keys >= thresholds["low"]

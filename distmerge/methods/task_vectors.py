@@ -316,14 +316,8 @@ class TaskVectorMethod(MergeMethod):
         stats: dict[str, Any] | None,
     ) -> tuple[float, float]:
         """float64 L1 norms of expert ``e``'s delta rows before and after sparsification."""
-        mode = kernels.kernel_mode(base.dtype)
-        if mode is None:  # float16 compute: torch computes the delta, the kernel sums it
-            delta = (x - base).to(torch.float32)
-            x, base, mode = delta, torch.zeros_like(delta), kernels.NATIVE
         terms = self._kernel_terms(e, x, base, p, params, ctx, stats, rescale=False)
-        kd = kernels.kernel_dtype(base.dtype)
-        return kernels.abs_sums(kernels.as_array(base, kd), kernels.as_array(x, kd), mode, terms.low, terms.high,
-                                terms.mask)
+        return kernels.abs_sums(*kernels.delta_arrays(base, x), terms.low, terms.high, terms.mask)
 
     def _kernel_terms(
         self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, params: TensorParams, ctx: ShardContext,
