@@ -118,12 +118,13 @@ def test_selection_kernels_equal_torch_keys(dtype):
     want_hist = torch.bincount(keys >> 16, minlength=selection.HIGH_BINS)
     assert torch.equal(kernels.key_histogram(b, xa, mode), want_hist)
     med = int(keys.median())
-    for lo, hi in [(med - 5000, med + 90000), (med + 20000, med + 400000), (0, 0)]:
-        hist, (values, counts) = kernels.histogram_and_window(b, xa, mode, lo, hi)
-        assert torch.equal(hist, want_hist)
-        want_values, want_counts = torch.unique(keys[(keys >= lo) & (keys < hi)] - lo, return_counts=True)
-        assert torch.equal(values.to(torch.int64), want_values) and torch.equal(counts, want_counts)
-        assert values.numel() > 0 or lo == hi
+    for ranges in [[(med - 5000, med + 90000), (med + 20000, med + 400000)], [(0, 0)], [(med - 70000, med + 1)]]:
+        hist, parts = kernels.histogram_and_windows(b, xa, mode, ranges)
+        assert torch.equal(hist, want_hist) and len(parts) == len(ranges)
+        for (lo, hi), (values, counts) in zip(ranges, parts, strict=True):
+            want_values, want_counts = torch.unique(keys[(keys >= lo) & (keys < hi)] - lo, return_counts=True)
+            assert torch.equal(values.to(torch.int64), want_values) and torch.equal(counts, want_counts)
+            assert values.numel() > 0 or lo == hi
 
 
 def test_float16_compute_uses_the_torch_formulation():

@@ -141,12 +141,14 @@ def _key_histogram(base, x, mode, hist):  # noqa: ANN001, ANN202
 
 
 @_jit
-def _histogram_and_window(base, x, mode, hist, lo, hi, window):  # noqa: ANN001, ANN202
+def _histogram_and_windows(base, x, mode, hist, lo0, hi0, w0, lo1, hi1, w1):  # noqa: ANN001, ANN202
     for i in range(x.size):
         k = _key(_r(x[i] - base[i], mode))
         hist[k >> 16] += 1
-        if lo <= k < hi:
-            window[k - lo] += 1
+        if lo0 <= k < hi0:
+            w0[k - lo0] += 1
+        if lo1 <= k < hi1:
+            w1[k - lo1] += 1
 
 
 def key_histogram(base: np.ndarray, x: np.ndarray, mode: int) -> torch.Tensor:
@@ -156,17 +158,23 @@ def key_histogram(base: np.ndarray, x: np.ndarray, mode: int) -> torch.Tensor:
     return torch.from_numpy(hist)
 
 
-def histogram_and_window(
-    base: np.ndarray, x: np.ndarray, mode: int, lo: int, hi: int,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """In one pass: :func:`key_histogram`, and the distinct ``key - lo`` of the keys in
-    ``[lo, hi)`` with how often each occurs (counted densely, returned sparsely)."""
+def histogram_and_windows(
+    base: np.ndarray, x: np.ndarray, mode: int, ranges: Sequence[tuple[int, int]],
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """In one pass: :func:`key_histogram`, and for each ``[lo, hi)`` in ``ranges`` (one or two:
+    TIES has one threshold, breadcrumbs two) the distinct ``key - lo`` of the keys inside with
+    how often each occurs (counted densely, returned sparsely)."""
+    if not 1 <= len(ranges) <= 2:
+        raise ValueError(f"one or two key ranges per pass, not {len(ranges)}")
+    (lo0, hi0), (lo1, hi1) = ranges[0], ranges[1] if len(ranges) == 2 else (0, 0)
     hist = np.zeros(KEY_BUCKETS, dtype=np.int64)
-    window = np.zeros(max(0, hi - lo), dtype=np.int32)
-    _histogram_and_window(base, x, mode_tag(mode), hist, lo, hi, window)
-    values = np.flatnonzero(window)
-    return torch.from_numpy(hist), (torch.from_numpy(values.astype(np.int32)),
-                                    torch.from_numpy(window[values].astype(np.int64)))
+    w0, w1 = np.zeros(max(0, hi0 - lo0), dtype=np.int32), np.zeros(max(0, hi1 - lo1), dtype=np.int32)
+    _histogram_and_windows(base, x, mode_tag(mode), hist, lo0, hi0, w0, lo1, hi1, w1)
+    parts = []
+    for window in (w0, w1)[:len(ranges)]:
+        values = np.flatnonzero(window)
+        parts.append((torch.from_numpy(values.astype(np.int32)), torch.from_numpy(window[values].astype(np.int64))))
+    return torch.from_numpy(hist), parts
 
 
 # ---- the task-vector merge ------------------------------------------------------------------
@@ -392,7 +400,7 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
         a = as_array(torch.zeros(64, dtype=dtype), kd)
         key_histogram(a, a, mode)
         key_histogram(a[::2], a[::2], mode)
-        histogram_and_window(a, a, mode, 0, 1)
+        histogram_and_windows(a, a, mode, [(0, 1)])
         for n in experts:
             ones = np.ones(n, dtype=a.dtype)
             for consensus in (False, True):

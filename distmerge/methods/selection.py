@@ -57,23 +57,17 @@ class DeltaKeys:
         of the keys in the buckets where the chunk expects it.
 
         The buckets are placed from a strided sample of the keys (a cheap pre-pass), so the
-        histogram and the first window's low bits come from one full pass over the rows
-        (breadcrumbs' second rank costs a second pass).
+        histogram and every window's low bits come from one full pass over the rows.
         """
         step = SAMPLE_STEP if self.numel >= MIN_SAMPLED else 1
         sample = kernels.key_histogram(self._base[::step], self._x[::step], self._mode)
-        high: torch.Tensor | None = None
-        out: dict[str, Speculation] = {}
+        windows = {}
         for name, rank in ranks.items():
             window = local_estimate(sample, rank, numel, self.numel, step)
-            if window is not None and window[1] > MAX_WINDOW_BUCKETS:
-                window = (window[0], 0)
-            lo, hi = (window[0] << 16, (window[0] + window[1]) << 16) if window else (0, 0)
-            hist, (values, counts) = kernels.histogram_and_window(self._base, self._x, self._mode, lo, hi)
-            high = hist if high is None else high
-            out[name] = (window, values, counts)
-        assert high is not None
-        return high, out
+            windows[name] = (window[0], 0) if window is not None and window[1] > MAX_WINDOW_BUCKETS else window
+        ranges = [(w[0] << 16, (w[0] + w[1]) << 16) if w else (0, 0) for w in windows.values()]
+        high, parts = kernels.histogram_and_windows(self._base, self._x, self._mode, ranges)
+        return high, {name: (w, *part) for (name, w), part in zip(windows.items(), parts, strict=True)}
 
     def high_histogram(self) -> torch.Tensor:
         """Counts of the high 16 bits (int64, ``HIGH_BINS`` long)."""
@@ -82,7 +76,7 @@ class DeltaKeys:
     def low_histogram(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Round 1 partial, sparse: the distinct low 16 bits among keys in ``bucket`` and their counts."""
         lo = bucket << 16
-        return kernels.histogram_and_window(self._base, self._x, self._mode, lo, lo + LOW_BINS)[1]
+        return kernels.histogram_and_windows(self._base, self._x, self._mode, [(lo, lo + LOW_BINS)])[1][0]
 
 
 # A chunk's round-0 window (first bucket, bucket count; None for an empty chunk) and the
