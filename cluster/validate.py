@@ -7,20 +7,26 @@ pushed. Two sources of truth, no network:
 - KubeRay objects (RayJob, RayCronJob, RayCluster) against the CustomResourceDefinitions the
   operator installs: their ``openAPIV3Schema`` is translated into JSON Schema (Draft 7) with
   the Kubernetes extensions given their meaning (see ``crd_to_jsonschema``);
-- core objects (PersistentVolumeClaim, ConfigMap, Pod, and every pod template inside the Ray
-  objects) against the Kubernetes OpenAPI schemas that the ``kubernetes-validate`` package
-  ships, in their strict variant (unknown fields are errors).
+- core objects (PersistentVolumeClaim, ConfigMap, Pod, NetworkPolicy, and every pod template
+  inside the Ray objects) against the Kubernetes OpenAPI schemas that the
+  ``kubernetes-validate`` package ships, in their strict variant (unknown fields are errors).
+
+The CRDs are not part of this repository: they are found in ``--crds``, else in the folder
+named by $DISTMERGE_KUBERAY_CRDS, else in ../shared/kuberay-crds beside the repository. The
+kuberay-operator Helm chart ships them under crds/ (``helm pull kuberay/kuberay-operator
+--version 1.6.0 --untar`` leaves them in kuberay-operator/crds/).
 
 Unknown fields are errors everywhere, as with ``kubectl apply --validate=strict`` (kubectl's
 default): without it the API server silently drops them, which hides typos.
 
-    python cluster/validate.py --crds ../shared/kuberay-crds [FILES...]
+    python cluster/validate.py [--crds DIR] [FILES...]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -35,6 +41,32 @@ HERE = Path(__file__).resolve().parent
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml",
              "RayCluster": "ray.io_rayclusters.yaml"}
 KUBERNETES_VERSION = "1.33"
+CRDS_ENV = "DISTMERGE_KUBERAY_CRDS"
+# Where a checkout beside a shared/ folder finds them without configuration.
+SHARED_CRDS = HERE.parents[1] / "shared" / "kuberay-crds"
+CRDS_HINT = (
+    f"set {CRDS_ENV} to a folder holding {', '.join(CRD_FILES.values())} "
+    "(the KubeRay Helm chart kuberay-operator ships them under crds/)")
+CRDS_NOT_FOUND = f"KubeRay CRDs not found: {CRDS_HINT}"
+
+
+class CRDsMissing(FileNotFoundError):
+    """A Ray object cannot be validated: its CRD file is not where the CRDs were looked for."""
+
+
+def find_crd_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The folder of the KubeRay CRDs: $DISTMERGE_KUBERAY_CRDS if set (even if wrong, so a bad
+    pointer fails loudly instead of silently skipping), else ../shared/kuberay-crds where it
+    exists, else None."""
+    pointed = (os.environ if environ is None else environ).get(CRDS_ENV)
+    if pointed:
+        return Path(pointed).expanduser()
+    return SHARED_CRDS if SHARED_CRDS.is_dir() else None
+
+
+def missing_crd_files(crd_dir: Path) -> list[str]:
+    """The CRD files that ``crd_dir`` lacks; empty when every Ray kind can be validated."""
+    return sorted(name for name in CRD_FILES.values() if not (Path(crd_dir) / name).is_file())
 
 # The API server fills metadata of every object from ObjectMeta; a CRD schema leaves it open.
 OBJECT_META: dict[str, Any] = {
@@ -197,7 +229,8 @@ def _known_version(wanted: str) -> str:
 
 
 def pod_templates(doc: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, template) of every pod template inside a Ray object."""
+    """(where, template) of every pod template inside a Ray object: the head, the workers and
+    the RayJob's submitter."""
     spec = doc.get("spec") or {}
     prefix = "spec"
     if doc.get("kind") == "RayCronJob":
@@ -225,27 +258,36 @@ def _where(error: ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<root>"
 
 
-def validate_document(doc: Mapping[str, Any], crd_dir: Path) -> list[str]:
-    """Every problem of one manifest, as 'path: message' lines; empty when it is valid."""
+def validate_pod_templates(doc: Mapping[str, Any]) -> list[str]:
+    """Problems of the pod templates inside a Ray object, against the core PodTemplateSpec:
+    the part of a Ray object that can be checked without its CRD."""
+    validator = core_validator("podtemplatespec-v1")
+    return [f"{where}.{_where(e)}: {e.message}"
+            for where, template in pod_templates(doc) for e in validator.iter_errors(template)]
+
+
+def validate_document(doc: Mapping[str, Any], crd_dir: Path | None) -> list[str]:
+    """Every problem of one manifest, as 'path: message' lines; empty when it is valid.
+
+    A Ray object needs ``crd_dir`` (raises CRDsMissing without it): skipping its CRD check
+    silently would report a typo'd RayJob as valid.
+    """
     if not isinstance(doc, Mapping) or "kind" not in doc:
         return ["<root>: not a Kubernetes object (no kind)"]
     kind = str(doc["kind"])
-    problems: list[str] = []
-    if kind in CRD_FILES:
-        path = Path(crd_dir) / CRD_FILES[kind]
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: KubeRay CRD missing; the schemas live in shared/kuberay-crds/")
-        problems += [f"{_where(e)}: {e.message}" for e in crd_validator(path).iter_errors(doc)]
-        template_validator = core_validator("podtemplatespec-v1")
-        for where, template in pod_templates(doc):
-            problems += [f"{where}.{_where(e)}: {e.message}" for e in template_validator.iter_errors(template)]
-    else:
+    if kind not in CRD_FILES:
         validator = core_validator(_core_schema_name(doc))
-        problems += [f"{_where(e)}: {e.message}" for e in validator.iter_errors(doc)]
-    return problems
+        return [f"{_where(e)}: {e.message}" for e in validator.iter_errors(doc)]
+    if crd_dir is None:
+        raise CRDsMissing(f"{kind}: {CRDS_NOT_FOUND}, or pass --crds DIR")
+    path = Path(crd_dir) / CRD_FILES[kind]
+    if not path.is_file():
+        raise CRDsMissing(f"{path} missing: {CRDS_HINT}, or pass --crds DIR")
+    problems = [f"{_where(e)}: {e.message}" for e in crd_validator(path).iter_errors(doc)]
+    return problems + validate_pod_templates(doc)
 
 
-def validate_file(path: Path, crd_dir: Path) -> list[str]:
+def validate_file(path: Path, crd_dir: Path | None) -> list[str]:
     """Problems of every document of a YAML file, prefixed with the file and document kind."""
     problems = []
     for doc in yaml.safe_load_all(Path(path).read_text()):
@@ -259,11 +301,16 @@ def validate_file(path: Path, crd_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Validate manifests against KubeRay CRDs and Kubernetes schemas.")
     parser.add_argument("files", nargs="*", type=Path, help="YAML files (default: cluster/manifests/*.yaml)")
-    parser.add_argument("--crds", type=Path, default=HERE.parents[1] / "shared" / "kuberay-crds",
-                        help="folder of the KubeRay CRD files")
+    parser.add_argument("--crds", type=Path, default=None,
+                        help=f"folder of the KubeRay CRD files (default: ${CRDS_ENV}, else ../shared/kuberay-crds)")
     args = parser.parse_args(argv)
     files = args.files or sorted((HERE / "manifests").glob("*.yaml"))
-    problems = [p for f in files for p in validate_file(f, args.crds)]
+    crd_dir = args.crds or find_crd_dir()
+    try:
+        problems = [p for f in files for p in validate_file(f, crd_dir)]
+    except CRDsMissing as e:
+        print(f"validate: error: {e}", file=sys.stderr)
+        return 2
     for p in problems:
         print(p, file=sys.stderr)
     print(f"{len(files)} files, {len(problems)} problems")
