@@ -9,7 +9,6 @@ contiguous byte range, so a reader touches only the pages it needs and never map
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,11 +20,16 @@ import torch
 
 from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH
 from distmerge.errors import CheckpointError
+from distmerge.io.files import check_inside, open_regular
+from distmerge.io.structured import parse_json, read_json
+from distmerge.model_config import check_config_against_tensors
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1000 * 1000
+MAX_CONFIG_JSON_BYTES = 16 * 1000**2
+MAX_INDEX_BYTES = 256 * 1000**2
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -67,32 +71,32 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
     dtype, shape and offsets (consistent with shape x dtype, in bounds, contiguous and
     non-overlapping) and that the data section ends exactly at the end of the file.
     """
+    fd = open_regular(path, "the safetensors file", CheckpointError)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
-            header_len = int.from_bytes(head, "little")
-            if header_len <= 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CheckpointError(
-                    f"{path}: header length {header_len} does not fit a {size}-byte file "
-                    "(truncated or not a safetensors file)"
-                )
-            raw = f.read(header_len)
-    except PermissionError as e:
-        raise CheckpointError(f"{path}: permission denied reading the file ({e.strerror})") from e
-    except IsADirectoryError as e:
-        raise CheckpointError(f"{path}: expected a safetensors file, found a directory") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from e
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
+        header_len = int.from_bytes(head, "little")
+        if header_len <= 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            # The length is not echoed: it is the file's first 8 bytes, whatever the file is.
+            raise CheckpointError(
+                f"{path}: its first 8 bytes are not a header length that fits a {size}-byte file "
+                "(truncated or not a safetensors file)"
+            )
+        raw = _pread_all(fd, header_len, 8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors header ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) != header_len:
+        raise CheckpointError(f"{path}: file ended inside its header (truncated while in use?)")
+    header = parse_json(raw, f"{path}: header", CheckpointError, max_depth=None)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: __metadata__ is not an object; the file is corrupt")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ is not an object of strings; the file is corrupt")
     data_start = 8 + header_len
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
@@ -102,9 +106,10 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where}: header entry is not an object; the file is corrupt")
         dtype = entry.get("dtype")
-        if dtype not in SAFETENSORS_TO_TORCH:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_TORCH:
+            shown = repr(dtype) if isinstance(dtype, str) else f"of JSON type {type(dtype).__name__}"
             raise CheckpointError(
-                f"{where}: unknown dtype {dtype!r}; known: {', '.join(SAFETENSORS_TO_TORCH)}"
+                f"{where}: unknown dtype {shown[:80]}; known: {', '.join(SAFETENSORS_TO_TORCH)}"
             )
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(
@@ -147,7 +152,19 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
             f"{path}: tensors cover {position} data bytes but the file holds {data_len}; "
             "the file is truncated or has trailing garbage"
         )
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, {str(k): v for k, v in metadata.items()}
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (fewer only at end of file), in as many reads as it takes."""
+    chunks, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
 
 
 @dataclass
@@ -167,17 +184,15 @@ class Checkpoint:
         if not folder.is_dir():
             raise CheckpointError(f"{role} {folder}: expected a model folder, found a file")
         config_path = folder / "config.json"
-        if not config_path.is_file():
+        if not config_path.exists():
             raise CheckpointError(
                 f"{role} {folder}: no config.json; a Hugging Face model folder needs one "
                 "(save the model with save_pretrained)"
             )
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
-        except PermissionError as e:
-            raise CheckpointError(f"{config_path}: permission denied ({e.strerror})") from e
+        config = read_json(check_inside(config_path, folder, "config.json", CheckpointError),
+                           f"{role}'s config.json", CheckpointError, limit=MAX_CONFIG_JSON_BYTES)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object of settings, got a {type(config).__name__}")
         files = _weight_files(folder, role)
         tensors: dict[str, TensorInfo] = {}
         for file in files:
@@ -189,8 +204,9 @@ class Checkpoint:
                     )
                 tensors[name] = info
         index_path = folder / INDEX_NAME
-        if index_path.is_file():
-            _check_index(index_path, tensors)
+        if index_path.exists():
+            _check_index(index_path, _read_weight_map(folder), tensors)
+        check_config_against_tensors(config, tensors, config_path)
         return cls(folder, config, tensors)
 
     @property
@@ -207,22 +223,37 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def _read_weight_map(folder: Path) -> dict[str, str]:
+    """The index's ``weight_map``, checked to be names of files inside ``folder``."""
+    index_path = folder / INDEX_NAME
+    index = read_json(check_inside(index_path, folder, "the index", CheckpointError), "the index",
+                      CheckpointError, limit=MAX_INDEX_BYTES)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map object)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or "\0" in file:
+            shown = f"of JSON type {type(file).__name__}" if not isinstance(file, str) else "empty or not a name"
+            raise CheckpointError(f"{index_path}: weight_map entry of tensor {name!r} is {shown}; expected a file name")
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {file!r}, a path outside the "
+                                  "model folder; refused (an index names files inside its own folder)")
+    return weight_map
+
+
 def _weight_files(folder: Path, role: str) -> list[Path]:
     index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from e
+    if index_path.exists():
+        names = sorted(set(_read_weight_map(folder).values()))
         files = [folder / n for n in names]
-        missing = [str(f) for f in files if not f.is_file()]
+        missing = [str(f) for f in files if not f.exists()]
         if missing:
-            raise CheckpointError(f"{index_path}: lists files that do not exist: {', '.join(missing)}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
+            raise CheckpointError(f"{index_path}: lists files that do not exist: {', '.join(missing[:5])}")
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if files:
+        for f in files:
+            check_inside(f, folder, "weight file", CheckpointError)
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -235,13 +266,12 @@ def _weight_files(folder: Path, role: str) -> list[Path]:
     raise CheckpointError(f"{role} {folder}: no *.safetensors files found")
 
 
-def _check_index(index_path: Path, tensors: dict[str, TensorInfo]) -> None:
-    weight_map = json.loads(index_path.read_text())["weight_map"]
+def _check_index(index_path: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
     for name, file in weight_map.items():
         info = tensors.get(name)
         if info is None:
             raise CheckpointError(f"{index_path}: tensor {name!r} is listed in the index but not in {file}")
-        if Path(info.file).name != file:
+        if Path(info.file).name != Path(file).name:
             raise CheckpointError(
                 f"{index_path}: tensor {name!r} is indexed in {file} but stored in {Path(info.file).name}"
             )
@@ -262,7 +292,7 @@ def read_rows(info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
         view = memoryview(buffer.numpy())
-        fd = os.open(info.file, os.O_RDONLY)
+        fd = open_regular(info.file, f"the file of tensor {info.name!r}", CheckpointError)
         try:
             done = 0
             start = info.offset + row_start * row_bytes
@@ -274,6 +304,9 @@ def read_rows(info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
                         f"{row_start}:{row_end} (truncated while in use?)"
                     )
                 done += got
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: tensor {info.name!r}: reading rows {row_start}:{row_end} "
+                                  f"failed ({e.strerror}); was the file changed during the merge?") from None
         finally:
             os.close(fd)
     tensor = buffer.view(SAFETENSORS_TO_TORCH[info.dtype])

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distmerge.errors import DistmergeError
+from distmerge.errors import ConfigError, DistmergeError
 from distmerge.sizes import parse_size
 
 log = logging.getLogger("distmerge")
@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--shard-size", type=_size_arg, help="memory budget of one work unit, e.g. 256MB (default from config)")
     merge.add_argument("--workers", type=int, help="work units in flight at once (default: CPUs of the cluster)")
     merge.add_argument("--seed", type=int, help="seed of randomized methods (DARE, DELLA)")
-    merge.add_argument("--overwrite", action="store_true", help="replace whatever OUT_DIR holds")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier distmerge output in OUT_DIR (deletes only files a distmerge run "
+                            "wrote; refuses if OUT_DIR holds anything else, or is, contains or is inside an input)")
+    merge.add_argument("--overwrite-foreign", action="store_true",
+                       help="with --overwrite: also delete files in OUT_DIR that no distmerge run wrote")
     merge.add_argument("--resume", action="store_true",
                        help="finish an interrupted merge in OUT_DIR (rerunning the same command does this too)")
     merge.add_argument("--allow-nonfinite", action="store_true",
@@ -73,9 +77,14 @@ def _configure_logging(debug: bool) -> None:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from distmerge.engine.run import run_merge
 
+    if args.overwrite_foreign and not args.overwrite:
+        raise ConfigError("--overwrite-foreign only widens --overwrite; pass both to delete files in OUT_DIR "
+                          "that no distmerge run wrote")
+
     report = run_merge(
         args.config, args.out_dir, ray_address=args.ray_address, shard_size=args.shard_size,
-        workers=args.workers, seed=args.seed, overwrite=args.overwrite, resume=args.resume,
+        workers=args.workers, seed=args.seed, overwrite=args.overwrite, overwrite_foreign=args.overwrite_foreign,
+        resume=args.resume,
         allow_nonfinite=True if args.allow_nonfinite else None, progress=not args.no_progress,
     )
     if report.get("noop"):
@@ -112,11 +121,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from distmerge.aim import calibrate
     from distmerge.config import load_config
     from distmerge.engine.cluster import connect
-    from distmerge.errors import ConfigError
-
+    from distmerge.output.directory import check_statistics_target, input_paths
     config = load_config(args.config)
     if config.aim is None or not config.base_model:
         raise ConfigError(f"{args.config}: calibrate needs base_model and an aim: block")
+    check_statistics_target(args.out, input_paths(config, args.config))
     connect(args.ray_address)
     stats, _ = calibrate(Path(config.base_model), config.aim, args.out, progress=not args.no_progress)
     print(f"wrote statistics of {len(stats)} modules to {args.out}")
@@ -137,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distmerge: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, the traceback is for --debug
+        if args.debug:
+            raise
+        print(f"distmerge: internal error ({type(e).__name__}: {str(e)[:300]}); this is a bug in distmerge, "
+              "not in your input: rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

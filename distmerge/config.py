@@ -19,11 +19,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distmerge.dtypes import config_dtype
 from distmerge.errors import ConfigError
+from distmerge.io.structured import check_bounded, read_yaml
 from distmerge.sizes import parse_size
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -40,12 +40,20 @@ class ModelEntry(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+# Upper bounds on counts a config can ask for: generous for any real merge, and small enough
+# that a typo (or a hostile file) is refused at load time instead of costing hours or all memory.
+MAX_SEED = 2**63 - 1
+MAX_WORKERS = 100_000
+MAX_CALIBRATION_SAMPLES = 10_000_000
+MAX_BLOCK_SIZE = 1 << 20
+
+
 class CalibrationConfig(_Strict):
     dataset: str = "builtin"
     text_field: str = "text"
-    n_samples: int = Field(256, ge=1)
-    block_size: int = Field(512, ge=2)
-    seed: int = 42
+    n_samples: int = Field(256, ge=1, le=MAX_CALIBRATION_SAMPLES)
+    block_size: int = Field(512, ge=2, le=MAX_BLOCK_SIZE)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
 
 
 class AimConfig(_Strict):
@@ -57,13 +65,13 @@ class AimConfig(_Strict):
     stats: str | None = None
     stages: int | Literal["auto"] = "auto"
     stage_memory: int = 2 * 1000**3
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(4, ge=1, le=65536)
 
     @field_validator("stages")
     @classmethod
     def _positive_stages(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("stages must be 'auto' or a positive integer")
+        if isinstance(v, int) and not 1 <= v <= 4096:
+            raise ValueError("stages must be 'auto' or an integer from 1 to 4096")
         return v
 
     @field_validator("stage_memory", mode="before")
@@ -75,8 +83,8 @@ class AimConfig(_Strict):
 class ExecutionConfig(_Strict):
     shard_size: int = 256 * 1000**2
     max_file_size: int = 5 * 1000**3
-    workers: int | None = Field(None, ge=1)
-    seed: int = 0
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     allow_nonfinite: bool = False
     verify: bool = True
 
@@ -160,6 +168,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     """Validate a config mapping; errors name the key and the allowed values."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys (merge_method, models, ...), got {type(data).__name__}")
+    check_bounded(data, source, ConfigError)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:
@@ -169,22 +178,9 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
 def load_config(path: str | Path) -> MergeConfig:
     """Read a YAML config file; YAML syntax errors report the line and column."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except PermissionError as e:
-        raise ConfigError(f"{path}: permission denied ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (expected YAML)") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    return parse_config(data, str(path))
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    return parse_config(read_yaml(path, "the merge config", ConfigError), str(path))
 
 
 def layer_position(tensor: str, num_layers: int | None) -> float:

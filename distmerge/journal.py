@@ -22,6 +22,7 @@ from typing import Any
 
 from distmerge import __version__
 from distmerge.errors import OutputError
+from distmerge.io.files import read_limited
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ JOURNAL_NAME = "distmerge_journal.jsonl"
 FORMAT_VERSION = 1
 FSYNC_INTERVAL_S = 1.0
 CRC_CHUNK = 16 * 1024 * 1024
+MAX_JOURNAL_BYTES = 1 << 30
 
 
 def _digest(data: Any) -> str:
@@ -81,19 +83,28 @@ class JournalState:
     header: dict[str, Any]
     units: dict[tuple[int, int, int], int] = field(default_factory=dict)
     files: set[str] = field(default_factory=set)
+    written: set[str] = field(default_factory=set)
     complete: bool = False
 
 
 def read_journal(path: Path) -> JournalState | None:
     """Parse a journal; None when there is none. A torn trailing line is ignored."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    lines = path.read_text().splitlines()
+    if path.is_symlink():
+        raise OutputError(f"{path}: the journal is a symbolic link; refused (a journal is a file distmerge writes)")
+    try:
+        lines = read_limited(path, "the journal", MAX_JOURNAL_BYTES, OutputError).decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise OutputError(f"{path}: not a distmerge journal (not text); rerun with --overwrite") from None
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            records.append(record)
+        except (ValueError, RecursionError):
             if i == len(lines) - 1:
                 log.warning("%s: ignoring a torn last line (interrupted write)", path)
                 break
@@ -101,13 +112,24 @@ def read_journal(path: Path) -> JournalState | None:
                               "(rerun with --overwrite to start over)") from None
     if not records or records[0].get("kind") != "header" or records[0].get("version") != FORMAT_VERSION:
         raise OutputError(f"{path}: not a distmerge journal of format {FORMAT_VERSION} (rerun with --overwrite)")
-    state = JournalState(records[0])
-    for r in records[1:]:
+    header = records[0]
+    shard = header.get("shard_size")
+    if not (isinstance(header.get("parts"), dict) and isinstance(header.get("config"), dict)
+            and isinstance(shard, int) and not isinstance(shard, bool) and shard > 0
+            and all(isinstance(header.get(k), list) and all(isinstance(n, str) for n in header[k])
+                    for k in ("tensors", "files"))):
+        raise OutputError(f"{path}: the journal's header is damaged (rerun with --overwrite to start over)")
+    state = JournalState(header)
+    for i, r in enumerate(records[1:], start=2):
         kind = r.get("kind")
         if kind == "unit":
-            state.units[(r["t"], r["r0"], r["r1"])] = r["crc"]
-        elif kind == "file":
-            state.files.add(r["name"])
+            key = (r.get("t"), r.get("r0"), r.get("r1"))
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*key, r.get("crc"))):
+                raise OutputError(f"{path}: line {i} is not a valid unit record; the journal is damaged "
+                                  "(rerun with --overwrite to start over)")
+            state.units[key] = r["crc"]  # type: ignore[index]
+        elif kind in ("file", "wrote") and isinstance(r.get("name"), str):
+            (state.files if kind == "file" else state.written).add(r["name"])
         elif kind == "complete":
             state.complete = True
     return state
@@ -121,7 +143,8 @@ class JournalWriter:
         if header is None:
             _drop_torn_tail(path)
         try:
-            self._f = open(path, "a" if header is None else "w")  # noqa: SIM115 - closed in close()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if header is None else os.O_TRUNC)
+            self._f = os.fdopen(os.open(path, flags, 0o644), "a" if header is None else "w")
         except OSError as e:
             raise OutputError(f"{path}: cannot write the journal ({e.strerror})") from e
         self._synced = time.monotonic()
@@ -141,11 +164,22 @@ class JournalWriter:
     def unit(self, tensor: int, row_start: int, row_end: int, crc: int) -> None:
         self._append({"kind": "unit", "t": tensor, "r0": row_start, "r1": row_end, "crc": crc})
 
+    def wrote(self, name: str) -> None:
+        """Record, before creating it, that this run writes ``name`` in OUT (so it may delete it)."""
+        self._append({"kind": "wrote", "name": name}, sync=True)
+
     def file(self, name: str) -> None:
         self._append({"kind": "file", "name": name}, sync=True)
 
     def complete(self) -> None:
         self._append({"kind": "complete"}, sync=True)
+
+    def flush(self) -> None:
+        """Make every record so far durable (before the journal is read back)."""
+        try:
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot sync the journal ({e.strerror})") from e
 
     def close(self) -> None:
         if self._f.closed:

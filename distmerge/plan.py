@@ -8,6 +8,7 @@ work units sized by a memory budget. The same config gives the same plan, byte f
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distmerge.checkpoint import Checkpoint, RowShape, TensorInfo
 from distmerge.config import IGNORED_PARAMETERS, MergeConfig, layer_position, resolve_value
-from distmerge.dtypes import FLOAT_CODES, ITEMSIZE
+from distmerge.dtypes import FLOAT_CODES, ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, TensorParams
@@ -183,7 +186,27 @@ def _resolve_params(config: MergeConfig, method: MergeMethod, expert_entries: li
         experts.append(values)
     params = TensorParams(global_values, tuple(experts))
     method.validate(params, f"tensor {tensor}")
+    _check_representable(params, config.compute_dtype, expert_entries, tensor)
     return params
+
+
+@functools.lru_cache(maxsize=4096)
+def _finite_in(value: float, dtype: str) -> bool:
+    return bool(torch.isfinite(torch.tensor(value, dtype=SAFETENSORS_TO_TORCH[dtype])))
+
+
+def _check_representable(params: TensorParams, compute: str, expert_entries: list[tuple[int, Any]],
+                         tensor: str) -> None:
+    """Refuse a parameter the compute dtype rounds to infinity (a weight of 1e5 in float16)
+    at plan time, instead of a merge of infinities discovered after the whole run."""
+    places = [("parameters", params.global_)]
+    places += [(f"models[{index}].parameters", values)
+               for (index, _), values in zip(expert_entries, params.experts, strict=True)]
+    for where, values in places:
+        for key, value in values.items():
+            if isinstance(value, float) and not _finite_in(value, compute):
+                raise ConfigError(f"{where}.{key} (tensor {tensor}): {value!r} overflows the compute dtype "
+                                  f"{TORCH_NAME.get(compute, compute)}; use a smaller value or dtype: float32")
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:

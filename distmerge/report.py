@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from distmerge.plan import MergePlan
 
 REPORT_NAME = "merge_report.json"
+MODEL_CARD_NAME = "README.md"
 
 
 def aim_summary(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -111,4 +112,4 @@ def write_model_card(out_dir: Path, plan: MergePlan, report: dict[str, Any]) -> 
     if "aim" in report:
         lines.append(f"- AIM (arXiv 2502.02421): omega {report['aim']['omega']}, {report['aim']['relaxed_tensors']} tensors relaxed")
     lines += ["", "The exact configuration is in `distmerge_config.yml`, the run's figures in `merge_report.json`.", ""]
-    write_text_atomic(out_dir / "README.md", "\n".join(lines))
+    write_text_atomic(out_dir / MODEL_CARD_NAME, "\n".join(lines))

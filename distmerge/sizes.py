@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from distmerge.errors import ConfigError
@@ -22,6 +23,8 @@ _UNITS = {
     "GIB": 1024**3,
     "TIB": 1024**4,
 }
+# Larger than any disk or memory budget; a bigger value is a typo (or ``.inf``), not a plan.
+MAX_SIZE = 1000**5
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -33,6 +36,10 @@ def parse_size(value: int | float | str, field: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{field}: expected a size such as 512MB or 5GB, got {value!r}")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{field}: {value!r} is not a size; write bytes or a unit, e.g. 512MB, 5GB")
+        if value > MAX_SIZE:
+            raise ConfigError(f"{field}: {value!r} bytes is more than {MAX_SIZE} (1 PB); a typo?")
         number, unit = float(value), ""
     else:
         match = _SIZE_RE.match(str(value))
@@ -45,6 +52,8 @@ def parse_size(value: int | float | str, field: str = "size") -> int:
         raise ConfigError(
             f"{field}: unknown unit {unit!r} in {value!r}; use B, KB, MB, GB, TB (or KiB, MiB, GiB)"
         )
+    if number * _UNITS[unit] > MAX_SIZE:
+        raise ConfigError(f"{field}: {value!r} is more than 1 PB; a typo?")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise ConfigError(f"{field}: size must be positive, got {value!r}")

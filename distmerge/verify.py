@@ -1,15 +1,17 @@
 """``distmerge verify``: is a merged checkpoint complete, consistent and intact?
 
-Checks the index against the files, every safetensors header, every checksum in the merge
-journal against the bytes on disk, that the architecture named by ``config.json`` finds every
-tensor it expects with the right shape and dtype, and that no tensor holds NaN or Inf. The merge
-runs the same checks before it writes the index.
+Checks the index against the files, every safetensors header, every checksum of the output's
+own manifest (:mod:`distmerge.output.manifest`) against the bytes on disk, that the manifest
+covers every byte of every model file, that the architecture named by ``config.json`` (its sizes
+first checked against the tensors) finds every tensor it expects with the right shape and dtype,
+and that no tensor holds NaN or Inf. A journal left in the output is compared with the manifest,
+never relied on. The merge runs the same checks before it writes the index.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,12 @@ import torch
 
 from distmerge.checkpoint import TensorInfo, parse_safetensors_header, read_rows
 from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
-from distmerge.errors import CheckpointError
+from distmerge.errors import CheckpointError, OutputError
+from distmerge.io.files import open_regular
+from distmerge.io.structured import read_json
 from distmerge.journal import CRC_CHUNK, JOURNAL_NAME, read_journal
+from distmerge.model_config import check_config_against_tensors
+from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME, load_manifest, sha256_of
 from distmerge.writer import INDEX_NAME, PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -77,29 +83,51 @@ def _scan_finite(info: TensorInfo) -> int:
     return bad
 
 
-def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = None, deep: bool = True,
+def _read_index(out: Path, result: VerifyResult) -> tuple[dict[str, str] | None, str | None]:
+    """The index's weight map (names checked to be plain file names) and the manifest hash it records."""
+    index = out / INDEX_NAME
+    if not index.exists():
+        result.problems.append(f"{index}: missing; the merge did not finish (rerun it to resume)")
+        return None, None
+    try:
+        data = read_json(index, "the index", OutputError)
+    except OutputError as e:
+        result.problems.append(str(e))
+        return None, None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and f and "/" not in f and f not in (".", "..") for f in weight_map.values()):
+        result.problems.append(f"{index}: not a valid index (weight_map must map tensors to file names in {out})")
+        return None, None
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    digest = metadata.get(INDEX_KEY)
+    return weight_map, digest if isinstance(digest, str) else None
+
+
+def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = None,
+                  manifest: dict[str, Any] | None = None, deep: bool = True,
                   allow_nonfinite: bool = False) -> VerifyResult:
-    """Verify a merged checkpoint; ``weight_map`` stands in for the index before it is written."""
+    """Verify a merged checkpoint.
+
+    ``weight_map`` and ``manifest`` stand in for the index and the manifest file while the
+    merge is finishing (it verifies before it writes them). ``deep=False`` checks the layout
+    (index, headers, sizes, header checksums, manifest coverage, architecture) without
+    reading tensor data.
+    """
     out = Path(out_dir)
     result = VerifyResult()
+    manifest_digest = None
     if weight_map is None:
-        index = out / INDEX_NAME
-        if not index.is_file():
-            result.problems.append(f"{index}: missing; the merge did not finish (rerun it to resume)")
+        weight_map, manifest_digest = _read_index(out, result)
+        if weight_map is None:
             return result
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            result.problems.append(f"{index}: not a valid index ({e!r})")
-            return result
-    assert weight_map is not None
     for p in sorted(out.glob("*" + PARTIAL_SUFFIX)):
         result.problems.append(f"{p}: unfinished temporary file")
     infos: dict[str, TensorInfo] = {}
     for file in sorted(set(weight_map.values())):
         path = out / file
-        if not path.is_file():
-            result.problems.append(f"{path}: listed in the index but missing")
+        if not path.is_file() or path.is_symlink():
+            result.problems.append(f"{path}: listed in the index but missing (or not a regular file)")
             continue
         try:
             tensors, _ = parse_safetensors_header(path)
@@ -114,17 +142,145 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
             result.problems.append(f"{out / weight_map[name]}: tensor {name!r} is in the index but not in the file")
     result.tensors = len(infos)
     _check_architecture(out, infos, result)
+    if manifest is None:
+        manifest = _load_manifest(out, manifest_digest, result)
+    covered = _check_manifest_layout(out, manifest, weight_map, infos, result) if manifest is not None else {}
+    if manifest is not None:
+        _check_other_files(out, manifest, result)
     if deep:
-        nonfinite = _check_journal(out, infos, result)
+        nonfinite = _check_ranges(infos, covered, result)
         for name, info in sorted(infos.items()):
-            if name not in nonfinite:  # not covered by journaled units: scan on its own
+            if name not in nonfinite:  # not covered by the manifest: scan on its own
                 nonfinite[name] = _scan_finite(info)
                 result.bytes_scanned += info.nbytes
         for name, bad in sorted(nonfinite.items()):
             if bad:
                 message = f"{infos[name].file}: tensor {name!r} has {bad} NaN/Inf values"
                 (result.warnings if allow_nonfinite else result.problems).append(message)
+        if manifest is not None:
+            _compare_journal(out, infos, covered, result)
     return result
+
+
+def _load_manifest(out: Path, digest: str | None, result: VerifyResult) -> dict[str, Any] | None:
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        result.problems.append(f"{path}: missing; the output's checksums cannot be verified"
+                               + (" (the index says it had one)" if digest else ""))
+        return None
+    try:
+        manifest = load_manifest(path)
+    except OutputError as e:
+        result.problems.append(str(e))
+        return None
+    if digest is None:
+        result.problems.append(f"{out / INDEX_NAME}: records no manifest checksum; the manifest cannot be trusted")
+    elif sha256_of(path) != digest:
+        result.problems.append(f"{path}: does not match the checksum the index records (edited or replaced)")
+    return manifest
+
+
+def _check_manifest_layout(out: Path, manifest: dict[str, Any], weight_map: dict[str, str],
+                           infos: dict[str, TensorInfo], result: VerifyResult) -> dict[str, list[list[int]]]:
+    """Sizes, header checksums and that the manifest's ranges tile every tensor; returns the ranges."""
+    files = manifest["files"]
+    for name in sorted(set(weight_map.values()) ^ set(files)):
+        where = "the index" if name in set(weight_map.values()) else "the manifest"
+        result.problems.append(f"{out / name}: listed only in {where}; the manifest does not describe this output")
+    covered: dict[str, list[list[int]]] = {}
+    for name, entry in sorted(files.items()):
+        path = out / name
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            result.problems.append(f"{path}: {size} bytes, the manifest says {entry['size']}")
+            continue
+        got = _crc_of(path, 0, entry["header_bytes"])
+        if got != entry["header_crc32"]:
+            result.problems.append(f"{path}: its header fails its checksum (the file changed or was replaced)")
+        in_file = {n for n, f in weight_map.items() if f == name}
+        for tensor in sorted(in_file ^ set(entry["tensors"])):
+            result.problems.append(f"{path}: tensor {tensor!r} is not covered by the manifest")
+        for tensor, ranges in entry["tensors"].items():
+            info = infos.get(tensor)
+            if info is None:
+                continue
+            position = 0
+            for r0, r1, _ in sorted(ranges):
+                if r0 != position or r1 <= r0:
+                    break
+                position = r1
+            if position != info.rows:
+                result.problems.append(f"{path}: the manifest's checksums of tensor {tensor!r} do not cover "
+                                       f"its {info.rows} rows")
+                continue
+            covered[tensor] = sorted(ranges)
+    return covered
+
+
+def _check_other_files(out: Path, manifest: dict[str, Any], result: VerifyResult) -> None:
+    for name, digest in sorted(manifest["other_files"].items()):
+        path = out / name
+        if "/" in name or not path.is_file():
+            result.problems.append(f"{path}: listed in the manifest but missing")
+        elif sha256_of(path) != digest:
+            result.problems.append(f"{path}: fails its checksum (changed after the merge)")
+
+
+def _check_ranges(infos: dict[str, TensorInfo], covered: dict[str, list[list[int]]],
+                  result: VerifyResult) -> dict[str, int]:
+    """Check every range's CRC, counting NaN/Inf in the same read: the output is read once."""
+    nonfinite: dict[str, int] = {}
+    for name, ranges in sorted(covered.items()):
+        info = infos[name]
+        row_bytes = info.row_numel * ITEMSIZE[info.dtype]
+        bad_total = 0
+        for r0, r1, crc in ranges:
+            got, bad = _crc_and_nonfinite(info, info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+            result.bytes_scanned += (r1 - r0) * row_bytes
+            bad_total += bad
+            if got != crc:
+                result.problems.append(f"{info.file}: tensor {info.name!r} rows {r0}:{r1} fail their checksum "
+                                       "(the file changed or was damaged after the merge)")
+            else:
+                result.checksums_verified += 1
+        nonfinite[name] = bad_total
+    return nonfinite
+
+
+def _compare_journal(out: Path, infos: dict[str, TensorInfo], covered: dict[str, list[list[int]]],
+                     result: VerifyResult) -> None:
+    """The journal, where one is left, must agree with the manifest; it is never relied on."""
+    try:
+        journal = read_journal(out / JOURNAL_NAME)
+    except OutputError as e:
+        result.warnings.append(f"{e} (not used: the manifest is what verify trusts)")
+        return
+    if journal is None:
+        return
+    names = journal.header.get("tensors", [])
+    expected = {(name, r0, r1): crc for name, ranges in covered.items() for r0, r1, crc in ranges}
+    seen = 0
+    for (t, r0, r1), crc in sorted(journal.units.items()):
+        key = (names[t] if t < len(names) else None, r0, r1)
+        if key in expected:
+            seen += 1
+            if expected[key] != crc:
+                result.problems.append(f"{out / JOURNAL_NAME}: tensor {key[0]!r} rows {r0}:{r1} has another "
+                                       "checksum in the journal than in the manifest")
+    if seen < len(expected):
+        result.warnings.append(f"{out / JOURNAL_NAME}: covers {seen} of the output's {len(expected)} checksummed "
+                               "ranges (edited, or left by another run); not used")
+
+
+def _crc_of(path: Path, offset: int, length: int) -> int | None:
+    fd = open_regular(path, "an output file", OutputError)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    return zlib.crc32(data) if len(data) == length else None
 
 
 def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyResult) -> None:
@@ -132,7 +288,14 @@ def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyR
     if not config_path.is_file():
         result.problems.append(f"{config_path}: missing")
         return
-    config = json.loads(config_path.read_text())
+    try:
+        config = read_json(config_path, "config.json", CheckpointError)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object of settings")
+        check_config_against_tensors(config, infos, config_path)
+    except CheckpointError as e:
+        result.problems.append(str(e))
+        return
     expected = expected_architecture(config)
     if expected is None:
         result.warnings.append(f"{config_path}: transformers cannot build model_type "
@@ -154,46 +317,15 @@ def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyR
                 result.problems.append(f"tensor {name!r} is {info.dtype} but config.json says {dtype_name}")
 
 
-def _check_journal(out: Path, infos: dict[str, TensorInfo], result: VerifyResult) -> dict[str, int]:
-    """Check every journaled unit's CRC, counting NaN/Inf in the same read of its bytes.
-
-    Returns NaN/Inf counts of the tensors whose rows the journal covers completely, so the
-    caller scans only the others: the output is read once, not twice.
-    """
-    journal = read_journal(out / JOURNAL_NAME)
-    if journal is None:
-        result.warnings.append(f"{out / JOURNAL_NAME}: no journal; checksums not verified")
-        return {}
-    names = journal.header.get("tensors", [])
-    nonfinite: dict[str, int] = {}
-    covered: dict[str, int] = {}
-    for (t, r0, r1), crc in sorted(journal.units.items()):
-        info = infos.get(names[t]) if t < len(names) else None
-        if info is None:
-            result.problems.append(f"journal unit of tensor #{t} names no tensor of the output")
-            continue
-        row_bytes = info.row_numel * ITEMSIZE[info.dtype]
-        got, bad = _crc_and_nonfinite(info, info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
-        result.bytes_scanned += (r1 - r0) * row_bytes
-        nonfinite[info.name] = nonfinite.get(info.name, 0) + bad
-        covered[info.name] = covered.get(info.name, 0) + (r1 - r0)
-        if got != crc:
-            result.problems.append(f"{info.file}: tensor {info.name!r} rows {r0}:{r1} fail their checksum "
-                                   "(the file changed or was damaged after the merge)")
-        else:
-            result.checksums_verified += 1
-    return {name: bad for name, bad in nonfinite.items() if covered[name] >= infos[name].rows}
-
-
 def _crc_and_nonfinite(info: TensorInfo, offset: int, length: int) -> tuple[int | None, int]:
     """CRC-32 of a byte range and the NaN/Inf count of the values in it, from one read."""
     crc, bad, done = 0, 0, 0
     is_float = info.dtype in ("F64", "F32", "F16", "BF16")
     dtype = SAFETENSORS_TO_TORCH[info.dtype]
-    with open(info.file, "rb", buffering=0) as f:
+    fd = open_regular(info.file, "an output file", OutputError)
+    try:
         while done < length:
-            f.seek(offset + done)
-            chunk = f.read(min(CRC_CHUNK, length - done))
+            chunk = os.pread(fd, min(CRC_CHUNK, length - done), offset + done)
             if not chunk:
                 return None, bad
             crc = zlib.crc32(chunk, crc)
@@ -202,4 +334,6 @@ def _crc_and_nonfinite(info: TensorInfo, offset: int, length: int) -> tuple[int 
                 if not bool(torch.isfinite(values.float().sum())):
                     bad += int((~torch.isfinite(values)).sum())
             done += len(chunk)
+    finally:
+        os.close(fd)
     return crc, bad

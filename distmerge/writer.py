@@ -16,14 +16,14 @@ import errno
 import json
 import logging
 import os
-import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distmerge.errors import OutputError
+from distmerge.io.files import is_within, model_roots, read_limited
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,17 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "vocab.txt", "spiece.model",
 )
+# The files that make a tokenizer loadable on their own (special_tokens_map.json does not).
+TOKENIZER_CORE_FILES = tuple(n for n in TOKENIZER_FILES if n.startswith(("tokenizer", "vocab", "spiece")))
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
+MAX_SIDE_FILE_BYTES = 1 << 30
 
 
 def _os_error(e: OSError, path: Path | str, action: str) -> OutputError:
     if e.errno == errno.ENOSPC:
         return OutputError(f"{path}: no space left on the device while {action}; free space or choose another OUT_DIR")
+    if e.errno == errno.ELOOP:
+        return OutputError(f"{path}: is a symbolic link; refused (distmerge writes only its own files in OUT_DIR)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"{path}: permission denied while {action} ({e.strerror}); choose a writable OUT_DIR")
     return OutputError(f"{path}: {e.strerror or e} while {action}")
@@ -51,7 +57,7 @@ def partial_path(out_dir: Path, name: str) -> Path:
 def create_file(path: Path, header: bytes, size: int) -> None:
     """Create ``path`` at its full size with its header written and the space reserved."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise _os_error(e, path, "creating the output file") from e
     try:
@@ -75,7 +81,7 @@ def write_at(path: Path, offset: int, tensor: torch.Tensor) -> int:
     data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
     view = memoryview(data)
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         raise _os_error(e, path, "opening for writing") from e
     try:
@@ -131,21 +137,36 @@ def finalize_file(out_dir: Path, name: str) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file under a temporary name, fsync it, then rename it into place."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a small file under a temporary name, fsync it, then rename it into place.
+
+    The temporary name is created exclusively and never through a link, so a link planted
+    at ``NAME.partial`` in a shared output directory cannot redirect the write elsewhere.
+    """
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.unlink(missing_ok=True)  # removes a planted link itself, never its target
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
         raise _os_error(e, path, "writing") from e
 
 
-def write_index(out_dir: Path, files: Iterable[tuple[str, tuple[str, ...], int]], total_size: int) -> None:
+def write_index(out_dir: Path, files: Iterable[tuple[str, tuple[str, ...], int]], total_size: int,
+                metadata: dict[str, Any] | None = None) -> None:
     """Write ``model.safetensors.index.json`` (last: it marks the checkpoint complete)."""
     weight_map = {t: name for name, tensors, _ in files for t in tensors}
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": total_size, **(metadata or {})}, "weight_map": dict(sorted(weight_map.items()))}
     write_text_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     fsync_path(out_dir)
 
@@ -160,17 +181,35 @@ def write_model_config(out_dir: Path, config: dict, out_dtype_name: str | None) 
     write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def copy_tokenizer(source: Path, out_dir: Path) -> list[str]:
-    """Copy tokenizer and generation files from ``source``; returns what was copied."""
-    copied = []
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
+def copy_side_files(source: Path, out_dir: Path, record: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """Copy tokenizer and generation files from the model folder ``source``.
+
+    Only regular files are copied, and only when they really live in the model folder (or
+    its Hugging Face cache blob store): a ``tokenizer.json`` that links to ``/etc/passwd`` is
+    skipped, not copied, and so is a FIFO or device. ``record(name)`` is called before each
+    file is created (the journal's write-ahead record of what this run owns). Returns the
+    names copied and the reasons for those skipped (also logged).
+    """
+    copied, skipped = [], []
+    roots = model_roots(source)
+    for name in SIDE_FILES:
         src = source / name
-        if src.is_file():
-            try:
-                shutil.copyfile(src, out_dir / name)
-            except OSError as e:
-                raise _os_error(e, out_dir / name, f"copying {src}") from e
-            copied.append(name)
-    if not any(n.startswith(("tokenizer", "vocab", "spiece")) for n in copied):
+        if not os.path.lexists(src):
+            continue
+        real = src.resolve()
+        if not is_within(real, roots):
+            skipped.append(f"{name}: a link to a location outside {source}")
+            continue
+        try:
+            data = read_limited(real, name, MAX_SIDE_FILE_BYTES, OutputError)
+        except OutputError as e:
+            skipped.append(f"{name}: {str(e).split(': ', 1)[-1]}")
+            continue
+        record(name)
+        write_bytes_atomic(out_dir / name, data)
+        copied.append(name)
+    for reason in skipped:
+        log.warning("tokenizer_source: skipped %s", reason)
+    if not any(n in TOKENIZER_CORE_FILES for n in copied):
         log.warning("tokenizer_source %s has no tokenizer files; the output has none either", source)
-    return copied
+    return copied, skipped

@@ -11,6 +11,7 @@ longer ones) until ``n_samples`` are kept, concatenate them and cut the stream i
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,10 +22,11 @@ import torch
 from distmerge.aim.data import read_dataset
 from distmerge.config import CalibrationConfig
 from distmerge.errors import CheckpointError, ConfigError
+from distmerge.io.files import check_inside, require_regular
+from distmerge.writer import SIDE_FILES, TOKENIZER_CORE_FILES
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
 def load_calibration_blocks(calibration: CalibrationConfig, tokenizer_dir: Path) -> torch.Tensor:
@@ -119,12 +121,16 @@ def pretokenized_blocks(table: pa.Table, block_size: int | None = None) -> torch
 def load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
     """The base model's tokenizer (AutoTokenizer); a CheckpointError naming the folder if absent."""
     folder = Path(tokenizer_dir)
-    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_CORE_FILES):
         raise CheckpointError(
-            f"base model {folder}: no tokenizer found (none of {', '.join(TOKENIZER_FILES)}); AIM "
+            f"base model {folder}: no tokenizer found (none of {', '.join(TOKENIZER_CORE_FILES)}); AIM "
             "calibration tokenizes its data with the base model's tokenizer: save it into that folder, "
             "or give pre-tokenized data with an input_ids column"
         )
+    for name in SIDE_FILES:  # transformers would follow a link anywhere and block on a FIFO
+        if os.path.lexists(folder / name):
+            require_regular(check_inside(folder / name, folder, "tokenizer file", CheckpointError),
+                            f"tokenizer file {name}", CheckpointError)
     from transformers import AutoTokenizer
 
     try:

@@ -11,6 +11,7 @@ from distmerge.aim.blocks import load_calibration_blocks
 from distmerge.aim.pipeline import compute_statistics
 from distmerge.aim.stats_file import save_statistics
 from distmerge.config import AimConfig
+from distmerge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ def calibrate(
     """
     cal = aim.calibration
     blocks = load_calibration_blocks(cal, Path(base_model))
+    check_token_ids(blocks, Path(base_model))
     stats = compute_statistics(
         Path(base_model), blocks, stages=aim.stages, stage_memory=aim.stage_memory,
         micro_batch_size=aim.micro_batch_size, progress=progress,
@@ -42,3 +44,18 @@ def calibrate(
         save_statistics(stats, out_path, metadata)
         log.info("AIM statistics saved to %s", out_path)
     return stats, metadata
+
+
+def check_token_ids(blocks: torch.Tensor, base_model: Path) -> None:
+    """Token ids must index the base model's vocabulary: a pre-tokenized dataset made for
+    another model would otherwise fail deep inside a stage actor's embedding lookup."""
+    from distmerge.checkpoint import Checkpoint
+
+    config = Checkpoint.open(base_model, role="base model").config
+    vocab = next((c.get("vocab_size") for c in (config, config.get("text_config") or {})
+                  if isinstance(c.get("vocab_size"), int)), None)
+    if blocks.numel() and vocab is not None:
+        low, high = int(blocks.min()), int(blocks.max())
+        if low < 0 or high >= vocab:
+            raise ConfigError(f"aim.calibration: token ids range over {low}..{high} but the base model's vocabulary "
+                              f"has {vocab} entries; the data was tokenized for another model")

@@ -17,6 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from distmerge.errors import ConfigError
+from distmerge.io.files import check_inside, require_regular
+from distmerge.io.structured import parse_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,9 @@ def read_dataset(dataset: str, text_field: str = "text") -> pa.Table:
 
 
 def read_file(path: Path, text_field: str = "text") -> pa.Table:
-    """One data file, by its suffix."""
+    """One data file, by its suffix (a FIFO, device or socket is refused before it is opened)."""
     suffix = path.suffix.lower()
+    require_regular(path, "calibration data file", ConfigError, "dataset folder")
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -90,7 +93,7 @@ def _read_json(path: Path) -> pa.Table:
     with open(path, encoding="utf-8") as f:
         head = f.read(4096).lstrip()
     if head.startswith("["):
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = parse_json(path.read_bytes(), str(path), ConfigError, max_depth=None)
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ConfigError(f"{FIELD}: {path}: a JSON array must hold objects (one per sample)")
         return pa.Table.from_pylist(rows)
@@ -102,26 +105,34 @@ def _read_json(path: Path) -> pa.Table:
 def _read_folder(path: Path, text_field: str) -> pa.Table:
     dict_file = path / "dataset_dict.json"
     if dict_file.is_file():
-        splits = json.loads(dict_file.read_text()).get("splits") or []
+        splits = read_json(dict_file, "the dataset dict file", ConfigError, limit=1 << 20)
+        splits = (splits.get("splits") if isinstance(splits, dict) else None) or []
         if not splits:
             raise ConfigError(f"{FIELD}: {dict_file} lists no splits")
         split = "train" if "train" in splits else splits[0]
+        if not isinstance(split, str) or Path(split).name != split or split in (".", ".."):
+            raise ConfigError(f"{FIELD}: {dict_file} names split {str(split)[:40]!r}, not a folder name")
         log.info("calibration data: using split %r of %s (splits: %s)", split, path, ", ".join(splits))
         return _read_folder(path / split, text_field)
     state = path / "state.json"
     arrow_files = sorted(path.glob("data-*.arrow"))
     if state.is_file():
         try:
-            names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            names = [entry["filename"] for entry in read_json(state, "the state file", ConfigError,
+                                                              limit=16 << 20)["_data_files"]]
+        except (KeyError, TypeError) as e:
             raise ConfigError(f"{FIELD}: {state} is not a datasets state file ({e!r})") from e
-        arrow_files = [path / n for n in names]
+        arrow_files = [check_inside(path / str(n), path, "a data file of the state file", ConfigError, "dataset folder") for n in names]
         missing = [str(f) for f in arrow_files if not f.is_file()]
         if missing:
             raise ConfigError(f"{FIELD}: {state} lists missing files: {', '.join(missing)}")
     if arrow_files:
+        for f in arrow_files:
+            require_regular(check_inside(f, path, "calibration data file", ConfigError, "dataset folder"), "calibration data file",
+                            ConfigError)
         return _concat([_read(read_arrow, f) for f in arrow_files], path)
-    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in FILE_SUFFIXES)
+    files = sorted(check_inside(f, path, "calibration data file", ConfigError, "dataset folder") for f in path.iterdir()
+                   if f.suffix.lower() in FILE_SUFFIXES and not f.is_dir())
     if not files:
         raise ConfigError(f"{FIELD}: folder {path} holds no data files ({FORMATS})")
     return _concat([read_file(f, text_field) for f in files], path)

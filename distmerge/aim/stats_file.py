@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from distmerge.errors import ConfigError
+from distmerge.io.files import require_regular
 
 FORMAT = "distmerge-aim-statistics"
 VERSION = "1"
@@ -32,6 +33,7 @@ def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, metadata: 
     tensors = {name: v.detach().to("cpu", torch.float32).contiguous() for name, v in stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a link planted at the temporary name goes, its target stays
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
@@ -41,8 +43,9 @@ def load_statistics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"aim.stats: {path} does not exist (or is not a file); run `distmerge calibrate` to make it")
+    if not path.exists():
+        raise ConfigError(f"aim.stats: {path} does not exist; run `distmerge calibrate` to make it")
+    require_regular(path, "aim.stats", ConfigError)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

@@ -7,10 +7,8 @@ rows are written, and writes the index last.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -24,23 +22,39 @@ from distmerge.config import MergeConfig, load_config
 from distmerge.dtypes import ITEMSIZE, TORCH_NAME
 from distmerge.engine.cluster import cluster_cpus, connect
 from distmerge.engine.worker import BatchResult, MergeJob
-from distmerge.errors import DistmergeError, OutputError
+from distmerge.errors import ConfigError, DistmergeError, OutputError
+from distmerge.io.files import require_regular
 from distmerge.journal import (
     JOURNAL_NAME,
     JournalState,
     JournalWriter,
     crc_of_range,
-    describe_difference,
     merge_fingerprint,
     read_journal,
 )
 from distmerge.methods.base import STATISTICS_COMPLETE
+from distmerge.output.directory import examine_output, input_paths, make_directory
+from distmerge.output.location import check_output_location
+from distmerge.output.lock import OutputLock
+from distmerge.output.manifest import (
+    INDEX_KEY,
+    MANIFEST_NAME,
+    add_other_files,
+    build_manifest,
+    write_manifest,
+)
 from distmerge.plan import MergePlan, WorkUnit, build_plan
-from distmerge.report import REPORT_NAME, build_report, write_model_card, write_report
+from distmerge.report import (
+    MODEL_CARD_NAME,
+    REPORT_NAME,
+    build_report,
+    write_model_card,
+    write_report,
+)
 from distmerge.verify import verify_output
 from distmerge.writer import (
     INDEX_NAME,
-    copy_tokenizer,
+    copy_side_files,
     create_file,
     finalize_file,
     partial_path,
@@ -53,6 +67,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_UNITS_PER_BATCH = 256
 AIM_STATS_NAME = "aim_statistics.safetensors"
+CONFIG_COPY_NAME = "distmerge_config.yml"
 
 
 def batches(units: Iterable[WorkUnit], budget: int) -> Iterator[list[WorkUnit]]:
@@ -201,42 +216,6 @@ def fingerprint_config(cfg: MergeConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude={"execution": {"workers", "shard_size"}})
 
 
-def examine_output(out: Path, parts: dict[str, Any], config: dict[str, Any], overwrite: bool, resume: bool) -> tuple[str, Any]:
-    """Decide what to do with ``out``: ("fresh", None), ("resume", journal) or ("complete", report)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory")
-    if overwrite or not out.exists() or not any(out.iterdir()):
-        if resume and not overwrite:
-            raise OutputError(f"{out}: nothing to resume (no {JOURNAL_NAME}); drop --resume to start the merge")
-        return "fresh", None
-    journal = read_journal(out / JOURNAL_NAME)
-    if journal is None:
-        raise OutputError(
-            f"{out}: directory is not empty and holds no distmerge journal; choose another OUT_DIR, "
-            "or pass --overwrite to replace what is there"
-        )
-    old = journal.header.get("parts", {})
-    if old.get("fingerprint") != parts["fingerprint"]:
-        what = describe_difference(old, parts, journal.header.get("config", {}), config)
-        state = "a finished" if journal.complete else "an unfinished"
-        raise OutputError(
-            f"{out}: holds {state} merge of different inputs or config ({what}); use another OUT_DIR "
-            "(a '{fingerprint}' in OUT_DIR names it by content), or pass --overwrite to replace it"
-        )
-    if journal.complete and (out / INDEX_NAME).is_file() and (out / REPORT_NAME).is_file():
-        return "complete", json.loads((out / REPORT_NAME).read_text())
-    return "resume", journal
-
-
-def clear_directory(out: Path) -> None:
-    log.warning("overwriting %s", out)
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 def _head(path: Path, n: int) -> bytes:
     with open(path, "rb") as f:
         return f.read(n)
@@ -280,6 +259,7 @@ def run_merge(
     workers: int | None = None,
     seed: int | None = None,
     overwrite: bool = False,
+    overwrite_foreign: bool = False,
     resume: bool = False,
     allow_nonfinite: bool | None = None,
     progress: bool = True,
@@ -288,8 +268,12 @@ def run_merge(
 
     Rerunning a finished merge is a no-op; rerunning an interrupted one resumes it. A
     ``{fingerprint}`` in ``out_dir`` is replaced by the fingerprint of config and inputs.
+    ``overwrite`` replaces an earlier distmerge output (only files a distmerge run wrote);
+    ``overwrite_foreign`` also deletes anything else OUT holds. OUT is never an input, inside
+    one or around one, and only one run at a time writes it (a lock held for the whole run).
     """
     started = time.time()
+    config_path = None if isinstance(config, MergeConfig) else Path(config)
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     execution = {}
     if seed is not None:
@@ -300,35 +284,64 @@ def run_merge(
         cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update=execution)})
     plan = build_plan(cfg, shard_size)
     extra = {"aim.stats": Path(cfg.aim.stats)} if cfg.aim is not None and cfg.aim.stats else {}
-    missing = [str(p) for p in extra.values() if not p.is_file()]
-    if missing:
-        raise OutputError(f"aim.stats: {missing[0]} does not exist; run distmerge calibrate first or drop aim.stats")
+    for p in extra.values():
+        if not p.exists():
+            raise OutputError(f"aim.stats: {p} does not exist; run distmerge calibrate first or drop aim.stats")
+        require_regular(p, "aim.stats", ConfigError)
     config_data = fingerprint_config(cfg)
     parts = merge_fingerprint(config_data, input_fingerprint_data(plan), extra)
     out = Path(str(out_dir).replace("{fingerprint}", parts["fingerprint"]))
-    state, found = examine_output(out, parts, config_data, overwrite, resume)
-    if state == "complete":
-        log.info("%s: already complete (fingerprint %s); nothing to do", out, parts["fingerprint"])
-        return {**found, "noop": True, "out_dir": str(out)}
-    journal: JournalState | None = found if state == "resume" else None
+    check_output_location(out, input_paths(cfg, config_path))
+    make_directory(out)
+    with OutputLock(out) as lock:
+        state = examine_output(out, parts, config_data, overwrite=overwrite, overwrite_foreign=overwrite_foreign,
+                               resume=resume)
+        if state.kind == "complete":
+            assert state.report is not None
+            log.info("%s: already complete (fingerprint %s); nothing to do", out, parts["fingerprint"])
+            return {**state.report, "noop": True, "out_dir": str(out)}
+        return _merge_locked(cfg, plan, out, parts, config_data, state.journal, lock, started,
+                             ray_address=ray_address, workers=workers, progress=progress)
+
+
+def _merge_locked(cfg: MergeConfig, plan: MergePlan, out: Path, parts: dict[str, Any], config_data: dict[str, Any],
+                  journal: JournalState | None, lock: OutputLock, started: float, *, ray_address: str | None,
+                  workers: int | None, progress: bool) -> dict[str, Any]:
+    """The merge proper, with OUT locked and examined: fresh (``journal`` None) or resumed."""
     if journal is not None and journal.header.get("shard_size") != plan.shard_size:
         log.warning("resuming with the interrupted run's shard size %s", journal.header.get("shard_size"))
         plan = build_plan(cfg, journal.header["shard_size"])
-    if state == "fresh":
-        if out.exists() and any(out.iterdir()):
-            clear_directory(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"{out}: cannot create the output directory ({e.strerror})") from e
-    aim_stats: dict[str, Any] = {}
-    aim_meta: dict[str, str] = {}
-    if cfg.aim is not None:
+    if journal is None:
+        writer = JournalWriter(out / JOURNAL_NAME, {"parts": parts, "config": config_data, "shard_size": plan.shard_size,
+                                                    "tensors": [t.name for t in plan.tensors],
+                                                    "files": [f.name for f in plan.files]})
+    else:
+        writer = JournalWriter(out / JOURNAL_NAME, None)
+    try:
+        aim_stats: dict[str, Any] = {}
+        aim_meta: dict[str, str] = {}
+        if cfg.aim is not None:
+            connect(ray_address)
+            if not cfg.aim.stats:
+                writer.wrote(AIM_STATS_NAME)
+            aim_stats, aim_meta = load_aim(cfg, out, progress)
+            plan.aim_modules = aim_tensor_modules(plan, aim_stats)
+        log.info("plan:\n%s", plan.summary())
         connect(ray_address)
-        aim_stats, aim_meta = load_aim(cfg, out, progress)
-        plan.aim_modules = aim_tensor_modules(plan, aim_stats)
-    log.info("plan:\n%s", plan.summary())
-    connect(ray_address)
+        results, skip = _merge_units(cfg, plan, out, journal, writer, aim_stats, workers, progress)
+        lock.check()
+        report = _finalize(cfg, plan, out, writer, results, started, aim_stats, aim_meta)
+        report.update(fingerprint=parts["fingerprint"], resumed_units=len(skip))
+    finally:
+        writer.close()
+    log.info("merged %s into %s in %.1fs", plan.method.name, out / INDEX_NAME, report["seconds"])
+    return report
+
+
+def _merge_units(cfg: MergeConfig, plan: MergePlan, out: Path, journal: JournalState | None, writer: JournalWriter,
+                 aim_stats: dict[str, Any], workers: int | None,
+                 progress: bool) -> tuple[list[BatchResult], set[tuple[int, int, int]]]:
+    """Write every unit not already verified on disk; rename each file once all its rows are in."""
     import ray
 
     from distmerge.engine.tasks import merge_batch_task
@@ -342,12 +355,8 @@ def run_merge(
         for f in plan.files:
             create_file(partial_path(out, f.name), f.header, f.size)
         skip: set[tuple[int, int, int]] = set()
-        writer = JournalWriter(out / JOURNAL_NAME, {"parts": parts, "config": config_data, "shard_size": plan.shard_size,
-                                                    "tensors": [t.name for t in plan.tensors],
-                                                    "files": [f.name for f in plan.files]})
     else:
         skip = reopen_for_resume(out, plan, journal)
-        writer = JournalWriter(out / JOURNAL_NAME, None)
     factors = {}
     if cfg.aim is not None:
         from distmerge.aim import relaxation_factors
@@ -361,57 +370,72 @@ def run_merge(
         cfg.aim.omega if cfg.aim else None, factors,
     )
     todo = [u for u in plan.units if (u.tensor, u.row_start, u.row_end) not in skip]
-    remaining = defaultdict(int)
+    remaining: dict[int, int] = defaultdict(int)
     for u in todo:
         remaining[plan.tensors[u.tensor].file_index] += 1
     results: list[BatchResult] = []
-    try:
-        for i, f in enumerate(plan.files):
-            if remaining[i] == 0:
-                finalize_file(out, f.name)
-                writer.file(f.name)
-        job_ref = ray.put(job)
-        stats = compute_statistics_pass(plan, job_ref, limit, progress) if todo else {}
-        stats_ref = ray.put(stats)
-        bar = _progress(sum(u.write_bytes for u in todo), progress, f"merge ({plan.method.name})")
+    for i, f in enumerate(plan.files):
+        if remaining[i] == 0:
+            finalize_file(out, f.name)
+            writer.file(f.name)
+    job_ref = ray.put(job)
+    stats = compute_statistics_pass(plan, job_ref, limit, progress) if todo else {}
+    stats_ref = ray.put(stats)
+    bar = _progress(sum(u.write_bytes for u in todo), progress, f"merge ({plan.method.name})")
 
-        def done(batch: list[WorkUnit], result: BatchResult) -> None:
-            results.append(result)
-            for r in result.units:
-                writer.unit(r.tensor, r.row_start, r.row_end, r.crc32)
-            for w in result.warnings:
-                log.warning("%s", w)
-            bar.update(result.bytes_written)
-            for u in batch:
-                f = plan.tensors[u.tensor].file_index
-                remaining[f] -= 1
-                if remaining[f] == 0:
-                    finalize_file(out, plan.files[f].name)
-                    writer.file(plan.files[f].name)
+    def done(batch: list[WorkUnit], result: BatchResult) -> None:
+        results.append(result)
+        for r in result.units:
+            writer.unit(r.tensor, r.row_start, r.row_end, r.crc32)
+        for w in result.warnings:
+            log.warning("%s", w)
+        bar.update(result.bytes_written)
+        for u in batch:
+            f = plan.tensors[u.tensor].file_index
+            remaining[f] -= 1
+            if remaining[f] == 0:
+                finalize_file(out, plan.files[f].name)
+                writer.file(plan.files[f].name)
 
-        run_bounded(lambda b: merge_batch_task.remote(job_ref, b, stats_ref), batches(todo, plan.shard_size),
-                    limit, done)
-        bar.close()
-        out_dtypes = {t.out_dtype for t in plan.tensors if t.params is not None}
-        write_model_config(out, plan.template.config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
-        tokenizer_source = Path(cfg.tokenizer_source) if cfg.tokenizer_source not in (None, "base") else plan.template.path
-        copy_tokenizer(tokenizer_source, out)
-        write_text_atomic(out / "distmerge_config.yml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        writer.close()
-        weight_map = {t: f.name for f in plan.files for t in f.tensors}
-        verified = verify_output(out, weight_map=weight_map, deep=cfg.execution.verify,
-                                 allow_nonfinite=cfg.execution.allow_nonfinite)
-        if not verified.ok:
-            raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
-        report = build_report(plan, results, time.time() - started, aim_stats=aim_stats, aim_meta=aim_meta)
-        report.update(out_dir=str(out), fingerprint=parts["fingerprint"], resumed_units=len(skip),
-                      verify=verified.as_dict(), warnings=[w for r in results for w in r.warnings])
-        write_report(out, report)
-        write_model_card(out, plan, report)
-        write_index(out, [(f.name, f.tensors, f.size) for f in plan.files], sum(t.out_nbytes for t in plan.tensors))
-        writer = JournalWriter(out / JOURNAL_NAME, None)
-        writer.complete()
-    finally:
-        writer.close()
-    log.info("merged %s into %s in %.1fs", plan.method.name, out / INDEX_NAME, report["seconds"])
+    run_bounded(lambda b: merge_batch_task.remote(job_ref, b, stats_ref), batches(todo, plan.shard_size), limit, done)
+    bar.close()
+    return results, skip
+
+
+def _finalize(cfg: MergeConfig, plan: MergePlan, out: Path, writer: JournalWriter, results: list[BatchResult],
+              started: float, aim_stats: dict[str, Any], aim_meta: dict[str, str]) -> dict[str, Any]:
+    """Side files, the checksum manifest, verification, report, and the index last."""
+    out_dtypes = {t.out_dtype for t in plan.tensors if t.params is not None}
+    writer.wrote("config.json")
+    write_model_config(out, plan.template.config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
+    tokenizer_source = Path(cfg.tokenizer_source) if cfg.tokenizer_source not in (None, "base") else plan.template.path
+    _, skipped = copy_side_files(tokenizer_source, out, writer.wrote)
+    writer.wrote(CONFIG_COPY_NAME)
+    write_text_atomic(out / CONFIG_COPY_NAME, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    writer.flush()
+    journal = read_journal(out / JOURNAL_NAME)
+    assert journal is not None
+    missing = [u for u in plan.units if (u.tensor, u.row_start, u.row_end) not in journal.units]
+    if missing:
+        raise OutputError(f"{out}: {len(missing)} units have no checksum in the journal; rerun to finish them")
+    manifest = build_manifest(((f.name, f.header, f.size) for f in plan.files),
+                              ((t.name, t.file_index) for t in plan.tensors), journal.units)
+    add_other_files(manifest, out, journal.written - {AIM_STATS_NAME})
+    weight_map = {t: f.name for f in plan.files for t in f.tensors}
+    verified = verify_output(out, weight_map=weight_map, manifest=manifest, deep=cfg.execution.verify,
+                             allow_nonfinite=cfg.execution.allow_nonfinite)
+    if not verified.ok:
+        raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
+    report = build_report(plan, results, time.time() - started, aim_stats=aim_stats, aim_meta=aim_meta)
+    report.update(out_dir=str(out), verify=verified.as_dict(), skipped_side_files=skipped,
+                  warnings=[w for r in results for w in r.warnings])
+    for name in (REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME, INDEX_NAME):
+        writer.wrote(name)
+    write_report(out, report)
+    write_model_card(out, plan, report)
+    add_other_files(manifest, out, [REPORT_NAME, MODEL_CARD_NAME])
+    digest = write_manifest(out, manifest)
+    write_index(out, [(f.name, f.tensors, f.size) for f in plan.files], sum(t.out_nbytes for t in plan.tensors),
+                {INDEX_KEY: digest})
+    writer.complete()
     return report

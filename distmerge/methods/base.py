@@ -13,6 +13,7 @@ sharding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 
 from distmerge.errors import ConfigError
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 Params = dict[str, Any]
 
@@ -48,6 +51,13 @@ class ParamSpec:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            as_float = float(value)
+        except OverflowError:
+            as_float = math.inf
+        if not math.isfinite(as_float) or abs(as_float) > FLOAT32_MAX:
+            raise ConfigError(f"{where}: {value!r} is not a finite number a float32 can hold; "
+                              "a NaN or infinite parameter would poison every merged weight")
         value = self.kind(value)
         if self.check is not None and not self.check(value):
             raise ConfigError(f"{where}: {value!r} is out of range; allowed: {self.allowed}")

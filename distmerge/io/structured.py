@@ -1,0 +1,132 @@
+"""JSON and YAML from untrusted files, bounded before anything is built from them.
+
+Why: Python's parsers recurse, so a config nested ten thousand levels deep raises
+RecursionError (a traceback, not a message); YAML aliases let a few hundred bytes stand for
+billions of values that only explode later, when the config is dumped or fingerprinted. Here
+both formats are parsed with a nesting limit, YAML aliases are counted, and the expanded size
+of the result is bounded, so a bad file costs a message and milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import yaml
+
+from distmerge.errors import DistmergeError
+from distmerge.io.files import read_limited
+
+MAX_DEPTH = 64
+MAX_NODES = 1_000_000
+MAX_YAML_ALIASES = 256
+MAX_CONFIG_BYTES = 4 * 1000**2
+
+
+def check_bounded(data: Any, source: str, error: type[DistmergeError], *, max_depth: int = MAX_DEPTH,
+                  max_nodes: int = MAX_NODES) -> None:
+    """Refuse a parsed value nested deeper than ``max_depth`` or expanding to more than
+    ``max_nodes`` values (shared YAML aliases counted as often as they are used).
+
+    Iterative, so the check itself cannot overflow the stack, and it stops at the first
+    value past a limit, so a billion-laughs document costs at most ``max_nodes`` steps.
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            raise error(f"{source}: expands to more than {max_nodes} values (repeated YAML aliases?); refused")
+        if isinstance(value, dict):
+            children: Any = list(value.keys()) + list(value.values())
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        if depth >= max_depth and children:
+            raise error(f"{source}: nested more than {max_depth} levels deep; refused")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json(raw: bytes | str, source: str, error: type[DistmergeError], *,
+               max_depth: int | None = MAX_DEPTH) -> Any:
+    """Parse JSON text; a syntax error, bad UTF-8 or excessive nesting is ``error`` naming ``source``.
+
+    ``max_depth=None`` skips the walk of the result, for callers that validate every value
+    they use against a fixed schema anyway (a safetensors header of 100k tensors).
+    """
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise error(f"{source}: nested too deeply to be valid here; refused") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{source}: not valid JSON ({e})") from None
+    if max_depth is not None:
+        check_bounded(data, source, error, max_depth=max_depth)
+    return data
+
+
+def read_json(path: str | os.PathLike[str], what: str, error: type[DistmergeError], *,
+              limit: int = 64 * 1000**2) -> Any:
+    """A small JSON file (config.json, an index, a manifest), read and parsed within bounds."""
+    return parse_json(read_limited(path, what, limit, error), f"{path}", error)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts aliases and nesting while it composes the document."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D401 - PyYAML hook
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _Refused(f"uses more than {MAX_YAML_ALIASES} YAML aliases")
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"is nested more than {MAX_DEPTH} levels deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _Refused(Exception):
+    """Raised inside the loader; turned into the caller's error with the file named."""
+
+
+def parse_yaml(text: str, source: str, error: type[DistmergeError]) -> Any:
+    """Parse one YAML document safely (no Python objects), bounded in nesting, aliases and size."""
+    loader = _BoundedLoader(text)
+    try:
+        data = loader.get_single_data()
+    except _Refused as e:
+        raise error(f"{source}: {e}; refused") from None
+    except RecursionError:
+        raise error(f"{source}: nested too deeply; refused") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise error(f"{source}: a value cannot be read ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise error(f"{source}: YAML syntax error{where}: {problem}") from None
+    finally:
+        loader.dispose()
+    check_bounded(data, source, error)
+    return data
+
+
+def read_yaml(path: str | os.PathLike[str], what: str, error: type[DistmergeError]) -> Any:
+    """A YAML file (a merge config), read within bounds and parsed safely."""
+    raw = read_limited(path, what, MAX_CONFIG_BYTES, error)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (expected YAML)") from None
+    return parse_yaml(text, str(path), error)

@@ -1,0 +1,118 @@
+"""Deciding what to do with an output directory, under its lock: start, resume, or nothing.
+
+The order matters and is the safety argument: (1) OUT is checked against every input before
+it is touched; (2) it is created and locked, so no other run can change it from here on;
+(3) only then is what it holds examined, and (4) with ``--overwrite`` only the files a
+distmerge run wrote are deleted, unless ``--overwrite-foreign`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distmerge.config import MergeConfig
+from distmerge.errors import OutputError
+from distmerge.io.structured import read_json
+from distmerge.journal import JOURNAL_NAME, JournalState, describe_difference, read_journal
+from distmerge.output.location import check_output_location
+from distmerge.output.ownership import clear_output, entries
+from distmerge.report import REPORT_NAME
+from distmerge.writer import INDEX_NAME
+
+log = logging.getLogger(__name__)
+
+def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
+    """Every local path the run reads, by role (for keeping the output away from them)."""
+    paths: dict[str, Path] = {}
+    if config_path is not None:
+        paths["the config file"] = config_path
+    if cfg.base_model:
+        paths["base_model"] = Path(cfg.base_model)
+    for i, entry in enumerate(cfg.models):
+        paths[f"models[{i}]"] = Path(entry.model)
+    if cfg.tokenizer_source not in (None, "base"):
+        paths["tokenizer_source"] = Path(str(cfg.tokenizer_source))
+    if cfg.aim is not None:
+        if cfg.aim.stats:
+            paths["aim.stats"] = Path(cfg.aim.stats)
+        if cfg.aim.calibration.dataset != "builtin":
+            paths["aim.calibration.dataset"] = Path(cfg.aim.calibration.dataset).expanduser()
+    return paths
+
+
+def make_directory(out: Path) -> None:
+    """Create OUT (and parents); refuse a path that exists and is not a directory."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output directory ({e.strerror})") from e
+
+
+@dataclass
+class OutputState:
+    """What OUT holds: ``fresh`` (start), ``resume`` (with its journal) or ``complete`` (report)."""
+
+    kind: str
+    journal: JournalState | None = None
+    report: dict[str, Any] | None = None
+
+
+def examine_output(out: Path, parts: dict[str, Any], config: dict[str, Any], *, overwrite: bool,
+                   overwrite_foreign: bool, resume: bool) -> OutputState:
+    """Decide what to do with the (locked) OUT, clearing it first for ``--overwrite``."""
+    present = entries(out)
+    if overwrite and present:
+        try:
+            journal = read_journal(out / JOURNAL_NAME)
+        except OutputError:
+            journal = None  # a damaged journal vouches for nothing: its files count as foreign
+        clear_output(out, journal, include_foreign=overwrite_foreign)
+        return OutputState("fresh")
+    if not present:
+        if resume:
+            raise OutputError(f"{out}: nothing to resume (no {JOURNAL_NAME}); drop --resume to start the merge")
+        return OutputState("fresh")
+    journal = read_journal(out / JOURNAL_NAME)
+    if journal is None:
+        raise OutputError(
+            f"{out}: directory is not empty and holds no distmerge journal; choose another OUT_DIR "
+            "(distmerge never deletes files it did not write: only --overwrite --overwrite-foreign would)"
+        )
+    old = journal.header.get("parts", {})
+    if old.get("fingerprint") != parts["fingerprint"]:
+        what = describe_difference(old, parts, journal.header.get("config", {}), config)
+        state = "a finished" if journal.complete else "an unfinished"
+        raise OutputError(
+            f"{out}: holds {state} merge of different inputs or config ({what}); use another OUT_DIR "
+            "(a '{fingerprint}' in OUT_DIR names it by content), or pass --overwrite to replace it"
+        )
+    if journal.complete and (out / INDEX_NAME).is_file() and (out / REPORT_NAME).is_file():
+        try:
+            report = read_json(out / REPORT_NAME, "the merge report", OutputError)
+        except OutputError:
+            report = None
+        if isinstance(report, dict):
+            return OutputState("complete", journal, report)
+    return OutputState("resume", journal)
+
+
+def check_statistics_target(path: Path, inputs: dict[str, Path]) -> None:
+    """``calibrate --out``: never an input or inside one, and never a file other than AIM statistics."""
+    from distmerge.aim.stats_file import load_statistics
+    from distmerge.errors import ConfigError
+
+    check_output_location(path, inputs)
+    if os.path.lexists(path):
+        if path.is_symlink() or not path.is_file():
+            raise OutputError(f"{path}: exists and is not a regular file; refused (choose another --out)")
+        try:
+            load_statistics(path)
+        except ConfigError:
+            raise OutputError(f"{path}: exists and is not an AIM statistics file; refused, since distmerge never "
+                              "overwrites a file it did not write (choose another --out)") from None
