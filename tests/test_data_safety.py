@@ -43,9 +43,15 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
     return found
 
 
+# The input folders of the running test: every CLI call asserts they are byte-identical after it.
+WATCHED: list[Path] = []
+
+
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    before = snapshot(*WATCHED)
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
+    assert snapshot(*WATCHED) == before, f"an input changed during {args}"
     return code, captured.out + captured.err
 
 
@@ -58,7 +64,9 @@ def family(llama_family, tmp_path):
     cfg = make_config("task_arithmetic", copies[0], copies[1:], [0.6, 0.3])
     config_file = tmp_path / "merge.yml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
-    return tmp_path, copies, config_file
+    WATCHED[:] = [models]
+    yield tmp_path, copies, config_file
+    WATCHED.clear()
 
 
 def write_config(path: Path, data: dict) -> Path:

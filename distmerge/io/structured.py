@@ -102,8 +102,9 @@ class _Refused(Exception):
 
 def parse_yaml(text: str, source: str, error: type[DistmergeError]) -> Any:
     """Parse one YAML document safely (no Python objects), bounded in nesting, aliases and size."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader already refuses control characters here
         data = loader.get_single_data()
     except _Refused as e:
         raise error(f"{source}: {e}; refused") from None
@@ -111,13 +112,17 @@ def parse_yaml(text: str, source: str, error: type[DistmergeError]) -> Any:
         raise error(f"{source}: nested too deeply; refused") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
         raise error(f"{source}: a value cannot be read ({e})") from None
+    except yaml.reader.ReaderError as e:
+        raise error(f"{source}: character #x{e.character:04x} at position {e.position} is not allowed in YAML "
+                    f"({e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         raise error(f"{source}: YAML syntax error{where}: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     check_bounded(data, source, error)
     return data
 

@@ -96,6 +96,12 @@ def load_manifest(path: Path) -> dict[str, Any]:
                                             for x in r)
                 for r in entry["tensors"].values())
         ok = ok and all(isinstance(v, str) for v in data["other_files"].values())
+        ok = ok and all(_plain_name(n) for n in (*data["files"], *data["other_files"]))
     if not ok:
         raise OutputError(f"{path}: not a distmerge checksum manifest of version {VERSION} (damaged?)")
     return data
+
+
+def _plain_name(name: str) -> bool:
+    """A file directly in OUT: a manifest never makes verify read anywhere else."""
+    return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
