@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -37,3 +40,74 @@ def make_config(method: str, base: Path | None, experts: list[Path], weights: li
     if base is not None:
         data["base_model"] = str(base)
     return parse_config(data)
+
+
+# ---- observing what a process reads (for "reads no tensor data" tests) ----------------------
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_chars() -> int:
+    """Bytes this process has read through read()/pread() so far (``rchar`` of /proc/self/io).
+
+    Counts every read syscall, whatever the file; a reader through mmap does not show up here,
+    which is why :func:`resident_bytes` exists too.
+    """
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("/proc/self/io has no rchar line")
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """``(data start, header entries)`` of a safetensors file, parsed here (not by distmerge)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (written back first: dirty pages are not dropped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def resident_bytes(path: Path, start: int = 0, end: int | None = None) -> int:
+    """Bytes of the pages overlapping ``[start, end)`` of a file that are in the page cache.
+
+    mincore(2) on a mapping that is never touched: it reports the page cache, so it sees a
+    reader that went through mmap (safetensors' safe_open) as well as one that used read().
+    """
+    size = path.stat().st_size
+    end = size if end is None else end
+    if size == 0 or end <= start:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+    finally:
+        os.close(fd)
+    try:
+        pages = (size + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+    finally:
+        _libc.munmap(addr, size)
+    return sum(PAGE for p in range(start // PAGE, (end + PAGE - 1) // PAGE) if vec[p] & 1)

@@ -4,12 +4,15 @@ or driver costs only unfinished work, journals of other merges are refused, veri
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -19,7 +22,7 @@ from distmerge.cli import main
 from distmerge.engine.run import run_merge
 from distmerge.errors import OutputError
 from distmerge.journal import JOURNAL_NAME
-from tests.helpers import file_bytes, make_config
+from tests.helpers import ST_ITEMSIZE, file_bytes, make_config, safetensors_header
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -83,6 +86,28 @@ def _interrupt(out, keep_units: int, damage: bool) -> None:
                 fh.write(b"\xff\xff\xff")
 
 
+def _units_merged(report: dict[str, Any]) -> int:
+    """Units the workers' batch results say they merged in this run (summed per node)."""
+    return sum(node["units"] for node in report["nodes"].values())
+
+
+def _recomputed(report: dict[str, Any]) -> set[tuple[int, int, int]]:
+    """(tensor, row_start, row_end) of every unit a worker merged in this run."""
+    return {(t, r0, r1) for t, r0, r1, _crc in report["unit_checksums"]}
+
+
+def _unit_bytes(out: Path, tensor: str, r0: int, r1: int) -> tuple[Path, int, int]:
+    """File and absolute byte range of rows [r0, r1) of ``tensor`` in an output directory,
+    from the safetensors headers (parsed by the test, not by distmerge)."""
+    for path in sorted(out.glob("model-*.safetensors*")):
+        data_start, header = safetensors_header(path)
+        if tensor in header:
+            entry = header[tensor]
+            row_bytes = math.prod(entry["shape"][1:]) * ST_ITEMSIZE[entry["dtype"]]
+            return path, data_start + entry["data_offsets"][0] + r0 * row_bytes, (r1 - r0) * row_bytes
+    raise AssertionError(f"no output file holds {tensor!r}")
+
+
 def test_resume_after_crash_gives_identical_bytes(clean_run, tmp_path):
     cfg, clean = clean_run
     out = tmp_path / "out"
@@ -92,6 +117,46 @@ def test_resume_after_crash_gives_identical_bytes(clean_run, tmp_path):
     assert 0 < report["resumed_units"] < total // 2 + 1
     assert file_bytes(out) == file_bytes(clean)
     assert report["verify"]["ok"] and report["verify"]["checksums_verified"] >= total
+    # The work the workers report having done, not the size of the skip list: every unit
+    # not skipped, and none of the skipped ones.
+    assert _units_merged(report) == len(_recomputed(report)) == total - report["resumed_units"]
+
+
+def test_resume_recomputes_a_journaled_unit_whose_bytes_were_lost(clean_run, tmp_path):
+    """A crash can lose writes the journal already recorded. A unit that IS in the surviving
+    journal but whose bytes on disk were damaged must be recomputed (its CRC no longer
+    matches), and it must be the only journaled unit that is."""
+    cfg, clean = clean_run
+    out = tmp_path / "out"
+    total = run_merge(cfg, out, shard_size=20000, progress=False)["units"]
+    records = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
+    names = records[0]["tensors"]
+    journaled = [(r["t"], r["r0"], r["r1"]) for r in records if r["kind"] == "unit"]
+    assert len(set(journaled)) == total > 8
+    keep = total // 2
+    kept = journaled[:keep]
+    _interrupt(out, keep_units=keep, damage=False)
+    # A kept unit from the middle of the kept ones, of at least 64 bytes, whose rows do not
+    # reach the end of its file (the bytes _interrupt's damage hits): flip 16 of its bytes.
+    for victim in kept[keep // 2:]:
+        path, start, length = _unit_bytes(out, names[victim[0]], *victim[1:])
+        if length >= 64 and start + length < path.stat().st_size:
+            break
+    else:
+        raise AssertionError("no kept unit to damage")
+    with open(path, "r+b") as fh:
+        fh.seek(start + length // 2)
+        original = fh.read(16)
+        fh.seek(start + length // 2)
+        fh.write(bytes(b ^ 0xFF for b in original))
+    with open(clean / path.name.removesuffix(".partial"), "rb") as fh:
+        fh.seek(start + length // 2)
+        assert fh.read(16) == original  # the damaged bytes were the clean run's
+    report = run_merge(cfg, out, progress=False)
+    assert file_bytes(out) == file_bytes(clean)
+    assert _recomputed(report) == (set(journaled) - set(kept)) | {victim}
+    assert _units_merged(report) == total - keep + 1
+    assert report["resumed_units"] == keep - 1
 
 
 def test_resume_flag_without_journal_and_non_empty_dir(llama_family, tmp_path):
