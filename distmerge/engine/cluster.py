@@ -1,21 +1,58 @@
 """Connecting to Ray: an embedded local Ray by default, or the cluster the user names.
 
-- no address and no ``RAY_ADDRESS``: start a local Ray sized to this machine (laptop mode);
+- no address and no ``RAY_ADDRESS``: start a local Ray sized to this machine (laptop mode),
+  every one of its sockets on loopback;
 - ``--ray-address`` or ``RAY_ADDRESS`` (set by ``ray job submit`` inside a job): join it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import psutil
 
 log = logging.getLogger(__name__)
 
+#: The address the embedded Ray takes as its node address, so that it listens on loopback only.
+LOOPBACK = "127.0.0.1"
+# Ray's own switch between "this node may join a cluster" (Linux default: the node address is
+# the host's routable one) and "local only" (the macOS and Windows default: the node address
+# is loopback). Ray reads it into ``ray_constants.ENABLE_RAY_CLUSTER`` when it is imported.
+_RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Initialise Ray if needed; returns True when this call started or joined it."""
+    """Initialise Ray if needed; returns True when this call started or joined it.
+
+    Joining (``address`` or ``RAY_ADDRESS``): ``ray.init(address=...)`` as given; the cluster's
+    own settings decide what it binds, distmerge changes nothing there.
+
+    Embedded (neither): a fresh local Ray (``address="local"``, so a ``ray start`` cluster
+    that happens to run here is never joined by accident) whose node address is loopback. Every
+    Ray process binds its listeners from the node address, so all of them end up on
+    127.0.0.1 (``::1`` on a host whose ``localhost`` is IPv6) instead of every interface:
+
+    - GCS server (gRPC) and raylet (node manager and object manager, gRPC);
+    - the driver's and every worker's core-worker gRPC server;
+    - dashboard agent: HTTP (jobs API and ``/logs``, port 52365), gRPC, and the Prometheus
+      metrics export endpoint;
+    - runtime-env agent (HTTP; installs packages on request);
+    - the dashboard process (started even with ``include_dashboard=False``, for usage stats)
+      and the autoscaler monitor, each with its Prometheus endpoint (44227, 44217);
+    - no dashboard UI/API (``include_dashboard=False``), no Ray Client server; the log
+      monitor and the reaper open no sockets.
+
+    None of these needs another host: the embedded Ray is one node, and the default Linux
+    node address (the host's routable one) would leave the unauthenticated endpoints above
+    open to the network, some of them (jobs API, runtime-env agent) able to run code.
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: on Linux Ray swaps a
+    loopback node address for the routable one unless Ray's cluster mode is off, which
+    ``_loopback_node`` arranges for the duration of the start. Usage-stats reporting (an HTTPS
+    call to usage-stats.ray.io from the dashboard process) is switched off too.
+    """
     import ray
 
     if ray.is_initialized():
@@ -30,11 +67,47 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         cpus = num_cpus or os.cpu_count() or 1
         # Workers write results to files, so the object store carries only small payloads.
         store = int(min(2 * 1024**3, max(100 * 1024**2, psutil.virtual_memory().available * 0.05)))
-        log.info("starting an embedded local Ray (%d CPUs, %d MB object store)", cpus, store // 2**20)
-        ray.init(num_cpus=cpus, object_store_memory=store, include_dashboard=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, log_to_driver=True,
-                 configure_logging=False)
+        log.info("starting an embedded local Ray (%d CPUs, %d MB object store) on %s",
+                 cpus, store // 2**20, LOOPBACK)
+        # No usage report to usage-stats.ray.io. ray.init sets this too, except on nightly
+        # wheels; say it outright. It stays set, as Ray itself leaves it.
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        with _loopback_node():
+            ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=cpus,
+                     object_store_memory=store, include_dashboard=False, dashboard_host=LOOPBACK,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                     log_to_driver=True, configure_logging=False)
     return True
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Turn Ray's cluster mode off while the embedded Ray starts, so its node address is loopback.
+
+    ``ray.init`` passes ``_node_ip_address`` through ``resolve_ip_for_localhost``, which in
+    cluster mode (the Linux default) replaces a loopback address with the host's routable one,
+    and every Ray process then listens on that address or on all interfaces. Cluster mode off
+    (what macOS and Windows run by default) keeps loopback. Both places Ray reads it are set:
+    this interpreter's already imported ``ray_constants`` (read at call time by
+    ``get_node_ip_address``), and the environment the Ray processes started during ``ray.init``
+    inherit (raylet passes it on to the agents and workers it starts later), so that no Ray
+    process derives a routable address on its own. Both are restored afterwards: a later
+    ``ray.init(address=...)`` in this process, or anything else it starts, is unaffected.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_RAY_CLUSTER_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[_RAY_CLUSTER_ENV] = saved_env
 
 
 def cluster_cpus() -> int:
