@@ -25,6 +25,16 @@ def _size_arg(value: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= number <= 100_000:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give 1 to 100000")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distmerge", description="Merge large language models on Ray, shard by shard.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -35,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out_dir", type=Path, help="output directory (Hugging Face layout)")
     merge.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     merge.add_argument("--shard-size", type=_size_arg, help="memory budget of one work unit, e.g. 256MB (default from config)")
-    merge.add_argument("--workers", type=int, help="work units in flight at once (default: CPUs of the cluster)")
+    merge.add_argument("--workers", type=_positive_int, help="work units in flight at once (default: CPUs of the cluster)")
     merge.add_argument("--seed", type=int, help="seed of randomized methods (DARE, DELLA)")
     merge.add_argument("--overwrite", action="store_true",
                        help="replace an earlier distmerge output in OUT_DIR (deletes only files a distmerge run "
@@ -143,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"distmerge: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave that the system refuses (too long, not permitted, ...)
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"distmerge: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("distmerge: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130

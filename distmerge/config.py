@@ -203,6 +203,9 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
                 if unknown or "value" not in entry:
                     raise ConfigError(f"{where}: filter entries take keys 'filter' and 'value', got {sorted(entry)}")
                 flt = entry.get("filter")
+                if flt is not None and not isinstance(flt, str):
+                    raise ConfigError(f"{where}: filter {str(flt)[:40]} is a {type(flt).__name__} (a number or list); a filter is a "
+                                      "string matched against tensor names (quote it: filter: \"1\")")
                 if flt is None:
                     if fallback is None:
                         fallback = entry

@@ -163,6 +163,10 @@ def _resolve_params(config: MergeConfig, method: MergeMethod, expert_entries: li
     for key, spec in method.global_parameters.items():
         where = f"parameters.{key}"
         value = resolve_value(config.parameters.get(key), tensor, t, where) if key in config.parameters else None
+        if value is None and spec.default is None:
+            raise ConfigError(f"{where}: required, and no value applies to tensor {tensor} (no filter matches it "
+                              "and there is no entry without a filter)" if key in config.parameters
+                              else f"{where}: required by {method.name}; add parameters: {{{key}: ...}}")
         global_values[key] = spec.validate(spec.default if value is None else value, f"{where} (tensor {tensor})")
     experts = []
     for index, entry in expert_entries:

@@ -40,6 +40,8 @@ def parse_size(value: int | float | str, field: str = "size") -> int:
             raise ConfigError(f"{field}: {value!r} is not a size; write bytes or a unit, e.g. 512MB, 5GB")
         if value > MAX_SIZE:
             raise ConfigError(f"{field}: {value!r} bytes is more than {MAX_SIZE} (1 PB); a typo?")
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{field}: {value!r} is not a whole number of bytes; write e.g. 512MB")
         number, unit = float(value), ""
     else:
         match = _SIZE_RE.match(str(value))
@@ -52,6 +54,8 @@ def parse_size(value: int | float | str, field: str = "size") -> int:
         raise ConfigError(
             f"{field}: unknown unit {unit!r} in {value!r}; use B, KB, MB, GB, TB (or KiB, MiB, GiB)"
         )
+    if unit in ("", "B") and not number.is_integer():
+        raise ConfigError(f"{field}: {value!r} is not a whole number of bytes; write e.g. 512MB")
     if number * _UNITS[unit] > MAX_SIZE:
         raise ConfigError(f"{field}: {value!r} is more than 1 PB; a typo?")
     size = int(number * _UNITS[unit])

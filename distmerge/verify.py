@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from distmerge.aim.stats_file import SAVED_NAME
 from distmerge.checkpoint import TensorInfo, parse_safetensors_header, read_rows
 from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
 from distmerge.errors import CheckpointError, OutputError
@@ -26,6 +27,7 @@ from distmerge.io.files import open_regular
 from distmerge.io.structured import read_json
 from distmerge.journal import CRC_CHUNK, JOURNAL_NAME, read_journal
 from distmerge.model_config import check_config_against_tensors
+from distmerge.output.lock import LOCK_NAME
 from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME, load_manifest, sha256_of
 from distmerge.writer import INDEX_NAME, PARTIAL_SUFFIX
 
@@ -117,6 +119,10 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
     out = Path(out_dir)
     result = VerifyResult()
     manifest_digest = None
+    if not out.is_dir():
+        result.problems.append(f"{out}: {'is not a directory' if out.exists() else 'does not exist'}; "
+                               "give the output directory of a merge")
+        return result
     if weight_map is None:
         weight_map, manifest_digest = _read_index(out, result)
         if weight_map is None:
@@ -147,6 +153,7 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
     covered = _check_manifest_layout(out, manifest, weight_map, infos, result) if manifest is not None else {}
     if manifest is not None:
         _check_other_files(out, manifest, result)
+        _check_nothing_added(out, manifest, result)
     if deep:
         nonfinite = _check_ranges(infos, covered, result)
         for name, info in sorted(infos.items()):
@@ -222,10 +229,21 @@ def _check_manifest_layout(out: Path, manifest: dict[str, Any], weight_map: dict
 def _check_other_files(out: Path, manifest: dict[str, Any], result: VerifyResult) -> None:
     for name, digest in sorted(manifest["other_files"].items()):
         path = out / name
-        if "/" in name or not path.is_file():
+        if path.is_symlink():
+            result.problems.append(f"{path}: is a symbolic link, not the file the merge wrote")
+        elif not path.is_file():
             result.problems.append(f"{path}: listed in the manifest but missing")
         elif sha256_of(path) != digest:
             result.problems.append(f"{path}: fails its checksum (changed after the merge)")
+
+
+def _check_nothing_added(out: Path, manifest: dict[str, Any], result: VerifyResult) -> None:
+    """A file the merge did not write (a chat template, a stray shard) changes what loads: a problem."""
+    known = {*manifest["files"], *manifest["other_files"], INDEX_NAME, MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME,
+             SAVED_NAME}
+    for name in sorted(set(os.listdir(out)) - known):
+        if not name.endswith(PARTIAL_SUFFIX):  # reported as unfinished already
+            result.problems.append(f"{out / name}: not written by the merge (added afterwards?)")
 
 
 def _check_ranges(infos: dict[str, TensorInfo], covered: dict[str, list[list[int]]],
@@ -285,7 +303,7 @@ def _crc_of(path: Path, offset: int, length: int) -> int | None:
 
 def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyResult) -> None:
     config_path = out / "config.json"
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         result.problems.append(f"{config_path}: missing")
         return
     try:

@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ MAX_SIDE_FILE_BYTES = 1 << 30
 def _os_error(e: OSError, path: Path | str, action: str) -> OutputError:
     if e.errno == errno.ENOSPC:
         return OutputError(f"{path}: no space left on the device while {action}; free space or choose another OUT_DIR")
+    if e.errno == errno.ENXIO:
+        return OutputError(f"{path}: is a FIFO or socket, not a file distmerge wrote; refused (remove it)")
     if e.errno == errno.ELOOP:
         return OutputError(f"{path}: is a symbolic link; refused (distmerge writes only its own files in OUT_DIR)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -57,10 +60,14 @@ def partial_path(out_dir: Path, name: str) -> Path:
 def create_file(path: Path, header: bytes, size: int) -> None:
     """Create ``path`` at its full size with its header written and the space reserved."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise _os_error(e, path, "creating the output file") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"{path}: is not a regular file (planted in OUT_DIR?); refused: remove it and rerun")
     try:
+        os.ftruncate(fd, 0)
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
@@ -81,7 +88,7 @@ def write_at(path: Path, offset: int, tensor: torch.Tensor) -> int:
     data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
     view = memoryview(data)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise _os_error(e, path, "opening for writing") from e
     try:

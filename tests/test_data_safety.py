@@ -458,3 +458,128 @@ def test_dataset_folder_file_linking_outside_is_refused(family, capsys):
     code, text = run_cli(["calibrate", cfg, "--out", root / "s.safetensors"], capsys)
     assert code == 2 and "b.txt" in text and "outside the dataset folder" in text, text
     assert SECRET not in text
+
+
+# --- found by trying it as a hostile or careless user --------------------------------------------
+
+def test_calibrate_from_a_local_dataset_works(family, capsys):
+    root, _, config_file = family
+    data_file = root / "calib.jsonl"
+    data_file.write_text("".join(json.dumps({"text": f"doc {i} on merging"}) + "\n" for i in range(8)))
+    data = config_data(config_file)
+    data["aim"] = {"calibration": {"dataset": str(data_file), "n_samples": 8, "block_size": 16}, "stages": 1}
+    cfg = write_config(root / "aim.yml", data)
+    code, text = run_cli(["calibrate", cfg, "--out", root / "stats.safetensors"], capsys)
+    assert code == 0, text
+    assert (root / "stats.safetensors").stat().st_size > 0
+
+
+def _interrupted_copy(family, capsys) -> Path:
+    """A finished merge turned into what a crash leaves: no index, files renamed back to .partial."""
+    root, _, config_file = family
+    out = root / "out"
+    assert run_cli(["merge", config_file, out, "--no-progress"], capsys)[0] == 0
+    for name in ("model.safetensors.index.json", "distmerge_manifest.json", "merge_report.json"):
+        (out / name).unlink()
+    for f in out.glob("model-*.safetensors"):
+        f.rename(f.with_name(f.name + ".partial"))
+    return out
+
+
+def test_fifo_planted_at_a_temporary_name_is_refused_on_resume(family, capsys):
+    root, _, config_file = family
+    out = _interrupted_copy(family, capsys)
+    victim = sorted(out.glob("*.partial"))[0]
+    victim.unlink()
+    os.mkfifo(victim)
+    code, text = run_cli(["merge", config_file, out, "--no-progress"], capsys)
+    assert code == 2 and f"{victim}: is a FIFO (named pipe), not a file distmerge wrote" in text, text
+
+
+def test_journal_names_outside_out_are_never_read_or_listed(family, capsys):
+    root, _, config_file = family
+    out = _interrupted_copy(family, capsys)
+    secret = root / "secret.txt"
+    secret.write_text(SECRET)
+    with open(out / "distmerge_journal.jsonl", "a") as journal:
+        for name in ("../secret.txt", str(secret), "sub/x"):
+            journal.write(json.dumps({"kind": "wrote", "name": name}) + "\n")
+    code, text = run_cli(["merge", config_file, out, "--no-progress"], capsys)
+    assert code == 0, text
+    manifest = json.loads((out / "distmerge_manifest.json").read_text())
+    assert all("/" not in name for name in manifest["other_files"])
+    assert secret.read_text() == SECRET and main(["verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("kind", ["notes", "fifo"])
+def test_a_file_of_ours_name_that_is_not_ours_stays(family, capsys, kind):
+    root, _, config_file = family
+    out = root / "out"
+    out.mkdir()
+    if kind == "notes":
+        (out / ".distmerge.lock").write_text("my notes")
+    else:
+        os.mkfifo(out / ".distmerge.lock")
+        os.utime(out / ".distmerge.lock", (0, 0))
+    code, text = run_cli(["merge", config_file, out, "--no-progress"], capsys)
+    assert code == 2 and ".distmerge.lock: exists and is not a distmerge lock file" in text, text
+    if kind == "notes":
+        assert (out / ".distmerge.lock").read_text() == "my notes"
+
+
+def test_careless_command_lines_are_messages(family, capsys, tmp_path):
+    root, _, config_file = family
+    long_out = root / ("x" * 300)
+    code, text = run_cli(["merge", config_file, long_out, "--no-progress"], capsys)
+    assert code == 2 and "File name too long" in text
+    code, text = run_cli(["verify", long_out], capsys)
+    assert code == 2 and "File name too long" in text
+    for workers in ("-5", "0", "many"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["merge", str(config_file), str(root / "out"), "--workers", workers])
+        assert exit_info.value.code == 2
+    assert "--workers" in capsys.readouterr().err
+    code, text = run_cli(["verify", root / "nowhere"], capsys)
+    assert code == 1 and "nowhere: does not exist" in text
+    code, text = run_cli(["verify", config_file], capsys)
+    assert code == 1 and "is not a directory" in text
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d["models"][0]["parameters"].update(weight=[{"filter": 1, "value": 0.5}]), "filter 1 is a int (a number or list)"),
+    (lambda d: d.update(execution={"shard_size": 1.5}), "not a whole number of bytes"),
+])
+def test_filters_and_sizes_must_mean_what_they_say(family, capsys, edit, message):
+    root, _, config_file = family
+    data = config_data(config_file)
+    edit(data)
+    code, text = run_cli(["plan", write_config(root / "bad.yml", data)], capsys)
+    assert code == 2 and message in text, text
+
+
+def test_yaml_as_people_write_it(family, capsys, caplog):
+    """Exponent floats are numbers (as in mergekit); a repeated key is a warning; NUL is refused."""
+    root, (base, *experts), _ = family
+    cfg = root / "exp.yml"
+    cfg.write_text(f"merge_method: ties\nmerge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                   f"  - model: {experts[0]}\n    parameters: {{weight: 5e-1}}\n"
+                   f"  - model: {experts[1]}\n    parameters: {{weight: 2.5E-1}}\nparameters: {{lambda: 1.0e0}}\n")
+    code, text = run_cli(["plan", cfg], capsys)
+    assert code == 0 and "merge method: task_arithmetic" in text, text
+    assert "key 'merge_method' at line 2 repeats line 1" in caplog.text
+    nul = root / "nul.yml"
+    nul.write_bytes(cfg.read_bytes() + b"# \x00\n")
+    code, text = run_cli(["plan", nul], capsys)
+    assert code == 2 and "#x0000" in text
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('"rms_norm_eps": NaN', "NaN is not a JSON value"),
+    ('"max_position_embeddings": ' + "9" * 5000, "digits"),
+])
+def test_config_json_values_json_does_not_have(family, capsys, content, message):
+    _, (base, *_), config_file = family
+    text = (base / "config.json").read_text()
+    (base / "config.json").write_text(text.replace("{", "{" + content + ",", 1))
+    code, out = run_cli(["plan", config_file], capsys)
+    assert code == 2 and message in out and "config.json" in out, out

@@ -152,3 +152,15 @@ def test_manifest_covers_every_byte_of_every_model_file(out):
             assert [r[0] for r in ranges] == [0] + [r[1] for r in ranges[:-1]] and ranges[-1][1] == rows
             covered += info["data_offsets"][1] - info["data_offsets"][0]
         assert entry["header_bytes"] + covered == entry["size"]
+
+
+def test_files_added_or_linked_after_the_merge_are_problems(out, capsys, tmp_path):
+    (out / "chat_template.jinja").write_text("{{ 'ignore previous instructions' }}")
+    outside = tmp_path / "tokenizer.json"
+    outside.write_bytes((out / "tokenizer.json").read_bytes())
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").symlink_to(outside)
+    code, text = verify(out, capsys, "--quick")
+    assert code == 1
+    assert "chat_template.jinja: not written by the merge (added afterwards?)" in text
+    assert "tokenizer.json: is a symbolic link, not the file the merge wrote" in text

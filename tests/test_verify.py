@@ -8,8 +8,10 @@ and the test can require the exact problem list, not just a non-zero exit code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 from distmerge.cli import main
 from distmerge.engine.run import run_merge
 from distmerge.journal import JOURNAL_NAME
+from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME
 from tests.helpers import evict, make_config, read_chars, resident_bytes, safetensors_header
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -72,6 +75,33 @@ def _rewrite_header(path: Path, edit: Callable[[dict], None], drop_tail: int = 0
 def _edit_config(out: Path, **changes: object) -> None:
     path = out / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    _reseal(out)
+
+
+def _reseal(out: Path) -> None:
+    """Give a deliberately edited output a manifest (and index hash) that matches its bytes
+    again, as a merge that produced them would have: these tests isolate the architecture
+    checks; the checksums themselves are tests/test_output_integrity.py's."""
+    index = json.loads((out / INDEX).read_text())
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    files = {}
+    for name in sorted(set(index["weight_map"].values())):
+        path = out / name
+        data_start, header = safetensors_header(path)
+        raw = path.read_bytes()
+        tensors = {}
+        for tensor, entry in header.items():
+            begin, end = (data_start + o for o in entry["data_offsets"])
+            tensors[tensor] = [[0, entry["shape"][0] if entry["shape"] else 1, zlib.crc32(raw[begin:end])]]
+        files[name] = {"size": len(raw), "header_bytes": data_start, "header_crc32": zlib.crc32(raw[:data_start]),
+                       "tensors": tensors}
+    manifest["files"] = files
+    manifest["other_files"] = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in manifest["other_files"]}
+    text = json.dumps(manifest, separators=(",", ":"), sort_keys=True) + "\n"
+    (out / MANIFEST_NAME).write_text(text)
+    index["metadata"][INDEX_KEY] = hashlib.sha256(text.encode()).hexdigest()
+    (out / INDEX).write_text(json.dumps(index))
+    (out / JOURNAL_NAME).unlink(missing_ok=True)  # its checksums describe the bytes before the edit
 
 
 def test_clean_merge_verifies(capsys, copy):
@@ -105,6 +135,7 @@ def test_tensor_stored_with_another_shape(capsys, copy):
         header[name]["shape"] = [32, 128]
 
     _rewrite_header(path, transpose)
+    _reseal(copy)
     code, problems, _ = _verify(capsys, "--quick", str(copy))
     assert code == 1
     assert problems == [f"tensor '{name}' has shape [32, 128], the architecture expects [64, 64]"]
@@ -124,6 +155,7 @@ def test_missing_expected_tensor(capsys, copy):
     lines = (copy / JOURNAL_NAME).read_text().splitlines()
     t = json.loads(lines[0])["tensors"].index(name)
     (copy / JOURNAL_NAME).write_text("\n".join(line for line in lines if f'"t":{t},' not in line) + "\n")
+    _reseal(copy)
     code, problems, _ = _verify(capsys, str(copy))
     assert code == 1
     assert problems == [f"tensor '{name}' of llama (shape {shape}) is missing"]
@@ -145,6 +177,7 @@ def test_tensor_outside_the_architecture_is_a_warning(capsys, copy):
     index = json.loads((copy / INDEX).read_text())
     index["weight_map"]["model.extra_probe.weight"] = "model-extra.safetensors"
     (copy / INDEX).write_text(json.dumps(index))
+    _reseal(copy)
     code, problems, warnings = _verify(capsys, str(copy))
     assert (code, problems) == (0, [])
     assert warnings == ["tensor 'model.extra_probe.weight' is not part of the llama architecture"]

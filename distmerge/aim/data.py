@@ -51,7 +51,7 @@ def read_dataset(dataset: str, text_field: str = "text") -> pa.Table:
 def read_file(path: Path, text_field: str = "text") -> pa.Table:
     """One data file, by its suffix (a FIFO, device or socket is refused before it is opened)."""
     suffix = path.suffix.lower()
-    require_regular(path, "calibration data file", ConfigError, "dataset folder")
+    require_regular(path, "calibration data file", ConfigError)
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -122,17 +122,18 @@ def _read_folder(path: Path, text_field: str) -> pa.Table:
                                                               limit=16 << 20)["_data_files"]]
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{FIELD}: {state} is not a datasets state file ({e!r})") from e
-        arrow_files = [check_inside(path / str(n), path, "a data file of the state file", ConfigError, "dataset folder") for n in names]
+        arrow_files = [check_inside(path / str(n), path, "a data file of the state file", ConfigError,
+                                    "dataset folder") for n in names]
         missing = [str(f) for f in arrow_files if not f.is_file()]
         if missing:
             raise ConfigError(f"{FIELD}: {state} lists missing files: {', '.join(missing)}")
     if arrow_files:
         for f in arrow_files:
-            require_regular(check_inside(f, path, "calibration data file", ConfigError, "dataset folder"), "calibration data file",
-                            ConfigError)
+            inside = check_inside(f, path, "calibration data file", ConfigError, "dataset folder")
+            require_regular(inside, "calibration data file", ConfigError)
         return _concat([_read(read_arrow, f) for f in arrow_files], path)
-    files = sorted(check_inside(f, path, "calibration data file", ConfigError, "dataset folder") for f in path.iterdir()
-                   if f.suffix.lower() in FILE_SUFFIXES and not f.is_dir())
+    files = sorted(check_inside(f, path, "calibration data file", ConfigError, "dataset folder")
+                   for f in path.iterdir() if f.suffix.lower() in FILE_SUFFIXES and not f.is_dir())
     if not files:
         raise ConfigError(f"{FIELD}: folder {path} holds no data files ({FORMATS})")
     return _concat([read_file(f, text_field) for f in files], path)

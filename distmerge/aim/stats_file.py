@@ -17,6 +17,8 @@ from distmerge.errors import ConfigError
 from distmerge.io.files import require_regular
 
 FORMAT = "distmerge-aim-statistics"
+# Where a merge saves the statistics it calibrated, inside its output directory (reused on resume).
+SAVED_NAME = "aim_statistics.safetensors"
 VERSION = "1"
 REQUIRED_METADATA = ("base_model", "dataset", "n_blocks", "block_size", "tokens")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -18,12 +19,13 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from distmerge.aim.stats_file import SAVED_NAME
 from distmerge.config import MergeConfig, load_config
 from distmerge.dtypes import ITEMSIZE, TORCH_NAME
 from distmerge.engine.cluster import cluster_cpus, connect
 from distmerge.engine.worker import BatchResult, MergeJob
 from distmerge.errors import ConfigError, DistmergeError, OutputError
-from distmerge.io.files import require_regular
+from distmerge.io.files import file_kind, require_regular
 from distmerge.journal import (
     JOURNAL_NAME,
     JournalState,
@@ -66,7 +68,6 @@ from distmerge.writer import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_UNITS_PER_BATCH = 256
-AIM_STATS_NAME = "aim_statistics.safetensors"
 CONFIG_COPY_NAME = "distmerge_config.yml"
 
 
@@ -192,7 +193,7 @@ def load_aim(config: MergeConfig, out: Path, progress: bool) -> tuple[dict[str, 
     assert config.aim is not None and config.base_model
     if config.aim.stats:
         return aim.load_statistics(Path(config.aim.stats))
-    saved = out / AIM_STATS_NAME
+    saved = out / SAVED_NAME
     if saved.is_file():
         log.info("reusing the calibration of the interrupted run: %s", saved)
         return aim.load_statistics(saved)
@@ -236,6 +237,10 @@ def reopen_for_resume(out: Path, plan: MergePlan, journal: JournalState) -> set[
         by_file[plan.tensors[key[0]].file_index].append(key)
     for i, f in enumerate(plan.files):
         final, partial = out / f.name, partial_path(out, f.name)
+        for path in (final, partial):
+            if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+                raise OutputError(f"{path}: is {file_kind(os.lstat(path).st_mode)}, not a file distmerge wrote; "
+                                  "refused (remove it, then rerun to resume)")
         if final.exists():
             os.replace(final, partial)
         if not partial.exists() or partial.stat().st_size != f.size or _head(partial, len(f.header)) != f.header:
@@ -273,6 +278,8 @@ def run_merge(
     one or around one, and only one run at a time writes it (a lock held for the whole run).
     """
     started = time.time()
+    if workers is not None and not (isinstance(workers, int) and workers >= 1):
+        raise ConfigError(f"workers: {workers!r} is not a positive number of work units in flight")
     config_path = None if isinstance(config, MergeConfig) else Path(config)
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     execution = {}
@@ -323,7 +330,7 @@ def _merge_locked(cfg: MergeConfig, plan: MergePlan, out: Path, parts: dict[str,
         if cfg.aim is not None:
             connect(ray_address)
             if not cfg.aim.stats:
-                writer.wrote(AIM_STATS_NAME)
+                writer.wrote(SAVED_NAME)
             aim_stats, aim_meta = load_aim(cfg, out, progress)
             plan.aim_modules = aim_tensor_modules(plan, aim_stats)
         log.info("plan:\n%s", plan.summary())
@@ -420,7 +427,7 @@ def _finalize(cfg: MergeConfig, plan: MergePlan, out: Path, writer: JournalWrite
         raise OutputError(f"{out}: {len(missing)} units have no checksum in the journal; rerun to finish them")
     manifest = build_manifest(((f.name, f.header, f.size) for f in plan.files),
                               ((t.name, t.file_index) for t in plan.tensors), journal.units)
-    add_other_files(manifest, out, journal.written - {AIM_STATS_NAME})
+    add_other_files(manifest, out, journal.written - {SAVED_NAME})
     weight_map = {t: f.name for f in plan.files for t in f.tensors}
     verified = verify_output(out, weight_map=weight_map, manifest=manifest, deep=cfg.execution.verify,
                              allow_nonfinite=cfg.execution.allow_nonfinite)

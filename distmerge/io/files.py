@@ -22,6 +22,7 @@ _KINDS = {
     stat.S_IFBLK: "a block device",
     stat.S_IFSOCK: "a socket",
     stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
 }
 
 

@@ -10,13 +10,17 @@ of the result is bounded, so a bad file costs a message and milliseconds.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from typing import Any
 
 import yaml
 
 from distmerge.errors import DistmergeError
 from distmerge.io.files import read_limited
+
+log = logging.getLogger(__name__)
 
 MAX_DEPTH = 64
 MAX_NODES = 1_000_000
@@ -58,14 +62,21 @@ def parse_json(raw: bytes | str, source: str, error: type[DistmergeError], *,
     they use against a fixed schema anyway (a safetensors header of 100k tensors).
     """
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError:
         raise error(f"{source}: nested too deeply to be valid here; refused") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{source}: not valid JSON ({e})") from None
+    except ValueError as e:  # NaN/Infinity, or an integer of more digits than Python converts
+        raise error(f"{source}: not valid JSON ({str(e)[:200]})") from None
     if max_depth is not None:
         check_bounded(data, source, error, max_depth=max_depth)
     return data
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON; Python's parser accepts them unless told otherwise."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def read_json(path: str | os.PathLike[str], what: str, error: type[DistmergeError], *,
@@ -75,7 +86,13 @@ def read_json(path: str | os.PathLike[str], what: str, error: type[DistmergeErro
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that counts aliases and nesting while it composes the document."""
+    """``yaml.SafeLoader`` that counts aliases and nesting while it composes the document.
+
+    It also reads ``1e-1`` and ``5e9`` as numbers (YAML 1.2, JSON and Python do; PyYAML's YAML
+    1.1 rules make them strings, which mergekit's pydantic models then convert to floats, so
+    configs written that way are common), and it warns about a key given twice in one mapping
+    (the last one wins, as in mergekit, but it is almost always a mistake).
+    """
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -94,6 +111,27 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: D401 - PyYAML hook
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    line = key_node.start_mark.line + 1
+                    if key_node.value in seen:
+                        log.warning("%s: key %r at line %d repeats line %d; the last one wins",
+                                    self.name if self.name != "<unicode string>" else "config", key_node.value,
+                                    line, seen[key_node.value])
+                    seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 class _Refused(Exception):

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -146,7 +147,7 @@ class OutputLock:
 
     def _open(self, flags: int) -> int:
         try:
-            return os.open(self.path, flags | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            return os.open(self.path, flags | os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise OutputError(f"{self.path}: is a symbolic link; refused (remove it)") from None
@@ -163,6 +164,7 @@ class OutputLock:
                 fd, created = self._open(0), False
             except FileNotFoundError:
                 return False
+            self._check_ours(fd)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -189,6 +191,19 @@ class OutputLock:
             return False
         self._fd = fd
         return True
+
+    def _check_ours(self, fd: int) -> None:
+        """An existing file at the lock's name must be a lock file of distmerge's (or empty)."""
+        st = os.fstat(fd)
+        content = os.pread(fd, 4096, 0) if stat.S_ISREG(st.st_mode) else b""
+        try:
+            info = json.loads(content) if content.strip() else {}
+        except ValueError:
+            info = None
+        if not stat.S_ISREG(st.st_mode) or not isinstance(info, dict) or (info and "nonce" not in info):
+            os.close(fd)
+            raise OutputError(f"{self.path}: exists and is not a distmerge lock file; refused, since distmerge "
+                              "never overwrites a file it did not write (move it away)")
 
     def _still_named(self, fd: int) -> bool:
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
@@ -38,6 +39,8 @@ INDEX_KEY = "distmerge_manifest_sha256"
 def sha256_of(path: Path) -> str:
     """SHA-256 of a (small) file the run wrote."""
     digest = hashlib.sha256()
+    if os.path.islink(path):
+        raise OutputError(f"{path}: is a symbolic link, not a file the merge wrote")
     fd = open_regular(path, "an output file", OutputError)
     try:
         while chunk := os.read(fd, 1 << 20):
@@ -69,8 +72,11 @@ def build_manifest(files: Iterable[tuple[str, bytes, int]], tensors: Iterable[tu
 def add_other_files(manifest: dict[str, Any], out: Path, names: Iterable[str]) -> None:
     """Record the SHA-256 of each non-model file the run wrote (config, tokenizer, report...)."""
     for name in sorted(names):
-        if (out / name).is_file():
-            manifest["other_files"][name] = sha256_of(out / name)
+        path = out / name
+        # Names come from the journal, a file in a directory others may write: only plain names
+        # of regular files directly in OUT are ever hashed.
+        if _plain_name(name) and os.path.lexists(path) and stat.S_ISREG(os.lstat(path).st_mode):
+            manifest["other_files"][name] = sha256_of(path)
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ def owned_names(journal: JournalState | None) -> set[str]:
 
 def entries(out: Path) -> list[str]:
     """What OUT holds, less this run's lock file."""
-    return sorted(n for n in os.listdir(out) if n != LOCK_NAME and not n.startswith(LOCK_NAME + ".stale-"))
+    return sorted(n for n in os.listdir(out) if n != LOCK_NAME)
 
 
 def foreign_entries(out: Path, journal: JournalState | None) -> list[str]:
