@@ -96,8 +96,10 @@ def compute_statistics(
     if micro_batch_size < 1:
         raise ConfigError(f"aim.micro_batch_size: must be at least 1, got {micro_batch_size}")
     if not ray.is_initialized():
+        from distmerge.engine.cluster import connect
+
         log.info("Ray is not initialized; starting a local Ray for AIM calibration")
-        ray.init()
+        connect()  # the embedded Ray: on loopback only, like a merge's
     use_gpu = ray.cluster_resources().get("GPU", 0.0) > 0
     if dtype is None:
         stored = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")]
