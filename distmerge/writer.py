@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_COPY_NAME = "distmerge_config.yml"  # the resolved merge config, kept beside the output
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",

@@ -55,6 +55,7 @@ from distmerge.report import (
 )
 from distmerge.verify import verify_output
 from distmerge.writer import (
+    CONFIG_COPY_NAME,
     INDEX_NAME,
     copy_side_files,
     create_file,
@@ -68,7 +69,6 @@ from distmerge.writer import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_UNITS_PER_BATCH = 256
-CONFIG_COPY_NAME = "distmerge_config.yml"
 
 
 def batches(units: Iterable[WorkUnit], budget: int) -> Iterator[list[WorkUnit]]:
@@ -412,6 +412,8 @@ def _merge_units(cfg: MergeConfig, plan: MergePlan, out: Path, journal: JournalS
 def _finalize(cfg: MergeConfig, plan: MergePlan, out: Path, writer: JournalWriter, results: list[BatchResult],
               started: float, aim_stats: dict[str, Any], aim_meta: dict[str, str]) -> dict[str, Any]:
     """Side files, the checksum manifest, verification, report, and the index last."""
+    for stale in (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, MODEL_CARD_NAME):  # an interrupted finish's
+        (out / stale).unlink(missing_ok=True)
     out_dtypes = {t.out_dtype for t in plan.tensors if t.params is not None}
     writer.wrote("config.json")
     write_model_config(out, plan.template.config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)

@@ -15,21 +15,33 @@ import os
 import shutil
 from pathlib import Path
 
+from distmerge.aim.stats_file import SAVED_NAME
 from distmerge.errors import OutputError
 from distmerge.journal import JOURNAL_NAME, JournalState
 from distmerge.output.lock import LOCK_NAME
+from distmerge.output.manifest import MANIFEST_NAME
+from distmerge.report import MODEL_CARD_NAME, REPORT_NAME
+from distmerge.writer import CONFIG_COPY_NAME, INDEX_NAME, SIDE_FILES
 
 log = logging.getLogger(__name__)
 
+# Every name a merge writes in OUT besides its model files (which its journal's header lists).
+RUN_FILE_NAMES = frozenset({"config.json", CONFIG_COPY_NAME, REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME, INDEX_NAME,
+                            SAVED_NAME, *SIDE_FILES})
 # Suffixes of the temporary names distmerge writes a file under before renaming it.
 TEMPORARY_SUFFIXES = (".partial", ".tmp")
 
 
 def owned_names(journal: JournalState | None) -> set[str]:
-    """Names in OUT that a distmerge run wrote, by its journal."""
+    """Names in OUT that a distmerge run wrote, by its journal.
+
+    Where a journal proves a distmerge run worked here, the fixed names every run writes
+    count as its own too, even when no ``wrote`` record names them (journals of older
+    versions have none).
+    """
     if journal is None:
         return set()
-    names = {JOURNAL_NAME, *journal.written}
+    names = {JOURNAL_NAME, *journal.written, *RUN_FILE_NAMES}
     names.update(str(n) for n in journal.header.get("files", []) if isinstance(n, str))
     return names | {n + suffix for n in names for suffix in TEMPORARY_SUFFIXES}
 
