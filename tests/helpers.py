@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.io_baseline import evict as evict_files
 from distmerge.config import MergeConfig, parse_config
 
 
@@ -71,12 +72,7 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
 
 def evict(path: Path) -> None:
     """Drop a file's pages from the page cache (written back first: dirty pages are not dropped)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict_files([path])
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -128,6 +129,18 @@ def _merge_command(tmp_path: Path, llama_family, out: Path) -> list[str]:
     return [sys.executable, "-m", "distmerge", "merge", str(config), str(out), "--shard-size", "20KB", "--no-progress"]
 
 
+def _wait_for_units(proc: subprocess.Popen, out: Path, units: int) -> None:
+    """Until the running merge ``proc`` has journaled ``units`` units (it must not end before)."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        journal = out / JOURNAL_NAME
+        if journal.exists() and journal.read_text().count('"kind":"unit"') >= units:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"the merge journaled fewer than {units} units in 180 s")
+
+
 def _verify(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distmerge", "verify", str(out)], capture_output=True, text=True,
                           timeout=120)
@@ -152,13 +165,7 @@ def test_a_staggered_second_merge_is_refused_while_the_first_runs(tmp_path, llam
     out = tmp_path / "out"
     command = _merge_command(tmp_path, llama_family, out)
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        journal = out / JOURNAL_NAME
-        if journal.exists() and journal.read_text().count('"kind":"unit"') >= 5:
-            break
-        assert first.poll() is None, first.communicate()
-        time.sleep(0.05)
+    _wait_for_units(first, out, 5)
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert first.poll() is None, "the first merge ended before the second started; the test proves nothing"
     assert second.returncode == 2 and "another distmerge run is writing this output" in second.stderr
@@ -169,8 +176,6 @@ def test_a_staggered_second_merge_is_refused_while_the_first_runs(tmp_path, llam
 @pytest.mark.slow
 def test_input_shard_deleted_during_a_merge_is_a_message(tmp_path, llama_family):
     base, experts = llama_family
-    import shutil
-
     victim_model = Path(shutil.copytree(experts[1], tmp_path / "expert"))
     config = tmp_path / "m.yml"
     config.write_text(yaml.safe_dump(make_config("task_arithmetic", base, [experts[0], victim_model], [0.5, 0.5])
@@ -179,13 +184,7 @@ def test_input_shard_deleted_during_a_merge_is_a_message(tmp_path, llama_family)
     proc = subprocess.Popen([sys.executable, "-m", "distmerge", "merge", str(config), str(out), "--shard-size", "20KB",
                              "--no-progress", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        journal = out / JOURNAL_NAME
-        if journal.exists() and journal.read_text().count('"kind":"unit"') >= 3:
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
+    _wait_for_units(proc, out, 3)
     for shard in victim_model.glob("model-*.safetensors"):
         shard.unlink()
     code = proc.wait(timeout=300)
