@@ -27,9 +27,14 @@ from distmerge.model_config import check_config_against_tensors
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1000 * 1000
-MAX_CONFIG_JSON_BYTES = 16 * 1000**2
-MAX_INDEX_BYTES = 256 * 1000**2
+# Far above real checkpoints (a shard's header is KBs, an index MBs), far below what would
+# exhaust memory while parsing. Shapes: no real tensor has more than 8 dimensions or one
+# dimension above 2^40 elements, and bounding both keeps every size computed from them cheap.
+MAX_HEADER_BYTES = 16 * 1000**2
+MAX_CONFIG_JSON_BYTES = 4 * 1000**2
+MAX_INDEX_BYTES = 64 * 1000**2
+MAX_DIMS = 8
+MAX_DIM = 1 << 40
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -112,10 +117,12 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
                 f"{where}: unknown dtype {shown[:80]}; known: {', '.join(SAFETENSORS_TO_TORCH)}"
             )
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape
         ):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            shown = repr(shape)[:80] if isinstance(shape, list) and len(shape) <= MAX_DIMS else "(too long to show)"
+            raise CheckpointError(f"{where}: shape {shown} is not a list of at most {MAX_DIMS} integers "
+                                  f"from 0 to {MAX_DIM}; the file is corrupt")
         offsets = entry.get("data_offsets")
         if (
             not isinstance(offsets, list)
@@ -178,7 +185,13 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | os.PathLike[str], role: str = "model") -> Checkpoint:
         """Open a model folder, validating layout, config.json, index and every header."""
-        folder = Path(path)
+        try:
+            return cls._open(Path(path), role)
+        except OSError as e:  # a name the system refuses (too long, ...), a folder gone mid-listing
+            raise CheckpointError(f"{role} {path}: {e.strerror or e}") from None
+
+    @classmethod
+    def _open(cls, folder: Path, role: str) -> Checkpoint:
         if not folder.exists():
             raise CheckpointError(f"{role} {folder}: folder does not exist; check the path in the config")
         if not folder.is_dir():

@@ -22,11 +22,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distmerge.dtypes import config_dtype
-from distmerge.errors import ConfigError
+from distmerge.errors import ConfigError, shown
 from distmerge.io.structured import check_bounded, read_yaml
 from distmerge.sizes import parse_size
 
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")
 # Parameters mergekit accepts that change nothing here (memory tricks of a single-process merge).
 IGNORED_PARAMETERS = {"int8_mask"}
 
@@ -35,9 +35,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _plain_path(value: str | None) -> str | None:
+    """A path a config names: no NUL byte (the system refuses it) and a sane length."""
+    if value is not None and ("\0" in value or len(value) > 4096):
+        raise ValueError("not a usable path (a NUL byte, or longer than 4096 characters)")
+    return value
+
+
 class ModelEntry(_Strict):
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, v: str) -> str:
+        return _plain_path(v) or v
 
 
 # Upper bounds on counts a config can ask for: generous for any real merge, and small enough
@@ -46,11 +58,17 @@ MAX_SEED = 2**63 - 1
 MAX_WORKERS = 100_000
 MAX_CALIBRATION_SAMPLES = 10_000_000
 MAX_BLOCK_SIZE = 1 << 20
+MAX_LIST_ENTRIES = 4096
 
 
 class CalibrationConfig(_Strict):
     dataset: str = "builtin"
     text_field: str = "text"
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_path(cls, v: str) -> str:
+        return _plain_path(v) or v
     n_samples: int = Field(256, ge=1, le=MAX_CALIBRATION_SAMPLES)
     block_size: int = Field(512, ge=2, le=MAX_BLOCK_SIZE)
     seed: int = Field(42, ge=0, le=MAX_SEED)
@@ -66,6 +84,11 @@ class AimConfig(_Strict):
     stages: int | Literal["auto"] = "auto"
     stage_memory: int = 2 * 1000**3
     micro_batch_size: int = Field(4, ge=1, le=65536)
+
+    @field_validator("stats")
+    @classmethod
+    def _stats_path(cls, v: str | None) -> str | None:
+        return _plain_path(v)
 
     @field_validator("stages")
     @classmethod
@@ -112,9 +135,15 @@ class MergeConfig(_Strict):
             config_dtype(v, info.field_name)
         return v
 
+    @field_validator("base_model")
+    @classmethod
+    def _base_path(cls, v: str | None) -> str | None:
+        return _plain_path(v)
+
     @field_validator("tokenizer_source")
     @classmethod
     def _tokenizer_source(cls, v: str | None) -> str | None:
+        _plain_path(v)
         if v == "union":
             raise ValueError("'union' (a merged vocabulary) is not supported; use 'base' or a model path")
         return v
@@ -144,7 +173,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         elif item["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {loc}: {msg}" + (f" (got {item['input']!r})" if item["type"] not in ("missing", "extra_forbidden") else ""))
+        lines.append(f"  {loc}: {msg}" + (f" (got {shown(item['input'])})" if item["type"] not in ("missing", "extra_forbidden") else ""))
     return "\n".join(lines)
 
 
@@ -196,6 +225,9 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
     if isinstance(value, list):
         if not value:
             raise ConfigError(f"{where}: empty list; give a number, a gradient or {{filter, value}} entries")
+        if len(value) > MAX_LIST_ENTRIES:
+            raise ConfigError(f"{where}: a list of {len(value)} entries; at most {MAX_LIST_ENTRIES} (a gradient or "
+                              "filter list that long is a mistake)")
         if all(isinstance(v, dict) for v in value):
             fallback = None
             for entry in value:
@@ -204,7 +236,7 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
                     raise ConfigError(f"{where}: filter entries take keys 'filter' and 'value', got {sorted(entry)}")
                 flt = entry.get("filter")
                 if flt is not None and not isinstance(flt, str):
-                    raise ConfigError(f"{where}: filter {str(flt)[:40]} is a {type(flt).__name__} (a number or list); a filter is a "
+                    raise ConfigError(f"{where}: filter {shown(flt, 40)} is a {type(flt).__name__} (a number or list); a filter is a "
                                       "string matched against tensor names (quote it: filter: \"1\")")
                 if flt is None:
                     if fallback is None:

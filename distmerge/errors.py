@@ -24,3 +24,13 @@ class CheckpointError(DistmergeError):
 
 class OutputError(DistmergeError):
     """The output directory cannot be used (exists, not writable, disk full)."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message: cut to ``limit`` characters, and safe for any value
+    (Python refuses to print an integer of more than 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"(a {type(value).__name__} too long to show)"
+    return text if len(text) <= limit else text[:limit] + "..."

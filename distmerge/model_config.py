@@ -18,7 +18,7 @@ from typing import Any
 
 from distmerge.errors import CheckpointError
 
-LAYER_INDEX_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+LAYER_INDEX_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d{1,9})\.")
 # Counts of repeated structures: bounded by the number of tensors (each has at least one).
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_experts", "num_local_experts",
               "n_routed_experts")

@@ -112,7 +112,7 @@ class MergePlan:
         """Canonical row chunks of the tensors whose merge needs statistics round ``round_``."""
         units = []
         for i, t in enumerate(self.tensors):
-            if t.statistics_rounds <= round_:
+            if t.statistics_rounds <= round_ or not t.numel:
                 continue
             step = max(1, STATISTICS_CHUNK_ELEMENTS // max(1, t.row_numel))
             for r0 in range(0, t.rows, step):
@@ -154,7 +154,10 @@ class MergePlan:
 
 
 def _same_path(a: str, b: str) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError, ValueError):  # a path the system refuses is refused by Checkpoint.open
+        return a == b
 
 
 def _resolve_params(config: MergeConfig, method: MergeMethod, expert_entries: list[tuple[int, Any]],
@@ -238,7 +241,7 @@ def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsiz
     if t.params is None:
         per_element = ITEMSIZE[t.sources[0].dtype] + ITEMSIZE[t.out_dtype]
     row_working = max(1, t.row_numel * per_element)
-    step = max(1, shard_size // row_working)
+    step = max(1, shard_size // row_working) if t.numel else max(1, t.rows)  # an empty tensor is one unit
     units = []
     for r0 in range(0, t.rows, step):
         r1 = min(t.rows, r0 + step)

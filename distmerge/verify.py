@@ -73,7 +73,7 @@ def expected_architecture(config: dict[str, Any]) -> dict[str, tuple[int, ...]] 
 
 def _scan_finite(info: TensorInfo) -> int:
     """Number of NaN/Inf values in a float tensor, read in row blocks."""
-    if info.dtype not in ("F64", "F32", "F16", "BF16"):
+    if info.dtype not in ("F64", "F32", "F16", "BF16") or not info.nbytes:
         return 0
     row_bytes = max(1, info.row_numel * ITEMSIZE[info.dtype])
     step = max(1, SCAN_BLOCK_BYTES // row_bytes)

@@ -23,9 +23,14 @@ from distmerge.io.files import read_limited
 log = logging.getLogger(__name__)
 
 MAX_DEPTH = 64
-MAX_NODES = 1_000_000
+MAX_NODES = 100_000
 MAX_YAML_ALIASES = 256
-MAX_CONFIG_BYTES = 4 * 1000**2
+MAX_CONFIG_BYTES = 1000**2  # a merge config is KBs; the pure-Python YAML parser takes ~10 s per MB
+MAX_NUMBER_CHARS = 100  # longer integers are typos or attacks (and base-60 ones parse in quadratic time)
+# Bytes per JSON container ([ or {) below which a document is refused before parsing: real
+# headers, indexes and configs have one container per 30+ bytes, while 12 MB of "[[],[],...]"
+# would take ~300 MB of Python lists.
+MIN_BYTES_PER_CONTAINER = 12
 
 
 def check_bounded(data: Any, source: str, error: type[DistmergeError], *, max_depth: int = MAX_DEPTH,
@@ -61,6 +66,10 @@ def parse_json(raw: bytes | str, source: str, error: type[DistmergeError], *,
     ``max_depth=None`` skips the walk of the result, for callers that validate every value
     they use against a fixed schema anyway (a safetensors header of 100k tensors).
     """
+    containers = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if containers * MIN_BYTES_PER_CONTAINER > max(len(raw), 4096):
+        raise error(f"{source}: {containers} arrays and objects in {len(raw)} bytes is not the shape of a "
+                    "header, index or config; refused before parsing")
     try:
         data = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError:
@@ -113,6 +122,11 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+    def construct_yaml_int(self, node: Any) -> Any:  # noqa: D401 - PyYAML hook
+        if len(str(node.value)) > MAX_NUMBER_CHARS:
+            raise _Refused(f"has a number of more than {MAX_NUMBER_CHARS} characters at line {node.start_mark.line + 1}")
+        return super().construct_yaml_int(node)
+
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: D401 - PyYAML hook
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
@@ -127,6 +141,7 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 _BoundedLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),

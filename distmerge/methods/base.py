@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from distmerge.errors import ConfigError
+from distmerge.errors import ConfigError, shown
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -43,24 +43,24 @@ class ParamSpec:
     def validate(self, value: Any, where: str) -> Any:
         if self.kind is str:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
-                raise ConfigError(f"{where}: expected one of {', '.join(self.choices)}, got {value!r}")
+                raise ConfigError(f"{where}: expected one of {', '.join(self.choices)}, got {shown(value)}")
             return value
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+                raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {shown(value)}")
         try:
             as_float = float(value)
         except OverflowError:
             as_float = math.inf
         if not math.isfinite(as_float) or abs(as_float) > FLOAT32_MAX:
-            raise ConfigError(f"{where}: {value!r} is not a finite number a float32 can hold; "
+            raise ConfigError(f"{where}: {shown(value)} is not a finite number a float32 can hold; "
                               "a NaN or infinite parameter would poison every merged weight")
         value = self.kind(value)
         if self.check is not None and not self.check(value):
-            raise ConfigError(f"{where}: {value!r} is out of range; allowed: {self.allowed}")
+            raise ConfigError(f"{where}: {shown(value)} is out of range; allowed: {self.allowed}")
         return value
 
 
