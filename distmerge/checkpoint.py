@@ -121,8 +121,8 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape
         ):
             shown = repr(shape)[:80] if isinstance(shape, list) and len(shape) <= MAX_DIMS else "(too long to show)"
-            raise CheckpointError(f"{where}: shape {shown} is not a list of at most {MAX_DIMS} integers "
-                                  f"from 0 to {MAX_DIM}; the file is corrupt")
+            raise CheckpointError(f"{where}: shape {shown} is not a list of at most {MAX_DIMS} non-negative "
+                                  f"integers of at most {MAX_DIM}; the file is corrupt")
         offsets = entry.get("data_offsets")
         if (
             not isinstance(offsets, list)

@@ -258,7 +258,8 @@ def test_config_json_values_are_checked_against_the_tensors(family, capsys, key,
 
 @pytest.mark.parametrize(("content", "message"), [
     ("[1, 2, 3]", "expected a JSON object of settings, got a list"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("[" * 100_000 + "]" * 100_000, "arrays and objects in 200000 bytes is not the shape"),
+    ('{"pad": "' + " " * 100_000 + '", "a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
     ('{"a": ' * 200 + "1" + "}" * 200, "nested more than 64 levels"),
     ('{"num_hidden_layers": 4', "not valid JSON"),
 ])
@@ -287,9 +288,12 @@ def _header_file(folder: Path, header: bytes) -> Path:
 @pytest.mark.parametrize(("header", "message"), [
     (b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', "unknown dtype of JSON type list"),
     (b'{"w": {"dtype": {"a": 1}, "shape": [1], "data_offsets": [0, 4]}}', "unknown dtype of JSON type dict"),
-    (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    (b"[" * 50_000 + b"]" * 50_000, "arrays and objects in 100000 bytes is not the shape"),
+    (b'{"pad": "' + b" " * 100_000 + b'", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
     (b'{"__metadata__": {"a": [1]}}', "__metadata__ is not an object of strings"),
-    (b'{"w": {"dtype": "F32", "shape": [10000000000000000000000], "data_offsets": [0, 4]}}', "data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [10000000000000000000000], "data_offsets": [0, 4]}}',
+     "is not a list of at most 8 non-negative integers"),
+    (b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 4]}}', "data_offsets [0, 4] span 4 bytes"),
 ])
 def test_hostile_safetensors_headers_are_messages(family, capsys, header, message):
     _, (base, *experts), config_file = family
@@ -315,13 +319,17 @@ def test_deeply_nested_index_is_a_message(family, capsys):
     _, (base, *experts), config_file = family
     (experts[1] / INDEX).write_text("[" * 100_000 + "]" * 100_000)
     code, text = run_cli(["plan", config_file], capsys)
+    assert code == 2 and "is not the shape of a header, index or config" in text
+    (experts[1] / INDEX).write_text('{"pad": "' + " " * 100_000 + '", "w": ' + "[" * 5000 + "]" * 5000 + "}")
+    code, text = run_cli(["plan", config_file], capsys)
     assert code == 2 and "nested too deeply" in text
 
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda d: d["models"][0]["parameters"].update(weight=float("nan")), "models[0].parameters.weight"),
     (lambda d: d["models"][1]["parameters"].update(weight=float("inf")), "not a finite number"),
-    (lambda d: d["models"][0]["parameters"].update(weight=10**300), "not a finite number a float32 can hold"),
+    (lambda d: d["models"][0]["parameters"].update(weight=10**300), "a number of more than 100 characters"),
+    (lambda d: d["models"][0]["parameters"].update(weight=1e39), "not a finite number a float32 can hold"),
     (lambda d: d.update(parameters={"lambda": float("nan")}), "parameters.lambda"),
     (lambda d: d.update(merge_method="ties", parameters={"density": float("nan")}), "density"),
     (lambda d: d.update(dtype="float16", parameters={"lambda": 1e6}), "overflows the compute dtype float16"),
@@ -356,7 +364,9 @@ def test_slerp_nan_t_fails_at_plan_time(family, capsys):
     ("merge_method: linear\nmodels:\n  - {model: m, parameters: {weight: &w 1}}\n"
      + "  - {model: m, parameters: {weight: *w}}\n" * 300, "YAML aliases"),
     ("x: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested"),
-    ("x: " + "9" * 5000 + "\n", "cannot be read"),
+    ("x: " + "9" * 5000 + "\n", "a number of more than 100 characters at line 1"),
+    ("x: 0x" + "f" * 5000 + "\n", "a number of more than 100 characters"),
+    ("x: " + ":".join(["1"] * 50_000) + "\n", "a number of more than 100 characters"),
     ("x: !!python/object/apply:os.system ['true']\n", "YAML syntax error"),
 ])
 def test_hostile_yaml_is_refused_at_load(tmp_path, capsys, text, message):
