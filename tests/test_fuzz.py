@@ -4,6 +4,7 @@ DistmergeError with a message (never another exception, never a hang)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +15,7 @@ from distmerge.config import load_config, parse_config
 from distmerge.errors import CheckpointError, ConfigError, DistmergeError
 from distmerge.plan import build_plan
 
-FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FAST = settings(max_examples=150, deadline=2000, derandomize=bool(os.environ.get("CI")), suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),

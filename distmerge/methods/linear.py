@@ -26,7 +26,8 @@ class Linear(MergeMethod):
 
     def validate(self, params: TensorParams, where: str) -> None:
         if params.global_["normalize"] and sum(p["weight"] for p in params.experts) == 0:
-            raise ConfigError(f"{where}: weights sum to 0, so normalize=true would divide by zero")
+            raise ConfigError(f"{where}: the models' weights (models[*].parameters.weight) sum to 0, so "
+                              "parameters.normalize=true would divide by zero; change a weight or set normalize: false")
 
     def merge(
         self,
