@@ -20,7 +20,7 @@ import torch
 
 from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH
 from distmerge.errors import CheckpointError
-from distmerge.io.files import check_inside, open_regular
+from distmerge.io.files import check_inside, open_regular, pread_all
 from distmerge.io.structured import parse_json, read_json
 from distmerge.model_config import check_config_against_tensors
 
@@ -89,7 +89,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
                 f"{path}: its first 8 bytes are not a header length that fits a {size}-byte file "
                 "(truncated or not a safetensors file)"
             )
-        raw = _pread_all(fd, header_len, 8)
+        raw = pread_all(fd, header_len, 8)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the safetensors header ({e.strerror})") from None
     finally:
@@ -161,17 +161,6 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         )
     return tensors, {str(k): v for k, v in metadata.items()}
 
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    """``length`` bytes at ``offset`` (fewer only at end of file), in as many reads as it takes."""
-    chunks, done = [], 0
-    while done < length:
-        chunk = os.pread(fd, length - done, offset + done)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        done += len(chunk)
-    return b"".join(chunks)
 
 
 @dataclass

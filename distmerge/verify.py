@@ -23,7 +23,7 @@ from distmerge.aim.stats_file import SAVED_NAME
 from distmerge.checkpoint import TensorInfo, parse_safetensors_header, read_rows
 from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
 from distmerge.errors import CheckpointError, OutputError
-from distmerge.io.files import open_regular
+from distmerge.io.files import open_regular, pread_all
 from distmerge.io.structured import read_json
 from distmerge.journal import CRC_CHUNK, JOURNAL_NAME, read_journal
 from distmerge.model_config import check_config_against_tensors
@@ -295,7 +295,7 @@ def _compare_journal(out: Path, infos: dict[str, TensorInfo], covered: dict[str,
 def _crc_of(path: Path, offset: int, length: int) -> int | None:
     fd = open_regular(path, "an output file", OutputError)
     try:
-        data = os.pread(fd, length, offset)
+        data = pread_all(fd, length, offset)
     finally:
         os.close(fd)
     return zlib.crc32(data) if len(data) == length else None

@@ -119,3 +119,15 @@ def check_inside(path: Path, folder: Path, what: str, error: type[DistmergeError
         raise error(f"{path}: {what} {how} to a location outside the {folder_kind} {folder}; refused "
                     "(distmerge reads only inside the folders the config names: copy the file in)")
     return real
+
+
+def pread_all(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (fewer only at end of file), in as many reads as it takes."""
+    chunks, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
