@@ -20,7 +20,7 @@ import torch
 from benchmarks.bench_engine import merge_config
 from benchmarks.synthetic import write_family
 from distmerge.config import parse_config
-from distmerge.engine.run import batches
+from distmerge.engine.scheduling import batches
 from distmerge.engine.worker import MergeJob, run_batch, run_statistics
 from distmerge.methods.base import STATISTICS_COMPLETE
 from distmerge.plan import build_plan

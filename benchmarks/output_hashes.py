@@ -24,6 +24,7 @@ import torch
 
 from benchmarks.synthetic import write_family
 from distmerge import run_merge
+from distmerge.config import parse_config
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
            "della", "della_linear", "slerp", "model_stock", "passthrough"]
@@ -86,7 +87,7 @@ def main() -> None:
                 for seed in ((0, 7) if method.startswith(("dare", "della")) else (0,)):
                     key = f"{method}/{dtype}/seed{seed}"
                     out = root / "out" / key.replace("/", "-")
-                    run_merge(config_for(method, base, experts, dtype, seed), out, shard_size=3 * 10**6,
+                    run_merge(parse_config(config_for(method, base, experts, dtype, seed)), out, shard_size=3 * 10**6,
                               workers=args.workers, progress=False)
                     results[key] = digest(out)
                     print(key, file=sys.stderr)
@@ -99,7 +100,7 @@ def main() -> None:
                               "calibration": {"dataset": "builtin", "n_samples": 16, "block_size": 32}}
                 key = f"aim-{relaxation}/{method}"
                 out = root / "out" / key.replace("/", "-")
-                run_merge(cfg, out, shard_size=10**5, workers=args.workers, progress=False)
+                run_merge(parse_config(cfg), out, shard_size=10**5, workers=args.workers, progress=False)
                 results[key] = digest(out)
                 print(key, file=sys.stderr)
     text = json.dumps(results, indent=1, sort_keys=True)

@@ -120,25 +120,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from distmerge.config import load_config
+    from distmerge.engine.request import resolve_request
     from distmerge.plan import build_plan
 
-    print(build_plan(load_config(args.config), args.shard_size).summary())
+    request = resolve_request(args.config, shard_size=args.shard_size)
+    print(build_plan(request.config, request.shard_size, needs_base=request.needs_base).summary())
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from distmerge.aim import calibrate
-    from distmerge.config import load_config
+    from distmerge.aim.feature import AimFeature
     from distmerge.engine.cluster import connect
-    from distmerge.output.directory import check_statistics_target, input_paths
-    config = load_config(args.config)
-    if config.aim is None or not config.base_model:
+    from distmerge.engine.request import resolve_request
+    from distmerge.output.directory import check_statistics_target
+
+    request = resolve_request(args.config)
+    aim = next((f for f in request.features if isinstance(f, AimFeature)), None)
+    if aim is None:
         raise ConfigError(f"{args.config}: calibrate needs base_model and an aim: block")
-    check_statistics_target(args.out, input_paths(config, args.config))
+    check_statistics_target(args.out, request.input_paths())
     connect(args.ray_address)
-    stats, _ = calibrate(Path(config.base_model), config.aim, args.out, progress=not args.no_progress)
-    print(f"wrote statistics of {len(stats)} modules to {args.out}")
+    aim.calibrate(args.out, progress=not args.no_progress)
+    print(f"wrote statistics of {len(aim.statistics)} modules to {args.out}")
     return 0
 
 

@@ -181,6 +181,12 @@ class JournalWriter:
         except OSError as e:
             raise OutputError(f"{self.path}: cannot sync the journal ({e.strerror})") from e
 
+    def __enter__(self) -> JournalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._f.closed:
             return

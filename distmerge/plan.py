@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,12 @@ class MergePlan:
     units: list[WorkUnit]
     shard_size: int
     compute_dtype: str
-    aim_modules: dict[int, str] = field(default_factory=dict)
+
+    def with_shard_size(self, shard_size: int) -> MergePlan:
+        """The same plan cut into units for another shard size (no header is read again)."""
+        itemsize = ITEMSIZE[self.compute_dtype]
+        units = [u for i, t in enumerate(self.tensors) for u in units_for_tensor(i, t, shard_size, itemsize)]
+        return replace(self, units=units, shard_size=shard_size)
 
     @property
     def read_bytes(self) -> int:
@@ -148,8 +153,6 @@ class MergePlan:
         if stats:
             lines.append(f"whole-tensor statistics: {stats} tensors, {self.statistics_rounds} round(s) of "
                          f"{len(self.statistics_units())} canonical chunks")
-        if self.aim_modules:
-            lines.append(f"AIM: {len(self.aim_modules)} tensors relaxed (omega {self.config.aim.omega if self.config.aim else '-'})")
         return "\n".join(lines)
 
 
@@ -286,15 +289,18 @@ def layout_files(entries: list[tuple[str, str, tuple[int, ...]]], max_file_size:
     return files, where
 
 
-def build_plan(config: MergeConfig, shard_size: int | None = None) -> MergePlan:
-    """Open all inputs' headers, validate them against each other and cut the work."""
+def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base: bool = False) -> MergePlan:
+    """Open all inputs' headers, validate them against each other and cut the work.
+
+    ``shard_size`` defaults to the config's; ``needs_base`` gives every merged tensor the base
+    rows as its first source even when the method does not use them (a feature such as AIM
+    relaxes towards them).
+    """
     method = get_method(config.merge_method)
     _check_parameter_names(config, method)
     shard_size = shard_size or config.execution.shard_size
     if method.uses_base and not config.base_model:
         raise ConfigError(f"base_model: {method.name} needs a base model; add base_model: PATH")
-    if config.aim is not None and not config.base_model:
-        raise ConfigError("aim: AIM relaxes each delta towards the base model; add base_model: PATH")
     base = Checkpoint.open(config.base_model, "base_model") if config.base_model else None
     expert_entries = [
         (i, e) for i, e in enumerate(config.models)
@@ -349,7 +355,7 @@ def build_plan(config: MergeConfig, shard_size: int | None = None) -> MergePlan:
             continue
         params = _resolve_params(config, method, expert_entries, name, layer_position(name, num_layers))
         tensors.append(TensorPlan(
-            name, info.shape, out_dtype, info if (method.uses_base or config.aim is not None) else None, sources, params, file_index, offset,
+            name, info.shape, out_dtype, info if (method.uses_base or needs_base) else None, sources, params, file_index, offset,
             statistics_rounds=method.statistics_rounds(params, info.shape),
         ))
     compute_itemsize = ITEMSIZE[compute]

@@ -20,27 +20,10 @@ REPORT_NAME = "merge_report.json"
 MODEL_CARD_NAME = "README.md"
 
 
-def aim_summary(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per module: channels, and how far the largest channel statistic is above the median.
-
-    AIM differs from a uniform shrink only where a few channels dominate, so the max/median
-    ratio is the number that says how much activation information a module carries.
-    """
-    out = {}
-    for name, vec in sorted(stats.items()):
-        v = vec.double()
-        median = float(v.median())
-        out[name] = {
-            "channels": int(v.numel()),
-            "max": float(v.max()),
-            "median": median,
-            "max_over_median": float(v.max()) / median if median > 0 else float("inf"),
-        }
-    return out
-
-
 def build_report(plan: MergePlan, results: list[BatchResult], seconds: float, *,
-                 aim_stats: dict[str, Any] | None = None, aim_meta: dict[str, str] | None = None) -> dict[str, Any]:
+                 sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run's figures: what was merged, bytes and time per node and worker, checksums, and a
+    section per feature of the merge (``sections``, e.g. ``aim``)."""
     nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_read": 0, "bytes_written": 0, "units": 0, "batches": 0})
     workers: dict[str, dict[str, Any]] = {}
     for r in results:
@@ -80,14 +63,7 @@ def build_report(plan: MergePlan, results: list[BatchResult], seconds: float, *,
         "peak_worker_anon_rss": max((w["peak_anon_rss"] for w in workers.values()), default=0),
         "unit_checksums": sorted((r2.tensor, r2.row_start, r2.row_end, r2.crc32) for r in results for r2 in r.units),
     }
-    if cfg.aim is not None and aim_stats:
-        report["aim"] = {
-            "omega": cfg.aim.omega,
-            "stats_source": cfg.aim.stats or "calibrated for this merge",
-            "metadata": aim_meta or {},
-            "relaxed_tensors": len(plan.aim_modules),
-            "modules": aim_summary(aim_stats),
-        }
+    report.update(sections or {})
     return report
 
 
@@ -95,8 +71,9 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     write_text_atomic(out_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
 
 
-def write_model_card(out_dir: Path, plan: MergePlan, report: dict[str, Any]) -> None:
-    """A short README.md: what was merged, how, and the numbers of the run."""
+def write_model_card(out_dir: Path, plan: MergePlan, report: dict[str, Any], extra: list[str] = ()) -> None:
+    """A short README.md: what was merged, how, the numbers of the run and ``extra`` lines (one
+    per feature of the merge)."""
     lines = [
         "---",
         "tags: [merge, distmerge]",
@@ -109,7 +86,6 @@ def write_model_card(out_dir: Path, plan: MergePlan, report: dict[str, Any]) -> 
         f"- read {format_size(report['bytes_read'])}, wrote {format_size(report['bytes_written'])} "
         f"in {report['seconds']:.1f} s on {len(report['nodes'])} node(s)",
     ]
-    if "aim" in report:
-        lines.append(f"- AIM (arXiv 2502.02421): omega {report['aim']['omega']}, {report['aim']['relaxed_tensors']} tensors relaxed")
+    lines += [f"- {line}" for line in extra]
     lines += ["", "The exact configuration is in `distmerge_config.yml`, the run's figures in `merge_report.json`.", ""]
     write_text_atomic(out_dir / MODEL_CARD_NAME, "\n".join(lines))

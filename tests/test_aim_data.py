@@ -1,4 +1,4 @@
-"""Calibration data: every input format, the AIM sampling, pre-tokenized blocks, errors, stats files."""
+"""Calibration data: every input format, the AIM sampling, pre-tokenized sequences, errors, stats files."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distmerge.aim import load_calibration_blocks, load_statistics, save_statistics
-from distmerge.aim.blocks import sample_blocks
+from distmerge.aim import load_calibration_sequences, load_statistics, save_statistics
 from distmerge.aim.data import read_dataset
-from distmerge.aim.stats_file import check_statistics
+from distmerge.aim.sequences import sample_sequences
+from distmerge.aim.stats_file import match_statistics
 from distmerge.config import CalibrationConfig
 from distmerge.errors import CheckpointError, ConfigError
 
@@ -30,7 +30,7 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def expected_blocks(docs: list[str], n_samples: int, block_size: int, seed: int) -> torch.Tensor:
+def expected_sequences(docs: list[str], n_samples: int, block_size: int, seed: int) -> torch.Tensor:
     """The AWQ/AIM recipe written independently: permute, byte-encode, filter, concat, cut."""
     import numpy as np
 
@@ -91,35 +91,35 @@ def test_every_format_gives_the_same_blocks(tmp_path: Path, tok_dir: Path, fmt: 
     path = write_formats(tmp_path, field="body")[fmt]
     assert read_dataset(str(path), "body").column("body").to_pylist() == DOCS
     cal = CalibrationConfig(dataset=str(path), text_field="body", n_samples=5, block_size=64, seed=3)
-    blocks = load_calibration_blocks(cal, tok_dir)
-    expected = expected_blocks(DOCS, 5, 64, 3)
-    assert blocks.dtype == torch.int64
-    assert blocks.shape == expected.shape == (2, 64)
-    assert torch.equal(blocks, expected)
+    sequences = load_calibration_sequences(cal, tok_dir)
+    expected = expected_sequences(DOCS, 5, 64, 3)
+    assert sequences.dtype == torch.int64
+    assert sequences.shape == expected.shape == (2, 64)
+    assert torch.equal(sequences, expected)
 
 
 def test_sampling_skips_long_and_empty_and_stops_at_n_samples() -> None:
     texts = ["aaaa", "", None, "b" * 50, "cc", "ddd", "  ", "eeeee"]
-    blocks = sample_blocks(texts, lambda s: [ord(c) for c in s], n_samples=3, block_size=4, seed=0)
+    sequences = sample_sequences(texts, lambda s: [ord(c) for c in s], n_samples=3, block_size=4, seed=0)
     # Independent check of which samples are kept, in permutation order.
     import numpy as np
 
     kept = [t.strip() for t in (texts[i] for i in np.random.default_rng(0).permutation(len(texts)))
             if t and t.strip() and len(t.strip()) <= 4][:3]
     stream = [ord(c) for c in "".join(kept)]
-    assert blocks.flatten().tolist() == stream[: len(stream) // 4 * 4]
+    assert sequences.flatten().tolist() == stream[: len(stream) // 4 * 4]
 
 
 def test_seed_determinism(tok_dir: Path) -> None:
     docs = [f"sample {i}: " + "x" * (i % 9) for i in range(200)]
     path = tok_dir.parent / "seed.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    a = load_calibration_blocks(CalibrationConfig(dataset=str(path), n_samples=50, block_size=32, seed=7), tok_dir)
-    b = load_calibration_blocks(CalibrationConfig(dataset=str(path), n_samples=50, block_size=32, seed=7), tok_dir)
-    c = load_calibration_blocks(CalibrationConfig(dataset=str(path), n_samples=50, block_size=32, seed=8), tok_dir)
+    a = load_calibration_sequences(CalibrationConfig(dataset=str(path), n_samples=50, block_size=32, seed=7), tok_dir)
+    b = load_calibration_sequences(CalibrationConfig(dataset=str(path), n_samples=50, block_size=32, seed=7), tok_dir)
+    c = load_calibration_sequences(CalibrationConfig(dataset=str(path), n_samples=50, block_size=32, seed=8), tok_dir)
     assert torch.equal(a, b)
     assert a.shape[0] >= 10 and (a.shape != c.shape or not torch.equal(a, c))
-    assert torch.equal(a, expected_blocks(docs, 50, 32, 7))
+    assert torch.equal(a, expected_sequences(docs, 50, 32, 7))
 
 
 def test_pretokenized_input_ids_are_used_as_given(tmp_path: Path) -> None:
@@ -128,11 +128,11 @@ def test_pretokenized_input_ids_are_used_as_given(tmp_path: Path) -> None:
     pq.write_table(pa.table({"input_ids": rows, "text": ["a", "b", "c"]}), path)
     cal = CalibrationConfig(dataset=str(path), n_samples=1, block_size=512, seed=0)
     # No tokenizer is needed (the folder does not even exist).
-    blocks = load_calibration_blocks(cal, tmp_path / "nowhere")
-    assert blocks.tolist() == rows and blocks.dtype == torch.int64
+    sequences = load_calibration_sequences(cal, tmp_path / "nowhere")
+    assert sequences.tolist() == rows and sequences.dtype == torch.int64
     pq.write_table(pa.table({"input_ids": [[1, 2], [3]]}), path)
     with pytest.raises(ConfigError, match="same non-zero length"):
-        load_calibration_blocks(cal, tmp_path)
+        load_calibration_sequences(cal, tmp_path)
 
 
 def test_builtin_dataset(tok_dir: Path) -> None:
@@ -142,11 +142,11 @@ def test_builtin_dataset(tok_dir: Path) -> None:
     table = read_dataset("builtin")
     assert table.num_rows >= 300 and "text" in table.column_names
     cal = CalibrationConfig(dataset="builtin", n_samples=64, block_size=512, seed=42)
-    blocks = load_calibration_blocks(cal, tok_dir)
+    sequences = load_calibration_sequences(cal, tok_dir)
     texts = table.column("text").to_pylist()
-    assert torch.equal(blocks, expected_blocks(texts, 64, 512, 42))
-    assert blocks.shape[0] >= 30
-    assert blocks.max() < 256  # the byte tokenizer adds no special tokens
+    assert torch.equal(sequences, expected_sequences(texts, 64, 512, 42))
+    assert sequences.shape[0] >= 30
+    assert sequences.max() < 256  # the byte tokenizer adds no special tokens
 
 
 def test_missing_tokenizer_is_a_checkpoint_error(tmp_path: Path) -> None:
@@ -156,16 +156,16 @@ def test_missing_tokenizer_is_a_checkpoint_error(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="model_without_tokenizer.*no tokenizer"):
-        load_calibration_blocks(CalibrationConfig(dataset=str(path), block_size=4), folder)
+        load_calibration_sequences(CalibrationConfig(dataset=str(path), block_size=4), folder)
 
 
 def test_data_errors_name_the_field(tmp_path: Path, tok_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"aim\.calibration\.dataset: .*does not exist"):
-        load_calibration_blocks(CalibrationConfig(dataset=str(tmp_path / "missing.parquet")), tok_dir)
+        load_calibration_sequences(CalibrationConfig(dataset=str(tmp_path / "missing.parquet")), tok_dir)
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"content": ["x"], "meta": [1]}), path)
     with pytest.raises(ConfigError, match=r"aim\.calibration\.text_field: column 'text'.*content, meta"):
-        load_calibration_blocks(CalibrationConfig(dataset=str(path)), tok_dir)
+        load_calibration_sequences(CalibrationConfig(dataset=str(path)), tok_dir)
     bad = tmp_path / "d.xyz"
     bad.write_text("?")
     with pytest.raises(ConfigError, match="unknown format"):
@@ -173,7 +173,7 @@ def test_data_errors_name_the_field(tmp_path: Path, tok_dir: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("ab")
     with pytest.raises(ConfigError, match="not enough for one block"):
-        load_calibration_blocks(CalibrationConfig(dataset=str(short), block_size=8), tok_dir)
+        load_calibration_sequences(CalibrationConfig(dataset=str(short), block_size=8), tok_dir)
 
 
 def test_statistics_file_roundtrip_and_validation(tmp_path: Path) -> None:
@@ -186,12 +186,13 @@ def test_statistics_file_roundtrip_and_validation(tmp_path: Path) -> None:
     for k in stats:
         assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], stats[k])
     assert {k: got_meta[k] for k in meta} == meta and got_meta["format"] == "distmerge-aim-statistics"
-    check_statistics(loaded, {"model.layers.0.self_attn.q_proj.weight": (4, 3), "model.norm.weight": (3,),
-                              "model.embed_tokens.weight": (10, 3)})
-    with pytest.raises(ConfigError, match="has length 3"):
-        check_statistics(loaded, {"model.norm.weight": (5,)})
+    assert match_statistics(loaded, {"model.layers.0.self_attn.q_proj.weight": (4, 3), "model.norm.weight": (3,),
+                                     "model.embed_tokens.weight": (10, 3)}) == {
+        "model.layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.q_proj", "model.norm.weight": "model.norm"}
+    with pytest.raises(ConfigError, match="'model.norm' has 3 channels"):
+        match_statistics(loaded, {"model.norm.weight": (5,)})
     with pytest.raises(ConfigError, match="no statistic for module 'lm_head'"):
-        check_statistics(loaded, {"lm_head.weight": (9, 3)})
+        match_statistics(loaded, {"lm_head.weight": (9, 3)})
     with pytest.raises(ConfigError, match="does not exist"):
         load_statistics(tmp_path / "none.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")

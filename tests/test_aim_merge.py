@@ -99,14 +99,14 @@ def test_calibrate_command_then_merge_reuses_statistics(llama_family, tmp_path):
 
 
 def test_statistics_of_another_model_are_refused(llama_family, tmp_path):
-    from distmerge.errors import OutputError
+    from distmerge.errors import ConfigError
 
     base, experts = llama_family
     bad = {"model.layers.0.mlp.up_proj": torch.ones(7)}
     save_statistics(bad, tmp_path / "bad.safetensors", {"base_model": "x", "dataset": "t", "n_blocks": "1",
                                                         "block_size": "8", "tokens": "8"})
     cfg = make_config("task_arithmetic", base, experts, [1, 1], aim={"stats": str(tmp_path / "bad.safetensors")})
-    with pytest.raises(OutputError, match="up_proj.*7 channels.*64 input channels"):
+    with pytest.raises(ConfigError, match="up_proj.*7 channels.*64 input channels"):
         run_merge(cfg, tmp_path / "out", progress=False)
 
 

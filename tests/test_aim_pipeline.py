@@ -2,7 +2,7 @@
 
 The reference below is written independently of distmerge.aim: ``from_pretrained`` with eager
 attention, forward pre-hooks on every module with a weight that is not an embedding, and
-``sum over blocks of mean over tokens of |input|`` in float64. Stages are checked in process
+``sum over sequences of mean over tokens of |input|`` in float64. Stages are checked in process
 (the StageWorker the Ray actors run) for every architecture and S = 1, 2 and one per layer, and
 through Ray for Mistral, Gemma 3 and Phi-3 (S = 2) and for Llama at S = 1 (via ``calibrate``) and one
 stage per layer, where each actor also reports what it holds.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmerge.aim import calibrate, compute_statistics, load_calibration_blocks, load_statistics
+from distmerge.aim import calibrate, compute_statistics, load_calibration_sequences, load_statistics
 from distmerge.aim.pipeline import run_stages
 from distmerge.aim.stage_worker import StageWorker
 from distmerge.aim.wire import pack
@@ -29,7 +29,7 @@ RTOL = 1e-5
 SPLITS = {1: [(0, 3)], 2: [(0, 2), (2, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
 
 
-def reference_statistics(model_dir: Path, blocks: torch.Tensor, micro_batch: int = 2) -> dict[str, torch.Tensor]:
+def reference_statistics(model_dir: Path, sequences: torch.Tensor, micro_batch: int = 2) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
@@ -47,7 +47,7 @@ def reference_statistics(model_dir: Path, blocks: torch.Tensor, micro_batch: int
         if isinstance(getattr(module, "weight", None), torch.Tensor) and not isinstance(module, torch.nn.Embedding):
             module.register_forward_pre_hook(hook_for(name))
     with torch.no_grad():
-        for batch in blocks.split(micro_batch):
+        for batch in sequences.split(micro_batch):
             model(input_ids=batch)
     return sums
 
@@ -62,9 +62,9 @@ def assert_stats_equal(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor
         assert err <= RTOL, f"{name}: relative error {err}"
 
 
-def run_in_process(model_dir: Path, blocks: torch.Tensor, ranges: list[tuple[int, int]], micro_batch: int = 2):  # type: ignore[no-untyped-def]
+def run_in_process(model_dir: Path, sequences: torch.Tensor, ranges: list[tuple[int, int]], micro_batch: int = 2):  # type: ignore[no-untyped-def]
     workers = [StageWorker(model_dir, a, b, i == 0, i == len(ranges) - 1) for i, (a, b) in enumerate(ranges)]
-    for batch in blocks.split(micro_batch):
+    for batch in sequences.split(micro_batch):
         payload = {"input_ids": pack(batch)}
         for worker in workers:
             payload = worker.forward(payload)
@@ -90,33 +90,33 @@ def expected_holdings(model_dir: Path, ranges: list[tuple[int, int]]) -> list[tu
 
 
 @pytest.fixture(scope="module")
-def blocks() -> torch.Tensor:
+def sequences() -> torch.Tensor:
     return torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
-def references(aim_models: dict[str, Path], blocks: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    return {arch: reference_statistics(path, blocks) for arch, path in aim_models.items()}
+def references(aim_models: dict[str, Path], sequences: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    return {arch: reference_statistics(path, sequences) for arch, path in aim_models.items()}
 
 
 @pytest.mark.parametrize("arch", list(AIM_ARCHS))
-def test_staged_equals_whole_model_in_process(arch: str, aim_models, blocks, references) -> None:  # type: ignore[no-untyped-def]
+def test_staged_equals_whole_model_in_process(arch: str, aim_models, sequences, references) -> None:  # type: ignore[no-untyped-def]
     for num_stages, ranges in SPLITS.items():
-        stats, reports = run_in_process(aim_models[arch], blocks, ranges)
+        stats, reports = run_in_process(aim_models[arch], sequences, ranges)
         assert_stats_equal(stats, references[arch])
         for report, (names, nbytes) in zip(reports, expected_holdings(aim_models[arch], ranges), strict=True):
             assert set(report["parameters"]) == names, (num_stages, report["layers"])
             assert report["bytes"] == nbytes, (num_stages, report["layers"])
 
 
-def test_masks_and_rope_are_exercised(aim_models, blocks, references, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_masks_and_rope_are_exercised(aim_models, sequences, references, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Dropping the sliding window or Gemma 3's per-type rope breaks equality: the test sees them."""
     import distmerge.aim.stage_worker as sw
 
     original = sw.causal_mask
     monkeypatch.setattr(sw, "causal_mask", lambda t, d, dev, sliding_window=None: original(t, d, dev))
     for arch in ("mistral", "gemma2"):
-        stats, _ = run_in_process(aim_models[arch], blocks, SPLITS[1])
+        stats, _ = run_in_process(aim_models[arch], sequences, SPLITS[1])
         ref = references[arch]
         err = float((stats["lm_head"] - ref["lm_head"]).abs().max() / ref["lm_head"].abs().max())
         assert err > 1e-3, arch
@@ -124,7 +124,7 @@ def test_masks_and_rope_are_exercised(aim_models, blocks, references, monkeypatc
     worker = StageWorker(aim_models["gemma3"], 0, 3, True, True)
     rotary = worker.rotary
     worker.rotary = lambda h, pos, kind: rotary(h, pos, "sliding_attention")  # global layer gets local rope
-    worker.forward({"input_ids": pack(blocks)})
+    worker.forward({"input_ids": pack(sequences)})
     got, ref = worker.statistics()["lm_head"], references["gemma3"]["lm_head"]
     assert float((got - ref).abs().max() / ref.abs().max()) > 1e-3
 
@@ -132,15 +132,15 @@ def test_masks_and_rope_are_exercised(aim_models, blocks, references, monkeypatc
 # Through Ray: the layouts that differ most (sliding windows, tied head, local/global rope, fused
 # projections); every architecture is covered at every S in process above, by the same StageWorker.
 @pytest.mark.parametrize("arch", ["mistral", "gemma3", "phi3"])
-def test_ray_pipeline_equals_whole_model(arch: str, ray_local, aim_models, blocks, references) -> None:  # type: ignore[no-untyped-def]
-    stats = compute_statistics(aim_models[arch], blocks, stages=2, micro_batch_size=2, progress=False)
+def test_ray_pipeline_equals_whole_model(arch: str, ray_local, aim_models, sequences, references) -> None:  # type: ignore[no-untyped-def]
+    stats = compute_statistics(aim_models[arch], sequences, stages=2, micro_batch_size=2, progress=False)
     assert all(v.dtype == torch.float32 for v in stats.values())
     assert_stats_equal(stats, references[arch])
 
 
-def test_ray_one_stage_per_layer_holds_only_its_layers(ray_local, aim_models, blocks, references) -> None:  # type: ignore[no-untyped-def]
+def test_ray_one_stage_per_layer_holds_only_its_layers(ray_local, aim_models, sequences, references) -> None:  # type: ignore[no-untyped-def]
     ranges = SPLITS[3]
-    stats, reports = run_stages(aim_models["llama"], blocks, ranges, micro_batch_size=1, progress=False)
+    stats, reports = run_stages(aim_models["llama"], sequences, ranges, micro_batch_size=1, progress=False)
     assert_stats_equal(stats, references["llama"])
     for report, (names, nbytes) in zip(reports, expected_holdings(aim_models["llama"], ranges), strict=True):
         assert set(report["parameters"]) == names
@@ -155,12 +155,12 @@ def test_calibrate_one_stage_saves_statistics(ray_local, aim_models, tmp_path) -
     aim = AimConfig(calibration=CalibrationConfig(dataset="builtin", n_samples=6, block_size=512, seed=1), stages=1)
     out = tmp_path / "aim_stats.safetensors"
     stats, meta = calibrate(base, aim, out, progress=False)
-    blocks = load_calibration_blocks(aim.calibration, base)
-    assert_stats_equal(stats, reference_statistics(base, blocks, micro_batch=4))
+    sequences = load_calibration_sequences(aim.calibration, base)
+    assert_stats_equal(stats, reference_statistics(base, sequences, micro_batch=4))
     loaded, saved_meta = load_statistics(out)
     assert set(loaded) == set(stats) and all(torch.equal(loaded[k], stats[k]) for k in stats)
-    assert saved_meta["n_blocks"] == str(blocks.shape[0]) and saved_meta["block_size"] == "512"
-    assert saved_meta["tokens"] == str(blocks.numel()) and saved_meta["dataset"] == "builtin"
+    assert saved_meta["n_blocks"] == str(sequences.shape[0]) and saved_meta["block_size"] == "512"
+    assert saved_meta["tokens"] == str(sequences.numel()) and saved_meta["dataset"] == "builtin"
     assert saved_meta["base_model"] == str(base.resolve())
 
 

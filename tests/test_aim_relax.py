@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from distmerge.aim import apply_relaxation, module_for_tensor, relaxation_factors, shard_factors
-from distmerge.aim.hooks import block_abs_mean_sum
+from distmerge.aim.hooks import sequence_abs_mean_sum
 from distmerge.aim.masks import causal_mask
-from distmerge.aim.stage_plan import split_by_memory, split_even, stage_resources
+from distmerge.aim.stage_split import split_by_memory, split_even, stage_resources
 from distmerge.aim.wire import pack, unpack
 
 
@@ -100,14 +100,14 @@ def test_module_for_tensor() -> None:
     assert module_for_tensor("model.rotary_emb.inv_freq") is None
 
 
-def test_block_abs_mean_sum() -> None:
-    x = torch.tensor([[[1.0, -2.0], [3.0, 0.0]], [[-1.0, 1.0], [1.0, 1.0]]])  # 2 blocks, 2 tokens
-    # block 0 means: [2, 1]; block 1 means: [1, 1] -> sum [3, 2]
-    assert block_abs_mean_sum(x).tolist() == [3.0, 2.0]
-    assert block_abs_mean_sum(x).dtype == torch.float64
+def test_sequence_abs_mean_sum() -> None:
+    x = torch.tensor([[[1.0, -2.0], [3.0, 0.0]], [[-1.0, 1.0], [1.0, 1.0]]])  # 2 sequences, 2 tokens
+    # sequence 0 means: [2, 1]; sequence 1 means: [1, 1] -> sum [3, 2]
+    assert sequence_abs_mean_sum(x).tolist() == [3.0, 2.0]
+    assert sequence_abs_mean_sum(x).dtype == torch.float64
     # Per-head inputs [B, T, heads, D]: heads count as tokens.
     y = torch.ones(1, 2, 3, 4) * torch.tensor([1.0, -2.0, 3.0, 0.0])
-    assert block_abs_mean_sum(y).tolist() == [1.0, 2.0, 3.0, 0.0]
+    assert sequence_abs_mean_sum(y).tolist() == [1.0, 2.0, 3.0, 0.0]
 
 
 def test_causal_mask_matches_transformers_semantics() -> None:

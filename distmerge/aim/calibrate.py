@@ -1,4 +1,4 @@
-"""``calibrate``: blocks, statistics and their file in one call, as ``distmerge calibrate`` does."""
+"""``calibrate``: sequences, statistics and their file in one call, as ``distmerge calibrate`` does."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from distmerge.aim.blocks import load_calibration_blocks
 from distmerge.aim.pipeline import compute_statistics
+from distmerge.aim.sequences import load_calibration_sequences
 from distmerge.aim.stats_file import save_statistics
 from distmerge.config import AimConfig
 from distmerge.errors import ConfigError
@@ -24,10 +24,10 @@ def calibrate(
     Returns the statistics and the metadata recorded with them.
     """
     cal = aim.calibration
-    blocks = load_calibration_blocks(cal, Path(base_model))
-    check_token_ids(blocks, Path(base_model))
+    sequences = load_calibration_sequences(cal, Path(base_model))
+    check_token_ids(sequences, Path(base_model))
     stats = compute_statistics(
-        Path(base_model), blocks, stages=aim.stages, stage_memory=aim.stage_memory,
+        Path(base_model), sequences, stages=aim.stages, stage_memory=aim.stage_memory,
         micro_batch_size=aim.micro_batch_size, progress=progress,
     )
     metadata = {
@@ -36,9 +36,9 @@ def calibrate(
         "text_field": cal.text_field,
         "n_samples": str(cal.n_samples),
         "seed": str(cal.seed),
-        "n_blocks": str(blocks.shape[0]),
-        "block_size": str(blocks.shape[1]),
-        "tokens": str(blocks.numel()),
+        "n_blocks": str(sequences.shape[0]),
+        "block_size": str(sequences.shape[1]),
+        "tokens": str(sequences.numel()),
     }
     if out_path is not None:
         save_statistics(stats, out_path, metadata)
@@ -46,7 +46,7 @@ def calibrate(
     return stats, metadata
 
 
-def check_token_ids(blocks: torch.Tensor, base_model: Path) -> None:
+def check_token_ids(sequences: torch.Tensor, base_model: Path) -> None:
     """Token ids must index the base model's vocabulary: a pre-tokenized dataset made for
     another model would otherwise fail deep inside a stage actor's embedding lookup."""
     from distmerge.checkpoint import Checkpoint
@@ -54,8 +54,8 @@ def check_token_ids(blocks: torch.Tensor, base_model: Path) -> None:
     config = Checkpoint.open(base_model, role="base model").config
     vocab = next((c.get("vocab_size") for c in (config, config.get("text_config") or {})
                   if isinstance(c.get("vocab_size"), int)), None)
-    if blocks.numel() and vocab is not None:
-        low, high = int(blocks.min()), int(blocks.max())
+    if sequences.numel() and vocab is not None:
+        low, high = int(sequences.min()), int(sequences.max())
         if low < 0 or high >= vocab:
             raise ConfigError(f"aim.calibration: token ids range over {low}..{high} but the base model's vocabulary "
                               f"has {vocab} entries; the data was tokenized for another model")

@@ -1,10 +1,10 @@
-"""The AIM statistic: per input channel, the mean over tokens of |x|, summed over blocks.
+"""The AIM statistic: per input channel, the mean over tokens of |x|, summed over sequences.
 
 For every module that has a ``weight`` and is not an embedding (every Linear including
 ``lm_head``, every norm), a forward pre-hook sees the module's input ``x`` of shape
-``[blocks, ..., channels]`` and adds ``sum_blocks mean_tokens |x_j|`` to a float64 accumulator.
-Leading dimensions between the block and the channel (tokens; heads for per-head q/k norms) all
-count as tokens, as the AIM authors' ``x.view(-1, in).abs().mean(0)`` per one-block forward does.
+``[sequences, ..., channels]`` and adds ``sum_sequences mean_tokens |x_j|`` to a float64 accumulator.
+Leading dimensions between the sequence and the channel (tokens; heads for per-head q/k norms) all
+count as tokens, as the AIM authors' ``x.view(-1, in).abs().mean(0)`` per one-sequence forward does.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import torch
 from torch import nn
 
 
-def block_abs_mean_sum(x: torch.Tensor) -> torch.Tensor:
+def sequence_abs_mean_sum(x: torch.Tensor) -> torch.Tensor:
     """``sum_b mean_tokens |x[b, ..., j]|`` as a float64 vector over the last dimension.
 
-    A 1-D or 2-D input is one block whose tokens are its rows.
+    A 1-D or 2-D input is one sequence whose tokens are its rows.
     """
     if x.dim() < 3:
         x = x.reshape(1, -1, x.shape[-1])
     x = x.reshape(x.shape[0], -1, x.shape[-1])
-    per_block = torch.sum(x.abs(), dim=1, dtype=torch.float64) / x.shape[1]
-    return per_block.sum(dim=0)
+    per_sequence = torch.sum(x.abs(), dim=1, dtype=torch.float64) / x.shape[1]
+    return per_sequence.sum(dim=0)
 
 
 def is_statistic_module(module: nn.Module) -> bool:
@@ -44,7 +44,7 @@ def statistic_modules(parts: Iterable[tuple[str, nn.Module]]) -> list[tuple[str,
 
 
 class ActivationStatistics:
-    """Forward pre-hooks accumulating :func:`block_abs_mean_sum` per module, in float64."""
+    """Forward pre-hooks accumulating :func:`sequence_abs_mean_sum` per module, in float64."""
 
     def __init__(self, modules: Iterable[tuple[str, nn.Module]]) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -56,7 +56,7 @@ class ActivationStatistics:
     def _hook(self, name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            value = block_abs_mean_sum(x.detach())
+            value = sequence_abs_mean_sum(x.detach())
             total = self.sums[name]
             self.sums[name] = value if total.numel() == 0 else total + value
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from distmerge.aim.layout import ModelLayout, open_base
-from distmerge.aim.stage_plan import split_by_memory, split_even, stage_resources
+from distmerge.aim.stage_split import split_by_memory, split_even, stage_resources
 from distmerge.aim.stage_worker import StageWorker
 from distmerge.aim.wire import pack
 from distmerge.checkpoint import Checkpoint
@@ -40,19 +40,19 @@ def plan_model_stages(
     return split_even(n, stages)
 
 
-def _check_blocks(blocks: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
-        raise ConfigError("aim.calibration: blocks must be a non-empty [n_blocks, block_size] tensor of token ids")
-    if blocks.dtype.is_floating_point or blocks.dtype == torch.bool:
-        raise ConfigError(f"aim.calibration: token ids must be integers, got {blocks.dtype}")
-    blocks = blocks.to(torch.int64)
-    low, high = int(blocks.min()), int(blocks.max())
+def _check_sequences(sequences: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.numel() == 0:
+        raise ConfigError("aim.calibration: sequences must be a non-empty [n_sequences, block_size] tensor of token ids")
+    if sequences.dtype.is_floating_point or sequences.dtype == torch.bool:
+        raise ConfigError(f"aim.calibration: token ids must be integers, got {sequences.dtype}")
+    sequences = sequences.to(torch.int64)
+    low, high = int(sequences.min()), int(sequences.max())
     if low < 0 or (vocab_size is not None and high >= vocab_size):
         raise ConfigError(
             f"aim.calibration: token ids span [{low}, {high}] but the base model's vocabulary has "
             f"{vocab_size} entries; was the data tokenized with another tokenizer?"
         )
-    return blocks
+    return sequences
 
 
 def _merge_statistics(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -73,17 +73,17 @@ def _merge_statistics(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
 
 def compute_statistics(
     model_dir: str | Path,
-    blocks: torch.Tensor,
+    sequences: torch.Tensor,
     stages: int | Literal["auto"] = "auto",
     stage_memory: int = 2 * 1000**3,
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """AIM statistics of the base model over ``blocks``, by a staged forward on Ray.
+    """AIM statistics of the base model over ``sequences``, by a staged forward on Ray.
 
     Returns one float32 vector per module (every Linear incl. ``lm_head``, every norm), keyed by
-    its ``named_modules()`` name, each ``sum_blocks mean_tokens |input|``. Uses the Ray the
+    its ``named_modules()`` name, each ``sum_sequences mean_tokens |input|``. Uses the Ray the
     caller initialized (a local one is started if none is). Stages use a GPU when the cluster
     has one, the CPU otherwise; ``dtype`` defaults to float32 on CPU and the checkpoint's float
     dtype on GPU.
@@ -92,7 +92,7 @@ def compute_statistics(
 
     checkpoint, layout = open_base(model_dir)
     vocab = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].shape[0]
-    blocks = _check_blocks(blocks, vocab)
+    sequences = _check_sequences(sequences, vocab)
     if micro_batch_size < 1:
         raise ConfigError(f"aim.micro_batch_size: must be at least 1, got {micro_batch_size}")
     if not ray.is_initialized():
@@ -108,13 +108,13 @@ def compute_statistics(
     itemsize = torch.empty((), dtype=dtype).element_size()
     ranges = plan_model_stages(checkpoint, layout, stages, stage_memory, itemsize)
     del layout
-    stats, _ = run_stages(model_dir, blocks, ranges, micro_batch_size, progress, dtype)
+    stats, _ = run_stages(model_dir, sequences, ranges, micro_batch_size, progress, dtype)
     return stats
 
 
 def run_stages(
     model_dir: str | Path,
-    blocks: torch.Tensor,
+    sequences: torch.Tensor,
     ranges: list[tuple[int, int]],
     micro_batch_size: int = 4,
     progress: bool = True,
@@ -130,8 +130,8 @@ def run_stages(
         [n["Resources"].get("CPU", 0.0) for n in nodes], [n["Resources"].get("GPU", 0.0) for n in nodes], len(ranges)
     )
     log.info(
-        "AIM calibration of %s: %d blocks x %d tokens, %d stages %s, %s %s, micro-batches of %d",
-        model_dir, blocks.shape[0], blocks.shape[1], len(ranges), ranges,
+        "AIM calibration of %s: %d sequences x %d tokens, %d stages %s, %s %s, micro-batches of %d",
+        model_dir, sequences.shape[0], sequences.shape[1], len(ranges), ranges,
         "GPU" if num_gpus else "CPU", str(dtype).removeprefix("torch."), micro_batch_size,
     )
     actor_cls = ray.remote(StageActor)
@@ -147,7 +147,7 @@ def run_stages(
         for i, report in enumerate(reports):
             log.info("stage %d: layers %d-%d, %d bytes of weights on %s", i, report["layers"][0],
                      report["layers"][1] - 1, report["bytes"], report["device"])
-        batches = list(torch.split(blocks, micro_batch_size))
+        batches = list(torch.split(sequences, micro_batch_size))
         max_in_flight = len(actors) + 1
         pending: list[Any] = []
         with tqdm(total=len(batches), desc="AIM calibration", unit="batch", disable=not progress) as bar:

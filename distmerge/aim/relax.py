@@ -9,6 +9,8 @@ dimension of a weight, elementwise for a 1-D norm weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from distmerge.methods import kernels
@@ -97,3 +99,23 @@ def apply_relaxation(
     out = kernels.relax(kernels.as_array(base, compute), kernels.as_array(merged, compute),
                         kernels.as_array(factors, compute))
     return torch.from_numpy(out).reshape(merged.shape).to(merged.dtype)
+
+
+@dataclass(frozen=True)
+class ChannelRelaxation:
+    """What a merge worker needs to relax its rows: omega and each relaxed tensor's factors.
+
+    Shipped once per merge with the job; ``factors`` maps a tensor's index in the plan to its
+    full factor vector (:func:`relaxation_factors`), and tensors not in it pass unchanged.
+    """
+
+    omega: float
+    factors: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def apply(self, tensor: int, shape: tuple[int, ...], row_start: int, row_end: int,
+              base: torch.Tensor | None, merged: torch.Tensor) -> torch.Tensor:
+        """Rows ``[row_start, row_end)`` of tensor ``tensor``, relaxed towards ``base``."""
+        factors = self.factors.get(tensor)
+        if factors is None or base is None:
+            return merged
+        return apply_relaxation(base, merged, shard_factors(factors, shape, row_start, row_end), self.omega)

@@ -1,4 +1,4 @@
-"""One pipeline stage: a contiguous block of decoder layers, and nothing else, in memory.
+"""One pipeline stage: a contiguous sequence of decoder layers, and nothing else, in memory.
 
 A stage builds the base model on the meta device, keeps only its own parts (embeddings on the
 first stage, the final norm and head on the last) and fills exactly their parameters from the
@@ -61,7 +61,7 @@ class StageWorker:
         self._load(checkpoint, layout)
         del layout  # drop the rest of the meta model
         self.stats = ActivationStatistics(statistic_modules(self.parts.items()))
-        self.blocks_seen = 0
+        self.sequences_seen = 0
         log.info("stage layers %d-%d loaded: %d bytes on %s", start, end - 1, self.describe()["bytes"], self.device)
 
     def _load(self, checkpoint: Checkpoint, layout: ModelLayout) -> None:
@@ -111,7 +111,7 @@ class StageWorker:
         """Run one micro-batch through this stage; returns the next stage's input.
 
         The first stage takes ``{"input_ids": ...}`` (a packed int64 ``[B, T]`` tensor); the last
-        returns ``{"blocks": B}`` since only the statistics it accumulated are wanted.
+        returns ``{"sequences": B}`` since only the statistics it accumulated are wanted.
         """
         if self.first:
             ids = unpack(payload["input_ids"], self.device)
@@ -141,10 +141,10 @@ class StageWorker:
         if not self.last:
             return {"hidden": pack(hidden)}
         hidden = self.norm(hidden)
-        for b in range(batch):  # one block at a time bounds the logits to [1, T, vocab]
+        for b in range(batch):  # one sequence at a time bounds the logits to [1, T, vocab]
             self.head(hidden[b : b + 1])
-        self.blocks_seen += batch
-        return {"blocks": batch}
+        self.sequences_seen += batch
+        return {"sequences": batch}
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """The float64 statistic sums of this stage's modules, keyed by full module name."""

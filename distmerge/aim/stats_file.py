@@ -1,7 +1,7 @@
 """The AIM statistics file: safetensors, one float32 vector per module, with provenance.
 
 Keys are ``named_modules()`` names (``model.layers.0.self_attn.q_proj``, ``model.norm``,
-``lm_head``). Metadata records what produced the numbers (base model, dataset, blocks, block
+``lm_head``). Metadata records what produced the numbers (base model, dataset, sequences, block
 size, tokens) so a merge can reuse a file knowingly. Loading validates the file so a wrong or
 damaged file fails with a message instead of relaxing weights with garbage.
 """
@@ -74,24 +74,33 @@ def load_statistics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return stats, metadata
 
 
-def check_statistics(stats: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Check statistics cover the relaxable tensors of a model with matching lengths.
+def match_statistics(stats: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Which tensors the statistics relax, and by which module's statistic: ``{tensor: module}``.
 
-    ``shapes`` maps tensor names to shapes (e.g. from a Checkpoint's headers). Each tensor that
-    :func:`~distmerge.aim.relax.module_for_tensor` maps to a module needs a statistic of length
-    ``shape[-1]``; a missing or mis-sized one means the file was made for another model.
+    ``shapes`` maps the merged tensors' names to their shapes. A tensor that
+    :func:`~distmerge.aim.relax.module_for_tensor` maps to a module with a statistic is relaxed,
+    and the statistic must have one value per input channel (``shape[-1]``); a module without a
+    statistic is merged unrelaxed. A mis-sized statistic, or statistics that match no tensor at
+    all, mean the file was made for another model: a ConfigError naming the module.
     """
     from distmerge.aim.relax import module_for_tensor
 
+    matched, unmatched = {}, []
     for tensor, shape in shapes.items():
         module = module_for_tensor(tensor)
-        if module is None or not shape:
+        if module is None:
             continue
-        stat = stats.get(module)
-        if stat is None:
-            raise ConfigError(f"aim.stats: no statistic for module {module!r} (tensor {tensor}); made for another model?")
-        if stat.numel() != shape[-1]:
+        if module not in stats:
+            unmatched.append(module)
+            continue
+        channels = shape[-1] if shape else 1
+        if stats[module].numel() != channels:
             raise ConfigError(
-                f"aim.stats: statistic of {module!r} has length {stat.numel()} but {tensor} has shape "
-                f"{tuple(shape)}; made for another model?"
+                f"aim.stats: module {module!r} has {stats[module].numel()} channels but tensor {tensor!r} "
+                f"has {channels} input channels; the statistics belong to another model"
             )
+        matched[tensor] = module
+    if not matched:
+        example = f" (no statistic for module {unmatched[0]!r}, ...)" if unmatched else ""
+        raise ConfigError(f"aim: none of the statistics match a tensor of this model{example}; check aim.stats")
+    return matched

@@ -1,4 +1,4 @@
-"""What a worker does with a batch of units: read rows, merge, relax (AIM), write at offsets.
+"""What a worker does with a batch of units: read rows, merge, apply row steps, write at offsets.
 
 Plain functions, no Ray: the Ray tasks in :mod:`distmerge.engine.tasks` call them, and tests
 call them directly. A batch touches only its units' rows of each input and output.
@@ -36,8 +36,9 @@ class MergeJob:
     compute_dtype: str
     seed: int
     check_finite: bool = True
-    aim_omega: float | None = None
-    aim_factors: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Applied to every merged block in order, by the features that asked for them (AIM's
+    # channel relaxation): picklable objects with the RowStep interface of engine.features.
+    row_steps: tuple[Any, ...] = ()
     block_bytes: int = 64 * 1000**2
 
 
@@ -88,7 +89,7 @@ def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
 
 def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: dict[str, Any] | None,
                 warnings: list[str] | None = None) -> torch.Tensor:
-    """Merged (and AIM-relaxed) rows of a unit from its raw rows, in the output dtype."""
+    """Merged rows of a unit from its raw rows, after the job's row steps, in the output dtype."""
     t = job.tensors[unit.tensor]
     out_dtype = SAFETENSORS_TO_TORCH[t.out_dtype]
     if t.params is None:
@@ -104,12 +105,8 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: d
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
     ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
     merged = get_method(job.method).merge(base, experts, t.params, ctx, stats)
-    factors = job.aim_factors.get(unit.tensor)
-    if factors is not None and job.aim_omega is not None and base is not None:
-        from distmerge.aim import apply_relaxation, shard_factors
-
-        merged = apply_relaxation(base, merged, shard_factors(factors, t.shape, unit.row_start, unit.row_end),
-                                  job.aim_omega)
+    for step in job.row_steps:
+        merged = step.apply(unit.tensor, t.shape, unit.row_start, unit.row_end, base, merged)
     if not t.shape:
         merged = merged.reshape(())
     return merged.to(out_dtype)

@@ -26,7 +26,7 @@ from distmerge.writer import INDEX_NAME
 log = logging.getLogger(__name__)
 
 def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
-    """Every local path the run reads, by role (for keeping the output away from them)."""
+    """Every model path and the config file the run reads, by role (features add their own)."""
     paths: dict[str, Path] = {}
     if config_path is not None:
         paths["the config file"] = config_path
@@ -36,11 +36,6 @@ def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
         paths[f"models[{i}]"] = Path(entry.model)
     if cfg.tokenizer_source not in (None, "base"):
         paths["tokenizer_source"] = Path(str(cfg.tokenizer_source))
-    if cfg.aim is not None:
-        if cfg.aim.stats:
-            paths["aim.stats"] = Path(cfg.aim.stats)
-        if cfg.aim.calibration.dataset != "builtin":
-            paths["aim.calibration.dataset"] = Path(cfg.aim.calibration.dataset).expanduser()
     return paths
 
 

@@ -1,11 +1,11 @@
-"""Calibration blocks: token ids ``[n_blocks, block_size]`` from a dataset, as the AIM authors cut them.
+"""Calibration sequences: token ids ``[n_sequences, block_size]`` from a dataset, as the AIM authors cut them.
 
 The AIM code samples like AWQ's ``get_calib_dataset``: shuffle the documents with the seed,
 tokenize them in that order, keep those of at most ``block_size`` tokens (skipping empty and
-longer ones) until ``n_samples`` are kept, concatenate them and cut the stream into blocks of
+longer ones) until ``n_samples`` are kept, concatenate them and cut the stream into sequences of
 ``block_size`` (the remainder is dropped). The shuffle is ``numpy.random.default_rng(seed)
 .permutation``, the one ``datasets.Dataset.shuffle(seed=...)`` uses. A dataset with an
-``input_ids`` column is already tokenized: one block per row, used as given.
+``input_ids`` column is already tokenized: one sequence per row, used as given.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 
 
-def load_calibration_blocks(calibration: CalibrationConfig, tokenizer_dir: Path) -> torch.Tensor:
-    """The calibration blocks for ``calibration``, tokenized with the tokenizer in ``tokenizer_dir``."""
+def load_calibration_sequences(calibration: CalibrationConfig, tokenizer_dir: Path) -> torch.Tensor:
+    """The calibration sequences for ``calibration``, tokenized with the tokenizer in ``tokenizer_dir``."""
     table = read_dataset(calibration.dataset, calibration.text_field)
     if "input_ids" in table.column_names:
         return pretokenized_blocks(table, calibration.block_size)
@@ -39,9 +39,9 @@ def load_calibration_blocks(calibration: CalibrationConfig, tokenizer_dir: Path)
         field = "text"
     texts = text_column(table, field, calibration.dataset)
     tokenizer = load_tokenizer(tokenizer_dir)
-    blocks = sample_blocks(texts, tokenizer.encode, calibration.n_samples, calibration.block_size, calibration.seed)
-    log.info("calibration data %s: %d blocks of %d tokens", calibration.dataset, *blocks.shape)
-    return blocks
+    sequences = sample_sequences(texts, tokenizer.encode, calibration.n_samples, calibration.block_size, calibration.seed)
+    log.info("calibration data %s: %d sequences of %d tokens", calibration.dataset, *sequences.shape)
+    return sequences
 
 
 def text_column(table: pa.Table, field: str, dataset: str) -> list[str | None]:
@@ -59,14 +59,14 @@ def text_column(table: pa.Table, field: str, dataset: str) -> list[str | None]:
     return column.to_pylist()
 
 
-def sample_blocks(
+def sample_sequences(
     texts: Sequence[str | None],
     encode: Callable[[str], list[int]],
     n_samples: int,
     block_size: int,
     seed: int,
 ) -> torch.Tensor:
-    """Shuffle, keep up to ``n_samples`` documents of at most ``block_size`` tokens, cut blocks."""
+    """Shuffle, keep up to ``n_samples`` documents of at most ``block_size`` tokens, cut sequences."""
     order = np.random.default_rng(seed).permutation(len(texts))
     kept: list[list[int]] = []
     for index in order:
@@ -86,36 +86,36 @@ def sample_blocks(
         log.warning("calibration data: only %d samples of at most %d tokens (n_samples=%d)",
                     len(kept), block_size, n_samples)
     stream = torch.tensor([t for ids in kept for t in ids], dtype=torch.int64)
-    n_blocks = stream.numel() // block_size
-    if n_blocks == 0:
+    n_sequences = stream.numel() // block_size
+    if n_sequences == 0:
         raise ConfigError(
             f"aim.calibration: the data yields {stream.numel()} tokens in {len(kept)} samples of at most "
             f"{block_size} tokens, not enough for one block; use more data, a larger n_samples or a "
             "smaller block_size"
         )
-    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
+    return stream[: n_sequences * block_size].reshape(n_sequences, block_size)
 
 
 def pretokenized_blocks(table: pa.Table, block_size: int | None = None) -> torch.Tensor:
-    """Rows of an ``input_ids`` column as blocks, as given (all rows must have one length)."""
+    """Rows of an ``input_ids`` column as sequences, as given (all rows must have one length)."""
     rows = table.column("input_ids").to_pylist()
     if not rows or any(not isinstance(r, list) for r in rows):
-        raise ConfigError("aim.calibration: the input_ids column must hold lists of token ids, one block per row")
+        raise ConfigError("aim.calibration: the input_ids column must hold lists of token ids, one sequence per row")
     lengths = {len(r) for r in rows}
     if len(lengths) != 1 or 0 in lengths:
         raise ConfigError(
-            f"aim.calibration: input_ids rows must all have the same non-zero length (one block each); "
+            f"aim.calibration: input_ids rows must all have the same non-zero length (one sequence each); "
             f"found lengths {sorted(lengths)[:5]}"
         )
     try:
-        blocks = torch.tensor(rows, dtype=torch.int64)
+        sequences = torch.tensor(rows, dtype=torch.int64)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"aim.calibration: input_ids must be integers ({e})") from e
-    if block_size is not None and blocks.shape[1] != block_size:
-        log.warning("calibration data: pre-tokenized blocks have %d tokens, not block_size=%d; using them as given",
-                    blocks.shape[1], block_size)
-    log.info("calibration data: %d pre-tokenized blocks of %d tokens", *blocks.shape)
-    return blocks
+    if block_size is not None and sequences.shape[1] != block_size:
+        log.warning("calibration data: pre-tokenized sequences have %d tokens, not block_size=%d; using them as given",
+                    sequences.shape[1], block_size)
+    log.info("calibration data: %d pre-tokenized sequences of %d tokens", *sequences.shape)
+    return sequences
 
 
 def load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
@@ -127,7 +127,7 @@ def load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
             "calibration tokenizes its data with the base model's tokenizer: save it into that folder, "
             "or give pre-tokenized data with an input_ids column"
         )
-    for name in SIDE_FILES:  # transformers would follow a link anywhere and block on a FIFO
+    for name in SIDE_FILES:  # transformers would follow a link anywhere and sequence on a FIFO
         if os.path.lexists(folder / name):
             require_regular(check_inside(folder / name, folder, "tokenizer file", CheckpointError),
                             f"tokenizer file {name}", CheckpointError)

@@ -1,0 +1,137 @@
+"""AIM in a merge: one object that owns the feature's whole lifecycle.
+
+The engine knows nothing of AIM. It asks each feature of the merge (see
+:mod:`distmerge.engine.features`) what it reads, whether it needs the base rows, and, once the
+output is locked, to prepare; AIM's preparation loads the statistics (``aim.stats``), reuses the
+calibration an interrupted run saved in OUT, or calibrates the base model now (saving the result
+in OUT so a resume does not calibrate again), checks them against the plan, and computes the
+relaxation factors. What it hands back, a :class:`~distmerge.aim.relax.ChannelRelaxation`,
+travels to the workers, which apply it to each merged row block. A new AIM variant (another
+factor rule) is one more branch of :meth:`AimFeature._factors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmerge.aim.relax import ChannelRelaxation, relaxation_factors
+from distmerge.aim.stats_file import SAVED_NAME, load_statistics, match_statistics
+from distmerge.config import MergeConfig
+from distmerge.errors import ConfigError
+from distmerge.io.files import require_regular
+from distmerge.plan import MergePlan
+
+log = logging.getLogger(__name__)
+
+
+def aim_summary(stats: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per module: channels, and how far the largest channel statistic is above the median.
+
+    AIM differs from a uniform shrink only where a few channels dominate, so the max/median
+    ratio is the number that says how much activation information a module carries.
+    """
+    out = {}
+    for name, vec in sorted(stats.items()):
+        v = vec.double()
+        median = float(v.median())
+        out[name] = {
+            "channels": int(v.numel()),
+            "max": float(v.max()),
+            "median": median,
+            "max_over_median": float(v.max()) / median if median > 0 else float("inf"),
+        }
+    return out
+
+
+class AimFeature:
+    """Activation-Informed Merging (arXiv 2502.02421) layered on any merge method."""
+
+    name = "aim"
+    needs_base = True
+    # The calibration a run saves in OUT so that a resumed run does not calibrate again; a
+    # scratch file of the run, not part of the merged model (no manifest entry).
+    scratch_files = (SAVED_NAME,)
+
+    def __init__(self, config: MergeConfig) -> None:
+        if config.aim is None:
+            raise ValueError("AimFeature needs a config with an aim: block")
+        if not config.base_model:
+            raise ConfigError("aim: AIM relaxes each delta towards the base model; add base_model: PATH")
+        self.aim = config.aim
+        self.base_model = Path(config.base_model)
+        self.statistics: dict[str, torch.Tensor] = {}
+        self.metadata: dict[str, str] = {}
+        self.modules: dict[int, str] = {}
+
+    @classmethod
+    def from_config(cls, config: MergeConfig) -> AimFeature | None:
+        return cls(config) if config.aim is not None else None
+
+    def input_paths(self) -> dict[str, Path]:
+        """The files AIM reads, by config key (kept apart from the output)."""
+        paths = {}
+        if self.aim.stats:
+            paths["aim.stats"] = Path(self.aim.stats)
+        if self.aim.calibration.dataset != "builtin":
+            paths["aim.calibration.dataset"] = Path(self.aim.calibration.dataset).expanduser()
+        return paths
+
+    def fingerprint_files(self) -> dict[str, Path]:
+        """Files whose identity changes the merged bytes (checked to exist before planning on)."""
+        if not self.aim.stats:
+            return {}
+        path = Path(self.aim.stats)
+        if not path.exists():
+            raise ConfigError(f"aim.stats: {path} does not exist; run distmerge calibrate first or drop aim.stats")
+        require_regular(path, "aim.stats", ConfigError)
+        return {"aim.stats": path}
+
+    def calibrate(self, out_path: Path | None, progress: bool) -> None:
+        """Calibrate the base model now (on the connected Ray), saving to ``out_path`` if given."""
+        from distmerge.aim.calibrate import calibrate
+
+        self.statistics, self.metadata = calibrate(self.base_model, self.aim, out_path, progress=progress)
+
+    def prepare(self, plan: MergePlan, out: Path, record_written: Callable[[str], None],
+                progress: bool) -> ChannelRelaxation:
+        """Statistics loaded or calibrated, checked against ``plan``; the workers' relaxation."""
+        saved = out / SAVED_NAME
+        if self.aim.stats:
+            self.statistics, self.metadata = load_statistics(Path(self.aim.stats))
+        elif saved.is_file():
+            log.info("reusing the calibration of the interrupted run: %s", saved)
+            self.statistics, self.metadata = load_statistics(saved)
+        else:
+            record_written(SAVED_NAME)
+            self.calibrate(saved, progress)
+        index = {t.name: i for i, t in enumerate(plan.tensors)}
+        matched = match_statistics(self.statistics, {t.name: t.shape for t in plan.tensors if t.params is not None})
+        self.modules = {index[name]: module for name, module in matched.items()}
+        return ChannelRelaxation(self.aim.omega, {i: self._factors(self.statistics[m]) for i, m in self.modules.items()})
+
+    def _factors(self, statistic: torch.Tensor) -> torch.Tensor:
+        """One tensor's relaxation factors under the configured variant."""
+        factors = relaxation_factors(statistic, self.aim.omega)
+        if self.aim.relaxation == "uniform":  # the ablation control: the mean factor everywhere
+            return torch.full_like(factors, float(factors.double().mean()))
+        return factors
+
+    def summary(self) -> str:
+        return f"AIM: {len(self.modules)} tensors relaxed (omega {self.aim.omega})"
+
+    def report_section(self) -> dict[str, Any]:
+        return {
+            "omega": self.aim.omega,
+            "stats_source": self.aim.stats or "calibrated for this merge",
+            "metadata": self.metadata,
+            "relaxed_tensors": len(self.modules),
+            "modules": aim_summary(self.statistics),
+        }
+
+    def card_line(self) -> str:
+        return f"AIM (arXiv 2502.02421): omega {self.aim.omega}, {len(self.modules)} tensors relaxed"

@@ -1,0 +1,96 @@
+"""Phase: finish the output so that it is complete exactly when its index exists.
+
+Side files (model config, tokenizer, the config copy), the checksum manifest built from the
+journal, a verification of the written files against it, the report and model card, and the
+index last: a reader that finds the index finds a whole, verified checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distmerge.dtypes import TORCH_NAME
+from distmerge.engine.request import MergeRequest
+from distmerge.engine.worker import BatchResult
+from distmerge.errors import OutputError
+from distmerge.journal import JOURNAL_NAME, JournalWriter, read_journal
+from distmerge.output.manifest import (
+    INDEX_KEY,
+    MANIFEST_NAME,
+    add_other_files,
+    build_manifest,
+    write_manifest,
+)
+from distmerge.plan import MergePlan
+from distmerge.report import (
+    MODEL_CARD_NAME,
+    REPORT_NAME,
+    build_report,
+    write_model_card,
+    write_report,
+)
+from distmerge.verify import verify_output
+from distmerge.writer import (
+    CONFIG_COPY_NAME,
+    INDEX_NAME,
+    copy_side_files,
+    write_index,
+    write_model_config,
+    write_text_atomic,
+)
+
+
+def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal: JournalWriter) -> list[str]:
+    """config.json (with the output dtype), the tokenizer files and the config copy; returns the
+    side files skipped as unsafe to copy."""
+    cfg = request.config
+    out_dtypes = {t.out_dtype for t in plan.tensors if t.params is not None}
+    journal.wrote("config.json")
+    write_model_config(out, plan.template.config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
+    tokenizer_source = Path(cfg.tokenizer_source) if cfg.tokenizer_source not in (None, "base") else plan.template.path
+    _, skipped = copy_side_files(tokenizer_source, out, journal.wrote)
+    journal.wrote(CONFIG_COPY_NAME)
+    write_text_atomic(out / CONFIG_COPY_NAME, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return skipped
+
+
+def finalize(request: MergeRequest, plan: MergePlan, out: Path, journal: JournalWriter, results: list[BatchResult],
+             started: float) -> dict[str, Any]:
+    """Side files, the checksum manifest, verification, report, and the index last."""
+    for stale in (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, MODEL_CARD_NAME):  # an interrupted finish's
+        (out / stale).unlink(missing_ok=True)
+    skipped = write_side_files(request, plan, out, journal)
+    journal.flush()
+    recorded = read_journal(out / JOURNAL_NAME)
+    assert recorded is not None
+    missing = [u for u in plan.units if (u.tensor, u.row_start, u.row_end) not in recorded.units]
+    if missing:
+        raise OutputError(f"{out}: {len(missing)} units have no checksum in the journal; rerun to finish them")
+    manifest = build_manifest(((f.name, f.header, f.size) for f in plan.files),
+                              ((t.name, t.file_index) for t in plan.tensors), recorded.units)
+    scratch = {name for feature in request.features for name in feature.scratch_files}
+    add_other_files(manifest, out, recorded.written - scratch)
+    weight_map = {t: f.name for f in plan.files for t in f.tensors}
+    execution = request.config.execution
+    verified = verify_output(out, weight_map=weight_map, manifest=manifest, deep=execution.verify,
+                             allow_nonfinite=execution.allow_nonfinite)
+    if not verified.ok:
+        raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
+    report = build_report(plan, results, time.time() - started,
+                          sections={f.name: f.report_section() for f in request.features})
+    report.update(out_dir=str(out), verify=verified.as_dict(), skipped_side_files=skipped,
+                  warnings=[w for r in results for w in r.warnings])
+    for name in (REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME, INDEX_NAME):
+        journal.wrote(name)
+    write_report(out, report)
+    write_model_card(out, plan, report, [f.card_line() for f in request.features])
+    add_other_files(manifest, out, [REPORT_NAME, MODEL_CARD_NAME])
+    digest = write_manifest(out, manifest)
+    write_index(out, [(f.name, f.tensors, f.size) for f in plan.files], sum(t.out_nbytes for t in plan.tensors),
+                {INDEX_KEY: digest})
+    journal.complete()
+    return report

@@ -1,0 +1,59 @@
+"""Phase: what identifies a merge's output: the config that shapes its bytes and its inputs.
+
+The fingerprint names an output folder (``{fingerprint}`` in OUT) and tells a rerun whether OUT
+holds this merge (finished: nothing to do; interrupted: resume) or another one (refused).
+Hashing headers and file identities instead of the weights keeps it instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distmerge.config import MergeConfig
+from distmerge.engine.request import MergeRequest
+from distmerge.journal import merge_fingerprint
+from distmerge.plan import MergePlan
+
+
+@dataclass(frozen=True)
+class MergeIdentity:
+    """The fingerprint's parts, and the config as the journal records it."""
+
+    parts: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.parts["fingerprint"]
+
+    def output_directory(self, out_dir: str | Path) -> Path:
+        """``out_dir`` with ``{fingerprint}`` replaced by this merge's fingerprint."""
+        return Path(str(out_dir).replace("{fingerprint}", self.fingerprint))
+
+
+def fingerprint_config(cfg: MergeConfig) -> dict[str, Any]:
+    """The config less what cannot change the output bytes (parallelism and shard size)."""
+    return cfg.model_dump(mode="json", exclude={"execution": {"workers", "shard_size"}})
+
+
+def input_fingerprint_data(plan: MergePlan) -> list[tuple[str, Any]]:
+    """Per input: tensor headers and the identity (name, size, mtime) of every file it reads."""
+    data = []
+    for ckpt in plan.inputs:
+        files = sorted({Path(t.file) for t in ckpt.tensors.values()} | {ckpt.path / "config.json"})
+        data.append((str(ckpt.path), {
+            "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset] for n, t in sorted(ckpt.tensors.items())},
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        }))
+    return data
+
+
+def identify(request: MergeRequest, plan: MergePlan) -> MergeIdentity:
+    """The identity of the merge ``request`` asks for, with ``plan``'s inputs."""
+    files: dict[str, Path] = {}
+    for feature in request.features:
+        files.update(feature.fingerprint_files())
+    config = fingerprint_config(request.config)
+    return MergeIdentity(merge_fingerprint(config, input_fingerprint_data(plan), files), config)

@@ -1,0 +1,45 @@
+"""Phase: the reduction rounds of methods that need whole-tensor quantities before merging.
+
+Each round reads the tensors that still need it in canonical chunks (independent of the shard
+size), collects every chunk's partial result and reduces them in chunk order, so the values
+every unit's merge receives are the same under any sharding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from distmerge.engine.scheduling import batches, progress_bar, run_bounded
+from distmerge.methods.base import STATISTICS_COMPLETE
+from distmerge.plan import MergePlan, WorkUnit
+
+
+def run_reduction_rounds(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, dict[str, Any]]:
+    """Every round of every tensor that needs one; returns the reduced values per tensor index."""
+    import ray
+
+    from distmerge.engine.tasks import statistics_task
+
+    reduced: dict[int, dict[str, Any]] = {}
+    for round_ in range(plan.statistics_rounds):
+        units = [u for u in plan.statistics_units(round_) if not reduced.get(u.tensor, {}).get(STATISTICS_COMPLETE)]
+        if not units:
+            break
+        partials: dict[int, dict[int, Any]] = defaultdict(dict)
+        bar = progress_bar(sum(u.read_bytes for u in units), progress, f"statistics {round_ + 1}/{plan.statistics_rounds}")
+
+        def done(batch: list[WorkUnit], result: list[tuple[int, int, dict[str, Any]]], partials=partials, bar=bar) -> None:
+            for tensor, row_start, stats in result:
+                partials[tensor][row_start] = stats
+            bar.update(sum(u.read_bytes for u in batch))
+
+        previous_ref = ray.put(reduced)
+        run_bounded(lambda b, r=round_, p=previous_ref: statistics_task.remote(job_ref, b, r, p),
+                    batches(units, plan.shard_size), limit, done)
+        bar.close()
+        for i, chunks in partials.items():
+            t = plan.tensors[i]
+            reduced[i] = plan.method.reduce([chunks[r] for r in sorted(chunks)], t.params, t.shape, round_,
+                                            reduced.get(i))
+    return reduced
