@@ -103,9 +103,6 @@ class StageWorker:
             "device": str(self.device),
         }
 
-    def ready(self) -> bool:
-        return True
-
     @torch.inference_mode()
     def forward(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Run one micro-batch through this stage; returns the next stage's input.
