@@ -61,7 +61,6 @@ class StageWorker:
         self._load(checkpoint, layout)
         del layout  # drop the rest of the meta model
         self.stats = ActivationStatistics(statistic_modules(self.parts.items()))
-        self.blocks_seen = 0
         log.info("stage layers %d-%d loaded: %d bytes on %s", start, end - 1, self.describe()["bytes"], self.device)
 
     def _load(self, checkpoint: Checkpoint, layout: ModelLayout) -> None:
@@ -140,7 +139,6 @@ class StageWorker:
         hidden = self.norm(hidden)
         for b in range(batch):  # one block at a time bounds the logits to [1, T, vocab]
             self.head(hidden[b : b + 1])
-        self.blocks_seen += batch
         return {"blocks": batch}
 
     def statistics(self) -> dict[str, torch.Tensor]:
