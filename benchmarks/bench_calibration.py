@@ -82,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(psutil.cpu_count())
     from distmerge.aim import compute_statistics
     from distmerge.engine.cluster import connect
-    from distmerge.tiny import build_model
+    from distmerge.testing.tiny import build_model
 
     model_dir = WORK / f"calib-l{args.layers}-h{args.hidden}"
     if not (model_dir / "config.json").exists():

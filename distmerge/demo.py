@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distmerge.engine.run import run_merge
-    from distmerge.tiny import build_family
+    from distmerge.testing.tiny import build_family
 
     root = args.out.resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,3 @@ def config_dtype(name: str, field: str) -> str:
         raise ConfigError(f"{field}: unknown dtype {name!r}; allowed: {allowed}")
     return code
 
-
-def torch_dtype(code: str) -> torch.dtype:
-    return SAFETENSORS_TO_TORCH[code]

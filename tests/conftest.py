@@ -34,7 +34,7 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A tiny fp32 Llama base and two experts, sharded safetensors with an index."""
-    from distmerge.tiny import build_family
+    from distmerge.testing.tiny import build_family
 
     return build_family(tmp_path_factory.mktemp("llama"), n_experts=2)
 
@@ -60,7 +60,7 @@ AIM_ARCHS: dict[str, dict] = {
 @pytest.fixture(scope="session")
 def aim_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny fp32 base model per AIM-supported architecture, 3 decoder layers each."""
-    from distmerge.tiny import build_model
+    from distmerge.testing.tiny import build_model
 
     root = tmp_path_factory.mktemp("aim_models")
     return {arch: build_model(root / arch, arch, num_hidden_layers=3, **kw) for arch, kw in AIM_ARCHS.items()}

@@ -23,7 +23,7 @@ DOCS = [f"Document number {i} talks about topic {i * 7 % 11}." for i in range(12
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with only the byte tokenizer (ids are UTF-8 bytes, no special tokens added)."""
-    from distmerge.tiny import byte_tokenizer
+    from distmerge.testing.tiny import byte_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     byte_tokenizer().save_pretrained(folder)

@@ -187,7 +187,7 @@ def merge_inputs(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> d
     get their token and addresses only through their own env, so the two never meet.
     """
     from distmerge.engine.run import run_merge
-    from distmerge.tiny import build_family
+    from distmerge.testing.tiny import build_family
 
     root = tmp_path_factory.mktemp("cluster_job")
     base, experts = build_family(root / "models", n_experts=2)

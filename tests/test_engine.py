@@ -12,7 +12,7 @@ import torch
 
 from distmerge.engine.run import run_merge
 from distmerge.errors import CheckpointError, OutputError
-from distmerge.tiny import build_family
+from distmerge.testing.tiny import build_family
 from tests.helpers import file_bytes, load_state, make_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -52,7 +52,7 @@ def new_model(seed: int) -> torch.nn.Module:
     """A fresh ~1.1M-parameter Llama with byte vocabulary (fp32, untied lm_head, SDPA attention)."""
     from transformers import AutoModelForCausalLM
 
-    from distmerge.tiny import tiny_config
+    from distmerge.testing.tiny import tiny_config
 
     config = tiny_config("llama", tie_word_embeddings=False, **DIMS)
     config._attn_implementation = "sdpa"
@@ -108,7 +108,7 @@ def train(model: torch.nn.Module, spec: TrainSpec, stream: np.ndarray, held_out:
 
 def save(model: torch.nn.Module, out: Path, spec: TrainSpec) -> Path:
     """HF layout (save_pretrained + the byte tokenizer), plus the spec that made it (the cache key)."""
-    from distmerge.tiny import byte_tokenizer
+    from distmerge.testing.tiny import byte_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

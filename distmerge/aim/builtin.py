@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow as pa
 
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "calibration_builtin.jsonl"
-BUILTIN_FIELD = "text"
 
 
 def builtin_table() -> pa.Table:

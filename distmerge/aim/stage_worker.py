@@ -61,7 +61,6 @@ class StageWorker:
         self._load(checkpoint, layout)
         del layout  # drop the rest of the meta model
         self.stats = ActivationStatistics(statistic_modules(self.parts.items()))
-        self.sequences_seen = 0
         log.info("stage layers %d-%d loaded: %d bytes on %s", start, end - 1, self.describe()["bytes"], self.device)
 
     def _load(self, checkpoint: Checkpoint, layout: ModelLayout) -> None:
@@ -103,9 +102,6 @@ class StageWorker:
             "device": str(self.device),
         }
 
-    def ready(self) -> bool:
-        return True
-
     @torch.inference_mode()
     def forward(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Run one micro-batch through this stage; returns the next stage's input.
@@ -143,7 +139,6 @@ class StageWorker:
         hidden = self.norm(hidden)
         for b in range(batch):  # one sequence at a time bounds the logits to [1, T, vocab]
             self.head(hidden[b : b + 1])
-        self.sequences_seen += batch
         return {"sequences": batch}
 
     def statistics(self) -> dict[str, torch.Tensor]:
