@@ -47,7 +47,7 @@ def _params(method: str) -> tuple[dict, dict]:
 
 def config_for(method: str, base: Path, experts: list[Path], dtype: str, seed: int) -> dict:
     model_params, global_params = _params(method)
-    models = experts[:1] if method == "passthrough" else experts[:2] if method == "slerp" else experts
+    models = experts[:1] if method in ("passthrough", "slerp") else experts
     cfg: dict = {"merge_method": method, "dtype": dtype, "out_dtype": "bfloat16",
                  "models": [{"model": str(m), "parameters": dict(model_params)} for m in models],
                  "parameters": global_params, "execution": {"seed": seed}}
@@ -74,7 +74,7 @@ def tiny_family(root: Path) -> tuple[Path, list[Path]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="-")
-    parser.add_argument("--model-mb", type=int, default=24)
+    parser.add_argument("--model-mb", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -87,10 +87,10 @@ def main() -> None:
                 for seed in ((0, 7) if method.startswith(("dare", "della")) else (0,)):
                     key = f"{method}/{dtype}/seed{seed}"
                     out = root / "out" / key.replace("/", "-")
-                    run_merge(parse_config(config_for(method, base, experts, dtype, seed)), out, shard_size=3 * 10**6,
+                    run_merge(parse_config(config_for(method, base, experts, dtype, seed)), out, shard_size=10**6,
                               workers=args.workers, progress=False)
                     results[key] = digest(out)
-                    print(key, file=sys.stderr)
+                    print(key, file=sys.stderr, flush=True)
         tbase, texperts = tiny_family(root / "tiny")
         for relaxation in ("activation", "uniform"):
             for method in ("task_arithmetic", "ties"):
