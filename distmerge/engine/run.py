@@ -21,12 +21,16 @@ import yaml
 
 from distmerge.aim.stats_file import SAVED_NAME
 from distmerge.config import MergeConfig, load_config
-from distmerge.dtypes import ITEMSIZE, TORCH_NAME
+from distmerge.dtypes import TORCH_NAME
 from distmerge.engine.cluster import cluster_cpus, connect
 from distmerge.engine.worker import BatchResult, MergeJob
 from distmerge.errors import ConfigError, DistmergeError, OutputError
 from distmerge.io.files import file_kind, require_regular
-from distmerge.journal import (
+from distmerge.io.safetensors import INDEX_NAME, write_index
+from distmerge.io.writes import create_file, finalize_file, partial_path, write_text_atomic
+from distmerge.methods.base import STATISTICS_COMPLETE
+from distmerge.output.directory import examine_output, input_paths, make_directory
+from distmerge.output.journal import (
     JOURNAL_NAME,
     JournalState,
     JournalWriter,
@@ -34,8 +38,6 @@ from distmerge.journal import (
     merge_fingerprint,
     read_journal,
 )
-from distmerge.methods.base import STATISTICS_COMPLETE
-from distmerge.output.directory import examine_output, input_paths, make_directory
 from distmerge.output.location import check_output_location
 from distmerge.output.lock import OutputLock
 from distmerge.output.manifest import (
@@ -45,26 +47,16 @@ from distmerge.output.manifest import (
     build_manifest,
     write_manifest,
 )
-from distmerge.plan import MergePlan, WorkUnit, build_plan
-from distmerge.report import (
+from distmerge.output.report import (
     MODEL_CARD_NAME,
     REPORT_NAME,
     build_report,
     write_model_card,
     write_report,
 )
-from distmerge.verify import verify_output
-from distmerge.writer import (
-    CONFIG_COPY_NAME,
-    INDEX_NAME,
-    copy_side_files,
-    create_file,
-    finalize_file,
-    partial_path,
-    write_index,
-    write_model_config,
-    write_text_atomic,
-)
+from distmerge.output.side_files import CONFIG_COPY_NAME, copy_side_files, write_model_config
+from distmerge.output.verify import verify_output
+from distmerge.plan import MergePlan, WorkUnit, build_plan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -248,8 +240,7 @@ def reopen_for_resume(out: Path, plan: MergePlan, journal: JournalState) -> set[
             continue
         for key in by_file.get(i, []):
             t = plan.tensors[key[0]]
-            row_bytes = t.row_numel * ITEMSIZE[t.out_dtype]
-            if crc_of_range(partial, t.out_offset + key[1] * row_bytes, (key[2] - key[1]) * row_bytes) == journal.units[key]:
+            if crc_of_range(partial, *t.out_span(key[1], key[2])) == journal.units[key]:
                 done.add(key)
     log.info("resuming: %d of %d units verified on disk and skipped", len(done), len(plan.units))
     return done

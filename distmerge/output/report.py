@@ -5,19 +5,45 @@ from __future__ import annotations
 import json
 import platform
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distmerge import __version__
+from distmerge.io.writes import write_text_atomic
 from distmerge.sizes import format_size
-from distmerge.writer import write_text_atomic
 
 if TYPE_CHECKING:
-    from distmerge.engine.worker import BatchResult
     from distmerge.plan import MergePlan
 
 REPORT_NAME = "merge_report.json"
 MODEL_CARD_NAME = "README.md"
+
+
+class UnitFigures(Protocol):
+    """What the report needs of one written unit: where it is and the CRC-32 of its bytes."""
+
+    tensor: int
+    row_start: int
+    row_end: int
+    crc32: int
+
+
+class BatchFigures(Protocol):
+    """What the report needs of one batch a worker ran (the engine's ``BatchResult`` has it);
+    a protocol, so the output layer never imports the engine above it."""
+
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    node: str
+    pid: int
+    peak_anon_rss: int
+    start_anon_rss: int
+
+    @property
+    def units(self) -> Sequence[UnitFigures]:  # read-only: a list of any UnitFigures type fits
+        ...
 
 
 def aim_summary(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -39,7 +65,7 @@ def aim_summary(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def build_report(plan: MergePlan, results: list[BatchResult], seconds: float, *,
+def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: float, *,
                  aim_stats: dict[str, Any] | None = None, aim_meta: dict[str, str] | None = None) -> dict[str, Any]:
     nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_read": 0, "bytes_written": 0, "units": 0, "batches": 0})
     workers: dict[str, dict[str, Any]] = {}
