@@ -22,9 +22,9 @@ from benchmarks.synthetic import write_family
 from distmerge.config import parse_config
 from distmerge.engine.scheduling import batches
 from distmerge.engine.worker import MergeJob, run_batch, run_statistics
+from distmerge.io.writes import create_file
 from distmerge.methods.base import STATISTICS_COMPLETE
 from distmerge.plan import build_plan
-from distmerge.writer import create_file
 
 WORK = Path(__file__).parent / "_work"
 

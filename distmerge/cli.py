@@ -106,7 +106,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from distmerge.verify import verify_output
+    from distmerge.output.verify import verify_output
 
     result = verify_output(args.out_dir, deep=not args.quick)
     for w in result.warnings:

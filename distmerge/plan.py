@@ -9,19 +9,18 @@ work units sized by a memory budget. The same config gives the same plan, byte f
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distmerge.checkpoint import Checkpoint, RowShape, TensorInfo
+from distmerge.checkpoint import Checkpoint
 from distmerge.config import IGNORED_PARAMETERS, MergeConfig, layer_position, resolve_value
 from distmerge.dtypes import FLOAT_CODES, ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.errors import CheckpointError, ConfigError
+from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, TensorParams
 from distmerge.sizes import format_size
@@ -49,7 +48,11 @@ class TensorPlan(RowShape):
 
     @property
     def out_nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.out_dtype]
+        return tensor_nbytes(self.out_dtype, self.shape)
+
+    def out_span(self, row_start: int, row_end: int) -> tuple[int, int]:
+        """``(offset, length)`` in its output file of rows ``[row_start, row_end)``."""
+        return self.rows_span(self.out_dtype, self.out_offset, row_start, row_end)
 
     @property
     def sources(self) -> tuple[TensorInfo, ...]:
@@ -122,7 +125,7 @@ class MergePlan:
             step = max(1, STATISTICS_CHUNK_ELEMENTS // max(1, t.row_numel))
             for r0 in range(0, t.rows, step):
                 r1 = min(t.rows, r0 + step)
-                read = sum((r1 - r0) * t.row_numel * ITEMSIZE[s.dtype] for s in t.sources)
+                read = sum((r1 - r0) * t.row_nbytes(s.dtype) for s in t.sources)
                 # Working set: raw rows, their compute-dtype copies and room for kernel scratch
                 # (the round-0 window counts, a DARE mask, DELLA's per-row ranks) per source.
                 working = read + (r1 - r0) * t.row_numel * 4 * (3 * len(t.sources))
@@ -238,19 +241,18 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
 
 def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
     """Cut a tensor into row ranges whose working memory fits the shard budget (>= 1 row)."""
-    in_bytes = sum(ITEMSIZE[s.dtype] for s in t.sources)
-    n_in = len(t.sources)
-    per_element = in_bytes + compute_itemsize * (2 * n_in + 2) + ITEMSIZE[t.out_dtype]
-    if t.params is None:
-        per_element = ITEMSIZE[t.sources[0].dtype] + ITEMSIZE[t.out_dtype]
-    row_working = max(1, t.row_numel * per_element)
+    out_row = t.row_nbytes(t.out_dtype)
+    if t.params is None:  # copied: the template's rows in, the same rows out
+        in_row = t.row_nbytes(t.sources[0].dtype)
+        row_working = max(1, in_row + out_row)
+    else:  # raw rows of every source, their compute-dtype copies and the method's scratch, the output
+        in_row = sum(t.row_nbytes(s.dtype) for s in t.sources)
+        row_working = max(1, in_row + t.row_numel * compute_itemsize * (2 * len(t.sources) + 2) + out_row)
     step = max(1, shard_size // row_working) if t.numel else max(1, t.rows)  # an empty tensor is one unit
     units = []
     for r0 in range(0, t.rows, step):
         r1 = min(t.rows, r0 + step)
-        read = (r1 - r0) * t.row_numel * (in_bytes if t.params is not None else ITEMSIZE[t.sources[0].dtype])
-        units.append(WorkUnit(index, r0, r1, read, (r1 - r0) * t.row_numel * ITEMSIZE[t.out_dtype],
-                              (r1 - r0) * row_working))
+        units.append(WorkUnit(index, r0, r1, (r1 - r0) * in_row, (r1 - r0) * out_row, (r1 - r0) * row_working))
     return units
 
 
@@ -258,12 +260,13 @@ def layout_files(entries: list[tuple[str, str, tuple[int, ...]]], max_file_size:
     """Group tensors (in order) into files of at most ``max_file_size`` data bytes.
 
     Returns the files and, per tensor, ``(file index, absolute data offset in that file)``.
-    A tensor larger than the limit gets a file of its own.
+    A tensor larger than the limit gets a file of its own. The header bytes are the format's
+    (:func:`distmerge.io.safetensors.encode_header`); the grouping and names are the plan's.
     """
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dtype, shape in entries:
-        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        nbytes = tensor_nbytes(dtype, shape)
         if groups[-1] and size + nbytes > max_file_size:
             groups.append([])
             size = 0
@@ -272,19 +275,9 @@ def layout_files(entries: list[tuple[str, str, tuple[int, ...]]], max_file_size:
     n = len(groups)
     files, where = [], {}
     for i, group in enumerate(groups):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        begin = 0
-        for name, dtype, shape in group:
-            nbytes = math.prod(shape) * ITEMSIZE[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
-            begin += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        data_start = 8 + len(raw)
-        for name, _, _ in group:
-            where[name] = (i, data_start + header[name]["data_offsets"][0])
-        files.append(OutputFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors",
-                                len(raw).to_bytes(8, "little") + raw, data_start + begin,
+        header, offsets, file_size = encode_header(group)
+        where.update((name, (i, offset)) for name, offset in offsets.items())
+        files.append(OutputFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", header, file_size,
                                 tuple(name for name, _, _ in group)))
     return files, where
 

@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distmerge.checkpoint import Checkpoint, parse_safetensors_header, read_rows
+from distmerge.checkpoint import Checkpoint
 from distmerge.errors import CheckpointError
+from distmerge.io.safetensors import parse_safetensors_header, read_rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64])

@@ -10,9 +10,9 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distmerge.checkpoint import parse_safetensors_header, read_rows
 from distmerge.config import load_config, parse_config
 from distmerge.errors import CheckpointError, ConfigError, DistmergeError
+from distmerge.io.safetensors import parse_safetensors_header, read_rows
 from distmerge.plan import build_plan
 
 FAST = settings(max_examples=150, deadline=2000, derandomize=bool(os.environ.get("CI")), suppress_health_check=[HealthCheck.function_scoped_fixture,

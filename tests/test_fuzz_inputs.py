@@ -48,11 +48,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
-from distmerge.checkpoint import INDEX_NAME, Checkpoint
+from distmerge.checkpoint import Checkpoint
 from distmerge.config import load_config, parse_config
 from distmerge.errors import DistmergeError
+from distmerge.io.safetensors import INDEX_NAME
+from distmerge.output.verify import VerifyResult, verify_output
 from distmerge.plan import MergePlan, build_plan
-from distmerge.verify import VerifyResult, verify_output
 from tests.helpers import make_config
 
 # No explain phase: it reruns a failing case hundreds of times, minutes for the heavy ones.
@@ -491,7 +492,7 @@ def index_new_tensors(out: Path, shard: Path) -> None:
 @settings(FAST, max_examples=50)
 @given(ops=header_ops, index_too=st.booleans())
 # BUG (hang): verify scans a zero-size tensor of 10**30 rows in blocks of 64e6 rows
-# (verify._scan_finite): range(0, 10**30, 64e6) never ends.
+# (io.scan.count_nonfinite_in_tensor): range(0, 10**30, 64e6) never ends.
 @example(ops=[("add", '"zz"', "F32", [10**30, 0])], index_too=True)
 def test_verify_fuzzed_headers(merged_output: Path, tmp_path: Path, ops: list[tuple[Any, ...]],
                                index_too: bool) -> None:
@@ -525,7 +526,7 @@ def test_header_shape_arithmetic_is_bounded(tmp_path: Path) -> None:
     entry = {"dtype": "F32", "shape": [2**63 - 1] * 150_000, "data_offsets": [0, 4]}
     header = json.dumps({"w": entry}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
-    script = ("import sys\nfrom distmerge.checkpoint import parse_safetensors_header\n"
+    script = ("import sys\nfrom distmerge.io.safetensors import parse_safetensors_header\n"
               "from distmerge.errors import CheckpointError\n"
               "try:\n    parse_safetensors_header(sys.argv[1])\n"
               "except CheckpointError as e:\n    print('refused:', str(e)[:200])\n")

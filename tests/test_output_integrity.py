@@ -15,7 +15,7 @@ import pytest
 
 from distmerge.cli import main
 from distmerge.engine.run import run_merge
-from distmerge.journal import JOURNAL_NAME
+from distmerge.output.journal import JOURNAL_NAME
 from distmerge.output.manifest import MANIFEST_NAME
 from tests.helpers import make_config
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from distmerge.errors import OutputError
-from distmerge.journal import JOURNAL_NAME
 from distmerge.output import lock as lock_module
+from distmerge.output.journal import JOURNAL_NAME
 from distmerge.output.lock import LOCK_NAME, OutputLock
 from tests.helpers import make_config
 

@@ -21,7 +21,7 @@ import yaml
 from distmerge.cli import main
 from distmerge.engine.run import run_merge
 from distmerge.errors import OutputError
-from distmerge.journal import JOURNAL_NAME
+from distmerge.output.journal import JOURNAL_NAME
 from tests.helpers import ST_ITEMSIZE, file_bytes, make_config, safetensors_header
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from distmerge.cli import main
 from distmerge.engine.run import run_merge
-from distmerge.journal import JOURNAL_NAME
+from distmerge.output.journal import JOURNAL_NAME
 from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME
 from tests.helpers import evict, make_config, read_chars, resident_bytes, safetensors_header
 

@@ -19,7 +19,6 @@ from torch import nn
 
 from distmerge.aim.architectures import ArchSpec, architecture, layer_attention_types
 from distmerge.checkpoint import Checkpoint
-from distmerge.dtypes import ITEMSIZE
 from distmerge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ class ModelLayout:
                 continue
             seen.add(src)
             info = checkpoint.tensors[src]
-            total += info.numel * (itemsize or ITEMSIZE[info.dtype])
+            total += info.numel * itemsize if itemsize else info.nbytes
         return total
 
 

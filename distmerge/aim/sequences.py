@@ -23,7 +23,7 @@ from distmerge.aim.data import read_dataset
 from distmerge.config import CalibrationConfig
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.files import check_inside, require_regular
-from distmerge.writer import SIDE_FILES, TOKENIZER_CORE_FILES
+from distmerge.output.side_files import SIDE_FILES, TOKENIZER_CORE_FILES
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A stage builds the base model on the meta device, keeps only its own parts (embeddings on the
 first stage, the final norm and head on the last) and fills exactly their parameters from the
-checkpoint with :func:`distmerge.checkpoint.read_rows`, so a stage's memory is its share of the
+checkpoint with :func:`distmerge.io.safetensors.read_rows`, so a stage's memory is its share of the
 weights. Its forward re-runs the decoder loop of ``transformers`` for its layers: rotary position
 embeddings from the model's own rotary module (per layer type for Gemma 3), an explicit additive
 causal mask per attention kind (eager attention pinned), and layer outputs unwrapped only when
@@ -25,7 +25,8 @@ from distmerge.aim.hooks import ActivationStatistics, statistic_modules
 from distmerge.aim.layout import ModelLayout
 from distmerge.aim.masks import causal_mask
 from distmerge.aim.wire import pack, unpack
-from distmerge.checkpoint import Checkpoint, read_rows
+from distmerge.checkpoint import Checkpoint
+from distmerge.io.safetensors import read_rows
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ from distmerge.dtypes import TORCH_NAME
 from distmerge.engine.request import MergeRequest
 from distmerge.engine.worker import BatchResult
 from distmerge.errors import OutputError
-from distmerge.journal import JOURNAL_NAME, JournalWriter, read_journal
+from distmerge.io.safetensors import INDEX_NAME, write_index
+from distmerge.io.writes import write_text_atomic
+from distmerge.output.journal import JOURNAL_NAME, JournalWriter, read_journal
 from distmerge.output.manifest import (
     INDEX_KEY,
     MANIFEST_NAME,
@@ -25,23 +27,16 @@ from distmerge.output.manifest import (
     build_manifest,
     write_manifest,
 )
-from distmerge.plan import MergePlan
-from distmerge.report import (
+from distmerge.output.report import (
     MODEL_CARD_NAME,
     REPORT_NAME,
     build_report,
     write_model_card,
     write_report,
 )
-from distmerge.verify import verify_output
-from distmerge.writer import (
-    CONFIG_COPY_NAME,
-    INDEX_NAME,
-    copy_side_files,
-    write_index,
-    write_model_config,
-    write_text_atomic,
-)
+from distmerge.output.side_files import CONFIG_COPY_NAME, copy_side_files, write_model_config
+from distmerge.output.verify import verify_output
+from distmerge.plan import MergePlan
 
 
 def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal: JournalWriter) -> list[str]:

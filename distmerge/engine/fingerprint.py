@@ -13,7 +13,7 @@ from typing import Any
 
 from distmerge.config import MergeConfig
 from distmerge.engine.request import MergeRequest
-from distmerge.journal import merge_fingerprint
+from distmerge.output.journal import merge_fingerprint
 from distmerge.plan import MergePlan
 
 

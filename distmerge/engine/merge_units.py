@@ -17,9 +17,9 @@ from distmerge.engine.output_files import UnitKey
 from distmerge.engine.reductions import run_reduction_rounds
 from distmerge.engine.scheduling import batches, progress_bar, run_bounded
 from distmerge.engine.worker import BatchResult, MergeJob
-from distmerge.journal import JournalWriter
+from distmerge.io.writes import finalize_file, partial_path
+from distmerge.output.journal import JournalWriter
 from distmerge.plan import MergePlan, WorkUnit
-from distmerge.writer import finalize_file, partial_path
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import stat
 from collections import defaultdict
 from pathlib import Path
 
-from distmerge.dtypes import ITEMSIZE
 from distmerge.errors import OutputError
 from distmerge.io.files import file_kind
-from distmerge.journal import JournalState, crc_of_range
+from distmerge.io.storage import storage_for
+from distmerge.io.writes import create_file, partial_path
+from distmerge.output.journal import JournalState, crc_of_range
 from distmerge.plan import MergePlan
-from distmerge.writer import create_file, partial_path
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ def open_output_files(out: Path, plan: MergePlan, interrupted: JournalState | No
 
 
 def _head(path: Path, n: int) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(n)
+    with storage_for(path).open_reader(path, "an output file", OutputError) as reader:
+        return reader.read(0, n)
 
 
 def reopen_for_resume(out: Path, plan: MergePlan, journal: JournalState) -> set[UnitKey]:
@@ -61,9 +61,7 @@ def reopen_for_resume(out: Path, plan: MergePlan, journal: JournalState) -> set[
             create_file(partial, f.header, f.size)
             continue
         for key in by_file.get(i, []):
-            t = plan.tensors[key[0]]
-            row_bytes = t.row_numel * ITEMSIZE[t.out_dtype]
-            if crc_of_range(partial, t.out_offset + key[1] * row_bytes, (key[2] - key[1]) * row_bytes) == journal.units[key]:
+            if crc_of_range(partial, *plan.tensors[key[0]].out_span(key[1], key[2])) == journal.units[key]:
                 done.add(key)
     log.info("resuming: %d of %d units verified on disk and skipped", len(done), len(plan.units))
     return done

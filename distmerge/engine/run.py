@@ -23,8 +23,8 @@ from distmerge.engine.fingerprint import identify
 from distmerge.engine.merge_units import merge_job, merge_units
 from distmerge.engine.output_files import open_output_files
 from distmerge.engine.request import resolve_request
-from distmerge.journal import JOURNAL_NAME, JournalWriter
 from distmerge.output.directory import examine_output, make_directory
+from distmerge.output.journal import JOURNAL_NAME, JournalWriter
 from distmerge.output.location import check_output_location
 from distmerge.output.lock import OutputLock
 from distmerge.plan import build_plan

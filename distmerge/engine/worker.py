@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from distmerge.checkpoint import TensorInfo, read_rows
-from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH
+from distmerge.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
+from distmerge.io.safetensors import TensorInfo, read_rows, write_rows
+from distmerge.io.scan import count_nonfinite
 from distmerge.methods import get_method
 from distmerge.methods.base import ShardContext
 from distmerge.plan import TensorPlan, WorkUnit
-from distmerge.writer import write_at
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,13 @@ class BatchResult:
 
 def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal: bool) -> str | None:
     """Raise (or, when not ``fatal``, return a warning) if the rows hold NaN or Inf."""
-    # A float sum is finite iff every element is (barring overflow, which the exact count
-    # below then rules out); it is several times cheaper than torch.isfinite on every element.
-    if rows.is_floating_point() and not bool(torch.isfinite(rows.sum())):
-        bad = int((~torch.isfinite(rows)).sum())
-        if bad:
-            message = f"{info.file}: tensor {info.name!r} has {bad} NaN/Inf values in rows {r0}:{r1}"
-            if fatal:
-                raise CheckpointError(f"{message}; the input is broken (pass --allow-nonfinite, or set "
-                                      "execution.allow_nonfinite: true, to merge anyway with a warning)")
-            return message
+    bad = count_nonfinite(rows)
+    if bad:
+        message = f"{info.file}: tensor {info.name!r} has {bad} NaN/Inf values in rows {r0}:{r1}"
+        if fatal:
+            raise CheckpointError(f"{message}; the input is broken (pass --allow-nonfinite, or set "
+                                  "execution.allow_nonfinite: true, to merge anyway with a warning)")
+        return message
     return None
 
 
@@ -150,8 +147,8 @@ def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, A
             t = job.tensors[block.tensor]
             out = merge_block(job, block, raw, stats.get(block.tensor), warnings)
             del raw
-            offset = t.out_offset + block.row_start * t.row_numel * ITEMSIZE[t.out_dtype]
-            sizes[i] += write_at(job.out_paths[t.file_index], offset, out)
+            offset, _ = t.out_span(block.row_start, block.row_end)
+            sizes[i] += write_rows(job.out_paths[t.file_index], offset, out)
             crcs[i] = zlib.crc32(out.contiguous().reshape(-1).view(torch.uint8).numpy(), crcs[i])
             del out
     results = [UnitResult(u.tensor, u.row_start, u.row_end, crcs[i], sizes[i]) for i, u in enumerate(units)]

@@ -16,12 +16,12 @@ from typing import Any
 
 from distmerge.config import MergeConfig
 from distmerge.errors import OutputError
+from distmerge.io.safetensors import INDEX_NAME
 from distmerge.io.structured import read_json
-from distmerge.journal import JOURNAL_NAME, JournalState, describe_difference, read_journal
+from distmerge.output.journal import JOURNAL_NAME, JournalState, describe_difference, read_journal
 from distmerge.output.location import check_output_location
 from distmerge.output.ownership import clear_output, entries
-from distmerge.report import REPORT_NAME
-from distmerge.writer import INDEX_NAME
+from distmerge.output.report import REPORT_NAME
 
 log = logging.getLogger(__name__)
 

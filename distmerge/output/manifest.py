@@ -29,6 +29,7 @@ from typing import Any
 from distmerge.errors import OutputError
 from distmerge.io.files import open_regular
 from distmerge.io.structured import read_json
+from distmerge.io.writes import write_text_atomic
 
 MANIFEST_NAME = "distmerge_manifest.json"
 FORMAT = "distmerge-manifest"
@@ -81,8 +82,6 @@ def add_other_files(manifest: dict[str, Any], out: Path, names: Iterable[str]) -
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> str:
     """Write the manifest atomically; returns its SHA-256 (for the index)."""
-    from distmerge.writer import write_text_atomic
-
     text = json.dumps(manifest, separators=(",", ":"), sort_keys=True) + "\n"
     write_text_atomic(out / MANIFEST_NAME, text)
     return hashlib.sha256(text.encode()).hexdigest()

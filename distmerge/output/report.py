@@ -5,22 +5,48 @@ from __future__ import annotations
 import json
 import platform
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distmerge import __version__
+from distmerge.io.writes import write_text_atomic
 from distmerge.sizes import format_size
-from distmerge.writer import write_text_atomic
 
 if TYPE_CHECKING:
-    from distmerge.engine.worker import BatchResult
     from distmerge.plan import MergePlan
 
 REPORT_NAME = "merge_report.json"
 MODEL_CARD_NAME = "README.md"
 
 
-def build_report(plan: MergePlan, results: list[BatchResult], seconds: float, *,
+class UnitFigures(Protocol):
+    """What the report needs of one written unit: where it is and the CRC-32 of its bytes."""
+
+    tensor: int
+    row_start: int
+    row_end: int
+    crc32: int
+
+
+class BatchFigures(Protocol):
+    """What the report needs of one batch a worker ran (the engine's ``BatchResult`` has it);
+    a protocol, so the output layer never imports the engine above it."""
+
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    node: str
+    pid: int
+    peak_anon_rss: int
+    start_anon_rss: int
+
+    @property
+    def units(self) -> Sequence[UnitFigures]:  # read-only: a list of any UnitFigures type fits
+        ...
+
+
+def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: float, *,
                  sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's figures: what was merged, bytes and time per node and worker, checksums, and a
     section per feature of the merge (``sections``, e.g. ``aim``)."""
@@ -71,7 +97,7 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     write_text_atomic(out_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
 
 
-def write_model_card(out_dir: Path, plan: MergePlan, report: dict[str, Any], extra: list[str] = ()) -> None:
+def write_model_card(out_dir: Path, plan: MergePlan, report: dict[str, Any], extra: Sequence[str] = ()) -> None:
     """A short README.md: what was merged, how, the numbers of the run and ``extra`` lines (one
     per feature of the merge)."""
     lines = [

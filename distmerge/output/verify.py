@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,19 @@ from typing import Any
 import torch
 
 from distmerge.aim.stats_file import SAVED_NAME
-from distmerge.checkpoint import TensorInfo, parse_safetensors_header, read_rows
-from distmerge.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
+from distmerge.dtypes import FLOAT_CODES, TORCH_TO_SAFETENSORS
 from distmerge.errors import CheckpointError, OutputError
-from distmerge.io.files import open_regular, pread_all
+from distmerge.io.safetensors import INDEX_NAME, TensorInfo, parse_safetensors_header
+from distmerge.io.scan import count_nonfinite_in_tensor, crc_and_nonfinite
+from distmerge.io.storage import storage_for
 from distmerge.io.structured import read_json
-from distmerge.journal import CRC_CHUNK, JOURNAL_NAME, read_journal
+from distmerge.io.writes import PARTIAL_SUFFIX
 from distmerge.model_config import check_config_against_tensors
+from distmerge.output.journal import JOURNAL_NAME, read_journal
 from distmerge.output.lock import LOCK_NAME
 from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME, load_manifest, sha256_of
-from distmerge.writer import INDEX_NAME, PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
-SCAN_BLOCK_BYTES = 64 * 1000**2
 
 
 @dataclass
@@ -69,20 +68,6 @@ def expected_architecture(config: dict[str, Any]) -> dict[str, tuple[int, ...]] 
         for name in [n for n in shapes if n.endswith("lm_head.weight")]:
             shapes.pop(name)
     return shapes
-
-
-def _scan_finite(info: TensorInfo) -> int:
-    """Number of NaN/Inf values in a float tensor, read in row blocks."""
-    if info.dtype not in ("F64", "F32", "F16", "BF16") or not info.nbytes:
-        return 0
-    row_bytes = max(1, info.row_numel * ITEMSIZE[info.dtype])
-    step = max(1, SCAN_BLOCK_BYTES // row_bytes)
-    bad = 0
-    for r0 in range(0, info.rows, step):
-        rows = read_rows(info, r0, min(info.rows, r0 + step)).float()
-        if not bool(torch.isfinite(rows.sum())):
-            bad += int((~torch.isfinite(rows)).sum())
-    return bad
 
 
 def _read_index(out: Path, result: VerifyResult) -> tuple[dict[str, str] | None, str | None]:
@@ -158,7 +143,7 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
         nonfinite = _check_ranges(infos, covered, result)
         for name, info in sorted(infos.items()):
             if name not in nonfinite:  # not covered by the manifest: scan on its own
-                nonfinite[name] = _scan_finite(info)
+                nonfinite[name] = count_nonfinite_in_tensor(info)
                 result.bytes_scanned += info.nbytes
         for name, bad in sorted(nonfinite.items()):
             if bad:
@@ -252,11 +237,11 @@ def _check_ranges(infos: dict[str, TensorInfo], covered: dict[str, list[list[int
     nonfinite: dict[str, int] = {}
     for name, ranges in sorted(covered.items()):
         info = infos[name]
-        row_bytes = info.row_numel * ITEMSIZE[info.dtype]
         bad_total = 0
         for r0, r1, crc in ranges:
-            got, bad = _crc_and_nonfinite(info, info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
-            result.bytes_scanned += (r1 - r0) * row_bytes
+            offset, length = info.span(r0, r1)
+            got, bad = crc_and_nonfinite(info.file, offset, length, info.dtype, "an output file", OutputError)
+            result.bytes_scanned += length
             bad_total += bad
             if got != crc:
                 result.problems.append(f"{info.file}: tensor {info.name!r} rows {r0}:{r1} fail their checksum "
@@ -293,12 +278,7 @@ def _compare_journal(out: Path, infos: dict[str, TensorInfo], covered: dict[str,
 
 
 def _crc_of(path: Path, offset: int, length: int) -> int | None:
-    fd = open_regular(path, "an output file", OutputError)
-    try:
-        data = pread_all(fd, length, offset)
-    finally:
-        os.close(fd)
-    return zlib.crc32(data) if len(data) == length else None
+    return storage_for(path).crc32(path, offset, length, "an output file", OutputError)
 
 
 def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyResult) -> None:
@@ -331,27 +311,5 @@ def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyR
     want = TORCH_TO_SAFETENSORS.get(getattr(torch, str(dtype_name), None)) if dtype_name else None
     if want:
         for name, info in sorted(infos.items()):
-            if info.dtype in ("F64", "F32", "F16", "BF16") and info.dtype != want:
+            if info.dtype in FLOAT_CODES and info.dtype != want:
                 result.problems.append(f"tensor {name!r} is {info.dtype} but config.json says {dtype_name}")
-
-
-def _crc_and_nonfinite(info: TensorInfo, offset: int, length: int) -> tuple[int | None, int]:
-    """CRC-32 of a byte range and the NaN/Inf count of the values in it, from one read."""
-    crc, bad, done = 0, 0, 0
-    is_float = info.dtype in ("F64", "F32", "F16", "BF16")
-    dtype = SAFETENSORS_TO_TORCH[info.dtype]
-    fd = open_regular(info.file, "an output file", OutputError)
-    try:
-        while done < length:
-            chunk = os.pread(fd, min(CRC_CHUNK, length - done), offset + done)
-            if not chunk:
-                return None, bad
-            crc = zlib.crc32(chunk, crc)
-            if is_float:
-                values = torch.frombuffer(bytearray(chunk), dtype=dtype)
-                if not bool(torch.isfinite(values.float().sum())):
-                    bad += int((~torch.isfinite(values)).sum())
-            done += len(chunk)
-    finally:
-        os.close(fd)
-    return crc, bad

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ from typing import Any
 from distmerge import __version__
 from distmerge.errors import OutputError
 from distmerge.io.files import read_limited
+from distmerge.io.storage import storage_for
 
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "distmerge_journal.jsonl"
 FORMAT_VERSION = 1
 FSYNC_INTERVAL_S = 1.0
-CRC_CHUNK = 16 * 1024 * 1024
 MAX_JOURNAL_BYTES = 1 << 30
 
 
@@ -205,20 +204,8 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def crc_of_range(path: Path, offset: int, length: int) -> int | None:
-    """CRC-32 of ``length`` bytes at ``offset``; None if the file is shorter than that."""
-    crc = 0
+    """CRC-32 of ``length`` bytes at ``offset``; None if the file is missing or shorter than that."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        return storage_for(path).crc32(path, offset, length, "an output file", OutputError)
+    except OutputError:
         return None
-    try:
-        done = 0
-        while done < length:
-            chunk = os.pread(fd, min(CRC_CHUNK, length - done), offset + done)
-            if not chunk:
-                return None
-            crc = zlib.crc32(chunk, crc)
-            done += len(chunk)
-    finally:
-        os.close(fd)
-    return crc
