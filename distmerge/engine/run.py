@@ -34,7 +34,7 @@ from distmerge.journal import (
     merge_fingerprint,
     read_journal,
 )
-from distmerge.methods.base import STATISTICS_COMPLETE
+from distmerge.methods.base import Partials, Reductions
 from distmerge.output.directory import examine_output, input_paths, make_directory
 from distmerge.output.location import check_output_location
 from distmerge.output.lock import OutputLock
@@ -134,27 +134,27 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
                 disable=not enabled, dynamic_ncols=True, mininterval=0.5)
 
 
-def compute_statistics_pass(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, dict[str, Any]]:
-    """Multi-phase methods: rounds of canonical chunk statistics, each reduced in chunk order."""
+def run_reduction_rounds(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, Reductions]:
+    """Multi-phase methods: rounds of canonical chunk partials, each reduced in chunk order."""
     import ray
 
-    from distmerge.engine.tasks import statistics_task
+    from distmerge.engine.tasks import reduction_task
 
-    reduced: dict[int, dict[str, Any]] = {}
-    for round_ in range(plan.statistics_rounds):
-        units = [u for u in plan.statistics_units(round_) if not reduced.get(u.tensor, {}).get(STATISTICS_COMPLETE)]
+    reduced: dict[int, Reductions] = {}
+    for round_ in range(plan.reduction_rounds):
+        units = [u for u in plan.reduction_units(round_) if not (u.tensor in reduced and reduced[u.tensor].complete)]
         if not units:
             break
-        partials: dict[int, dict[int, Any]] = defaultdict(dict)
-        bar = _progress(sum(u.read_bytes for u in units), progress, f"statistics {round_ + 1}/{plan.statistics_rounds}")
+        partials: dict[int, dict[int, Partials]] = defaultdict(dict)
+        bar = _progress(sum(u.read_bytes for u in units), progress, f"reductions {round_ + 1}/{plan.reduction_rounds}")
 
-        def done(batch: list[WorkUnit], result: list[tuple[int, int, dict[str, Any]]], partials=partials, bar=bar) -> None:
-            for tensor, row_start, stats in result:
-                partials[tensor][row_start] = stats
+        def done(batch: list[WorkUnit], result: list[tuple[int, int, Partials]], partials=partials, bar=bar) -> None:
+            for tensor, row_start, part in result:
+                partials[tensor][row_start] = part
             bar.update(sum(u.read_bytes for u in batch))
 
         previous_ref = ray.put(reduced)
-        run_bounded(lambda b, r=round_, p=previous_ref: statistics_task.remote(job_ref, b, r, p),
+        run_bounded(lambda b, r=round_, p=previous_ref: reduction_task.remote(job_ref, b, r, p),
                     batches(units, plan.shard_size), limit, done)
         bar.close()
         for i, chunks in partials.items():
@@ -386,8 +386,8 @@ def _merge_units(cfg: MergeConfig, plan: MergePlan, out: Path, journal: JournalS
             finalize_file(out, f.name)
             writer.file(f.name)
     job_ref = ray.put(job)
-    stats = compute_statistics_pass(plan, job_ref, limit, progress) if todo else {}
-    stats_ref = ray.put(stats)
+    reduced = run_reduction_rounds(plan, job_ref, limit, progress) if todo else {}
+    reduced_ref = ray.put(reduced)
     bar = _progress(sum(u.write_bytes for u in todo), progress, f"merge ({plan.method.name})")
 
     def done(batch: list[WorkUnit], result: BatchResult) -> None:
@@ -404,7 +404,7 @@ def _merge_units(cfg: MergeConfig, plan: MergePlan, out: Path, journal: JournalS
                 finalize_file(out, plan.files[f].name)
                 writer.file(plan.files[f].name)
 
-    run_bounded(lambda b: merge_batch_task.remote(job_ref, b, stats_ref), batches(todo, plan.shard_size), limit, done)
+    run_bounded(lambda b: merge_batch_task.remote(job_ref, b, reduced_ref), batches(todo, plan.shard_size), limit, done)
     bar.close()
     return results, skip
 
