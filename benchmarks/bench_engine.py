@@ -51,9 +51,11 @@ def warm_workers() -> None:
     @ray.remote(num_cpus=1)
     def warm() -> int:
         import distmerge.engine.worker  # noqa: F401
+        from distmerge.aim import relax_kernel
         from distmerge.methods import kernels
 
         kernels.warm_up()
+        relax_kernel.warm_up()
         return os.getpid()
 
     ray.get([warm.remote() for _ in range(int(ray.cluster_resources()["CPU"]))])

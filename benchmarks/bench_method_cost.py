@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.bench_method_cost --model-gb 0.5 --methods linear,task_arithmetic,ties,dare_ties
 
-Runs the engine's own worker functions (statistics rounds, then merge-and-write of every unit)
+Runs the engine's own worker functions (reduction rounds, then merge-and-write of every unit)
 sequentially on one thread over the synthetic checkpoints, page cache warm, alternating the
 methods so background load hits them alike. On a shared machine this ratio is steadier than
 wall-clock figures of the multi-process engine.
@@ -21,9 +21,9 @@ from benchmarks.bench_engine import merge_config
 from benchmarks.synthetic import write_family
 from distmerge.config import parse_config
 from distmerge.engine.scheduling import batches
-from distmerge.engine.worker import MergeJob, run_batch, run_statistics
+from distmerge.engine.worker import MergeJob, run_batch, run_reduction_round
 from distmerge.io.writes import create_file
-from distmerge.methods.base import STATISTICS_COMPLETE
+from distmerge.methods.base import Partials, Reductions
 from distmerge.plan import build_plan
 
 WORK = Path(__file__).parent / "_work"
@@ -37,13 +37,13 @@ def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
     job = MergeJob(plan.method.name, tuple(plan.tensors), tuple(str(out / f.name) for f in plan.files),
                    plan.compute_dtype, 0)
     started = time.perf_counter()
-    reduced: dict[int, dict] = {}
-    for round_ in range(plan.statistics_rounds):
-        units = [u for u in plan.statistics_units(round_) if not reduced.get(u.tensor, {}).get(STATISTICS_COMPLETE)]
-        partials: dict[int, dict[int, dict]] = {}
+    reduced: dict[int, Reductions] = {}
+    for round_ in range(plan.reduction_rounds):
+        units = [u for u in plan.reduction_units(round_) if not (u.tensor in reduced and reduced[u.tensor].complete)]
+        partials: dict[int, dict[int, Partials]] = {}
         for batch in batches(units, plan.shard_size):
-            for tensor, row, stats in run_statistics(job, batch, round_, reduced):
-                partials.setdefault(tensor, {})[row] = stats
+            for tensor, row, part in run_reduction_round(job, batch, round_, reduced):
+                partials.setdefault(tensor, {})[row] = part
         for i, chunks in partials.items():
             t = plan.tensors[i]
             reduced[i] = plan.method.reduce([chunks[r] for r in sorted(chunks)], t.params, t.shape, round_, reduced.get(i))

@@ -27,9 +27,9 @@ from distmerge.sizes import format_size
 
 log = logging.getLogger(__name__)
 
-# Rows per statistics chunk are derived from this element count and the tensor shape only, so
-# whole-tensor statistics never depend on the shard size (shard invariance).
-STATISTICS_CHUNK_ELEMENTS = 1 << 22
+# Rows per reduction chunk are derived from this element count and the tensor shape only, so
+# whole-tensor reductions never depend on the shard size (shard invariance).
+REDUCTION_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class TensorPlan(RowShape):
     params: TensorParams | None  # None: copied unchanged from the template
     file_index: int
     out_offset: int
-    statistics_rounds: int = 0
+    reduction_rounds: int = 0
 
     @property
     def out_nbytes(self) -> int:
@@ -113,16 +113,16 @@ class MergePlan:
         return max((u.working_bytes for u in self.units), default=0)
 
     @property
-    def statistics_rounds(self) -> int:
-        return max((t.statistics_rounds for t in self.tensors), default=0)
+    def reduction_rounds(self) -> int:
+        return max((t.reduction_rounds for t in self.tensors), default=0)
 
-    def statistics_units(self, round_: int = 0) -> list[WorkUnit]:
-        """Canonical row chunks of the tensors whose merge needs statistics round ``round_``."""
+    def reduction_units(self, round_: int = 0) -> list[WorkUnit]:
+        """Canonical row chunks of the tensors whose merge needs reduction round ``round_``."""
         units = []
         for i, t in enumerate(self.tensors):
-            if t.statistics_rounds <= round_ or not t.numel:
+            if t.reduction_rounds <= round_ or not t.numel:
                 continue
-            step = max(1, STATISTICS_CHUNK_ELEMENTS // max(1, t.row_numel))
+            step = max(1, REDUCTION_CHUNK_ELEMENTS // max(1, t.row_numel))
             for r0 in range(0, t.rows, step):
                 r1 = min(t.rows, r0 + step)
                 read = sum((r1 - r0) * t.row_nbytes(s.dtype) for s in t.sources)
@@ -152,10 +152,10 @@ class MergePlan:
             f"peak memory per worker (estimate): {format_size(self.peak_worker_bytes)} of tensor buffers "
             f"+ ~0.5 GB process overhead",
         ]
-        stats = sum(1 for t in self.tensors if t.statistics_rounds)
-        if stats:
-            lines.append(f"whole-tensor statistics: {stats} tensors, {self.statistics_rounds} round(s) of "
-                         f"{len(self.statistics_units())} canonical chunks")
+        reducing = sum(1 for t in self.tensors if t.reduction_rounds)
+        if reducing:
+            lines.append(f"whole-tensor reductions: {reducing} tensors, {self.reduction_rounds} round(s) of "
+                         f"{len(self.reduction_units())} canonical chunks")
         return "\n".join(lines)
 
 
@@ -349,7 +349,7 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
         params = _resolve_params(config, method, expert_entries, name, layer_position(name, num_layers))
         tensors.append(TensorPlan(
             name, info.shape, out_dtype, info if (method.uses_base or needs_base) else None, sources, params, file_index, offset,
-            statistics_rounds=method.statistics_rounds(params, info.shape),
+            reduction_rounds=method.reduction_rounds(params, info.shape),
         ))
     compute_itemsize = ITEMSIZE[compute]
     units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]

@@ -15,7 +15,7 @@ import torch
 
 from distmerge.methods import get_method, kernels, selection
 from distmerge.methods.linear import Linear
-from tests.test_methods_catalogue import ctx, params_for, statistics
+from tests.test_methods_catalogue import ctx, params_for, reductions
 
 COMPUTE = [torch.float32, torch.bfloat16, torch.float64]
 CASES = [
@@ -62,11 +62,11 @@ def test_fused_merge_equals_torch_formulation(name, glob, model, dtype):
     base, xs = inputs(shape, 3, dtype, seed=len(name) + len(glob))
     weights = [{"weight": w} | model for w in (0.6, -0.35, 0.9)]
     params = params_for(name, 3, glob, weights)
-    stats = statistics(name, base, xs, params, seed=5)
+    reduced = reductions(name, base, xs, params, seed=5)
     m = get_method(name)
     c = ctx(shape, 0, shape[0], 5, 3)
-    got = m.merge(base, xs, params, c, stats)
-    want = m.merge_reference(base, xs, params, c, stats)
+    got = m.merge(base, xs, params, c, reduced)
+    want = m.merge_reference(base, xs, params, c, reduced)
     assert got.dtype == want.dtype == dtype
     assert same_bits(got, want), (got - want).abs().max()
 
@@ -131,10 +131,10 @@ def test_float16_compute_uses_the_torch_formulation():
     assert kernels.kernel_mode(torch.float16) is None
     base, xs = inputs((7, 3), 2, torch.float16, seed=4)
     params = params_for("ties", 2, {}, {"weight": 0.5, "density": 0.5})
-    stats = statistics("ties", base, xs, params)
+    reduced = reductions("ties", base, xs, params)
     m = get_method("ties")
     c = ctx((7, 3), 0, 7, 0, 2)
-    assert torch.equal(m.merge(base, xs, params, c, stats), m.merge_reference(base, xs, params, c, stats))
+    assert torch.equal(m.merge(base, xs, params, c, reduced), m.merge_reference(base, xs, params, c, reduced))
 
 
 @pytest.mark.parametrize("start", [0, 1, 3, 4, 1_000_003, 2**40 + 2])

@@ -1,5 +1,5 @@
 """Every merge method against an independent whole-tensor reference of its published math,
-and bit-identical under any row sharding (statistics over canonical chunks + reduce, then
+and bit-identical under any row sharding (reduction rounds over canonical chunks, then
 merge() on arbitrary row shards). No Ray, no I/O."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from distmerge.errors import ConfigError
 from distmerge.methods import METHODS, get_method
 from distmerge.methods.base import ShardContext, TensorParams
 from distmerge.methods.random_stream import raw_draws
-from distmerge.methods.selection import kth_largest_key, magnitude_keys
+from distmerge.methods.selection import DeltaKeys, dense_low, locate, magnitude_keys
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 SHAPES = [(37, 19), (5,), (1, 7), (3, 5, 4)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CHUNK_ROWS = 4  # the "canonical" statistics chunk of these tests (plan derives its own from the shape)
+CHUNK_ROWS = 4  # the "canonical" reduction chunk of these tests (plan derives its own from the shape)
 
 
 # ---- harness: what the engine does, without the engine -----------------------------------
@@ -51,20 +51,29 @@ def ctx(shape, r0, r1, seed=0, n=2):
     return ShardContext(NAME, shape, r0, r1, seed, tuple(range(n)))
 
 
-def statistics(name, base, xs, params, seed=0, chunk_rows=CHUNK_ROWS):
+def reductions(name, base, xs, params, seed=0, chunk_rows=CHUNK_ROWS):
     m = get_method(name)
     shape = tuple(base.shape)
-    stats = None
-    for r in range(m.statistics_rounds(params)):
+    reduced = None
+    for r in range(m.reduction_rounds(params)):
         parts = []
         for a in range(0, _rows(shape), chunk_rows):
             b = min(_rows(shape), a + chunk_rows)
-            parts.append(m.statistics(base[a:b], [x[a:b] for x in xs], params, ctx(shape, a, b, seed, len(xs)), r, stats))
-        stats = m.reduce(parts, params, shape, r, stats)
-    return stats
+            parts.append(m.partial_reductions(base[a:b], [x[a:b] for x in xs], params,
+                                              ctx(shape, a, b, seed, len(xs)), r, reduced))
+        reduced = m.reduce(parts, params, shape, r, reduced)
+    return reduced
 
 
-def merge_sharded(name, base, xs, params, stats, step, seed=0):
+def kth_largest_key(delta, rank):
+    """Whole-tensor key of the ``rank``-th largest ``|delta|``: both selection rounds on one chunk."""
+    keys = DeltaKeys(torch.zeros_like(delta), delta)
+    bucket, residual = locate(keys.high_histogram(), rank)
+    low, _ = locate(dense_low([keys.low_histogram(bucket)]), residual)
+    return (bucket << 16) | low
+
+
+def merge_sharded(name, base, xs, params, reduced, step, seed=0):
     """merge() on row shards of ``step`` rows (the base is dropped for methods without one)."""
     m = get_method(name)
     shape = tuple(xs[0].shape)
@@ -72,14 +81,14 @@ def merge_sharded(name, base, xs, params, stats, step, seed=0):
     for a in range(0, _rows(shape), step):
         b = min(_rows(shape), a + step)
         rows = base[a:b] if m.uses_base else None
-        out.append(m.merge(rows, [x[a:b] for x in xs], params, ctx(shape, a, b, seed, len(xs)), stats))
+        out.append(m.merge(rows, [x[a:b] for x in xs], params, ctx(shape, a, b, seed, len(xs)), reduced))
     return torch.cat(out)
 
 
 def run_method(name, base, xs, params, seed=0):
-    """Statistics over the test's canonical chunks, then one whole-tensor merge()."""
-    stats = statistics(name, base, xs, params, seed)
-    return merge_sharded(name, base, xs, params, stats, _rows(tuple(xs[0].shape)), seed)
+    """Reduction rounds over the test's canonical chunks, then one whole-tensor merge()."""
+    reduced = reductions(name, base, xs, params, seed)
+    return merge_sharded(name, base, xs, params, reduced, _rows(tuple(xs[0].shape)), seed)
 
 
 # ---- independent references (whole tensors, plain torch, float64 where it helps) ------------
@@ -221,8 +230,8 @@ def test_ties_keeps_every_tie_at_the_threshold():
     x = torch.tensor([[3.0, 1.0], [1.0, 1.0], [0.5, 2.0], [1.0, 0.1], [0.0, 0.2], [1.0, 0.3]])
     params = params_for("ties", 1, model={"weight": 1.0, "density": 0.25})  # k = 3: 3, 2, then the 1.0s
     for step in (1, 2, 6):
-        stats = statistics("ties", base, [x], params, chunk_rows=step)
-        out = merge_sharded("ties", base, [x], params, stats, step)
+        reduced = reductions("ties", base, [x], params, chunk_rows=step)
+        out = merge_sharded("ties", base, [x], params, reduced, step)
         assert torch.equal(out, torch.where(x >= 1.0, x, torch.zeros(())))
 
 
@@ -276,7 +285,7 @@ def test_della_1d_ranks_over_the_whole_vector():
     """A 1-D tensor is one row (as mergekit's unsqueeze): probabilities span the whole vector."""
     base, xs = make_inputs((50,), 1, seed=8)
     params = params_for("della_linear", 1, {"rescale": False}, {"weight": 1.0, "density": 0.5, "epsilon": 0.4})
-    got = merge_sharded("della_linear", base, xs, params, statistics("della_linear", base, xs, params), 1)
+    got = merge_sharded("della_linear", base, xs, params, reductions("della_linear", base, xs, params), 1)
     delta = xs[0] - base
     mask, probs = ref_della_mask(delta, 0.5, 0.4, 0, 0)
     assert float(probs.min()) == pytest.approx(0.1) and float(probs.max()) == pytest.approx(0.9)
@@ -382,19 +391,19 @@ def test_bit_identical_across_shard_sizes(case, shape, dtype):
     name, glob, model, n = case
     base, xs = make_inputs(shape, n, dtype, seed=14, scale=0.3)
     params = params_for(name, n, glob, model)
-    stats = statistics(name, base, xs, params, seed=3)
-    whole = merge_sharded(name, base, xs, params, stats, _rows(shape), seed=3)
+    reduced = reductions(name, base, xs, params, seed=3)
+    whole = merge_sharded(name, base, xs, params, reduced, _rows(shape), seed=3)
     for step in (1, 2, 3, 5, 7):
-        assert torch.equal(merge_sharded(name, base, xs, params, stats, step, seed=3), whole), (name, step)
+        assert torch.equal(merge_sharded(name, base, xs, params, reduced, step, seed=3), whole), (name, step)
     assert torch.isfinite(whole).all()
 
 
-def test_integer_statistics_do_not_depend_on_the_chunking():
+def test_integer_reductions_do_not_depend_on_the_chunking():
     base, xs = make_inputs((41, 13), 2, seed=15)
     params = params_for("breadcrumbs_ties", 2, {}, {"weight": 1.0, "density": 0.3, "gamma": 0.02})
-    a = statistics("breadcrumbs_ties", base, xs, params, chunk_rows=1)
-    b = statistics("breadcrumbs_ties", base, xs, params, chunk_rows=41)
-    assert a["thresholds"] == b["thresholds"]
+    a = reductions("breadcrumbs_ties", base, xs, params, chunk_rows=1)
+    b = reductions("breadcrumbs_ties", base, xs, params, chunk_rows=41)
+    assert a.thresholds == b.thresholds
 
 
 # ---- the random stream -------------------------------------------------------------------

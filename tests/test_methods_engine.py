@@ -1,5 +1,5 @@
 """Merge methods end to end on the engine: the same bytes whatever the shard size and worker
-count (statistics rounds included), and TIES equal to a whole-tensor reference."""
+count (reduction rounds included), and TIES equal to a whole-tensor reference."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distmerge.methods import kernels
+from distmerge.aim.relax_kernel import relax
+from distmerge.methods.kernels import as_array
 
 # Tensor-name endings of embedding matrices, which AIM never relaxes.
 EMBEDDING_MODULES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "embed_positions")
@@ -96,8 +97,7 @@ def apply_relaxation(
         )
     compute = torch.promote_types(merged.dtype, torch.float32)
     # One fused pass (three separately rounded ops, as ``b + (m - b) * f`` in torch would be).
-    out = kernels.relax(kernels.as_array(base, compute), kernels.as_array(merged, compute),
-                        kernels.as_array(factors, compute))
+    out = relax(as_array(base, compute), as_array(merged, compute), as_array(factors, compute))
     return torch.from_numpy(out).reshape(merged.shape).to(merged.dtype)
 
 

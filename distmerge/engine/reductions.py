@@ -11,31 +11,31 @@ from collections import defaultdict
 from typing import Any
 
 from distmerge.engine.scheduling import batches, progress_bar, run_bounded
-from distmerge.methods.base import STATISTICS_COMPLETE
+from distmerge.methods.base import Partials, Reductions
 from distmerge.plan import MergePlan, WorkUnit
 
 
-def run_reduction_rounds(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, dict[str, Any]]:
+def run_reduction_rounds(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, Reductions]:
     """Every round of every tensor that needs one; returns the reduced values per tensor index."""
     import ray
 
-    from distmerge.engine.tasks import statistics_task
+    from distmerge.engine.tasks import reduction_task
 
-    reduced: dict[int, dict[str, Any]] = {}
-    for round_ in range(plan.statistics_rounds):
-        units = [u for u in plan.statistics_units(round_) if not reduced.get(u.tensor, {}).get(STATISTICS_COMPLETE)]
+    reduced: dict[int, Reductions] = {}
+    for round_ in range(plan.reduction_rounds):
+        units = [u for u in plan.reduction_units(round_) if not (u.tensor in reduced and reduced[u.tensor].complete)]
         if not units:
             break
-        partials: dict[int, dict[int, Any]] = defaultdict(dict)
-        bar = progress_bar(sum(u.read_bytes for u in units), progress, f"statistics {round_ + 1}/{plan.statistics_rounds}")
+        partials: dict[int, dict[int, Partials]] = defaultdict(dict)
+        bar = progress_bar(sum(u.read_bytes for u in units), progress, f"reductions {round_ + 1}/{plan.reduction_rounds}")
 
-        def done(batch: list[WorkUnit], result: list[tuple[int, int, dict[str, Any]]], partials=partials, bar=bar) -> None:
-            for tensor, row_start, stats in result:
-                partials[tensor][row_start] = stats
+        def done(batch: list[WorkUnit], result: list[tuple[int, int, Partials]], partials=partials, bar=bar) -> None:
+            for tensor, row_start, part in result:
+                partials[tensor][row_start] = part
             bar.update(sum(u.read_bytes for u in batch))
 
         previous_ref = ray.put(reduced)
-        run_bounded(lambda b, r=round_, p=previous_ref: statistics_task.remote(job_ref, b, r, p),
+        run_bounded(lambda b, r=round_, p=previous_ref: reduction_task.remote(job_ref, b, r, p),
                     batches(units, plan.shard_size), limit, done)
         bar.close()
         for i, chunks in partials.items():

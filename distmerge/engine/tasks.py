@@ -6,19 +6,18 @@ SPREAD scheduling places batches across nodes so every node reads and writes its
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray
 
-from distmerge.engine.worker import BatchResult, MergeJob, run_batch, run_statistics
+from distmerge.engine.worker import BatchResult, MergeJob, run_batch, run_reduction_round
+from distmerge.methods.base import Partials, Reductions
 from distmerge.plan import WorkUnit
 
 TASK_RETRIES = 3
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
-def merge_batch_task(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, Any]]) -> BatchResult:
-    result = run_batch(job, units, stats)
+def merge_batch_task(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions]) -> BatchResult:
+    result = run_batch(job, units, reduced)
     # Simulated nodes share a hostname; the Ray node id tells them apart in the report.
     context = ray.get_runtime_context()
     result.node = f"{result.node}/{context.get_node_id()[:12]}"
@@ -26,6 +25,6 @@ def merge_batch_task(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
-def statistics_task(job: MergeJob, units: list[WorkUnit], round_: int,
-                    previous: dict[int, dict[str, Any]]) -> list[tuple[int, int, dict[str, Any]]]:
-    return run_statistics(job, units, round_, previous)
+def reduction_task(job: MergeJob, units: list[WorkUnit], round_: int,
+                   previous: dict[int, Reductions]) -> list[tuple[int, int, Partials]]:
+    return run_reduction_round(job, units, round_, previous)

@@ -22,7 +22,7 @@ from distmerge.errors import CheckpointError
 from distmerge.io.safetensors import TensorInfo, read_rows, write_rows
 from distmerge.io.scan import count_nonfinite
 from distmerge.methods import get_method
-from distmerge.methods.base import ShardContext
+from distmerge.methods.base import Partials, Reductions, ShardContext
 from distmerge.plan import TensorPlan, WorkUnit
 
 
@@ -84,7 +84,7 @@ def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
     return [read_rows(info, unit.row_start, unit.row_end) for info in t.sources]
 
 
-def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: dict[str, Any] | None,
+def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced: Reductions | None,
                 warnings: list[str] | None = None) -> torch.Tensor:
     """Merged rows of a unit from its raw rows, after the job's row steps, in the output dtype."""
     t = job.tensors[unit.tensor]
@@ -93,15 +93,15 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], stats: d
         return raw[0].to(out_dtype)
     compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
     rows = [r.to(compute) for r in raw]
-    # A failing check fails the merge in the statistics pass, which read these rows already.
-    if not (job.check_finite and t.statistics_rounds):
+    # A failing check fails the merge in the reduction rounds, which read these rows already.
+    if not (job.check_finite and t.reduction_rounds):
         for info, r in zip(t.sources, rows, strict=True):
             warning = _check_finite(r, info, unit.row_start, unit.row_end, job.check_finite)
             if warning and warnings is not None:
                 warnings.append(warning)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
     ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
-    merged = get_method(job.method).merge(base, experts, t.params, ctx, stats)
+    merged = get_method(job.method).merge(base, experts, t.params, ctx, reduced)
     for step in job.row_steps:
         merged = step.apply(unit.tensor, t.shape, unit.row_start, unit.row_end, base, merged)
     if not t.shape:
@@ -130,7 +130,7 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
     return out
 
 
-def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, Any]]) -> BatchResult:
+def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions]) -> BatchResult:
     """Merge and write a batch of units; returns checksums and I/O and memory figures."""
     retain_freed_memory()
     started = time.perf_counter()
@@ -145,7 +145,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, A
             raw = upcoming.result()
             upcoming = reader.submit(read_block, job, work[k + 1][1]) if k + 1 < len(work) else None
             t = job.tensors[block.tensor]
-            out = merge_block(job, block, raw, stats.get(block.tensor), warnings)
+            out = merge_block(job, block, raw, reduced.get(block.tensor), warnings)
             del raw
             offset, _ = t.out_span(block.row_start, block.row_end)
             sizes[i] += write_rows(job.out_paths[t.file_index], offset, out)
@@ -158,9 +158,9 @@ def run_batch(job: MergeJob, units: list[WorkUnit], stats: dict[int, dict[str, A
                        os.getpid(), memory.peak, memory.start, warnings)
 
 
-def run_statistics(job: MergeJob, units: list[WorkUnit], round_: int,
-                   previous: dict[int, dict[str, Any]]) -> list[tuple[int, int, dict[str, torch.Tensor]]]:
-    """One statistics round of a multi-phase method: partial statistics of canonical chunks."""
+def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
+                        previous: dict[int, Reductions]) -> list[tuple[int, int, Partials]]:
+    """One reduction round of a multi-phase method: the partials of canonical chunks."""
     retain_freed_memory()
     method = get_method(job.method)
     compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
@@ -174,5 +174,5 @@ def run_statistics(job: MergeJob, units: list[WorkUnit], round_: int,
         base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
         ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
         out.append((unit.tensor, unit.row_start,
-                    method.statistics(base, experts, t.params, ctx, round_, previous.get(unit.tensor))))
+                    method.partial_reductions(base, experts, t.params, ctx, round_, previous.get(unit.tensor))))
     return out

@@ -4,11 +4,11 @@ A method sees one row shard at a time: the base rows (if the method uses a base 
 same rows of each expert, already cast to the compute dtype, plus a :class:`ShardContext` that
 says which tensor and rows these are. Methods whose math needs a whole-tensor quantity (a
 magnitude threshold, a norm, a dot product) declare how many passes it takes
-(:meth:`MergeMethod.statistics_rounds`) and compute it through :meth:`MergeMethod.statistics`
-and :meth:`MergeMethod.reduce`: the engine runs ``statistics`` over canonical row chunks that do
-not depend on the shard size, reduces the partial results in chunk order and hands the reduced
-statistics to every shard's :meth:`MergeMethod.merge`, so outputs are identical under any
-sharding.
+(:meth:`MergeMethod.reduction_rounds`) and compute it through
+:meth:`MergeMethod.partial_reductions` and :meth:`MergeMethod.reduce`: the engine runs
+``partial_reductions`` over canonical row chunks that do not depend on the shard size, reduces
+the partials in chunk order and hands the reduced values (a :class:`Reductions`) to every
+shard's :meth:`MergeMethod.merge`, so outputs are identical under any sharding.
 """
 
 from __future__ import annotations
@@ -96,9 +96,24 @@ class TensorParams:
     experts: tuple[Params, ...] = ()
 
 
-# A reduce() result holding this key (true) needs no further statistics rounds: the engine
-# skips the remaining rounds' reads for that tensor.
-STATISTICS_COMPLETE = "statistics_complete"
+@dataclass(kw_only=True)
+class Reductions:
+    """Base of what :meth:`MergeMethod.reduce` returns: one tensor's reduced whole-tensor values.
+
+    Each method subclasses it with typed fields. ``complete`` tells the engine that this tensor
+    needs no further reduction rounds (e.g. a radix selection resolved in round 0), so it skips
+    those rounds' reads for the tensor.
+    """
+
+    complete: bool = False
+
+
+class Partials:
+    """Base of what :meth:`MergeMethod.partial_reductions` returns for one canonical chunk.
+
+    Partials travel from the workers to the driver, so they hold exact integers, float64 sums
+    or tensors, never anything that depends on the worker or the shard size.
+    """
 
 
 class MergeMethod:
@@ -111,39 +126,40 @@ class MergeMethod:
     global_parameters: ClassVar[dict[str, ParamSpec]] = {}
     model_parameters: ClassVar[dict[str, ParamSpec]] = {}
 
-    def statistics_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
-        """How many whole-tensor statistics passes this tensor's merge needs first (0: none).
+    def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
+        """How many whole-tensor reduction rounds this tensor's merge needs first (0: none).
 
         Each round reads the tensor once in canonical chunks; round ``r`` sees the reduced
         result of round ``r - 1`` (a radix selection narrows a threshold round by round).
         ``shape`` lets a method skip a round that only some shapes need (e.g. a per-row
-        statistic is shard-local except for 1-D tensors, whose only "row" is the whole
+        quantity is shard-local except for 1-D tensors, whose only "row" is the whole
         vector); without it the count must be safe for every shape.
         """
         return 0
 
-    def statistics(
+    def partial_reductions(
         self,
         base: torch.Tensor | None,
         experts: Sequence[torch.Tensor],
         params: TensorParams,
         ctx: ShardContext,
         round_: int,
-        previous: dict[str, Any] | None,
-    ) -> dict[str, torch.Tensor]:
-        """Partial statistics of one canonical chunk (exact integers or float64 sums)."""
+        previous: Reductions | None,
+    ) -> Partials:
+        """Round ``round_``'s partials of one canonical chunk (exact integers or float64 sums);
+        ``previous`` is what the previous round reduced to (None in round 0)."""
         raise NotImplementedError
 
     def reduce(
         self,
-        partials: Sequence[dict[str, torch.Tensor]],
+        partials: Sequence[Partials],
         params: TensorParams,
         shape: tuple[int, ...],
         round_: int,
-        previous: dict[str, Any] | None,
-    ) -> dict[str, Any]:
-        """Combine one round's chunk statistics, given in chunk order, into what the next
-        round (or, after the last round, ``merge``) needs; carry forward what is still needed."""
+        previous: Reductions | None,
+    ) -> Reductions:
+        """Combine one round's chunk partials, given in chunk order, into what the next round
+        (or, after the last round, ``merge``) needs; carry forward what is still needed."""
         raise NotImplementedError
 
     def merge(
@@ -152,9 +168,10 @@ class MergeMethod:
         experts: Sequence[torch.Tensor],
         params: TensorParams,
         ctx: ShardContext,
-        stats: dict[str, Any] | None = None,
+        reduced: Reductions | None = None,
     ) -> torch.Tensor:
-        """Merged rows of this shard, in the compute dtype."""
+        """Merged rows of this shard, in the compute dtype; ``reduced`` is the last round's
+        :meth:`reduce` result (None when the tensor needs no rounds)."""
         raise NotImplementedError
 
     def validate(self, params: TensorParams, where: str) -> None:

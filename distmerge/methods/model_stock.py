@@ -4,7 +4,7 @@ angle between their task vectors.
     o_i = x_i - base;  cos = mean over pairs i<j of <o_i, o_j> / max(|o_i| |o_j|, 1e-6), clamped to [-1, 1]
     t = N cos / (1 + (N - 1) cos);  out = t * mean_i(x_i) + (1 - t) * base
 
-Over the whole flattened tensor by default: one statistics round of float64 partial Gram
+Over the whole flattened tensor by default: one reduction round of float64 partial Gram
 matrices over the canonical chunks, reduced in chunk order. With ``filter_wise`` every
 last-dim vector gets its own t (mergekit's ``dim=-1``); rows are whole in every shard, so
 that is shard-local except for 1-D tensors, which mergekit treats as one vector (a round).
@@ -13,12 +13,20 @@ that is shard-local except for 1-D tensors, which mergekit treats as one vector 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from distmerge.methods import reductions
-from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams
+from distmerge.methods.base import (
+    MergeMethod,
+    ParamSpec,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+)
 
 NORM_FLOOR = 1e-6
 
@@ -36,6 +44,20 @@ def stock_t(gram: torch.Tensor) -> torch.Tensor:
     return (n * cos) / (1 + (n - 1) * cos)
 
 
+@dataclass
+class GramPartials(Partials):
+    """One chunk's float64 Gram matrix of the task vectors (None: filter-wise, nothing to collect)."""
+
+    gram: torch.Tensor | None
+
+
+@dataclass(kw_only=True)
+class ModelStockReductions(Reductions):
+    """The whole tensor's interpolation factor t (None: filter-wise, each row computes its own)."""
+
+    t: float | None
+
+
 class ModelStock(MergeMethod):
     name = "model_stock"
     uses_base = True
@@ -43,7 +65,7 @@ class ModelStock(MergeMethod):
     global_parameters = {"filter_wise": ParamSpec(False, bool)}
     model_parameters = {}
 
-    def statistics_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
+    def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
         if params.global_["filter_wise"] and shape is not None and len(shape) >= 2:
             return 0
         return 1
@@ -52,36 +74,38 @@ class ModelStock(MergeMethod):
     def _whole(params: TensorParams, shape: tuple[int, ...]) -> bool:
         return not params.global_["filter_wise"] or len(shape) < 2
 
-    def statistics(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
-                   ctx: ShardContext, round_: int, previous: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+                           ctx: ShardContext, round_: int, previous: Reductions | None) -> GramPartials:
         assert base is not None
         if not self._whole(params, ctx.shape):
-            return {}  # filter_wise on >= 2-D: shard-local, nothing to collect
+            return GramPartials(None)  # filter_wise on >= 2-D: shard-local, nothing to collect
         offsets = [x - base for x in experts]
         n = len(offsets)
         gram = torch.zeros(n, n, dtype=torch.float64)
         for i in range(n):
             for j in range(i, n):
                 gram[i, j] = gram[j, i] = reductions.dot(offsets[i], offsets[j])
-        return {"gram": gram}
+        return GramPartials(gram)
 
-    def reduce(self, partials: Sequence[dict[str, torch.Tensor]], params: TensorParams, shape: tuple[int, ...],
-               round_: int, previous: dict[str, Any] | None) -> dict[str, Any]:
+    def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
+               round_: int, previous: Reductions | None) -> ModelStockReductions:
         if not self._whole(params, shape):
-            return {}
-        gram = partials[0]["gram"].clone()
-        for c in partials[1:]:
-            gram += c["gram"]
-        return {"t": float(stock_t(gram))}
+            return ModelStockReductions(t=None)
+        grams = [cast(GramPartials, c).gram for c in partials]
+        assert all(g is not None for g in grams)
+        gram = grams[0].clone()
+        for g in grams[1:]:
+            gram += g
+        return ModelStockReductions(t=float(stock_t(gram)))
 
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
-              ctx: ShardContext, stats: dict[str, Any] | None = None) -> torch.Tensor:
+              ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
         n = len(experts)
         if self._whole(params, ctx.shape):
-            assert stats is not None
-            t: torch.Tensor | float = stats["t"]
-            one_minus: torch.Tensor | float = 1.0 - stats["t"]
+            assert isinstance(reduced, ModelStockReductions) and reduced.t is not None
+            t: torch.Tensor | float = reduced.t
+            one_minus: torch.Tensor | float = 1.0 - reduced.t
         else:
             offsets = [x - base for x in experts]
             gram = torch.empty(base.shape[:-1] + (n, n), dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Whole-tensor sums that do not depend on how the tensor was cut or how many threads ran.
 
-Partial sums are taken over the canonical statistics chunks in float64 with numpy's pairwise
+Partial sums are taken over the canonical chunks of a reduction round in float64 with numpy's pairwise
 summation (single-threaded, a fixed order for a given array), and the engine reduces them in
 chunk order. torch's CPU reductions split work by thread count, so their last bits may
 change with the machine; these do not.

@@ -20,11 +20,14 @@ bf16/fp16/fp32 deltas that is exact; mergekit ranks in float32 on CPU too).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import TypeVar
 
 import torch
 
 from distmerge.methods import kernels
+
+K = TypeVar("K", bound=Hashable)  # how a caller names its ranks (e.g. the bounds of a trim)
 
 HIGH_BINS = kernels.KEY_BUCKETS
 LOW_BINS = 1 << 16
@@ -52,7 +55,7 @@ class DeltaKeys:
         self._base, self._x, self._mode = kernels.delta_arrays(base, x)
         self.numel = x.numel()
 
-    def round_zero(self, ranks: dict[str, int], numel: int) -> tuple[torch.Tensor, dict[str, Speculation]]:
+    def round_zero(self, ranks: dict[K, int], numel: int) -> tuple[torch.Tensor, dict[K, Speculation]]:
         """Round 0 of a chunk: the high-bits histogram, and for each named rank the low bits
         of the keys in the buckets where the chunk expects it.
 
@@ -156,10 +159,3 @@ def dense_low(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
             out.index_add_(0, values.to(torch.int64), counts)
     return out
 
-
-def kth_largest_key(delta: torch.Tensor, rank: int) -> int:
-    """Whole-tensor key of the ``rank``-th largest ``|delta|``: both rounds on one chunk (tests, tools)."""
-    keys = DeltaKeys(torch.zeros_like(delta), delta)
-    bucket, residual = locate(keys.high_histogram(), rank)
-    low, _ = locate(dense_low([keys.low_histogram(bucket)]), residual)
-    return (bucket << 16) | low

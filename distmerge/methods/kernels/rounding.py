@@ -1,0 +1,113 @@
+"""Rounding to the compute dtype, and how kernels take their arrays: shared by every loop.
+
+Dtypes: float32 and float64 compute run natively. bfloat16 compute runs on float32 copies
+of the rows with each operation rounded to bfloat16 (round to nearest even), which is what
+torch's CPU bfloat16 ops do (compute in float32, round the result). float16 compute has no
+kernel: :func:`kernel_mode` returns None and callers use the torch formulation.
+
+The scalar helpers here (``_r``, ``_key``) are inlined into the loops of the sibling modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+import torch
+from numba.core import types
+from numba.extending import overload
+
+NATIVE = 0  # float32 / float64: no rounding beyond the dtype's own
+BFLOAT16 = 1  # float32 arrays, every result rounded to bfloat16
+
+_jit = numba.njit(cache=True, nogil=True)
+_inline = numba.njit(cache=True, nogil=True, inline="always")
+
+
+def kernel_mode(dtype: torch.dtype) -> int | None:
+    """How the kernels compute in ``dtype``, or None when they cannot (use torch ops)."""
+    if dtype in (torch.float32, torch.float64):
+        return NATIVE
+    if dtype == torch.bfloat16:
+        return BFLOAT16
+    return None
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the arrays the kernels see for compute dtype ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def as_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A flat, contiguous numpy view (or copy, when a cast is needed) of ``t`` in ``dtype``."""
+    return t.detach().to(dtype).reshape(-1).contiguous().numpy()
+
+
+def delta_arrays(base: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(base, x, mode)`` for a kernel that computes ``x - base`` in ``x``'s compute dtype.
+
+    float16 has no kernel mode: torch computes that delta (rounded to float16, as the torch
+    formulation does) and the kernel gets it in float32 against a zero base (``d - 0 == d``).
+    """
+    mode = kernel_mode(x.dtype)
+    if mode is None:
+        delta = as_array(x - base, torch.float32)
+        return np.zeros_like(delta), delta, NATIVE
+    kd = kernel_dtype(x.dtype)
+    return as_array(base, kd), as_array(x, kd), mode
+
+
+def scalar(value: float, dtype: torch.dtype) -> np.ndarray:
+    """A Python number as torch uses it beside a ``dtype`` tensor: cast to the op's math type.
+
+    torch computes bfloat16 ops in float32, so a Python scalar is cast to float32 (not to
+    bfloat16); beside float32/float64 tensors it is cast to that dtype.
+    """
+    return np.asarray(value, dtype=np.float64 if dtype == torch.float64 else np.float32)
+
+
+def rounded(values: Sequence[float], dtype: torch.dtype) -> np.ndarray:
+    """Values stored in a ``dtype`` tensor (rounded to it), in the kernels' array dtype."""
+    return torch.tensor(list(values), dtype=dtype).to(kernel_dtype(dtype)).numpy()
+
+
+# ---- scalar helpers (inlined into the loops) --------------------------------------------------
+
+@_inline
+def _bits32(v):  # noqa: ANN001, ANN202 - numba infers the types
+    return np.float32(v).view(np.int32)
+
+
+@_jit
+def _bf16(v):  # noqa: ANN001, ANN202
+    """Round a float32 to the nearest bfloat16 (ties to even), as c10::BFloat16 does."""
+    u = np.int64(_bits32(v)) & 0xFFFFFFFF
+    r = np.uint32((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+    return v if v != v else r  # branch-free, so loops stay vectorizable
+
+
+def _r(v, mode):  # noqa: ANN001, ANN202
+    """``v`` rounded to the compute dtype (see :func:`_r_typed`)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_r)
+def _r_typed(v, mode):  # noqa: ANN001, ANN202
+    # The mode is a compile-time choice: BFLOAT16 arrives as an integer, NATIVE as a float
+    # (see :func:`mode_tag`), so each loop is compiled without a per-element branch.
+    if isinstance(mode, types.Integer):
+        return lambda v, mode: _bf16(v)
+    return lambda v, mode: v
+
+
+def mode_tag(mode: int) -> np.generic:
+    """The value kernels take as ``mode``; its numba type selects the rounding at compile time."""
+    return np.int64(1) if mode == BFLOAT16 else np.float64(0.0)
+
+
+@_inline
+def _key(d):  # noqa: ANN001, ANN202
+    """Selection key of a delta: the float32 bit pattern of ``|d|`` (orders like |d|)."""
+    return _bits32(abs(d))
+

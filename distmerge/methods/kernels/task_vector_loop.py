@@ -1,0 +1,179 @@
+"""The task-vector merge in one fused loop, and the L1 norms its rescale needs.
+
+The pipeline written as torch ops makes some thirty passes over memory per element (delta,
+abs, compare, mask, weight, sign, clamp, sums ...); here it is one pass over cache-sized
+blocks of the rows. Every operation is the torch formulation's
+(``TaskVectorMethod.merge_reference``), in the same order, each rounded separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from distmerge.methods.kernels.rounding import _jit, _key, _r, mode_tag
+
+NO_LOW = -1  # a low threshold below every key: no lower bound
+NO_HIGH = 1 << 32  # a high threshold above every key: no upper bound
+KEEP_NOTHING = 1 << 32  # a low threshold above every key
+
+RESCALE_NONE, RESCALE_MULTIPLY, RESCALE_DIVIDE, RESCALE_DIVIDE_BY_PROBS = 0, 1, 2, 3
+
+BLOCK = 2048  # elements per block: the per-expert scratch rows stay in L1/L2 cache
+
+
+@_jit
+def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001, ANN202
+    """One expert's weighted, sparsified, rescaled delta rows; the common case in one loop."""
+    zero = row.dtype.type(0.0)
+    one = row.dtype.type(1.0)
+    m = row.size
+    if mask.size == 0 and kind == RESCALE_NONE:
+        for j in range(m):
+            d = _r(x[j] - b[j], mode)
+            k = _key(d)
+            row[j] = _r(d * (one if (lo <= k) & (k < hi) else zero) * w, mode)
+        return
+    for j in range(m):
+        d = _r(x[j] - b[j], mode)
+        k = _key(d)
+        row[j] = d * (one if (lo <= k) & (k < hi) else zero)
+    if mask.size:
+        for j in range(m):
+            row[j] = row[j] * (one if mask[j] else zero)
+    if kind == RESCALE_MULTIPLY:
+        for j in range(m):
+            row[j] = _r(row[j] * f, mode)
+    elif kind == RESCALE_DIVIDE:
+        for j in range(m):
+            row[j] = _r(row[j] / f, mode)
+    elif kind == RESCALE_DIVIDE_BY_PROBS:
+        for j in range(m):
+            row[j] = _r(row[j] / pr[j], mode)
+    for j in range(m):
+        row[j] = _r(row[j] * w, mode)
+
+
+@_jit
+def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs, weights,  # noqa: ANN001, ANN202
+                  weights_stored, consensus, normalize, total_weight, lam, out):
+    """One pass of the task-vector family; the torch formulation, op for op, per element.
+
+    Per expert e: d = x - base; kept = d * mask (mask from key thresholds [low, high) and,
+    where given, an explicit mask); rescaled by a factor, a divisor or a per-element
+    probability; weighted. Then either a plain sum (normalized by ``total_weight`` if > 0)
+    or TIES sign consensus (normalized by the agreeing weights); then lambda; then + base.
+    The elements go in cache-sized blocks, expert by expert, and every inner loop is a
+    simple branch-free loop over contiguous memory: that is what the compiler vectorizes
+    (a per-element loop over the experts, or one with loop-invariant branches, runs
+    several times slower).
+    """
+    n = len(xs)
+    zero = out.dtype.type(0.0)
+    one = out.dtype.type(1.0)
+    wd = np.empty((n, BLOCK), dtype=out.dtype)
+    total = np.empty(BLOCK, dtype=out.dtype)
+    sign = np.empty(BLOCK, dtype=out.dtype)
+    div = np.empty(BLOCK, dtype=out.dtype)
+    for s in range(0, out.size, BLOCK):
+        m = min(BLOCK, out.size - s)
+        b = base[s:s + m]
+        for e in range(n):
+            kind = rescale_kind[e]
+            _sparsified(xs[e][s:s + m], b, mode, low[e], high[e], masks[e][s:s + m] if masks[e].size else masks[e],
+                        kind, rescale[e], probs[e][s:s + m] if kind == RESCALE_DIVIDE_BY_PROBS else probs[e],
+                        weights[e], wd[e, :m])
+        acc = total[:m]
+        acc[:] = wd[0, :m]
+        for e in range(1, n):
+            row = wd[e, :m]
+            for j in range(m):
+                acc[j] = _r(acc[j] + row[j], mode)
+        if consensus:
+            sg = sign[:m]
+            dv = div[:m]
+            for e in range(n):
+                row = wd[e, :m]
+                ws = weights_stored[e]
+                wz = zero * ws
+                if e == 0:  # elect the sign from the total in acc, then start the agreeing sums
+                    for j in range(m):
+                        sgn = -one if np.signbit(acc[j]) else one
+                        sg[j] = sgn
+                        a = row[j] * sgn
+                        a = zero if a < zero else a  # clamp(min=0): -0.0 and NaN pass, as in torch
+                        acc[j] = a
+                        dv[j] = ws if a > zero else wz
+                else:
+                    for j in range(m):
+                        a = row[j] * sg[j]
+                        a = zero if a < zero else a
+                        acc[j] = _r(acc[j] + a, mode)
+                        dv[j] = _r(dv[j] + (ws if a > zero else wz), mode)
+            if normalize and lam == one:  # TIES' defaults: sign, normalize and + base in one loop
+                o = out[s:s + m]
+                for j in range(m):
+                    o[j] = _r(b[j] + _r(acc[j] * sg[j] / (one if dv[j] == zero else dv[j]), mode), mode)
+                continue
+            for j in range(m):
+                acc[j] = acc[j] * sg[j]
+            if normalize:
+                for j in range(m):
+                    # torch adds (div == 0): +1 where zero; adding +0.0 elsewhere changes nothing
+                    acc[j] = _r(acc[j] / (one if dv[j] == zero else dv[j]), mode)
+        elif normalize:
+            for j in range(m):
+                acc[j] = _r(acc[j] / total_weight, mode)
+        if lam != one:
+            for j in range(m):
+                acc[j] = _r(acc[j] * lam, mode)
+        o = out[s:s + m]
+        for j in range(m):
+            o[j] = _r(b[j] + acc[j], mode)
+
+
+def task_vectors(
+    base: np.ndarray, xs: Sequence[np.ndarray], mode: int, *, low: Sequence[int], high: Sequence[int],
+    masks: Sequence[np.ndarray | None], rescale_kind: Sequence[int], rescale: np.ndarray,
+    probs: Sequence[np.ndarray | None], weights: np.ndarray, weights_stored: np.ndarray, consensus: bool,
+    normalize: bool, total_weight: np.ndarray, lam: np.ndarray,
+) -> np.ndarray:
+    """Run :func:`_task_vectors` (see there); ``None`` masks/probs mean "not used"."""
+    empty_mask = np.zeros(0, dtype=np.bool_)
+    empty_probs = np.zeros(0, dtype=base.dtype)
+    out = np.empty_like(base)
+    _task_vectors(base, tuple(xs), mode_tag(mode), np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64),
+                  tuple(empty_mask if m is None else m for m in masks), np.asarray(rescale_kind, dtype=np.int64),
+                  rescale, tuple(empty_probs if p is None else p for p in probs), weights, weights_stored,
+                  consensus, normalize, total_weight[()], lam[()], out)
+    return out
+
+
+# ---- L1 norms (the DARE/TIES rescale) -------------------------------------------------------
+
+@_jit
+def _abs_sums(base, x, mode, lo, hi, mask, sums):  # noqa: ANN001, ANN202
+    """``sum |d|`` and ``sum |d * keep|`` in float64, in blocks of 1024 (a fixed order)."""
+    has_mask = mask.size > 0
+    for s in range(0, x.size, 1024):
+        before = 0.0
+        after = 0.0
+        for i in range(s, min(s + 1024, x.size)):
+            d = _r(x[i] - base[i], mode)
+            k = _key(d)
+            a = np.float64(abs(d))
+            before += a
+            if (lo <= k) & (k < hi) and (not has_mask or mask[i]):
+                after += a
+        sums[0] += before
+        sums[1] += after
+
+
+def abs_sums(base: np.ndarray, x: np.ndarray, mode: int, lo: int, hi: int, mask: np.ndarray | None) -> tuple[float, float]:
+    """L1 norms of a delta chunk before and after sparsification (keys in ``[lo, hi)`` and,
+    where given, ``mask``): one pass, float64, the same sums for the same chunk every time."""
+    sums = np.zeros(2, dtype=np.float64)
+    _abs_sums(base, x, mode_tag(mode), lo, hi, np.zeros(0, dtype=np.bool_) if mask is None else mask, sums)
+    return float(sums[0]), float(sums[1])
+

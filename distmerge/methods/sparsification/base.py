@@ -1,0 +1,186 @@
+"""The sparsifier interface: which delta elements survive, and the rounds that decides it.
+
+A :class:`Sparsifier` is one kind of sparsification (magnitude trimming, breadcrumbs, DARE's
+random drop, DELLA's rank-dependent sampling). It owns everything that differs between the
+kinds: its parameters (``density`` and what else the kind needs), the reduction rounds a tensor
+needs first, each round's partials and reduce, the keep rule in both forms the merge uses
+(a torch mask for the reference formulation, :class:`KernelTerms` for the fused kernel) and
+what ``rescale_mode: inverse_density`` divides by. The L1 rescale round is shared here: every
+kind measures its delta's L1 norm before and after its own keep rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from distmerge.methods import kernels, reductions
+from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, unit_interval
+from distmerge.methods.sparsification.rounds import (
+    ChunkPartials,
+    L1Partial,
+    Round,
+    TaskVectorReductions,
+)
+
+RESCALE_EPS = 1e-7  # mergekit: no rescale when either L1 norm is below this
+_density_check, _density_allowed = unit_interval()
+
+# What ``rescale_mode: inverse_density`` divides the kept delta by: the density, or DELLA's
+# per-element keep probabilities.
+Divisor = float | torch.Tensor
+
+
+class Rescale(Enum):
+    """How kept deltas are scaled back up (``rescale`` and ``rescale_mode`` together)."""
+
+    NONE = "none"
+    L1 = "l1"  # by ||delta||_1 / ||kept||_1 over the whole tensor (a reduction round)
+    INVERSE_DENSITY = "inverse_density"  # by 1 / density, or 1 / p per element (DELLA)
+
+    @classmethod
+    def of(cls, global_: Params) -> Rescale:
+        if not global_.get("rescale", False):
+            return cls.NONE
+        return cls(global_["rescale_mode"])
+
+
+RESCALE_MODES = (Rescale.L1.value, Rescale.INVERSE_DENSITY.value)  # the values of rescale_mode
+
+
+@dataclass
+class KernelTerms:
+    """One expert's keep rule and rescale for :func:`kernels.task_vectors` (default: keep all)."""
+
+    low: int = kernels.NO_LOW
+    high: int = kernels.NO_HIGH
+    mask: np.ndarray | None = None
+    rescale_kind: int = kernels.RESCALE_NONE
+    factor: float = 1.0
+    probs: np.ndarray | None = None
+
+
+def stream_model(ctx: ShardContext, e: int) -> int:
+    """The model index that keys expert ``e``'s random stream."""
+    return ctx.expert_ids[e] if ctx.expert_ids else e
+
+
+def l1_ratio(before: float, after: float) -> float:
+    """mergekit's L1 rescale factor; 1 (no rescale) when either norm is below 1e-7."""
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return 1.0
+    return before / after
+
+
+def numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Sparsifier:
+    """Base of the sparsification kinds; one stateless instance per kind."""
+
+    name: ClassVar[str]
+
+    def model_parameters(self) -> dict[str, ParamSpec]:
+        """Per-model parameters this kind reads (after ``weight``), in the order users see them."""
+        return {"density": ParamSpec(1.0, float, _density_check, _density_allowed)}
+
+    def active(self, p: Params) -> bool:
+        """Whether this expert's delta is sparsified at all (density 1 keeps everything)."""
+        return p["density"] < 1.0
+
+    def rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> list[Round]:
+        """The reduction rounds this tensor needs, in order (see ``MergeMethod.reduction_rounds``)."""
+        if not any(self.active(p) for p in params.experts):
+            return []
+        return self.kind_rounds(Rescale.of(params.global_) is Rescale.L1, shape)
+
+    def kind_rounds(self, l1: bool, shape: tuple[int, ...] | None) -> list[Round]:
+        """This kind's rounds when some expert is sparsified; ``l1``: the L1 rescale is on."""
+        return [Round.L1] if l1 else []
+
+    def validate(self, params: TensorParams, where: str) -> None:
+        """Cross-parameter checks of this kind (raise ConfigError)."""
+
+    # ---- reduction rounds -----------------------------------------------------------------
+
+    def partials(
+        self, round_: Round, base: torch.Tensor, experts: Sequence[torch.Tensor], params: TensorParams,
+        ctx: ShardContext, previous: TaskVectorReductions | None,
+    ) -> ChunkPartials[Any]:
+        """One chunk's partials of ``round_``: one entry per sparsified expert that needs one."""
+        out: ChunkPartials[Any] = ChunkPartials()
+        for e, (x, p) in enumerate(zip(experts, params.experts, strict=True)):
+            if self.active(p):
+                part = self.partial(round_, e, base, x, p, ctx, previous)
+                if part is not None:
+                    out.experts[e] = part
+        return out
+
+    def partial(
+        self, round_: Round, e: int, base: torch.Tensor, x: torch.Tensor, p: Params, ctx: ShardContext,
+        previous: TaskVectorReductions | None,
+    ) -> Any:
+        """Expert ``e``'s partial of ``round_`` on one chunk (None: nothing to ship)."""
+        assert round_ is Round.L1, round_
+        return self.l1_partial(e, base, x, p, ctx, previous)
+
+    def reduce(
+        self, round_: Round, partials: Sequence[ChunkPartials[Any]], params: TensorParams,
+        shape: tuple[int, ...], previous: TaskVectorReductions | None,
+    ) -> TaskVectorReductions:
+        """The reduced values after ``round_``: ``previous`` carried forward, this round's added."""
+        out = replace(previous) if previous is not None else TaskVectorReductions()
+        self.reduce_into(out, round_, partials, params, shape)
+        return out
+
+    def reduce_into(
+        self, out: TaskVectorReductions, round_: Round, partials: Sequence[ChunkPartials[Any]],
+        params: TensorParams, shape: tuple[int, ...],
+    ) -> None:
+        """Add ``round_``'s reduced values (chunk partials in chunk order) to ``out``."""
+        assert round_ is Round.L1, round_
+        self.reduce_l1(out, partials, params)
+
+    def l1_partial(
+        self, e: int, base: torch.Tensor, x: torch.Tensor, p: Params, ctx: ShardContext,
+        reduced: TaskVectorReductions | None,
+    ) -> L1Partial:
+        """float64 L1 norms of expert ``e``'s delta rows before and after the keep rule."""
+        terms, _ = self.kernel_keep(e, x, base, p, ctx, reduced)
+        return L1Partial(*kernels.abs_sums(*kernels.delta_arrays(base, x), terms.low, terms.high, terms.mask))
+
+    def reduce_l1(self, out: TaskVectorReductions, partials: Sequence[ChunkPartials[Any]],
+                  params: TensorParams) -> None:
+        """Each sparsified expert's L1 rescale factor from the chunks' norms, summed in chunk order."""
+        out.ratios = {}
+        for e, p in enumerate(params.experts):
+            if self.active(p):
+                before = reductions.ordered_sum([c.experts[e].before for c in partials])
+                after = reductions.ordered_sum([c.experts[e].after for c in partials])
+                out.ratios[e] = l1_ratio(before, after)
+
+    # ---- the keep rule --------------------------------------------------------------------
+
+    def keep(
+        self, e: int, delta: torch.Tensor, p: Params, ctx: ShardContext, reduced: TaskVectorReductions | None,
+    ) -> tuple[torch.Tensor, Divisor]:
+        """Keep-mask of expert ``e``'s delta rows (the torch formulation) and what
+        ``inverse_density`` divides by."""
+        raise NotImplementedError
+
+    def kernel_keep(
+        self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, ctx: ShardContext,
+        reduced: TaskVectorReductions | None,
+    ) -> tuple[KernelTerms, Divisor]:
+        """The same keep rule as the fused kernel takes it (key thresholds or an explicit mask;
+        no rescale yet), and what ``inverse_density`` divides by."""
+        raise NotImplementedError

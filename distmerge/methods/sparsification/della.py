@@ -1,0 +1,147 @@
+"""DELLA's rank-dependent sampling: keep probability grows with the magnitude rank in a row.
+
+As mergekit's ``della_magprune``: ranks run along dim 1 (for a matrix: within each row), so for
+tensors of two or more dimensions the keep rule is shard-local and needs no reduction round
+unless the L1 rescale does. A 1-D tensor is one row: its ``DELLA`` round ships each chunk's
+deltas and uniform draws, and the reduce ranks the whole vector once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from distmerge.errors import ConfigError
+from distmerge.methods import reductions
+from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams
+from distmerge.methods.random_stream import uniform_tensor, uniforms
+from distmerge.methods.sparsification.base import (
+    Divisor,
+    KernelTerms,
+    Rescale,
+    Sparsifier,
+    l1_ratio,
+    stream_model,
+)
+from distmerge.methods.sparsification.rounds import (
+    ChunkPartials,
+    Round,
+    TaskVectorReductions,
+    VectorPartial,
+)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA keep probabilities from magnitude ranks along dim 1 (mergekit's ``della_magprune``).
+
+    As mergekit: tensors with fewer than 2 dims are one row; ranks are 1-based ascending
+    magnitudes along dim 1 (for a matrix: within each row), normalised to [0, 1] and mapped
+    linearly onto ``[density - epsilon, density + epsilon]``, in float32. Ties in magnitude
+    are ranked by position (a stable sort) where mergekit's argsort is arbitrary; a
+    dimension of length 1 gets the middle probability ``density`` (mergekit divides 0 by 0).
+    """
+    shape = delta.shape
+    x = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    mags = x.abs().to(torch.float32)
+    n = x.shape[1]
+    if n < 2:
+        rank_norm = torch.full(mags.shape, 0.5, dtype=torch.float32)
+    else:
+        order = torch.argsort(mags, dim=1, stable=True)
+        steps = torch.arange(n, dtype=torch.float32).reshape((1, n) + (1,) * (x.dim() - 2)).expand(order.shape)
+        ranks = torch.empty(mags.shape, dtype=torch.float32).scatter_(1, order, steps.contiguous())
+        # ranks are 0..n-1 here, i.e. mergekit's (rank - min_rank); / (max_rank - min_rank)
+        rank_norm = (ranks / float(n - 1)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    return probs.reshape(shape)
+
+
+def della_mask(probs: torch.Tensor, seed: int, tensor: str, model: int, start: int) -> torch.Tensor:
+    """Keep iff the element's uniform draw is below its keep probability."""
+    u = uniform_tensor(seed, tensor, model, start, tuple(probs.shape))
+    return u < probs.to(torch.float64)
+
+
+def della_mask_draws(ctx: ShardContext, e: int, count: int) -> torch.Tensor:
+    """The uniform draws of a 1-D DELLA chunk (shipped to the reduce, which ranks the vector)."""
+    return torch.from_numpy(uniforms(ctx.seed, ctx.tensor, stream_model(ctx, e), ctx.element_start, count))
+
+
+class DellaSampling(Sparsifier):
+    """DELLA (``della``, ``della_linear``): keep probability ``density +- epsilon`` by rank."""
+
+    name = "della"
+
+    def model_parameters(self) -> dict[str, ParamSpec]:
+        return super().model_parameters() | {"epsilon": ParamSpec(0.15, float, lambda v: v >= 0.0, "epsilon >= 0")}
+
+    def kind_rounds(self, l1: bool, shape: tuple[int, ...] | None) -> list[Round]:
+        # shard-local for >= 2-D tensors unless the L1 rescale needs whole-tensor sums
+        return [] if (shape is not None and len(shape) >= 2 and not l1) else [Round.DELLA]
+
+    def validate(self, params: TensorParams, where: str) -> None:
+        for i, p in enumerate(params.experts):
+            d, eps = p["density"], p["epsilon"]
+            if d < 1.0 and not (d - eps > 0.0 and d + eps < 1.0):
+                raise ConfigError(
+                    f"{where}: model {i + 1} besides the base: density {d} and epsilon {eps} give keep "
+                    f"probabilities in [{d - eps:g}, {d + eps:g}]; density - epsilon and density + epsilon "
+                    "must both lie strictly between 0 and 1 (lower epsilon)"
+                )
+
+    # ---- the DELLA round: the whole vector (1-D), or the L1 norms ----------------------------
+
+    def partial(
+        self, round_: Round, e: int, base: torch.Tensor, x: torch.Tensor, p: Params, ctx: ShardContext,
+        previous: TaskVectorReductions | None,
+    ) -> Any:
+        assert round_ is Round.DELLA, round_
+        if len(ctx.shape) >= 2:
+            return self.l1_partial(e, base, x, p, ctx, previous)
+        # 1-D: the only "row" is the whole vector; ship the chunk's deltas and draws
+        delta = x - base
+        return VectorPartial(delta.reshape(-1).clone(), della_mask_draws(ctx, e, delta.numel()))
+
+    def reduce_into(
+        self, out: TaskVectorReductions, round_: Round, partials: Sequence[ChunkPartials[Any]],
+        params: TensorParams, shape: tuple[int, ...],
+    ) -> None:
+        assert round_ is Round.DELLA, round_
+        if len(shape) >= 2:
+            self.reduce_l1(out, partials, params)
+            return
+        probs: dict[int, torch.Tensor] = {}
+        ratios: dict[int, float] = {}
+        for e, p in enumerate(params.experts):
+            if not self.active(p):
+                continue
+            delta = torch.cat([c.experts[e].delta for c in partials])
+            u = torch.cat([c.experts[e].draws for c in partials])
+            probs[e] = della_probabilities(delta, p["density"], p["epsilon"])
+            kept = delta * (u < probs[e].to(torch.float64))
+            ratios[e] = l1_ratio(reductions.sum_abs(delta), reductions.sum_abs(kept))
+        out.probs = probs
+        if Rescale.of(params.global_) is Rescale.L1:
+            out.ratios = ratios
+
+    # ---- the keep rule --------------------------------------------------------------------
+
+    def keep(
+        self, e: int, delta: torch.Tensor, p: Params, ctx: ShardContext, reduced: TaskVectorReductions | None,
+    ) -> tuple[torch.Tensor, Divisor]:
+        if len(ctx.shape) < 2:
+            assert reduced is not None and e in reduced.probs, "1-D DELLA needs its reduction round"
+            lo = ctx.element_start
+            probs = reduced.probs[e][lo:lo + delta.numel()].reshape(delta.shape)
+        else:
+            probs = della_probabilities(delta, p["density"], p["epsilon"])
+        return della_mask(probs, ctx.seed, ctx.tensor, stream_model(ctx, e), ctx.element_start), probs
+
+    def kernel_keep(
+        self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, ctx: ShardContext,
+        reduced: TaskVectorReductions | None,
+    ) -> tuple[KernelTerms, Divisor]:
+        mask, divide_by = self.keep(e, x - base, p, ctx, reduced)
+        return KernelTerms(mask=mask.reshape(-1).numpy()), divide_by

@@ -1,0 +1,92 @@
+"""The task-vector family's reduction rounds, typed: round kinds, per-chunk partials, results.
+
+A round reads the tensor once in canonical chunks. Each chunk's partials hold one entry per
+sparsified expert (exact integer histograms, float64 sums, or the chunk's raw deltas and
+draws); :class:`TaskVectorReductions` is what the reduce of every round so far produced, and
+what ``merge`` finally gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Generic, TypeVar
+
+import torch
+
+from distmerge.methods.base import Partials, Reductions
+from distmerge.methods.selection import Speculation
+
+
+class Round(Enum):
+    """What one reduction round computes."""
+
+    SELECT_HIGH = "select_high"  # radix selection round 0: high 16 bits of the keys (+ speculative low bits)
+    SELECT_LOW = "select_low"  # radix selection round 1: low 16 bits inside the located bucket
+    L1 = "l1"  # float64 L1 norms of each delta before and after sparsification
+    DELLA = "della"  # 1-D tensors: keep probabilities ranked over the whole vector; else as L1
+
+
+class Bound(Enum):
+    """Which side of the kept magnitudes a threshold bounds (breadcrumbs uses both)."""
+
+    LOW = "low"  # keep keys >= the threshold
+    HIGH = "high"  # keep keys < the threshold
+
+
+@dataclass
+class HighPartial:
+    """Round 0 of one expert on one chunk: the high-bits histogram, and per bound the low bits
+    of the keys in the buckets where the chunk expects the threshold."""
+
+    histogram: torch.Tensor
+    speculated: dict[Bound, Speculation]
+
+
+@dataclass
+class LowPartial:
+    """Round 1 of one expert on one chunk, per bound: the distinct low 16 bits of the keys in
+    the located bucket, and how often each occurs."""
+
+    low: dict[Bound, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class L1Partial:
+    """float64 L1 norms of one expert's delta rows of one chunk, before and after sparsification."""
+
+    before: float
+    after: float
+
+
+@dataclass
+class VectorPartial:
+    """A 1-D DELLA chunk of one expert: its deltas and uniform draws (ranked in the reduce)."""
+
+    delta: torch.Tensor
+    draws: torch.Tensor
+
+
+P = TypeVar("P", HighPartial, LowPartial, L1Partial, VectorPartial)
+
+
+@dataclass
+class ChunkPartials(Partials, Generic[P]):
+    """One chunk's partials of one round: expert index -> that expert's partial (sparsified
+    experts only)."""
+
+    experts: dict[int, P] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class TaskVectorReductions(Reductions):
+    """One tensor's reduced values after the rounds so far, keyed by expert index."""
+
+    # bound -> (bucket of the high 16 bits, rank left inside it), after round 0 of a selection
+    buckets: dict[int, dict[Bound, tuple[int, int]]] = field(default_factory=dict)
+    # bound -> exact selection key of the threshold (float32 bit pattern of the magnitude)
+    thresholds: dict[int, dict[Bound, int]] = field(default_factory=dict)
+    # mergekit's L1 rescale factor (1.0: no rescale)
+    ratios: dict[int, float] = field(default_factory=dict)
+    # 1-D DELLA: keep probabilities of the whole vector
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)
