@@ -22,6 +22,20 @@ from distmerge.model_config import check_config_against_tensors
 
 log = logging.getLogger(__name__)
 
+# Every file a Hugging Face tokenizer may consist of: all are copied into the output.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.txt", "spiece.model",
+)
+# The subset that makes a tokenizer loadable on its own (special_tokens_map.json, merges.txt or
+# a chat template alone do not): whether a folder "has a tokenizer" is decided by these, both
+# when AIM calibration loads the base model's tokenizer and when the merge warns that the output
+# has none. (AIM once kept a shorter list of its own; it lacked vocab.txt, so a WordPiece-only
+# tokenizer folder was refused although AutoTokenizer loads it.)
+TOKENIZER_CORE_FILES = tuple(n for n in TOKENIZER_FILES if n.startswith(("tokenizer", "vocab", "spiece")))
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
+
 # Far above real checkpoints (an index is MBs), far below what would exhaust memory while parsing.
 MAX_CONFIG_JSON_BYTES = 4 * 1000**2
 MAX_INDEX_BYTES = 64 * 1000**2

@@ -8,21 +8,18 @@ work units sized by a memory budget. The same config gives the same plan, byte f
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from distmerge.checkpoint import Checkpoint
-from distmerge.config import IGNORED_PARAMETERS, MergeConfig, layer_position, resolve_value
-from distmerge.dtypes import FLOAT_CODES, ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_NAME
+from distmerge.config import MergeConfig, layer_position
+from distmerge.dtypes import FLOAT_CODES, ITEMSIZE
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, TensorParams
+from distmerge.parameters import check_parameter_names, resolve_parameters
 from distmerge.sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -166,79 +163,6 @@ def _same_path(a: str, b: str) -> bool:
         return a == b
 
 
-def _resolve_params(config: MergeConfig, method: MergeMethod, expert_entries: list[tuple[int, Any]],
-                    tensor: str, t: float) -> TensorParams:
-    global_values: dict[str, Any] = {}
-    for key, spec in method.global_parameters.items():
-        where = f"parameters.{key}"
-        value = resolve_value(config.parameters.get(key), tensor, t, where) if key in config.parameters else None
-        if value is None and spec.default is None:
-            raise ConfigError(f"{where}: required, and no value applies to tensor {tensor} (no filter matches it "
-                              "and there is no entry without a filter)" if key in config.parameters
-                              else f"{where}: required by {method.name}; add parameters: {{{key}: ...}}")
-        global_values[key] = spec.validate(spec.default if value is None else value, f"{where} (tensor {tensor})")
-    experts = []
-    for index, entry in expert_entries:
-        values = {}
-        for key, spec in method.model_parameters.items():
-            value = None
-            where = f"models[{index}].parameters.{key}"
-            if key in entry.parameters:
-                value = resolve_value(entry.parameters[key], tensor, t, where)
-            if value is None and key in config.parameters:
-                where = f"parameters.{key}"
-                value = resolve_value(config.parameters[key], tensor, t, where)
-            if value is None:
-                if spec.default is None:
-                    raise ConfigError(
-                        f"models[{index}] ({entry.model}): parameter {key!r} is required "
-                        f"and has no value for tensor {tensor}"
-                    )
-                value = spec.default
-            values[key] = spec.validate(value, f"{where} of {entry.model} (tensor {tensor})")
-        experts.append(values)
-    params = TensorParams(global_values, tuple(experts))
-    method.validate(params, f"tensor {tensor}")
-    _check_representable(params, config.compute_dtype, expert_entries, tensor)
-    return params
-
-
-@functools.lru_cache(maxsize=4096)
-def _finite_in(value: float, dtype: str) -> bool:
-    return bool(torch.isfinite(torch.tensor(value, dtype=SAFETENSORS_TO_TORCH[dtype])))
-
-
-def _check_representable(params: TensorParams, compute: str, expert_entries: list[tuple[int, Any]],
-                         tensor: str) -> None:
-    """Refuse a parameter the compute dtype rounds to infinity (a weight of 1e5 in float16)
-    at plan time, instead of a merge of infinities discovered after the whole run."""
-    places = [("parameters", params.global_)]
-    places += [(f"models[{index}].parameters", values)
-               for (index, _), values in zip(expert_entries, params.experts, strict=True)]
-    for where, values in places:
-        for key, value in values.items():
-            if isinstance(value, float) and not _finite_in(value, compute):
-                raise ConfigError(f"{where}.{key} (tensor {tensor}): {value!r} overflows the compute dtype "
-                                  f"{TORCH_NAME.get(compute, compute)}; use a smaller value or dtype: float32")
-
-
-def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
-    model_keys = set(method.model_parameters)
-    global_keys = set(method.global_parameters) | model_keys | IGNORED_PARAMETERS
-    for key in config.parameters:
-        if key not in global_keys:
-            raise ConfigError(
-                f"parameters.{key}: not a parameter of {method.name}; allowed: {', '.join(sorted(global_keys - IGNORED_PARAMETERS))}"
-            )
-    for i, entry in enumerate(config.models):
-        for key in entry.parameters:
-            if key not in model_keys:
-                raise ConfigError(
-                    f"models[{i}].parameters.{key} ({entry.model}): not a per-model parameter of {method.name}; "
-                    f"allowed: {', '.join(sorted(model_keys)) or '(none)'}"
-                )
-
-
 def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
     """Cut a tensor into row ranges whose working memory fits the shard budget (>= 1 row)."""
     out_row = t.row_nbytes(t.out_dtype)
@@ -290,7 +214,7 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
     relaxes towards them).
     """
     method = get_method(config.merge_method)
-    _check_parameter_names(config, method)
+    check_parameter_names(config, method)
     shard_size = shard_size or config.execution.shard_size
     if method.uses_base and not config.base_model:
         raise ConfigError(f"base_model: {method.name} needs a base model; add base_model: PATH")
@@ -346,7 +270,7 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
             # Integer and bool buffers are copied unchanged from the template model.
             tensors.append(TensorPlan(name, info.shape, out_dtype, None, (info,), None, file_index, offset))
             continue
-        params = _resolve_params(config, method, expert_entries, name, layer_position(name, num_layers))
+        params = resolve_parameters(config, method, expert_entries, name, layer_position(name, num_layers))
         tensors.append(TensorPlan(
             name, info.shape, out_dtype, info if (method.uses_base or needs_base) else None, sources, params, file_index, offset,
             reduction_rounds=method.reduction_rounds(params, info.shape),

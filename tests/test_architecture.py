@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "distmerge.aim": 2,
     # 3. the merge plan
     "distmerge.plan": 3,
+    "distmerge.parameters": 3,
     # 4. the output directory's life
     "distmerge.output": 4,
     # 5. execution: scheduling, Ray, AIM's lifecycle and its Ray pipeline

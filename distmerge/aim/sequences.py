@@ -20,10 +20,10 @@ import pyarrow as pa
 import torch
 
 from distmerge.aim.data import read_dataset
+from distmerge.checkpoint import SIDE_FILES, TOKENIZER_CORE_FILES
 from distmerge.config import CalibrationConfig
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.files import check_inside, require_regular
-from distmerge.output.side_files import SIDE_FILES, TOKENIZER_CORE_FILES
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
             "calibration tokenizes its data with the base model's tokenizer: save it into that folder, "
             "or give pre-tokenized data with an input_ids column"
         )
-    for name in SIDE_FILES:  # transformers would follow a link anywhere and sequence on a FIFO
+    for name in SIDE_FILES:  # transformers would follow a link anywhere and block on a FIFO
         if os.path.lexists(folder / name):
             require_regular(check_inside(folder / name, folder, "tokenizer file", CheckpointError),
                             f"tokenizer file {name}", CheckpointError)

@@ -13,6 +13,9 @@ are this class with three switches, as in mergekit's generalized task arithmetic
 Whole-tensor quantities (thresholds, L1 ratios, 1-D DELLA probabilities) come from the
 sparsifier's reduction rounds (:mod:`distmerge.methods.sparsification`). Each elementwise step
 is a separately rounded torch op, so merge() gives the same bits for any row block.
+
+Longer than 300 lines because the fused-kernel merge and the torch reference it must equal bit
+for bit (``merge_reference``) are kept side by side, to be read against each other.
 """
 
 from __future__ import annotations

@@ -16,13 +16,14 @@ import shutil
 from pathlib import Path
 
 from distmerge.aim.stats_file import SAVED_NAME
+from distmerge.checkpoint import SIDE_FILES
 from distmerge.errors import OutputError
 from distmerge.io.safetensors import INDEX_NAME
 from distmerge.output.journal import JOURNAL_NAME, JournalState
 from distmerge.output.lock import LOCK_NAME
 from distmerge.output.manifest import MANIFEST_NAME
 from distmerge.output.report import MODEL_CARD_NAME, REPORT_NAME
-from distmerge.output.side_files import CONFIG_COPY_NAME, SIDE_FILES
+from distmerge.output.side_files import CONFIG_COPY_NAME
 
 log = logging.getLogger(__name__)
 

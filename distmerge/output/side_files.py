@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from distmerge.checkpoint import SIDE_FILES, TOKENIZER_CORE_FILES
 from distmerge.errors import OutputError
 from distmerge.io.files import is_within, model_roots, read_limited
 from distmerge.io.writes import write_bytes_atomic, write_text_atomic
@@ -21,19 +22,6 @@ from distmerge.io.writes import write_bytes_atomic, write_text_atomic
 log = logging.getLogger(__name__)
 
 CONFIG_COPY_NAME = "distmerge_config.yml"  # the resolved merge config, kept beside the output
-# Every file a Hugging Face tokenizer may consist of: all are copied into the output.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "vocab.txt", "spiece.model",
-)
-# The subset that makes a tokenizer loadable on its own (special_tokens_map.json, merges.txt or
-# a chat template alone do not): whether a folder "has a tokenizer" is decided by these, both
-# when AIM calibration loads the base model's tokenizer and when the merge warns that the output
-# has none. (AIM once kept a shorter list of its own; it lacked vocab.txt, so a WordPiece-only
-# tokenizer folder was refused although AutoTokenizer loads it.)
-TOKENIZER_CORE_FILES = tuple(n for n in TOKENIZER_FILES if n.startswith(("tokenizer", "vocab", "spiece")))
-SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 MAX_SIDE_FILE_BYTES = 1 << 30
 
 
