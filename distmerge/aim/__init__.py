@@ -19,7 +19,7 @@ _HOMES = {
     "AimFeature": ("distmerge.aim.feature", "AimFeature"),
     "ChannelRelaxation": ("distmerge.aim.relax", "ChannelRelaxation"),
     "apply_relaxation": ("distmerge.aim.relax", "apply_relaxation"),
-    "calibrate": ("distmerge.aim.calibrate", "calibrate"),
+    "calibrate": ("distmerge.aim.calibration", "calibrate"),
     "compute_statistics": ("distmerge.aim.pipeline", "compute_statistics"),
     "load_calibration_sequences": ("distmerge.aim.sequences", "load_calibration_sequences"),
     "load_statistics": ("distmerge.aim.stats_file", "load_statistics"),

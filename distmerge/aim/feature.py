@@ -93,7 +93,7 @@ class AimFeature:
 
     def calibrate(self, out_path: Path | None, progress: bool) -> None:
         """Calibrate the base model now (on the connected Ray), saving to ``out_path`` if given."""
-        from distmerge.aim.calibrate import calibrate
+        from distmerge.aim.calibration import calibrate
 
         self.statistics, self.metadata = calibrate(self.base_model, self.aim, out_path, progress=progress)
 
