@@ -81,7 +81,7 @@ def _edit_config(out: Path, **changes: object) -> None:
 def _reseal(out: Path) -> None:
     """Give a deliberately edited output a manifest (and index hash) that matches its bytes
     again, as a merge that produced them would have: these tests isolate the architecture
-    checks; the checksums themselves are tests/test_output_integrity.py's."""
+    checks; the checksums themselves are tests/output/test_output_integrity.py's."""
     index = json.loads((out / INDEX).read_text())
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     files = {}

@@ -532,7 +532,7 @@ def test_header_shape_arithmetic_is_bounded(tmp_path: Path) -> None:
               "except CheckpointError as e:\n    print('refused:', str(e)[:200])\n")
     try:
         proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
-                              text=True, timeout=20, cwd=Path(__file__).resolve().parents[1])
+                              text=True, timeout=20, cwd=Path(__file__).resolve().parents[2])
     except subprocess.TimeoutExpired:
         pytest.fail("hang: parse_safetensors_header of a 3 MB header (a shape of 150 000 dims) "
                     "ran for over 20 s")

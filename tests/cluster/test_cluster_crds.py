@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_cluster_manifests import (
+from tests.cluster.test_cluster_manifests import (
     CLUSTER,
     RAY_STEMS,
     _config_text,

@@ -22,8 +22,7 @@ from distmerge.aim.wire import pack
 from distmerge.checkpoint import Checkpoint
 from distmerge.config import AimConfig, CalibrationConfig
 from distmerge.errors import ConfigError
-
-from .conftest import AIM_ARCHS
+from tests.conftest import AIM_ARCHS
 
 RTOL = 1e-5
 SPLITS = {1: [(0, 3)], 2: [(0, 2), (2, 3)], 3: [(0, 1), (1, 2), (2, 3)]}

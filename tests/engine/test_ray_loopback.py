@@ -25,7 +25,7 @@ import pytest
 
 from distmerge.engine import cluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Runs in the subprocess: start the embedded Ray the way the CLI does, make sure a worker
 # exists (workers listen too), report what Ray says it opened, then wait for stdin to close.

@@ -15,7 +15,7 @@ import torch
 
 from distmerge.methods import get_method, kernels, selection
 from distmerge.methods.linear import Linear
-from tests.test_methods_catalogue import ctx, params_for, reductions
+from tests.methods.test_methods_catalogue import ctx, params_for, reductions
 
 COMPUTE = [torch.float32, torch.bfloat16, torch.float64]
 CASES = [
