@@ -1,12 +1,14 @@
 """SHA-256 of every merged model file, for every method, to prove a refactor changed no byte.
 
     .venv/bin/python -m benchmarks.output_hashes --out /tmp/hashes-new.json
-    diff <(old-venv/bin/python -m benchmarks.output_hashes --out -) /tmp/hashes-new.json
+    old/.venv/bin/python -m benchmarks.output_hashes --out /tmp/hashes-old.json   # old checkout
+    diff /tmp/hashes-old.json /tmp/hashes-new.json
 
-Merges the synthetic bf16 family (benchmarks.synthetic) with every method in float32 and
-bfloat16 compute, the dare/della methods with two seeds, a small shard size (many units per
-tensor) and a gradient, plus AIM (activation and uniform relaxation) on a tiny Llama family
-calibrated on the builtin set. Only the public ``run_merge`` is used, so the script runs
+Merges the synthetic bf16 family (benchmarks.synthetic) with every method in float32 compute,
+the kernel methods in bfloat16 compute too, the dare/della methods with a second seed, a small
+shard size (many units per tensor) and gradients, plus TIES with AIM (activation and uniform
+relaxation) on a tiny Llama family calibrated on the builtin set in two stages. Each result is
+written as it comes, so an interrupted run continues where it stopped. Only the public ``run_merge`` is used, so the script runs
 unchanged against any version of the package.
 """
 
@@ -71,43 +73,53 @@ def tiny_family(root: Path) -> tuple[Path, list[Path]]:
     return Path(base), [Path(p) for p in experts]
 
 
+def cases() -> list[tuple[str, str, int]]:
+    """(method, compute dtype, seed): every method in float32, the kernels' bfloat16 path for the
+    methods that have one, and a second seed for the randomized methods."""
+    out = [(m, "float32", 0) for m in METHODS]
+    out += [(m, "bfloat16", 0) for m in ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della")]
+    out += [(m, "float32", 7) for m in ("dare_linear", "dare_ties", "della", "della_linear")]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="-")
-    parser.add_argument("--model-mb", type=int, default=8)
+    parser.add_argument("--out", required=True, help="JSON file; keys already in it are not merged again")
+    parser.add_argument("--model-mb", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    results: dict[str, dict[str, str]] = {}
+    path = Path(args.out)
+    results: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(key: str, out: Path) -> None:
+        results[key] = digest(out)
+        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print(key, file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, experts = write_family(root / "synthetic", args.model_mb * 10**6, n_experts=2, dtype=torch.bfloat16)
-        for method in METHODS:
-            for dtype in ("float32", "bfloat16"):
-                for seed in ((0, 7) if method.startswith(("dare", "della")) else (0,)):
-                    key = f"{method}/{dtype}/seed{seed}"
-                    out = root / "out" / key.replace("/", "-")
-                    run_merge(parse_config(config_for(method, base, experts, dtype, seed)), out, shard_size=10**6,
-                              workers=args.workers, progress=False)
-                    results[key] = digest(out)
-                    print(key, file=sys.stderr, flush=True)
+        for method, dtype, seed in cases():
+            key = f"{method}/{dtype}/seed{seed}"
+            if key in results:
+                continue
+            out = root / "out" / key.replace("/", "-")
+            run_merge(parse_config(config_for(method, base, experts, dtype, seed)), out, shard_size=10**6,
+                      workers=args.workers, progress=False)
+            record(key, out)
         tbase, texperts = tiny_family(root / "tiny")
         for relaxation in ("activation", "uniform"):
-            for method in ("task_arithmetic", "ties"):
-                cfg = config_for(method, tbase, texperts, "float32", 0)
-                cfg["out_dtype"] = None
-                cfg["aim"] = {"omega": 0.4, "relaxation": relaxation,
-                              "calibration": {"dataset": "builtin", "n_samples": 16, "block_size": 32}}
-                key = f"aim-{relaxation}/{method}"
-                out = root / "out" / key.replace("/", "-")
-                run_merge(parse_config(cfg), out, shard_size=10**5, workers=args.workers, progress=False)
-                results[key] = digest(out)
-                print(key, file=sys.stderr)
-    text = json.dumps(results, indent=1, sort_keys=True)
-    if args.out == "-":
-        print(text)
-    else:
-        Path(args.out).write_text(text + "\n")
+            key = f"aim-{relaxation}/ties"
+            if key in results:
+                continue
+            cfg = config_for("ties", tbase, texperts, "float32", 0)
+            cfg["out_dtype"] = None
+            cfg["aim"] = {"omega": 0.4, "relaxation": relaxation, "stages": 2,
+                          "calibration": {"dataset": "builtin", "n_samples": 8, "block_size": 512}}
+            out = root / "out" / key.replace("/", "-")
+            run_merge(parse_config(cfg), out, shard_size=10**5, workers=args.workers, progress=False)
+            record(key, out)
 
 
 if __name__ == "__main__":
