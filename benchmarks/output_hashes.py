@@ -74,11 +74,11 @@ def tiny_family(root: Path) -> tuple[Path, list[Path]]:
 
 
 def cases() -> list[tuple[str, str, int]]:
-    """(method, compute dtype, seed): every method in float32, the kernels' bfloat16 path for the
-    methods that have one, and a second seed for the randomized methods."""
+    """(method, compute dtype, seed), most telling first: every method in float32, the kernels'
+    bfloat16 path, a second seed for the randomized methods."""
     out = [(m, "float32", 0) for m in METHODS]
-    out += [(m, "bfloat16", 0) for m in ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della")]
-    out += [(m, "float32", 7) for m in ("dare_linear", "dare_ties", "della", "della_linear")]
+    out += [(m, "bfloat16", 0) for m in ("ties", "linear", "dare_ties", "task_arithmetic", "breadcrumbs", "della")]
+    out += [(m, "float32", 7) for m in ("dare_ties", "della", "dare_linear", "della_linear")]
     return out
 
 
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file; keys already in it are not merged again")
     parser.add_argument("--model-mb", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--aim-first", action="store_true", help="merge the AIM cases before the others")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     path = Path(args.out)
@@ -97,29 +98,32 @@ def main() -> None:
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         print(key, file=sys.stderr, flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    def synthetic_cases(root: Path) -> None:
         base, experts = write_family(root / "synthetic", args.model_mb * 10**6, n_experts=2, dtype=torch.bfloat16)
         for method, dtype, seed in cases():
             key = f"{method}/{dtype}/seed{seed}"
-            if key in results:
-                continue
-            out = root / "out" / key.replace("/", "-")
-            run_merge(parse_config(config_for(method, base, experts, dtype, seed)), out, shard_size=10**6,
-                      workers=args.workers, progress=False)
-            record(key, out)
+            if key not in results:
+                out = root / "out" / key.replace("/", "-")
+                run_merge(parse_config(config_for(method, base, experts, dtype, seed)), out, shard_size=10**6,
+                          workers=args.workers, progress=False)
+                record(key, out)
+
+    def aim_cases(root: Path) -> None:
         tbase, texperts = tiny_family(root / "tiny")
         for relaxation in ("activation", "uniform"):
             key = f"aim-{relaxation}/ties"
-            if key in results:
-                continue
-            cfg = config_for("ties", tbase, texperts, "float32", 0)
-            cfg["out_dtype"] = None
-            cfg["aim"] = {"omega": 0.4, "relaxation": relaxation, "stages": 2,
-                          "calibration": {"dataset": "builtin", "n_samples": 8, "block_size": 512}}
-            out = root / "out" / key.replace("/", "-")
-            run_merge(parse_config(cfg), out, shard_size=10**5, workers=args.workers, progress=False)
-            record(key, out)
+            if key not in results:
+                cfg = config_for("ties", tbase, texperts, "float32", 0)
+                cfg["out_dtype"] = None
+                cfg["aim"] = {"omega": 0.4, "relaxation": relaxation, "stages": 2,
+                              "calibration": {"dataset": "builtin", "n_samples": 8, "block_size": 512}}
+                out = root / "out" / key.replace("/", "-")
+                run_merge(parse_config(cfg), out, shard_size=10**5, workers=args.workers, progress=False)
+                record(key, out)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in ([aim_cases, synthetic_cases] if args.aim_first else [synthetic_cases, aim_cases]):
+            part(Path(tmp))
 
 
 if __name__ == "__main__":
