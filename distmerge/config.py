@@ -1,32 +1,36 @@
 """The merge configuration: mergekit's YAML schema plus distmerge's ``aim:`` and ``execution:``.
 
-A mergekit user's file runs unchanged for the common case (``merge_method``, ``base_model``,
-``models``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``). Parameter values
-take mergekit's three forms, resolved per tensor by :func:`resolve_value`:
+A mergekit 0.1.5 file runs unchanged: ``merge_method``, ``base_model``, ``models`` or
+``slices`` (layer ranges of source models, see :mod:`distmerge.slices`), ``parameters``,
+``dtype``, ``out_dtype``, ``tokenizer_source`` or the ``tokenizer:`` block, ``chat_template``.
+Parameter values take mergekit's three forms, resolved per tensor by
+:func:`distmerge.parameters.resolve_value`:
 
 - a scalar;
-- a list of numbers, a gradient over decoder layers: layer ``i`` of ``L`` takes
-  ``t = i / (L - 1)`` (tensors outside the decoder layers take ``t = 0``) and the value is
-  interpolated linearly at ``t * (len - 1)``;
-- a list of ``{filter, value}`` entries: the first whose filter is a substring of the tensor
-  name wins, an entry without a filter is the fallback.
+- a list of numbers, a gradient over decoder layers: layer ``i`` of a slice of ``n`` layers
+  takes ``t = i / (n - 1)`` (``t = 1`` when ``n == 1``; tensors outside the decoder layers take
+  ``t = 0``) and the value is interpolated linearly at ``t * (len - 1)``;
+- a list of ``{filter, value}`` entries, tried in list order: the first that matches wins, and
+  an entry matches when it has no filter, when its filter is ``"*"`` or when its filter is a
+  substring of the tensor name (mergekit's rule: an unfiltered entry listed first wins for
+  every tensor).
+
+Longer than 300 lines because it is the whole schema in one place (mergekit's keys, the
+tokenizer block, ``aim:`` and ``execution:``) with the error formatting that names each key.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distmerge.dtypes import config_dtype
 from distmerge.errors import ConfigError, shown
 from distmerge.io.structured import check_bounded, read_yaml
 from distmerge.sizes import parse_size
 
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")
 # Parameters mergekit accepts that change nothing here (memory tricks of a single-process merge).
 IGNORED_PARAMETERS = {"int8_mask"}
 
@@ -42,6 +46,15 @@ def _plain_path(value: str | None) -> str | None:
     return value
 
 
+# Upper bounds on counts a config can ask for: generous for any real merge, and small enough
+# that a typo (or a hostile file) is refused at load time instead of costing hours or all memory.
+MAX_SEED = 2**63 - 1
+MAX_WORKERS = 100_000
+MAX_CALIBRATION_SAMPLES = 10_000_000
+MAX_BLOCK_SIZE = 1 << 20
+MAX_LIST_ENTRIES = 4096
+
+
 class ModelEntry(_Strict):
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -51,14 +64,76 @@ class ModelEntry(_Strict):
     def _model_path(cls, v: str) -> str:
         return _plain_path(v) or v
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v  # mergekit writes ``parameters:`` with nothing under it
 
-# Upper bounds on counts a config can ask for: generous for any real merge, and small enough
-# that a typo (or a hostile file) is refused at load time instead of costing hours or all memory.
-MAX_SEED = 2**63 - 1
-MAX_WORKERS = 100_000
-MAX_CALIBRATION_SAMPLES = 10_000_000
-MAX_BLOCK_SIZE = 1 << 20
-MAX_LIST_ENTRIES = 4096
+
+class SliceSource(ModelEntry):
+    """Layers ``[start, end)`` of one model, an input of an output slice."""
+
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"layer_range [{v[0]}, {v[1]}] is not [start, end) with 0 <= start <= end")
+        return v
+
+
+class OutputSlice(_Strict):
+    """A run of output layers: the same number of layers from each source, merged."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    residual_weight: float | None = None  # in mergekit's schema, unused by mergekit 0.1.5 too
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_path(cls, v: str | None) -> str | None:
+        return _plain_path(v)
+
+
+class ZeroEmbedding(_Strict):
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Strict):
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class TokenEmbedding(_Strict):
+    """Where one token's embedding row comes from (mergekit's ``tokenizer.tokens`` entries)."""
+
+    source: ZeroEmbedding | ModelTokenEmbedding | str | None = None
+    force: bool = False
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's ``tokenizer:`` block: the vocabulary's source, token overrides, padding."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=MAX_BLOCK_SIZE)
+
+
 
 
 class CalibrationConfig(_Strict):
@@ -120,13 +195,52 @@ class ExecutionConfig(_Strict):
 class MergeConfig(_Strict):
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
     aim: AimConfig | None = None
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @model_validator(mode="after")
+    def _inputs(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' (whole models) or 'slices' (layer ranges)")
+        if self.models is not None and not self.models:
+            raise ValueError("models: the list is empty; name at least one model")
+        if self.slices is not None and not self.slices:
+            raise ValueError("slices: the list is empty; give at least one slice")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or a tokenizer: block, not both")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        """Every model path the config names (base, models or slice sources), first mention first."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for entry in self.models or ():
+            seen.setdefault(entry.model, None)
+        for out_slice in self.slices or ():
+            if out_slice.base_model:
+                seen.setdefault(out_slice.base_model, None)
+            for source in out_slice.sources:
+                seen.setdefault(source.model, None)
+        return list(seen)
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from: ``tokenizer.source`` or ``tokenizer_source``."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -143,10 +257,7 @@ class MergeConfig(_Strict):
     @field_validator("tokenizer_source")
     @classmethod
     def _tokenizer_source(cls, v: str | None) -> str | None:
-        _plain_path(v)
-        if v == "union":
-            raise ValueError("'union' (a merged vocabulary) is not supported; use 'base' or a model path")
-        return v
+        return _plain_path(v)
 
     @property
     def compute_dtype(self) -> str:
@@ -173,23 +284,29 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         elif item["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {loc}: {msg}" + (f" (got {shown(item['input'])})" if item["type"] not in ("missing", "extra_forbidden") else ""))
+        if item["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        quiet = item["type"] in ("missing", "extra_forbidden") or not item["loc"]  # top level: not the whole file
+        lines.append(f"  {loc}: {msg}" + ("" if quiet else f" (got {shown(item['input'])})"))
     return "\n".join(lines)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``list[X] | None`` holds X, dict values too)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = MergeConfig
     for part in parent:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[str(part)].annotation
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        for cand in candidates:
-            if issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
+        if isinstance(part, int) or str(part) not in model.model_fields:
+            continue  # a list index, a dict key, or pydantic's name of a union member
+        candidates = _models_in(model.model_fields[str(part)].annotation)
+        if not candidates:
             return []
+        model = candidates[0]
     return sorted(model.model_fields)
 
 
@@ -198,6 +315,9 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys (merge_method, models, ...), got {type(data).__name__}")
     check_bounded(data, source, ConfigError)
+    if "modules" in data:
+        raise ConfigError(f"{source}: modules: (mergekit's per-module merges of multi-module models such as "
+                          "vision-language ones) is not supported yet; merge with models: or slices:")
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:
@@ -210,50 +330,3 @@ def load_config(path: str | Path) -> MergeConfig:
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     return parse_config(read_yaml(path, "the merge config", ConfigError), str(path))
-
-
-def layer_position(tensor: str, num_layers: int | None) -> float:
-    """mergekit's gradient position t in [0, 1]: i / (L - 1) in decoder layer i, else 0."""
-    match = LAYER_RE.search(tensor)
-    if not match or not num_layers or num_layers <= 1:
-        return 0.0
-    return min(int(match.group(1)), num_layers - 1) / (num_layers - 1)
-
-
-def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
-    """Resolve a parameter value (scalar, gradient or filter list) for one tensor."""
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError(f"{where}: empty list; give a number, a gradient or {{filter, value}} entries")
-        if len(value) > MAX_LIST_ENTRIES:
-            raise ConfigError(f"{where}: a list of {len(value)} entries; at most {MAX_LIST_ENTRIES} (a gradient or "
-                              "filter list that long is a mistake)")
-        if all(isinstance(v, dict) for v in value):
-            fallback = None
-            for entry in value:
-                unknown = set(entry) - {"filter", "value"}
-                if unknown or "value" not in entry:
-                    raise ConfigError(f"{where}: filter entries take keys 'filter' and 'value', got {sorted(entry)}")
-                flt = entry.get("filter")
-                if flt is not None and not isinstance(flt, str):
-                    raise ConfigError(f"{where}: filter {shown(flt, 40)} is a {type(flt).__name__} (a number or list); a filter is a "
-                                      "string matched against tensor names (quote it: filter: \"1\")")
-                if flt is None:
-                    if fallback is None:
-                        fallback = entry
-                elif str(flt) in tensor:
-                    return resolve_value(entry["value"], tensor, t, where)
-            if fallback is None:
-                return None
-            return resolve_value(fallback["value"], tensor, t, where)
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            if len(value) == 1:
-                return float(value[0])
-            x = t * (len(value) - 1)
-            i = min(int(math.floor(x)), len(value) - 2)
-            frac = x - i
-            return float(value[i]) * (1 - frac) + float(value[i + 1]) * frac
-        raise ConfigError(f"{where}: a list must be all numbers (a gradient) or all {{filter, value}} entries")
-    if isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a number, a gradient list or a list of {{filter, value}}, got a mapping")
-    return value

@@ -1,59 +1,87 @@
 """Each tensor's merge parameters, resolved from the config as mergekit resolves them.
 
-A parameter is looked up per tensor: the model's own entry, else the global ``parameters:``
-entry, else the method's default; a value may be a number, a gradient over the decoder layers or
-a list of filters (see :func:`distmerge.config.resolve_value`). Resolution happens at plan time
+A parameter is looked up per tensor, as mergekit 0.1.5 does: the model's own entry (its
+``models:`` or slice ``sources:`` item), else its slice's ``parameters``, else the global
+``parameters:``, else the method's default (a filter list with no matching entry passes the
+lookup on); a per-model value's filters match the model's own tensor name; a value may be a number, a gradient over the decoder layers or
+a list of filters (see :func:`resolve_value`). Resolution happens at plan time
 for every tensor, so a missing, mistyped or out-of-range value fails before any data is read.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from distmerge.config import IGNORED_PARAMETERS, MergeConfig, resolve_value
+from distmerge.config import IGNORED_PARAMETERS, MAX_LIST_ENTRIES, MergeConfig
 from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
-from distmerge.errors import ConfigError
+from distmerge.errors import ConfigError, shown
 from distmerge.methods.base import MergeMethod, TensorParams
 
+log = logging.getLogger(__name__)
 
-def resolve_parameters(config: MergeConfig, method: MergeMethod, expert_entries: list[tuple[int, Any]],
-                       tensor: str, t: float) -> TensorParams:
+
+Scope = tuple[str, Mapping[str, Any]]  # (where in the config, its parameters)
+
+
+@dataclass(frozen=True)
+class ExpertScope:
+    """One merged input of a tensor: where it is configured, its model, the parameter scopes that
+    apply to it from highest precedence down, and its own tensor's name (filters match it)."""
+
+    where: str
+    model: str
+    scopes: tuple[Scope, ...]
+    input_name: str
+
+
+def _resolve(key: str, scopes: tuple[Scope, ...], tensor: str, t: float) -> tuple[Any, str | None]:
+    """The first scope's value that applies (mergekit: a filter list with no match passes on)."""
+    for where, values in scopes:
+        if key in values:
+            value = resolve_value(values[key], tensor, t, f"{where}.{key}")
+            if value is not None:
+                return value, f"{where}.{key}"
+    return None, None
+
+
+def resolve_parameters(method: MergeMethod, shared: tuple[Scope, ...], experts: list[ExpertScope], tensor: str,
+                       t: float, compute_dtype: str) -> TensorParams:
     """Global and per-model parameters of ``tensor`` at layer position ``t``, validated."""
     global_values: dict[str, Any] = {}
     for key, spec in method.global_parameters.items():
-        where = f"parameters.{key}"
-        value = resolve_value(config.parameters.get(key), tensor, t, where) if key in config.parameters else None
+        value, where = _resolve(key, shared, tensor, t)
         if value is None and spec.default is None:
-            raise ConfigError(f"{where}: required, and no value applies to tensor {tensor} (no filter matches it "
-                              "and there is no entry without a filter)" if key in config.parameters
-                              else f"{where}: required by {method.name}; add parameters: {{{key}: ...}}")
-        global_values[key] = spec.validate(spec.default if value is None else value, f"{where} (tensor {tensor})")
-    experts = []
-    for index, entry in expert_entries:
+            raise ConfigError(f"parameters.{key}: required by {method.name}, and no value applies to tensor {tensor} "
+                              f"(add parameters: {{{key}: ...}}, or an entry without a filter)")
+        global_values[key] = spec.validate(spec.default if value is None else value,
+                                           f"{where or 'default'} (tensor {tensor})")
+    expert_values = []
+    for expert in experts:
         values = {}
         for key, spec in method.model_parameters.items():
-            value = None
-            where = f"models[{index}].parameters.{key}"
-            if key in entry.parameters:
-                value = resolve_value(entry.parameters[key], tensor, t, where)
-            if value is None and key in config.parameters:
-                where = f"parameters.{key}"
-                value = resolve_value(config.parameters[key], tensor, t, where)
+            value, where = _resolve(key, expert.scopes, expert.input_name, t)
             if value is None:
+                if spec.default is None and expert.where == "base_model":
+                    raise ConfigError(f"base_model ({expert.model}): {method.name} merges the base model as one more "
+                                      f"input (as mergekit 0.1.5 does), and it has no {key!r}; give one in the global "
+                                      f"parameters, list the base under models with its {key}, or drop base_model")
                 if spec.default is None:
-                    raise ConfigError(
-                        f"models[{index}] ({entry.model}): parameter {key!r} is required "
-                        f"and has no value for tensor {tensor}"
-                    )
+                    raise ConfigError(f"{expert.where} ({expert.model}): parameter {key!r} is required and has no "
+                                      f"value for tensor {expert.input_name}")
                 value = spec.default
-            values[key] = spec.validate(value, f"{where} of {entry.model} (tensor {tensor})")
-        experts.append(values)
-    params = TensorParams(global_values, tuple(experts))
+            values[key] = spec.validate(value, f"{where or 'default'} of {expert.model} (tensor {expert.input_name})")
+        expert_values.append(values)
+    params = TensorParams(global_values, tuple(expert_values))
     method.validate(params, f"tensor {tensor}")
-    _check_representable(params, config.compute_dtype, expert_entries, tensor)
+    _check_representable(params, compute_dtype, experts, tensor)
     return params
 
 
@@ -62,13 +90,11 @@ def _finite_in(value: float, dtype: str) -> bool:
     return bool(torch.isfinite(torch.tensor(value, dtype=SAFETENSORS_TO_TORCH[dtype])))
 
 
-def _check_representable(params: TensorParams, compute: str, expert_entries: list[tuple[int, Any]],
-                         tensor: str) -> None:
+def _check_representable(params: TensorParams, compute: str, experts: list[ExpertScope], tensor: str) -> None:
     """Refuse a parameter the compute dtype rounds to infinity (a weight of 1e5 in float16)
     at plan time, instead of a merge of infinities discovered after the whole run."""
     places = [("parameters", params.global_)]
-    places += [(f"models[{index}].parameters", values)
-               for (index, _), values in zip(expert_entries, params.experts, strict=True)]
+    places += [(f"{expert.where}.parameters", values) for expert, values in zip(experts, params.experts, strict=True)]
     for where, values in places:
         for key, value in values.items():
             if isinstance(value, float) and not _finite_in(value, compute):
@@ -76,19 +102,65 @@ def _check_representable(params: TensorParams, compute: str, expert_entries: lis
                                   f"{TORCH_NAME.get(compute, compute)}; use a smaller value or dtype: float32")
 
 
-def check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
-    """Every key in the config is a parameter of the method (global, or per model)."""
+def check_parameter_names(config: MergeConfig, method: MergeMethod) -> list[str]:
+    """Warn (as mergekit accepts and ignores them) about parameters the method does not use;
+    returns the warnings, one per key and place."""
     model_keys = set(method.model_parameters)
     global_keys = set(method.global_parameters) | model_keys | IGNORED_PARAMETERS
-    for key in config.parameters:
-        if key not in global_keys:
-            raise ConfigError(
-                f"parameters.{key}: not a parameter of {method.name}; allowed: {', '.join(sorted(global_keys - IGNORED_PARAMETERS))}"
-            )
-    for i, entry in enumerate(config.models):
-        for key in entry.parameters:
-            if key not in model_keys:
-                raise ConfigError(
-                    f"models[{i}].parameters.{key} ({entry.model}): not a per-model parameter of {method.name}; "
-                    f"allowed: {', '.join(sorted(model_keys)) or '(none)'}"
-                )
+    places: list[tuple[str, Mapping[str, Any], set[str]]] = [("parameters", config.parameters, global_keys)]
+    places += [(f"models[{i}]", e.parameters, model_keys | IGNORED_PARAMETERS) for i, e in enumerate(config.models or ())]
+    for s, out_slice in enumerate(config.slices or ()):
+        places.append((f"slices[{s}].parameters", out_slice.parameters, global_keys))
+        places += [(f"slices[{s}].sources[{j}]", src.parameters, model_keys | IGNORED_PARAMETERS)
+                   for j, src in enumerate(out_slice.sources)]
+    warnings = []
+    for where, values, allowed in places:
+        for key in values:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, sorted(allowed - IGNORED_PARAMETERS), 1)
+                warnings.append(f"{where}: parameter {key!r} is not used by {method.name} and is ignored (as mergekit "
+                                f"does){f'; did you mean {hint[0]!r}?' if hint else ''} (it uses: "
+                                f"{', '.join(sorted(allowed - IGNORED_PARAMETERS)) or 'none here'})")
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings
+
+
+def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
+    """Resolve a parameter value (scalar, gradient or filter list) for one tensor."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where}: empty list; give a number, a gradient or {{filter, value}} entries")
+        if len(value) > MAX_LIST_ENTRIES:
+            raise ConfigError(f"{where}: a list of {len(value)} entries; at most {MAX_LIST_ENTRIES} (a gradient or "
+                              "filter list that long is a mistake)")
+        if all(isinstance(v, dict) for v in value):
+            # mergekit's rule: entries in list order, the first that matches wins.
+            for entry in value:
+                unknown = set(entry) - {"filter", "value"}
+                if unknown or "value" not in entry:
+                    raise ConfigError(f"{where}: filter entries take keys 'filter' and 'value', got {sorted(entry)}")
+                flt = entry.get("filter")
+                if flt is not None and not isinstance(flt, str):
+                    raise ConfigError(f"{where}: filter {shown(flt, 40)} is a {type(flt).__name__} (a number or list); a filter is a "
+                                      "string matched against tensor names (quote it: filter: \"1\")")
+            for entry in value:
+                flt = entry.get("filter")
+                if flt is None or flt == "*" or flt in tensor:
+                    return resolve_value(entry["value"], tensor, t, where)
+            return None
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            if len(value) == 1:
+                return float(value[0])
+            x = t * (len(value) - 1)
+            i = min(int(math.floor(x)), len(value) - 2)
+            frac = x - i
+            return float(value[i]) * (1 - frac) + float(value[i + 1]) * frac
+        if all(isinstance(v, (int, float, bool, str)) for v in value):
+            # Booleans and strings select, as in mergekit: the entry at int(t * (len - 1)).
+            return value[int(t * (len(value) - 1))]
+        raise ConfigError(f"{where}: a list must be all numbers (a gradient), all {{filter, value}} entries "
+                          "or all scalars")
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a number, a gradient list or a list of {{filter, value}}, got a mapping")
+    return value

@@ -9,17 +9,17 @@ work units sized by a memory budget. The same config gives the same plan, byte f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from distmerge.checkpoint import Checkpoint
-from distmerge.config import MergeConfig, layer_position
-from distmerge.dtypes import FLOAT_CODES, ITEMSIZE
-from distmerge.errors import CheckpointError, ConfigError
+from distmerge.config import MergeConfig
+from distmerge.dtypes import ITEMSIZE
 from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, TensorParams
-from distmerge.parameters import check_parameter_names, resolve_parameters
+from distmerge.plan_sources import plan_sources
 from distmerge.sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class MergePlan:
     units: list[WorkUnit]
     shard_size: int
     compute_dtype: str
+    model_config: dict[str, Any] = field(default_factory=dict)  # the output's config.json
 
     def with_shard_size(self, shard_size: int) -> MergePlan:
         """The same plan cut into units for another shard size (no header is read again)."""
@@ -140,6 +141,12 @@ class MergePlan:
             lines.append(f"base model:   {self.base.path}  ({format_size(self.base.total_bytes)})")
         for i, e in enumerate(self.experts):
             lines.append(f"model {i + 1}:      {e.path}  ({format_size(e.total_bytes)})")
+        offset = 0
+        for i, out_slice in enumerate(self.config.slices or ()):
+            start, end = out_slice.sources[0].layer_range
+            taken = ", ".join(f"{Path(src.model).name}[{src.layer_range[0]}:{src.layer_range[1]}]" for src in out_slice.sources)
+            lines.append(f"slice {i + 1}:      output layers {offset}-{offset + end - start - 1} from {taken}")
+            offset += end - start
         merged = sum(1 for t in self.tensors if t.params is not None)
         lines += [
             f"tensors:      {len(self.tensors)} ({merged} merged, {len(self.tensors) - merged} copied)",
@@ -154,13 +161,6 @@ class MergePlan:
             lines.append(f"whole-tensor reductions: {reducing} tensors, {self.reduction_rounds} round(s) of "
                          f"{len(self.reduction_units())} canonical chunks")
         return "\n".join(lines)
-
-
-def _same_path(a: str, b: str) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError, ValueError):  # a path the system refuses is refused by Checkpoint.open
-        return a == b
 
 
 def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
@@ -211,70 +211,22 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
 
     ``shard_size`` defaults to the config's; ``needs_base`` gives every merged tensor the base
     rows as its first source even when the method does not use them (a feature such as AIM
-    relaxes towards them).
+    relaxes towards them). Which input tensors make each output tensor is
+    :mod:`distmerge.plan_sources`' (mergekit's slices).
     """
     method = get_method(config.merge_method)
-    check_parameter_names(config, method)
     shard_size = shard_size or config.execution.shard_size
-    if method.uses_base and not config.base_model:
-        raise ConfigError(f"base_model: {method.name} needs a base model; add base_model: PATH")
-    base = Checkpoint.open(config.base_model, "base_model") if config.base_model else None
-    expert_entries = [
-        (i, e) for i, e in enumerate(config.models)
-        if not (method.uses_base and config.base_model and _same_path(e.model, config.base_model))
-    ]
-    n = len(expert_entries)
-    if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
-        most = "" if method.max_experts is None else f" and at most {method.max_experts}"
-        raise ConfigError(
-            f"models: {method.name} takes at least {method.min_experts}{most} models besides the base; got {n}"
-        )
-    experts = [Checkpoint.open(e.model, f"models[{i}]") for i, e in expert_entries]
-    template = base if base is not None else experts[0]
-    num_layers = template.num_layers
-    compute = config.compute_dtype
-    entries, raw = [], []
-    for name, info in sorted(template.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
-        sources = []
-        for (index, entry), ckpt in zip(expert_entries, experts, strict=True):
-            other = ckpt.tensors.get(name)
-            if other is None:
-                raise CheckpointError(
-                    f"models[{index}] {entry.model}: tensor {name!r} is missing (the {'base' if base else 'first'} "
-                    f"model {template.path} has it with shape {list(info.shape)}); the models must share an architecture"
-                )
-            if other.shape != info.shape:
-                raise CheckpointError(
-                    f"models[{index}] {entry.model}: tensor {name!r} has shape {list(other.shape)} but "
-                    f"{template.path} has {list(info.shape)}; the models must share an architecture and vocabulary"
-                )
-            if (other.dtype in FLOAT_CODES) != (info.dtype in FLOAT_CODES):
-                raise CheckpointError(
-                    f"models[{index}] {entry.model}: tensor {name!r} is {other.dtype} but {template.path} has {info.dtype}"
-                )
-            sources.append(other)
-        mergeable = info.dtype in FLOAT_CODES
-        out_dtype = config.out_dtype_code(info.dtype) if mergeable else info.dtype
-        raw.append((name, info, tuple(sources), mergeable, out_dtype))
-        entries.append((name, out_dtype, info.shape))
-    for (index, entry), ckpt in zip(expert_entries, experts, strict=True):
-        extra = sorted(set(ckpt.tensors) - set(template.tensors))
-        if extra:
-            log.warning("models[%d] %s has %d tensors the template lacks (ignored), e.g. %s",
-                        index, entry.model, len(extra), extra[0])
+    sourced = plan_sources(config, method, needs_base=needs_base)
+    entries = [(s.name, s.out_dtype, s.shape) for s in sourced.tensors]
     files, where = layout_files(entries, config.execution.max_file_size)
     tensors: list[TensorPlan] = []
-    for name, info, sources, mergeable, out_dtype in raw:
-        file_index, offset = where[name]
-        if not mergeable:
-            # Integer and bool buffers are copied unchanged from the template model.
-            tensors.append(TensorPlan(name, info.shape, out_dtype, None, (info,), None, file_index, offset))
-            continue
-        params = resolve_parameters(config, method, expert_entries, name, layer_position(name, num_layers))
+    for s in sourced.tensors:
+        file_index, offset = where[s.name]
         tensors.append(TensorPlan(
-            name, info.shape, out_dtype, info if (method.uses_base or needs_base) else None, sources, params, file_index, offset,
-            reduction_rounds=method.reduction_rounds(params, info.shape),
+            s.name, s.shape, s.out_dtype, s.base, s.experts, s.params, file_index, offset,
+            reduction_rounds=method.reduction_rounds(s.params, s.shape) if s.params is not None else 0,
         ))
-    compute_itemsize = ITEMSIZE[compute]
+    compute_itemsize = ITEMSIZE[config.compute_dtype]
     units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]
-    return MergePlan(config, method, template, base, experts, tensors, files, units, shard_size, compute)
+    return MergePlan(config, method, sourced.template, sourced.base, sourced.experts, tensors, files, units,
+                     shard_size, config.compute_dtype, sourced.model_config)

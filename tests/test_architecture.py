@@ -38,12 +38,14 @@ LAYERS: dict[str, int] = {
     # 1. what a merge is asked to do, and a model folder
     "distmerge.config": 1,
     "distmerge.checkpoint": 1,
+    "distmerge.slices": 1,
     # 2. pure math
     "distmerge.methods": 2,
     "distmerge.aim": 2,
     # 3. the merge plan
     "distmerge.plan": 3,
     "distmerge.parameters": 3,
+    "distmerge.plan_sources": 3,
     # 4. the output directory's life
     "distmerge.output": 4,
     # 5. execution: scheduling, Ray, AIM's lifecycle and its Ray pipeline

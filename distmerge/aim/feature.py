@@ -109,9 +109,11 @@ class AimFeature:
         else:
             record_written(SAVED_NAME)
             self.calibrate(saved, progress)
-        index = {t.name: i for i, t in enumerate(plan.tensors)}
-        matched = match_statistics(self.statistics, {t.name: t.shape for t in plan.tensors if t.params is not None})
-        self.modules = {index[name]: module for name, module in matched.items()}
+        # The statistics are the base model's: a tensor is relaxed by the statistic of the base
+        # tensor it merges (the same name, unless slices took the base's layers elsewhere).
+        merged = [(i, t) for i, t in enumerate(plan.tensors) if t.params is not None and t.base is not None]
+        matched = match_statistics(self.statistics, {t.base.name: t.shape for _, t in merged})
+        self.modules = {i: matched[t.base.name] for i, t in merged if t.base.name in matched}
         return ChannelRelaxation(self.aim.omega, {i: self._factors(self.statistics[m]) for i, m in self.modules.items()})
 
     def _factors(self, statistic: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal:
     cfg = request.config
     out_dtypes = {t.out_dtype for t in plan.tensors if t.params is not None}
     journal.wrote("config.json")
-    write_model_config(out, plan.template.config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
+    write_model_config(out, plan.model_config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
     tokenizer_source = Path(cfg.tokenizer_source) if cfg.tokenizer_source not in (None, "base") else plan.template.path
     _, skipped = copy_side_files(tokenizer_source, out, journal.wrote)
     journal.wrote(CONFIG_COPY_NAME)

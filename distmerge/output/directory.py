@@ -32,10 +32,15 @@ def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
         paths["the config file"] = config_path
     if cfg.base_model:
         paths["base_model"] = Path(cfg.base_model)
-    for i, entry in enumerate(cfg.models):
+    for i, entry in enumerate(cfg.models or ()):
         paths[f"models[{i}]"] = Path(entry.model)
-    if cfg.tokenizer_source not in (None, "base"):
-        paths["tokenizer_source"] = Path(str(cfg.tokenizer_source))
+    for s, out_slice in enumerate(cfg.slices or ()):
+        if out_slice.base_model:
+            paths[f"slices[{s}].base_model"] = Path(out_slice.base_model)
+        for j, source in enumerate(out_slice.sources):
+            paths[f"slices[{s}].sources[{j}]"] = Path(source.model)
+    if cfg.vocabulary_source not in (None, "base", "union"):
+        paths["tokenizer_source"] = Path(str(cfg.vocabulary_source))
     return paths
 
 

@@ -53,7 +53,7 @@ def test_task_arithmetic_equals_reference_with_gradient(llama_family, tmp_path):
 def test_linear_filters_equal_reference(llama_family, tmp_path):
     base, experts = llama_family
     weight = [{"filter": "mlp", "value": 2.0}, {"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 1.0}]
-    cfg = make_config("linear", base, experts, [weight, 1.0])
+    cfg = make_config("linear", None, experts, [weight, 1.0])
     run_merge(cfg, tmp_path / "out", progress=False)
     got = load_state(tmp_path / "out")
     xs = [load_state(e) for e in experts]

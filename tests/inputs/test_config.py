@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distmerge.config import layer_position, load_config, parse_config, resolve_value
+from distmerge.config import load_config, parse_config
 from distmerge.errors import ConfigError
+from distmerge.parameters import resolve_value
 from distmerge.sizes import parse_size
 
 BASE = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 1}}]}
@@ -26,11 +27,10 @@ def test_bad_sizes_name_the_field(bad):
 def test_gradient_interpolates_like_mergekit():
     # 5 layers: layer i takes t = i / 4; a 3-entry gradient is sampled at t * 2.
     values = [0.0, 1.0, 0.5]
-    got = [resolve_value(values, f"model.layers.{i}.mlp.up_proj.weight",
-                         layer_position(f"model.layers.{i}.mlp.up_proj.weight", 5), "w") for i in range(5)]
+    got = [resolve_value(values, f"model.layers.{i}.mlp.up_proj.weight", i / 4, "w") for i in range(5)]
     assert got == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5])
-    assert resolve_value(values, "model.embed_tokens.weight", layer_position("model.embed_tokens.weight", 5), "w") == 0.0
-    assert resolve_value(values, "lm_head.weight", layer_position("lm_head.weight", 5), "w") == 0.0
+    assert resolve_value([True, False], "x", 0.6, "w") is True  # booleans select: entry int(t * (len - 1))
+    assert resolve_value([True, False], "x", 1.0, "w") is False
 
 
 def test_filters_first_match_wins_and_fallback():
@@ -55,10 +55,10 @@ def test_wrong_types_and_ranges():
         parse_config({**BASE, "aim": {"omega": 1.5}})
     with pytest.raises(ConfigError, match=r"dtype.*allowed"):
         parse_config({**BASE, "dtype": "float8"})
-    with pytest.raises(ConfigError, match="models.*required key is missing"):
+    with pytest.raises(ConfigError, match="exactly one of 'models'.*or 'slices'"):
         parse_config({"merge_method": "linear"})
-    with pytest.raises(ConfigError, match="union"):
-        parse_config({**BASE, "tokenizer_source": "union"})
+    with pytest.raises(ConfigError, match="tokenizer_source or a tokenizer: block, not both"):
+        parse_config({**BASE, "tokenizer_source": "union", "tokenizer": {"source": "base"}})
 
 
 def test_yaml_syntax_error_has_line(tmp_path):

@@ -880,7 +880,7 @@ NUL_PATH = ("merge_method: ties\nbase_model: '@BASE@'\n"
 # BUG: YAML hex (also octal, binary, sexagesimal) ints escape Python's 4300-digit limit, and
 # str()/repr() of one in an error message raises ValueError: methods/base.py ParamSpec.validate
 # for a weight, config._format_validation_error for execution.seed (or merge_method, a model
-# path, shard_size), config.resolve_value for a filter.
+# path, shard_size), parameters.resolve_value for a filter.
 HEX_WEIGHT = Big("merge_method: linear\nmodels: [{model: '@E1@', parameters: {weight: 0x"
                  + "f" * 5000 + "}}]\n", "linear, models: [{model: E1, weight: 0x<5000 f>}]")
 HEX_SEED = Big("merge_method: linear\nmodels: [{model: '@E1@', parameters: {weight: 1}}]\n"
