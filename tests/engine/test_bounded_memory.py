@@ -49,3 +49,29 @@ def test_worker_memory_is_bounded_by_shard_size(tmp_path):
     xs = [load_state(e) for e in experts]
     for name in b:
         torch.testing.assert_close(got[name], b[name] + 0.5 * (xs[0][name] - b[name]) + 0.5 * (xs[1][name] - b[name]))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_slice_merge_memory_is_bounded_by_shard_size(tmp_path):
+    """Slices stream like any merge: two stacked copies of a layer merged from three models,
+    each tensor far above the shard budget, and no worker grows past a few shards."""
+    from distmerge.config import parse_config
+
+    base = _synthetic(tmp_path / "base", 0)
+    experts = [_synthetic(tmp_path / f"e{i}", i + 1) for i in range(2)]
+    sources = [{"model": str(base), "layer_range": [0, 1]}] + [
+        {"model": str(e), "layer_range": [0, 1], "parameters": {"weight": w}} for e, w in zip(experts, [0.5, 0.25], strict=True)]
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": str(base),
+                        "slices": [{"sources": sources}, {"sources": sources, "parameters": {"lambda": 2.0}}]})
+    shard = 2 * MB
+    report = run_merge(cfg, tmp_path / "out", shard_size=shard, workers=2, progress=False)
+    growth = [w["peak_anon_rss"] - w["baseline_anon_rss"] for w in report["workers"]]
+    assert max(growth) <= 4 * shard + 24 * MB, (growth, report["workers"])
+    got = load_state(tmp_path / "out")
+    b, xs = load_state(base), [load_state(e) for e in experts]
+    for layer, lam in ((0, 1.0), (1, 2.0)):
+        for rest in ("mlp.up_proj.weight", "mlp.down_proj.weight"):
+            name = f"model.layers.0.{rest}"
+            delta = 0.5 * (xs[0][name] - b[name]) + 0.25 * (xs[1][name] - b[name])
+            torch.testing.assert_close(got[f"model.layers.{layer}.{rest}"], b[name] + lam * delta)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
