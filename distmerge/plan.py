@@ -219,9 +219,10 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
     if method.uses_base and not config.base_model:
         raise ConfigError(f"base_model: {method.name} needs a base model; add base_model: PATH")
     base = Checkpoint.open(config.base_model, "base_model") if config.base_model else None
+    takes_base = method.uses_base or (method.base_optional and config.base_model is not None)
     expert_entries = [
         (i, e) for i, e in enumerate(config.models)
-        if not (method.uses_base and config.base_model and _same_path(e.model, config.base_model))
+        if not (takes_base and config.base_model and _same_path(e.model, config.base_model))
     ]
     n = len(expert_entries)
     if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
@@ -272,7 +273,7 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
             continue
         params = resolve_parameters(config, method, expert_entries, name, layer_position(name, num_layers))
         tensors.append(TensorPlan(
-            name, info.shape, out_dtype, info if (method.uses_base or needs_base) else None, sources, params, file_index, offset,
+            name, info.shape, out_dtype, info if (takes_base or needs_base) else None, sources, params, file_index, offset,
             reduction_rounds=method.reduction_rounds(params, info.shape),
         ))
     compute_itemsize = ITEMSIZE[compute]

@@ -1,0 +1,220 @@
+"""The methods mergekit 0.1.5 added (sce, nuslerp, multislerp, karcher, nearswap, arcee_fusion,
+ram, ramplus_tl): against plain-torch transcriptions of mergekit's formulas, bit-identical under
+any row sharding and reduction chunking, and against mergekit 0.1.5 itself (run in its own
+virtual environment; skipped when that environment is absent).
+
+Tolerances (docs/methods.md says why): elementwise methods and every method against its
+transcription are bit-identical; against mergekit itself, methods whose whole-tensor sums
+mergekit takes in the compute dtype agree within the ulps stated per method in MK_ULPS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmerge.errors import ConfigError
+from distmerge.methods import get_method
+from distmerge.methods.base import ShardContext, TensorParams
+
+NAME = "model.layers.1.mlp.down_proj.weight"
+SHAPES = [(37, 19), (29,), (1, 23), (3, 5, 4)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
+
+
+# ---- harness: the engine's reduction rounds and row shards, without the engine -------------
+
+def make_inputs(shape, n, dtype, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+    return base.to(dtype), [x.to(dtype) for x in xs]
+
+
+def params_for(name, n, glob=None, model=None):
+    m = get_method(name)
+    g = {k: s.default for k, s in m.global_parameters.items()} | (glob or {})
+    for k, v in g.items():
+        g[k] = m.global_parameters[k].validate(v, f"parameters.{k}")
+    models = model if isinstance(model, list) else [model or {}] * n
+    ex = tuple({k: s.default for k, s in m.model_parameters.items()} | mp for mp in models)
+    p = TensorParams(g, ex)
+    m.validate(p, "test")
+    return p
+
+
+def _rows(shape):
+    return shape[0] if shape else 1
+
+
+def _ctx(shape, a, b, n):
+    return ShardContext(NAME, tuple(shape), a, b, 0, tuple(range(n)))
+
+
+def reduce_all(name, base, xs, params, chunk_rows=4):
+    m = get_method(name)
+    shape = tuple(xs[0].shape)
+    reduced = None
+    for r in range(m.reduction_rounds(params, shape)):
+        if reduced is not None and reduced.complete:
+            break
+        parts = []
+        for a in range(0, _rows(shape), chunk_rows):
+            b = min(_rows(shape), a + chunk_rows)
+            rows = None if base is None else base[a:b]
+            parts.append(m.partial_reductions(rows, [x[a:b] for x in xs], params, _ctx(shape, a, b, len(xs)),
+                                              r, reduced))
+        reduced = m.reduce(parts, params, shape, r, reduced)
+    return reduced
+
+
+def merge_sharded(name, base, xs, params, reduced, step):
+    m = get_method(name)
+    shape = tuple(xs[0].shape)
+    out = []
+    for a in range(0, _rows(shape), step):
+        b = min(_rows(shape), a + step)
+        rows = None if base is None else base[a:b]
+        out.append(m.merge(rows, [x[a:b] for x in xs], params, _ctx(shape, a, b, len(xs)), reduced))
+    return torch.cat(out) if shape else out[0]
+
+
+def run(name, base, xs, params):
+    reduced = reduce_all(name, base, xs, params)
+    return merge_sharded(name, base, xs, params, reduced, _rows(tuple(xs[0].shape)))
+
+
+def ulps(got, want):
+    """Largest |got - want| in units of the last place of ``want`` in ``want``'s dtype."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    g, w = got.double(), want.double()
+    same = (g == w) | (g.isnan() & w.isnan())
+    if bool(same.all()):
+        return 0.0
+    _, e = torch.frexp(w)
+    tiny = torch.finfo(want.dtype).tiny
+    spacing = torch.ldexp(torch.ones_like(w), (e - 1 - MANTISSA[want.dtype]).to(torch.int32)).clamp(
+        min=tiny * 2.0 ** -MANTISSA[want.dtype])
+    return float(((g - w).abs() / spacing)[~same].max())
+
+
+def bits_equal(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
+    assert ulps(got, want) == 0.0, ulps(got, want)
+
+
+# ---- plain-torch transcriptions of mergekit 0.1.5's formulas (whole tensors) ---------------
+# Whole-tensor sums that mergekit takes in the compute dtype are taken here in float64 and
+# rounded once to the compute dtype (distmerge's documented rounding); everything else is
+# mergekit's expression.
+
+def f64_norm(x, dim=None):
+    x = x.double()
+    s = (x * x).sum() if dim is None else (x * x).sum(dim=dim, keepdim=True)
+    return s.sqrt()
+
+
+def ref_nearswap(t, a, b):
+    absdiff = torch.abs(a - b)
+    weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * b + (1 - weight) * a
+
+
+def ref_ram(base, xs, eps, plus=None):
+    tv = torch.stack([x - base for x in xs]).view(len(xs), -1)
+    nz = tv.abs() > eps
+    counts = nz.sum(dim=0, keepdim=True)
+    overlap, unique = counts > 1, counts == 1
+    tvz = tv * nz
+    if plus is None:
+        merged = ((tvz * unique) + (tvz * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
+    r, alpha = plus
+    rho = (nz & overlap).sum(dim=1) / (nz & unique).sum(dim=1).clamp(min=eps)
+    lam = 1 + r * rho.clamp(min=0, max=alpha)
+    merged = ((tvz * unique * lam.unsqueeze(-1)) + (tvz * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return (base + merged.reshape_as(base)).to(base.dtype)
+
+
+def ref_nuslerp(t, v0, v1, row_wise, flatten):
+    shape, dtype = v0.shape, v0.dtype
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    n0 = f64_norm(v0, -1).to(dtype).clamp(min=1e-7)
+    n1 = f64_norm(v1, -1).to(dtype).clamp(min=1e-7)
+    cos = ((v0 / n0) * (v1 / n1)).double().sum(dim=-1, keepdim=True).to(dtype).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-8 ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
+    if row_wise and not flatten:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def nuslerp_t(w):
+    return 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+
+
+# ---- the cases: (method, global params, per-model params, n experts, with base) ----------
+
+CASES = {
+    "nearswap": ("nearswap", {"t": 0.05}, {}, 1, True),
+    "ram": ("ram", {"epsilon": 0.05}, {}, 3, True),
+    "ramplus_tl": ("ramplus_tl", {"epsilon": 0.05, "r": 0.5, "alpha": 0.7}, {}, 3, True),
+    "nuslerp": ("nuslerp", {}, [{"weight": 0.3}, {"weight": 0.9}], 2, True),
+    "nuslerp-nobase": ("nuslerp", {}, [{"weight": 0.3}, {"weight": 0.9}], 2, False),
+    "nuslerp-rows": ("nuslerp", {"nuslerp_flatten": False}, [{"weight": 1.0}, {"weight": 0.5}], 2, True),
+    "nuslerp-cols": ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                     [{"weight": 1.0}, {"weight": 0.5}], 2, False),
+}
+
+
+def reference(case, base, xs):
+    method, glob, model, n, _ = CASES[case]
+    p = params_for(method, n, glob, model)
+    g = p.global_
+    if method == "nearswap":
+        return ref_nearswap(g["t"], base, xs[0])
+    if method == "ram":
+        return ref_ram(base, xs, g["epsilon"])
+    if method == "ramplus_tl":
+        return ref_ram(base, xs, g["epsilon"], (g["r"], g["alpha"]))
+    if method == "nuslerp":
+        t = nuslerp_t([m["weight"] for m in p.experts])
+        if base is None:
+            return ref_nuslerp(t, xs[0], xs[1], g["nuslerp_row_wise"], g["nuslerp_flatten"])
+        return base + ref_nuslerp(t, xs[0] - base, xs[1] - base, g["nuslerp_row_wise"], g["nuslerp_flatten"])
+    raise AssertionError(case)
+
+
+def case_inputs(case, shape, dtype, seed=5):
+    _, _, _, n, with_base = CASES[case]
+    base, xs = make_inputs(shape, n, dtype, seed=seed)
+    return (base if with_base else None), xs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transcription_and_is_shard_invariant(case, shape, dtype):
+    method, glob, model, n, _ = CASES[case]
+    base, xs = case_inputs(case, shape, dtype)
+    params = params_for(method, n, glob, model)
+    whole = run(method, base, xs, params)
+    bits_equal(whole, reference(case, base, xs))
+    for chunk_rows in (1, 3, 4):
+        reduced = reduce_all(method, base, xs, params, chunk_rows=chunk_rows)
+        for step in (1, 2, 5):
+            bits_equal(merge_sharded(method, base, xs, params, reduced, step), whole)
