@@ -93,14 +93,20 @@ def run(name, base, xs, params):
     return merge_sharded(name, base, xs, params, reduced, _rows(tuple(xs[0].shape)))
 
 
-def ulps(got, want):
-    """Largest |got - want| in units of the last place of ``want`` in ``want``'s dtype."""
+def ulps(got, want, inputs=()):
+    """Largest |got - want| in units of the last place of ``want`` in ``want``'s dtype; with
+    ``inputs``, of the largest magnitude among ``want`` and the inputs at that element (a
+    rounding difference in a whole-tensor scalar scales the inputs, and where they cancel in the
+    output, its own ulp is far smaller than the error the scalar's last bit carries)."""
     assert got.dtype == want.dtype and got.shape == want.shape
     g, w = got.double(), want.double()
     same = (g == w) | (g.isnan() & w.isnan())
     if bool(same.all()):
         return 0.0
-    _, e = torch.frexp(w)
+    mag = w.abs()
+    for x in inputs:
+        mag = torch.maximum(mag, x.double().abs())
+    _, e = torch.frexp(mag)
     tiny = torch.finfo(want.dtype).tiny
     spacing = torch.ldexp(torch.ones_like(w), (e - 1 - MANTISSA[want.dtype]).to(torch.int32)).clamp(
         min=tiny * 2.0 ** -MANTISSA[want.dtype])
@@ -218,3 +224,103 @@ def test_matches_transcription_and_is_shard_invariant(case, shape, dtype):
         reduced = reduce_all(method, base, xs, params, chunk_rows=chunk_rows)
         for step in (1, 2, 5):
             bits_equal(merge_sharded(method, base, xs, params, reduced, step), whole)
+
+
+# ---- against mergekit 0.1.5 itself, in its own virtual environment ------------------------
+# A deliberately small local helper (tensors and a JSON spec in, tensors out through files in
+# tmp_path); a shared mergekit harness can replace it.
+
+MERGEKIT_PYTHON = Path(os.environ.get("DISTMERGE_MERGEKIT_PYTHON",
+                                      Path.home() / ".cache/distmerge/mergekit-0.1.5/bin/python"))
+
+MERGEKIT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from safetensors.torch import load_file, save_file
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+    folder = sys.argv[1]
+    spec = json.load(open(folder + "/spec.json"))
+    tensors = load_file(folder + "/in.safetensors")
+    out = {}
+    for key, case in spec.items():
+        inputs = [tensors[f"{key}/x{i}"] for i in range(case["n"])]
+        base_index = None
+        if case["base"]:
+            inputs.append(tensors[f"{key}/base"])  # mergekit's plan appends an unlisted base last
+            base_index = len(inputs) - 1
+        group = TensorGroup.from_tensors(inputs, base_index=base_index, name="w")
+        try:
+            out[key] = registry.get(case["method"])([group], parameters=case["params"],
+                                                    dtype=getattr(torch, case["dtype"]))[0].contiguous()
+        except ValueError as e:
+            out[key + "/error"] = torch.zeros(1)
+            print(key, "ValueError", e)
+    save_file(out, folder + "/out.safetensors")
+""")
+
+
+def run_mergekit(folder: Path, cases: dict) -> dict:
+    """``cases``: key -> (method, params for mergekit, base or None, experts); mergekit's outputs."""
+    if not MERGEKIT_PYTHON.exists():
+        pytest.skip(f"mergekit 0.1.5's virtual environment is not here ({MERGEKIT_PYTHON})")
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, spec = {}, {}
+    for key, (method, mk_params, base, xs) in cases.items():
+        for i, x in enumerate(xs):
+            tensors[f"{key}/x{i}"] = x.contiguous()
+        if base is not None:
+            tensors[f"{key}/base"] = base.contiguous()
+        spec[key] = {"method": method, "params": mk_params, "n": len(xs), "base": base is not None,
+                     "dtype": str(xs[0].dtype).removeprefix("torch.")}
+    save_file(tensors, str(folder / "in.safetensors"))
+    (folder / "spec.json").write_text(json.dumps(spec))
+    (folder / "run.py").write_text(MERGEKIT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([str(MERGEKIT_PYTHON), str(folder / "run.py"), str(folder)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(folder / "out.safetensors"))
+
+
+def mergekit_params(method, glob, model, n):
+    """distmerge's parameters as mergekit's call takes them (per-model values as a list)."""
+    p = dict(glob)
+    models = model if isinstance(model, list) else [model or {}] * n
+    for k in (models[0] if models else {}):
+        p[k] = [m[k] for m in models]
+    return p
+
+
+# Largest distance from mergekit's output allowed per method, in ulps of the compute dtype at
+# the inputs' scale (see ``ulps``; measured values are in docs/methods.md); 0 = bit-identical.
+MK_ULPS = {"nearswap": 0, "ram": 0, "ramplus_tl": 0, "nuslerp": 4}
+
+MK_SHAPES = [(37, 19), (29,), (1, 23)]
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(tmp_path_factory):
+    cases = {}
+    for case, (method, glob, model, n, _) in CASES.items():
+        for shape in MK_SHAPES:
+            for dtype in DTYPES:
+                base, xs = case_inputs(case, shape, dtype, seed=9)
+                cases[f"{case}|{shape}|{dtype}"] = (method, mergekit_params(method, glob, model, n), base, xs)
+    return cases, run_mergekit(tmp_path_factory.mktemp("mergekit"), cases)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_mergekit_015(mergekit_outputs, case):
+    cases, outputs = mergekit_outputs
+    method, glob, model, n, _ = CASES[case]
+    worst = worst_scaled = 0.0
+    for key, (_, _, base, xs) in cases.items():
+        if key.split("|")[0] != case:
+            continue
+        got = run(method, base, xs, params_for(method, n, glob, model))
+        want = outputs[key].to(got.dtype)
+        plain, scaled = ulps(got, want), ulps(got, want, ([] if base is None else [base]) + list(xs))
+        worst, worst_scaled = max(worst, plain), max(worst_scaled, scaled)
+        assert scaled <= MK_ULPS[method], (key, plain, scaled)
+    print(f"{case}: at most {worst} ulp of the output, {worst_scaled} ulp of the inputs' scale from mergekit 0.1.5")
