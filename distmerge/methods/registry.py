@@ -6,6 +6,7 @@ from distmerge.errors import ConfigError
 from distmerge.methods.base import MergeMethod
 from distmerge.methods.linear import Linear
 from distmerge.methods.model_stock import ModelStock
+from distmerge.methods.multislerp import MultiSlerp
 from distmerge.methods.nearswap import NearSwap
 from distmerge.methods.nuslerp import NuSlerp
 from distmerge.methods.passthrough import Passthrough
@@ -28,7 +29,7 @@ METHODS: dict[str, MergeMethod] = {
         Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
         Della(), DellaLinear(), Slerp(), ModelStock(), Passthrough(),
         # added in mergekit 0.1.5
-        NearSwap(), Ram(), RamPlusTl(), NuSlerp(),
+        NearSwap(), Ram(), RamPlusTl(), NuSlerp(), MultiSlerp(),
     )
 }
 

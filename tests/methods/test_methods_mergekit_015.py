@@ -169,6 +169,33 @@ def ref_nuslerp(t, v0, v1, row_wise, flatten):
     return res.reshape(shape)
 
 
+def ref_multislerp(base, xs, weights, normalize, eps):
+    if len(xs) == 1:
+        return xs[0]
+    tensors = torch.stack(xs)
+    if base is not None:
+        tensors -= base
+    flat = tensors.view(tensors.shape[0], -1)
+    dtype = flat.dtype
+    w = torch.tensor(weights, dtype=dtype)
+    if normalize:
+        w = w / w.sum()
+    norms = f64_norm(flat, -1).to(dtype)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = f64_norm(mean).to(dtype)
+    if mean_norm < eps:
+        res = (tensors[0] * w[0] + tensors[1] * w[1]).view(tensors.shape[1:])
+        return res if base is None else res + base
+    mean = mean / mean_norm
+    dots = (units * mean).double().sum(-1, keepdim=True).to(dtype)
+    tangent_result = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    tn = f64_norm(tangent_result).to(dtype) + eps
+    result = mean * torch.cos(tn) + tangent_result * (torch.sin(tn) / tn)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(tensors.shape[1:])
+    return result if base is None else result + base
+
+
 def nuslerp_t(w):
     return 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
 
@@ -184,6 +211,10 @@ CASES = {
     "nuslerp-rows": ("nuslerp", {"nuslerp_flatten": False}, [{"weight": 1.0}, {"weight": 0.5}], 2, True),
     "nuslerp-cols": ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True},
                      [{"weight": 1.0}, {"weight": 0.5}], 2, False),
+    "multislerp": ("multislerp", {}, [{"weight": 0.3}, {"weight": 0.9}, {"weight": 0.5}], 3, True),
+    "multislerp-nobase": ("multislerp", {"normalize_weights": False},
+                          [{"weight": 0.3}, {"weight": 0.6}], 2, False),
+    "multislerp-one": ("multislerp", {}, {"weight": 0.3}, 1, True),
 }
 
 
@@ -202,6 +233,8 @@ def reference(case, base, xs):
         if base is None:
             return ref_nuslerp(t, xs[0], xs[1], g["nuslerp_row_wise"], g["nuslerp_flatten"])
         return base + ref_nuslerp(t, xs[0] - base, xs[1] - base, g["nuslerp_row_wise"], g["nuslerp_flatten"])
+    if method == "multislerp":
+        return ref_multislerp(base, xs, [m["weight"] for m in p.experts], g["normalize_weights"], g["eps"])
     raise AssertionError(case)
 
 
@@ -294,7 +327,7 @@ def mergekit_params(method, glob, model, n):
 
 # Largest distance from mergekit's output allowed per method, in ulps of the compute dtype at
 # the inputs' scale (see ``ulps``; measured values are in docs/methods.md); 0 = bit-identical.
-MK_ULPS = {"nearswap": 0, "ram": 0, "ramplus_tl": 0, "nuslerp": 4}
+MK_ULPS = {"nearswap": 0, "ram": 0, "ramplus_tl": 0, "nuslerp": 4, "multislerp": 4}
 
 MK_SHAPES = [(37, 19), (29,), (1, 23)]
 
