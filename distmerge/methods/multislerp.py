@@ -21,7 +21,14 @@ import torch
 
 from distmerge.errors import ConfigError, DistmergeError
 from distmerge.methods import reductions, scalars
-from distmerge.methods.base import MergeMethod, ParamSpec, Partials, Reductions, ShardContext, TensorParams
+from distmerge.methods.base import (
+    MergeMethod,
+    ParamSpec,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+)
 
 ROUNDS = 4
 

@@ -22,7 +22,14 @@ from typing import cast
 import torch
 
 from distmerge.methods import reductions, scalars
-from distmerge.methods.base import MergeMethod, ParamSpec, Partials, Reductions, ShardContext, TensorParams
+from distmerge.methods.base import (
+    MergeMethod,
+    ParamSpec,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+)
 
 NORM_EPS = 1e-7
 COLINEAR_EPS = 1e-8

@@ -22,7 +22,14 @@ from typing import cast
 
 import torch
 
-from distmerge.methods.base import MergeMethod, ParamSpec, Partials, Reductions, ShardContext, TensorParams
+from distmerge.methods.base import (
+    MergeMethod,
+    ParamSpec,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+)
 
 
 def _masks(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):

@@ -11,6 +11,7 @@ from distmerge.methods.nearswap import NearSwap
 from distmerge.methods.nuslerp import NuSlerp
 from distmerge.methods.passthrough import Passthrough
 from distmerge.methods.ram import Ram, RamPlusTl
+from distmerge.methods.sce import Sce
 from distmerge.methods.slerp import Slerp
 from distmerge.methods.task_vectors import (
     Breadcrumbs,
@@ -29,7 +30,7 @@ METHODS: dict[str, MergeMethod] = {
         Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
         Della(), DellaLinear(), Slerp(), ModelStock(), Passthrough(),
         # added in mergekit 0.1.5
-        NearSwap(), Ram(), RamPlusTl(), NuSlerp(), MultiSlerp(),
+        NearSwap(), Ram(), RamPlusTl(), NuSlerp(), MultiSlerp(), Sce(),
     )
 }
 
