@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from distmerge.errors import ConfigError
 from distmerge.methods.base import MergeMethod
+from distmerge.methods.karcher import Karcher
 from distmerge.methods.linear import Linear
 from distmerge.methods.model_stock import ModelStock
 from distmerge.methods.multislerp import MultiSlerp
@@ -30,7 +31,7 @@ METHODS: dict[str, MergeMethod] = {
         Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
         Della(), DellaLinear(), Slerp(), ModelStock(), Passthrough(),
         # added in mergekit 0.1.5
-        NearSwap(), Ram(), RamPlusTl(), NuSlerp(), MultiSlerp(), Sce(),
+        NearSwap(), Ram(), RamPlusTl(), NuSlerp(), MultiSlerp(), Sce(), Karcher(),
     )
 }
 
