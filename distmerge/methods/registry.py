@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from distmerge.errors import ConfigError
+from distmerge.methods.arcee_fusion import ArceeFusion
 from distmerge.methods.base import MergeMethod
 from distmerge.methods.karcher import Karcher
 from distmerge.methods.linear import Linear
@@ -31,7 +32,7 @@ METHODS: dict[str, MergeMethod] = {
         Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
         Della(), DellaLinear(), Slerp(), ModelStock(), Passthrough(),
         # added in mergekit 0.1.5
-        NearSwap(), Ram(), RamPlusTl(), NuSlerp(), MultiSlerp(), Sce(), Karcher(),
+        NearSwap(), Ram(), RamPlusTl(), NuSlerp(), MultiSlerp(), Sce(), Karcher(), ArceeFusion(),
     )
 }
 

@@ -261,6 +261,25 @@ def ref_karcher(tensors, max_iter, tol):
     return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean
 
 
+def ref_arcee_fusion(base, x):
+    """mergekit's arcee_fusion with exact quartiles (no sampling at these sizes); a 1-D tensor's
+    softmax in float64 rounded once, its KL a float64 sum rounded once (distmerge's rounding)."""
+    diff = (x - base).abs()
+    if x.dim() >= 2:
+        p = torch.nn.functional.softmax(x, dim=-1) + 1e-8
+        q = torch.nn.functional.softmax(base, dim=-1) + 1e-8
+        kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    else:
+        p = torch.softmax(x.double(), dim=-1).to(x.dtype) + 1e-8
+        q = torch.softmax(base.double(), dim=-1).to(x.dtype) + 1e-8
+        kl = (p * torch.log(p / q)).double().sum().to(x.dtype)
+    imp = diff * kl
+    flat = torch.sort(imp.reshape(-1)).values
+    q1, med, q3 = flat[(torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()]
+    mask = (imp >= med + 1.5 * (q3 - q1)).float()
+    return (base + (x - base) * mask).to(base.dtype)
+
+
 def nuslerp_t(w):
     return 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
 
@@ -286,6 +305,7 @@ CASES = {
     "karcher": ("karcher", {}, {}, 3, True),
     "karcher-nobase": ("karcher", {"max_iter": 3}, {}, 2, False),
     "karcher-one": ("karcher", {}, {}, 1, False),
+    "arcee_fusion": ("arcee_fusion", {}, {}, 1, True),
 }
 
 
@@ -310,12 +330,14 @@ def reference(case, base, xs):
         return ref_sce(base, xs, g["select_topk"])
     if method == "karcher":
         return ref_karcher(list(xs) + ([] if base is None else [base]), g["max_iter"], g["tol"])
+    if method == "arcee_fusion":
+        return ref_arcee_fusion(base, xs[0])
     raise AssertionError(case)
 
 
 # karcher takes |g| and the updated |m| of each iteration from Gram sums instead of from the
 # materialized (dtype-rounded) vectors: within these ulps (at the inputs' scale) of the transcription.
-REF_ULPS = {"karcher": 4}
+REF_ULPS = {"karcher": 4, "arcee_fusion": 0}
 
 
 def case_inputs(case, shape, dtype, seed=5):
@@ -413,7 +435,7 @@ def mergekit_params(method, glob, model, n):
 
 # Largest distance from mergekit's output allowed per method, in ulps of the compute dtype at
 # the inputs' scale (see ``ulps``; measured values are in docs/methods.md); 0 = bit-identical.
-MK_ULPS = {"nearswap": 0, "ram": 0, "ramplus_tl": 0, "nuslerp": 4, "multislerp": 4, "sce": 4, "karcher": 4}
+MK_ULPS = {"nearswap": 0, "ram": 0, "ramplus_tl": 0, "nuslerp": 4, "multislerp": 4, "sce": 4, "karcher": 4, "arcee_fusion": 0}
 
 MK_SHAPES = [(37, 19), (29,), (1, 23)]
 
@@ -449,3 +471,21 @@ def test_matches_mergekit_015(mergekit_outputs, case):
     print(f"{case}: at most {worst} ulp of the output, {worst_scaled} ulp of the inputs' scale from mergekit 0.1.5"
           + (f"; not compared (ties at the top-k threshold): {skipped}" if skipped else ""))
     assert len(skipped) < len([k for k in cases if k.split("|")[0] == case])
+
+
+def test_arcee_fusion_samples_a_million_elements_from_the_stream():
+    """Above 10**6 elements the quartiles come from a sample of 10**6 drawn with replacement
+    (mergekit: torch.randint; distmerge: its counter stream), identical for any chunking."""
+    from distmerge.methods.random_stream import uniforms
+    base, xs = make_inputs((1001, 1000), 1, torch.float32, seed=3)
+    params = params_for("arcee_fusion", 1)
+    a = reduce_all("arcee_fusion", base, xs, params, chunk_rows=1001)
+    b = reduce_all("arcee_fusion", base, xs, params, chunk_rows=400)
+    assert torch.equal(a.threshold, b.threshold)
+    p = torch.nn.functional.softmax(xs[0], dim=-1) + 1e-8
+    q = torch.nn.functional.softmax(base, dim=-1) + 1e-8
+    imp = ((xs[0] - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)).reshape(-1)
+    picks = (torch.from_numpy(uniforms(0, NAME, -1, 0, 10**6)) * imp.numel()).to(torch.int64)
+    sample = torch.sort(imp[picks]).values
+    q1, med, q3 = sample[(torch.tensor([0.25, 0.5, 0.75]) * (10**6 - 1)).long()]
+    assert torch.equal(a.threshold, med + 1.5 * (q3 - q1))
