@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from distmerge.errors import ConfigError
 from distmerge.methods import get_method
 from distmerge.methods.base import ShardContext, TensorParams
 
@@ -529,3 +530,76 @@ def test_engine_same_bytes_across_shard_sizes(llama_family, tmp_path, method):
     params = params_for(method, len(models), glob, per_model)
     want = run(method, b[name].float(), [x[name].float() for x in xs], params)
     assert torch.equal(got[name].float(), want)
+
+
+# ---- parameters, validation and edge cases -------------------------------------------------
+
+def test_defaults_are_mergekits():
+    d = {n: ({k: s.default for k, s in get_method(n).global_parameters.items()},
+             {k: s.default for k, s in get_method(n).model_parameters.items()})
+         for n in ("sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl")}
+    assert d["sce"] == ({"select_topk": 1.0, "int8_mask": False}, {})
+    assert d["nuslerp"] == ({"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": None})
+    assert d["multislerp"] == ({"normalize_weights": True, "eps": 1e-8}, {"weight": None})
+    assert d["karcher"] == ({"max_iter": 10, "tol": 1e-5}, {})
+    assert d["nearswap"] == ({"t": None}, {})
+    assert d["arcee_fusion"] == ({}, {})
+    assert d["ram"] == ({"epsilon": 1e-5}, {})
+    assert d["ramplus_tl"] == ({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {})
+    counts = {n: (get_method(n).min_experts, get_method(n).max_experts) for n in d}
+    assert counts["nuslerp"] == (2, 2) and counts["nearswap"] == (1, 1) and counts["arcee_fusion"] == (1, 1)
+    assert all(get_method(n).base_optional for n in ("nuslerp", "multislerp", "karcher"))
+
+
+@pytest.mark.parametrize("method,key,value,allowed", [
+    ("sce", "select_topk", 1.5, "0 <= value <= 1"),
+    ("sce", "select_topk", -0.1, "0 <= value <= 1"),
+    ("karcher", "max_iter", -1, "0 <= max_iter <= 1000"),
+    ("karcher", "tol", -1e-3, "tol >= 0"),
+    ("ramplus_tl", "epsilon", 0.0, "epsilon > 0"),
+    ("ram", "epsilon", -1.0, "epsilon >= 0"),
+    ("multislerp", "eps", -1.0, "eps >= 0"),
+])
+def test_out_of_range_parameters_name_the_range(method, key, value, allowed):
+    with pytest.raises(ConfigError, match=rf"parameters\.{key}.*allowed: {allowed}"):
+        get_method(method).global_parameters[key].validate(value, f"parameters.{key}")
+
+
+def test_multislerp_weights_summing_to_zero_is_a_config_error():
+    with pytest.raises(ConfigError, match="normalize_weights"):
+        params_for("multislerp", 2, {}, [{"weight": 1.0}, {"weight": -1.0}])
+
+
+def test_multislerp_antipodal_two_models_blend_linearly_and_three_fail():
+    from distmerge.methods.multislerp import MultiSlerpError
+    a = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    params = params_for("multislerp", 2, {}, [{"weight": 1.0}, {"weight": 1.0}])
+    got = run("multislerp", None, [a, -a], params)
+    bits_equal(got, ref_multislerp(None, [a, -a], [1.0, 1.0], True, 1e-8))
+    params = params_for("multislerp", 3, {}, [{"weight": 1.0}, {"weight": 1.0}, {"weight": 0.0}])
+    with pytest.raises(MultiSlerpError, match="weights"):
+        run("multislerp", None, [a, -a, a * 0.5], params)
+
+
+def test_karcher_stops_when_converged_and_is_bounded():
+    a = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
+    params = params_for("karcher", 2, {"max_iter": 50})
+    assert get_method("karcher").reduction_rounds(params, (9, 4)) == 52
+    red = reduce_all("karcher", None, [a, 2 * a], params)
+    assert red.complete and red.steps == []  # parallel inputs: converged at the first iteration
+    bits_equal(merge_sharded("karcher", None, [a, 2 * a], params, red, 9), ref_karcher([a, 2 * a], 50, 1e-5))
+    zeros = [torch.zeros(9, 4), torch.zeros(9, 4)]
+    assert torch.equal(run("karcher", None, zeros, params), torch.zeros(9, 4))
+
+
+def test_nuslerp_colinear_vectors_blend_linearly():
+    a = torch.randn(7, 3, generator=torch.Generator().manual_seed(4))
+    params = params_for("nuslerp", 2, {}, [{"weight": 1.0}, {"weight": 3.0}])
+    got = run("nuslerp", None, [a, 2 * a], params)
+    bits_equal(got, ref_nuslerp(0.75, a, 2 * a, False, True))  # colinear only where cos rounds to 1
+    torch.testing.assert_close(got, 0.25 * a + 0.75 * (2 * a))
+
+
+def test_sce_select_topk_zero_keeps_the_base():
+    base, xs = make_inputs((5, 6), 2, torch.float32)
+    assert torch.equal(run("sce", base, xs, params_for("sce", 2, {"select_topk": 0.0})), base)
