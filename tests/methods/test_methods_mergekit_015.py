@@ -338,7 +338,7 @@ def reference(case, base, xs):
 
 # karcher takes |g| and the updated |m| of each iteration from Gram sums instead of from the
 # materialized (dtype-rounded) vectors: within these ulps (at the inputs' scale) of the transcription.
-REF_ULPS = {"karcher": 4, "arcee_fusion": 0}
+REF_ULPS = {"karcher": 3}
 
 
 def case_inputs(case, shape, dtype, seed=5):
@@ -436,7 +436,7 @@ def mergekit_params(method, glob, model, n):
 
 # Largest distance from mergekit's output allowed per method, in ulps of the compute dtype at
 # the inputs' scale (see ``ulps``; measured values are in docs/methods.md); 0 = bit-identical.
-MK_ULPS = {"nearswap": 0, "ram": 0, "ramplus_tl": 0, "nuslerp": 4, "multislerp": 4, "sce": 4, "karcher": 4, "arcee_fusion": 0}
+MK_ULPS = {"nearswap": 0, "ram": 0, "ramplus_tl": 0, "nuslerp": 3, "multislerp": 2, "sce": 2, "karcher": 3, "arcee_fusion": 0}
 
 MK_SHAPES = [(37, 19), (29,), (1, 23)]
 
