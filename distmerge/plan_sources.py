@@ -94,22 +94,25 @@ def _same(a: str, b: str) -> bool:
 
 
 def _roles(group: SliceGroup, config: MergeConfig, method: MergeMethod, needs_base: bool) -> tuple[int | None, list[int]]:
-    """The slice's base input (None: none used) and its expert inputs, checked against the method."""
+    """The slice's base input (None: the method gets no base rows) and its expert inputs,
+    checked against the method."""
     base_path = group.base_model or config.base_model
     base = next((k for k, i in enumerate(group.inputs) if base_path and _same(i.model, base_path)), None)
+    # mergekit's optional-base methods (nuslerp, multislerp, karcher) take it when there is one.
+    takes_base = method.uses_base or (method.base_optional and base is not None)
     if method.uses_base or needs_base:
         if base_path is None:
             raise ConfigError(f"base_model: {method.name} needs a base model; add base_model: PATH")
         if base is None:
             raise ConfigError(f"{group.where}.sources: the base model {base_path} is not among this slice's sources; "
                               f"add it with the layer_range {method.name} should take its layers from")
-    experts = [k for k in range(len(group.inputs)) if not (method.uses_base and k == base)]
+    experts = [k for k in range(len(group.inputs)) if not (takes_base and k == base)]
     n = len(experts)
     if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
         most = "" if method.max_experts is None else f" and at most {method.max_experts}"
         besides = " besides the base" if method.uses_base else ""
         raise ConfigError(f"{group.where}: {method.name} takes at least {method.min_experts}{most} models{besides}; got {n}")
-    return base, experts
+    return (base if takes_base or needs_base else None), experts
 
 
 def _tensor(models: _Models, group: SliceGroup, k: int, name: str, lead: TensorInfo) -> TensorInfo:
@@ -173,7 +176,7 @@ def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool =
                                ((f"{group.inputs[k].where}.parameters", group.inputs[k].parameters), *scopes),
                                o.input_names[k]) for k in expert_ks]
         params = resolve_parameters(method, scopes, experts, o.name, o.t, config.compute_dtype)
-        base = infos[base_k] if base_k is not None and (method.uses_base or needs_base) else None
+        base = infos[base_k] if base_k is not None else None
         tensors.append(SourcedTensor(o.name, lead.shape, config.out_dtype_code(lead.dtype), base,
                                      tuple(infos[k] for k in expert_ks), params))
     _warn_unused_tensors(groups, outputs, models)

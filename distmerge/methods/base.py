@@ -121,6 +121,9 @@ class MergeMethod:
 
     name: ClassVar[str]
     uses_base: ClassVar[bool] = True
+    # True: the base rows are passed when a base_model is configured (None otherwise), like
+    # mergekit's optional-base methods (nuslerp, multislerp, karcher's base-as-input).
+    base_optional: ClassVar[bool] = False
     min_experts: ClassVar[int] = 1
     max_experts: ClassVar[int | None] = None
     global_parameters: ClassVar[dict[str, ParamSpec]] = {}

@@ -1,0 +1,149 @@
+"""Multi-SLERP: barycentric interpolation of several models on the hypersphere (mergekit 0.1.5).
+
+    v_i = x_i (or x_i - base);  w = weights (/ sum w if normalize_weights), in the compute dtype
+    u_i = v_i / (|v_i| + eps);  m = sum_i w_i u_i;  |m| < eps: linear blend for 2 models, else an error
+    m = m / |m|;  d_i = <u_i, m>;  g = sum_i w_i (u_i - d_i m);  n = |g| + eps
+    out = (m cos(n) + g sin(n) / n) * sum_i w_i |v_i|   (+ base);   one model: out = x_1
+
+Four whole-tensor quantities, each needing the previous one: reduction round 0 the norms |v_i|,
+round 1 |m|, round 2 the dots d_i, round 3 |g|. Each is a float64 sum over canonical chunks
+rounded once to the compute dtype (mergekit's torch reductions return the compute dtype);
+every elementwise step is mergekit's torch expression, replayed on the rows in each round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import cast
+
+import torch
+
+from distmerge.errors import ConfigError, DistmergeError
+from distmerge.methods import reductions, scalars
+from distmerge.methods.base import (
+    MergeMethod,
+    ParamSpec,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+)
+
+ROUNDS = 4
+
+
+class MultiSlerpError(DistmergeError):
+    """The weighted mean of the unit vectors is zero (antipodal inputs with balancing weights)."""
+
+
+@dataclass
+class SumPartials(Partials):
+    sums: list[float]
+    dtype: torch.dtype
+
+
+@dataclass(kw_only=True)
+class MultiSlerpReductions(Reductions):
+    norms: torch.Tensor | None = None  # [N, 1], compute dtype
+    mean_norm: torch.Tensor | None = None
+    linear: bool = False  # |m| < eps with two models: mergekit's linear fallback
+    dots: torch.Tensor | None = None  # [N, 1]
+    tangent_norm: torch.Tensor | None = None
+
+
+class MultiSlerp(MergeMethod):
+    name = "multislerp"
+    uses_base = False
+    base_optional = True
+    min_experts = 1
+    global_parameters = {
+        "normalize_weights": ParamSpec(True, bool),
+        "eps": ParamSpec(1e-8, check=lambda v: v >= 0, allowed="eps >= 0"),
+    }
+    model_parameters = {"weight": ParamSpec(None)}
+
+    def validate(self, params: TensorParams, where: str) -> None:
+        if params.global_["normalize_weights"] and len(params.experts) > 1 \
+                and sum(p["weight"] for p in params.experts) == 0:
+            raise ConfigError(f"{where}: the models' weights (models[*].parameters.weight) sum to 0, so "
+                              "parameters.normalize_weights=true would divide by zero; change a weight")
+
+    def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
+        return 0 if len(params.experts) == 1 else ROUNDS
+
+    @staticmethod
+    def _weights(params: TensorParams, dtype: torch.dtype) -> torch.Tensor:
+        weights = torch.tensor([p["weight"] for p in params.experts], dtype=dtype)
+        return weights / weights.sum() if params.global_["normalize_weights"] else weights
+
+    def _replay(self, base, experts, params, red: MultiSlerpReductions | None, upto: int):
+        """mergekit's elementwise steps on these rows, as far as the rounds so far allow:
+        what round ``upto`` sums (``upto`` = ROUNDS: the merged rows)."""
+        eps = params.global_["eps"]
+        tensors = torch.stack(list(experts), dim=0)
+        if base is not None:
+            tensors -= base
+        flat = tensors.reshape(tensors.shape[0], -1)
+        if upto == 0:
+            return [reductions.dot(v, v) for v in flat]
+        assert red is not None and red.norms is not None
+        w = self._weights(params, flat.dtype)
+        units = flat / (red.norms + eps)
+        mean = (units * w.view(-1, 1)).sum(0)
+        if upto == 1:
+            return [reductions.dot(mean, mean)]
+        if red.linear:
+            res = (tensors[0] * w[0] + tensors[1] * w[1]).reshape(tensors.shape[1:])
+            return res if base is None else res + base
+        mean = mean / red.mean_norm
+        if upto == 2:
+            return [scalars.total(u * mean) for u in units]
+        tangent = units - red.dots * mean
+        tangent_result = (tangent * w.view(-1, 1)).sum(0)
+        if upto == 3:
+            return [reductions.dot(tangent_result, tangent_result)]
+        tn = red.tangent_norm
+        result = mean * torch.cos(tn) + tangent_result * (torch.sin(tn) / tn)
+        result = result * (red.norms.squeeze(-1) * w).sum()
+        result = result.view(tensors.shape[1:])
+        return result if base is None else result + base
+
+    def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+                           ctx: ShardContext, round_: int, previous: Reductions | None) -> SumPartials:
+        red = cast(MultiSlerpReductions | None, previous)
+        if red is not None and red.linear:
+            return SumPartials([], experts[0].dtype)
+        return SumPartials(self._replay(base, experts, params, red, round_), experts[0].dtype)
+
+    def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
+               round_: int, previous: Reductions | None) -> MultiSlerpReductions:
+        chunks = cast(Sequence[SumPartials], partials)
+        dtype = chunks[0].dtype
+        out = MultiSlerpReductions() if previous is None else replace(cast(MultiSlerpReductions, previous))
+        if out.linear:
+            return out
+        sums = [reductions.ordered_sum([c.sums[i] for c in chunks]) for i in range(len(chunks[0].sums))]
+        eps = params.global_["eps"]
+        if round_ == 0:
+            out.norms = torch.stack([scalars.sqrt_as(s, dtype) for s in sums]).view(-1, 1)
+        elif round_ == 1:
+            out.mean_norm = scalars.sqrt_as(sums[0], dtype)
+            if bool(out.mean_norm < eps):
+                if len(params.experts) != 2:
+                    raise MultiSlerpError(
+                        "multislerp: the weighted sum of the models' unit vectors is zero (antipodal models whose "
+                        "weights balance out); use different weights (models[*].parameters.weight)")
+                out.linear = out.complete = True
+        elif round_ == 2:
+            out.dots = torch.stack([scalars.as_dtype(s, dtype) for s in sums]).view(-1, 1)
+        else:
+            out.tangent_norm = scalars.sqrt_as(sums[0], dtype) + eps
+        return out
+
+    def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+              ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
+        if len(experts) == 1:
+            return experts[0].clone()
+        red = cast(MultiSlerpReductions, reduced)
+        return self._replay(base, experts, params, red, ROUNDS)

@@ -1,0 +1,112 @@
+"""RAM and RAM+ (Reinforced Agent Merging, arXiv 2601.13572), mergekit 0.1.5's tensor-local form.
+
+    tv_i = x_i - base;  nz_i = |tv_i| > epsilon;  c = sum_i nz_i       (per element)
+    ram:        out = base + sum_i (tv_i nz_i [c == 1] + tv_i nz_i [c > 1] / max(c, 1))
+    ramplus_tl: shared_i = #{nz_i and c > 1},  unique_i = #{nz_i and c == 1}   (whole tensor)
+                rho_i = shared_i / max(unique_i, epsilon);  lambda_i = 1 + r * clamp(rho_i, 0, alpha)
+                out = base + sum_i (tv_i nz_i [c == 1] lambda_i + tv_i nz_i [c > 1] / max(c, 1))
+
+``ram`` is elementwise (shard-local). ``ramplus_tl``'s two counts per model cover the whole
+tensor: one reduction round of exact integer counts. Every elementwise step is mergekit's torch
+expression on the rows, so both are bit-identical to mergekit 0.1.5. As there, ``lambda_i`` is
+a float32 tensor, so ramplus_tl's sum runs in float32 whatever the compute dtype; distmerge then
+rounds the result once to the compute dtype (mergekit returns the float32 result and rounds it
+to the output dtype when writing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+
+from distmerge.methods.base import (
+    MergeMethod,
+    ParamSpec,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+)
+
+
+def _masks(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):
+    tv = torch.stack([x - base for x in experts], dim=0).reshape(len(experts), -1)
+    nonzero = tv.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return tv, nonzero, counts, counts > 1, counts == 1
+
+
+@dataclass
+class CountPartials(Partials):
+    """One chunk's exact per-model counts of shared and unique nonzero task-vector elements."""
+
+    shared: list[int]
+    unique: list[int]
+
+
+@dataclass(kw_only=True)
+class RamPlusReductions(Reductions):
+    shared: list[int]
+    unique: list[int]
+
+
+class Ram(MergeMethod):
+    name = "ram"
+    uses_base = True
+    min_experts = 1
+    global_parameters = {"epsilon": ParamSpec(1e-5, check=lambda v: v >= 0, allowed="epsilon >= 0")}
+    model_parameters = {}
+
+    def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+              ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
+        assert base is not None
+        tv, nonzero, counts, overlap, unique = _masks(base, experts, params.global_["epsilon"])
+        tv_z = tv * nonzero
+        merged = ((tv_z * unique) + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
+
+
+class RamPlusTl(MergeMethod):
+    name = "ramplus_tl"
+    uses_base = True
+    min_experts = 1
+    global_parameters = {
+        "r": ParamSpec(0.1),
+        "alpha": ParamSpec(0.2),
+        # 0 would divide 0 unique elements by 0 (a NaN lambda that poisons the whole tensor)
+        "epsilon": ParamSpec(1e-5, check=lambda v: v > 0, allowed="epsilon > 0"),
+    }
+    model_parameters = {}
+
+    def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
+        return 1
+
+    def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+                           ctx: ShardContext, round_: int, previous: Reductions | None) -> CountPartials:
+        assert base is not None
+        _, nonzero, _, overlap, unique = _masks(base, experts, params.global_["epsilon"])
+        return CountPartials((nonzero & overlap).sum(dim=1).tolist(), (nonzero & unique).sum(dim=1).tolist())
+
+    def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
+               round_: int, previous: Reductions | None) -> RamPlusReductions:
+        chunks = cast(Sequence[CountPartials], partials)
+        n = len(chunks[0].shared)
+        return RamPlusReductions(shared=[sum(c.shared[i] for c in chunks) for i in range(n)],
+                                 unique=[sum(c.unique[i] for c in chunks) for i in range(n)])
+
+    def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+              ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
+        assert base is not None and isinstance(reduced, RamPlusReductions)
+        g = params.global_
+        tv, nonzero, counts, overlap, unique = _masks(base, experts, g["epsilon"])
+        shared_counts = torch.tensor(reduced.shared, dtype=torch.int64)
+        unique_counts = torch.tensor(reduced.unique, dtype=torch.int64)
+        rho = shared_counts / unique_counts.clamp(min=g["epsilon"])
+        lambda_ = 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])
+        tv_z = tv * nonzero
+        merged = ((tv_z * unique * lambda_.unsqueeze(-1))
+                  + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return (base + merged.reshape_as(base)).to(base.dtype)

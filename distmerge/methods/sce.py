@@ -1,0 +1,152 @@
+"""SCE (Select, Calculate, Erase; arXiv 2408.07990), mergekit 0.1.5's ``sce``.
+
+    tv_i = x_i - base
+    select (select_topk < 1): v = var_i(tv_i) per element (population variance, compute dtype);
+        k = int(count_nonzero(v) * select_topk); keep the elements whose v is among the k largest
+        of the whole tensor (none when k = 0); tv_i *= keep
+    calculate: w_i = mean(tv_i^2) over the whole tensor; w = w / sum(w)  (1/N each when |sum| < 1e-6)
+    erase: TIES sign consensus, m_i = [sign(tv_i) == sign(sum_i tv_i)]  (ties to +, a zero never matches)
+    out = base + sum_i(tv_i w_i m_i) / max(sum_i(w_i m_i), 1e-6)
+
+Whole-tensor quantities, in reduction rounds over canonical chunks: round 0 counts the nonzero
+variances (exact) and histograms the high 16 bits of the variances' float32 bit patterns
+(``selection``'s radix selection, the same as TIES's threshold); round 1 finds the exact
+k-th largest from the low 16 bits inside the located bucket; the last round sums the kept
+task vectors' squares in float64 (rounded once to the compute dtype, as mergekit's mean
+returns). Without selection only that last round runs. Everything elementwise is mergekit's
+torch expression in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import cast
+
+import torch
+
+from distmerge.methods import scalars
+from distmerge.methods.base import (
+    MergeMethod,
+    ParamSpec,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+    unit_interval,
+)
+from distmerge.methods.selection import HIGH_BINS, dense_low, locate, magnitude_keys, sum_histograms
+
+NONE_KEPT = 0x7FFFFFFF  # a threshold key above every finite variance: keep nothing
+
+
+@dataclass
+class ScePartials(Partials):
+    nonzero: int = 0
+    high: torch.Tensor | None = None  # round 0: high-bits histogram of the variance keys
+    low: tuple[torch.Tensor, torch.Tensor] | None = None  # round 1: low bits in the bucket, counts
+    squares: tuple[float, ...] = ()  # last round: float64 sums of the kept tv_i^2
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(kw_only=True)
+class SceReductions(Reductions):
+    bucket: tuple[int, int] | None = None  # (bucket, rank left inside it) after round 0
+    threshold: int | None = None  # variance key of the k-th largest (None: no selection)
+    weights: torch.Tensor | None = None  # [N], compute dtype, normalized
+
+
+class Sce(MergeMethod):
+    name = "sce"
+    uses_base = True
+    min_experts = 1
+    global_parameters = {
+        "select_topk": ParamSpec(1.0, check=unit_interval(allow_zero=True)[0], allowed=unit_interval(True)[1]),
+        "int8_mask": ParamSpec(False, bool),
+    }
+    model_parameters = {}
+
+    @staticmethod
+    def _selects(params: TensorParams) -> bool:
+        return 0.0 < params.global_["select_topk"] < 1.0
+
+    def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
+        return 3 if self._selects(params) else 1
+
+    @staticmethod
+    def _task_vectors(base, experts):
+        return torch.stack([x - base for x in experts], dim=0)
+
+    def _kept(self, tvs: torch.Tensor, params: TensorParams, red: SceReductions | None) -> torch.Tensor:
+        """The task vectors after selection (mergekit's ``tvs * mask``, mask in the compute dtype)."""
+        density = params.global_["select_topk"]
+        if density >= 1:
+            return tvs * torch.ones_like(tvs[0]).unsqueeze(0)
+        if density <= 0:
+            return tvs * torch.zeros_like(tvs[0]).unsqueeze(0)
+        assert red is not None and red.threshold is not None
+        var = torch.var(tvs, dim=0, unbiased=False)
+        keep = (magnitude_keys(var) >= red.threshold).reshape(var.shape)
+        return tvs * keep.to(tvs.dtype).unsqueeze(0)
+
+    def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+                           ctx: ShardContext, round_: int, previous: Reductions | None) -> ScePartials:
+        assert base is not None
+        tvs = self._task_vectors(base, experts)
+        red = cast(SceReductions | None, previous)
+        last = self.reduction_rounds(params) - 1
+        if round_ < last:
+            keys = magnitude_keys(torch.var(tvs, dim=0, unbiased=False))
+            if round_ == 0:
+                return ScePartials(nonzero=int(torch.count_nonzero(keys)), dtype=tvs.dtype,
+                                   high=torch.bincount(keys >> 16, minlength=HIGH_BINS))
+            assert red is not None
+            if red.bucket is None:
+                return ScePartials(dtype=tvs.dtype)
+            inside = keys[(keys >> 16) == red.bucket[0]] & 0xFFFF
+            return ScePartials(low=torch.unique(inside, return_counts=True), dtype=tvs.dtype)
+        kept = self._kept(tvs, params, red)
+        return ScePartials(squares=tuple(scalars.total(t.square()) for t in kept), dtype=tvs.dtype)
+
+    def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
+               round_: int, previous: Reductions | None) -> SceReductions:
+        chunks = cast(Sequence[ScePartials], partials)
+        out = SceReductions() if previous is None else replace(cast(SceReductions, previous))
+        last = self.reduction_rounds(params) - 1
+        if round_ < last and round_ == 0:
+            # mergekit multiplies the 0-dim int64 count by the float: a float32 product
+            k = int(torch.tensor(sum(c.nonzero for c in chunks)) * params.global_["select_topk"])
+            if k == 0:
+                out.threshold = NONE_KEPT
+            else:
+                out.bucket = locate(sum_histograms([c.high for c in chunks]), k)
+        elif round_ < last:
+            if out.bucket is not None:
+                parts = [c.low for c in chunks if c.low is not None]
+                low, _ = locate(dense_low(parts), out.bucket[1])
+                out.threshold = (out.bucket[0] << 16) | low
+        else:
+            numel = 1
+            for d in shape:
+                numel *= d
+            dtype = chunks[0].dtype
+            n = len(chunks[0].squares)
+            sums = [sum(c.squares[i] for c in chunks) for i in range(n)]  # left to right, chunk order
+            weights = torch.stack([scalars.as_dtype(s / numel, dtype) for s in sums])
+            weight_sum = torch.sum(weights).item()
+            out.weights = torch.ones_like(weights) / n if abs(weight_sum) < 1e-6 else weights / weight_sum
+        return out
+
+    def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+              ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
+        assert base is not None and isinstance(reduced, SceReductions) and reduced.weights is not None
+        tvs = self._kept(self._task_vectors(base, experts), params, reduced)
+        sign = tvs.sign()
+        majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+        erase_mask = sign == majority
+        tv_weights = reduced.weights.to(tvs.dtype)
+        while tv_weights.dim() < tvs.dim():
+            tv_weights = tv_weights.unsqueeze(-1)
+        erased = tv_weights * erase_mask
+        merged = (tvs * erased).sum(dim=0)
+        return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
