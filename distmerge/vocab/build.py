@@ -113,7 +113,7 @@ def _union(base_tok: Any, toks: dict[int, Any], sizes: dict[int, int | None]) ->
             out_added[info.content] = info
     with tempfile.TemporaryDirectory(prefix="distmerge-tok-") as tmp:
         base_tok.save_pretrained(tmp)
-        res = transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True, local_files_only=True)
+        res = transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True)
     base_vocab = base_tok.get_vocab()
     for text in out_vocab:
         if text not in out_added and text not in base_vocab:

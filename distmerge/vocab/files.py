@@ -70,7 +70,7 @@ def load_tokenizer(folder: str | os.PathLike[str], role: str) -> Any | None:
             return None
         try:
             tok = transformers.AutoTokenizer.from_pretrained(
-                tmp, use_fast=True, trust_remote_code=False, local_files_only=True)
+                tmp, use_fast=True, trust_remote_code=False)
         except Exception as e:  # transformers raises anything from ValueError to KeyError here
             raise CheckpointError(
                 f"{role} {folder}: its tokenizer files ({', '.join(copied)}) cannot be loaded: "

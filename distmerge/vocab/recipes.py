@@ -13,8 +13,13 @@ import numpy as np
 import torch
 
 from distmerge.errors import ConfigError
-from distmerge.vocab.build import same_model
-from distmerge.vocab.config import ModelTokenEmbedding, TokenEmbeddingConfig, ZeroEmbedding
+from distmerge.vocab.build import TokenizerInfo, same_model
+from distmerge.vocab.config import (
+    ModelTokenEmbedding,
+    TokenEmbeddingConfig,
+    TokenizerConfig,
+    ZeroEmbedding,
+)
 from distmerge.vocab.rows import COPY, MEAN, ZERO, VocabularyRows, frozen
 
 log = logging.getLogger(__name__)
@@ -115,3 +120,18 @@ def _configured(text: str, t: int, cfg: TokenEmbeddingConfig, models: Sequence[s
     if perm[m, t] < 0:
         raise ConfigError(f"{where}: token {text!r} is not in model {ref}, its configured source")
     return COPY, m, int(perm[m, t])
+
+
+def tensor_rows(info: TokenizerInfo, settings: TokenizerConfig, base_model: str | None, models: Sequence[int],
+                input_shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
+                tensor: str = "a vocabulary tensor") -> VocabularyRows:
+    """:func:`vocabulary_rows` for a tensor merged from ``info.models[i] for i in models`` (in
+    that order) whose input tensors have ``input_shapes`` (vocabulary on axis 0)."""
+    shapes = [tuple(s) for s in input_shapes]
+    if len({s[1:] for s in shapes}) != 1:
+        raise ConfigError(f"{tensor}: the models' non-vocabulary dimensions differ ({shapes})")
+    return vocabulary_rows(
+        info.vocab, [info.permutations[i] for i in models], [info.models[i] for i in models],
+        base_model=base_model, tokens=settings.tokens, pad_to_multiple_of=settings.pad_to_multiple_of,
+        input_rows=[s[0] for s in shapes], original_vocabs=[info.original_vocabs[i] for i in models],
+        row_shape=shapes[0][1:], dtype=dtype, tensor=tensor)
