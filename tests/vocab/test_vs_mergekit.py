@@ -56,17 +56,23 @@ CASES = {
         "_tok_21": {"source": {"kind": "model_token", "model": "@base", "token": "<s>"}, "force": True},
     }, 7, None),
 }
-# Configurations mergekit refuses (with an assertion, NotImplementedError or ValueError) and
-# distmerge refuses with a ConfigError naming the token.
+# Configurations mergekit refuses when it aligns a tensor (the exception it raises) and
+# distmerge refuses with a ConfigError naming the token, when the recipes are built.
 ERRORS = {
-    "err_no_source": (["base", "chatml"], "base", "union", {"<|new|>": {"force": True}}),
-    "err_missing_token": (["base", "chatml"], "base", "union", {
-        "<|new|>": {"source": {"kind": "model_token", "model": "@base", "token": "<|nope|>"}}}),
-    "err_token_id_range": (["base", "chatml"], "base", "union", {
-        "<|new|>": {"source": {"kind": "model_token", "model": "@base", "token_id": 64}}}),
-    "err_model_lacks": (["base", "chatml"], "base", "union", {"<|im_start|>": {"source": "@base", "force": True}}),
-    "err_not_merged": (["base", "chatml"], "base", "union", {"<|new|>": {"source": "@special"}}),
+    "err_no_source": ((["base", "chatml"], "base", "union", {"<|new|>": {"force": True}}),
+                      "NotImplementedError"),
+    "err_missing_token": ((["base", "chatml"], "base", "union", {
+        "<|new|>": {"source": {"kind": "model_token", "model": "@base", "token": "<|nope|>"}}}), "AssertionError"),
+    "err_token_id_range": ((["base", "chatml"], "base", "union", {
+        "<|new|>": {"source": {"kind": "model_token", "model": "@base", "token_id": 64}}}), "AssertionError"),
+    "err_model_lacks": ((["base", "chatml"], "base", "union", {
+        "<|im_start|>": {"source": "@base", "force": True}}), "AssertionError"),
+    "err_not_merged": ((["base", "chatml"], "base", "union", {"<|new|>": {"source": "@special"}}), "ValueError"),
 }
+# Where distmerge intentionally differs: a tokenizer source whose tokens sit past its model's
+# vocab_size (padded's <UNUSED_i>): mergekit leaves them out of the permutation and then fails
+# with a KeyError; distmerge treats them as absent from that model (here: from every model: zero).
+PADDED_SOURCE = (["base", "padded", "chatml"], "base", "padded", None, None, None)
 SIZES = {"base": 64, "chatml": 66, "padded": 64, "special": 65, "swapped": 65, "notok": 64}
 
 
@@ -86,14 +92,14 @@ def reference(folders, tmp_path_factory):
     root = tmp_path_factory.mktemp("vocab-cases")
     cases = {}
     for seed, (name, (models, base, source, tokens, pad, template)) in enumerate(
-            {**CASES, **{k: (*v, None, None) for k, v in ERRORS.items()}}.items()):
+            {**CASES, "padded_source": PADDED_SOURCE,
+             **{k: (*v[0], None, None) for k, v in ERRORS.items()}}.items()):
         paths = [folders[m] for m in models]
         cases[name] = {
             "models": paths, "base_model": folders[base] if base else None,
             "source": source if source in ("union", "base") else folders[source],
             "tokens": _resolve(tokens, folders), "pad_to_multiple_of": pad, "chat_template": template,
-            "tensors": tensor_specs(root, name, paths, {folders[k]: v for k, v in SIZES.items()}, seed)
-            if name in CASES else [],
+            "tensors": tensor_specs(root, name, paths, {folders[k]: v for k, v in SIZES.items()}, seed),
         }
     out = root / "mergekit"
     run_mergekit(cases, out)
@@ -197,8 +203,28 @@ def test_aligned_rows_match_mergekit(reference, name):
 def test_refused_like_mergekit(reference, name):
     cases, out = reference
     case, mk = cases[name], mk_info(out, name)
+    assert "error" not in mk
+    assert mk["tensor_errors"]["embed"][0] == ERRORS[name][1], mk["tensor_errors"]
     settings, info = ours(case)
-    shapes = [(SIZE, 4) for SIZE in (64, 66)]
-    with pytest.raises(ConfigError, match="tokenizer.tokens"):
+    spec = case["tensors"][0]
+    shapes = [t.shape for t in load_file(spec["file"]).values()]
+    with pytest.raises(ConfigError, match=r"tokenizer\.tokens\["):
         tensor_rows(info, settings, case["base_model"], [0, 1], shapes, torch.float32, "embed")
-    assert mk.get("error") or mk.get("tensor_errors") is not None
+
+
+def test_tokens_past_vocab_size_are_absent_where_mergekit_fails(reference):
+    cases, out = reference
+    case, mk = cases["padded_source"], mk_info(out, "padded_source")
+    assert mk["tensor_errors"]["embed"][0] == "KeyError"
+    settings, info = ours(case)
+    assert info.vocab == mk["vocab"]
+    unused = [info.vocab[f"<UNUSED_{i}>"] for i in range(4)]
+    assert [mk["permutations"]["1"][t] for t in unused] == [None] * 4  # no entry: the KeyError
+    assert all(info.permutations[m][t] == -1 for m in range(3) for t in unused)
+    data = load_file(case["tensors"][0]["file"])
+    inputs = [data[f"m{i}"] for i in range(3)]
+    rows = tensor_rows(info, settings, case["base_model"], [0, 1, 2], [t.shape for t in inputs],
+                       torch.float32, "embed")
+    got = rows.assemble(1, 0, rows.out_rows, lambda m, idx: inputs[m][torch.from_numpy(idx)])
+    assert torch.count_nonzero(got[unused]) == 0
+    assert torch.equal(got[:64], inputs[1])
