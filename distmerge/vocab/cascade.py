@@ -7,12 +7,12 @@ whenever the count of values so far is a multiple of ``level_step ** j`` level j
 into level j + 1 the same way; values after the last full group go into level 0, and at the end
 level 0 += level 1, += level 2, += level 3. Accumulators are float32 for float32, bfloat16 and
 float16 inputs and float64 for float64; ``mean`` then divides the sum by ``n`` in that type and
-rounds to the input dtype. That is the order of every column for bfloat16, float16 and float64
-rows, and of the columns torch's float32 kernel sums in its main loop (groups of 4 SIMD vectors,
-32 floats here: every column of a real hidden size); the float32 columns past the last full
-group are summed by ``row_sum``: rows i = k (mod 4) into four such cascades over n // 4 rows,
-the last n % 4 rows into the first, then first += second, += third, += fourth. The group width
-is measured once per process (:func:`float32_group_width`). Rows narrower than 32 values (a
+rounds to the input dtype. That is the order of the columns torch sums in its main loop,
+groups of 4 SIMD vectors of accumulators (here 32 columns for float32, bfloat16 and float16, 16
+for float64: every column of a real hidden size); the columns past the last full group are
+summed by ``row_sum``: rows i = k (mod 4) into four such cascades over n // 4 rows, the last
+n % 4 rows into the first, then first += second, += third, += fourth. The group width is
+measured once per process and dtype (:func:`group_width`). Rows narrower than 32 values (a
 bias) are not streamed: their n values are few, and ``torch.mean`` is called on all of them.
 """
 
@@ -102,14 +102,16 @@ class RowSum:
         return out
 
 
-def _probe(width: int) -> bool:
+def _probe(width: int, dtype: torch.dtype) -> bool:
     g = torch.Generator().manual_seed(width)
-    n, h = 301, 2 * width + 9
-    x = torch.randn(n, h, generator=g)
-    return bool(torch.equal(torch.sum(x, dim=0), _float32_sum(x, width)))
+    for h in (width + width // 2 + 3, 3 * width - 1, 2 * width + 9):
+        x = spread_values((301, h), g).to(dtype)
+        if not torch.equal(torch.sum(x, dim=0, dtype=accumulator_dtype(dtype)), _split_total(x, width)):
+            return False
+    return True
 
 
-def _float32_sum(x: torch.Tensor, width: int) -> torch.Tensor:
+def _split_total(x: torch.Tensor, width: int) -> torch.Tensor:
     n, h = x.shape
     main = (h // width) * width
     a, b = CascadeSum(n, (main,), x.dtype), RowSum(n, (h - main,), x.dtype)
@@ -118,15 +120,23 @@ def _float32_sum(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([a.total(), b.total()])
 
 
-_WIDTH: list[int | None] = []
+def spread_values(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """float64 values of exponents spread over 2**-12..2**12: their sums round in every dtype,
+    so a different order of additions shows."""
+    return torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(-12, 13, shape, generator=g).double())
 
 
-def float32_group_width() -> int | None:
-    """Columns per main-loop group of torch's float32 dim-0 sum on this machine (None: no
-    candidate reproduces it; then every column is summed as a plain cascade)."""
-    if not _WIDTH:
-        _WIDTH.append(next((w for w in (32, 64, 16, 128) if _probe(w)), None))
-    return _WIDTH[0]
+_WIDTHS: dict[torch.dtype, int | None] = {}
+
+
+def group_width(dtype: torch.dtype) -> int | None:
+    """Columns per main-loop group of torch's dim-0 sum of ``dtype`` on this machine (4 SIMD
+    vectors), found by trying the candidates on a probe; None when none reproduces torch
+    (then every column is summed as one plain cascade, and may differ in the last bits)."""
+    if dtype not in _WIDTHS:
+        _WIDTHS[dtype] = next((w for w in (8, 16, 32, 64, 128) if _probe(w, dtype)), None)
+    return _WIDTHS[dtype]
 
 
 class StreamingMean:
@@ -141,7 +151,7 @@ class StreamingMean:
             numel *= d
         self.numel = numel
         self.kept: list[torch.Tensor] | None = [] if numel < self.MIN_STREAMED else None
-        width = float32_group_width() if dtype == torch.float32 and self.kept is None else None
+        width = group_width(dtype) if self.kept is None else None
         self.main = (numel // width) * width if width else numel
         self.cascade = CascadeSum(n, (self.main,), dtype)
         self.rowsum = RowSum(n, (numel - self.main,), dtype) if self.main < numel else None

@@ -15,6 +15,8 @@ import tokenizers
 import torch
 from safetensors.torch import save_file
 
+from distmerge.vocab.cascade import spread_values
+
 MERGEKIT_HOME = Path(os.environ.get("DISTMERGE_MERGEKIT", Path.home() / ".cache/distmerge/mergekit-0.1.5"))
 MERGEKIT_PYTHON = MERGEKIT_HOME / "bin" / "python"
 REFERENCE = Path(__file__).with_name("mk_reference.py")
@@ -26,7 +28,7 @@ def make_tokenizer(vocab_size: int, added_tokens: list) -> object:
     from transformers import LlamaTokenizerFast
 
     tokens = (["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)])[:vocab_size]
-    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size))),
+    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size), strict=True)),
                                         "merges": []}, "added_tokens": []}
     tok = tokenizers.Tokenizer.from_str(json.dumps(data))
     with tempfile.TemporaryDirectory() as p:
@@ -95,7 +97,7 @@ def tensor_specs(root: Path, case: str, models: list[str], sizes: dict[str, int]
                                       ("bias", models, (), torch.float32),
                                       ("reordered", reordered, (3, 8), torch.float32)):
         file = root / f"{case}-{name}.safetensors"
-        save_file({f"m{i}": (torch.randn(sizes[m], *shape, generator=g) * 2).to(dtype)
+        save_file({f"m{i}": spread_values((sizes[m], *shape), g).to(dtype)
                    for i, m in enumerate(order)}, str(file))
         specs.append({"name": name, "models": order, "file": str(file)})
     return specs

@@ -14,13 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.io.tasks import GatherTensors
 from mergekit.merge import _set_chat_template
 from mergekit.tokenizer import BuildTokenizer, PermutedVocabulary
 from mergekit.tokenizer.config import TokenizerConfig
+from safetensors.torch import load_file, save_file
 
 
 def ref(path):

@@ -10,7 +10,7 @@ import torch
 
 from distmerge.errors import ConfigError
 from distmerge.vocab import TokenEmbeddingConfig, vocabulary_rows
-from distmerge.vocab.cascade import StreamingMean
+from distmerge.vocab.cascade import StreamingMean, spread_values
 from distmerge.vocab.config import ModelTokenEmbedding, ZeroEmbedding
 
 
@@ -34,7 +34,7 @@ def whole_reference(vocab, perms, models, base, tokens, pad, tensors, original_v
             cfgs[tok] = TokenEmbeddingConfig(source=base)
         else:
             avg.add(tok)
-    x = dict(zip(models, tensors))
+    x = dict(zip(models, tensors, strict=True))
     defaults = {}
     for tok, t in vocab.items():
         cfg = cfgs.get(tok)
@@ -103,7 +103,7 @@ def random_case(seed: int, dtype: torch.dtype, row_shape: tuple[int, ...]):
         tokens[f"t{t}"] = TokenEmbeddingConfig(source=src, force=bool(rng.random() < 0.5))
     pad = int(rng.integers(2, 40)) if rng.random() < 0.6 else None
     g = torch.Generator().manual_seed(seed)
-    tensors = [(torch.randn(r, *row_shape, generator=g) * 3).to(dtype) for r in rows]
+    tensors = [spread_values((r, *row_shape), g).to(dtype) for r in rows]
     return vocab, perms, models, base, tokens, pad, tensors
 
 
@@ -135,7 +135,7 @@ def test_every_range_equals_the_whole_tensor_port(seed):
 def test_streaming_mean_is_torch_mean(dtype, n):
     g = torch.Generator().manual_seed(n)
     for shape in ((1,), (7,), (31,), (32,), (40,), (63,), (64,), (100,), (4, 24), ()):
-        x = (torch.randn(n, *shape, generator=g) * 3).to(dtype)
+        x = spread_values((n, *shape), g).to(dtype)
         acc = StreamingMean(n, shape, dtype)
         for s in range(0, n, 37):
             acc.add(x[s:s + 37])

@@ -152,7 +152,7 @@ def _ranges(n: int) -> list[tuple[int, int]]:
     ranges = [(0, n), (0, 1), (n - 1, n), (n // 2, n // 2 + 1), (3, 10), (1, n - 1)]
     ranges += [(r, r + 1) for r in range(n)]
     cuts = sorted(set(rng.integers(0, n, 6).tolist()) | {0, n})
-    ranges += list(zip(cuts, cuts[1:]))
+    ranges += list(zip(cuts, cuts[1:], strict=False))
     for _ in range(12):
         a, b = sorted(rng.integers(0, n + 1, 2).tolist())
         if a < b:
