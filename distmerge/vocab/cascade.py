@@ -18,6 +18,7 @@ bias) are not streamed: their n values are few, and ``torch.mean`` is called on 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 LEVELS = 4
@@ -47,20 +48,26 @@ class CascadeSum:
         self.full_end = (n // self.step) * self.step  # rows before this go through the levels
 
     def add(self, rows: torch.Tensor) -> None:
-        """Add the next ``len(rows)`` rows (in order)."""
-        rows = rows.to(self.acc_dtype)
-        acc = self.acc
-        for k in range(rows.shape[0]):
-            acc[0] += rows[k]
-            self.seen += 1
+        """Add the next ``len(rows)`` rows (in order). Level 0 takes a group's rows with
+        ``numpy.add.accumulate`` (one IEEE addition after another, like torch's loop)."""
+        if self.seen + rows.shape[0] > self.n:
+            raise ValueError(f"more than the {self.n} rows announced")
+        x = rows.to(self.acc_dtype).numpy()
+        acc, level0 = self.acc, self.acc[0].numpy()
+        i, k = 0, x.shape[0]
+        while i < k:
+            take = min(self.step - self.seen % self.step, k - i) if self.seen < self.full_end else k - i
+            chain = np.concatenate([level0[None], x[i:i + take]])
+            np.add.accumulate(chain, axis=0, out=chain)
+            level0[...] = chain[-1]
+            i += take
+            self.seen += take
             if self.seen <= self.full_end and self.seen % self.step == 0:
                 for j in range(1, LEVELS):
                     acc[j] += acc[j - 1]
                     acc[j - 1].zero_()
                     if self.seen & (self.mask << (j * self.power)):
                         break
-        if self.seen > self.n:
-            raise ValueError(f"more than the {self.n} rows announced")
 
     def total(self) -> torch.Tensor:
         if self.seen != self.n:
@@ -86,14 +93,17 @@ class RowSum:
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.parts[0].acc_dtype)
-        for k in range(rows.shape[0]):
-            if self.seen < 4 * self.quarter:
-                self.parts[self.seen % 4].add(rows[k:k + 1])
-            else:
-                if self.tail is None:
-                    self.tail = self.parts[0].total()
-                self.tail += rows[k]
-            self.seen += 1
+        split = max(0, min(rows.shape[0], 4 * self.quarter - self.seen))
+        for r in range(4):  # rows of global index = r (mod 4), before the tail
+            first = (r - self.seen) % 4
+            if first < split:
+                self.parts[r].add(rows[first:split:4])
+        if split < rows.shape[0]:
+            if self.tail is None:
+                self.tail = self.parts[0].total()
+            for row in rows[split:]:
+                self.tail += row
+        self.seen += rows.shape[0]
 
     def total(self) -> torch.Tensor:
         out = self.tail if self.tail is not None else self.parts[0].total()

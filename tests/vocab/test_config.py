@@ -6,7 +6,12 @@ import pytest
 from pydantic import ValidationError
 
 from distmerge.errors import ConfigError
-from distmerge.vocab import TokenizerConfig, named_templates, resolve_chat_template, tokenizer_settings
+from distmerge.vocab import (
+    TokenizerConfig,
+    named_templates,
+    resolve_chat_template,
+    tokenizer_settings,
+)
 
 
 def test_mergekit_shapes_parse():
