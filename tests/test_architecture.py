@@ -39,9 +39,12 @@ LAYERS: dict[str, int] = {
     "distmerge.config": 1,
     "distmerge.checkpoint": 1,
     "distmerge.slices": 1,
+    "distmerge.vocab.config": 1,  # the tokenizer: block's models, for config.py to embed
     # 2. pure math
     "distmerge.methods": 2,
     "distmerge.aim": 2,
+    # the merged vocabulary: tokenizer building and per-row recipes (no engine, no Ray)
+    "distmerge.vocab": 2,
     # 3. the merge plan
     "distmerge.plan": 3,
     "distmerge.parameters": 3,
