@@ -30,6 +30,7 @@ from distmerge.dtypes import config_dtype
 from distmerge.errors import ConfigError, shown
 from distmerge.io.structured import check_bounded, read_yaml
 from distmerge.sizes import parse_size
+from distmerge.vocab.config import TokenizerConfig, tokenizer_settings
 
 # Parameters mergekit accepts that change nothing here (memory tricks of a single-process merge).
 IGNORED_PARAMETERS = {"int8_mask"}
@@ -100,40 +101,6 @@ class OutputSlice(_Strict):
     @classmethod
     def _base_path(cls, v: str | None) -> str | None:
         return _plain_path(v)
-
-
-class ZeroEmbedding(_Strict):
-    kind: Literal["zero"]
-
-
-class ModelTokenEmbedding(_Strict):
-    kind: Literal["model_token"]
-    model: str
-    token_id: int | None = Field(None, ge=0)
-    token: str | None = None
-
-    @model_validator(mode="after")
-    def _one_token(self) -> ModelTokenEmbedding:
-        if (self.token_id is None) == (self.token is None):
-            raise ValueError("give exactly one of token_id or token")
-        return self
-
-
-class TokenEmbedding(_Strict):
-    """Where one token's embedding row comes from (mergekit's ``tokenizer.tokens`` entries)."""
-
-    source: ZeroEmbedding | ModelTokenEmbedding | str | None = None
-    force: bool = False
-
-
-class TokenizerConfig(_Strict):
-    """mergekit's ``tokenizer:`` block: the vocabulary's source, token overrides, padding."""
-
-    source: str = "union"
-    tokens: dict[str, TokenEmbedding] | None = None
-    pad_to_multiple_of: int | None = Field(None, ge=1, le=MAX_BLOCK_SIZE)
-
-
 
 
 class CalibrationConfig(_Strict):
@@ -241,6 +208,12 @@ class MergeConfig(_Strict):
     def vocabulary_source(self) -> str | None:
         """Where the output vocabulary comes from: ``tokenizer.source`` or ``tokenizer_source``."""
         return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    @property
+    def tokenizer_settings(self) -> TokenizerConfig | None:
+        """The vocabulary to build (mergekit builds one whenever either key is given), or None:
+        the output takes the template's tokenizer files unchanged."""
+        return tokenizer_settings(self.tokenizer_source, self.tokenizer)
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -20,7 +20,9 @@ from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, TensorParams
 from distmerge.plan_sources import plan_sources
+from distmerge.plan_vocabulary import PlannedVocabulary
 from distmerge.sizes import format_size
+from distmerge.vocab import VocabularyRows
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ class TensorPlan(RowShape):
     file_index: int
     out_offset: int
     reduction_rounds: int = 0
+    # A token-indexed tensor of a merged vocabulary: its sources' rows are assembled per row
+    # range by these recipes (distmerge.vocab) instead of read in place; ``vocabulary_models``
+    # gives each source's (base first) model in them.
+    vocabulary: VocabularyRows | None = None
+    vocabulary_models: tuple[int, ...] = ()
 
     @property
     def out_nbytes(self) -> int:
@@ -91,6 +98,7 @@ class MergePlan:
     shard_size: int
     compute_dtype: str
     model_config: dict[str, Any] = field(default_factory=dict)  # the output's config.json
+    vocabulary: PlannedVocabulary | None = None  # the output tokenizer, when the config builds one
 
     def with_shard_size(self, shard_size: int) -> MergePlan:
         """The same plan cut into units for another shard size (no header is read again)."""
@@ -147,6 +155,10 @@ class MergePlan:
             taken = ", ".join(f"{Path(src.model).name}[{src.layer_range[0]}:{src.layer_range[1]}]" for src in out_slice.sources)
             lines.append(f"slice {i + 1}:      output layers {offset}-{offset + end - start - 1} from {taken}")
             offset += end - start
+        if self.vocabulary is not None:
+            settings = self.vocabulary.settings
+            lines.append(f"vocabulary:   {settings.source} -> {len(self.vocabulary.info.vocab)} tokens, "
+                         f"{self.vocabulary.out_rows} rows in {', '.join(sorted(self.vocabulary.names))}")
         merged = sum(1 for t in self.tensors if t.params is not None)
         lines += [
             f"tensors:      {len(self.tensors)} ({merged} merged, {len(self.tensors) - merged} copied)",
@@ -225,8 +237,9 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
         tensors.append(TensorPlan(
             s.name, s.shape, s.out_dtype, s.base, s.experts, s.params, file_index, offset,
             reduction_rounds=method.reduction_rounds(s.params, s.shape) if s.params is not None else 0,
+            vocabulary=s.vocabulary, vocabulary_models=s.vocabulary_models,
         ))
     compute_itemsize = ITEMSIZE[config.compute_dtype]
     units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]
     return MergePlan(config, method, sourced.template, sourced.base, sourced.experts, tensors, files, units,
-                     shard_size, config.compute_dtype, sourced.model_config)
+                     shard_size, config.compute_dtype, sourced.model_config, sourced.vocabulary)

@@ -23,6 +23,7 @@ from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import TensorInfo
 from distmerge.methods.base import MergeMethod, TensorParams
 from distmerge.parameters import ExpertScope, check_parameter_names, resolve_parameters
+from distmerge.plan_vocabulary import PlannedVocabulary, plan_vocabulary, tensor_vocabulary
 from distmerge.slices import (
     EMBEDDING_NAMES,
     HEAD_NAME,
@@ -34,6 +35,7 @@ from distmerge.slices import (
     output_tensors,
     slice_groups,
 )
+from distmerge.vocab import VocabularyRows
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class SourcedTensor:
     base: TensorInfo | None
     experts: tuple[TensorInfo, ...]
     params: TensorParams | None
+    vocabulary: VocabularyRows | None = None  # a token-indexed tensor's row recipes
+    vocabulary_models: tuple[int, ...] = ()  # per source (base first), its model in ``vocabulary``
 
 
 @dataclass
@@ -58,6 +62,7 @@ class PlanSources:
     tensors: list[SourcedTensor]
     model_config: dict[str, Any]
     layers: int
+    vocabulary: PlannedVocabulary | None = None
 
 
 class _Models:
@@ -115,8 +120,9 @@ def _roles(group: SliceGroup, config: MergeConfig, method: MergeMethod, needs_ba
     return (base if takes_base or needs_base else None), experts
 
 
-def _tensor(models: _Models, group: SliceGroup, k: int, name: str, lead: TensorInfo) -> TensorInfo:
-    """Input ``k``'s tensor ``name``, checked against the lead's; a tied head reads the embedding."""
+def _tensor(models: _Models, group: SliceGroup, k: int, name: str, lead: TensorInfo, token_rows: bool = False) -> TensorInfo:
+    """Input ``k``'s tensor ``name``, checked against the lead's (but for its row count, when
+    rows are tokens of a merged vocabulary); a tied head reads the embedding."""
     inp = group.inputs[k]
     ckpt = models.open(inp.model, inp.where)
     info = ckpt.tensors.get(name)
@@ -125,7 +131,7 @@ def _tensor(models: _Models, group: SliceGroup, k: int, name: str, lead: TensorI
     if info is None:
         raise CheckpointError(f"{inp.where} {inp.model}: tensor {name!r} is missing (the slice's first model has "
                               f"{lead.name!r} with shape {list(lead.shape)}); the models must share an architecture")
-    if info.shape != lead.shape:
+    if info.shape[token_rows:] != lead.shape[token_rows:]:
         raise CheckpointError(f"{inp.where} {inp.model}: tensor {info.name!r} has shape {list(info.shape)} but "
                               f"{lead.file} has {list(lead.shape)} for {lead.name!r}; the models must share an "
                               "architecture and vocabulary (or set tokenizer_source to merge vocabularies)")
@@ -157,6 +163,8 @@ def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool =
     roles = [_roles(g, config, method, needs_base) for g in groups]
     outputs, layers = output_tensors(groups, models.names, models.layout)
     head_added = _with_tied_head(outputs, groups, models)
+    vocabulary = plan_vocabulary(config, _template(config, groups, models).config,
+                                 [models.open(m, m).tensors for m in config.referenced_models()])
     tensors = []
     for o in outputs:
         group = groups[o.group]
@@ -167,7 +175,8 @@ def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool =
         if lead is None:  # a head the lead model ties: its embedding stands for it
             lead = _tensor(models, group, group.lead, o.input_names[group.lead],
                            next(lead_ckpt.tensors[e] for e in EMBEDDING_NAMES if e in lead_ckpt.tensors))
-        infos = [_tensor(models, group, k, o.input_names[k], lead) for k in range(len(group.inputs))]
+        token_rows = vocabulary is not None and o.name in vocabulary.names
+        infos = [_tensor(models, group, k, o.input_names[k], lead, token_rows) for k in range(len(group.inputs))]
         if lead.dtype not in FLOAT_CODES:  # integer and bool buffers: copied from the lead model
             tensors.append(SourcedTensor(o.name, lead.shape, lead.dtype, None, (lead,), None))
             continue
@@ -177,15 +186,32 @@ def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool =
                                o.input_names[k]) for k in expert_ks]
         params = resolve_parameters(method, scopes, experts, o.name, o.t, config.compute_dtype)
         base = infos[base_k] if base_k is not None else None
-        tensors.append(SourcedTensor(o.name, lead.shape, config.out_dtype_code(lead.dtype), base,
-                                     tuple(infos[k] for k in expert_ks), params))
+        order = ((base_k,) if base_k is not None else ()) + tuple(expert_ks)
+        shape, rows, row_models = lead.shape, None, ()
+        if token_rows:
+            assert vocabulary is not None
+            rows = tensor_vocabulary(vocabulary, o.name, [i.model for i in group.inputs], infos,
+                                     group.base_model or config.base_model, config.compute_dtype)
+            shape, row_models = (vocabulary.out_rows, *lead.shape[1:]), order
+        tensors.append(SourcedTensor(o.name, shape, config.out_dtype_code(lead.dtype), base,
+                                     tuple(infos[k] for k in expert_ks), params, rows, row_models))
     _warn_unused_tensors(groups, outputs, models)
-    template = models.open(config.base_model, "base_model") if config.base_model else \
-        models.open(groups[0].inputs[0].model, groups[0].inputs[0].where)
+    template = _template(config, groups, models)
     base = template if config.base_model else None
     experts = [c for c in models.opened.values() if c is not base]
-    return PlanSources(template, base, experts, tensors, _output_model_config(template, groups, models, layers, head_added),
-                       layers)
+    model_config = _output_model_config(template, groups, models, layers, head_added)
+    if vocabulary is not None:
+        for holder in (model_config, model_config.get("text_config")):
+            if isinstance(holder, dict) and "vocab_size" in holder:
+                holder["vocab_size"] = vocabulary.out_rows
+    return PlanSources(template, base, experts, tensors, model_config, layers, vocabulary)
+
+
+def _template(config: MergeConfig, groups: list[SliceGroup], models: _Models) -> Checkpoint:
+    """The model whose config.json the output's is made from: the base, else the first input."""
+    if config.base_model:
+        return models.open(config.base_model, "base_model")
+    return models.open(groups[0].inputs[0].model, groups[0].inputs[0].where)
 
 
 def _shared_scopes(group: SliceGroup, config: MergeConfig) -> tuple[tuple[str, Mapping[str, Any]], ...]:

@@ -7,6 +7,8 @@ Hashing headers and file identities instead of the weights keeps it instant.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,11 @@ def input_fingerprint_data(plan: MergePlan) -> list[tuple[str, Any]]:
             "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset] for n, t in sorted(ckpt.tensors.items())},
             "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         }))
+    if plan.vocabulary is not None:  # the tokenizers decide which input row makes each output row
+        digest = hashlib.sha256(json.dumps(sorted(plan.vocabulary.info.vocab.items())).encode())
+        for permutation in plan.vocabulary.info.permutations:
+            digest.update(permutation.tobytes())
+        data.append(("vocabulary", digest.hexdigest()))
     return data
 
 

@@ -14,12 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from distmerge.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
-from distmerge.io.safetensors import TensorInfo, read_rows, write_rows
+from distmerge.io.safetensors import TensorInfo, read_row_set, read_rows, write_rows
 from distmerge.io.scan import count_nonfinite
 from distmerge.methods import get_method
 from distmerge.methods.base import Partials, Reductions, ShardContext
@@ -79,9 +80,17 @@ def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal:
 
 
 def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
-    """The raw rows of a unit from every source (base first), as stored: pure I/O."""
+    """The raw rows of a unit from every source (base first), as stored; for a tensor of a
+    merged vocabulary, each source's rows aligned to the output tokens (compute dtype)."""
     t = job.tensors[unit.tensor]
-    return [read_rows(info, unit.row_start, unit.row_end) for info in t.sources]
+    if t.vocabulary is None:
+        return [read_rows(info, unit.row_start, unit.row_end) for info in t.sources]
+    rows, by_model = t.vocabulary, dict(zip(t.vocabulary_models, t.sources, strict=True))
+
+    def read(model: int, wanted: np.ndarray) -> torch.Tensor:
+        return read_row_set(by_model[model], wanted)
+
+    return [rows.assemble(m, unit.row_start, unit.row_end, read) for m in t.vocabulary_models]
 
 
 def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced: Reductions | None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,27 @@ def read_rows(info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
             )
     tensor = buffer.view(SAFETENSORS_TO_TORCH[info.dtype])
     return tensor.reshape((row_end - row_start, *info.shape[1:])) if info.shape else tensor.reshape(())
+
+
+def read_row_set(info: TensorInfo, rows: Sequence[int]) -> torch.Tensor:
+    """Rows ``rows`` (any order, repeats allowed) of a 1-D-or-more tensor, stored dtype: one span
+    read per run of consecutive rows, so a permuted vocabulary reads about what it needs."""
+    order = sorted(set(int(r) for r in rows))
+    if any(r < 0 or r >= info.shape[0] for r in order[:1] + order[-1:]):
+        raise CheckpointError(f"{info.file}: tensor {info.name!r}: rows {order[0]}..{order[-1]} asked for, "
+                              f"it has {info.shape[0]}")
+    parts, where = [], {}
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and order[end + 1] == order[end] + 1:
+            end += 1
+        parts.append(read_rows(info, order[start], order[end] + 1))
+        for k in range(start, end + 1):
+            where[order[k]] = k
+        start = end + 1
+    gathered = torch.cat(parts) if parts else torch.empty((0, *info.shape[1:]), dtype=SAFETENSORS_TO_TORCH[info.dtype])
+    return gathered[torch.tensor([where[int(r)] for r in rows], dtype=torch.long)]
 
 
 def write_rows(location: Location, offset: int, rows: torch.Tensor) -> int:

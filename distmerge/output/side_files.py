@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from distmerge.checkpoint import SIDE_FILES, TOKENIZER_CORE_FILES
@@ -25,6 +25,17 @@ CONFIG_COPY_NAME = "distmerge_config.yml"  # the resolved merge config, kept bes
 MAX_SIDE_FILE_BYTES = 1 << 30
 
 
+def write_tokenizer_files(out_dir: Path, files: Mapping[str, bytes], record: Callable[[str], None]) -> list[str]:
+    """A built tokenizer's files (``tokenizer.json``, its config, a chat template), each recorded
+    before it is created; returns their names."""
+    for name, data in files.items():
+        if "/" in name or name.startswith("."):
+            raise OutputError(f"{out_dir}: refusing to write tokenizer file {name!r} (not a plain file name)")
+        record(name)
+        write_bytes_atomic(out_dir / name, data)
+    return list(files)
+
+
 def write_model_config(out_dir: Path, config: dict, out_dtype_name: str | None) -> None:
     """config.json of the template with the output dtype recorded."""
     config = dict(config)
@@ -35,18 +46,19 @@ def write_model_config(out_dir: Path, config: dict, out_dtype_name: str | None) 
     write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(source: Path, out_dir: Path, record: Callable[[str], None]) -> tuple[list[str], list[str]]:
+def copy_side_files(source: Path, out_dir: Path, record: Callable[[str], None],
+                    names: Sequence[str] = SIDE_FILES) -> tuple[list[str], list[str]]:
     """Copy tokenizer and generation files from the model folder ``source``.
 
     Only regular files are copied, and only when they really live in the model folder (or
     its Hugging Face cache blob store): a ``tokenizer.json`` that links to ``/etc/passwd`` is
     skipped, not copied, and so is a FIFO or device. ``record(name)`` is called before each
     file is created (the journal's write-ahead record of what this run owns). Returns the
-    names copied and the reasons for those skipped (also logged).
+    names copied and the reasons for those skipped (also logged). ``names``: which of them.
     """
     copied, skipped = [], []
     roots = model_roots(source)
-    for name in SIDE_FILES:
+    for name in names:
         src = source / name
         if not os.path.lexists(src):
             continue
@@ -64,6 +76,6 @@ def copy_side_files(source: Path, out_dir: Path, record: Callable[[str], None]) 
         copied.append(name)
     for reason in skipped:
         log.warning("tokenizer_source: skipped %s", reason)
-    if not any(n in TOKENIZER_CORE_FILES for n in copied):
+    if any(n in TOKENIZER_CORE_FILES for n in names) and not any(n in TOKENIZER_CORE_FILES for n in copied):
         log.warning("tokenizer_source %s has no tokenizer files; the output has none either", source)
     return copied, skipped
