@@ -138,9 +138,9 @@ class MergePlan:
         """Human-readable plan: inputs, tensors, bytes, units, files and memory estimate."""
         lines = [f"merge method: {self.method.name}    compute dtype: {self.compute_dtype}"]
         if self.base is not None:
-            lines.append(f"base model:   {self.base.path}  ({format_size(self.base.total_bytes)})")
+            lines.append(f"base model:   {self.base.label}  ({format_size(self.base.total_bytes)})")
         for i, e in enumerate(self.experts):
-            lines.append(f"model {i + 1}:      {e.path}  ({format_size(e.total_bytes)})")
+            lines.append(f"model {i + 1}:      {e.label}  ({format_size(e.total_bytes)})")
         offset = 0
         for i, out_slice in enumerate(self.config.slices or ()):
             start, end = out_slice.sources[0].layer_range

@@ -21,6 +21,7 @@ from distmerge.config import MergeConfig
 from distmerge.dtypes import FLOAT_CODES
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import TensorInfo
+from distmerge.lora import open_model
 from distmerge.methods.base import MergeMethod, TensorParams
 from distmerge.parameters import ExpertScope, check_parameter_names, resolve_parameters
 from distmerge.slices import (
@@ -70,7 +71,7 @@ class _Models:
     def open(self, path: str, where: str) -> Checkpoint:
         key = model_key(path)
         if key not in self.opened:
-            ckpt = Checkpoint.open(path, where)
+            ckpt = open_model(path, where)
             self.opened[key] = ckpt
             names = sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].offset))
             self.layouts[key] = layer_layout(names, ckpt.num_layers)

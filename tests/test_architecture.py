@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     # 1. what a merge is asked to do, and a model folder
     "distmerge.config": 1,
     "distmerge.checkpoint": 1,
+    "distmerge.lora": 1,
     "distmerge.slices": 1,
     # 2. pure math
     "distmerge.methods": 2,

@@ -19,8 +19,9 @@ import torch
 from distmerge.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
-from distmerge.io.safetensors import TensorInfo, read_rows, write_rows
+from distmerge.io.safetensors import TensorInfo, write_rows
 from distmerge.io.scan import count_nonfinite
+from distmerge.lora import read_source_rows
 from distmerge.methods import get_method
 from distmerge.methods.base import Partials, Reductions, ShardContext
 from distmerge.plan import TensorPlan, WorkUnit
@@ -79,9 +80,10 @@ def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal:
 
 
 def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
-    """The raw rows of a unit from every source (base first), as stored: pure I/O."""
+    """The raw rows of a unit from every source (base first), as stored: pure I/O (a LoRA
+    source's rows come adapted, as PEFT would have stored them)."""
     t = job.tensors[unit.tensor]
-    return [read_rows(info, unit.row_start, unit.row_end) for info in t.sources]
+    return [read_source_rows(info, unit.row_start, unit.row_end) for info in t.sources]
 
 
 def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced: Reductions | None,
