@@ -108,6 +108,10 @@ class Checkpoint:
         """How the config names this input (a LoRA input adds its adapter: ``MODEL+ADAPTER``)."""
         return str(self.path)
 
+    def ordered_names(self) -> list[str]:
+        """Tensor names in storage order (file, then offset): the order an output follows."""
+        return sorted(self.tensors, key=lambda n: (self.tensors[n].file, self.tensors[n].offset))
+
     def files_read(self) -> list[Path]:
         """Every file a merge reads of this input: its weight files and config.json."""
         return sorted({Path(t.file) for t in self.tensors.values()} | {self.path / "config.json"})

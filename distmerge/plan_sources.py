@@ -73,16 +73,14 @@ class _Models:
         if key not in self.opened:
             ckpt = open_model(path, where)
             self.opened[key] = ckpt
-            names = sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].offset))
-            self.layouts[key] = layer_layout(names, ckpt.num_layers)
+            self.layouts[key] = layer_layout(ckpt.ordered_names(), ckpt.num_layers)
         return self.opened[key]
 
     def layout(self, path: str) -> LayerLayout | None:
         return self.layouts[model_key(path)]
 
     def names(self, path: str) -> list[str]:
-        ckpt = self.opened[model_key(path)]
-        return sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].offset))
+        return self.opened[model_key(path)].ordered_names()
 
     def layers(self, path: str, where: str) -> int:
         self.open(path, where)

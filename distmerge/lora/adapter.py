@@ -67,10 +67,14 @@ class LoraCheckpoint(Checkpoint):
 
     adapter: Path = Path()
     adapter_files: tuple[Path, ...] = ()
+    order: tuple[str, ...] = ()  # the model's storage order (a modules_to_save tensor keeps its place)
 
     @property
     def label(self) -> str:
         return f"{self.path}+{self.adapter}"
+
+    def ordered_names(self) -> list[str]:
+        return list(self.order)
 
     def files_read(self) -> list[Path]:
         return sorted({*super().files_read(), *self.adapter_files})
@@ -135,7 +139,8 @@ def _apply(ckpt: Checkpoint, folder: Path, where: str) -> LoraCheckpoint:
     for target, pair in sorted(pairs.items()):
         tensors[target] = _adapted(ckpt.tensors[target], pair, settings, weights_path, str(folder))
     return LoraCheckpoint(ckpt.path, ckpt.config, tensors, adapter=folder,
-                          adapter_files=(config_path.resolve(), weights_path.resolve()))
+                          adapter_files=(config_path.resolve(), weights_path.resolve()),
+                          order=tuple(ckpt.ordered_names()))
 
 
 def _settings(config: Any, path: Path) -> dict[str, Any]:

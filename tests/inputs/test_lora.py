@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file as load_state_file
 from safetensors.torch import save_file
 
 from distmerge.cli import main
@@ -61,9 +62,10 @@ def lora_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
                                 modules_to_save=["lm_head"], seed=7)
         reference = reference_merge(state, tensors, json.loads((adapter / "adapter_config.json").read_text()))
         merged = root / f"merged-{tag}"
-        shutil.copytree(model, merged, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-        save_file({k: v.contiguous() for k, v in reference.items()}, str(merged / "model.safetensors"),
-                  metadata={"format": "pt"})
+        shutil.copytree(model, merged, ignore=shutil.ignore_patterns("*.safetensors"))
+        for shard in sorted(model.glob("*.safetensors")):  # the model's own files, merged values
+            names = list(load_state_file(shard))
+            save_file({k: reference[k].contiguous() for k in names}, str(merged / shard.name), metadata={"format": "pt"})
         cases[tag] = {"model": model, "adapter": adapter, "merged": merged, "reference": reference,
                       "state": state, "ref": f"{model}+{adapter}"}
     return cases
