@@ -21,7 +21,7 @@ from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
 from distmerge.io.safetensors import TensorInfo, write_rows
 from distmerge.io.scan import count_nonfinite
-from distmerge.lora import read_source_rows
+from distmerge.lora import LoraTensorInfo, read_source_rows
 from distmerge.methods import get_method
 from distmerge.methods.base import Partials, Reductions, ShardContext
 from distmerge.plan import TensorPlan, WorkUnit
@@ -71,7 +71,8 @@ def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal:
     """Raise (or, when not ``fatal``, return a warning) if the rows hold NaN or Inf."""
     bad = count_nonfinite(rows)
     if bad:
-        message = f"{info.file}: tensor {info.name!r} has {bad} NaN/Inf values in rows {r0}:{r1}"
+        adapted = f" with the LoRA adapter {info.adapter}" if isinstance(info, LoraTensorInfo) else ""
+        message = f"{info.file}: tensor {info.name!r}{adapted} has {bad} NaN/Inf values in rows {r0}:{r1}"
         if fatal:
             raise CheckpointError(f"{message}; the input is broken (pass --allow-nonfinite, or set "
                                   "execution.allow_nonfinite: true, to merge anyway with a warning)")

@@ -43,7 +43,8 @@ PEFT_SCRIPT = Path(__file__).with_name("peft_merge.py")
 TARGETS = ["model.embed_tokens.weight",
            *(f"model.layers.{i}.self_attn.{p}.weight" for i in range(4) for p in ("q_proj", "v_proj")),
            *(f"model.layers.{i}.mlp.down_proj.weight" for i in range(4))]
-CASES = {"bf16": (torch.bfloat16, torch.float32, False), "fp32": (torch.float32, torch.bfloat16, True)}
+CASES = {"bf16": (torch.bfloat16, torch.float32, False), "fp32": (torch.float32, torch.bfloat16, True),
+         "fp16": (torch.float16, torch.float16, True)}
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,14 @@ def test_adapter_is_an_input_of_the_fingerprint_and_of_the_output_checks(lora_ca
     assert paths["models[0]"] == case["model"] and paths["models[0] adapter"] == adapter
     with pytest.raises(OutputError):
         check_output_location(adapter / "out", paths)
+
+
+def test_aim_calibration_of_a_lora_base_is_refused(lora_cases):
+    from distmerge.aim.calibration import calibrate
+    from distmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="LoRA base"):
+        calibrate(Path(lora_cases["fp32"]["ref"]), None)  # type: ignore[arg-type]
 
 
 def test_split_reference_follows_mergekit(tmp_path):
