@@ -38,6 +38,10 @@ REFUSED = {"use_dora": "DoRA (use_dora) rescales each column by a magnitude vect
            "trainable_token_indices": "trainable_token_indices trains single embedding rows",
            "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens"}
 MAX_ADAPTER_CONFIG_BYTES = 1000**2
+# Models whose projections are transformers' Conv1D (weight stored in x out). PEFT decides
+# fan_in_fan_out by the layer's type, not by the config (it resets the flag with a warning), so
+# distmerge decides by the model's type too.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")
 
 
 @dataclass(frozen=True)
@@ -158,12 +162,12 @@ def _settings(config: Any, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: bias is {shown(config.get('bias'))} (lora_bias {shown(config.get('lora_bias'))});"
                               " adapters that train biases are not supported (bias must be 'none')")
     init = config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
+    if init not in (True, False, "gaussian", "orthogonal", "eva"):
         raise CheckpointError(f"{path}: init_lora_weights is {shown(init)}, which changes the base weights when "
                               "PEFT loads the adapter; convert it to a plain LoRA adapter first")
     settings = {"r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
                 "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {},
-                "use_rslora": config.get("use_rslora", False), "fan_in_fan_out": config.get("fan_in_fan_out", False),
+                "use_rslora": config.get("use_rslora", False),
                 "modules_to_save": config.get("modules_to_save") or []}
     number = (int, float)
     checks = [("r", isinstance(settings["r"], int) and not isinstance(settings["r"], bool) and settings["r"] > 0),
@@ -175,7 +179,6 @@ def _settings(config: Any, path: Path) -> dict[str, Any]:
                   isinstance(v, number) and not isinstance(v, bool) and math.isfinite(v)
                   for v in settings["alpha_pattern"].values())),
               ("use_rslora", isinstance(settings["use_rslora"], bool)),
-              ("fan_in_fan_out", isinstance(settings["fan_in_fan_out"], bool)),
               ("modules_to_save", isinstance(settings["modules_to_save"], list)
                and all(isinstance(m, str) for m in settings["modules_to_save"]))]
     for key, ok in checks:
@@ -196,7 +199,7 @@ def _classify(key: str, info: TensorInfo, path: Path, settings: dict[str, Any],
             if target not in ckpt.tensors:
                 raise CheckpointError(f"{path}: tensor {key!r} adapts {target!r}, which the model {ckpt.path} does "
                                       "not have; is this an adapter for another model?")
-            if kind == LINEAR and settings["fan_in_fan_out"]:
+            if kind == LINEAR and ckpt.config.get("model_type") in CONV1D_MODEL_TYPES:
                 kind = FAN_IN_FAN_OUT
             return target, kind, role
     if "lora_magnitude_vector" in name:

@@ -32,7 +32,7 @@ def pattern_value(patterns: dict, module: str, default):
 def write_adapter(folder: Path, state: dict[str, torch.Tensor], targets: list[str], *, r: int = 4, alpha: float = 8,
                   rslora: bool = False, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
                   dtype: torch.dtype = torch.float32, seed: int = 0, modules_to_save: list[str] | None = None,
-                  extra_config: dict | None = None) -> dict[str, torch.Tensor]:
+                  fan_in_fan_out: bool = False, extra_config: dict | None = None) -> dict[str, torch.Tensor]:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the model tensors named
     in ``targets`` (full weight names); returns the adapter's tensors by key."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ def write_adapter(folder: Path, state: dict[str, torch.Tensor], targets: list[st
     for name in targets:
         module = module_of(name)
         rank = pattern_value(rank_pattern, module, r)
-        rows, cols = state[name].shape
+        rows, cols = state[name].shape[::-1] if fan_in_fan_out else state[name].shape  # Conv1D: in x out
         if "embed_tokens" in name:  # PEFT Embedding: A is (r, num_embeddings), B is (embedding_dim, r)
             tensors[f"{PREFIX}{module}.lora_embedding_A"] = torch.randn(rank, rows, generator=gen).to(dtype)
             tensors[f"{PREFIX}{module}.lora_embedding_B"] = (0.1 * torch.randn(cols, rank, generator=gen)).to(dtype)
@@ -56,7 +56,7 @@ def write_adapter(folder: Path, state: dict[str, torch.Tensor], targets: list[st
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": r, "lora_alpha": alpha,
         "target_modules": sorted({module_of(n).rsplit(".", 1)[-1] for n in targets}), "lora_dropout": 0.0,
-        "use_rslora": rslora, "fan_in_fan_out": False, "bias": "none", "use_dora": False,
+        "use_rslora": rslora, "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_dora": False,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "modules_to_save": modules_to_save,
         "init_lora_weights": True, "inference_mode": True, **(extra_config or {}),
     }
@@ -82,7 +82,7 @@ def reference_merge(state: dict[str, torch.Tensor], adapter: dict[str, torch.Ten
             delta = (b @ a).T * scaling
             out[f"{module}.weight"] = w + delta.to(w.dtype)  # Embedding.merge: delta rounded, then added
         else:
-            delta = (b @ a) * scaling
+            delta = (b @ a).T * scaling if config["fan_in_fan_out"] else (b @ a) * scaling
             merged = w.clone()
             merged += delta  # Linear.merge: weight.data += delta (float32 delta into the weight's dtype)
             out[f"{module}.weight"] = merged

@@ -257,3 +257,32 @@ def test_adapted_tensors_equal_peft_merge_and_unload(lora_cases, tag, tmp_path):
 
     for name, info in ckpt.tensors.items():
         assert _same_bytes(read_source_rows(info, 0, info.rows), peft[name]), name
+
+
+def test_gpt2_conv1d_adapter_is_fan_in_fan_out(tmp_path):
+    """GPT-2's projections are Conv1D (weight stored in x out): PEFT merges the transposed delta
+    (fan_in_fan_out); so does distmerge, bit for bit, for any row range (and against PEFT itself
+    when mergekit's venv is there)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=260, n_positions=64, eos_token_id=0, bos_token_id=0)
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "gpt2")
+    state = load_state(tmp_path / "gpt2")
+    targets = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight",
+               "transformer.h.1.mlp.c_fc.weight"]
+    tensors = write_adapter(tmp_path / "adapter", state, targets, fan_in_fan_out=True, rslora=True,
+                            rank_pattern={"c_fc": 2})
+    reference = reference_merge(state, tensors, json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()))
+    ckpt = open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'adapter'}")
+    for name in targets:
+        info = ckpt.tensors[name]
+        assert info.kind == "fan_in_fan_out"
+        for r0, r1 in ((0, 1), (5, 6), (3, 40), (0, info.rows)):
+            assert _same_bytes(read_adapted_rows(info, r0, r1), reference[name][r0:r1]), (name, r0, r1)
+    if MERGEKIT_PYTHON.exists():
+        proc = subprocess.run([str(MERGEKIT_PYTHON), str(PEFT_SCRIPT), str(tmp_path / "gpt2"), str(tmp_path / "adapter"),
+                               str(tmp_path / "peft")], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peft = load_state(tmp_path / "peft")
+        assert all(_same_bytes(reference[n], peft[n]) for n in targets)
