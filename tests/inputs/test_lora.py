@@ -58,7 +58,7 @@ def lora_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         model = build_model(root / f"model-{tag}", dtype=model_dtype, seed=1)
         state = load_state(model)
         adapter = root / f"adapter-{tag}"
-        tensors = write_adapter(adapter, state, TARGETS, r=4, alpha=8, rslora=rslora, dtype=adapter_dtype,
+        tensors = write_adapter(adapter, state, TARGETS, r=3, alpha=10, rslora=rslora, dtype=adapter_dtype,
                                 rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3},
                                 modules_to_save=["lm_head"], seed=7)
         reference = reference_merge(state, tensors, json.loads((adapter / "adapter_config.json").read_text()))
@@ -169,7 +169,9 @@ def test_adapter_is_an_input_of_the_fingerprint_and_of_the_output_checks(lora_ca
         {"model": f"{case['model']}+{adapter}", "parameters": {"weight": 1.0}}]})
     before = input_fingerprint_data(build_plan(cfg))
     config_path = adapter / "adapter_config.json"
-    config_path.write_text(config_path.read_text().replace('"lora_alpha": 8', '"lora_alpha": 16'))
+    text = config_path.read_text()
+    assert '"lora_alpha": 10' in text
+    config_path.write_text(text.replace('"lora_alpha": 10', '"lora_alpha": 16'))
     assert input_fingerprint_data(build_plan(cfg)) != before  # scale changed
     before = input_fingerprint_data(build_plan(cfg))
     os.utime(adapter / "adapter_model.safetensors", ns=(1, 1))
