@@ -103,6 +103,19 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def label(self) -> str:
+        """How the config names this input (a LoRA input adds its adapter: ``MODEL+ADAPTER``)."""
+        return str(self.path)
+
+    def ordered_names(self) -> list[str]:
+        """Tensor names in storage order (file, then offset): the order an output follows."""
+        return sorted(self.tensors, key=lambda n: (self.tensors[n].file, self.tensors[n].offset))
+
+    def files_read(self) -> list[Path]:
+        """Every file a merge reads of this input: its weight files and config.json."""
+        return sorted({Path(t.file) for t in self.tensors.values()} | {self.path / "config.json"})
+
 
 def _read_weight_map(folder: Path) -> dict[str, str]:
     """The index's ``weight_map``, checked to be names of files inside ``folder``."""

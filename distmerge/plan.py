@@ -17,6 +17,7 @@ from distmerge.checkpoint import Checkpoint
 from distmerge.config import MergeConfig
 from distmerge.dtypes import ITEMSIZE
 from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
+from distmerge.lora import LoraTensorInfo
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, TensorParams
 from distmerge.plan_sources import plan_sources
@@ -146,9 +147,9 @@ class MergePlan:
         """Human-readable plan: inputs, tensors, bytes, units, files and memory estimate."""
         lines = [f"merge method: {self.method.name}    compute dtype: {self.compute_dtype}"]
         if self.base is not None:
-            lines.append(f"base model:   {self.base.path}  ({format_size(self.base.total_bytes)})")
+            lines.append(f"base model:   {self.base.label}  ({format_size(self.base.total_bytes)})")
         for i, e in enumerate(self.experts):
-            lines.append(f"model {i + 1}:      {e.path}  ({format_size(e.total_bytes)})")
+            lines.append(f"model {i + 1}:      {e.label}  ({format_size(e.total_bytes)})")
         offset = 0
         for i, out_slice in enumerate(self.config.slices or ()):
             start, end = out_slice.sources[0].layer_range
@@ -178,12 +179,14 @@ class MergePlan:
 def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
     """Cut a tensor into row ranges whose working memory fits the shard budget (>= 1 row)."""
     out_row = t.row_nbytes(t.out_dtype)
+    # A LoRA source forms its float32 delta rows next to its raw rows (distmerge.lora.rows).
+    lora_row = t.row_numel * 4 * sum(isinstance(s, LoraTensorInfo) for s in t.sources[:1 if t.params is None else None])
     if t.params is None:  # copied: the template's rows in, the same rows out
         in_row = t.row_nbytes(t.sources[0].dtype)
-        row_working = max(1, in_row + out_row)
+        row_working = max(1, in_row + lora_row + out_row)
     else:  # raw rows of every source, their compute-dtype copies and the method's scratch, the output
         in_row = sum(t.row_nbytes(s.dtype) for s in t.sources)
-        row_working = max(1, in_row + t.row_numel * compute_itemsize * (2 * len(t.sources) + 2) + out_row)
+        row_working = max(1, in_row + lora_row + t.row_numel * compute_itemsize * (2 * len(t.sources) + 2) + out_row)
     step = max(1, shard_size // row_working) if t.numel else max(1, t.rows)  # an empty tensor is one unit
     units = []
     for r0 in range(0, t.rows, step):

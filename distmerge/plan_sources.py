@@ -21,6 +21,7 @@ from distmerge.config import MergeConfig
 from distmerge.dtypes import FLOAT_CODES
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import TensorInfo
+from distmerge.lora import open_model
 from distmerge.methods.base import MergeMethod, TensorParams
 from distmerge.parameters import ExpertScope, check_parameter_names, resolve_parameters
 from distmerge.plan_vocabulary import PlannedVocabulary, plan_vocabulary, tensor_vocabulary
@@ -75,18 +76,16 @@ class _Models:
     def open(self, path: str, where: str) -> Checkpoint:
         key = model_key(path)
         if key not in self.opened:
-            ckpt = Checkpoint.open(path, where)
+            ckpt = open_model(path, where)
             self.opened[key] = ckpt
-            names = sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].offset))
-            self.layouts[key] = layer_layout(names, ckpt.num_layers)
+            self.layouts[key] = layer_layout(ckpt.ordered_names(), ckpt.num_layers)
         return self.opened[key]
 
     def layout(self, path: str) -> LayerLayout | None:
         return self.layouts[model_key(path)]
 
     def names(self, path: str) -> list[str]:
-        ckpt = self.opened[model_key(path)]
-        return sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].offset))
+        return self.opened[model_key(path)].ordered_names()
 
     def layers(self, path: str, where: str) -> int:
         self.open(path, where)

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     # 1. what a merge is asked to do, and a model folder
     "distmerge.config": 1,
     "distmerge.checkpoint": 1,
+    "distmerge.lora": 1,
     "distmerge.slices": 1,
     "distmerge.vocab.config": 1,  # the tokenizer: block's models, for config.py to embed
     # 2. pure math

@@ -23,6 +23,12 @@ def calibrate(
 
     Returns the statistics and the metadata recorded with them.
     """
+    from distmerge.lora import split_reference
+
+    if split_reference(str(base_model))[1] is not None:
+        raise ConfigError(f"base_model {base_model}: AIM calibration runs the base model itself, and a LoRA base "
+                          "(MODEL+ADAPTER) is not supported there; merge the adapter into the model first, or "
+                          "give precomputed statistics with aim.stats")
     cal = aim.calibration
     sequences = load_calibration_sequences(cal, Path(base_model))
     check_token_ids(sequences, Path(base_model))

@@ -15,6 +15,7 @@ from typing import Any
 
 from distmerge.config import MergeConfig
 from distmerge.engine.request import MergeRequest
+from distmerge.lora import LoraTensorInfo
 from distmerge.output.journal import merge_fingerprint
 from distmerge.plan import MergePlan
 
@@ -43,11 +44,12 @@ def fingerprint_config(cfg: MergeConfig) -> dict[str, Any]:
 def input_fingerprint_data(plan: MergePlan) -> list[tuple[str, Any]]:
     """Per input: tensor headers and the identity (name, size, mtime) of every file it reads."""
     data = []
-    for ckpt in plan.inputs:
-        files = sorted({Path(t.file) for t in ckpt.tensors.values()} | {ckpt.path / "config.json"})
-        data.append((str(ckpt.path), {
-            "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset] for n, t in sorted(ckpt.tensors.items())},
-            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+    for ckpt in plan.inputs:  # a LoRA input adds its adapter's files and each adapted tensor's factors
+        data.append((ckpt.label, {
+            "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset,
+                            *([t.identity()] if isinstance(t, LoraTensorInfo) else [])]
+                        for n, t in sorted(ckpt.tensors.items())},
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in ckpt.files_read()],
         }))
     if plan.vocabulary is not None:  # the tokenizers decide which input row makes each output row
         digest = hashlib.sha256(json.dumps(sorted(plan.vocabulary.info.vocab.items())).encode())

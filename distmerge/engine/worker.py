@@ -20,8 +20,9 @@ import torch
 from distmerge.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
-from distmerge.io.safetensors import TensorInfo, read_row_set, read_rows, write_rows
+from distmerge.io.safetensors import TensorInfo, read_row_set, write_rows
 from distmerge.io.scan import count_nonfinite
+from distmerge.lora import LoraTensorInfo, read_source_rows
 from distmerge.methods import get_method
 from distmerge.methods.base import Partials, Reductions, ShardContext
 from distmerge.plan import TensorPlan, WorkUnit
@@ -71,7 +72,8 @@ def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal:
     """Raise (or, when not ``fatal``, return a warning) if the rows hold NaN or Inf."""
     bad = count_nonfinite(rows)
     if bad:
-        message = f"{info.file}: tensor {info.name!r} has {bad} NaN/Inf values in rows {r0}:{r1}"
+        adapted = f" with the LoRA adapter {info.adapter}" if isinstance(info, LoraTensorInfo) else ""
+        message = f"{info.file}: tensor {info.name!r}{adapted} has {bad} NaN/Inf values in rows {r0}:{r1}"
         if fatal:
             raise CheckpointError(f"{message}; the input is broken (pass --allow-nonfinite, or set "
                                   "execution.allow_nonfinite: true, to merge anyway with a warning)")
@@ -80,15 +82,16 @@ def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal:
 
 
 def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
-    """The raw rows of a unit from every source (base first), as stored; for a tensor of a
-    merged vocabulary, each source's rows aligned to the output tokens (compute dtype)."""
+    """The raw rows of a unit from every source (base first), as stored (a LoRA source's rows
+    come adapted, as PEFT would have stored them); for a tensor of a merged vocabulary, each
+    source's rows aligned to the output tokens (compute dtype)."""
     t = job.tensors[unit.tensor]
     if t.vocabulary is None:
-        return [read_rows(info, unit.row_start, unit.row_end) for info in t.sources]
+        return [read_source_rows(info, unit.row_start, unit.row_end) for info in t.sources]
     rows, by_model = t.vocabulary, dict(zip(t.vocabulary_models, t.sources, strict=True))
 
     def read(model: int, wanted: np.ndarray) -> torch.Tensor:
-        return read_row_set(by_model[model], wanted)
+        return read_row_set(by_model[model], wanted, read_source_rows)
 
     return [rows.assemble(m, unit.row_start, unit.row_end, read) for m in t.vocabulary_models]
 

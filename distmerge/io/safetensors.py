@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,9 +232,12 @@ def read_rows(info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
     return tensor.reshape((row_end - row_start, *info.shape[1:])) if info.shape else tensor.reshape(())
 
 
-def read_row_set(info: TensorInfo, rows: Sequence[int]) -> torch.Tensor:
+def read_row_set(info: TensorInfo, rows: Sequence[int],
+                 read: Callable[[Any, int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Rows ``rows`` (any order, repeats allowed) of a 1-D-or-more tensor, stored dtype: one span
-    read per run of consecutive rows, so a permuted vocabulary reads about what it needs."""
+    read per run of consecutive rows, so a permuted vocabulary reads about what it needs.
+    ``read(info, r0, r1)`` reads a run (default :func:`read_rows`; a LoRA source adapts it)."""
+    read = read or read_rows
     order = sorted(set(int(r) for r in rows))
     if any(r < 0 or r >= info.shape[0] for r in order[:1] + order[-1:]):
         raise CheckpointError(f"{info.file}: tensor {info.name!r}: rows {order[0]}..{order[-1]} asked for, "
@@ -245,7 +248,7 @@ def read_row_set(info: TensorInfo, rows: Sequence[int]) -> torch.Tensor:
         end = start
         while end + 1 < len(order) and order[end + 1] == order[end] + 1:
             end += 1
-        parts.append(read_rows(info, order[start], order[end] + 1))
+        parts.append(read(info, order[start], order[end] + 1))
         for k in range(start, end + 1):
             where[order[k]] = k
         start = end + 1

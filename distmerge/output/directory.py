@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from distmerge.config import MergeConfig
-from distmerge.errors import OutputError
+from distmerge.errors import CheckpointError, OutputError
 from distmerge.io.safetensors import INDEX_NAME
 from distmerge.io.structured import read_json
+from distmerge.lora import split_reference
 from distmerge.output.journal import JOURNAL_NAME, JournalState, describe_difference, read_journal
 from distmerge.output.location import check_output_location
 from distmerge.output.ownership import clear_output, entries
@@ -26,19 +27,30 @@ from distmerge.output.report import REPORT_NAME
 log = logging.getLogger(__name__)
 
 def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
-    """Every model path and the config file the run reads, by role (features add their own)."""
+    """Every model path (and LoRA adapter path) and the config file the run reads, by role
+    (features add their own)."""
     paths: dict[str, Path] = {}
     if config_path is not None:
         paths["the config file"] = config_path
+
+    def add(role: str, reference: str) -> None:
+        try:
+            model, adapter = split_reference(reference)
+        except CheckpointError:  # unparseable: the planner says so; keep the whole text as a path
+            model, adapter = reference, None
+        paths[role] = Path(model)
+        if adapter is not None:
+            paths[f"{role} adapter"] = Path(adapter)
+
     if cfg.base_model:
-        paths["base_model"] = Path(cfg.base_model)
+        add("base_model", cfg.base_model)
     for i, entry in enumerate(cfg.models or ()):
-        paths[f"models[{i}]"] = Path(entry.model)
+        add(f"models[{i}]", entry.model)
     for s, out_slice in enumerate(cfg.slices or ()):
         if out_slice.base_model:
-            paths[f"slices[{s}].base_model"] = Path(out_slice.base_model)
+            add(f"slices[{s}].base_model", out_slice.base_model)
         for j, source in enumerate(out_slice.sources):
-            paths[f"slices[{s}].sources[{j}]"] = Path(source.model)
+            add(f"slices[{s}].sources[{j}]", source.model)
     if cfg.vocabulary_source not in (None, "base", "union"):
         paths["tokenizer_source"] = Path(str(cfg.vocabulary_source))
     return paths

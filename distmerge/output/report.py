@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from distmerge import __version__
 from distmerge.io.writes import write_text_atomic
+from distmerge.lora import LoraCheckpoint
 from distmerge.sizes import format_size
 
 if TYPE_CHECKING:
@@ -71,8 +72,11 @@ def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: floa
         "distmerge_version": __version__,
         "python": platform.python_version(),
         "merge_method": plan.method.name,
-        "base_model": str(plan.base.path) if plan.base else None,
-        "models": [str(e.path) for e in plan.experts],
+        "base_model": plan.base.label if plan.base else None,
+        "models": [e.label for e in plan.experts],
+        **({"lora_adapters": {c.label: [str(f) for f in c.adapter_files] for c in plan.inputs
+                              if isinstance(c, LoraCheckpoint)}}
+           if any(isinstance(c, LoraCheckpoint) for c in plan.inputs) else {}),
         "compute_dtype": plan.compute_dtype,
         "tensors": len(plan.tensors),
         "merged_tensors": sum(1 for t in plan.tensors if t.params is not None),
