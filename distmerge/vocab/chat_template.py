@@ -2,9 +2,10 @@
 ``_set_chat_template`` resolves it, and the output tokenizer's files.
 
 A value under 256 characters with no newline and no ``{`` that names a file of
-``distmerge/data/chat_templates`` is that template; ``auto`` is the template most of the models
-have (the first seen among equals; none: the tokenizer keeps its own); anything else must hold a
-``{`` and be at least 20 characters, and is the template itself. The tokenizer is then saved
+``distmerge/data/chat_templates`` is that template (distmerge's own templates: their text differs
+from mergekit's, what they render does not); ``auto`` is the template most of the models have
+(the first seen among equals; none: the tokenizer keeps its own); anything else must hold a ``{``
+and be at least 20 characters, and is the template itself. The tokenizer is then saved
 with ``save_pretrained``, which writes the template as transformers does (``chat_template.jinja``
 in current releases).
 """

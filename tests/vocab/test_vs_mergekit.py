@@ -1,7 +1,9 @@
 """distmerge.vocab against mergekit 0.1.5 itself: the same cases through mergekit's
 BuildTokenizer / PermutedVocabulary / _set_chat_template (its venv, one subprocess for all
 cases) and through ours; vocabularies, added tokens, permutations, tokenizer files and every
-aligned tensor, row range by row range, must be bit-identical."""
+aligned tensor, row range by row range, must be bit-identical. The one exception: a named chat
+template (``chat_template: chatml``) is distmerge's own text, so its ``chat_template.jinja`` is
+compared by what it renders (test_chat_templates.py covers the five templates fully)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,15 @@ from distmerge.vocab import (
     tensor_rows,
     tokenizer_files,
 )
+from distmerge.vocab.chat_template import named_templates
+from tests.vocab.chat_render import assert_same_rendering
 from tests.vocab.conftest import mergekit_missing, run_mergekit, tensor_specs
 
 CHATML = "chatml"
 LITERAL = "{% for m in messages %}{{ m['content'] }}{% endfor %} (a literal template)"
+RENDER_CHECKS = [[], [{"role": "user", "content": " Hi "}],
+                 [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"},
+                  {"role": "assistant", "content": "ünïcödé "}]]
 
 # name -> (models by folder key, base key, source ('union', 'base' or a folder key), tokens,
 #          pad_to_multiple_of, chat_template)
@@ -144,7 +151,15 @@ def test_tokenizer_matches_mergekit(reference, name):
     mk_dir = out / name / "tokenizer"
     assert sorted(files) == sorted(p.name for p in mk_dir.iterdir())
     for fname, data in files.items():
-        assert data == (mk_dir / fname).read_bytes(), fname
+        theirs = (mk_dir / fname).read_bytes()
+        if fname == "chat_template.jinja" and case["chat_template"] in named_templates():
+            # distmerge's named templates are its own text: compared by what they render
+            assert data.decode() == template
+            for messages in RENDER_CHECKS:
+                for generation in (False, True):
+                    assert_same_rendering(template, theirs.decode(), messages, generation)
+            continue
+        assert data == theirs, fname
 
 
 def _ranges(n: int) -> list[tuple[int, int]]:
