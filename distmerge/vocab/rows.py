@@ -29,7 +29,7 @@ from distmerge.vocab.cascade import StreamingMean
 ReadRows = Callable[[int, np.ndarray], torch.Tensor]
 
 NONE, MEAN, COPY, ZERO = 0, 1, 2, 3  # recipe kinds of a default row
-MEAN_CHUNK_ROWS = 4096
+MEAN_CHUNK_BYTES = 1000**2  # aligned rows assembled at a time for a padding mean (~5x that at peak)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,9 +125,13 @@ class VocabularyRows:
             acc[at] = part
         return acc
 
-    def padding_mean(self, m: int, read_rows: ReadRows, chunk_rows: int = MEAN_CHUNK_ROWS) -> torch.Tensor:
+    def padding_mean(self, m: int, read_rows: ReadRows, chunk_rows: int | None = None) -> torch.Tensor:
         """Mean of model ``m``'s first ``vocab_len`` aligned rows, streamed ``chunk_rows`` at a
-        time in torch's ``mean(dim=0)`` order (a padding row's value)."""
+        time (default: about ``MEAN_CHUNK_BYTES``, so memory stays flat at any width) in
+        torch's ``mean(dim=0)`` order (a padding row's value); the chunking does not change it."""
+        if chunk_rows is None:
+            row_bytes = max(1, int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize)
+            chunk_rows = max(1, MEAN_CHUNK_BYTES // row_bytes)
         acc = StreamingMean(self.vocab_len, self.row_shape, self.dtype)
         for c0 in range(0, self.vocab_len, chunk_rows):
             c1 = min(c0 + chunk_rows, self.vocab_len)
