@@ -23,7 +23,7 @@ from distmerge.methods.base import MergeMethod, TensorParams
 from distmerge.plan_sources import plan_sources
 from distmerge.plan_vocabulary import PlannedVocabulary
 from distmerge.sizes import format_size
-from distmerge.vocab import VocabularyRows
+from distmerge.vocab import VocabularyRows, resolve_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class MergePlan:
     compute_dtype: str
     model_config: dict[str, Any] = field(default_factory=dict)  # the output's config.json
     vocabulary: PlannedVocabulary | None = None  # the output tokenizer, when the config builds one
+    chat_template: str | None = None  # the template text ``chat_template`` names, resolved at plan time
 
     def with_shard_size(self, shard_size: int) -> MergePlan:
         """The same plan cut into units for another shard size (no header is read again)."""
@@ -245,4 +246,5 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
     compute_itemsize = ITEMSIZE[config.compute_dtype]
     units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]
     return MergePlan(config, method, sourced.template, sourced.base, sourced.experts, tensors, files, units,
-                     shard_size, config.compute_dtype, sourced.model_config, sourced.vocabulary)
+                     shard_size, config.compute_dtype, sourced.model_config, sourced.vocabulary,
+                     resolve_chat_template(config.chat_template, config.referenced_models()))

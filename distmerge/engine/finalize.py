@@ -43,7 +43,7 @@ from distmerge.output.side_files import (
 )
 from distmerge.output.verify import verify_output
 from distmerge.plan import MergePlan
-from distmerge.vocab import resolve_chat_template, tokenizer_files
+from distmerge.vocab import tokenizer_files
 from distmerge.vocab.files import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,17 +58,15 @@ def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal:
     write_model_config(out, plan.model_config, TORCH_NAME.get(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None)
     if plan.vocabulary is not None:  # a built tokenizer (tokenizer_source / tokenizer:), as mergekit writes it
         _, skipped = copy_side_files(plan.template.path, out, journal.wrote, ("generation_config.json",))
-        template = resolve_chat_template(cfg.chat_template, cfg.referenced_models())
-        write_tokenizer_files(out, tokenizer_files(plan.vocabulary.info.tokenizer, template), journal.wrote)
+        write_tokenizer_files(out, tokenizer_files(plan.vocabulary.info.tokenizer, plan.chat_template), journal.wrote)
     else:
         _, skipped = copy_side_files(plan.template.path, out, journal.wrote)
-        if cfg.chat_template:  # the template's tokenizer, re-saved with the chat template (mergekit's way)
+        if plan.chat_template:  # the template's tokenizer, re-saved with the chat template (mergekit's way)
             tokenizer = load_tokenizer(plan.template.path, "the tokenizer's model")
             if tokenizer is None:
                 log.warning("chat_template: %s has no tokenizer, so the chat template is not saved", plan.template.path)
             else:
-                template = resolve_chat_template(cfg.chat_template, cfg.referenced_models())
-                write_tokenizer_files(out, tokenizer_files(tokenizer, template), journal.wrote)
+                write_tokenizer_files(out, tokenizer_files(tokenizer, plan.chat_template), journal.wrote)
     journal.wrote(CONFIG_COPY_NAME)
     write_text_atomic(out / CONFIG_COPY_NAME, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return skipped
