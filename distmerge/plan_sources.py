@@ -155,6 +155,9 @@ def _with_tied_head(out: list[OutputTensorSources], groups: list[SliceGroup], mo
 def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool = False) -> PlanSources:
     """Open the models and resolve every output tensor's inputs and parameters."""
     check_parameter_names(config, method)
+    for s, out_slice in enumerate(config.slices or ()):
+        if out_slice.residual_weight is not None:
+            log.warning("slices[%d].residual_weight is ignored (mergekit 0.1.5 reads it and does nothing with it)", s)
     models = _Models()
     if config.base_model:
         models.open(config.base_model, "base_model")

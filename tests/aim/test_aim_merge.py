@@ -154,3 +154,28 @@ def test_aim_on_ties_and_dare_equals_formula_over_the_plain_merge(llama_family, 
             a = stats[module].double()
             expected = b[name] + (w - b[name]) * (1 - (1 - omega) * a / a.max()).float()
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_aim_on_stacked_slices_uses_the_base_layer_each_output_layer_merges(llama_family, tmp_path):
+    """With slices, an output layer is relaxed by the statistic of the base layer it merges
+    (output layer 2 below merges base layer 0, so it takes layer 0's statistics)."""
+    base, (expert, _) = llama_family
+    stats = _fake_stats(base)
+    save_statistics(stats, tmp_path / "stats.safetensors", {"base_model": str(base), "dataset": "test",
+                                                            "n_blocks": "1", "block_size": "8", "tokens": "8"})
+    ranges = [[0, 2], [0, 2]]
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"weight": 0.6},
+           "aim": {"omega": 0.3, "stats": str(tmp_path / "stats.safetensors")},
+           "slices": [{"sources": [{"model": str(base), "layer_range": r}, {"model": str(expert), "layer_range": r}]}
+                      for r in ranges]}
+    from distmerge.config import parse_config
+
+    run_merge(parse_config(cfg), tmp_path / "out", progress=False)
+    got, b, x = load_state(tmp_path / "out"), load_state(base), load_state(expert)
+    for out_layer, src_layer in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        name = f"model.layers.{src_layer}.self_attn.q_proj.weight"
+        a = stats[module_for_tensor(name)].double()
+        r = (1 - 0.7 * a / a.max()).float()
+        expected = b[name] + (0.6 * (x[name] - b[name])) * r
+        torch.testing.assert_close(got[f"model.layers.{out_layer}.self_attn.q_proj.weight"], expected,
+                                   rtol=1e-5, atol=1e-6)
