@@ -82,6 +82,6 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
             for consensus in (False, True):
                 task_vectors(a, [a] * n, mode, low=[NO_LOW] * n, high=[NO_HIGH] * n, masks=[None] * n,
                              rescale_kind=[RESCALE_NONE] * n, rescale=ones, probs=[None] * n, weights=ones,
-                             weights_stored=ones, consensus=consensus, normalize=True, total_weight=ones[0],
+                             consensus=consensus, normalize=True, total_weight=ones[0],
                              lam=ones[0])
             weighted_sum([a.astype(np.float32)] * n, ones.astype(np.float32), np.ones((), dtype=np.float32))
