@@ -9,6 +9,7 @@ for every tensor, so a missing, mistyped or out-of-range value fails before any 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from distmerge.config import IGNORED_PARAMETERS, MergeConfig, resolve_value
 from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.errors import ConfigError
 from distmerge.methods.base import MergeMethod, TensorParams
+
+log = logging.getLogger(__name__)
 
 
 def resolve_parameters(config: MergeConfig, method: MergeMethod, expert_entries: list[tuple[int, Any]],
@@ -76,18 +79,36 @@ def _check_representable(params: TensorParams, compute: str, expert_entries: lis
                                   f"{TORCH_NAME.get(compute, compute)}; use a smaller value or dtype: float32")
 
 
+# Parameter names of mergekit 0.1.5's methods. mergekit accepts a parameter a method does not
+# use (a weight on slerp, a density on task_arithmetic) and ignores it; so does distmerge, for
+# these names, with a warning. Any other name is refused as a typo.
+MERGEKIT_PARAMETER_NAMES = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "scale",
+    "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps",
+    "max_iter", "tol", "r", "alpha",
+})
+
+
 def check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
-    """Every key in the config is a parameter of the method (global, or per model)."""
+    """Every key in the config is a parameter of the method (global, or per model), or one of
+    mergekit's parameter names, which the method ignores as mergekit does (with a warning)."""
     model_keys = set(method.model_parameters)
     global_keys = set(method.global_parameters) | model_keys | IGNORED_PARAMETERS
     for key in config.parameters:
         if key not in global_keys:
+            if key in MERGEKIT_PARAMETER_NAMES:
+                log.warning("parameters.%s: not used by %s; ignored (as mergekit does)", key, method.name)
+                continue
             raise ConfigError(
                 f"parameters.{key}: not a parameter of {method.name}; allowed: {', '.join(sorted(global_keys - IGNORED_PARAMETERS))}"
             )
     for i, entry in enumerate(config.models):
         for key in entry.parameters:
             if key not in model_keys:
+                if key in MERGEKIT_PARAMETER_NAMES:
+                    log.warning("models[%d].parameters.%s: not used by %s; ignored (as mergekit does)", i, key,
+                                method.name)
+                    continue
                 raise ConfigError(
                     f"models[{i}].parameters.{key} ({entry.model}): not a per-model parameter of {method.name}; "
                     f"allowed: {', '.join(sorted(model_keys)) or '(none)'}"
