@@ -220,8 +220,11 @@ def _params() -> list[Case]:
                                        dtype="float32")),
         case("params/fallback_first", two("linear", weights=([{"value": 0.9}, {"filter": "mlp", "value": 0.1}], 0.5),
                                           dtype="float32")),
+        # a single conditional without a fallback leaves other tensors without a weight: refused
+        case("params/filter_embed_only_is_refused", two("linear", weights=(
+            {"filter": "embed", "value": [1e-5, 1e-3]}, 0.5), dtype="float32"), kind="error"),
         case("params/filter_embed_gradient", two("linear", weights=(
-            {"filter": "embed", "value": [1e-5, 1e-3]}, 0.5), dtype="float32")),
+            [{"filter": "embed", "value": [1e-5, 1e-3]}, {"value": 0.5}], 0.5), dtype="float32")),
         case("params/filter_no_match_uses_default", {
             "merge_method": "ties", "base_model": "@c", "dtype": "float32",
             "models": [{"model": "@a", "parameters": {"weight": 1.0, "density": {"filter": "other", "value": 0.1}}},
