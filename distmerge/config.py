@@ -221,7 +221,15 @@ def layer_position(tensor: str, num_layers: int | None) -> float:
 
 
 def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
-    """Resolve a parameter value (scalar, gradient or filter list) for one tensor."""
+    """Resolve a parameter value (scalar, gradient or filter list) for one tensor.
+
+    As mergekit 0.1.5: filter entries are tried in list order and the first that matches wins;
+    an entry matches when it has no filter, when its filter is ``"*"``, or when its filter is a
+    substring of the tensor name (so an unfiltered entry placed first wins for every tensor);
+    a single ``{filter, value}`` mapping is a one-entry list.
+    """
+    if isinstance(value, dict) and "value" in value:
+        value = [value]
     if isinstance(value, list):
         if not value:
             raise ConfigError(f"{where}: empty list; give a number, a gradient or {{filter, value}} entries")
@@ -229,7 +237,6 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
             raise ConfigError(f"{where}: a list of {len(value)} entries; at most {MAX_LIST_ENTRIES} (a gradient or "
                               "filter list that long is a mistake)")
         if all(isinstance(v, dict) for v in value):
-            fallback = None
             for entry in value:
                 unknown = set(entry) - {"filter", "value"}
                 if unknown or "value" not in entry:
@@ -238,14 +245,9 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
                 if flt is not None and not isinstance(flt, str):
                     raise ConfigError(f"{where}: filter {shown(flt, 40)} is a {type(flt).__name__} (a number or list); a filter is a "
                                       "string matched against tensor names (quote it: filter: \"1\")")
-                if flt is None:
-                    if fallback is None:
-                        fallback = entry
-                elif str(flt) in tensor:
+                if flt is None or flt == "*" or flt in tensor:
                     return resolve_value(entry["value"], tensor, t, where)
-            if fallback is None:
-                return None
-            return resolve_value(fallback["value"], tensor, t, where)
+            return None
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             if len(value) == 1:
                 return float(value[0])
@@ -255,5 +257,6 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
             return float(value[i]) * (1 - frac) + float(value[i + 1]) * frac
         raise ConfigError(f"{where}: a list must be all numbers (a gradient) or all {{filter, value}} entries")
     if isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a number, a gradient list or a list of {{filter, value}}, got a mapping")
+        raise ConfigError(f"{where}: expected a number, a gradient list, a {{filter, value}} entry or a list of "
+                          f"them, got a mapping with keys {sorted(value)}")
     return value
