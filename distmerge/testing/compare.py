@@ -50,6 +50,8 @@ class TensorStats:
     numel: int
     max_ulp: int
     identical: int
+    # max |a - b| in ulps of the tensor's largest reference magnitude (0.0 when identical)
+    scaled_ulp: float = 0.0
 
 
 @dataclass
@@ -64,6 +66,10 @@ class Comparison:
     @property
     def max_ulp(self) -> int:
         return max((s.max_ulp for s in self.stats.values()), default=0)
+
+    @property
+    def max_scaled_ulp(self) -> float:
+        return max((s.scaled_ulp for s in self.stats.values()), default=0.0)
 
     @property
     def identical_share(self) -> float:
@@ -97,7 +103,12 @@ def compare_tensors(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor])
             continue
         d = ulp_distance(a, b)
         bitwise = (a.contiguous().view(_INT_OF[a.dtype]) == b.contiguous().view(_INT_OF[b.dtype]))
-        c.stats[name] = TensorStats(a.numel(), int(d.max()) if d.numel() else 0, int(bitwise.sum()))
+        scaled = 0.0
+        if a.numel() and int(d.max()):
+            top = a.abs().max().reshape(1)
+            spacing = float((torch.nextafter(top, torch.full_like(top, float("inf"))) - top).double())
+            scaled = float((a.double() - b.double()).abs().max()) / spacing if spacing > 0 else float("inf")
+        c.stats[name] = TensorStats(a.numel(), int(d.max()) if d.numel() else 0, int(bitwise.sum()), scaled)
     return c
 
 

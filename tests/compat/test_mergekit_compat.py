@@ -141,12 +141,17 @@ def test_matches_mergekit(case: Case, mergekit_exe: Path, pico_models: PicoModel
     ref_state, ours = load_folder(reference), load_folder(out)
     cmp = compare_tensors(ref_state, ours)
     RESULTS[case.id] = {"method": case.config["merge_method"], "max_ulp": cmp.max_ulp,
+                        "max_tensor_ulp": cmp.max_scaled_ulp,
                         "identical_share": cmp.identical_share, "ref_seconds": ref_seconds,
                         "ours_seconds": ours_seconds,
                         "dtypes": sorted({str(t.dtype) for t in ref_state.values()})}
     problems = cmp.structure_problems()
     if case.kind == "random":
         problems += _check_random(case, config, ref_state, ours)
+    elif case.tensor_ulps is not None and cmp.max_ulp > case.ulps:
+        if cmp.max_scaled_ulp > case.tensor_ulps:
+            problems.append(f"values differ by up to {cmp.max_scaled_ulp:.2f} ulp of the tensor's largest magnitude "
+                            f"(allowed {case.tensor_ulps}; elementwise up to {cmp.max_ulp} ulp)")
     elif cmp.max_ulp > case.ulps:
         ties = _tie_positions(config)
         beyond = {}
