@@ -57,7 +57,7 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
 
 @_jit
 def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs, weights,  # noqa: ANN001, ANN202
-                  weights_stored, consensus, normalize, total_weight, lam, out):
+                  consensus, normalize, total_weight, lam, out):
     """One pass of the task-vector family; the torch formulation, op for op, per element.
 
     Per expert e: d = x - base; kept = d * mask (mask from key thresholds [low, high) and,
@@ -99,7 +99,7 @@ def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs
             dv = div[:m]
             for e in range(n):
                 row = wd[e, :m]
-                ws = weights_stored[e]
+                ws = weights[e]
                 wz = zero * ws
                 if e == 0:  # elect the sign from the rounded total in acc, then start the agreeing sums
                     for j in range(m):
@@ -155,7 +155,7 @@ def task_vectors(
     out = np.empty_like(base)
     _task_vectors(base, tuple(xs), mode_tag(mode), np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64),
                   tuple(empty_mask if m is None else m for m in masks), np.asarray(rescale_kind, dtype=np.int64),
-                  rescale, tuple(empty_probs if p is None else p for p in probs), weights, weights,
+                  rescale, tuple(empty_probs if p is None else p for p in probs), weights,
                   consensus, normalize, total_weight[()], lam[()], out)
     return out
 
