@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_parameters(config: MergeConfig, method: MergeMethod, expert_entries: list[tuple[int, Any]],
-                       tensor: str, t: float) -> TensorParams:
+                       tensor: str, t: float, compute: str | None = None) -> TensorParams:
     """Global and per-model parameters of ``tensor`` at layer position ``t``, validated."""
     global_values: dict[str, Any] = {}
     for key, spec in method.global_parameters.items():
@@ -56,7 +56,7 @@ def resolve_parameters(config: MergeConfig, method: MergeMethod, expert_entries:
         experts.append(values)
     params = TensorParams(global_values, tuple(experts))
     method.validate(params, f"tensor {tensor}")
-    _check_representable(params, config.compute_dtype, expert_entries, tensor)
+    _check_representable(params, compute or config.compute_dtype, expert_entries, tensor)
     return params
 
 

@@ -12,9 +12,11 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from distmerge.checkpoint import Checkpoint
 from distmerge.config import MergeConfig, layer_position
-from distmerge.dtypes import FLOAT_CODES, ITEMSIZE
+from distmerge.dtypes import FLOAT_CODES, ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
 from distmerge.methods import get_method
@@ -42,6 +44,9 @@ class TensorPlan(RowShape):
     file_index: int
     out_offset: int
     reduction_rounds: int = 0
+    # Safetensors code of the dtype this tensor is merged in ("" for a copied tensor): the
+    # config's ``dtype``, else (as mergekit 0.1.5) its inputs' stored dtypes promoted.
+    compute_dtype: str = ""
 
     @property
     def out_nbytes(self) -> int:
@@ -93,8 +98,8 @@ class MergePlan:
 
     def with_shard_size(self, shard_size: int) -> MergePlan:
         """The same plan cut into units for another shard size (no header is read again)."""
-        itemsize = ITEMSIZE[self.compute_dtype]
-        units = [u for i, t in enumerate(self.tensors) for u in units_for_tensor(i, t, shard_size, itemsize)]
+        units = [u for i, t in enumerate(self.tensors)
+                 for u in units_for_tensor(i, t, shard_size, ITEMSIZE[t.compute_dtype or self.compute_dtype])]
         return replace(self, units=units, shard_size=shard_size)
 
     @property
@@ -161,6 +166,17 @@ def _same_path(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except (OSError, RuntimeError, ValueError):  # a path the system refuses is refused by Checkpoint.open
         return a == b
+
+
+def tensor_compute_dtype(config: MergeConfig, infos: tuple[TensorInfo, ...]) -> str:
+    """The config's ``dtype``; without one, mergekit 0.1.5's rule: each tensor is merged in its
+    inputs' stored dtypes promoted (bf16 with bf16: bf16; bf16 with fp16: fp32; any fp64: fp64)."""
+    if config.dtype:
+        return config.compute_dtype
+    dtype = SAFETENSORS_TO_TORCH[infos[0].dtype]
+    for info in infos[1:]:
+        dtype = torch.promote_types(dtype, SAFETENSORS_TO_TORCH[info.dtype])
+    return TORCH_TO_SAFETENSORS[dtype]
 
 
 def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
@@ -254,8 +270,11 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
                 )
             sources.append(other)
         mergeable = info.dtype in FLOAT_CODES
-        out_dtype = config.out_dtype_code(info.dtype) if mergeable else info.dtype
-        raw.append((name, info, tuple(sources), mergeable, out_dtype))
+        inputs = ((info,) if base is not None and (method.uses_base or needs_base) else ()) + tuple(sources)
+        tensor_compute = tensor_compute_dtype(config, inputs) if mergeable else ""
+        # out_dtype, else dtype, else (mergekit) the dtype it was merged in
+        out_dtype = config.out_dtype_code(tensor_compute) if mergeable else info.dtype
+        raw.append((name, info, tuple(sources), mergeable, out_dtype, tensor_compute))
         entries.append((name, out_dtype, info.shape))
     for (index, entry), ckpt in zip(expert_entries, experts, strict=True):
         extra = sorted(set(ckpt.tensors) - set(template.tensors))
@@ -264,17 +283,21 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
                         index, entry.model, len(extra), extra[0])
     files, where = layout_files(entries, config.execution.max_file_size)
     tensors: list[TensorPlan] = []
-    for name, info, sources, mergeable, out_dtype in raw:
+    for name, info, sources, mergeable, out_dtype, tensor_compute in raw:
         file_index, offset = where[name]
         if not mergeable:
             # Integer and bool buffers are copied unchanged from the template model.
             tensors.append(TensorPlan(name, info.shape, out_dtype, None, (info,), None, file_index, offset))
             continue
-        params = resolve_parameters(config, method, expert_entries, name, layer_position(name, num_layers))
+        params = resolve_parameters(config, method, expert_entries, name, layer_position(name, num_layers),
+                                    compute=tensor_compute)
         tensors.append(TensorPlan(
             name, info.shape, out_dtype, info if (method.uses_base or needs_base) else None, sources, params, file_index, offset,
-            reduction_rounds=method.reduction_rounds(params, info.shape),
+            reduction_rounds=method.reduction_rounds(params, info.shape), compute_dtype=tensor_compute,
         ))
-    compute_itemsize = ITEMSIZE[compute]
-    units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]
+    used = {t.compute_dtype for t in tensors if t.compute_dtype}
+    if not config.dtype and used:  # reported (and the workers' fallback): the widest one used
+        compute = max(sorted(used), key=lambda code: ITEMSIZE[code])
+    units = [u for i, t in enumerate(tensors)
+             for u in units_for_tensor(i, t, shard_size, ITEMSIZE[t.compute_dtype or compute])]
     return MergePlan(config, method, template, base, experts, tensors, files, units, shard_size, compute)
