@@ -12,11 +12,9 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from distmerge.checkpoint import Checkpoint
 from distmerge.config import MergeConfig, layer_position
-from distmerge.dtypes import FLOAT_CODES, ITEMSIZE, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
+from distmerge.dtypes import FLOAT_CODES, ITEMSIZE, promoted
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
 from distmerge.methods import get_method
@@ -168,17 +166,6 @@ def _same_path(a: str, b: str) -> bool:
         return a == b
 
 
-def tensor_compute_dtype(config: MergeConfig, infos: tuple[TensorInfo, ...]) -> str:
-    """The config's ``dtype``; without one, mergekit 0.1.5's rule: each tensor is merged in its
-    inputs' stored dtypes promoted (bf16 with bf16: bf16; bf16 with fp16: fp32; any fp64: fp64)."""
-    if config.dtype:
-        return config.compute_dtype
-    dtype = SAFETENSORS_TO_TORCH[infos[0].dtype]
-    for info in infos[1:]:
-        dtype = torch.promote_types(dtype, SAFETENSORS_TO_TORCH[info.dtype])
-    return TORCH_TO_SAFETENSORS[dtype]
-
-
 def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
     """Cut a tensor into row ranges whose working memory fits the shard budget (>= 1 row)."""
     out_row = t.row_nbytes(t.out_dtype)
@@ -271,7 +258,8 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
             sources.append(other)
         mergeable = info.dtype in FLOAT_CODES
         inputs = ((info,) if base is not None and (method.uses_base or needs_base) else ()) + tuple(sources)
-        tensor_compute = tensor_compute_dtype(config, inputs) if mergeable else ""
+        # the config's dtype, else (mergekit 0.1.5) the inputs' stored dtypes promoted
+        tensor_compute = (config.compute_dtype if config.dtype else promoted([i.dtype for i in inputs])) if mergeable else ""
         # out_dtype, else dtype, else (mergekit) the dtype it was merged in
         out_dtype = config.out_dtype_code(tensor_compute) if mergeable else info.dtype
         raw.append((name, info, tuple(sources), mergeable, out_dtype, tensor_compute))
