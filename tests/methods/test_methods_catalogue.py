@@ -241,11 +241,16 @@ def test_ties_keeps_exactly_k_ties_broken_by_position():
             assert torch.equal(merge_sharded("ties", base, [x], params, reduced, step), want), (chunk, step)
 
 
+@pytest.mark.parametrize("speculate", [True, False], ids=["round0-threshold", "round1-threshold"])
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 @pytest.mark.parametrize("shape", [(64, 48), (3001,)], ids=str)
-def test_magnitude_keeps_exact_count_with_many_ties(method, shape):
+def test_magnitude_keeps_exact_count_with_many_ties(method, shape, speculate, monkeypatch):
     """bfloat16 deltas repeat magnitudes often; the kept count is still exactly the configured
-    one, and the kept set is the reference order's under every chunking and sharding."""
+    one, and the kept set is the reference order's under every chunking and sharding, whether
+    the threshold is known after round 0 (ties counted in round 1) or only after round 1 (ties
+    counted in the TIES round)."""
+    if not speculate:
+        monkeypatch.setattr("distmerge.methods.selection.speculative_low", lambda parts, bucket: None)
     g = torch.Generator().manual_seed(9)
     base = torch.zeros(shape)
     x = (torch.randint(-6, 7, shape, generator=g).float() / 4).to(torch.bfloat16).float()

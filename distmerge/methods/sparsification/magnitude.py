@@ -10,8 +10,9 @@ selection (:mod:`distmerge.methods.selection`): ``SELECT_HIGH`` locates the buck
 threshold's high 16 bits (and, speculatively, its low bits: when every chunk's guess covers the
 bucket, the thresholds are exact after one read), ``SELECT_LOW`` the low 16 bits. The selection
 also says how many elements tied at a threshold key rank inside its top r; only when that is
-fewer than all of them does ``TIES`` count the tied elements per row (exact integers, reduced
-in row order), which gives the row where the cut falls and how many ties of that row are in.
+fewer than all of them are the tied elements counted per row (exact integers, reduced in row
+order: in ``SELECT_LOW`` when round 0 gave the threshold, else in ``TIES``), which gives the
+row where the cut falls and how many ties of that row are in.
 The keep rule is then a comparison of each element's key with exact whole-tensor keys, plus a
 positional count inside at most one row per bound, so it is exact for any row block.
 
@@ -152,29 +153,36 @@ class MagnitudeTrim(Sparsifier):
             return None
         if round_ is Round.TIES:
             assert previous is not None
-            return self._tie_partial(e, base, x, ctx, previous)
+            rows = self._tie_rows(e, base, x, ctx, previous)
+            return TiePartial(rows) if rows else None
         keys = selection.DeltaKeys(base, x)
         if round_ is Round.SELECT_HIGH:
             return HighPartial(*keys.round_zero(ranks, numel(ctx.shape)))
         assert round_ is Round.SELECT_LOW and previous is not None, round_
         known = previous.thresholds.get(e, {})
         open_ = {b: bucket for b, (bucket, _) in previous.buckets[e].items() if b not in known}
-        return LowPartial({b: keys.low_histogram(bucket) for b, bucket in open_.items()}) if open_ else None
+        # Ties whose threshold round 0 resolved are counted now, saving the TIES round's read.
+        ties = self._tie_rows(e, base, x, ctx, previous)
+        if not open_ and not ties:
+            return None
+        return LowPartial({b: keys.low_histogram(bucket) for b, bucket in open_.items()}, ties)
 
     @staticmethod
-    def _tie_partial(e: int, base: torch.Tensor, x: torch.Tensor, ctx: ShardContext,
-                     previous: TaskVectorReductions) -> TiePartial | None:
-        """Per-row counts of the chunk's elements tied at each threshold whose ties are split."""
-        need = previous.tie_need.get(e)
+    def _tie_rows(e: int, base: torch.Tensor, x: torch.Tensor, ctx: ShardContext,
+                  previous: TaskVectorReductions) -> dict[Bound, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-row counts of the chunk's elements tied at each threshold whose ties must be
+        split and whose cut is not known yet (absolute rows with ties, their counts)."""
+        cut = previous.tie_cuts.get(e, {})
+        need = [b for b in previous.tie_need.get(e, {}) if b not in cut]
         if not need:
-            return None
+            return {}
         keys = magnitude_keys(x - base).reshape(ctx.row_end - ctx.row_start, -1)
         rows = {}
         for bound in need:
             per_row = (keys == previous.thresholds[e][bound]).sum(1)
             nz = per_row.nonzero().reshape(-1)
             rows[bound] = (nz + ctx.row_start, per_row[nz])
-        return TiePartial(rows)
+        return rows
 
     def reduce_into(
         self, out: TaskVectorReductions, round_: Round, partials: Sequence[ChunkPartials[Any]],
@@ -183,6 +191,7 @@ class MagnitudeTrim(Sparsifier):
         if round_ is Round.SELECT_HIGH:
             self._reduce_high(out, partials, params, shape)
         elif round_ is Round.SELECT_LOW:
+            self._reduce_ties(out, partials)  # the ties counted alongside (needs known after round 0)
             self._reduce_low(out, partials)
         elif round_ is Round.TIES:
             self._reduce_ties(out, partials)
@@ -236,18 +245,25 @@ class MagnitudeTrim(Sparsifier):
                 self._set_threshold(out, e, bound, bucket, low, residual)
 
     @staticmethod
-    def _reduce_ties(out: TaskVectorReductions, partials: Sequence[ChunkPartials[TiePartial]]) -> None:
-        """The row where each split bound's cut falls, and how many ties of that row are in."""
-        out.tie_cuts = {}
+    def _reduce_ties(out: TaskVectorReductions, partials: Sequence[ChunkPartials[Any]]) -> None:
+        """The row where each split bound's cut falls, and how many ties of that row are in
+        (from TIES partials, or the tie rows of SELECT_LOW partials)."""
+        def rows_of(part: Any) -> dict[Bound, tuple[torch.Tensor, torch.Tensor]]:
+            return part.rows if isinstance(part, TiePartial) else part.ties
+
         for e, named in out.tie_need.items():
-            out.tie_cuts[e] = {}
             for bound, need in named.items():
-                parts = [c.experts[e].rows[bound] for c in partials if e in c.experts]
+                if bound in out.tie_cuts.get(e, {}):
+                    continue
+                parts = [rows_of(c.experts[e])[bound] for c in partials
+                         if e in c.experts and bound in rows_of(c.experts[e])]
+                if not parts:
+                    continue  # its need was found in this round: the TIES round counts it
                 rows = torch.cat([r for r, _ in parts])
                 cum = torch.cat([n for _, n in parts]).cumsum(0)
                 i = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)).item())
                 before = int(cum[i - 1]) if i > 0 else 0
-                out.tie_cuts[e][bound] = (int(rows[i]), need - before)
+                out.tie_cuts.setdefault(e, {})[bound] = (int(rows[i]), need - before)
 
     # ---- the keep rule --------------------------------------------------------------------
 

@@ -47,9 +47,11 @@ class HighPartial:
 @dataclass
 class LowPartial:
     """Round 1 of one expert on one chunk, per bound: the distinct low 16 bits of the keys in
-    the located bucket, and how often each occurs."""
+    the located bucket, and how often each occurs; and, for bounds whose threshold round 0
+    already resolved and whose ties must be split, the tie rows (as :class:`TiePartial`)."""
 
     low: dict[Bound, tuple[torch.Tensor, torch.Tensor]]
+    ties: dict[Bound, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
