@@ -23,12 +23,10 @@ def _weighted_sum(xs, weights, out):  # noqa: ANN001, ANN202
     zero = out.dtype.type(0.0)
     n = len(xs)
     for i in range(out.size):
-        out[i] = _fma(xs[0][i], weights[0], zero)
-    for e in range(1, n):
-        x = xs[e]
-        w = weights[e]
-        for i in range(out.size):
-            out[i] = _fma(x[i], w, out[i])
+        v = _fma(xs[0][i], weights[0], zero)
+        for e in range(1, n):
+            v = _fma(xs[e][i], weights[e], v)
+        out[i] = v
 
 
 @_jit
