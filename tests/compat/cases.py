@@ -152,6 +152,14 @@ def _basic() -> list[Case]:
         case("basic/vlm_slerp", two("slerp", "@llava_a", "@llava_b", base="@llava_a", params={"t": 0.35})),
         case("basic/vlm_ties", two("ties", "@llava_a", "@llava_b", base="@llava_c", params={"density": 0.3})),
         case("basic/vlm_task_arithmetic", two("task_arithmetic", "@llava_a", "@llava_b", base="@llava_c")),
+        case("basic/vlm_breadcrumbs", two("breadcrumbs", "@llava_a", "@llava_b", base="@llava_c")),
+        case("basic/vlm_dare_ties", two("dare_ties", "@llava_a", "@llava_b", base="@llava_c",
+                                        params={"density": 0.66})),
+        case("basic/vlm_model_stock", two("model_stock", "@llava_b", "@llava_c", base="@llava_a")),
+        case("basic/vlm_model_stock_filterwise", two("model_stock", "@llava_b", "@llava_c", base="@llava_a",
+                                                     params={"filter_wise": True})),
+        case("basic/vlm_nuslerp", two("nuslerp", "@llava_a", "@llava_b", base="@llava_c",
+                                      params={"nuslerp_row_wise": False, "nuslerp_flatten": False})),
         case("basic/nuslerp_zero_sum", two("nuslerp", base="@c", weights=(-0.5, 0.5),
                                            params={"nuslerp_row_wise": False, "nuslerp_flatten": False})),
     ]
@@ -264,6 +272,23 @@ def _params() -> list[Case]:
     ]
 
 
+def _sparsify() -> list[Case]:
+    """test_sparsify.py's edge cases, as configs."""
+    return [
+        case("sparsify/ties_tiny_density", two("ties", base="@c", dtype="float32", params={"density": 0.001})),
+        case("sparsify/ties_bf16_tiny_density", two("ties", base="@c", params={"density": 0.001})),
+        case("sparsify/breadcrumbs_gamma_zero", two("breadcrumbs", base="@c", dtype="float32",
+                                                    params={"density": 0.2, "gamma": 0.0})),
+        case("sparsify/breadcrumbs_overlap", two("breadcrumbs", base="@c",
+                                                 params={"density": 0.9, "gamma": 0.2})),
+        # fp32 L1 rescale: mergekit's norms are float32 sums in torch's order (methods.md, 5)
+        case("sparsify/ties_rescale_float32", two("ties", base="@c", dtype="float32",
+                                                  params={"density": 0.3, "rescale": True}), tensor_ulps=4.0),
+        case("sparsify/dare_linear_no_rescale", two("dare_linear", base="@c", params={"density": 0.5,
+                                                                                      "rescale": False})),
+    ]
+
+
 def _slices() -> list[Case]:
     return [
         case("slices/stack_two_models", {"merge_method": "passthrough", "dtype": "float32", "slices": [
@@ -337,5 +362,5 @@ def _tokenizers() -> list[Case]:
     ]
 
 
-CASES: list[Case] = [*_basic(), *_dtypes(), *_params(), *_slices(), *_tokenizers()]
+CASES: list[Case] = [*_basic(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
