@@ -1,7 +1,8 @@
-"""Run mergekit 0.1.5 on the same inputs and config, from a virtual environment of its own.
+"""Time mergekit 0.1.5 on the same inputs and config, from its reference environment.
 
-The environment is made once under benchmarks/_work/mergekit-venv (pinned CPU torch first,
-then mergekit from PyPI). Where that cannot be installed, callers get None and say so.
+The environment is the one :mod:`distmerge.testing.mergekit_reference` creates and reuses
+(outside the repository; pinned CPU torch first, then mergekit from PyPI). Where it cannot be
+made, callers get None and say so.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,26 +17,18 @@ from pathlib import Path
 import psutil
 import yaml
 
+from distmerge.testing.mergekit_reference import ReferenceUnavailable, ensure_reference_env
+
 log = logging.getLogger(__name__)
-VENV = Path(__file__).parent / "_work" / "mergekit-venv"
-MERGEKIT_VERSION = "0.1.5"
-TORCH_VERSION = "2.13.0"
 
 
 def ensure_mergekit() -> Path | None:
-    """Path of the ``mergekit-yaml`` executable, installing it on first use; None if impossible."""
-    exe = VENV / "bin" / "mergekit-yaml"
-    if exe.exists():
-        return exe
+    """Path of the reference ``mergekit-yaml`` (created on first use); None if impossible."""
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True, timeout=1800)
-        subprocess.run([*pip, f"mergekit=={MERGEKIT_VERSION}"], check=True, timeout=1800)
-    except (subprocess.SubprocessError, OSError) as e:
-        log.warning("mergekit could not be installed (%s); its comparison is skipped", e)
+        return ensure_reference_env()
+    except ReferenceUnavailable as e:
+        log.warning("%s; the mergekit comparison is skipped", e)
         return None
-    return exe if exe.exists() else None
 
 
 def _tree_rss(proc: psutil.Process) -> int:

@@ -38,6 +38,15 @@ CONFIG_DTYPES: dict[str, str] = {
 TORCH_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
+def promoted(codes: list[str]) -> str:
+    """Safetensors code of the dtype torch promotes these to (bf16 with bf16: bf16; bf16 with
+    fp16: fp32; anything with fp64: fp64): where mergekit merges a tensor without ``dtype``."""
+    dtype = SAFETENSORS_TO_TORCH[codes[0]]
+    for code in codes[1:]:
+        dtype = torch.promote_types(dtype, SAFETENSORS_TO_TORCH[code])
+    return TORCH_TO_SAFETENSORS[dtype]
+
+
 def config_dtype(name: str, field: str) -> str:
     """Return the safetensors code for a config dtype spelling, or a ConfigError naming the field."""
     code = CONFIG_DTYPES.get(str(name).lower())

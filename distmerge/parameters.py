@@ -127,7 +127,10 @@ def check_parameter_names(config: MergeConfig, method: MergeMethod) -> list[str]
 
 
 def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
-    """Resolve a parameter value (scalar, gradient or filter list) for one tensor."""
+    """Resolve a parameter value (scalar, gradient or filter list) for one tensor; a single
+    ``{filter, value}`` mapping is a one-entry list (mergekit's ``ConditionalParameter``)."""
+    if isinstance(value, dict) and "value" in value:
+        value = [value]
     if isinstance(value, list):
         if not value:
             raise ConfigError(f"{where}: empty list; give a number, a gradient or {{filter, value}} entries")
@@ -162,5 +165,6 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
         raise ConfigError(f"{where}: a list must be all numbers (a gradient), all {{filter, value}} entries "
                           "or all scalars")
     if isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a number, a gradient list or a list of {{filter, value}}, got a mapping")
+        raise ConfigError(f"{where}: expected a number, a gradient list, a {{filter, value}} entry or a list of "
+                          f"them, got a mapping with keys {sorted(value)}")
     return value

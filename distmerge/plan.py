@@ -45,6 +45,9 @@ class TensorPlan(RowShape):
     file_index: int
     out_offset: int
     reduction_rounds: int = 0
+    # Safetensors code of the dtype this tensor is merged in ("" for a copied tensor): the
+    # config's ``dtype``, else (as mergekit 0.1.5) its inputs' stored dtypes promoted.
+    compute_dtype: str = ""
     # A token-indexed tensor of a merged vocabulary: its sources' rows are assembled per row
     # range by these recipes (distmerge.vocab) instead of read in place; ``vocabulary_models``
     # gives each source's (base first) model in them.
@@ -104,8 +107,8 @@ class MergePlan:
 
     def with_shard_size(self, shard_size: int) -> MergePlan:
         """The same plan cut into units for another shard size (no header is read again)."""
-        itemsize = ITEMSIZE[self.compute_dtype]
-        units = [u for i, t in enumerate(self.tensors) for u in units_for_tensor(i, t, shard_size, itemsize)]
+        units = [u for i, t in enumerate(self.tensors)
+                 for u in units_for_tensor(i, t, shard_size, ITEMSIZE[t.compute_dtype or self.compute_dtype])]
         return replace(self, units=units, shard_size=shard_size)
 
     @property
@@ -241,10 +244,14 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
         tensors.append(TensorPlan(
             s.name, s.shape, s.out_dtype, s.base, s.experts, s.params, file_index, offset,
             reduction_rounds=method.reduction_rounds(s.params, s.shape) if s.params is not None else 0,
-            vocabulary=s.vocabulary, vocabulary_models=s.vocabulary_models,
+            compute_dtype=s.compute_dtype, vocabulary=s.vocabulary, vocabulary_models=s.vocabulary_models,
         ))
-    compute_itemsize = ITEMSIZE[config.compute_dtype]
-    units = [u for i, t in enumerate(tensors) for u in units_for_tensor(i, t, shard_size, compute_itemsize)]
+    compute = config.compute_dtype
+    used = {t.compute_dtype for t in tensors if t.compute_dtype}
+    if not config.dtype and used:  # reported (and the workers' fallback): the widest one used
+        compute = max(sorted(used), key=lambda code: ITEMSIZE[code])
+    units = [u for i, t in enumerate(tensors)
+             for u in units_for_tensor(i, t, shard_size, ITEMSIZE[t.compute_dtype or compute])]
     return MergePlan(config, method, sourced.template, sourced.base, sourced.experts, tensors, files, units,
-                     shard_size, config.compute_dtype, sourced.model_config, sourced.vocabulary,
+                     shard_size, compute, sourced.model_config, sourced.vocabulary,
                      resolve_chat_template(config.chat_template, config.referenced_models()))

@@ -18,7 +18,7 @@ from typing import Any
 
 from distmerge.checkpoint import Checkpoint
 from distmerge.config import MergeConfig
-from distmerge.dtypes import FLOAT_CODES
+from distmerge.dtypes import FLOAT_CODES, promoted
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import TensorInfo
 from distmerge.lora import open_model
@@ -51,6 +51,7 @@ class SourcedTensor:
     base: TensorInfo | None
     experts: tuple[TensorInfo, ...]
     params: TensorParams | None
+    compute_dtype: str = ""  # what it is merged in: ``dtype``, else its inputs' dtypes promoted
     vocabulary: VocabularyRows | None = None  # a token-indexed tensor's row recipes
     vocabulary_models: tuple[int, ...] = ()  # per source (base first), its model in ``vocabulary``
 
@@ -186,17 +187,20 @@ def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool =
         experts = [ExpertScope(group.inputs[k].where, group.inputs[k].model,
                                ((f"{group.inputs[k].where}.parameters", group.inputs[k].parameters), *scopes),
                                o.input_names[k]) for k in expert_ks]
-        params = resolve_parameters(method, scopes, experts, o.name, o.t, config.compute_dtype)
         base = infos[base_k] if base_k is not None else None
         order = ((base_k,) if base_k is not None else ()) + tuple(expert_ks)
+        # the config's dtype, else (mergekit 0.1.5) the inputs' stored dtypes promoted
+        compute = config.compute_dtype if config.dtype else promoted([infos[k].dtype for k in order])
+        params = resolve_parameters(method, scopes, experts, o.name, o.t, compute)
         shape, rows, row_models = lead.shape, None, ()
         if token_rows:
             assert vocabulary is not None
             rows = tensor_vocabulary(vocabulary, o.name, [i.model for i in group.inputs], infos,
-                                     group.base_model or config.base_model, config.compute_dtype)
+                                     group.base_model or config.base_model, compute)
             shape, row_models = (vocabulary.out_rows, *lead.shape[1:]), order
-        tensors.append(SourcedTensor(o.name, shape, config.out_dtype_code(lead.dtype), base,
-                                     tuple(infos[k] for k in expert_ks), params, rows, row_models))
+        # out_dtype, else dtype, else (mergekit) the dtype it was merged in
+        tensors.append(SourcedTensor(o.name, shape, config.out_dtype_code(compute), base,
+                                     tuple(infos[k] for k in expert_ks), params, compute, rows, row_models))
     _warn_unused_tensors(groups, outputs, models)
     template = _template(config, groups, models)
     base = template if config.base_model else None

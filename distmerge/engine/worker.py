@@ -103,7 +103,7 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced:
     out_dtype = SAFETENSORS_TO_TORCH[t.out_dtype]
     if t.params is None:
         return raw[0].to(out_dtype)
-    compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
+    compute = SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
     rows = [r.to(compute) for r in raw]
     # A failing check fails the merge in the reduction rounds, which read these rows already.
     if not (job.check_finite and t.reduction_rounds):
@@ -175,10 +175,10 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
     """One reduction round of a multi-phase method: the partials of canonical chunks."""
     retain_freed_memory()
     method = get_method(job.method)
-    compute = SAFETENSORS_TO_TORCH[job.compute_dtype]
     out = []
     for unit in units:
         t = job.tensors[unit.tensor]
+        compute = SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
         rows = [r.to(compute) for r in read_block(job, unit)]
         if job.check_finite and round_ == 0:  # fail before any output is written (see merge_block)
             for info, r in zip(t.sources, rows, strict=True):

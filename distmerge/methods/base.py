@@ -185,16 +185,3 @@ def unit_interval(allow_zero: bool = False) -> tuple[Callable[[float], bool], st
     if allow_zero:
         return (lambda v: 0.0 <= v <= 1.0), "0 <= value <= 1"
     return (lambda v: 0.0 < v <= 1.0), "0 < value <= 1"
-
-
-def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_i weights[i] * tensors[i]``, accumulated into one buffer (no stacked copy).
-
-    Every step is a separately rounded multiply or add: ``add_(t, alpha=w)`` would be a
-    fused multiply-add in torch's vectorized loop but not in its scalar tail, so an element's
-    last bit would depend on where the shard boundary put it (breaking shard invariance).
-    """
-    out = tensors[0] * weights[0]
-    for t, w in zip(tensors[1:], weights[1:], strict=True):
-        out.add_(t * w)
-    return out

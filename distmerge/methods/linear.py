@@ -1,7 +1,10 @@
 """Linear (weighted average) merge: ``sum_i w_i x_i`` (divided by ``sum_i w_i`` if normalize).
 
 Like mergekit, the average runs over the models listed under ``models``; ``base_model`` is not
-part of it unless it is listed there too.
+part of it unless it is listed there too. The arithmetic is mergekit 0.1.5's, so outputs are
+bit-identical to its: the weights in float32 (float64 for float64 inputs), a fused
+multiply-add per model into a float32 (float64) accumulator starting at +0.0, one division by
+the float32 sum of the weights, and one rounding to the compute dtype at the end.
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods import kernels
-from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams, weighted_sum
+from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where mergekit accumulates a weighted sum of ``dtype`` tensors: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Linear(MergeMethod):
@@ -37,29 +44,23 @@ class Linear(MergeMethod):
         ctx: ShardContext,
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """One fused pass (:func:`kernels.weighted_sum`) where the compute dtype has a kernel,
-        else :meth:`merge_reference`; the two agree bit for bit."""
+        """One fused pass (:func:`kernels.weighted_sum`); equal bit for bit to :meth:`merge_reference`."""
         dtype = experts[0].dtype
-        mode = kernels.kernel_mode(dtype)
-        if mode is None:
-            return self.merge_reference(experts, params)
-        kd = kernels.kernel_dtype(dtype)
-        weights = [p["weight"] for p in params.experts]
-        divisor = self._divisor(weights, dtype).to(kd).numpy() if params.global_["normalize"] else None
-        out = kernels.weighted_sum([kernels.as_array(x, kd) for x in experts],
-                                   np.array([kernels.scalar(w, dtype) for w in weights]), mode, divisor)
+        acc = accumulation_dtype(dtype)
+        weights = torch.tensor([p["weight"] for p in params.experts], dtype=acc)
+        divisor = weights.sum().numpy() if params.global_["normalize"] else None
+        out = kernels.weighted_sum([kernels.as_array(x, acc) for x in experts], weights.numpy(), divisor)
         return torch.from_numpy(out).reshape(experts[0].shape).to(dtype)
 
     def merge_reference(self, experts: Sequence[torch.Tensor], params: TensorParams) -> torch.Tensor:
-        """The weighted sum as torch ops (the float16 path, and what the kernel reproduces)."""
-        weights = [p["weight"] for p in params.experts]
-        out = weighted_sum(experts, weights)
+        """mergekit 0.1.5's loop as torch ops: ``addcmul_`` into a zero accumulator (a fused
+        multiply-add per element on CPU), ``div_`` by the weights' sum, one cast."""
+        dtype = experts[0].dtype
+        acc = accumulation_dtype(dtype)
+        weights = torch.tensor([p["weight"] for p in params.experts], dtype=acc)
+        out = torch.zeros(experts[0].shape, dtype=acc)
+        for x, w in zip(experts, weights.unbind(0), strict=True):
+            out.addcmul_(x, w)
         if params.global_["normalize"]:
-            out.div_(self._divisor(weights, out.dtype))
-        return out
-
-    @staticmethod
-    def _divisor(weights: list[float], dtype: torch.dtype) -> torch.Tensor:
-        # The weights' sum in the compute dtype, in mergekit's order of operations, so its
-        # outputs are reproduced bit for bit.
-        return torch.tensor(weights, dtype=dtype).sum()
+            out.div_(weights.sum())
+        return out.to(dtype)

@@ -8,6 +8,13 @@ Over the whole flattened tensor by default: one reduction round of float64 parti
 matrices over the canonical chunks, reduced in chunk order. With ``filter_wise`` every
 last-dim vector gets its own t (mergekit's ``dim=-1``); rows are whole in every shard, so
 that is shard-local except for 1-D tensors, which mergekit treats as one vector (a round).
+
+As mergekit 0.1.5, everything after the sums runs in the compute dtype, each op rounded: the
+products of the task vectors are rounded to it before they are summed (``(a * b).sum()``),
+the norms, cosines, their mean and t are compute-dtype values, and the blend is
+``t * (sum_i x_i / N) + (1 - t) * base``. mergekit sums in float32 in torch's order; here the
+sums are float64 over canonical chunks, rounded to the compute dtype, which can move t by an
+ulp, so model stock agrees with mergekit to within 1 ulp rather than bit for bit.
 """
 
 from __future__ import annotations
@@ -31,17 +38,29 @@ from distmerge.methods.base import (
 NORM_FLOOR = 1e-6
 
 
-def stock_t(gram: torch.Tensor) -> torch.Tensor:
-    """t from Gram matrices ``[..., N, N]`` of the task vectors (float64)."""
+def stock_t(gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """t from float64 Gram matrices ``[..., N, N]`` of the task vectors (off the diagonal: sums
+    of products rounded to ``dtype``; on it: sums of exact squares), in ``dtype`` as mergekit
+    computes it."""
     n = gram.shape[-1]
-    norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1))
+    norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1)).to(dtype)
     cosines = []
     for i in range(n):
         for j in range(i + 1, n):
-            c = gram[..., i, j] / torch.clamp(norms[..., i] * norms[..., j], min=NORM_FLOOR)
+            product = norms[..., i] * norms[..., j]
+            c = gram[..., i, j].to(dtype) / torch.clamp(product, min=NORM_FLOOR)
             cosines.append(c.clamp(-1.0, 1.0))
     cos = torch.stack(cosines).mean(dim=0)
-    return (n * cos) / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6  # mergekit keeps the base there
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    return torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
+
+
+def _gram_entry(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
+    """float64 sum of ``a * b``: exact squares on the diagonal (``torch.norm`` upcasts), the
+    compute dtype's rounded products off it (``(a * b).sum()``)."""
+    return reductions.dot(a, b) if same else float((a * b).double().sum())
 
 
 @dataclass
@@ -53,9 +72,9 @@ class GramPartials(Partials):
 
 @dataclass(kw_only=True)
 class ModelStockReductions(Reductions):
-    """The whole tensor's interpolation factor t (None: filter-wise, each row computes its own)."""
+    """The whole tensor's Gram matrix of the task vectors (None: filter-wise, each row computes its own)."""
 
-    t: float | None
+    gram: torch.Tensor | None = None
 
 
 class ModelStock(MergeMethod):
@@ -84,40 +103,40 @@ class ModelStock(MergeMethod):
         gram = torch.zeros(n, n, dtype=torch.float64)
         for i in range(n):
             for j in range(i, n):
-                gram[i, j] = gram[j, i] = reductions.dot(offsets[i], offsets[j])
+                gram[i, j] = gram[j, i] = _gram_entry(offsets[i], offsets[j], i == j)
         return GramPartials(gram)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> ModelStockReductions:
         if not self._whole(params, shape):
-            return ModelStockReductions(t=None)
+            return ModelStockReductions()
         grams = [cast(GramPartials, c).gram for c in partials]
         assert all(g is not None for g in grams)
         gram = grams[0].clone()
         for g in grams[1:]:
             gram += g
-        return ModelStockReductions(t=float(stock_t(gram)))
+        return ModelStockReductions(gram=gram)
 
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
         n = len(experts)
         if self._whole(params, ctx.shape):
-            assert isinstance(reduced, ModelStockReductions) and reduced.t is not None
-            t: torch.Tensor | float = reduced.t
-            one_minus: torch.Tensor | float = 1.0 - reduced.t
+            assert isinstance(reduced, ModelStockReductions) and reduced.gram is not None
+            t = stock_t(reduced.gram, base.dtype)
         else:
             offsets = [x - base for x in experts]
             gram = torch.empty(base.shape[:-1] + (n, n), dtype=torch.float64)
             for i in range(n):
                 for j in range(i, n):
-                    gram[..., i, j] = gram[..., j, i] = reductions.rowwise_dot(offsets[i], offsets[j])
+                    gram[..., i, j] = gram[..., j, i] = (
+                        reductions.rowwise_dot(offsets[i], offsets[i]) if i == j
+                        else (offsets[i] * offsets[j]).double().sum(-1))
             del offsets
-            t = stock_t(gram).to(base.dtype).unsqueeze(-1)
-            one_minus = 1 - t
-        avg = experts[0].clone()
+            t = stock_t(gram, base.dtype).unsqueeze(-1)
+        # mergekit: sum(ws) / count (Python's sum starts at 0), then t * average + (1 - t) * w_0
+        avg = experts[0] + 0
         for x in experts[1:]:
-            avg.add_(x)
-        avg.div_(n)
-        out = avg.mul_(t)
-        return out.add_(base * one_minus)
+            avg = avg + x
+        avg = avg / n
+        return t * avg + (1 - t) * base

@@ -109,10 +109,9 @@ def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int, 
     return first, min(top + 1, HIGH_BINS - 1) - first + 1
 
 
-def resolve_speculative(parts: Sequence[Speculation], bucket: int,
-                        residual: int) -> int | None:
-    """Exact low bits in ``bucket`` from round 0's speculative ranges, or None when some chunk
-    did not ship that bucket (then round 1 reads the tensor again)."""
+def speculative_low(parts: Sequence[Speculation], bucket: int) -> torch.Tensor | None:
+    """Dense low-bits histogram of ``bucket`` from round 0's speculative ranges, or None when
+    some chunk did not ship that bucket (then round 1 reads the tensor again)."""
     low = torch.zeros(LOW_BINS, dtype=torch.int64)
     for window, values, counts in parts:
         if window is None:
@@ -124,7 +123,15 @@ def resolve_speculative(parts: Sequence[Speculation], bucket: int,
         keep = (values >= offset) & (values < offset + LOW_BINS)
         if bool(keep.any()):
             low.index_add_(0, (values[keep] - offset).to(torch.int64), counts[keep])
-    return locate(low, residual)[0]
+    return low
+
+
+def resolve_speculative(parts: Sequence[Speculation], bucket: int,
+                        residual: int) -> int | None:
+    """Exact low bits in ``bucket`` from round 0's speculative ranges, or None (see
+    :func:`speculative_low`)."""
+    low = speculative_low(parts, bucket)
+    return None if low is None else locate(low, residual)[0]
 
 
 def locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:

@@ -6,7 +6,11 @@
 
 The dot product and norms are whole-tensor sums: one reduction round of float64 partial
 sums over the canonical chunks, reduced in chunk order, so every row shard uses the same two
-coefficients. mergekit computes them in float32 numpy; float64 is at least as exact.
+coefficients. As mergekit 0.1.5, the angle and the coefficients are then computed in float32
+(float64 for float64 inputs) and the blend ``s0 * v0 + s1 * v1`` runs in float32 and is
+rounded to the compute dtype once. mergekit sums the norms and the dot product in float32;
+here they are float64 sums rounded to float32, which can move a coefficient by an ulp, so
+SLERP agrees with mergekit to within 1 ulp of the output rather than bit for bit.
 """
 
 from __future__ import annotations
@@ -32,16 +36,27 @@ DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 
 
-def slerp_coefficients(t: float, dot: float, norm0: float, norm1: float) -> tuple[float, float]:
-    """``(s0, s1)`` with ``out = s0 * v0 + s1 * v1`` (the linear fallback included)."""
+def blend_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where mergekit computes SLERP for ``dtype`` inputs: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def slerp_coefficients(t: float, dot: float, norm0: float, norm1: float,
+                       dtype: torch.dtype = torch.float64) -> tuple[float, float]:
+    """``(s0, s1)`` with ``out = s0 * v0 + s1 * v1`` (the linear fallback included), computed
+    as mergekit 0.1.5's ``slerp`` does in ``dtype`` (float32, or float64 for float64 inputs)."""
+    def f(v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.float64).to(dtype)
+
     n0 = norm0 if norm0 > NORM_EPS else 1.0
     n1 = norm1 if norm1 > NORM_EPS else 1.0
-    cos = dot / n0 / n1
-    if abs(cos) > DOT_THRESHOLD:
-        return 1.0 - t, t
-    theta = math.acos(max(-1.0, min(1.0, cos)))
-    sin_theta = math.sin(theta)
-    return math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
+    cos = f(max(-1.0, min(1.0, dot / n0 / n1)))
+    tt = f(t)
+    if bool(cos.abs() > DOT_THRESHOLD):
+        return float(1 - tt), float(tt)
+    theta = torch.acos(cos)
+    sin_theta = torch.sin(theta)
+    return float(torch.sin((1 - tt) * theta) / sin_theta), float(torch.sin(tt * theta) / sin_theta)
 
 
 @dataclass
@@ -55,10 +70,11 @@ class SlerpPartials(Partials):
 
 @dataclass(kw_only=True)
 class SlerpReductions(Reductions):
-    """The two coefficients every shard uses: ``out = s0 * v0 + s1 * v1``."""
+    """The whole-tensor float64 dot product and norms every shard derives its coefficients from."""
 
-    s0: float
-    s1: float
+    dot: float
+    norm0: float
+    norm1: float
 
 
 class Slerp(MergeMethod):
@@ -84,11 +100,12 @@ class Slerp(MergeMethod):
         dot = reductions.ordered_sum([c.dot for c in chunks])
         sq0 = reductions.ordered_sum([c.sq0 for c in chunks])
         sq1 = reductions.ordered_sum([c.sq1 for c in chunks])
-        s0, s1 = slerp_coefficients(params.global_["t"], dot, math.sqrt(sq0), math.sqrt(sq1))
-        return SlerpReductions(s0=s0, s1=s1)
+        return SlerpReductions(dot=dot, norm0=math.sqrt(sq0), norm1=math.sqrt(sq1))
 
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, SlerpReductions)
-        out = base * reduced.s0
-        return out.add_(experts[0] * reduced.s1)
+        acc = blend_dtype(base.dtype)
+        s0, s1 = slerp_coefficients(params.global_["t"], reduced.dot, reduced.norm0, reduced.norm1, acc)
+        out = base.to(acc) * s0
+        return out.add_(experts[0].to(acc) * s1).to(base.dtype)

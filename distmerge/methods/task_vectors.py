@@ -48,6 +48,7 @@ from distmerge.methods.sparsification import (
     Round,
     Sparsifier,
     TaskVectorReductions,
+    l1_ratio,
 )
 
 
@@ -134,7 +135,7 @@ class TaskVectorMethod(MergeMethod):
             return kept
         if rescale is Rescale.L1:
             assert reduced is not None
-            ratio = reduced.ratios[e]
+            ratio = l1_ratio(*reduced.l1_norms[e], delta.dtype)
             return kept if ratio == 1.0 else kept * ratio
         if isinstance(divide_by, torch.Tensor):
             return kept / divide_by.to(kept.dtype)
@@ -161,7 +162,7 @@ class TaskVectorMethod(MergeMethod):
                  for e, (x, p) in enumerate(zip(experts, params.experts, strict=True))]
         weights = [p["weight"] for p in params.experts]
         g = params.global_
-        total_w = _sum(list(torch.tensor(weights, dtype=base.dtype)))
+        total_w = torch.tensor(weights, dtype=base.dtype).sum()  # float32 accumulation, one rounding
         consensus = self.consensus is Consensus.SUM
         normalize = bool(g["normalize"]) and (consensus or bool(total_w.abs() >= 1e-8))
         out = kernels.task_vectors(
@@ -170,8 +171,7 @@ class TaskVectorMethod(MergeMethod):
             rescale_kind=[t.rescale_kind for t in terms],
             rescale=np.array([kernels.scalar(t.factor, base.dtype) for t in terms]),
             probs=[t.probs for t in terms],
-            weights=np.array([kernels.scalar(w, base.dtype) for w in weights]),
-            weights_stored=kernels.rounded(weights, base.dtype), consensus=consensus, normalize=normalize,
+            weights=kernels.rounded(weights, base.dtype), consensus=consensus, normalize=normalize,
             total_weight=total_w.to(kd).numpy(), lam=kernels.scalar(g["lambda"], base.dtype))
         return torch.from_numpy(out).reshape(base.shape).to(base.dtype)
 
@@ -186,8 +186,9 @@ class TaskVectorMethod(MergeMethod):
         rescale = Rescale.of(params.global_)
         if rescale is Rescale.L1:
             assert reduced is not None
-            if reduced.ratios[e] != 1.0:
-                terms.rescale_kind, terms.factor = kernels.RESCALE_MULTIPLY, reduced.ratios[e]
+            ratio = l1_ratio(*reduced.l1_norms[e], base.dtype)
+            if ratio != 1.0:
+                terms.rescale_kind, terms.factor = kernels.RESCALE_MULTIPLY, ratio
         elif rescale is Rescale.INVERSE_DENSITY:
             if isinstance(divide_by, torch.Tensor):
                 terms.rescale_kind = kernels.RESCALE_DIVIDE_BY_PROBS
@@ -204,41 +205,38 @@ class TaskVectorMethod(MergeMethod):
         ctx: ShardContext,
         reduced: TaskVectorReductions | None = None,
     ) -> torch.Tensor:
-        """The pipeline as torch ops, each separately rounded: the float16 path, and the
-        formulation the kernels reproduce."""
-        weights = [p["weight"] for p in params.experts]
+        """mergekit 0.1.5's pipeline as torch ops: the float16 path, and the formulation the
+        kernels reproduce.
+
+        As mergekit: each delta is weighted by its weight rounded to the compute dtype
+        (``torch.tensor(weights, dtype=deltas.dtype)``); sums over the models are torch's
+        ``sum(dim=0)``, which accumulates bfloat16/float16 in float32 and rounds once
+        (:func:`_sum`); the sign is elected by ``total >= 0`` on the rounded total.
+        """
+        w = torch.tensor([p["weight"] for p in params.experts], dtype=base.dtype)
         weighted = []
         for e, (x, p) in enumerate(zip(experts, params.experts, strict=True)):
             d = self.sparsified(e, x - base, p, params, ctx, reduced)
-            weighted.append(d * p["weight"])
-        w = torch.tensor(weights, dtype=base.dtype)  # weights in the compute dtype, as mergekit
+            weighted.append(d * w[e])
         if self.consensus is Consensus.SUM:
-            # Elected sign s = +1 where the weighted sum is >= 0, else -1. A delta agrees iff
-            # delta * s > 0 (a zero never agrees), so relu(delta * s) is |delta| where it agrees
-            # and 0 elsewhere: summing those and multiplying by s gives mergekit's masked sum
-            # exactly (s = +-1 makes every product exact), with float ops only, which vectorize
-            # far better than boolean masks. A total of -0.0 only arises when every delta is
-            # zero, where no delta agrees whichever sign is elected.
+            # Elected sign s = +1 where the rounded weighted sum is >= 0 (so also at -0.0), else -1.
+            # A delta agrees iff delta * s > 0 (a zero never agrees), so relu(delta * s) is |delta|
+            # where it agrees and 0 elsewhere: summing those and multiplying by s gives mergekit's
+            # masked sum exactly (s = +-1 makes every product exact), with float ops only.
             total = _sum(weighted)
-            sign = torch.signbit(total).to(base.dtype).mul_(-2.0).add_(1.0)
+            sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
             del total
-            mixed: torch.Tensor | None = None
-            divisor: torch.Tensor | None = None
-            for i, wd in enumerate(weighted):
-                agreeing = wd.mul_(sign).clamp_(min=0.0)
-                wpart = torch.sign(agreeing).mul_(w[i])
-                mixed = agreeing if mixed is None else mixed.add_(agreeing)
-                divisor = wpart if divisor is None else divisor.add_(wpart)
-            assert mixed is not None and divisor is not None
-            mixed.mul_(sign)
-            del sign
+            agreeing = [wd.mul(sign).clamp_(min=0.0) for wd in weighted]
+            mixed = _sum(agreeing).mul_(sign)
+            divisor = _sum([torch.where(a > 0, w[i], 0.0 * w[i]) for i, a in enumerate(agreeing)])
+            del sign, agreeing
             if params.global_["normalize"]:
                 divisor.add_(divisor == 0)
                 mixed = mixed.div_(divisor)
         else:
             mixed = _sum(weighted)
             if params.global_["normalize"]:
-                total_w = _sum(list(w))
+                total_w = w.sum()
                 if bool(total_w.abs() >= 1e-8):
                     mixed = mixed.div_(total_w)
         lam = params.global_["lambda"]
@@ -248,11 +246,14 @@ class TaskVectorMethod(MergeMethod):
 
 
 def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Left-to-right sum into a fresh buffer (the order mergekit's stacked sum uses)."""
-    out = tensors[0].clone()
+    """``torch.stack(tensors).sum(dim=0)`` without the stacked copy: a left-to-right sum,
+    in float32 for bfloat16/float16 tensors (as torch's reduction accumulates), rounded once."""
+    dtype = tensors[0].dtype
+    acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    out = tensors[0].to(acc, copy=True)
     for t in tensors[1:]:
         out.add_(t)
-    return out
+    return out.to(dtype)
 
 
 class TaskArithmetic(TaskVectorMethod):

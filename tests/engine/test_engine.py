@@ -104,7 +104,12 @@ def test_dtypes_and_tied_embeddings(tmp_path, dtype, out_dtype):
     extra = {"out_dtype": out_dtype} if out_dtype else {}
     run_merge(make_config("task_arithmetic", base, experts, [0.5, 0.25], **extra), tmp_path / "out", progress=False)
     got = load_state(tmp_path / "out")
-    ref = reference_task_arithmetic(base, experts, [lambda t: 0.5, lambda t: 0.25])
+    # No `dtype`: as mergekit 0.1.5, the merge runs in the stored dtype (each op rounded to it,
+    # the sum over the models accumulated in float32 and rounded once), then out_dtype.
+    b, xs = load_state(base), [load_state(e) for e in experts]
+    w = torch.tensor([0.5, 0.25], dtype=dtype)
+    ref = {name: tb + torch.stack([(x[name] - tb) * w[i] for i, x in enumerate(xs)]).sum(dim=0)
+           for name, tb in b.items()}
     want = {None: dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[out_dtype]
     assert "lm_head.weight" not in got
     for name, r in ref.items():

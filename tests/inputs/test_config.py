@@ -43,6 +43,18 @@ def test_filters_first_match_wins_and_fallback():
     assert resolve_value([{"filter": "mlp", "value": 1}], "model.norm.weight", 0.0, "w") is None
 
 
+def test_filters_as_mergekit_unfiltered_first_and_star_match_everything():
+    """mergekit 0.1.5: an entry without a filter, or with filter "*", matches every tensor, so
+    placed first it wins; a single {filter, value} mapping is a one-entry list."""
+    first = [{"value": 0.9}, {"filter": "mlp", "value": 0.1}]
+    assert resolve_value(first, "model.layers.0.mlp.up_proj.weight", 0.0, "w") == 0.9
+    star = [{"filter": "*", "value": 0.25}, {"value": 0.9}]
+    assert resolve_value(star, "model.norm.weight", 0.0, "w") == 0.25
+    single = {"filter": "embed", "value": [1.0, 3.0]}
+    assert resolve_value(single, "model.embed_tokens.weight", 0.5, "w") == 2.0
+    assert resolve_value(single, "model.norm.weight", 0.0, "w") is None
+
+
 def test_unknown_key_lists_allowed():
     with pytest.raises(ConfigError, match=r"models\.0\.paramters: unknown key; allowed keys here: model, parameters"):
         parse_config({**BASE, "models": [{"model": "m", "paramters": {}}]})

@@ -7,8 +7,10 @@ The other method tests compare the fused kernels with the torch formulation
 that formulation would pass them. Here torch is used only to round (``Tensor.to``).
 
 Rounding model (what torch's CPU float16/bfloat16 ops do, and what the kernels reproduce): an
-op computes in float32 and rounds the result to the compute dtype; a Python scalar operand (a
-weight, lambda, the L1 rescale factor) enters as float32. The reference computes each op in
+op computes in float32 and rounds the result to the compute dtype; a Python scalar operand
+(lambda) enters as float32. On top, mergekit 0.1.5's order of operations: weights rounded to the
+compute dtype, sums over the models accumulated in float32 and rounded once, the L1 norms
+rounded to the compute dtype before their quotient, linear accumulated in float32. The reference computes each op in
 float64 and rounds to float32, then to the compute dtype (``_round``). That float32 step is
 exactly float32 arithmetic: a 16-bit value times a float32 scalar is exact in float64 (11 + 24
 bits), and for sums, differences and quotients of float32 values double rounding through
@@ -60,11 +62,6 @@ def _round(values: np.ndarray | float, dtype: torch.dtype) -> np.ndarray:
     return t.to(torch.float32).to(dtype).to(torch.float64).numpy()
 
 
-def _f32(value: float) -> float:
-    """A Python scalar as torch's float16/bfloat16 ops use it: cast to float32."""
-    return float(np.float32(value))
-
-
 def _dare_keep(seed: int, tensor: str, model: int, numel: int, density: float) -> np.ndarray:
     """DARE's keep mask: element j's draw is output j of numpy's Philox keyed by
     blake2b(seed, tensor, model); kept iff the draw is below floor(density * 2^64)."""
@@ -74,20 +71,25 @@ def _dare_keep(seed: int, tensor: str, model: int, numel: int, density: float) -
 
 
 def _ties_keep(delta: np.ndarray, density: float) -> np.ndarray:
-    """TIES trim: keep |delta| >= the k-th largest magnitude, k = max(1, int(density * numel))."""
+    """TIES trim: keep exactly k = max(1, int(density * numel)) elements, the largest |delta|,
+    equal magnitudes by lower flat index first (a stable sort of -|delta|)."""
     flat = np.abs(delta).reshape(-1)
     k = max(1, int(density * flat.size))
-    if k >= flat.size:
-        return np.ones(delta.shape, dtype=bool)
-    return np.abs(delta) >= np.sort(flat)[::-1][k - 1]
+    keep = np.zeros(flat.size, dtype=bool)
+    keep[np.argsort(-flat, kind="stable")[:k]] = True
+    return keep.reshape(delta.shape)
+
+
+def _f32(value: np.ndarray | float) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32).astype(np.float64)
 
 
 def _sum_rounded(terms: list[np.ndarray], dtype: torch.dtype) -> np.ndarray:
-    """Left-to-right sum, each addition rounded."""
-    out = terms[0]
+    """torch's sum(dim=0) of ``dtype`` tensors: left to right in float32, rounded once."""
+    out = _f32(terms[0])
     for t in terms[1:]:
-        out = _round(out + t, dtype)
-    return out
+        out = _f32(out + t)
+    return _round(out, dtype)
 
 
 def reference(case: str, name: str, base: np.ndarray | None, xs: list[np.ndarray],
@@ -96,23 +98,29 @@ def reference(case: str, name: str, base: np.ndarray | None, xs: list[np.ndarray
     method, glob, per_model, n = CASES[case]
     weights = WEIGHTS[:n]
     w_stored = [_round(w, dtype) for w in weights]  # the weights in the compute dtype
-    if method == "linear":
-        out = _sum_rounded([_round(x * _f32(w), dtype) for x, w in zip(xs, weights, strict=True)], dtype)
-        return _round(out / _sum_rounded(w_stored, dtype), dtype)
+    if method == "linear":  # mergekit: addcmul_ (fma) into float32 from +0, / float32 weight sum
+        acc = np.zeros_like(xs[0])
+        for x, w in zip(xs, weights, strict=True):
+            acc = _f32(acc + x * _f32(w))  # x * w is exact in float64 (11 + 24 bits)
+        total = _f32(0.0)
+        for w in weights:
+            total = _f32(total + _f32(w))
+        return _round(acc / total, dtype)
     assert base is not None
     weighted = []
-    for e, (x, w) in enumerate(zip(xs, weights, strict=True)):
+    for e, x in enumerate(xs):
         d = _round(x - base, dtype)
         if method == "ties":
             d = d * _ties_keep(d, per_model["density"])
         elif method == "dare_linear":
             kept = d * _dare_keep(SEED, name, e, d.size, per_model["density"]).reshape(d.shape)
             before, after = math.fsum(np.abs(d).reshape(-1)), math.fsum(np.abs(kept).reshape(-1))
-            ratio = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
-            d = kept if ratio == 1.0 else _round(kept * _f32(ratio), dtype)
-        weighted.append(_round(d * _f32(w), dtype))
-    if method == "ties":  # sign consensus, normalized by the agreeing weights
-        sign = np.where(np.signbit(_sum_rounded(weighted, dtype)), -1.0, 1.0)
+            before, after = _round(before, dtype), _round(after, dtype)  # norms in the compute dtype
+            ratio = _round(before / after, dtype) if before >= 1e-7 and after >= 1e-7 else 1.0
+            d = kept if ratio == 1.0 else _round(kept * ratio, dtype)
+        weighted.append(_round(d * w_stored[e], dtype))  # the weight rounded to the compute dtype
+    if method == "ties":  # sign consensus (total >= 0 elects +), normalized by the agreeing weights
+        sign = np.where(_sum_rounded(weighted, dtype) >= 0, 1.0, -1.0)
         agreeing = [np.where(wd * sign < 0, 0.0, wd * sign) for wd in weighted]  # clamp(min=0) keeps -0.0
         mixed = _sum_rounded(agreeing, dtype) * sign
         divisor = _sum_rounded([np.where(a > 0, w, 0.0) for a, w in zip(agreeing, w_stored, strict=True)], dtype)
@@ -120,11 +128,11 @@ def reference(case: str, name: str, base: np.ndarray | None, xs: list[np.ndarray
     else:
         mixed = _sum_rounded(weighted, dtype)
         if glob.get("normalize"):
-            total = _sum_rounded(w_stored, dtype)
+            total = _sum_rounded([np.float64(w) for w in w_stored], dtype)
             if abs(total) >= 1e-8:
                 mixed = _round(mixed / total, dtype)
     if glob.get("lambda", 1.0) != 1.0:
-        mixed = _round(mixed * _f32(glob["lambda"]), dtype)
+        mixed = _round(mixed * float(np.float32(glob["lambda"])), dtype)
     return _round(base + mixed, dtype)
 
 

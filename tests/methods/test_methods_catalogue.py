@@ -93,17 +93,23 @@ def run_method(name, base, xs, params, seed=0):
 
 # ---- independent references (whole tensors, plain torch, float64 where it helps) ------------
 
+def rank_order(delta):
+    """Flat indices by |delta| (as float32) descending, equal magnitudes by lower index first:
+    the documented total order of magnitude selection."""
+    return torch.sort(delta.abs().reshape(-1).float(), descending=True, stable=True).indices
+
+
 def ref_topk_mask(delta, density):
-    """Keep |delta| >= the k-th largest magnitude (k = max(1, int(density * numel)))."""
+    """Keep exactly k = max(1, int(density * numel)) elements, the first k of :func:`rank_order`."""
     flat = delta.abs().reshape(-1)
     k = max(1, int(density * flat.numel()))
-    kth = torch.sort(flat, descending=True).values[k - 1]
-    mask = delta.abs() >= kth
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[rank_order(delta)[:k]] = True
     if len(torch.unique(flat)) == flat.numel():  # no ties: exactly torch.topk's elements
         top = torch.zeros(flat.numel(), dtype=torch.bool)
         top[torch.topk(flat, k).indices] = True
-        assert torch.equal(mask.reshape(-1), top)
-    return mask
+        assert torch.equal(mask, top)
+    return mask.reshape(delta.shape)
 
 
 def _breadcrumbs_counts(n, density, gamma):
@@ -126,16 +132,13 @@ def ref_breadcrumbs_positional(delta, density, gamma):
 
 
 def ref_breadcrumbs_mask(delta, density, gamma):
-    """The documented tie rule: keep v[n_top + target] <= |delta| < v[n_top] (1-based, descending)."""
+    """The documented rule: keep ranks n_top .. n_top + target - 1 (0-based) of :func:`rank_order`."""
     n = delta.numel()
     target, n_top, _ = _breadcrumbs_counts(n, density, gamma)
-    v = torch.sort(delta.abs().reshape(-1), descending=True).values
-    if target == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool)
-    mask = delta.abs() >= v[n_top + target - 1]
-    if n_top > 0:
-        mask &= delta.abs() < v[n_top - 1]
-    if delta.dtype == torch.float32 and len(torch.unique(v)) == n:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[rank_order(delta)[n_top:n_top + target]] = True
+    mask = mask.reshape(delta.shape)
+    if delta.dtype == torch.float32 and len(torch.unique(delta.abs())) == n:
         assert torch.equal(mask, ref_breadcrumbs_positional(delta, density, gamma))
     return mask
 
@@ -224,15 +227,42 @@ def test_radix_threshold_equals_topk_on_continuous_data():
         assert torch.equal(mask, top), k
 
 
-def test_ties_keeps_every_tie_at_the_threshold():
-    """Documented rule: ties at the k-th magnitude are all kept, whatever the sharding."""
+def test_ties_keeps_exactly_k_ties_broken_by_position():
+    """Documented rule: exactly k elements; of the ties at the k-th magnitude, the lowest flat
+    indices are kept, whatever the sharding and chunking."""
     base = torch.zeros(6, 2)
     x = torch.tensor([[3.0, 1.0], [1.0, 1.0], [0.5, 2.0], [1.0, 0.1], [0.0, 0.2], [1.0, 0.3]])
-    params = params_for("ties", 1, model={"weight": 1.0, "density": 0.25})  # k = 3: 3, 2, then the 1.0s
-    for step in (1, 2, 6):
-        reduced = reductions("ties", base, [x], params, chunk_rows=step)
-        out = merge_sharded("ties", base, [x], params, reduced, step)
-        assert torch.equal(out, torch.where(x >= 1.0, x, torch.zeros(())))
+    params = params_for("ties", 1, model={"weight": 1.0, "density": 0.25})  # k = 3: 3, 2, the first 1.0
+    want = torch.zeros_like(x)
+    want[0, 0], want[0, 1], want[2, 1] = 3.0, 1.0, 2.0
+    for chunk in (1, 2, 6):
+        reduced = reductions("ties", base, [x], params, chunk_rows=chunk)
+        for step in (1, 2, 3, 6):
+            assert torch.equal(merge_sharded("ties", base, [x], params, reduced, step), want), (chunk, step)
+
+
+@pytest.mark.parametrize("speculate", [True, False], ids=["round0-threshold", "round1-threshold"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+@pytest.mark.parametrize("shape", [(64, 48), (3001,)], ids=str)
+def test_magnitude_keeps_exact_count_with_many_ties(method, shape, speculate, monkeypatch):
+    """bfloat16 deltas repeat magnitudes often; the kept count is still exactly the configured
+    one, and the kept set is the reference order's under every chunking and sharding, whether
+    the threshold is known after round 0 (ties counted in round 1) or only after round 1 (ties
+    counted in the TIES round)."""
+    if not speculate:
+        monkeypatch.setattr("distmerge.methods.selection.speculative_low", lambda parts, bucket: None)
+    g = torch.Generator().manual_seed(9)
+    base = torch.zeros(shape)
+    x = (torch.randint(-6, 7, shape, generator=g).float() / 4).to(torch.bfloat16).float()
+    model = {"weight": 1.0, "density": 0.3} | ({"gamma": 0.05} if method == "breadcrumbs" else {})
+    params = params_for(method, 1, model=model)
+    mask = ref_topk_mask(x, 0.3) if method == "ties" else ref_breadcrumbs_mask(x, 0.3, 0.05)
+    want = x * mask
+    for chunk in (1, 7, shape[0]):
+        reduced = reductions(method, base, [x], params, chunk_rows=chunk)
+        for step in (5, shape[0]):
+            got = merge_sharded(method, base, [x], params, reduced, step)
+            assert torch.equal(got, want), (chunk, step)
 
 
 def test_breadcrumbs_with_zero_gamma_keeps_the_top():

@@ -57,8 +57,11 @@ def _check_ties_reference(base, experts, got):
         for x, w in zip(xs, weights, strict=True):
             d = (x[name].float() - tb.float()).double()
             k = max(1, int(0.4 * d.numel()))
-            kth = torch.sort(d.abs().reshape(-1), descending=True).values[k - 1]
-            wd.append(d * (d.abs() >= kth) * w)  # ties at the k-th magnitude are all kept (documented)
+            # exactly k kept; equal magnitudes by lower flat index first (documented)
+            order = torch.sort(d.abs().reshape(-1).float(), descending=True, stable=True).indices
+            keep = torch.zeros(d.numel(), dtype=torch.bool)
+            keep[order[:k]] = True
+            wd.append(d * keep.reshape(d.shape) * w)
         sign = torch.where(sum(wd) >= 0, 1.0, -1.0)
         masks = [torch.sign(d) == sign for d in wd]
         mixed = sum(d * m for d, m in zip(wd, masks, strict=True))

@@ -37,6 +37,7 @@ from distmerge.methods.kernels.rounding import (
     kernel_dtype,
     kernel_mode,
     mode_tag,
+    round_array,
     rounded,
     scalar,
 )
@@ -56,7 +57,7 @@ from distmerge.methods.kernels.task_vector_loop import (
 __all__ = [
     "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "RESCALE_DIVIDE",
     "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "abs_sums", "as_array", "delta_arrays",
-    "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "mode_tag", "rounded", "scalar",
+    "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "mode_tag", "round_array", "rounded", "scalar",
     "task_vectors", "warm_up", "weighted_sum",
 ]
 
@@ -81,6 +82,6 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
             for consensus in (False, True):
                 task_vectors(a, [a] * n, mode, low=[NO_LOW] * n, high=[NO_HIGH] * n, masks=[None] * n,
                              rescale_kind=[RESCALE_NONE] * n, rescale=ones, probs=[None] * n, weights=ones,
-                             weights_stored=ones, consensus=consensus, normalize=True, total_weight=ones[0],
+                             consensus=consensus, normalize=True, total_weight=ones[0],
                              lam=ones[0])
-            weighted_sum([a] * n, ones, mode, ones[0])
+            weighted_sum([a.astype(np.float32)] * n, ones.astype(np.float32), np.ones((), dtype=np.float32))

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 import torch
-from numba.core import types
-from numba.extending import overload
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, overload
 
 NATIVE = 0  # float32 / float64: no rounding beyond the dtype's own
 BFLOAT16 = 1  # float32 arrays, every result rounded to bfloat16
@@ -99,6 +100,34 @@ def _r_typed(v, mode):  # noqa: ANN001, ANN202
     if isinstance(mode, types.Integer):
         return lambda v, mode: _bf16(v)
     return lambda v, mode: v
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # noqa: ANN001, ANN202 - numba typing signature
+    """``a * b + c`` with one rounding (LLVM's ``llvm.fma``; all three of one float type)."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        ty = args[0].type
+        name = "llvm.fma.f64" if ty == ir.DoubleType() else "llvm.fma.f32"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), name)
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
+@_jit
+def _round_array(x, mode, out):  # noqa: ANN001, ANN202
+    for i in range(x.size):
+        out[i] = _r(x[i], mode)
+
+
+def round_array(x: np.ndarray, mode: int) -> np.ndarray:
+    """``x`` (float32) with each element rounded as the kernels round in ``mode``."""
+    out = np.empty_like(x)
+    _round_array(x, mode_tag(mode), out)
+    return out
 
 
 def mode_tag(mode: int) -> np.generic:

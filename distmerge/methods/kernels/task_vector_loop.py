@@ -57,13 +57,15 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
 
 @_jit
 def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs, weights,  # noqa: ANN001, ANN202
-                  weights_stored, consensus, normalize, total_weight, lam, out):
+                  consensus, normalize, total_weight, lam, out):
     """One pass of the task-vector family; the torch formulation, op for op, per element.
 
     Per expert e: d = x - base; kept = d * mask (mask from key thresholds [low, high) and,
     where given, an explicit mask); rescaled by a factor, a divisor or a per-element
-    probability; weighted. Then either a plain sum (normalized by ``total_weight`` if > 0)
-    or TIES sign consensus (normalized by the agreeing weights); then lambda; then + base.
+    probability; weighted (by the weight rounded to the compute dtype). Then either a plain
+    sum (normalized by ``total_weight`` if > 0) or TIES sign consensus (normalized by the
+    agreeing weights); then lambda; then + base. Sums over the experts are accumulated in
+    the array dtype and rounded once, as torch's ``sum(dim=0)``.
     The elements go in cache-sized blocks, expert by expert, and every inner loop is a
     simple branch-free loop over contiguous memory: that is what the compiler vectorizes
     (a per-element loop over the experts, or one with loop-invariant branches, runs
@@ -84,22 +86,24 @@ def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs
             _sparsified(xs[e][s:s + m], b, mode, low[e], high[e], masks[e][s:s + m] if masks[e].size else masks[e],
                         kind, rescale[e], probs[e][s:s + m] if kind == RESCALE_DIVIDE_BY_PROBS else probs[e],
                         weights[e], wd[e, :m])
+        # Sums over the experts accumulate unrounded (float32 in bfloat16 mode, as torch's
+        # sum(dim=0) does) and are rounded once.
         acc = total[:m]
         acc[:] = wd[0, :m]
         for e in range(1, n):
             row = wd[e, :m]
             for j in range(m):
-                acc[j] = _r(acc[j] + row[j], mode)
+                acc[j] = acc[j] + row[j]
         if consensus:
             sg = sign[:m]
             dv = div[:m]
             for e in range(n):
                 row = wd[e, :m]
-                ws = weights_stored[e]
+                ws = weights[e]
                 wz = zero * ws
-                if e == 0:  # elect the sign from the total in acc, then start the agreeing sums
+                if e == 0:  # elect the sign from the rounded total in acc, then start the agreeing sums
                     for j in range(m):
-                        sgn = -one if np.signbit(acc[j]) else one
+                        sgn = one if _r(acc[j], mode) >= zero else -one
                         sg[j] = sgn
                         a = row[j] * sgn
                         a = zero if a < zero else a  # clamp(min=0): -0.0 and NaN pass, as in torch
@@ -109,22 +113,27 @@ def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs
                     for j in range(m):
                         a = row[j] * sg[j]
                         a = zero if a < zero else a
-                        acc[j] = _r(acc[j] + a, mode)
-                        dv[j] = _r(dv[j] + (ws if a > zero else wz), mode)
+                        acc[j] = acc[j] + a
+                        dv[j] = dv[j] + (ws if a > zero else wz)
             if normalize and lam == one:  # TIES' defaults: sign, normalize and + base in one loop
                 o = out[s:s + m]
                 for j in range(m):
-                    o[j] = _r(b[j] + _r(acc[j] * sg[j] / (one if dv[j] == zero else dv[j]), mode), mode)
+                    d = _r(dv[j], mode)
+                    o[j] = _r(b[j] + _r(_r(acc[j], mode) * sg[j] / (one if d == zero else d), mode), mode)
                 continue
             for j in range(m):
-                acc[j] = acc[j] * sg[j]
+                acc[j] = _r(acc[j], mode) * sg[j]
             if normalize:
                 for j in range(m):
                     # torch adds (div == 0): +1 where zero; adding +0.0 elsewhere changes nothing
-                    acc[j] = _r(acc[j] / (one if dv[j] == zero else dv[j]), mode)
-        elif normalize:
+                    d = _r(dv[j], mode)
+                    acc[j] = _r(acc[j] / (one if d == zero else d), mode)
+        else:
             for j in range(m):
-                acc[j] = _r(acc[j] / total_weight, mode)
+                acc[j] = _r(acc[j], mode)
+            if normalize:
+                for j in range(m):
+                    acc[j] = _r(acc[j] / total_weight, mode)
         if lam != one:
             for j in range(m):
                 acc[j] = _r(acc[j] * lam, mode)
@@ -136,16 +145,17 @@ def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs
 def task_vectors(
     base: np.ndarray, xs: Sequence[np.ndarray], mode: int, *, low: Sequence[int], high: Sequence[int],
     masks: Sequence[np.ndarray | None], rescale_kind: Sequence[int], rescale: np.ndarray,
-    probs: Sequence[np.ndarray | None], weights: np.ndarray, weights_stored: np.ndarray, consensus: bool,
+    probs: Sequence[np.ndarray | None], weights: np.ndarray, consensus: bool,
     normalize: bool, total_weight: np.ndarray, lam: np.ndarray,
 ) -> np.ndarray:
-    """Run :func:`_task_vectors` (see there); ``None`` masks/probs mean "not used"."""
+    """Run :func:`_task_vectors` (see there); ``None`` masks/probs mean "not used". ``weights``
+    are the weights rounded to the compute dtype (mergekit multiplies by those)."""
     empty_mask = np.zeros(0, dtype=np.bool_)
     empty_probs = np.zeros(0, dtype=base.dtype)
     out = np.empty_like(base)
     _task_vectors(base, tuple(xs), mode_tag(mode), np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64),
                   tuple(empty_mask if m is None else m for m in masks), np.asarray(rescale_kind, dtype=np.int64),
-                  rescale, tuple(empty_probs if p is None else p for p in probs), weights, weights_stored,
+                  rescale, tuple(empty_probs if p is None else p for p in probs), weights,
                   consensus, normalize, total_weight[()], lam[()], out)
     return out
 

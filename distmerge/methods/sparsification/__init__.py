@@ -6,7 +6,13 @@ DARE, :class:`DellaSampling`) is a :class:`Sparsifier`: its parameters, its redu
 and knows nothing kind-specific.
 """
 
-from distmerge.methods.sparsification.base import RESCALE_MODES, KernelTerms, Rescale, Sparsifier
+from distmerge.methods.sparsification.base import (
+    RESCALE_MODES,
+    KernelTerms,
+    Rescale,
+    Sparsifier,
+    l1_ratio,
+)
 from distmerge.methods.sparsification.dare import RandomDrop
 from distmerge.methods.sparsification.della import DellaSampling
 from distmerge.methods.sparsification.magnitude import BreadcrumbsTrim, MagnitudeTrim
@@ -20,5 +26,5 @@ DELLA = DellaSampling()
 __all__ = [
     "BREADCRUMBS", "DELLA", "MAGNITUDE", "RANDOM", "RESCALE_MODES", "BreadcrumbsTrim", "ChunkPartials",
     "DellaSampling", "KernelTerms", "MagnitudeTrim", "RandomDrop", "Rescale", "Round", "Sparsifier",
-    "TaskVectorReductions",
+    "TaskVectorReductions", "l1_ratio",
 ]

@@ -70,11 +70,20 @@ def stream_model(ctx: ShardContext, e: int) -> int:
     return ctx.expert_ids[e] if ctx.expert_ids else e
 
 
-def l1_ratio(before: float, after: float) -> float:
-    """mergekit's L1 rescale factor; 1 (no rescale) when either norm is below 1e-7."""
-    if before < RESCALE_EPS or after < RESCALE_EPS:
+def l1_ratio(before: float, after: float, dtype: torch.dtype = torch.float64) -> float:
+    """mergekit's L1 rescale factor in the compute dtype ``dtype``; 1 (no rescale) when either
+    norm is below 1e-7.
+
+    mergekit sums ``|delta|`` and ``|kept|`` into compute-dtype scalars and divides those
+    (``masked * (before_scale / after_scale)``), so both norms are rounded to ``dtype``, compared
+    with 1e-7 there, and divided in ``dtype`` (here from float64 sums, which the rounding to
+    ``dtype`` makes equal to mergekit's except near a rounding boundary).
+    """
+    b = torch.tensor(before, dtype=torch.float64).to(dtype)
+    a = torch.tensor(after, dtype=torch.float64).to(dtype)
+    if bool(b < RESCALE_EPS) or bool(a < RESCALE_EPS):
         return 1.0
-    return before / after
+    return float(b / a)
 
 
 def numel(shape: Sequence[int]) -> int:
@@ -161,12 +170,12 @@ class Sparsifier:
     def reduce_l1(self, out: TaskVectorReductions, partials: Sequence[ChunkPartials[Any]],
                   params: TensorParams) -> None:
         """Each sparsified expert's L1 rescale factor from the chunks' norms, summed in chunk order."""
-        out.ratios = {}
+        out.l1_norms = {}
         for e, p in enumerate(params.experts):
             if self.active(p):
                 before = reductions.ordered_sum([c.experts[e].before for c in partials])
                 after = reductions.ordered_sum([c.experts[e].after for c in partials])
-                out.ratios[e] = l1_ratio(before, after)
+                out.l1_norms[e] = (before, after)
 
     # ---- the keep rule --------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from distmerge.methods.sparsification.base import (
     KernelTerms,
     Rescale,
     Sparsifier,
-    l1_ratio,
     stream_model,
 )
 from distmerge.methods.sparsification.rounds import (
@@ -113,7 +112,7 @@ class DellaSampling(Sparsifier):
             self.reduce_l1(out, partials, params)
             return
         probs: dict[int, torch.Tensor] = {}
-        ratios: dict[int, float] = {}
+        norms: dict[int, tuple[float, float]] = {}
         for e, p in enumerate(params.experts):
             if not self.active(p):
                 continue
@@ -121,10 +120,10 @@ class DellaSampling(Sparsifier):
             u = torch.cat([c.experts[e].draws for c in partials])
             probs[e] = della_probabilities(delta, p["density"], p["epsilon"])
             kept = delta * (u < probs[e].to(torch.float64))
-            ratios[e] = l1_ratio(reductions.sum_abs(delta), reductions.sum_abs(kept))
+            norms[e] = (reductions.sum_abs(delta), reductions.sum_abs(kept))
         out.probs = probs
         if Rescale.of(params.global_) is Rescale.L1:
-            out.ratios = ratios
+            out.l1_norms = norms
 
     # ---- the keep rule --------------------------------------------------------------------
 

@@ -1,12 +1,23 @@
 """Magnitude trimming: TIES keeps the k largest |delta| of the whole tensor; breadcrumbs drops
 the largest ``gamma`` fraction and keeps the next ``density``.
 
-No worker holds a whole tensor, so the thresholds come from two reduction rounds of radix
+Elements are ranked by magnitude, descending, and equal magnitudes by flat position, lower
+index first: a total order, so "the k largest" is exactly k elements and the kept fraction is
+exactly the configured one, whatever the sharding (see docs/methods.md on mergekit's argsort).
+
+No worker holds a whole tensor, so the thresholds come from reduction rounds of radix
 selection (:mod:`distmerge.methods.selection`): ``SELECT_HIGH`` locates the bucket of each
 threshold's high 16 bits (and, speculatively, its low bits: when every chunk's guess covers the
-bucket, the thresholds are exact after one read), ``SELECT_LOW`` the low 16 bits. The keep rule
-is then a comparison of each element's key with exact whole-tensor keys, so it is exact for
-any row block.
+bucket, the thresholds are exact after one read), ``SELECT_LOW`` the low 16 bits. The selection
+also says how many elements tied at a threshold key rank inside its top r; only when that is
+fewer than all of them are the tied elements counted per row (exact integers, reduced in row
+order: in ``SELECT_LOW`` when round 0 gave the threshold, else in ``TIES``), which gives the
+row where the cut falls and how many ties of that row are in.
+The keep rule is then a comparison of each element's key with exact whole-tensor keys, plus a
+positional count inside at most one row per bound, so it is exact for any row block.
+
+Longer than 300 lines because the tie cut adds a round, its reduce and its keep rule to both
+the torch formulation and the kernel terms, which are kept side by side.
 """
 
 from __future__ import annotations
@@ -28,7 +39,10 @@ from distmerge.methods.sparsification.rounds import (
     LowPartial,
     Round,
     TaskVectorReductions,
+    TiePartial,
 )
+
+TieCut = tuple[int, int] | None  # (row, ties in that row) of a bound; None: every tie is in
 
 
 @dataclass(frozen=True)
@@ -69,23 +83,50 @@ def breadcrumbs_ranks(density: float, gamma: float, numel: int) -> TrimRanks:
     return TrimRanks(low if low < numel else None, n_top if n_top > 0 else None)
 
 
-def magnitude_mask(delta: torch.Tensor, ranks: TrimRanks, thresholds: dict[Bound, int]) -> torch.Tensor:
-    """Keep-mask from exact whole-tensor threshold keys (see :mod:`distmerge.methods.selection`).
+def bound_rule(key: int, cut: TieCut, ctx: ShardContext) -> tuple[int, bool]:
+    """How a shard tells its elements inside a bound's top r: ``keys >= t`` for the returned
+    ``t`` (all ties in: the threshold key; none: the next key), or ``explicit`` when the cut
+    row lies in the shard (then :func:`explicit_in_top`)."""
+    if cut is None or ctx.row_end <= cut[0]:
+        return key, False
+    if ctx.row_start > cut[0]:
+        return key + 1, False
+    return key, True
 
-    Ties at a threshold are all treated alike (kept at the low one, dropped at the high one),
-    so the mask does not depend on element order or sharding; mergekit's argsort breaks such
-    ties arbitrarily. On continuous data the two agree exactly.
-    """
+
+def explicit_in_top(keys: torch.Tensor, ctx: ShardContext, key: int, cut: tuple[int, int]) -> torch.Tensor:
+    """Flat mask of the shard's elements inside the top r: keys above ``key``, and the ties at
+    it in rows before the cut row and the first ``cut[1]`` (by position) in the cut row."""
+    rows = ctx.row_end - ctx.row_start
+    k2 = keys.reshape(rows, -1)
+    eq = k2 == key
+    row = torch.arange(ctx.row_start, ctx.row_end).unsqueeze(1)
+    ordinal = eq.to(torch.int64).cumsum(1) - 1
+    tie_in = eq & ((row < cut[0]) | ((row == cut[0]) & (ordinal < cut[1])))
+    return ((k2 > key) | tie_in).reshape(-1)
+
+
+def in_top(keys: torch.Tensor, ctx: ShardContext, key: int, cut: TieCut) -> torch.Tensor:
+    t, explicit = bound_rule(key, cut, ctx)
+    if explicit:
+        assert cut is not None
+        return explicit_in_top(keys, ctx, key, cut)
+    return keys >= t
+
+
+def magnitude_mask(delta: torch.Tensor, ranks: TrimRanks, thresholds: dict[Bound, int],
+                   cuts: dict[Bound, tuple[int, int]], ctx: ShardContext) -> torch.Tensor:
+    """Keep-mask from exact whole-tensor threshold keys and tie cuts (the torch formulation):
+    inside the top ``low`` and outside the top ``high`` of the (magnitude, position) order."""
     if ranks.nothing:
         return torch.zeros(delta.shape, dtype=torch.bool)
-    keys = magnitude_keys(delta).reshape(delta.shape)
-    mask: torch.Tensor | None = None
+    keys = magnitude_keys(delta)
+    mask = torch.ones(keys.shape, dtype=torch.bool)
     if ranks.low is not None:
-        mask = keys >= thresholds[Bound.LOW]
+        mask &= in_top(keys, ctx, thresholds[Bound.LOW], cuts.get(Bound.LOW))
     if ranks.high is not None:
-        below = keys < thresholds[Bound.HIGH]
-        mask = below if mask is None else mask & below
-    return torch.ones(delta.shape, dtype=torch.bool) if mask is None else mask
+        mask &= ~in_top(keys, ctx, thresholds[Bound.HIGH], cuts.get(Bound.HIGH))
+    return mask.reshape(delta.shape)
 
 
 class MagnitudeTrim(Sparsifier):
@@ -97,7 +138,7 @@ class MagnitudeTrim(Sparsifier):
         return magnitude_ranks(p["density"], numel)
 
     def kind_rounds(self, l1: bool, shape: tuple[int, ...] | None) -> list[Round]:
-        return [Round.SELECT_HIGH, Round.SELECT_LOW] + ([Round.L1] if l1 else [])
+        return [Round.SELECT_HIGH, Round.SELECT_LOW, Round.TIES] + ([Round.L1] if l1 else [])
 
     # ---- reduction rounds -----------------------------------------------------------------
 
@@ -110,11 +151,38 @@ class MagnitudeTrim(Sparsifier):
         ranks = self.trim(p, numel(ctx.shape)).ranks
         if not ranks:
             return None
+        if round_ is Round.TIES:
+            assert previous is not None
+            rows = self._tie_rows(e, base, x, ctx, previous)
+            return TiePartial(rows) if rows else None
         keys = selection.DeltaKeys(base, x)
         if round_ is Round.SELECT_HIGH:
             return HighPartial(*keys.round_zero(ranks, numel(ctx.shape)))
         assert round_ is Round.SELECT_LOW and previous is not None, round_
-        return LowPartial({bound: keys.low_histogram(bucket) for bound, (bucket, _) in previous.buckets[e].items()})
+        known = previous.thresholds.get(e, {})
+        open_ = {b: bucket for b, (bucket, _) in previous.buckets[e].items() if b not in known}
+        # Ties whose threshold round 0 resolved are counted now, saving the TIES round's read.
+        ties = self._tie_rows(e, base, x, ctx, previous)
+        if not open_ and not ties:
+            return None
+        return LowPartial({b: keys.low_histogram(bucket) for b, bucket in open_.items()}, ties)
+
+    @staticmethod
+    def _tie_rows(e: int, base: torch.Tensor, x: torch.Tensor, ctx: ShardContext,
+                  previous: TaskVectorReductions) -> dict[Bound, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-row counts of the chunk's elements tied at each threshold whose ties must be
+        split and whose cut is not known yet (absolute rows with ties, their counts)."""
+        cut = previous.tie_cuts.get(e, {})
+        need = [b for b in previous.tie_need.get(e, {}) if b not in cut]
+        if not need:
+            return {}
+        keys = magnitude_keys(x - base).reshape(ctx.row_end - ctx.row_start, -1)
+        rows = {}
+        for bound in need:
+            per_row = (keys == previous.thresholds[e][bound]).sum(1)
+            nz = per_row.nonzero().reshape(-1)
+            rows[bound] = (nz + ctx.row_start, per_row[nz])
+        return rows
 
     def reduce_into(
         self, out: TaskVectorReductions, round_: Round, partials: Sequence[ChunkPartials[Any]],
@@ -123,9 +191,29 @@ class MagnitudeTrim(Sparsifier):
         if round_ is Round.SELECT_HIGH:
             self._reduce_high(out, partials, params, shape)
         elif round_ is Round.SELECT_LOW:
+            self._reduce_ties(out, partials)  # the ties counted alongside (needs known after round 0)
             self._reduce_low(out, partials)
+        elif round_ is Round.TIES:
+            self._reduce_ties(out, partials)
         else:
             self.reduce_l1(out, partials, params)
+        if round_ is not Round.L1:
+            out.complete = self._selected(out) and not set(out.tie_need) - set(out.tie_cuts) and (
+                Round.L1 not in self.rounds(params, shape))
+
+    @staticmethod
+    def _selected(out: TaskVectorReductions) -> bool:
+        return all(len(out.thresholds.get(e, {})) == len(named) for e, named in out.buckets.items())
+
+    @staticmethod
+    def _set_threshold(out: TaskVectorReductions, e: int, bound: Bound, bucket: int, low: torch.Tensor,
+                       residual: int) -> None:
+        """The exact threshold key from a bucket's low-bits histogram, and how many of the
+        elements tied at it rank inside (recorded only when that is fewer than all)."""
+        bits, need = selection.locate(low, residual)
+        out.thresholds.setdefault(e, {})[bound] = (bucket << 16) | bits
+        if need < int(low[bits]):
+            out.tie_need.setdefault(e, {})[bound] = need
 
     def _reduce_high(self, out: TaskVectorReductions, partials: Sequence[ChunkPartials[HighPartial]],
                      params: TensorParams, shape: tuple[int, ...]) -> None:
@@ -139,28 +227,43 @@ class MagnitudeTrim(Sparsifier):
             hist = selection.sum_histograms([c.experts[e].histogram for c in partials])
             buckets[e] = {bound: selection.locate(hist, r) for bound, r in self.trim(p, n).ranks.items()}
         out.buckets = buckets
-        resolved: dict[int, dict[Bound, int]] = {}
+        out.thresholds, out.tie_need, out.tie_cuts = {}, {}, {}
         for e, named in buckets.items():
-            resolved[e] = {}
             for bound, (bucket, residual) in named.items():
-                parts = [c.experts[e].speculated[bound] for c in partials]
-                low = selection.resolve_speculative(parts, bucket, residual)
+                low = selection.speculative_low([c.experts[e].speculated[bound] for c in partials], bucket)
                 if low is not None:
-                    resolved[e][bound] = (bucket << 16) | low
-        if all(len(resolved[e]) == len(buckets[e]) for e in buckets) and Round.L1 not in self.rounds(params, shape):
-            out.thresholds = resolved
-            out.complete = True
+                    self._set_threshold(out, e, bound, bucket, low, residual)
+
+    def _reduce_low(self, out: TaskVectorReductions, partials: Sequence[ChunkPartials[LowPartial]]) -> None:
+        """Exact thresholds from the low bits inside each located bucket (where round 0's
+        speculation did not already give them)."""
+        for e, named in out.buckets.items():
+            for bound, (bucket, residual) in named.items():
+                if bound in out.thresholds.get(e, {}):
+                    continue
+                low = selection.dense_low([c.experts[e].low[bound] for c in partials if e in c.experts])
+                self._set_threshold(out, e, bound, bucket, low, residual)
 
     @staticmethod
-    def _reduce_low(out: TaskVectorReductions, partials: Sequence[ChunkPartials[LowPartial]]) -> None:
-        """Exact thresholds from the low bits inside each located bucket."""
-        thresholds: dict[int, dict[Bound, int]] = {}
-        for e, named in out.buckets.items():
-            thresholds[e] = {}
-            for bound, (bucket, residual) in named.items():
-                low = selection.dense_low([c.experts[e].low[bound] for c in partials])
-                thresholds[e][bound] = (bucket << 16) | selection.locate(low, residual)[0]
-        out.thresholds = thresholds
+    def _reduce_ties(out: TaskVectorReductions, partials: Sequence[ChunkPartials[Any]]) -> None:
+        """The row where each split bound's cut falls, and how many ties of that row are in
+        (from TIES partials, or the tie rows of SELECT_LOW partials)."""
+        def rows_of(part: Any) -> dict[Bound, tuple[torch.Tensor, torch.Tensor]]:
+            return part.rows if isinstance(part, TiePartial) else part.ties
+
+        for e, named in out.tie_need.items():
+            for bound, need in named.items():
+                if bound in out.tie_cuts.get(e, {}):
+                    continue
+                parts = [rows_of(c.experts[e])[bound] for c in partials
+                         if e in c.experts and bound in rows_of(c.experts[e])]
+                if not parts:
+                    continue  # its need was found in this round: the TIES round counts it
+                rows = torch.cat([r for r, _ in parts])
+                cum = torch.cat([n for _, n in parts]).cumsum(0)
+                i = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)).item())
+                before = int(cum[i - 1]) if i > 0 else 0
+                out.tie_cuts.setdefault(e, {})[bound] = (int(rows[i]), need - before)
 
     # ---- the keep rule --------------------------------------------------------------------
 
@@ -170,7 +273,8 @@ class MagnitudeTrim(Sparsifier):
         ranks = self.trim(p, numel(ctx.shape))
         assert reduced is not None or not ranks.ranks
         thresholds = reduced.thresholds.get(e, {}) if reduced is not None else {}
-        return magnitude_mask(delta, ranks, thresholds), p["density"]
+        cuts = reduced.tie_cuts.get(e, {}) if reduced is not None else {}
+        return magnitude_mask(delta, ranks, thresholds, cuts, ctx), p["density"]
 
     def kernel_keep(
         self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, ctx: ShardContext,
@@ -178,12 +282,31 @@ class MagnitudeTrim(Sparsifier):
     ) -> tuple[KernelTerms, Divisor]:
         ranks = self.trim(p, numel(ctx.shape))
         thresholds = reduced.thresholds.get(e, {}) if reduced is not None else {}
+        cuts = reduced.tie_cuts.get(e, {}) if reduced is not None else {}
         terms = KernelTerms()
         if ranks.nothing:
             terms.low = kernels.KEEP_NOTHING
-        else:
-            terms.low = thresholds[Bound.LOW] if ranks.low is not None else kernels.NO_LOW
-            terms.high = thresholds[Bound.HIGH] if ranks.high is not None else kernels.NO_HIGH
+            return terms, p["density"]
+        explicit: list[torch.Tensor] = []
+        keys: torch.Tensor | None = None
+        for bound, rank in ((Bound.LOW, ranks.low), (Bound.HIGH, ranks.high)):
+            if rank is None:
+                continue
+            key, cut = thresholds[bound], cuts.get(bound)
+            t, split = bound_rule(key, cut, ctx)
+            if not split:
+                if bound is Bound.LOW:
+                    terms.low = t
+                else:
+                    terms.high = t
+                continue
+            assert cut is not None
+            keys = magnitude_keys(x - base) if keys is None else keys
+            top = explicit_in_top(keys, ctx, key, cut)
+            explicit.append(top if bound is Bound.LOW else ~top)
+        if explicit:
+            mask = explicit[0] if len(explicit) == 1 else explicit[0] & explicit[1]
+            terms.mask = mask.numpy()
         return terms, p["density"]
 
 

@@ -23,6 +23,7 @@ class Round(Enum):
 
     SELECT_HIGH = "select_high"  # radix selection round 0: high 16 bits of the keys (+ speculative low bits)
     SELECT_LOW = "select_low"  # radix selection round 1: low 16 bits inside the located bucket
+    TIES = "ties"  # per-row counts of the elements tied at a threshold (only where they must be split)
     L1 = "l1"  # float64 L1 norms of each delta before and after sparsification
     DELLA = "della"  # 1-D tensors: keep probabilities ranked over the whole vector; else as L1
 
@@ -46,9 +47,19 @@ class HighPartial:
 @dataclass
 class LowPartial:
     """Round 1 of one expert on one chunk, per bound: the distinct low 16 bits of the keys in
-    the located bucket, and how often each occurs."""
+    the located bucket, and how often each occurs; and, for bounds whose threshold round 0
+    already resolved and whose ties must be split, the tie rows (as :class:`TiePartial`)."""
 
     low: dict[Bound, tuple[torch.Tensor, torch.Tensor]]
+    ties: dict[Bound, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class TiePartial:
+    """One expert on one chunk, per bound that splits its ties: the absolute rows holding
+    elements tied at the threshold key, and how many each holds (int64, rows ascending)."""
+
+    rows: dict[Bound, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -67,7 +78,7 @@ class VectorPartial:
     draws: torch.Tensor
 
 
-P = TypeVar("P", HighPartial, LowPartial, L1Partial, VectorPartial)
+P = TypeVar("P", HighPartial, LowPartial, TiePartial, L1Partial, VectorPartial)
 
 
 @dataclass
@@ -86,7 +97,14 @@ class TaskVectorReductions(Reductions):
     buckets: dict[int, dict[Bound, tuple[int, int]]] = field(default_factory=dict)
     # bound -> exact selection key of the threshold (float32 bit pattern of the magnitude)
     thresholds: dict[int, dict[Bound, int]] = field(default_factory=dict)
-    # mergekit's L1 rescale factor (1.0: no rescale)
-    ratios: dict[int, float] = field(default_factory=dict)
+    # bound -> how many elements tied at the threshold rank inside the bound's top r, where
+    # that is fewer than all of them (absent: every tie is inside)
+    tie_need: dict[int, dict[Bound, int]] = field(default_factory=dict)
+    # bound -> (row, count): the ties inside are those in rows before ``row`` and the first
+    # ``count`` (by position) in ``row`` (after the TIES round)
+    tie_cuts: dict[int, dict[Bound, tuple[int, int]]] = field(default_factory=dict)
+    # float64 L1 norms of each delta before and after sparsification (mergekit's rescale divides
+    # them in the compute dtype: sparsification.base.l1_ratio)
+    l1_norms: dict[int, tuple[float, float]] = field(default_factory=dict)
     # 1-D DELLA: keep probabilities of the whole vector
     probs: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,189 @@
+"""The mergekit 0.1.5 reference environment: one place that creates, finds and runs it.
+
+mergekit is never installed into distmerge's own environment. It lives in a virtual
+environment of its own, outside the repository (default ``~/.cache/distmerge/mergekit-0.1.5``,
+or ``$DISTMERGE_MERGEKIT_VENV``), made on first use with the pinned CPU torch first (a bare
+``torch`` requirement would pull a multi-GB CUDA build) and then ``mergekit==0.1.5``, and
+reused when present. The compatibility suite (``tests/compat``) and the benchmarks
+(``benchmarks/mergekit_runner.py``) both go through :func:`ensure_reference_env`.
+
+:func:`run_reference` runs ``mergekit-yaml`` on CPU, single-threaded and with a fixed random
+seed (so its float sums have one order and reruns give the same bytes), and caches each output
+under a key made of the config (input paths replaced by the hashes of the inputs' files), the
+inputs' bytes and the options, so a repeated run costs a directory lookup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MERGEKIT_VERSION = "0.1.5"
+TORCH_VERSION = "2.13.0"
+TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+VENV_ENV = "DISTMERGE_MERGEKIT_VENV"
+OPT_OUT_ENV = "DISTMERGE_SKIP_MERGEKIT"  # "1": the comparison tests skip, saying so
+CACHE_ENV = "DISTMERGE_MERGEKIT_CACHE"
+
+# Options that make mergekit's output a function of config and inputs only: CPU math, one
+# thread (torch's parallel float reductions split by thread count), a fixed seed for the
+# random methods (they still differ from distmerge's draws; see docs/methods.md).
+DETERMINISTIC_OPTIONS = ("--no-cuda", "--random-seed", "0", "--num-threads", "1", "--no-lazy-unpickle",
+                         "--no-low-cpu-memory", "--no-async-write", "--safe-serialization",
+                         "--no-write-model-card", "--quiet")
+
+
+class ReferenceUnavailable(RuntimeError):
+    """The mergekit reference environment could not be created (the message says why)."""
+
+
+def venv_path() -> Path:
+    """Where the reference environment lives (``$DISTMERGE_MERGEKIT_VENV`` or the user cache)."""
+    env = os.environ.get(VENV_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "distmerge" / f"mergekit-{MERGEKIT_VERSION}"
+
+
+def cache_root() -> Path:
+    """Where reference outputs are cached, keyed by config, inputs and options."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "distmerge" / f"mergekit-{MERGEKIT_VERSION}-outputs"
+
+
+def _installed(venv: Path) -> bool:
+    py = venv / "bin" / "python"
+    if not (venv / "bin" / "mergekit-yaml").exists() or not py.exists():
+        return False
+    probe = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
+        capture_output=True, text=True, timeout=120)
+    return probe.returncode == 0 and probe.stdout.split()[:1] == [MERGEKIT_VERSION]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (two test sessions must not build one venv at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_reference_env(python: str | None = None) -> Path:
+    """Path of the reference ``mergekit-yaml``, creating its environment on first use.
+
+    Raises :class:`ReferenceUnavailable` with the reason (pip's last lines) when it cannot be
+    made; callers decide whether that fails a test (the default) or is an explicit opt-out.
+    """
+    venv = venv_path()
+    exe = venv / "bin" / "mergekit-yaml"
+    with _file_lock(venv.parent / f".{venv.name}.lock"):
+        if _installed(venv):
+            return exe
+        steps = [
+            [python or sys.executable, "-m", "venv", "--clear", str(venv)],
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--index-url", TORCH_INDEX,
+             f"torch=={TORCH_VERSION}"],
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"mergekit=={MERGEKIT_VERSION}"],
+        ]
+        for cmd in steps:
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise ReferenceUnavailable(f"creating the mergekit {MERGEKIT_VERSION} reference environment "
+                                           f"at {venv} failed at `{' '.join(cmd)}`: {e}") from e
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                raise ReferenceUnavailable(f"creating the mergekit {MERGEKIT_VERSION} reference environment "
+                                           f"at {venv} failed at `{' '.join(cmd)}` (exit {done.returncode}): "
+                                           + " | ".join(tail))
+        if not _installed(venv):
+            raise ReferenceUnavailable(f"{venv} was created but does not hold mergekit {MERGEKIT_VERSION}")
+    return exe
+
+
+# ---- cached runs ----------------------------------------------------------------------------
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """Hash of every regular file in a model folder (names and bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + b"\0" + _file_digest(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _replace_paths(value: Any, names: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, list):
+        return [_replace_paths(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_paths(v, names) for k, v in value.items()}
+    return value
+
+
+def cache_key(config: Mapping[str, Any], inputs: Mapping[str, Path], options: tuple[str, ...]) -> str:
+    """Key of one reference run: config with input paths replaced by content hashes, options."""
+    names = {str(p): f"input:{folder_digest(p)}" for p in inputs.values()}
+    canonical = json.dumps({"config": _replace_paths(dict(config), names), "options": list(options),
+                            "mergekit": MERGEKIT_VERSION, "torch": TORCH_VERSION}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def run_reference(config: Mapping[str, Any], inputs: Mapping[str, Path], *,
+                  extra_options: tuple[str, ...] = (), timeout: float = 900) -> Path:
+    """mergekit 0.1.5's output folder for ``config`` (cached); ``inputs`` names every model
+    folder the config refers to. Raises ReferenceUnavailable or RuntimeError (mergekit failed,
+    with its last output lines)."""
+    options = DETERMINISTIC_OPTIONS + tuple(extra_options)
+    key = cache_key(config, inputs, options)
+    out = cache_root() / key
+    if (out / "config.json").exists():
+        return out
+    exe = ensure_reference_env()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
+    try:
+        cfg_path = work / "config.yml"
+        cfg_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        env.pop("PYTHONPATH", None)
+        done = subprocess.run([str(exe), str(cfg_path), str(work / "out"), *options], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=work)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
+            raise RuntimeError(f"mergekit-yaml failed (exit {done.returncode}): " + "\n".join(tail))
+        (work / "out" / "mergekit_config.yml").unlink(missing_ok=True)  # names tmp paths
+        with contextlib.suppress(OSError):
+            os.replace(work / "out", out)  # another session may have won the race: same bytes
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,366 @@
+"""The compatibility cases: mergekit 0.1.5's own test configurations, and ours.
+
+A case is a mergekit config in which ``@name`` stands for a model folder of :data:`MODELS`
+(pico models built as mergekit's tests build them), plus how its output is compared:
+
+- ``ulps``: the largest allowed distance, in ulps of the output dtype, between mergekit's
+  tensor and ours (0: bit-identical; docs/methods.md "Intentional differences" says which
+  methods are bit-identical and which within 1 ulp);
+- ``random``: the method draws random masks (DARE, DELLA): compare what does not depend on
+  the draws (names, shapes, dtypes, the untouched elements equal the base, the kept share and
+  the L1 norm of the change close to mergekit's);
+- ``error``: mergekit refuses the config; distmerge must refuse it too;
+- ``tokenizer``: compare the written tokenizer (vocabulary, added tokens, chat template).
+
+Sources: ``basic/*`` test_basic_merges.py, ``dtypes/*`` test_merge_dtypes.py,
+``params/*`` test_config_parameters.py, ``regress/*`` test_merge_method_regressions.py,
+``tok/*`` test_tokenizer.py, ``chat/*`` test_chat_template.py, ``vocab/*``
+test_vocabulary_axis.py and test_embedding_truncation.py; ``own/*`` are ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# ---- models --------------------------------------------------------------------------------
+
+# name -> (builder, kwargs, tokenizer spec or None). Builders live in distmerge.testing.pico.
+MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
+    **{f"{n}{sfx}": ("picollama", {"seed": s, "dtype": dt}, None)
+       for n, s in (("a", 1), ("b", 2), ("c", 3))
+       for sfx, dt in (("", torch.float32), ("_bf16", torch.bfloat16), ("_f16", torch.float16))},
+    "a_tied": ("picollama", {"seed": 11, "tie_word_embeddings": True}, None),
+    "b_tied": ("picollama", {"seed": 12, "tie_word_embeddings": True}, None),
+    "c_tied": ("picollama", {"seed": 13, "tie_word_embeddings": True}, None),
+    "granite_a": ("picogranite", {"seed": 21}, None),
+    "granite_b": ("picogranite", {"seed": 22}, None),
+    "gpt2_a": ("picogpt2", {"seed": 31}, None),
+    "llava_a": ("picollava", {"seed": 41}, None),
+    "llava_b": ("picollava", {"seed": 42}, None),
+    "llava_c": ("picollava", {"seed": 43}, None),
+    # test_tokenizer.py's fixtures
+    "tok_base": ("picollama", {"seed": 51, "vocab_size": 64}, {"vocab_size": 64, "added": []}),
+    "tok_chatml": ("picollama", {"seed": 52, "vocab_size": 66},
+                   {"vocab_size": 64, "added": ["<|im_start|>", "<|im_end|>"]}),
+    "tok_padded": ("picollama", {"seed": 53, "vocab_size": 64},
+                   {"vocab_size": 64, "added": [f"<UNUSED_{i}>" for i in range(4)]}),
+    "tok_special": ("picollama", {"seed": 54, "vocab_size": 65},
+                    {"vocab_size": 64, "added": [], "special": ["<|existing_special|>"]}),
+    # test_embedding_truncation.py: a model whose extra embedding rows are padding
+    "tok_base_b": ("picollama", {"seed": 55, "vocab_size": 64}, {"vocab_size": 64, "added": []}),
+    "tok_wide": ("picollama", {"seed": 56, "vocab_size": 72}, {"vocab_size": 64, "added": []}),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    config: dict[str, Any]
+    ulps: int = 0
+    kind: str = "values"  # values | random | error
+    tokenizer: bool = False
+    # Where mergekit's float32 whole-tensor sums (norms, dot products) cannot be reproduced in
+    # its order (docs/methods.md, difference 5): the allowed |difference| in ulps of the
+    # tensor's largest magnitude, since a scalar one ulp off moves elements that cancel to
+    # near zero by many of their own ulps.
+    tensor_ulps: float | None = None
+
+    def models(self) -> set[str]:
+        found: set[str] = set()
+
+        def walk(v: Any) -> None:
+            if isinstance(v, str) and v.startswith("@"):
+                found.add(v[1:])
+            elif isinstance(v, dict):
+                for x in v.values():
+                    walk(x)
+            elif isinstance(v, list):
+                for x in v:
+                    walk(x)
+
+        walk(self.config)
+        return found
+
+
+def two(method: str, a: str = "@a", b: str = "@b", base: str | None = None, dtype: str | None = "bfloat16",
+        params: dict[str, Any] | None = None, weights: tuple[Any, Any] = (0.6, 0.4), **extra: Any) -> dict[str, Any]:
+    """test_basic_merges.py's ``two_model_config``."""
+    cfg: dict[str, Any] = {"merge_method": method,
+                           "models": [{"model": a, "parameters": {"weight": weights[0]}},
+                                      {"model": b, "parameters": {"weight": weights[1]}}]}
+    if base is not None:
+        cfg["base_model"] = base
+    if dtype is not None:
+        cfg["dtype"] = dtype
+    if params is not None:
+        cfg["parameters"] = params
+    return cfg | extra
+
+
+# Per-method tolerance (ulps of the output dtype) where mergekit's order of float operations
+# cannot be reproduced exactly (see docs/methods.md); 0 everywhere else.
+METHOD_ULPS = {"slerp": 1, "model_stock": 1, "nuslerp": 1, "multislerp": 1, "karcher": 1, "sce": 1,
+               "ram": 1, "ramplus_tl": 1, "arcee_fusion": 1, "nearswap": 1}
+RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
+
+
+def case(id_: str, config: dict[str, Any], **kw: Any) -> Case:
+    method = config["merge_method"]
+    kw.setdefault("ulps", METHOD_ULPS.get(method, 0))
+    if method in RANDOM_METHODS:
+        kw.setdefault("kind", "random")
+    return Case(id_, config, **kw)
+
+
+def _basic() -> list[Case]:
+    out = [
+        case("basic/passthrough_scale", {"merge_method": "passthrough", "models": [
+            {"model": "@a", "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}]}),
+        case("basic/linear", two("linear")),
+        case("basic/slerp", two("slerp", base="@a", params={"t": 0.35})),
+        case("basic/task_arithmetic", two("task_arithmetic", base="@c")),
+        case("basic/breadcrumbs", two("breadcrumbs", base="@c")),
+        case("basic/ties", two("ties", base="@c", params={"density": 0.3})),
+        case("basic/sce", two("sce", base="@c", params={"select_topk": 0.5})),
+        case("basic/ram", two("ram", base="@c")),
+        case("basic/ramplus_tl", two("ramplus_tl", base="@c", params={"r": 0.05, "alpha": 1.0})),
+        case("basic/multislerp", two("multislerp", base="@c")),
+        case("basic/dare_ties", two("dare_ties", base="@c", params={"density": 0.66})),
+        case("basic/model_stock", two("model_stock", "@b", "@c", base="@a")),
+        case("basic/model_stock_filterwise", two("model_stock", "@b", "@c", base="@a",
+                                                 params={"filter_wise": True})),
+        case("basic/arcee_fusion", two("arcee_fusion", base="@a")),
+        case("basic/nearswap", two("nearswap", base="@a", params={"t": 0.0001})),
+        case("basic/della", two("della", base="@c", params={"density": 0.66, "epsilon": 0.05, "lambda": 0.5})),
+        case("basic/della_invalid_epsilon", two("della", base="@c",
+                                                params={"density": 0.66, "epsilon": 1.35, "lambda": 0.5}),
+             kind="error"),
+        case("basic/karcher", two("karcher", base="@c", params={"max_iter": 5, "tol": 1e-5})),
+        case("basic/granite_copy", {"merge_method": "passthrough", "models": [{"model": "@granite_a"}],
+                                    "dtype": "bfloat16"}),
+        case("basic/granite_linear", two("linear", "@granite_a", "@granite_b")),
+        case("basic/granite_slerp", two("slerp", "@granite_a", "@granite_b", base="@granite_a",
+                                        params={"t": 0.5})),
+        case("basic/gpt2_copy", {"merge_method": "passthrough", "models": [{"model": "@gpt2_a"}],
+                                 "dtype": "bfloat16"}),
+        case("basic/gpt2_stack", {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
+            {"sources": [{"model": "@gpt2_a", "layer_range": [0, 2]}]}] * 2}),
+        case("basic/vlm_linear", two("linear", "@llava_a", "@llava_b")),
+        case("basic/vlm_slerp", two("slerp", "@llava_a", "@llava_b", base="@llava_a", params={"t": 0.35})),
+        case("basic/vlm_ties", two("ties", "@llava_a", "@llava_b", base="@llava_c", params={"density": 0.3})),
+        case("basic/vlm_task_arithmetic", two("task_arithmetic", "@llava_a", "@llava_b", base="@llava_c")),
+        case("basic/vlm_breadcrumbs", two("breadcrumbs", "@llava_a", "@llava_b", base="@llava_c")),
+        case("basic/vlm_dare_ties", two("dare_ties", "@llava_a", "@llava_b", base="@llava_c",
+                                        params={"density": 0.66})),
+        case("basic/vlm_model_stock", two("model_stock", "@llava_b", "@llava_c", base="@llava_a")),
+        case("basic/vlm_model_stock_filterwise", two("model_stock", "@llava_b", "@llava_c", base="@llava_a",
+                                                     params={"filter_wise": True})),
+        case("basic/vlm_nuslerp", two("nuslerp", "@llava_a", "@llava_b", base="@llava_c",
+                                      params={"nuslerp_row_wise": False, "nuslerp_flatten": False})),
+        case("basic/nuslerp_zero_sum", two("nuslerp", base="@c", weights=(-0.5, 0.5),
+                                           params={"nuslerp_row_wise": False, "nuslerp_flatten": False})),
+    ]
+    for base in (None, "@c"):
+        for row_wise in (False, True):
+            for flatten in (False, True):
+                out.append(case(f"basic/nuslerp_base{int(base is not None)}_row{int(row_wise)}_flat{int(flatten)}",
+                                two("nuslerp", base=base, params={"nuslerp_row_wise": row_wise,
+                                                                  "nuslerp_flatten": flatten})))
+    return out
+
+
+DTYPE_METHODS: dict[str, dict[str, Any]] = {
+    "linear": {},
+    "task_arithmetic": {"base": "@c"},
+    "ties": {"base": "@c", "params": {"density": 0.5}},
+    "breadcrumbs": {"base": "@c", "params": {"density": 0.5, "gamma": 0.05}},
+    "breadcrumbs_ties": {"base": "@c", "params": {"density": 0.5, "gamma": 0.05}},
+    "dare_linear": {"base": "@c", "params": {"density": 0.5}},
+    "della_linear": {"base": "@c", "params": {"density": 0.5, "epsilon": 0.1}},
+    "slerp": {"base": "@a", "params": {"t": 0.3}},
+    "model_stock": {"base": "@c"},
+    "passthrough": {},
+}
+
+
+def _dtypes() -> list[Case]:
+    out = []
+    for method, kw in DTYPE_METHODS.items():
+        for dtype in ("bfloat16", "float16", "float32"):
+            if method == "passthrough":
+                cfg = {"merge_method": "passthrough", "dtype": dtype,
+                       "models": [{"model": "@a", "parameters": {"scale": 0.7}}]}
+            else:
+                cfg = two(method, dtype=dtype, **kw)
+            # fp32 SLERP coefficients and model stock's t come from whole-tensor float32 sums in
+            # mergekit (measured: SLERP <= 2, model stock <= 4 ulps of the tensor's largest value)
+            tensor_ulps = {"slerp": 2.0, "model_stock": 4.0}.get(method) if dtype == "float32" else None
+            out.append(case(f"own/{method}_{dtype}", cfg, tensor_ulps=tensor_ulps))
+        # inputs stored in bf16 / fp16, no dtype given: the math runs in the stored dtype
+        for stored in ("bf16", "f16"):
+            if method == "passthrough":
+                continue
+            kw2 = {**kw, "base": kw["base"] + "_" + stored} if "base" in kw else kw
+            out.append(case(f"own/{method}_stored_{stored}",
+                            two(method, f"@a_{stored}", f"@b_{stored}", dtype=None, **kw2)))
+    # test_merge_dtypes.py: mixed checkpoint precisions, dtype / out_dtype
+    for dtype, out_dtype in ((None, None), ("bfloat16", "float32")):
+        cfg = two("linear", "@a_bf16", "@b", dtype=dtype, weights=(0.5, 0.5))
+        if out_dtype:
+            cfg["out_dtype"] = out_dtype
+        out.append(case(f"dtypes/yaml_mixed_precisions_{dtype}_{out_dtype}", cfg))
+    for method in ("linear", "task_arithmetic"):
+        cfg = two(method, dtype="float32", base="@c" if method != "linear" else None)
+        cfg["out_dtype"] = "bfloat16"
+        out.append(case(f"dtypes/{method}_float32_out_bfloat16", cfg))
+        cfg = two(method, dtype="bfloat16", base="@c" if method != "linear" else None)
+        cfg["out_dtype"] = "float32"
+        out.append(case(f"dtypes/{method}_bfloat16_out_float32", cfg))
+    out.append(case("dtypes/passthrough_input_vs_output_cast", {
+        "merge_method": "passthrough", "out_dtype": "bfloat16",
+        "models": [{"model": "@a", "parameters": {"scale": 1000.0}}]}))
+    return out
+
+
+def _params() -> list[Case]:
+    filt = [{"filter": "self_attn", "value": 0.7}, {"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.5}]
+    return [
+        case("params/gradient_weight", two("linear", weights=([0.2, 0.8], [0.8, 0.2]), dtype="float32")),
+        case("params/gradient_three_points", two("task_arithmetic", base="@c",
+                                                 weights=([0.0, 0.5, 1.0], 0.3), dtype="bfloat16")),
+        case("params/filters", two("linear", weights=(filt, 0.5), dtype="float32")),
+        case("params/filter_star", two("linear", weights=([{"filter": "*", "value": 0.25}, {"value": 0.9}], 0.5),
+                                       dtype="float32")),
+        case("params/fallback_first", two("linear", weights=([{"value": 0.9}, {"filter": "mlp", "value": 0.1}], 0.5),
+                                          dtype="float32")),
+        # a single conditional without a fallback leaves other tensors without a weight: refused
+        case("params/filter_embed_only_is_refused", two("linear", weights=(
+            {"filter": "embed", "value": [1e-5, 1e-3]}, 0.5), dtype="float32"), kind="error"),
+        case("params/filter_embed_gradient", two("linear", weights=(
+            [{"filter": "embed", "value": [1e-5, 1e-3]}, {"value": 0.5}], 0.5), dtype="float32")),
+        case("params/filter_no_match_uses_default", {
+            "merge_method": "ties", "base_model": "@c", "dtype": "float32",
+            "models": [{"model": "@a", "parameters": {"weight": 1.0, "density": {"filter": "other", "value": 0.1}}},
+                       {"model": "@b", "parameters": {"weight": 0.5}}]}),
+        case("params/ignored_weight_on_slerp", {
+            "merge_method": "slerp", "base_model": "@a", "parameters": {"t": [0.0, 0.5, 1.0]}, "dtype": "float32",
+            "models": [{"model": "@a", "parameters": {"weight": 0.3}}, {"model": "@b", "parameters": {"weight": 0.7}}]}),
+        case("params/ignored_density_on_task_arithmetic", two(
+            "task_arithmetic", base="@c", dtype="float32",
+            params={"density": 0.5})),
+        case("params/global_weight", {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 0.5},
+                                      "models": [{"model": "@a"}, {"model": "@b"}]}),
+        case("params/lambda_normalize", two("task_arithmetic", base="@c", dtype="bfloat16",
+                                            params={"lambda": 0.7, "normalize": True})),
+        case("params/linear_no_normalize", two("linear", dtype="bfloat16", params={"normalize": False})),
+        case("params/ties_rescale_int8_mask", two("ties", base="@c", dtype="bfloat16",
+                                                  params={"density": 0.4, "rescale": True, "int8_mask": True})),
+        case("params/linear_with_base", {"merge_method": "linear", "base_model": "@c", "dtype": "bfloat16",
+                                         "models": [{"model": "@a", "parameters": {"weight": 0.5}},
+                                                    {"model": "@b", "parameters": {"weight": 0.3}},
+                                                    {"model": "@c", "parameters": {"weight": 0.2}}]}),
+        case("params/three_experts_ties", {"merge_method": "ties", "base_model": "@c_bf16",
+                                           "parameters": {"density": 0.3},
+                                           "models": [{"model": f"@{m}_bf16", "parameters": {"weight": w}}
+                                                      for m, w in (("a", 0.5), ("b", 0.3), ("c", 0.2))]}),
+        case("params/three_experts_linear", {"merge_method": "linear", "dtype": "bfloat16",
+                                             "models": [{"model": f"@{m}", "parameters": {"weight": w}}
+                                                        for m, w in (("a", 0.5), ("b", 0.3), ("c", 0.2))]}),
+    ]
+
+
+def _sparsify() -> list[Case]:
+    """test_sparsify.py's edge cases, as configs."""
+    return [
+        case("sparsify/ties_tiny_density", two("ties", base="@c", dtype="float32", params={"density": 0.001})),
+        case("sparsify/ties_bf16_tiny_density", two("ties", base="@c", params={"density": 0.001})),
+        case("sparsify/breadcrumbs_gamma_zero", two("breadcrumbs", base="@c", dtype="float32",
+                                                    params={"density": 0.2, "gamma": 0.0})),
+        case("sparsify/breadcrumbs_overlap", two("breadcrumbs", base="@c",
+                                                 params={"density": 0.9, "gamma": 0.2})),
+        # fp32 L1 rescale: mergekit's norms are float32 sums in torch's order (methods.md, 5)
+        case("sparsify/ties_rescale_float32", two("ties", base="@c", dtype="float32",
+                                                  params={"density": 0.3, "rescale": True}), tensor_ulps=4.0),
+        case("sparsify/dare_linear_no_rescale", two("dare_linear", base="@c", params={"density": 0.5,
+                                                                                      "rescale": False})),
+    ]
+
+
+def _slices() -> list[Case]:
+    return [
+        case("slices/stack_two_models", {"merge_method": "passthrough", "dtype": "float32", "slices": [
+            {"sources": [{"model": "@a", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "@b", "layer_range": [1, 2]}]}]}),
+        case("slices/linear_per_slice_parameters", {"merge_method": "linear", "dtype": "bfloat16", "slices": [
+            {"sources": [{"model": "@a", "layer_range": [0, 1], "parameters": {"weight": 0.3}},
+                         {"model": "@b", "layer_range": [0, 1], "parameters": {"weight": 0.7}}]},
+            {"sources": [{"model": "@a", "layer_range": [1, 2], "parameters": {"weight": 0.6}},
+                         {"model": "@b", "layer_range": [1, 2], "parameters": {"weight": 0.4}}],
+             "parameters": {"normalize": False}}]}),
+        case("slices/ties_per_slice_base", {"merge_method": "ties", "dtype": "bfloat16",
+                                            "parameters": {"density": 0.5, "weight": 0.5}, "slices": [
+            {"base_model": "@c", "sources": [{"model": "@a", "layer_range": [0, 2]},
+                                             {"model": "@b", "layer_range": [0, 2]},
+                                             {"model": "@c", "layer_range": [0, 2]}]}]}),
+        case("slices/slerp_gradient", {"merge_method": "slerp", "base_model": "@a", "dtype": "bfloat16",
+                                       "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]},
+                                                            {"value": 0.5}]}, "slices": [
+            {"sources": [{"model": "@a", "layer_range": [0, 2]}, {"model": "@b", "layer_range": [0, 2]}]}]}),
+        case("slices/tied_heads_linear", two("linear", "@a_tied", "@b_tied")),
+        case("slices/tied_heads_ties", two("ties", "@a_tied", "@b_tied", base="@c_tied", params={"density": 0.5})),
+        case("slices/tied_with_untied", two("linear", "@a_tied", "@b"), kind="values"),
+    ]
+
+
+def _tokenizers() -> list[Case]:
+    def cfg(models: list[str], method: str = "linear", **extra: Any) -> dict[str, Any]:
+        c = {"merge_method": method, "base_model": models[0], "dtype": "bfloat16",
+             "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}
+        if method == "slerp":
+            c["parameters"] = {"t": 0.5}
+        return c | extra
+
+    three = ["@tok_base", "@tok_padded", "@tok_chatml"]
+    tok = {"tokenizer": True}
+    return [
+        case("tok/mismatched_vocabulary_requires_alignment", cfg(three), kind="error"),
+        case("tok/source_base", cfg(three, tokenizer_source="base"), **tok),
+        case("tok/source_union", cfg(three, tokenizer_source="union"), **tok),
+        case("tok/source_model", cfg(three, tokenizer_source="@tok_chatml"), **tok),
+        case("tok/task_arithmetic_base", cfg(["@tok_base", "@tok_chatml"], "task_arithmetic",
+                                             tokenizer={"source": "base"}), **tok),
+        case("tok/task_arithmetic_union", cfg(["@tok_base", "@tok_chatml"], "task_arithmetic",
+                                              tokenizer={"source": "union"}), **tok),
+        case("tok/slerp_union", cfg(["@tok_base", "@tok_chatml"], "slerp", tokenizer_source="union"), **tok),
+        case("tok/force_token", cfg(["@tok_base", "@tok_chatml"], tokenizer={"source": "union", "tokens": {
+            "_tok_10": {"source": "@tok_chatml", "force": True},
+            "_tok_11": {"source": "@tok_base", "force": True}}}), **tok),
+        case("tok/model_token_id", cfg(["@tok_base", "@tok_chatml"], tokenizer={"source": "base", "tokens": {
+            "_tok_20": {"source": {"kind": "model_token", "model": "@tok_chatml", "token_id": 64}, "force": True},
+            "_tok_21": {"source": {"kind": "model_token", "model": "@tok_base", "token": "<s>"}, "force": True}}}),
+             **tok),
+        case("tok/zero_embedding", cfg(["@tok_base", "@tok_chatml"], tokenizer={"source": "union", "tokens": {
+            "<|im_start|>": {"source": {"kind": "zero"}}}}), **tok),
+        case("tok/pad_to_multiple_of", cfg(["@tok_chatml"], tokenizer={"source": "base", "pad_to_multiple_of": 16}),
+             **tok),
+        *[case(f"tok/configured_special_{src}", cfg(["@tok_special"], tokenizer={
+            "source": "@tok_special" if src == "model" else src,
+            "tokens": {"<|existing_special|>": {"source": "@tok_special", "force": True}}}), **tok)
+          for src in ("model", "base", "union")],
+        case("chat/chatml", cfg(["@tok_base", "@tok_base_b"], chat_template="chatml"), **tok),
+        case("chat/custom", cfg(["@tok_base", "@tok_base_b"], chat_template="{{messages[0]['content']}}"), **tok),
+        case("chat/long_custom", cfg(["@tok_base", "@tok_base_b"], chat_template="x" * 300 + "{{ messages }}"),
+             **tok),
+        case("vocab/padding_rows_truncated", cfg(["@tok_base", "@tok_wide"], tokenizer_source="base"), **tok),
+        case("vocab/padding_rows_union", cfg(["@tok_base", "@tok_wide"], tokenizer_source="union"), **tok),
+        case("vocab/slerp_padding_rows", cfg(["@tok_base", "@tok_wide"], "slerp", tokenizer={"source": "base"}),
+             **tok),
+        case("own/tokenizer_copied_from_base", cfg(["@tok_base", "@tok_base_b"]), **tok),
+    ]
+
+
+CASES: list[Case] = [*_basic(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
+assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"

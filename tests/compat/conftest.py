@@ -1,0 +1,65 @@
+"""Fixtures of the mergekit compatibility suite: pico models built once per session, and the
+reference environment (created on first use; a failure to create it fails every case unless
+``DISTMERGE_SKIP_MERGEKIT=1`` opts out explicitly)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from distmerge.testing import mergekit_reference as ref
+from tests.compat.cases import MODELS
+
+RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def mergekit_exe() -> Path:
+    if os.environ.get(ref.OPT_OUT_ENV) == "1":
+        pytest.skip(f"{ref.OPT_OUT_ENV}=1: mergekit comparison explicitly opted out")
+    try:
+        return ref.ensure_reference_env()
+    except ref.ReferenceUnavailable as e:
+        pytest.fail(f"mergekit reference environment unavailable ({e}); set {ref.OPT_OUT_ENV}=1 to opt out",
+                    pytrace=False)
+
+
+class PicoModels:
+    """Builds each named model of ``cases.MODELS`` on first use (deterministic from its seed)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.built:
+            from distmerge.testing import pico
+
+            builder, kwargs, tok = MODELS[name]
+            path = getattr(pico, f"make_{builder}")(self.root / name, **kwargs)
+            if tok is not None:
+                t = pico.make_tokenizer(tok["vocab_size"], tok["added"])
+                if tok.get("special"):
+                    t.add_special_tokens({"additional_special_tokens": [pico.special_token(s)
+                                                                        for s in tok["special"]]})
+                t.save_pretrained(path)
+            self.built[name] = path
+        return self.built[name]
+
+
+@pytest.fixture(scope="session")
+def pico_models(tmp_path_factory: pytest.TempPathFactory) -> PicoModels:
+    return PicoModels(tmp_path_factory.mktemp("pico"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compat_results() -> Iterator[dict[str, dict]]:
+    """Per-case agreement figures; written to $DISTMERGE_COMPAT_REPORT (JSON) when set."""
+    yield RESULTS
+    target = os.environ.get("DISTMERGE_COMPAT_REPORT")
+    if target and RESULTS:
+        Path(target).write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
