@@ -36,6 +36,8 @@ TOKENIZER_FILES = (
 TOKENIZER_CORE_FILES = tuple(n for n in TOKENIZER_FILES if n.startswith(("tokenizer", "vocab", "spiece")))
 SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
+# config.json's name for the decoder layer count (GPT-2's is n_layer).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Far above real checkpoints (an index is MBs), far below what would exhaust memory while parsing.
 MAX_CONFIG_JSON_BYTES = 4 * 1000**2
 MAX_INDEX_BYTES = 64 * 1000**2
@@ -94,9 +96,10 @@ class Checkpoint:
     def num_layers(self) -> int | None:
         """Decoder layer count from config.json (text_config for multimodal wrappers)."""
         for cfg in (self.config, self.config.get("text_config") or {}):
-            value = cfg.get("num_hidden_layers")
-            if isinstance(value, int):
-                return value
+            for key in LAYER_COUNT_KEYS:
+                value = cfg.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
         return None
 
     @property

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from distmerge.checkpoint import Checkpoint
+from distmerge.checkpoint import LAYER_COUNT_KEYS, Checkpoint
 from distmerge.config import MergeConfig
 from distmerge.dtypes import FLOAT_CODES, promoted
 from distmerge.errors import CheckpointError, ConfigError
@@ -245,11 +245,14 @@ def _output_model_config(template: Checkpoint, groups: list[SliceGroup], models:
     cfg = copy.deepcopy(template.config)
     sliced = not (len(groups) == 1 and groups[0].where == "models")
     for holder in (cfg, cfg.get("text_config")):
-        if not isinstance(holder, dict) or not isinstance(holder.get("num_hidden_layers"), int):
+        if not isinstance(holder, dict):
+            continue
+        key = next((k for k in LAYER_COUNT_KEYS if isinstance(holder.get(k), int)), None)
+        if key is None:
             continue
         if sliced:
-            old = holder["num_hidden_layers"]
-            holder["num_hidden_layers"] = layers
+            old = holder[key]
+            holder[key] = layers
             for key, value in list(holder.items()):  # per-layer lists (layer_types, ...) follow the slices
                 if isinstance(value, list) and len(value) == old and key.startswith("layer"):
                     holder[key] = _per_layer(key, groups, models)
