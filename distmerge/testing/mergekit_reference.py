@@ -7,10 +7,11 @@ or ``$DISTMERGE_MERGEKIT_VENV``), made on first use with the pinned CPU torch fi
 reused when present. The compatibility suite (``tests/compat``) and the benchmarks
 (``benchmarks/mergekit_runner.py``) both go through :func:`ensure_reference_env`.
 
-:func:`run_reference` runs ``mergekit-yaml`` on CPU, single-threaded and with a fixed random
-seed (so its float sums have one order and reruns give the same bytes), and caches each output
-under a key made of the config (input paths replaced by the hashes of the inputs' files), the
-inputs' bytes and the options, so a repeated run costs a directory lookup.
+:func:`run_references` runs mergekit-yaml's command on CPU, single-threaded and with a fixed
+random seed (so its float sums have one order and reruns give the same bytes), many configs per
+process, and caches each output under a key made of the config (input paths replaced by the
+hashes of the inputs' files), the inputs' bytes and the options, so a repeated run costs a
+directory lookup.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,33 +158,133 @@ def cache_key(config: Mapping[str, Any], inputs: Mapping[str, Path], options: tu
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
+# The batch runner, executed by the reference environment's Python: one process for many
+# configs (a mergekit-yaml process spends ~5 s importing torch and transformers per case). Each
+# job runs mergekit-yaml's own click command in-process; the loader cache (a class-level dict in
+# mergekit) is cleared between jobs and the thread count is set once, as the command would.
+_BATCH_RUNNER = r"""
+import json, sys, traceback
+import torch
+torch.set_num_threads(1)
+torch.set_num_interop_threads(1)
+from mergekit.io.tasks import LoaderCache
+from mergekit.scripts.run_yaml import main
+jobs = json.load(open(sys.argv[1]))
+for job in jobs:
+    LoaderCache.loaders.clear()
+    try:
+        main.main(args=[job["config"], job["out"], *job["options"]], standalone_mode=False)
+        error = None
+    except BaseException as e:
+        error = "".join(traceback.format_exception(e)).strip().splitlines()[-8:]
+    json.dump({"error": error}, open(job["status"], "w"))
+"""
+
+
+def _single_threaded(options: tuple[str, ...]) -> list[str]:
+    """The options without ``--num-threads N`` (the batch runner sets one thread once: torch
+    refuses to set the inter-op thread count a second time in one process)."""
+    out, skip = [], False
+    for i, opt in enumerate(options):
+        if skip:
+            skip = False
+            continue
+        if opt == "--num-threads":
+            if options[i + 1] != "1":
+                raise ValueError("the batch runner runs mergekit single-threaded only")
+            skip = True
+            continue
+        out.append(opt)
+    return out
+
+
+def run_references(jobs: Sequence[tuple[Mapping[str, Any], Mapping[str, Path]]], *,
+                   extra_options: tuple[str, ...] = (), processes: int | None = None,
+                   timeout: float = 3600) -> list[Path | RuntimeError]:
+    """mergekit 0.1.5's output folder for each ``(config, inputs)`` job, or the RuntimeError
+    (mergekit's last output lines) where it refused or failed. Cached outputs cost a directory
+    lookup; the rest run in at most ``processes`` batch processes at once (default: the CPU
+    count, at most 4), each importing mergekit once. Raises ReferenceUnavailable when the
+    environment cannot be made."""
+    options = DETERMINISTIC_OPTIONS + tuple(extra_options)
+    keys = [cache_key(config, inputs, options) for config, inputs in jobs]
+    results: dict[str, Path | RuntimeError] = {}
+    pending: dict[str, Mapping[str, Any]] = {}
+    for key, (config, _) in zip(keys, jobs, strict=True):
+        if (cache_root() / key / "config.json").exists():
+            results[key] = cache_root() / key
+        else:
+            pending.setdefault(key, config)
+    if pending:
+        exe = ensure_reference_env()
+        cache_root().mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".batch-", dir=cache_root()))
+        try:
+            results.update(_run_batches(exe.parent / "python", pending, options, work,
+                                        processes or min(4, os.cpu_count() or 1), timeout))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return [results[key] for key in keys]
+
+
+def _run_batches(python: Path, pending: Mapping[str, Mapping[str, Any]], options: tuple[str, ...],
+                 work: Path, processes: int, timeout: float) -> dict[str, Path | RuntimeError]:
+    """Runs the pending configs split round-robin over ``processes`` batch processes."""
+    runner = work / "runner.py"
+    runner.write_text(_BATCH_RUNNER)
+    batches: list[list[dict[str, str]]] = [[] for _ in range(max(1, min(processes, len(pending))))]
+    for i, (key, config) in enumerate(pending.items()):
+        job_dir = work / key
+        job_dir.mkdir()
+        (job_dir / "config.yml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        batches[i % len(batches)].append({"key": key, "config": str(job_dir / "config.yml"),
+                                          "out": str(job_dir / "out"), "status": str(job_dir / "status.json"),
+                                          "options": _single_threaded(options)})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    running = []
+    for n, batch in enumerate(batches):
+        (work / f"batch{n}.json").write_text(json.dumps(batch))
+        log = open(work / f"batch{n}.log", "w")  # noqa: SIM115 - closed after wait below
+        running.append((subprocess.Popen([str(python), str(runner), str(work / f"batch{n}.json")], cwd=work,
+                                         env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in running:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    results: dict[str, Path | RuntimeError] = {}
+    for n, batch in enumerate(batches):
+        for job in batch:
+            results[job["key"]] = _collect(job, work / f"batch{n}.log")
+    return results
+
+
+def _collect(job: Mapping[str, str], log: Path) -> Path | RuntimeError:
+    """Moves one finished job's output into the cache, or says why there is none."""
+    status = Path(job["status"])
+    if not status.exists():
+        tail = log.read_text(errors="replace").strip().splitlines()[-8:] if log.exists() else []
+        return RuntimeError("mergekit batch process ended before this config: " + "\n".join(tail))
+    error = json.loads(status.read_text())["error"]
+    if error is not None:
+        return RuntimeError("mergekit-yaml failed: " + "\n".join(error))
+    out, target = Path(job["out"]), cache_root() / job["key"]
+    (out / "mergekit_config.yml").unlink(missing_ok=True)  # names temporary paths
+    with contextlib.suppress(OSError):
+        os.replace(out, target)  # another session may have won the race: same bytes
+    return target
+
+
 def run_reference(config: Mapping[str, Any], inputs: Mapping[str, Path], *,
                   extra_options: tuple[str, ...] = (), timeout: float = 900) -> Path:
     """mergekit 0.1.5's output folder for ``config`` (cached); ``inputs`` names every model
     folder the config refers to. Raises ReferenceUnavailable or RuntimeError (mergekit failed,
     with its last output lines)."""
-    options = DETERMINISTIC_OPTIONS + tuple(extra_options)
-    key = cache_key(config, inputs, options)
-    out = cache_root() / key
-    if (out / "config.json").exists():
-        return out
-    exe = ensure_reference_env()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
-    try:
-        cfg_path = work / "config.yml"
-        cfg_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        env.pop("PYTHONPATH", None)
-        done = subprocess.run([str(exe), str(cfg_path), str(work / "out"), *options], capture_output=True,
-                              text=True, timeout=timeout, env=env, cwd=work)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
-            raise RuntimeError(f"mergekit-yaml failed (exit {done.returncode}): " + "\n".join(tail))
-        (work / "out" / "mergekit_config.yml").unlink(missing_ok=True)  # names tmp paths
-        with contextlib.suppress(OSError):
-            os.replace(work / "out", out)  # another session may have won the race: same bytes
-        return out
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    (result,) = run_references([(config, inputs)], extra_options=extra_options, processes=1, timeout=timeout)
+    if isinstance(result, RuntimeError):
+        raise result
+    return result

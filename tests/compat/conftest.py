@@ -5,14 +5,19 @@ reference environment (created on first use; a failure to create it fails every 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from distmerge.testing import mergekit_reference as ref
-from tests.compat.cases import MODELS
+from tests.compat.cases import MODELS, Case
+
+log = logging.getLogger(__name__)
 
 RESULTS: dict[str, dict] = {}
 
@@ -54,6 +59,35 @@ class PicoModels:
 @pytest.fixture(scope="session")
 def pico_models(tmp_path_factory: pytest.TempPathFactory) -> PicoModels:
     return PicoModels(tmp_path_factory.mktemp("pico"))
+
+
+def resolve(value: Any, models: PicoModels) -> Any:
+    """A case's config with each ``@name`` replaced by the path of that pico model."""
+    if isinstance(value, str) and value.startswith("@"):
+        return str(models[value[1:]])
+    if isinstance(value, list):
+        return [resolve(v, models) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve(v, models) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="session")
+def references(request: pytest.FixtureRequest, mergekit_exe: Path,
+               pico_models: PicoModels) -> dict[str, Path | RuntimeError]:
+    """mergekit's output (or its refusal) for every selected case, run in one batch on first
+    use: one mergekit process per CPU instead of one per case (minutes saved on a cold cache)."""
+    selected: dict[str, Case] = {}
+    for item in request.session.items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        if isinstance(case, Case):
+            selected[case.id] = case
+    jobs = [(resolve(c.config, pico_models), {n: pico_models[n] for n in sorted(c.models())})
+            for c in selected.values()]
+    started = time.perf_counter()
+    outputs = ref.run_references(jobs)
+    log.info("mergekit 0.1.5 reference outputs for %d cases in %.1f s", len(jobs), time.perf_counter() - started)
+    return dict(zip(selected, outputs, strict=True))
 
 
 @pytest.fixture(scope="session", autouse=True)

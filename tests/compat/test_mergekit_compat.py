@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 
-from distmerge.testing import mergekit_reference as ref
 from distmerge.testing.compare import (
     compare_tensors,
     config_fields,
@@ -25,19 +24,9 @@ from distmerge.testing.compare import (
     ulp_distance,
 )
 from tests.compat.cases import CASES, Case
-from tests.compat.conftest import RESULTS, PicoModels
+from tests.compat.conftest import RESULTS, PicoModels, resolve
 
 pytestmark = pytest.mark.mergekit
-
-
-def _resolve(value: Any, models: PicoModels) -> Any:
-    if isinstance(value, str) and value.startswith("@"):
-        return str(models[value[1:]])
-    if isinstance(value, list):
-        return [_resolve(v, models) for v in value]
-    if isinstance(value, dict):
-        return {k: _resolve(v, models) for k, v in value.items()}
-    return value
 
 
 def _renders_alike(theirs: str | None, ours: str | None) -> bool:
@@ -134,17 +123,11 @@ def _tie_positions(config: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_matches_mergekit(case: Case, mergekit_exe: Path, pico_models: PicoModels, ray_local: None,
-                          tmp_path: Path) -> None:
-    config = _resolve(case.config, pico_models)
-    inputs = {name: pico_models[name] for name in sorted(case.models())}
-    started = time.perf_counter()
-    try:
-        reference = ref.run_reference(config, inputs)
-        ref_error = None
-    except RuntimeError as e:
-        reference, ref_error = None, str(e)
-    ref_seconds = time.perf_counter() - started
+def test_matches_mergekit(case: Case, references: dict[str, Path | RuntimeError], pico_models: PicoModels,
+                          ray_local: None, tmp_path: Path) -> None:
+    config = resolve(case.config, pico_models)
+    reference = references[case.id]
+    ref_error = str(reference) if isinstance(reference, RuntimeError) else None
     out = tmp_path / "ours"
     started = time.perf_counter()
     if case.kind == "error":
@@ -152,7 +135,7 @@ def test_matches_mergekit(case: Case, mergekit_exe: Path, pico_models: PicoModel
         with pytest.raises(Exception):  # noqa: B017 - any refusal, as long as it refuses
             _run_distmerge(config, out)
         return
-    assert ref_error is None, f"mergekit 0.1.5 failed on this case: {ref_error}"
+    assert ref_error is None and isinstance(reference, Path), f"mergekit 0.1.5 failed on this case: {ref_error}"
     _run_distmerge(config, out)
     ours_seconds = time.perf_counter() - started
 
@@ -160,7 +143,7 @@ def test_matches_mergekit(case: Case, mergekit_exe: Path, pico_models: PicoModel
     cmp = compare_tensors(ref_state, ours)
     RESULTS[case.id] = {"method": case.config["merge_method"], "max_ulp": cmp.max_ulp,
                         "max_tensor_ulp": cmp.max_scaled_ulp,
-                        "identical_share": cmp.identical_share, "ref_seconds": ref_seconds,
+                        "identical_share": cmp.identical_share,
                         "ours_seconds": ours_seconds,
                         "dtypes": sorted({str(t.dtype) for t in ref_state.values()})}
     problems = cmp.structure_problems()
