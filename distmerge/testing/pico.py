@@ -56,8 +56,17 @@ def make_picogpt2(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.fl
     return _save(GPT2LMHeadModel(cfg), Path(path), dtype)
 
 
-def make_picollava(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """mergekit's ``make_picoLlaVa``."""
+# The Hub's LLaVA checkpoint names (what save_pretrained writes) -> transformers' module names.
+LLAVA_MODULE_NAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                      ("vision_tower.", "model.vision_tower."),
+                      ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def make_picollava(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   layout: str = "checkpoint") -> Path:
+    """mergekit's ``make_picoLlaVa``. ``layout="transformers"``: the same weights stored under
+    transformers' module names (``model.language_model.*``, ``lm_head.*``) instead of the
+    checkpoint names save_pretrained writes (``language_model.model.*``); both load."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -70,7 +79,26 @@ def make_picollava(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.f
                               hidden_size=64, intermediate_size=128)
     text = LlamaConfig(vocab_size=64, **PICO_LLAMA)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
-    return _save(LlavaForConditionalGeneration(config=cfg), Path(path), dtype)
+    path = _save(LlavaForConditionalGeneration(config=cfg), Path(path), dtype)
+    if layout == "transformers":
+        _rename_tensors(path / "model.safetensors", LLAVA_MODULE_NAMES)
+    elif layout != "checkpoint":
+        raise ValueError(f"layout must be 'checkpoint' or 'transformers', not {layout!r}")
+    return path
+
+
+def _rename_tensors(file: Path, renames: tuple[tuple[str, str], ...]) -> None:
+    """Rewrites a safetensors file with each name's first matching prefix replaced."""
+    from safetensors.torch import load_file, save_file
+
+    def renamed(name: str) -> str:
+        for old, new in renames:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    state = {renamed(k): v for k, v in load_file(file).items()}
+    save_file(state, file, metadata={"format": "pt"})
 
 
 def make_tokenizer(vocab_size: int, added_tokens: list[Any]) -> Any:

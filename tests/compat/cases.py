@@ -41,6 +41,9 @@ MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
     "llava_a": ("picollava", {"seed": 41}, None),
     "llava_b": ("picollava", {"seed": 42}, None),
     "llava_c": ("picollava", {"seed": 43}, None),
+    # the same weights under transformers' module names (``model.language_model.*``, ``lm_head``)
+    **{f"llava_{n}_hf": ("picollava", {"seed": s, "layout": "transformers"}, None)
+       for n, s in (("a", 41), ("b", 42), ("c", 43))},
     # test_tokenizer.py's fixtures
     "tok_base": ("picollama", {"seed": 51, "vocab_size": 64}, {"vocab_size": 64, "added": []}),
     "tok_chatml": ("picollama", {"seed": 52, "vocab_size": 66},
@@ -70,8 +73,36 @@ class Case:
     # config.json fields where distmerge deliberately writes another value (docs/methods.md):
     # (key, mergekit's value, ours); both are asserted, the rest of config.json must agree.
     config_differs: tuple[tuple[str, Any, Any], ...] = ()
+    # Where mergekit misreads an input layout (docs/mergekit-compatibility.md: LLaVA), the
+    # reference is mergekit's merge of the same weights in a layout it reads: the reference run
+    # swaps these models, and its tensor names get these prefix renames before the comparison.
+    reference_swap: tuple[tuple[str, str], ...] = ()
+    reference_renames: tuple[tuple[str, str], ...] = ()
+
+    def reference_config(self) -> dict[str, Any]:
+        """The config mergekit runs (``config`` with ``reference_swap`` applied)."""
+        swap = {f"@{a}": f"@{b}" for a, b in self.reference_swap}
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, str):
+                return swap.get(v, v)
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            return v
+
+        return walk(self.config)
+
+    def reference_name(self, name: str) -> str:
+        """Our name for one of mergekit's output tensors."""
+        for old, new in self.reference_renames:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
 
     def models(self) -> set[str]:
+        """Every pico model the case or its reference run reads."""
         found: set[str] = set()
 
         def walk(v: Any) -> None:
@@ -85,6 +116,7 @@ class Case:
                     walk(x)
 
         walk(self.config)
+        walk(self.reference_config())
         return found
 
 
@@ -116,6 +148,40 @@ def case(id_: str, config: dict[str, Any], **kw: Any) -> Case:
     if method in RANDOM_METHODS:
         kw.setdefault("kind", "random")
     return Case(id_, config, **kw)
+
+
+# mergekit 0.1.5 reads a LLaVA checkpoint saved in the Hub's layout (``language_model.model.*``,
+# as llava-hf's models and transformers' save_pretrained write it) without its language model:
+# those tensors count as "optional" and the output holds the vision tower and projector only
+# (test_mergekit_drops_hub_layout_language_model). distmerge merges all of them; the reference
+# for every tensor is mergekit's merge of the same weights under transformers' module names.
+LLAVA_HUB_NAMES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                   ("model.vision_tower.", "vision_tower."),
+                   ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
+def _vlm() -> list[Case]:
+    swap = tuple((f"llava_{n}", f"llava_{n}_hf") for n in "abc")
+    configs = {
+        "linear": two("linear", "@llava_a", "@llava_b"),
+        "slerp": two("slerp", "@llava_a", "@llava_b", base="@llava_a", params={"t": 0.35}),
+        "ties": two("ties", "@llava_a", "@llava_b", base="@llava_c", params={"density": 0.3}),
+        "task_arithmetic": two("task_arithmetic", "@llava_a", "@llava_b", base="@llava_c"),
+        "breadcrumbs": two("breadcrumbs", "@llava_a", "@llava_b", base="@llava_c"),
+        "dare_ties": two("dare_ties", "@llava_a", "@llava_b", base="@llava_c", params={"density": 0.66}),
+        "model_stock": two("model_stock", "@llava_b", "@llava_c", base="@llava_a"),
+        "model_stock_filterwise": two("model_stock", "@llava_b", "@llava_c", base="@llava_a",
+                                      params={"filter_wise": True}),
+        "nuslerp": two("nuslerp", "@llava_a", "@llava_b", base="@llava_c",
+                       params={"nuslerp_row_wise": False, "nuslerp_flatten": False}),
+    }
+    out = [case(f"basic/vlm_{name}", cfg, reference_swap=swap, reference_renames=LLAVA_HUB_NAMES)
+           for name, cfg in configs.items()]
+    # checkpoints already under transformers' names: both tools read them directly
+    out += [case("basic/vlm_transformers_layout_linear", two("linear", "@llava_a_hf", "@llava_b_hf")),
+            case("basic/vlm_transformers_layout_ties", two("ties", "@llava_a_hf", "@llava_b_hf", base="@llava_c_hf",
+                                                           params={"density": 0.3}))]
+    return out
 
 
 def _basic() -> list[Case]:
@@ -151,18 +217,6 @@ def _basic() -> list[Case]:
                                  "dtype": "bfloat16"}),
         case("basic/gpt2_stack", {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
             {"sources": [{"model": "@gpt2_a", "layer_range": [0, 2]}]}] * 2}),
-        case("basic/vlm_linear", two("linear", "@llava_a", "@llava_b")),
-        case("basic/vlm_slerp", two("slerp", "@llava_a", "@llava_b", base="@llava_a", params={"t": 0.35})),
-        case("basic/vlm_ties", two("ties", "@llava_a", "@llava_b", base="@llava_c", params={"density": 0.3})),
-        case("basic/vlm_task_arithmetic", two("task_arithmetic", "@llava_a", "@llava_b", base="@llava_c")),
-        case("basic/vlm_breadcrumbs", two("breadcrumbs", "@llava_a", "@llava_b", base="@llava_c")),
-        case("basic/vlm_dare_ties", two("dare_ties", "@llava_a", "@llava_b", base="@llava_c",
-                                        params={"density": 0.66})),
-        case("basic/vlm_model_stock", two("model_stock", "@llava_b", "@llava_c", base="@llava_a")),
-        case("basic/vlm_model_stock_filterwise", two("model_stock", "@llava_b", "@llava_c", base="@llava_a",
-                                                     params={"filter_wise": True})),
-        case("basic/vlm_nuslerp", two("nuslerp", "@llava_a", "@llava_b", base="@llava_c",
-                                      params={"nuslerp_row_wise": False, "nuslerp_flatten": False})),
         case("basic/nuslerp_zero_sum", two("nuslerp", base="@c", weights=(-0.5, 0.5),
                                            params={"nuslerp_row_wise": False, "nuslerp_flatten": False})),
     ]
@@ -214,7 +268,10 @@ def _dtypes() -> list[Case]:
         cfg = two("linear", "@a_bf16", "@b", dtype=dtype, weights=(0.5, 0.5))
         if out_dtype:
             cfg["out_dtype"] = out_dtype
-        out.append(case(f"dtypes/yaml_mixed_precisions_{dtype}_{out_dtype}", cfg))
+        # no dtype anywhere: float32 tensors (bf16 and float32 promoted), and distmerge's
+        # config.json says so; mergekit's keeps the template's bfloat16 (docs/methods.md, 10)
+        differs = (("dtype", "bfloat16", "float32"),) if dtype is None else ()
+        out.append(case(f"dtypes/yaml_mixed_precisions_{dtype}_{out_dtype}", cfg, config_differs=differs))
     for method in ("linear", "task_arithmetic"):
         cfg = two(method, dtype="float32", base="@c" if method != "linear" else None)
         cfg["out_dtype"] = "bfloat16"
@@ -368,5 +425,5 @@ def _tokenizers() -> list[Case]:
     ]
 
 
-CASES: list[Case] = [*_basic(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
+CASES: list[Case] = [*_basic(), *_vlm(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"

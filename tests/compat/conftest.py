@@ -82,7 +82,7 @@ def references(request: pytest.FixtureRequest, mergekit_exe: Path,
         case = getattr(item, "callspec", None) and item.callspec.params.get("case")
         if isinstance(case, Case):
             selected[case.id] = case
-    jobs = [(resolve(c.config, pico_models), {n: pico_models[n] for n in sorted(c.models())})
+    jobs = [(resolve(c.reference_config(), pico_models), {n: pico_models[n] for n in sorted(c.models())})
             for c in selected.values()]
     started = time.perf_counter()
     outputs = ref.run_references(jobs)

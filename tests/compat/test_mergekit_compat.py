@@ -8,6 +8,7 @@ merges only.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from distmerge.testing.compare import (
     tokenizer_summary,
     ulp_distance,
 )
-from tests.compat.cases import CASES, Case
+from tests.compat.cases import CASES, Case, two
 from tests.compat.conftest import RESULTS, PicoModels, resolve
 
 pytestmark = pytest.mark.mergekit
@@ -83,25 +84,48 @@ MAGNITUDE_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _magnitude_inputs(config: dict[str, Any]) -> list[tuple[dict[str, Any], str, str, int, int, int]]:
+    """Each (parameters, model, base, first input layer, end, first output layer) whose delta a
+    magnitude method ranks; a ``models:`` config is one slice over every layer."""
+    glob = config.get("parameters") or {}
+    if "slices" not in config:
+        return [({**glob, **(m.get("parameters") or {})}, m["model"], config["base_model"], 0, 1 << 30, 0)
+                for m in config.get("models", []) if m["model"] != config.get("base_model")]
+    found, offset = [], 0
+    for sl in config["slices"]:
+        base = sl.get("base_model") or config.get("base_model")
+        sources = sl["sources"]
+        for src in sources:
+            start, end = src.get("layer_range") or (0, 1 << 30)
+            if base is not None and src["model"] != base:
+                p = {**glob, **(sl.get("parameters") or {}), **(src.get("parameters") or {})}
+                found.append((p, src["model"], base, start, end, offset))
+        start, end = sources[0].get("layer_range") or (0, 0)
+        offset += end - start
+    return found
+
+
 def _tie_positions(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Per tensor, the elements whose |delta| ties with another at a magnitude threshold of
-    some model (TIES' k-th largest, breadcrumbs' two). Which of those tied elements mergekit
+    """Per output tensor, the elements whose |delta| ties with another at a magnitude threshold
+    of some model (TIES' k-th largest, breadcrumbs' two). Which of those tied elements mergekit
     keeps is whatever its argsort returns (unspecified, not reproducible); distmerge keeps the
     lowest flat indices (docs/methods.md). Only these positions may differ beyond the ulps."""
-    if config["merge_method"] not in MAGNITUDE_METHODS or "base_model" not in config:
+    if config["merge_method"] not in MAGNITUDE_METHODS:
         return {}
-    base = load_folder(Path(config["base_model"]))
-    glob = config.get("parameters") or {}
     out: dict[str, torch.Tensor] = {}
-    for entry in config.get("models", []):
-        if entry["model"] == config["base_model"]:
-            continue
-        p = {**glob, **(entry.get("parameters") or {})}
+    for p, model, base_path, start, end, offset in _magnitude_inputs(config):
         density, gamma = float(p.get("density", 1.0)), float(p.get("gamma", 0.01))
         if density >= 1:
             continue
-        state = load_folder(Path(entry["model"]))
+        base, state = load_folder(Path(base_path)), load_folder(Path(model))
         for name, b in base.items():
+            layer = _LAYER.search(name)
+            if layer is not None and not start <= int(layer.group(1)) < end:
+                continue
+            out_name = name if layer is None else _LAYER.sub(f".layers.{offset + int(layer.group(1)) - start}.", name)
             if not b.is_floating_point():
                 continue
             cd = _DTYPES.get(config.get("dtype") or "", b.dtype)
@@ -118,8 +142,9 @@ def _tie_positions(config: dict[str, Any]) -> dict[str, torch.Tensor]:
                 at = a == v[r - 1]
                 if int(at.sum()) > 1:
                     tied |= at
-            out[name] = out.get(name, torch.zeros(n, dtype=torch.bool)) | tied
-    return {k: m.reshape(base[k].shape) for k, m in out.items()}
+            previous = out.get(out_name)
+            out[out_name] = (tied if previous is None else previous | tied.reshape(previous.shape)).reshape(b.shape)
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -139,7 +164,8 @@ def test_matches_mergekit(case: Case, references: dict[str, Path | RuntimeError]
     _run_distmerge(config, out)
     ours_seconds = time.perf_counter() - started
 
-    ref_state, ours = load_folder(reference), load_folder(out)
+    ref_state = {case.reference_name(k): v for k, v in load_folder(reference).items()}
+    ours = load_folder(out)
     cmp = compare_tensors(ref_state, ours)
     RESULTS[case.id] = {"method": case.config["merge_method"], "max_ulp": cmp.max_ulp,
                         "max_tensor_ulp": cmp.max_scaled_ulp,
@@ -190,3 +216,15 @@ def test_matches_mergekit(case: Case, references: dict[str, Path | RuntimeError]
             if parts:
                 problems.append(f"tokenizer differs in {parts}")
     assert not problems, "\n".join(problems)
+
+
+def test_mergekit_drops_hub_layout_language_model(mergekit_exe: Path, pico_models: PicoModels) -> None:
+    """Why the LLaVA cases compare against a merge of the transformers-layout copies: mergekit
+    0.1.5 merges a Hub-layout LLaVA (``language_model.model.*``) into vision tower and projector
+    only. distmerge writes every input tensor (the cases check each against the reference)."""
+    from distmerge.testing.mergekit_reference import run_reference
+
+    config = resolve(two("linear", "@llava_a", "@llava_b"), pico_models)
+    names = set(load_folder(run_reference(config, {n: pico_models[n] for n in ("llava_a", "llava_b")})))
+    assert names and all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in names)
+    assert set(load_folder(pico_models["llava_a"])) > {n[len("model."):] for n in names}
