@@ -161,7 +161,8 @@ def cache_key(config: Mapping[str, Any], inputs: Mapping[str, Path], options: tu
 # The batch runner, executed by the reference environment's Python: one process for many
 # configs (a mergekit-yaml process spends ~5 s importing torch and transformers per case). Each
 # job runs mergekit-yaml's own click command in-process; the loader cache (a class-level dict in
-# mergekit) is cleared between jobs and the thread count is set once, as the command would.
+# mergekit) is cleared between jobs and the thread count is set once, as the command would. Each
+# job merges LoRA adapters into a cache of its own (mergekit's default cache is keyed by path).
 _BATCH_RUNNER = r"""
 import json, sys, traceback
 import torch
@@ -173,7 +174,8 @@ jobs = json.load(open(sys.argv[1]))
 for job in jobs:
     LoaderCache.loaders.clear()
     try:
-        main.main(args=[job["config"], job["out"], *job["options"]], standalone_mode=False)
+        main.main(args=[job["config"], job["out"], *job["options"], "--lora-merge-cache", job["lora_cache"]],
+                  standalone_mode=False)
         error = None
     except BaseException as e:
         error = "".join(traceback.format_exception(e)).strip().splitlines()[-8:]
@@ -239,6 +241,7 @@ def _run_batches(python: Path, pending: Mapping[str, Mapping[str, Any]], options
         (job_dir / "config.yml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
         batches[i % len(batches)].append({"key": key, "config": str(job_dir / "config.yml"),
                                           "out": str(job_dir / "out"), "status": str(job_dir / "status.json"),
+                                          "lora_cache": str(job_dir / "lora"),
                                           "options": _single_threaded(options)})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

@@ -44,6 +44,11 @@ MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
     # the same weights under transformers' module names (``model.language_model.*``, ``lm_head``)
     **{f"llava_{n}_hf": ("picollava", {"seed": s, "layout": "transformers"}, None)
        for n, s in (("a", 41), ("b", 42), ("c", 43))},
+    # PEFT LoRA adapters (``@a+@lora_a``: mergekit's model+adapter syntax) on a's q/v/down projections
+    **{f"lora_{n}": ("lora", {"base": n, "seed": s, "targets": [
+        f"model.layers.{i}.{m}.weight" for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]}, None)
+       for n, s in (("a", 61), ("a_bf16", 62))},
     # test_tokenizer.py's fixtures
     "tok_base": ("picollama", {"seed": 51, "vocab_size": 64}, {"vocab_size": 64, "added": []}),
     "tok_chatml": ("picollama", {"seed": 52, "vocab_size": 66},
@@ -107,7 +112,7 @@ class Case:
 
         def walk(v: Any) -> None:
             if isinstance(v, str) and v.startswith("@"):
-                found.add(v[1:])
+                found.update(part[1:] for part in v.split("+"))
             elif isinstance(v, dict):
                 for x in v.values():
                     walk(x)
@@ -425,5 +430,15 @@ def _tokenizers() -> list[Case]:
     ]
 
 
-CASES: list[Case] = [*_basic(), *_vlm(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
+def _lora() -> list[Case]:
+    return [
+        case("lora/linear_model_plus_adapter", two("linear", "@a+@lora_a", "@b", dtype="float32")),
+        case("lora/ties_adapted_expert", two("ties", "@a+@lora_a", "@b", base="@c", dtype="float32",
+                                             params={"density": 0.5})),
+        case("lora/task_arithmetic_bf16", two("task_arithmetic", "@a_bf16+@lora_a_bf16", "@b_bf16",
+                                              base="@c_bf16", dtype=None)),
+    ]
+
+
+CASES: list[Case] = [*_lora(), *_basic(), *_vlm(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"

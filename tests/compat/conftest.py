@@ -45,7 +45,16 @@ class PicoModels:
             from distmerge.testing import pico
 
             builder, kwargs, tok = MODELS[name]
-            path = getattr(pico, f"make_{builder}")(self.root / name, **kwargs)
+            if builder == "lora":
+                from distmerge.testing.compare import load_folder
+                from tests.inputs.lora_fixtures import write_adapter
+
+                kwargs = dict(kwargs)
+                state = load_folder(self[kwargs.pop("base")])
+                write_adapter(self.root / name, state, **kwargs)
+                path = self.root / name
+            else:
+                path = getattr(pico, f"make_{builder}")(self.root / name, **kwargs)
             if tok is not None:
                 t = pico.make_tokenizer(tok["vocab_size"], tok["added"])
                 if tok.get("special"):
@@ -63,8 +72,8 @@ def pico_models(tmp_path_factory: pytest.TempPathFactory) -> PicoModels:
 
 def resolve(value: Any, models: PicoModels) -> Any:
     """A case's config with each ``@name`` replaced by the path of that pico model."""
-    if isinstance(value, str) and value.startswith("@"):
-        return str(models[value[1:]])
+    if isinstance(value, str) and value.startswith("@"):  # "@model" or "@model+@adapter"
+        return "+".join(str(models[part[1:]]) for part in value.split("+"))
     if isinstance(value, list):
         return [resolve(v, models) for v in value]
     if isinstance(value, dict):
