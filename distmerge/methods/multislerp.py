@@ -33,6 +33,14 @@ from distmerge.methods.base import (
 ROUNDS = 4
 
 
+
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with zeros raised to the dtype's smallest normal number. ``norm + eps`` is zero only
+    when the norm is zero and eps (1e-8) underflows, as it does in float16: mergekit then divides
+    0 by 0 and writes NaN (and its ``mean_norm < eps`` compares 0 < 0); here a zero vector stays
+    zero and takes the linear fallback, as in bf16 and float32 (docs/methods.md, difference 12)."""
+    return torch.where(x == 0, torch.finfo(x.dtype).tiny, x)
+
 class MultiSlerpError(DistmergeError):
     """The weighted mean of the unit vectors is zero (antipodal inputs with balancing weights)."""
 
@@ -89,7 +97,7 @@ class MultiSlerp(MergeMethod):
             return [reductions.dot(v, v) for v in flat]
         assert red is not None and red.norms is not None
         w = self._weights(params, flat.dtype)
-        units = flat / (red.norms + eps)
+        units = flat / _positive(red.norms + eps)
         mean = (units * w.view(-1, 1)).sum(0)
         if upto == 1:
             return [reductions.dot(mean, mean)]
@@ -103,7 +111,7 @@ class MultiSlerp(MergeMethod):
         tangent_result = (tangent * w.view(-1, 1)).sum(0)
         if upto == 3:
             return [reductions.dot(tangent_result, tangent_result)]
-        tn = red.tangent_norm
+        tn = _positive(red.tangent_norm)
         result = mean * torch.cos(tn) + tangent_result * (torch.sin(tn) / tn)
         result = result * (red.norms.squeeze(-1) * w).sum()
         result = result.view(tensors.shape[1:])
@@ -129,7 +137,7 @@ class MultiSlerp(MergeMethod):
             out.norms = torch.stack([scalars.sqrt_as(s, dtype) for s in sums]).view(-1, 1)
         elif round_ == 1:
             out.mean_norm = scalars.sqrt_as(sums[0], dtype)
-            if bool(out.mean_norm < eps):
+            if float(out.mean_norm) < eps:  # in float64: float16 rounds eps = 1e-8 to 0 (mergekit: 0 < 0)
                 if len(params.experts) != 2:
                     raise MultiSlerpError(
                         "multislerp: the weighted sum of the models' unit vectors is zero (antipodal models whose "

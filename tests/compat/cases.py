@@ -83,6 +83,9 @@ class Case:
     # swaps these models, and its tensor names get these prefix renames before the comparison.
     reference_swap: tuple[tuple[str, str], ...] = ()
     reference_renames: tuple[tuple[str, str], ...] = ()
+    # Where mergekit writes NaN (multislerp in float16: eps underflows and it divides 0 by 0),
+    # distmerge's value must equal this model's tensor instead (docs/methods.md, difference 12).
+    nan_in_reference_is: str | None = None
 
     def reference_config(self) -> dict[str, Any]:
         """The config mergekit runs (``config`` with ``reference_swap`` applied)."""
@@ -247,27 +250,44 @@ DTYPE_METHODS: dict[str, dict[str, Any]] = {
     "passthrough": {},
 }
 
+# The methods mergekit 0.1.5 added, in every dtype too (passthrough excluded: no math).
+NEW_METHODS: dict[str, dict[str, Any]] = {
+    "nuslerp": {"base": "@c"},
+    "multislerp": {"base": "@c"},
+    "karcher": {"base": "@c"},
+    "nearswap": {"base": "@a", "params": {"t": 0.01}},
+    "sce": {"base": "@c", "params": {"select_topk": 0.5}},
+    "ram": {"base": "@c"},
+    "ramplus_tl": {"base": "@c", "params": {"r": 0.05, "alpha": 1.0}},
+    "arcee_fusion": {"base": "@a"},
+}
+# In float32, mergekit computes SLERP's and nuslerp's coefficients, model stock's t and
+# multislerp's normalisations from whole-tensor float32 sums in torch's order, which distmerge
+# (exact sums, shard-invariant) cannot reproduce: the allowed difference in ulps of the tensor's
+# largest magnitude (measured maxima; docs/methods.md, difference 5).
+FP32_TENSOR_ULPS = {"slerp": 2.0, "model_stock": 4.0, "nuslerp": 4.0, "multislerp": 6.0}
+
 
 def _dtypes() -> list[Case]:
     out = []
-    for method, kw in DTYPE_METHODS.items():
+    for method, kw in {**DTYPE_METHODS, **NEW_METHODS}.items():
         for dtype in ("bfloat16", "float16", "float32"):
             if method == "passthrough":
                 cfg = {"merge_method": "passthrough", "dtype": dtype,
                        "models": [{"model": "@a", "parameters": {"scale": 0.7}}]}
             else:
                 cfg = two(method, dtype=dtype, **kw)
-            # fp32 SLERP coefficients and model stock's t come from whole-tensor float32 sums in
-            # mergekit (measured: SLERP <= 2, model stock <= 4 ulps of the tensor's largest value)
-            tensor_ulps = {"slerp": 2.0, "model_stock": 4.0}.get(method) if dtype == "float32" else None
-            out.append(case(f"own/{method}_{dtype}", cfg, tensor_ulps=tensor_ulps))
+            tensor_ulps = FP32_TENSOR_ULPS.get(method) if dtype == "float32" else None
+            nan_is = kw.get("base") if method == "multislerp" and dtype == "float16" else None
+            out.append(case(f"own/{method}_{dtype}", cfg, tensor_ulps=tensor_ulps, nan_in_reference_is=nan_is))
         # inputs stored in bf16 / fp16, no dtype given: the math runs in the stored dtype
         for stored in ("bf16", "f16"):
             if method == "passthrough":
                 continue
             kw2 = {**kw, "base": kw["base"] + "_" + stored} if "base" in kw else kw
+            nan_is = kw2.get("base") if method == "multislerp" and stored == "f16" else None
             out.append(case(f"own/{method}_stored_{stored}",
-                            two(method, f"@a_{stored}", f"@b_{stored}", dtype=None, **kw2)))
+                            two(method, f"@a_{stored}", f"@b_{stored}", dtype=None, **kw2), nan_in_reference_is=nan_is))
     # test_merge_dtypes.py: mixed checkpoint precisions, dtype / out_dtype
     for dtype, out_dtype in ((None, None), ("bfloat16", "float32")):
         cfg = two("linear", "@a_bf16", "@b", dtype=dtype, weights=(0.5, 0.5))
@@ -430,6 +450,35 @@ def _tokenizers() -> list[Case]:
     ]
 
 
+SLICE_METHODS: dict[str, dict[str, Any]] = {**DTYPE_METHODS, **NEW_METHODS}
+
+
+def _slice_products() -> list[Case]:
+    """Slices x methods x dtypes: two output slices, each taking other layers of each model
+    (a crossed layer map), the method's parameters per source, in bf16 and float32."""
+    out = []
+    for method, kw in SLICE_METHODS.items():
+        if method == "passthrough":
+            continue
+        base = kw.get("base")
+        for dtype in ("bfloat16", "float32"):
+            slices = []
+            for a_range, b_range in (([0, 1], [1, 2]), ([1, 2], [0, 1])):
+                sources = [{"model": "@a", "layer_range": a_range, "parameters": {"weight": 0.6}},
+                           {"model": "@b", "layer_range": b_range, "parameters": {"weight": 0.4}}]
+                if base is not None and base not in ("@a", "@b"):
+                    sources.append({"model": base, "layer_range": a_range})
+                slices.append({"sources": sources})
+            cfg: dict[str, Any] = {"merge_method": method, "dtype": dtype, "slices": slices}
+            if base is not None:
+                cfg["base_model"] = base
+            if kw.get("params"):
+                cfg["parameters"] = dict(kw["params"])
+            tensor_ulps = FP32_TENSOR_ULPS.get(method) if dtype == "float32" else None
+            out.append(case(f"slices/{method}_{dtype}", cfg, tensor_ulps=tensor_ulps))
+    return out
+
+
 def _lora() -> list[Case]:
     return [
         case("lora/linear_model_plus_adapter", two("linear", "@a+@lora_a", "@b", dtype="float32")),
@@ -440,5 +489,5 @@ def _lora() -> list[Case]:
     ]
 
 
-CASES: list[Case] = [*_lora(), *_basic(), *_vlm(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
+CASES: list[Case] = [*_lora(), *_slice_products(), *_basic(), *_vlm(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
