@@ -197,7 +197,7 @@ def test_matches_mergekit(case: Case, references: dict[str, Path | RuntimeError]
     ours = load_folder(out)
     nan_problems = _replace_reference_nan(case, ref_state, ours, pico_models)
     cmp = compare_tensors(ref_state, ours)
-    RESULTS[case.id] = {"method": case.config["merge_method"], "max_ulp": cmp.max_ulp,
+    RESULTS[case.id] = {"method": case.config["merge_method"], "kind": case.kind, "max_ulp": cmp.max_ulp,
                         "max_tensor_ulp": cmp.max_scaled_ulp,
                         "identical_share": cmp.identical_share,
                         "ours_seconds": ours_seconds,
@@ -245,6 +245,7 @@ def test_matches_mergekit(case: Case, references: dict[str, Path | RuntimeError]
                 k == "chat_template" and _renders_alike(ref_tok[k], our_tok[k]))]
             if parts:
                 problems.append(f"tokenizer differs in {parts}")
+    RESULTS[case.id]["passed"] = not problems
     assert not problems, "\n".join(problems)
 
 
