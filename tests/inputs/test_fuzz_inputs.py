@@ -67,8 +67,11 @@ FAST = settings(
     phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                            HealthCheck.data_too_large, HealthCheck.large_base_example])
-# A case on the tiny models takes milliseconds of CPU; this much CPU is a runaway.
-CPU_LIMIT_S = 5.0
+# A case on the tiny models takes milliseconds of CPU; this much CPU is a runaway. The largest
+# legitimate cost is scanning a 750 kB YAML scalar (SEXAGESIMAL below): 1.3 s untraced, 6-9 s
+# with tracemalloc (property c) tracing PyYAML's million small strings; the runaways this catches
+# (the quadratic sexagesimal int, a plan walking every value per tensor) cost minutes.
+CPU_LIMIT_S = 20.0
 # A case blocked in a system call (a FIFO opened for reading) burns no CPU and never returns:
 # this wall-clock alarm ends it, generous enough that a loaded machine never trips it.
 HARD_LIMIT_S = 60.0
