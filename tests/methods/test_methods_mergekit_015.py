@@ -147,7 +147,7 @@ def ref_ram(base, xs, eps, plus=None):
     rho = (nz & overlap).sum(dim=1) / (nz & unique).sum(dim=1).clamp(min=eps)
     lam = 1 + r * rho.clamp(min=0, max=alpha)
     merged = ((tvz * unique * lam.unsqueeze(-1)) + (tvz * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return (base + merged.reshape_as(base)).to(base.dtype)
+    return base + merged.reshape_as(base)  # float32 lam: a float32 result (float64 for float64)
 
 
 def ref_nuslerp(t, v0, v1, row_wise, flatten):
@@ -278,7 +278,7 @@ def ref_arcee_fusion(base, x):
     flat = torch.sort(imp.reshape(-1)).values
     q1, med, q3 = flat[(torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()]
     mask = (imp >= med + 1.5 * (q3 - q1)).float()
-    return (base + (x - base) * mask).to(base.dtype)
+    return base + (x - base) * mask  # a float32 mask: a float32 result (float64 for float64)
 
 
 def nuslerp_t(w):
@@ -465,7 +465,8 @@ def test_matches_mergekit_015(mergekit_outputs, case):
             skipped.append(key)  # mergekit keeps an arbitrary k of the tied; distmerge all (documented)
             continue
         got = run(method, base, xs, params_for(method, n, glob, model))
-        want = outputs[key].to(got.dtype)
+        assert got.dtype == outputs[key].dtype, (key, got.dtype, outputs[key].dtype)  # mergekit writes it as returned
+        want = outputs[key]
         plain, scaled = ulps(got, want), ulps(got, want, ([] if base is None else [base]) + list(xs))
         worst, worst_scaled = max(worst, plain), max(worst_scaled, scaled)
         assert scaled <= MK_ULPS[method], (key, plain, scaled)
@@ -549,6 +550,30 @@ def test_defaults_are_mergekits():
     counts = {n: (get_method(n).min_experts, get_method(n).max_experts) for n in d}
     assert counts["nuslerp"] == (2, 2) and counts["nearswap"] == (1, 1) and counts["arcee_fusion"] == (1, 1)
     assert all(get_method(n).base_optional for n in ("nuslerp", "multislerp", "karcher"))
+
+
+# What mergekit 0.1.5's methods return, per compute dtype (measured by calling each registered
+# method on bf16/fp16/fp32/fp64 inputs): only arcee_fusion (a ``.float()`` mask) and ramplus_tl
+# (a float32 lambda) promote. mergekit writes that dtype when no out_dtype is set.
+PROMOTING = {"arcee_fusion", "ramplus_tl"}
+
+
+def test_result_dtype_is_what_mergekit_returns():
+    from distmerge.methods.registry import METHODS
+
+    for name, method in METHODS.items():
+        for compute in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            want = (torch.float64 if compute == torch.float64 else torch.float32) if name in PROMOTING else compute
+            assert method.result_dtype(compute) == want, (name, compute)
+
+
+def test_written_dtype_is_out_dtype_else_the_result_dtype():
+    from distmerge.config import parse_config
+
+    cfg = parse_config({"merge_method": "ramplus_tl", "base_model": "b", "dtype": "bfloat16",
+                        "models": [{"model": "x"}]})
+    assert cfg.out_dtype_code("F32") == "F32"  # ramplus_tl's float32 result, as mergekit writes it
+    assert parse_config({**cfg.model_dump(exclude_none=True), "out_dtype": "bfloat16"}).out_dtype_code("F32") == "BF16"
 
 
 @pytest.mark.parametrize("method,key,value,allowed", [
