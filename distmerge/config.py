@@ -237,13 +237,13 @@ class MergeConfig(_Strict):
         """Safetensors code of the dtype merges are computed in (float32 unless ``dtype`` says)."""
         return config_dtype(self.dtype, "dtype") if self.dtype else "F32"
 
-    def out_dtype_code(self, stored: str) -> str:
-        """Output dtype of a tensor stored as ``stored``: out_dtype, else dtype, else as stored."""
+    def out_dtype_code(self, result: str) -> str:
+        """Output dtype of a merged tensor whose method returns ``result`` (the compute dtype,
+        or what the method's arithmetic promotes it to): out_dtype, else ``result``, as
+        mergekit writes what the method returns."""
         if self.out_dtype:
             return config_dtype(self.out_dtype, "out_dtype")
-        if self.dtype:
-            return config_dtype(self.dtype, "dtype")
-        return stored
+        return result
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

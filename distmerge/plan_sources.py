@@ -18,7 +18,7 @@ from typing import Any
 
 from distmerge.checkpoint import LAYER_COUNT_KEYS, Checkpoint
 from distmerge.config import MergeConfig
-from distmerge.dtypes import FLOAT_CODES, promoted
+from distmerge.dtypes import FLOAT_CODES, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, promoted
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.safetensors import TensorInfo
 from distmerge.lora import open_model
@@ -153,6 +153,12 @@ def _with_tied_head(out: list[OutputTensorSources], groups: list[SliceGroup], mo
     return True
 
 
+def _result_code(method: MergeMethod, compute: str) -> str:
+    """Safetensors code of what ``method`` returns when merging in ``compute`` (mergekit writes
+    that dtype when no ``out_dtype`` is set)."""
+    return TORCH_TO_SAFETENSORS[method.result_dtype(SAFETENSORS_TO_TORCH[compute])]
+
+
 def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool = False) -> PlanSources:
     """Open the models and resolve every output tensor's inputs and parameters."""
     check_parameter_names(config, method)
@@ -198,8 +204,8 @@ def plan_sources(config: MergeConfig, method: MergeMethod, *, needs_base: bool =
             rows = tensor_vocabulary(vocabulary, o.name, [i.model for i in group.inputs], infos,
                                      group.base_model or config.base_model, compute)
             shape, row_models = (vocabulary.out_rows, *lead.shape[1:]), order
-        # out_dtype, else dtype, else (mergekit) the dtype it was merged in
-        tensors.append(SourcedTensor(o.name, shape, config.out_dtype_code(compute), base,
+        # out_dtype, else (mergekit) the dtype the method returns in the compute dtype
+        tensors.append(SourcedTensor(o.name, shape, config.out_dtype_code(_result_code(method, compute)), base,
                                      tuple(infos[k] for k in expert_ks), params, compute, rows, row_models))
     _warn_unused_tensors(groups, outputs, models)
     template = _template(config, groups, models)

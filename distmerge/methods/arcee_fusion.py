@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from distmerge.methods import scalars
-from distmerge.methods.base import MergeMethod, Partials, Reductions, ShardContext, TensorParams
+from distmerge.methods.base import (
+    MergeMethod,
+    Partials,
+    Reductions,
+    ShardContext,
+    TensorParams,
+    promoted_to_float32,
+)
 from distmerge.methods.random_stream import uniforms
 from distmerge.methods.selection import dense_low, locate
 
@@ -91,6 +98,11 @@ class ArceeFusion(MergeMethod):
     max_experts = 1
     global_parameters = {}
     model_parameters = {}
+
+    def result_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """float32 (float64 for float64 compute): mergekit's mask is ``.float()``, so the blend
+        ``base + (x - base) * mask`` promotes, and mergekit writes that unless ``out_dtype`` is set."""
+        return promoted_to_float32(compute)
 
     @staticmethod
     def _vector_rounds(shape: tuple[int, ...] | None) -> int:
@@ -176,6 +188,6 @@ class ArceeFusion(MergeMethod):
         assert base is not None and isinstance(reduced, FusionReductions) and reduced.threshold is not None
         x = experts[0]
         mask = (self._importance(base, x, ctx.shape, reduced) >= reduced.threshold).float()
-        return (base + (x - base) * mask).to(base.dtype)
+        return base + (x - base) * mask
 
 

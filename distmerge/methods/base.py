@@ -165,6 +165,16 @@ class MergeMethod:
         (or, after the last round, ``merge``) needs; carry forward what is still needed."""
         raise NotImplementedError
 
+    def result_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype :meth:`merge` returns when it computes in ``compute``.
+
+        A tensor without ``out_dtype`` is written in this dtype: mergekit writes whatever its
+        method returns, and a method whose torch expressions promote (a float32 mask or
+        coefficient tensor times compute-dtype rows) returns the promoted dtype. So a method
+        declares it here, and the plan, not the engine, decides the written dtype from it.
+        """
+        return compute
+
     def merge(
         self,
         base: torch.Tensor | None,
@@ -173,12 +183,18 @@ class MergeMethod:
         ctx: ShardContext,
         reduced: Reductions | None = None,
     ) -> torch.Tensor:
-        """Merged rows of this shard, in the compute dtype; ``reduced`` is the last round's
-        :meth:`reduce` result (None when the tensor needs no rounds)."""
+        """Merged rows of this shard, in :meth:`result_dtype` of the compute dtype; ``reduced``
+        is the last round's :meth:`reduce` result (None when the tensor needs no rounds)."""
         raise NotImplementedError
 
     def validate(self, params: TensorParams, where: str) -> None:
         """Cross-parameter checks that a single ParamSpec cannot express (raise ConfigError)."""
+
+
+def promoted_to_float32(compute: torch.dtype) -> torch.dtype:
+    """The dtype of compute-dtype rows times a float32 tensor (torch's promotion): float32 for
+    bf16/fp16/fp32 compute, float64 for float64."""
+    return torch.promote_types(compute, torch.float32)
 
 
 def unit_interval(allow_zero: bool = False) -> tuple[Callable[[float], bool], str]:

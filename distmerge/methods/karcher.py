@@ -9,11 +9,13 @@ configured base model is one more input, as in mergekit, whose plan appends it l
         stop if |g| < tol;  m = cos|g| m + sin|g| g / |g|;  m /= |m| (if |m| > tol)
     out = (sum_i n_i / N) m
 
-Each quantity is a whole-tensor sum: round 0 the norms, round 1 |m|, then ONE round per
-iteration, at most ``max_iter``: the dots <m, u_i>, plus the Gram sums <u_i, u_j> and <m, m>
-from which |g| and the updated |m| follow without another read (g and the update are linear
-in m and the u_i). A converged tensor's reduction says ``complete`` and its later rounds are
-skipped. The iterate m is never stored: every round (and the merge) replays the elementwise
+Each quantity is a whole-tensor sum: round 0 the norms, round 1 |m|, then THREE rounds per
+iteration, at most ``3 * max_iter``: the dots <m, u_i>; |g| of the tangent as mergekit
+materializes it (each elementwise step rounded to the compute dtype); the updated |m| likewise.
+The norms must be those of the rounded vectors: in bf16 the rounding moves |g| and |m| by far
+more than their last float32 bit (|m| comes out 1 +- 2e-3), so a closed form from Gram sums of
+the exact vectors gave outputs many bf16 ulps from mergekit's. A converged tensor's reduction says ``complete`` and its later rounds
+are skipped. The iterate m is never stored: every round (and the merge) replays the elementwise
 updates on its rows from the reduced scalars, with mergekit's torch expressions in the compute
 dtype, so the same m arises in every shard. Sums are float64 over canonical chunks, rounded
 once to the dtype mergekit's reduction returns.
@@ -21,7 +23,6 @@ once to the dtype mergekit's reduction returns.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
@@ -38,6 +39,9 @@ from distmerge.methods.base import (
     TensorParams,
 )
 
+ROUNDS_PER_ITERATION = 3  # the dots, |g|, the updated |m|
+DOTS, TANGENT, UNIT = range(ROUNDS_PER_ITERATION)
+
 
 @dataclass
 class KarcherPartials(Partials):
@@ -48,12 +52,13 @@ class KarcherPartials(Partials):
 @dataclass
 class Step:
     """One iteration's scalars: per valid input its dot (compute dtype) and tangent coefficient
-    (None: skipped, theta < tol), then the update's cos, sin, |g| and the new |m|."""
+    (None: skipped, theta < tol), then |g| (None until its round) and the updated |m| (None:
+    not divided, |m| <= tol; set in the iteration's last round)."""
 
     dots: list[torch.Tensor]
     coefs: list[torch.Tensor | None]
-    tangent_norm: torch.Tensor
-    unit_norm: torch.Tensor | None
+    tangent_norm: torch.Tensor | None = None
+    unit_norm: torch.Tensor | None = None
 
 
 @dataclass(kw_only=True)
@@ -61,7 +66,8 @@ class KarcherReductions(Reductions):
     norms: list[torch.Tensor] = field(default_factory=list)  # float32 (float64 for float64 inputs)
     valid: list[int] = field(default_factory=list)
     mean_norm: torch.Tensor | None = None
-    steps: list[Step] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)  # finished iterations
+    pending: Step | None = None  # the iteration whose |g| or updated |m| is being summed
 
 
 class Karcher(MergeMethod):
@@ -77,7 +83,7 @@ class Karcher(MergeMethod):
 
     def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
         # whether a base is configured shows only in the rows (None or not): a lone input ends in round 0
-        return 2 + params.global_["max_iter"]
+        return 2 + ROUNDS_PER_ITERATION * params.global_["max_iter"]
 
     @staticmethod
     def _inputs(base, experts):
@@ -94,8 +100,9 @@ class Karcher(MergeMethod):
         total = sum(valid)
         return [a / total for a in valid]
 
-    def _mean(self, units, red: KarcherReductions, upto: int, tol: float) -> torch.Tensor:
-        """The iterate after ``upto`` iterations (``upto`` <= len(red.steps)), replayed elementwise."""
+    def _mean(self, units, red: KarcherReductions, tol: float) -> torch.Tensor:
+        """The iterate after the finished iterations of ``red``, replayed elementwise (before
+        round 1 reduces |m|: the unnormalized initial mean)."""
         valid = [units[i] for i in red.valid]
         alphas = self._alphas(red, len(units))
         mean = torch.zeros_like(valid[0])
@@ -104,16 +111,29 @@ class Karcher(MergeMethod):
         if red.mean_norm is None:
             return mean
         mean = valid[0].clone() if float(red.mean_norm) < tol else (mean / red.mean_norm).to(mean.dtype)
-        for step in red.steps[:upto]:
-            tangent = torch.zeros_like(mean)
-            for unit, dot, coef in zip(valid, step.dots, step.coefs, strict=True):
-                if coef is not None:
-                    tangent += coef * (unit - dot * mean)
-            tn = step.tangent_norm
-            mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(mean.dtype)
-            if step.unit_norm is not None:
-                mean = (mean / step.unit_norm).to(mean.dtype)
+        for step in red.steps:
+            mean = self._normalized(self._updated(mean, self._tangent(mean, valid, step), step), step)
         return mean
+
+    @staticmethod
+    def _tangent(mean: torch.Tensor, valid: list[torch.Tensor], step: Step) -> torch.Tensor:
+        """mergekit's tangent ``sum_i c_i (u_i - d_i m)``, accumulated in the compute dtype."""
+        tangent = torch.zeros_like(mean)
+        for unit, dot, coef in zip(valid, step.dots, step.coefs, strict=True):
+            if coef is not None:
+                tangent += coef * (unit - dot * mean)
+        return tangent
+
+    @staticmethod
+    def _updated(mean: torch.Tensor, tangent: torch.Tensor, step: Step) -> torch.Tensor:
+        """The exponential-map step ``cos|g| m + sin|g| g / |g|`` (not yet renormalized)."""
+        tn = step.tangent_norm
+        assert tn is not None
+        return (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(mean.dtype)
+
+    @staticmethod
+    def _normalized(mean: torch.Tensor, step: Step) -> torch.Tensor:
+        return mean if step.unit_norm is None else (mean / step.unit_norm).to(mean.dtype)
 
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> KarcherPartials:
@@ -123,13 +143,19 @@ class Karcher(MergeMethod):
             return KarcherPartials([reductions.dot(t, t) for t in tensors], dtype)
         red = cast(KarcherReductions, previous)
         units = self._units(tensors, red)
-        mean = self._mean(units, red, len(red.steps), params.global_["tol"])
+        mean = self._mean(units, red, params.global_["tol"])
         if round_ == 1:
             return KarcherPartials([reductions.dot(mean, mean)], dtype)
         valid = [units[i] for i in red.valid]
-        sums = [reductions.dot(mean, u) for u in valid]
-        sums += [reductions.dot(valid[i], valid[j]) for i in range(len(valid)) for j in range(i, len(valid))]
-        return KarcherPartials(sums + [reductions.dot(mean, mean)], dtype)
+        phase = (round_ - 2) % ROUNDS_PER_ITERATION
+        if phase == DOTS:
+            return KarcherPartials([reductions.dot(mean, u) for u in valid], dtype)
+        assert red.pending is not None
+        tangent = self._tangent(mean, valid, red.pending)
+        if phase == TANGENT:
+            return KarcherPartials([reductions.dot(tangent, tangent)], dtype)
+        updated = self._updated(mean, tangent, red.pending)
+        return KarcherPartials([reductions.dot(updated, updated)], dtype)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> KarcherReductions:
@@ -142,45 +168,39 @@ class Karcher(MergeMethod):
             norms = [scalars.sqrt_as(s, norm_dtype) for s in sums]
             valid = [i for i, n in enumerate(norms) if float(n) > tol]
             return KarcherReductions(norms=norms, valid=valid, complete=not valid or len(norms) == 1)
-        out = replace(cast(KarcherReductions, previous), steps=list(cast(KarcherReductions, previous).steps))
+        prev = cast(KarcherReductions, previous)
+        out = replace(prev, steps=list(prev.steps), pending=None if prev.pending is None else replace(prev.pending))
         if round_ == 1:
             out.mean_norm = scalars.sqrt_as(sums[0], norm_dtype)
             out.complete = params.global_["max_iter"] == 0
             return out
-        out.steps.append(self._step(sums, len(out.valid), self._alphas(out, len(out.norms)), dtype, norm_dtype, tol))
-        out.complete = out.steps[-1].unit_norm is None and float(out.steps[-1].tangent_norm) < tol
-        if out.complete:
-            out.steps.pop()  # mergekit breaks before updating: the last step only said "converged"
+        phase = (round_ - 2) % ROUNDS_PER_ITERATION
+        if phase == DOTS:
+            out.pending = self._dots(sums, self._alphas(out, len(out.norms)), dtype, tol)
+        elif phase == TANGENT:
+            assert out.pending is not None
+            out.pending.tangent_norm = scalars.sqrt_as(sums[0], norm_dtype)
+            if float(out.pending.tangent_norm) < tol:  # mergekit breaks before updating
+                out.pending, out.complete = None, True
+        else:
+            assert out.pending is not None
+            unit_norm = scalars.sqrt_as(sums[0], norm_dtype)
+            out.pending.unit_norm = unit_norm if float(unit_norm) > tol else None
+            out.steps.append(out.pending)
+            out.pending = None
         return out
 
     @staticmethod
-    def _step(sums, n, alphas, dtype, norm_dtype, tol) -> Step:
-        raw = sums[:n]
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        pairs = iter(sums[n:-1])
-        for i in range(n):
-            for j in range(i, n):
-                gram[i, j] = gram[j, i] = next(pairs)
-        mm = sums[-1]
+    def _dots(sums: list[float], alphas: list[float], dtype: torch.dtype, tol: float) -> Step:
+        """An iteration's dots (rounded to the compute dtype, as torch.dot returns them) and the
+        tangent coefficients ``a_i theta_i / sin(theta_i)`` (None where theta_i < tol)."""
         dots, coefs = [], []
-        for alpha, d in zip(alphas, raw, strict=True):
+        for alpha, d in zip(alphas, sums, strict=True):
             dot = torch.clamp(scalars.as_dtype(d, dtype), -1.0, 1.0)
             theta = torch.arccos(dot)
             dots.append(dot)
             coefs.append(None if theta.item() < tol else alpha * (theta / torch.sin(theta)))
-        # |g|^2 and <m, g> from the Gram sums (g = sum_i c_i (u_i - d_i m))
-        c = torch.tensor([0.0 if k is None else float(k) for k in coefs], dtype=torch.float64)
-        d = torch.tensor([float(x) for x in dots], dtype=torch.float64)
-        mu = torch.tensor(raw, dtype=torch.float64)
-        gg = float(c @ gram @ c - 2 * (c @ mu) * (c @ d) + (c @ d) ** 2 * mm)
-        mg = float(c @ mu - (c @ d) * mm)
-        tn = scalars.sqrt_as(max(gg, 0.0), norm_dtype)
-        if float(tn) < tol:
-            return Step(dots, coefs, tn, None)
-        a, b = float(torch.cos(tn)), float(torch.sin(tn)) / float(tn)
-        unit = math.sqrt(max(a * a * mm + 2 * a * b * mg + b * b * gg, 0.0))
-        unit_norm = scalars.as_dtype(unit, norm_dtype)
-        return Step(dots, coefs, tn, unit_norm if float(unit_norm) > tol else None)
+        return Step(dots, coefs)
 
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
@@ -190,6 +210,6 @@ class Karcher(MergeMethod):
         red = cast(KarcherReductions, reduced)
         if not red.valid:
             return sum(t * 0 for t in tensors)
-        mean = self._mean(self._units(tensors, red), red, len(red.steps), params.global_["tol"])
+        mean = self._mean(self._units(tensors, red), red, params.global_["tol"])
         scale = sum(alpha * norm for alpha, norm in zip([1.0 / len(tensors)] * len(tensors), red.norms, strict=True))
         return scale * mean

@@ -9,9 +9,9 @@
 ``ram`` is elementwise (shard-local). ``ramplus_tl``'s two counts per model cover the whole
 tensor: one reduction round of exact integer counts. Every elementwise step is mergekit's torch
 expression on the rows, so both are bit-identical to mergekit 0.1.5. As there, ``lambda_i`` is
-a float32 tensor, so ramplus_tl's sum runs in float32 whatever the compute dtype; distmerge then
-rounds the result once to the compute dtype (mergekit returns the float32 result and rounds it
-to the output dtype when writing).
+a float32 tensor, so ramplus_tl's sum runs in float32 whatever the compute dtype (float64 for
+float64) and the result stays in that dtype: mergekit writes it so unless ``out_dtype`` is set
+(``result_dtype``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    promoted_to_float32,
 )
 
 
@@ -81,6 +82,11 @@ class RamPlusTl(MergeMethod):
     }
     model_parameters = {}
 
+    def result_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """float32 (float64 for float64 compute): ``lambda`` is a float32 tensor, and mergekit
+        returns (and writes) the promoted sum."""
+        return promoted_to_float32(compute)
+
     def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
         return 1
 
@@ -109,4 +115,4 @@ class RamPlusTl(MergeMethod):
         tv_z = tv * nonzero
         merged = ((tv_z * unique * lambda_.unsqueeze(-1))
                   + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return (base + merged.reshape_as(base)).to(base.dtype)
+        return base + merged.reshape_as(base)

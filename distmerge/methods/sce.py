@@ -2,19 +2,22 @@
 
     tv_i = x_i - base
     select (select_topk < 1): v = var_i(tv_i) per element (population variance, compute dtype);
-        k = int(count_nonzero(v) * select_topk); keep the elements whose v is among the k largest
-        of the whole tensor (none when k = 0); tv_i *= keep
+        k = int(count_nonzero(v) * select_topk); keep the k elements torch.topk(|v|, k) picks
+        from the whole tensor (none when k = 0); tv_i *= keep
     calculate: w_i = mean(tv_i^2) over the whole tensor; w = w / sum(w)  (1/N each when |sum| < 1e-6)
     erase: TIES sign consensus, m_i = [sign(tv_i) == sign(sum_i tv_i)]  (ties to +, a zero never matches)
     out = base + sum_i(tv_i w_i m_i) / max(sum_i(w_i m_i), 1e-6)
 
 Whole-tensor quantities, in reduction rounds over canonical chunks: round 0 counts the nonzero
 variances (exact) and histograms the high 16 bits of the variances' float32 bit patterns
-(``selection``'s radix selection, the same as TIES's threshold); round 1 finds the exact
-k-th largest from the low 16 bits inside the located bucket; the last round sums the kept
-task vectors' squares in float64 (rounded once to the compute dtype, as mergekit's mean
-returns). Without selection only that last round runs. Everything elementwise is mergekit's
-torch expression in the compute dtype.
+(``selection``'s radix selection, the same as TIES's threshold); round 1 finds the exact k-th
+largest from the low 16 bits inside the located bucket, and whether only some of the elements
+tied at it are among the k; then round 2 joins the chunks' |variance| on the driver and runs
+mergekit's ``torch.topk`` on it, to learn which tied elements it keeps (that choice depends on
+the whole array, and it moves the weights, so no cheaper tie rule gives mergekit's output); the
+last round sums the kept task vectors' squares in float64 (rounded once to the compute dtype,
+as mergekit's mean returns). Without selection only that last round runs. Everything
+elementwise is mergekit's torch expression in the compute dtype.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from distmerge.methods.base import (
 from distmerge.methods.selection import HIGH_BINS, dense_low, locate, magnitude_keys, sum_histograms
 
 NONE_KEPT = 0x7FFFFFFF  # a threshold key above every finite variance: keep nothing
+TIES_ROUND = 2  # with selection: which of the elements tied at the threshold are among the k
 
 
 @dataclass
@@ -45,6 +49,7 @@ class ScePartials(Partials):
     nonzero: int = 0
     high: torch.Tensor | None = None  # round 0: high-bits histogram of the variance keys
     low: tuple[torch.Tensor, torch.Tensor] | None = None  # round 1: low bits in the bucket, counts
+    values: torch.Tensor | None = None  # round 2, ties to split: the chunk's |variance|, flat
     squares: tuple[float, ...] = ()  # last round: float64 sums of the kept tv_i^2
     dtype: torch.dtype = torch.float32
 
@@ -53,6 +58,9 @@ class ScePartials(Partials):
 class SceReductions(Reductions):
     bucket: tuple[int, int] | None = None  # (bucket, rank left inside it) after round 0
     threshold: int | None = None  # variance key of the k-th largest (None: no selection)
+    k: int = 0
+    split: bool = False  # fewer than all elements tied at the threshold are among the k
+    tie_kept: torch.Tensor | None = None  # then: sorted flat indices of the tied elements kept
     weights: torch.Tensor | None = None  # [N], compute dtype, normalized
 
 
@@ -71,13 +79,14 @@ class Sce(MergeMethod):
         return 0.0 < params.global_["select_topk"] < 1.0
 
     def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
-        return 3 if self._selects(params) else 1
+        return 4 if self._selects(params) else 1
 
     @staticmethod
     def _task_vectors(base, experts):
         return torch.stack([x - base for x in experts], dim=0)
 
-    def _kept(self, tvs: torch.Tensor, params: TensorParams, red: SceReductions | None) -> torch.Tensor:
+    def _kept(self, tvs: torch.Tensor, params: TensorParams, red: SceReductions | None,
+              ctx: ShardContext) -> torch.Tensor:
         """The task vectors after selection (mergekit's ``tvs * mask``, mask in the compute dtype)."""
         density = params.global_["select_topk"]
         if density >= 1:
@@ -86,8 +95,12 @@ class Sce(MergeMethod):
             return tvs * torch.zeros_like(tvs[0]).unsqueeze(0)
         assert red is not None and red.threshold is not None
         var = torch.var(tvs, dim=0, unbiased=False)
-        keep = (magnitude_keys(var) >= red.threshold).reshape(var.shape)
-        return tvs * keep.to(tvs.dtype).unsqueeze(0)
+        keys = magnitude_keys(var)
+        keep = keys >= red.threshold
+        if red.tie_kept is not None:
+            flat = torch.arange(ctx.element_start, ctx.element_start + keys.numel())
+            keep = (keys > red.threshold) | ((keys == red.threshold) & torch.isin(flat, red.tie_kept))
+        return tvs * keep.reshape(var.shape).to(tvs.dtype).unsqueeze(0)
 
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> ScePartials:
@@ -96,16 +109,19 @@ class Sce(MergeMethod):
         red = cast(SceReductions | None, previous)
         last = self.reduction_rounds(params) - 1
         if round_ < last:
-            keys = magnitude_keys(torch.var(tvs, dim=0, unbiased=False))
+            var = torch.var(tvs, dim=0, unbiased=False)
+            keys = magnitude_keys(var)
             if round_ == 0:
                 return ScePartials(nonzero=int(torch.count_nonzero(keys)), dtype=tvs.dtype,
                                    high=torch.bincount(keys >> 16, minlength=HIGH_BINS))
             assert red is not None
+            if round_ == TIES_ROUND:
+                return ScePartials(values=var.abs().reshape(-1) if red.split else None, dtype=tvs.dtype)
             if red.bucket is None:
                 return ScePartials(dtype=tvs.dtype)
             inside = keys[(keys >> 16) == red.bucket[0]] & 0xFFFF
             return ScePartials(low=torch.unique(inside, return_counts=True), dtype=tvs.dtype)
-        kept = self._kept(tvs, params, red)
+        kept = self._kept(tvs, params, red, ctx)
         return ScePartials(squares=tuple(scalars.total(t.square()) for t in kept), dtype=tvs.dtype)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
@@ -115,16 +131,20 @@ class Sce(MergeMethod):
         last = self.reduction_rounds(params) - 1
         if round_ < last and round_ == 0:
             # mergekit multiplies the 0-dim int64 count by the float: a float32 product
-            k = int(torch.tensor(sum(c.nonzero for c in chunks)) * params.global_["select_topk"])
-            if k == 0:
+            out.k = int(torch.tensor(sum(c.nonzero for c in chunks)) * params.global_["select_topk"])
+            if out.k == 0:
                 out.threshold = NONE_KEPT
             else:
-                out.bucket = locate(sum_histograms([c.high for c in chunks]), k)
+                out.bucket = locate(sum_histograms([c.high for c in chunks]), out.k)
+        elif round_ == TIES_ROUND:
+            if out.split:
+                out.tie_kept = self._tie_kept(chunks, out)
         elif round_ < last:
             if out.bucket is not None:
-                parts = [c.low for c in chunks if c.low is not None]
-                low, _ = locate(dense_low(parts), out.bucket[1])
+                histogram = dense_low([c.low for c in chunks if c.low is not None])
+                low, needed = locate(histogram, out.bucket[1])
                 out.threshold = (out.bucket[0] << 16) | low
+                out.split = needed < int(histogram[low])
         else:
             numel = 1
             for d in shape:
@@ -137,10 +157,20 @@ class Sce(MergeMethod):
             out.weights = torch.ones_like(weights) / n if abs(weight_sum) < 1e-6 else weights / weight_sum
         return out
 
+    @staticmethod
+    def _tie_kept(chunks: Sequence[ScePartials], red: SceReductions) -> torch.Tensor:
+        """Which elements tied at the threshold mergekit's ``torch.topk`` keeps: its choice among
+        equal values follows from the whole array (libstdc++'s introselect on CPU), so the
+        chunks' variances are joined in row order and topk runs on them as mergekit runs it."""
+        flat = torch.cat([c.values for c in chunks if c.values is not None])
+        indices = torch.topk(flat, k=red.k, largest=True).indices
+        tied = magnitude_keys(flat[indices]) == red.threshold
+        return torch.sort(indices[tied]).values
+
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, SceReductions) and reduced.weights is not None
-        tvs = self._kept(self._task_vectors(base, experts), params, reduced)
+        tvs = self._kept(self._task_vectors(base, experts), params, reduced, ctx)
         sign = tvs.sign()
         majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
         erase_mask = sign == majority
