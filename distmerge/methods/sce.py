@@ -14,7 +14,8 @@ variances (exact) and histograms the high 16 bits of the variances' float32 bit 
 largest from the low 16 bits inside the located bucket, and whether only some of the elements
 tied at it are among the k; then round 2 joins the chunks' |variance| on the driver and runs
 mergekit's ``torch.topk`` on it, to learn which tied elements it keeps (that choice depends on
-the whole array, and it moves the weights, so no cheaper tie rule gives mergekit's output); the
+the whole array, and it moves the weights, so no cheaper tie rule gives mergekit's output);
+tensors above ``TOPK_GATHER_MAX_ELEMENTS`` keep every tie instead (bounded memory); the
 last round sums the kept task vectors' squares in float64 (rounded once to the compute dtype,
 as mergekit's mean returns). Without selection only that last round runs. Everything
 elementwise is mergekit's torch expression in the compute dtype.
@@ -41,6 +42,11 @@ from distmerge.methods.base import (
 from distmerge.methods.selection import HIGH_BINS, dense_low, locate, magnitude_keys, sum_histograms
 
 NONE_KEPT = 0x7FFFFFFF  # a threshold key above every finite variance: keep nothing
+# The largest tensor whose variances the driver gathers to split ties as torch.topk does: 2^26
+# elements are 256 MB of float32 variances plus topk's values and indices (at most ~400 MB more).
+# A larger tensor keeps every element tied at the threshold (more than k by the ties; the same
+# for any sharding, and memory stays bounded by the shard size): docs/methods.md, difference 12.
+TOPK_GATHER_MAX_ELEMENTS = 1 << 26
 TIES_ROUND = 2  # with selection: which of the elements tied at the threshold are among the k
 
 
@@ -144,11 +150,9 @@ class Sce(MergeMethod):
                 histogram = dense_low([c.low for c in chunks if c.low is not None])
                 low, needed = locate(histogram, out.bucket[1])
                 out.threshold = (out.bucket[0] << 16) | low
-                out.split = needed < int(histogram[low])
+                out.split = needed < int(histogram[low]) and _numel(shape) <= TOPK_GATHER_MAX_ELEMENTS
         else:
-            numel = 1
-            for d in shape:
-                numel *= d
+            numel = _numel(shape)
             dtype = chunks[0].dtype
             n = len(chunks[0].squares)
             sums = [sum(c.squares[i] for c in chunks) for i in range(n)]  # left to right, chunk order
@@ -180,3 +184,10 @@ class Sce(MergeMethod):
         erased = tv_weights * erase_mask
         merged = (tvs * erased).sum(dim=0)
         return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel

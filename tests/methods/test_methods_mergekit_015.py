@@ -627,3 +627,37 @@ def test_sce_splits_ties_at_the_threshold_as_topk_does():
         assert reduced.split and reduced.tie_kept is not None
         for step in (1, 5, 23):
             bits_equal(merge_sharded("sce", base, xs, params, reduced, step), want)
+
+
+def test_sce_keeps_every_tie_of_a_tensor_too_large_to_gather(monkeypatch: pytest.MonkeyPatch):
+    """Above the gather bound the driver never holds the tensor's variances: every element tied
+    at the k-th largest variance is kept (more than k), the same under any chunking and sharding."""
+    from distmerge.methods import sce
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.zeros(23, 11)
+    xs = [torch.randint(-2, 3, (23, 11), generator=g).float() for _ in range(2)]
+    params = params_for("sce", 2, {"select_topk": 0.37})
+    monkeypatch.setattr(sce, "TOPK_GATHER_MAX_ELEMENTS", 23 * 11 - 1)
+    tvs = torch.stack([x - base for x in xs])
+    var = torch.var(tvs, dim=0, unbiased=False)
+    k = int(torch.tensor(int(torch.count_nonzero(var))) * 0.37)
+    threshold = torch.sort(var.reshape(-1), descending=True).values[k - 1]
+    keep = var >= threshold
+    assert int(keep.sum()) > k  # the case has ties straddling the cut
+    kept = tvs * keep
+    w = torch.stack([t.square().mean() for t in kept])
+    w = w / w.sum()
+    sign = kept.sign()
+    majority = (kept.sum(dim=0) >= 0).float() * 2 - 1
+    erased = w.view(-1, 1, 1) * (sign == majority)
+    want = base + (kept * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+    results = []
+    for chunk_rows in (1, 4, 23):
+        reduced = reduce_all("sce", base, xs, params, chunk_rows=chunk_rows)
+        assert not reduced.split and reduced.tie_kept is None
+        for step in (1, 5, 23):
+            results.append(merge_sharded("sce", base, xs, params, reduced, step))
+    for got in results:
+        bits_equal(got, results[0])
+    torch.testing.assert_close(results[0], want, rtol=1e-6, atol=1e-6)
