@@ -150,9 +150,40 @@ METHOD_ULPS = {"slerp": 1, "model_stock": 1, "nuslerp": 1, "multislerp": 1, "kar
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 
 
+# Methods whose result mergekit promotes to float32 in bf16/fp16 compute (a float32 mask or
+# lambda); it writes those tensors under a config.json that keeps the compute dtype, distmerge's
+# says float32 (docs/methods.md, difference 14).
+PROMOTING_METHODS = {"ramplus_tl", "arcee_fusion"}
+
+
+def compute_dtype(config: dict[str, Any]) -> str:
+    """The dtype a case computes in: ``dtype``, else the first model's stored dtype."""
+    if config.get("dtype"):
+        return config["dtype"]
+    first = (config.get("models") or [{}])[0].get("model", "") if "models" in config else ""
+    return {"_bf16": "bfloat16", "_f16": "float16"}.get(first[-5:] if first.endswith("_bf16") else first[-4:],
+                                                         "float32")
+
+
+# In float32, mergekit computes SLERP's and nuslerp's coefficients, model stock's t, multislerp's
+# normalisations, SCE's weights and karcher's norms from whole-tensor float32 sums in torch's
+# order, which distmerge (exact sums, shard-invariant) cannot reproduce: the allowed difference
+# in ulps of the tensor's largest magnitude (measured maxima; docs/methods.md, difference 5).
+# karcher in float16: its norms are float16 scalars, one ulp apart at most (measured 0.07).
+TENSOR_ULPS: dict[tuple[str, str], float] = {
+    ("slerp", "float32"): 2.0, ("model_stock", "float32"): 4.0, ("nuslerp", "float32"): 4.0,
+    ("multislerp", "float32"): 6.0, ("sce", "float32"): 2.0, ("karcher", "float32"): 3.0,
+    ("karcher", "float16"): 1.0,
+}
+
+
 def case(id_: str, config: dict[str, Any], **kw: Any) -> Case:
     method = config["merge_method"]
+    dtype = compute_dtype(config)
     kw.setdefault("ulps", METHOD_ULPS.get(method, 0))
+    kw.setdefault("tensor_ulps", TENSOR_ULPS.get((method, dtype)))
+    if method in PROMOTING_METHODS and dtype in ("bfloat16", "float16") and "out_dtype" not in config:
+        kw.setdefault("config_differs", (("dtype", dtype, "float32"),))
     if method in RANDOM_METHODS:
         kw.setdefault("kind", "random")
     return Case(id_, config, **kw)
@@ -264,11 +295,6 @@ NEW_METHODS: dict[str, dict[str, Any]] = {
     "ramplus_tl": {"base": "@c", "params": {"r": 0.05, "alpha": 1.0}},
     "arcee_fusion": {"base": "@a"},
 }
-# In float32, mergekit computes SLERP's and nuslerp's coefficients, model stock's t and
-# multislerp's normalisations from whole-tensor float32 sums in torch's order, which distmerge
-# (exact sums, shard-invariant) cannot reproduce: the allowed difference in ulps of the tensor's
-# largest magnitude (measured maxima; docs/methods.md, difference 5).
-FP32_TENSOR_ULPS = {"slerp": 2.0, "model_stock": 4.0, "nuslerp": 4.0, "multislerp": 6.0}
 
 
 def _dtypes() -> list[Case]:
@@ -280,9 +306,8 @@ def _dtypes() -> list[Case]:
                        "models": [{"model": "@a", "parameters": {"scale": 0.7}}]}
             else:
                 cfg = two(method, dtype=dtype, **kw)
-            tensor_ulps = FP32_TENSOR_ULPS.get(method) if dtype == "float32" else None
             nan_is = kw.get("base") if method == "multislerp" and dtype == "float16" else None
-            out.append(case(f"own/{method}_{dtype}", cfg, tensor_ulps=tensor_ulps, nan_in_reference_is=nan_is))
+            out.append(case(f"own/{method}_{dtype}", cfg, nan_in_reference_is=nan_is))
         # inputs stored in bf16 / fp16, no dtype given: the math runs in the stored dtype
         for stored in ("bf16", "f16"):
             if method == "passthrough":
@@ -477,9 +502,18 @@ def _slice_products() -> list[Case]:
                 cfg["base_model"] = base
             if kw.get("params"):
                 cfg["parameters"] = dict(kw["params"])
-            tensor_ulps = FP32_TENSOR_ULPS.get(method) if dtype == "float32" else None
-            out.append(case(f"slices/{method}_{dtype}", cfg, tensor_ulps=tensor_ulps))
+            out.append(case(f"slices/{method}_{dtype}", cfg, **KARCHER_CONVERGENCE.get((method, dtype), {})))
+    # karcher with a tol no update reaches (1e-12: every iteration runs in both tools)
+    karcher = next(c for c in out if c.id == "slices/karcher_float32")
+    out.append(case("slices/karcher_float32_every_iteration", {**karcher.config, "parameters": {"tol": 1e-12}}))
     return out
+
+
+# karcher stops when an update is smaller than tol (1e-5); in float32 the update of this slice
+# product lands next to it, so one float32 sum in another order stops one tool an iteration
+# earlier: the difference is then the last update, ~1e-5 of the values (measured 100.5 ulps of
+# the tensor's largest). With a tol of 1e-12 both run every iteration and agree as own/karcher_float32.
+KARCHER_CONVERGENCE = {("karcher", "float32"): {"tensor_ulps": 128.0}}
 
 
 def _lora() -> list[Case]:
