@@ -80,7 +80,7 @@ def resolve_parameters(method: MergeMethod, shared: tuple[Scope, ...], experts: 
             values[key] = spec.validate(value, f"{where or 'default'} of {expert.model} (tensor {expert.input_name})")
         expert_values.append(values)
     params = TensorParams(global_values, tuple(expert_values))
-    method.validate(params, f"tensor {tensor}")
+    method.validate(params, f"tensor {tensor}", [expert.where for expert in experts])
     _check_representable(params, compute_dtype, experts, tensor)
     return params
 

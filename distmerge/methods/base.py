@@ -187,8 +187,9 @@ class MergeMethod:
         is the last round's :meth:`reduce` result (None when the tensor needs no rounds)."""
         raise NotImplementedError
 
-    def validate(self, params: TensorParams, where: str) -> None:
-        """Cross-parameter checks that a single ParamSpec cannot express (raise ConfigError)."""
+    def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
+        """Cross-parameter checks that a single ParamSpec cannot express (raise ConfigError).
+        ``inputs``: where each expert is configured (``models[2]``, ``base_model``), for messages."""
 
 
 def promoted_to_float32(compute: torch.dtype) -> torch.dtype:

@@ -31,7 +31,7 @@ class Linear(MergeMethod):
     global_parameters = {"normalize": ParamSpec(True, bool)}
     model_parameters = {"weight": ParamSpec(None)}
 
-    def validate(self, params: TensorParams, where: str) -> None:
+    def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
         if params.global_["normalize"] and sum(p["weight"] for p in params.experts) == 0:
             raise ConfigError(f"{where}: the models' weights (models[*].parameters.weight) sum to 0, so "
                               "parameters.normalize=true would divide by zero; change a weight or set normalize: false")

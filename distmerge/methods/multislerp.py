@@ -71,7 +71,7 @@ class MultiSlerp(MergeMethod):
     }
     model_parameters = {"weight": ParamSpec(None)}
 
-    def validate(self, params: TensorParams, where: str) -> None:
+    def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
         if params.global_["normalize_weights"] and len(params.experts) > 1 \
                 and sum(p["weight"] for p in params.experts) == 0:
             raise ConfigError(f"{where}: the models' weights (models[*].parameters.weight) sum to 0, so "

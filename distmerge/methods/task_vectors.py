@@ -91,9 +91,9 @@ class TaskVectorMethod(MergeMethod):
     def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
         return len(self.rounds(params, shape))
 
-    def validate(self, params: TensorParams, where: str) -> None:
+    def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
         if self.sparsifier is not None:
-            self.sparsifier.validate(params, where)
+            self.sparsifier.validate(params, where, inputs)
 
     def partial_reductions(
         self,

@@ -132,3 +132,13 @@ def test_plan_reads_only_headers(weighty_family):
     # at most by default); anything near a tensor's size means tensor data was read or mapped.
     pulled = {f"{p.parent.name}/{p.name}": resident_bytes(p, start) for p, (start, _) in data.items()}
     assert sum(pulled.values()) <= len(files) * 128 * 1024, f"data pages in the page cache after planning: {pulled}"
+
+
+def test_cross_parameter_errors_name_the_model_entry(llama_family):
+    """DELLA's density/epsilon check names the config entry whose values break it."""
+    base, experts = llama_family
+    cfg = parse_config({"merge_method": "della", "base_model": str(base), "models": [
+        {"model": str(experts[0]), "parameters": {"weight": 0.5, "density": 0.5}},
+        {"model": str(experts[1]), "parameters": {"weight": 0.5, "density": 0.9}}]})
+    with pytest.raises(ConfigError, match=r"^models\[1\]\.parameters \(tensor .*\): density 0\.9 and epsilon 0\.15"):
+        build_plan(cfg)

@@ -116,7 +116,7 @@ class Sparsifier:
         """This kind's rounds when some expert is sparsified; ``l1``: the L1 rescale is on."""
         return [Round.L1] if l1 else []
 
-    def validate(self, params: TensorParams, where: str) -> None:
+    def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
         """Cross-parameter checks of this kind (raise ConfigError)."""
 
     # ---- reduction rounds -----------------------------------------------------------------

@@ -80,12 +80,13 @@ class DellaSampling(Sparsifier):
         # shard-local for >= 2-D tensors unless the L1 rescale needs whole-tensor sums
         return [] if (shape is not None and len(shape) >= 2 and not l1) else [Round.DELLA]
 
-    def validate(self, params: TensorParams, where: str) -> None:
+    def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
         for i, p in enumerate(params.experts):
             d, eps = p["density"], p["epsilon"]
             if d < 1.0 and not (d - eps > 0.0 and d + eps < 1.0):
+                model = f"{inputs[i]}.parameters" if i < len(inputs) else f"model {i + 1} besides the base"
                 raise ConfigError(
-                    f"{where}: model {i + 1} besides the base: density {d} and epsilon {eps} give keep "
+                    f"{model} ({where}): density {d} and epsilon {eps} give keep "
                     f"probabilities in [{d - eps:g}, {d + eps:g}]; density - epsilon and density + epsilon "
                     "must both lie strictly between 0 and 1 (lower epsilon)"
                 )
