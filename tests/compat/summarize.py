@@ -18,19 +18,19 @@ from pathlib import Path
 
 
 def summarize(report: dict[str, dict]) -> str:
-    by_method: dict[str, list[dict]] = defaultdict(list)
+    by_method: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for case_id, row in report.items():
-        by_method[row["method"]].append({**row, "id": case_id})
-    lines = ["| method | cases (passed) | bit-identical share (lowest) | max ulp | max ulp of tensor max "
-             "| passed on ties |", "|---|---:|---:|---:|---:|---:|"]
-    for method in sorted(by_method):
-        rows = by_method[method]
+        by_method[row["method"], row.get("compute_dtype", "")].append({**row, "id": case_id})
+    lines = ["| method | compute | cases (passed) | bit-identical share (lowest) | max ulp | max ulp of tensor max "
+             "| passed on ties |", "|---|---|---:|---:|---:|---:|---:|"]
+    for method, dtype in sorted(by_method):
+        rows = by_method[method, dtype]
         passed = sum(bool(r.get("passed")) for r in rows)
         if any(r.get("kind") == "random" for r in rows):
-            lines.append(f"| `{method}` | {len(rows)} ({passed}) | other random draws: structure, kept share and "
-                         "L1 of the change compared | | | |")
+            lines.append(f"| `{method}` | {dtype} | {len(rows)} ({passed}) | other random draws: structure, kept "
+                         "share and L1 of the change compared | | | |")
             continue
-        lines.append(f"| `{method}` | {len(rows)} ({passed}) | {min(r['identical_share'] for r in rows):.2%} | "
+        lines.append(f"| `{method}` | {dtype} | {len(rows)} ({passed}) | {min(r['identical_share'] for r in rows):.2%} | "
                      f"{max(r['max_ulp'] for r in rows)} | {max(r['max_tensor_ulp'] for r in rows):.2f} | "
                      f"{sum(bool(r.get('tie_excused')) for r in rows)} |")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from distmerge.testing.compare import (
     tokenizer_summary,
     ulp_distance,
 )
-from tests.compat.cases import CASES, Case, two
+from tests.compat.cases import CASES, Case, compute_dtype, two
 from tests.compat.conftest import RESULTS, PicoModels, resolve
 
 pytestmark = pytest.mark.mergekit
@@ -197,7 +197,8 @@ def test_matches_mergekit(case: Case, references: dict[str, Path | RuntimeError]
     ours = load_folder(out)
     nan_problems = _replace_reference_nan(case, ref_state, ours, pico_models)
     cmp = compare_tensors(ref_state, ours)
-    RESULTS[case.id] = {"method": case.config["merge_method"], "kind": case.kind, "max_ulp": cmp.max_ulp,
+    RESULTS[case.id] = {"method": case.config["merge_method"], "kind": case.kind,
+                        "compute_dtype": compute_dtype(case.config), "max_ulp": cmp.max_ulp,
                         "max_tensor_ulp": cmp.max_scaled_ulp,
                         "identical_share": cmp.identical_share,
                         "ours_seconds": ours_seconds,
