@@ -37,6 +37,9 @@ TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 VENV_ENV = "DISTMERGE_MERGEKIT_VENV"
 OPT_OUT_ENV = "DISTMERGE_SKIP_MERGEKIT"  # "1": the comparison tests skip, saying so
 CACHE_ENV = "DISTMERGE_MERGEKIT_CACHE"
+# mergekit iterates sets of model references (e.g. config.json's template when there is no
+# base_model), so its output can follow Python's string hash seed: fixed for every run.
+HASH_SEED = "0"
 
 # Options that make mergekit's output a function of config and inputs only: CPU math, one
 # thread (torch's parallel float reductions split by thread count), a fixed seed for the
@@ -154,33 +157,61 @@ def cache_key(config: Mapping[str, Any], inputs: Mapping[str, Path], options: tu
     """Key of one reference run: config with input paths replaced by content hashes, options."""
     names = {str(p): f"input:{folder_digest(p)}" for p in inputs.values()}
     canonical = json.dumps({"config": _replace_paths(dict(config), names), "options": list(options),
-                            "mergekit": MERGEKIT_VERSION, "torch": TORCH_VERSION}, sort_keys=True)
+                            "mergekit": MERGEKIT_VERSION, "torch": TORCH_VERSION, "hash_seed": HASH_SEED},
+                           sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
 # The batch runner, executed by the reference environment's Python: one process for many
-# configs (a mergekit-yaml process spends ~5 s importing torch and transformers per case). Each
-# job runs mergekit-yaml's own click command in-process; the loader cache (a class-level dict in
-# mergekit) is cleared between jobs and the thread count is set once, as the command would. Each
-# job merges LoRA adapters into a cache of its own (mergekit's default cache is keyed by path).
+# configs (a mergekit-yaml process spends ~5 s importing torch and transformers per case). The
+# parent imports mergekit once and forks a child per job, so no job sees state an earlier one
+# left behind (mergekit mutates cached model configs and keeps a class-level loader cache: run
+# in one process, a job's config.json took an earlier job's dtype). The child runs
+# mergekit-yaml's own click command, with one thread set once (torch refuses to set the
+# inter-op thread count twice), and merges LoRA adapters into a cache of its own (mergekit's
+# default cache is keyed by path). Only a job with an adapter gets ``--lora-merge-cache``: the
+# option alone changes mergekit's output (a tied model's config.json then says
+# ``tie_word_embeddings: false``).
 _BATCH_RUNNER = r"""
-import json, sys, traceback
+import json, os, sys, traceback
 import torch
 torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
-from mergekit.io.tasks import LoaderCache
 from mergekit.scripts.run_yaml import main
 jobs = json.load(open(sys.argv[1]))
 for job in jobs:
-    LoaderCache.loaders.clear()
-    try:
-        main.main(args=[job["config"], job["out"], *job["options"], "--lora-merge-cache", job["lora_cache"]],
-                  standalone_mode=False)
-        error = None
-    except BaseException as e:
-        error = "".join(traceback.format_exception(e)).strip().splitlines()[-8:]
-    json.dump({"error": error}, open(job["status"], "w"))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            lora = ["--lora-merge-cache", job["lora_cache"]] if job["lora_cache"] else []
+            main.main(args=[job["config"], job["out"], *job["options"], *lora], standalone_mode=False)
+            error = None
+        except BaseException as e:
+            error = "".join(traceback.format_exception(e)).strip().splitlines()[-8:]
+        json.dump({"error": error}, open(job["status"], "w"))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
 """
+
+
+def _uses_lora(config: Mapping[str, Any]) -> bool:
+    """Whether a config names a ``model+adapter`` anywhere."""
+    text = json.dumps(config)
+    return any("+" in m for m in _model_strings(config)) if "+" in text else False
+
+
+def _model_strings(value: Any) -> Iterator[str]:
+    if isinstance(value, Mapping):
+        for key, v in value.items():
+            if key in ("model", "base_model") and isinstance(v, str):
+                yield v
+            else:
+                yield from _model_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _model_strings(v)
 
 
 def _single_threaded(options: tuple[str, ...]) -> list[str]:
@@ -241,10 +272,10 @@ def _run_batches(python: Path, pending: Mapping[str, Mapping[str, Any]], options
         (job_dir / "config.yml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
         batches[i % len(batches)].append({"key": key, "config": str(job_dir / "config.yml"),
                                           "out": str(job_dir / "out"), "status": str(job_dir / "status.json"),
-                                          "lora_cache": str(job_dir / "lora"),
+                                          "lora_cache": str(job_dir / "lora") if _uses_lora(config) else "",
                                           "options": _single_threaded(options)})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": HASH_SEED}
     env.pop("PYTHONPATH", None)
     running = []
     for n, batch in enumerate(batches):

@@ -425,8 +425,10 @@ def _slices() -> list[Case]:
         case("slices/tied_heads_linear", two("linear", "@a_tied", "@b_tied")),
         case("slices/tied_heads_ties", two("ties", "@a_tied", "@b_tied", base="@c_tied", params={"density": 0.5})),
         # mergekit keeps the tied base's tie_word_embeddings: true although it writes the merged
-        # lm_head (transformers would then ignore it); distmerge says false (methods.md, 8).
-        case("slices/tied_with_untied", two("linear", "@a_tied", "@b"), kind="values",
+        # lm_head (transformers would then ignore it); distmerge says false (methods.md, 8). The
+        # base is named: without one mergekit takes config.json from a set of the models, so the
+        # template (and this field) would follow the interpreter's hash seed.
+        case("slices/tied_with_untied", two("linear", "@a_tied", "@b", base="@a_tied"), kind="values",
              config_differs=(("tie_word_embeddings", True, False),)),
     ]
 
