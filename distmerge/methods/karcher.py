@@ -14,8 +14,8 @@ iteration, at most ``3 * max_iter``: the dots <m, u_i>; |g| of the tangent as me
 materializes it (each elementwise step rounded to the compute dtype); the updated |m| likewise.
 The norms must be those of the rounded vectors: in bf16 the rounding moves |g| and |m| by far
 more than their last float32 bit (|m| comes out 1 +- 2e-3), so a closed form from Gram sums of
-the exact vectors gave outputs many bf16 ulps from mergekit's. A converged tensor's reduction says ``complete`` and its later rounds
-are skipped. The iterate m is never stored: every round (and the merge) replays the elementwise
+the exact vectors gave outputs many bf16 ulps from mergekit's. A converged tensor's
+reduction says ``complete`` and its later rounds are skipped. The iterate m is never stored: every round (and the merge) replays the elementwise
 updates on its rows from the reduced scalars, with mergekit's torch expressions in the compute
 dtype, so the same m arises in every shard. Sums are float64 over canonical chunks, rounded
 once to the dtype mergekit's reduction returns.

@@ -33,13 +33,13 @@ from distmerge.methods.base import (
 ROUNDS = 4
 
 
-
 def _positive(x: torch.Tensor) -> torch.Tensor:
     """``x`` with zeros raised to the dtype's smallest normal number. ``norm + eps`` is zero only
     when the norm is zero and eps (1e-8) underflows, as it does in float16: mergekit then divides
     0 by 0 and writes NaN (and its ``mean_norm < eps`` compares 0 < 0); here a zero vector stays
     zero and takes the linear fallback, as in bf16 and float32 (docs/methods.md, difference 12)."""
     return torch.where(x == 0, torch.finfo(x.dtype).tiny, x)
+
 
 class MultiSlerpError(DistmergeError):
     """The weighted mean of the unit vectors is zero (antipodal inputs with balancing weights)."""
