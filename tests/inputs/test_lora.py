@@ -38,7 +38,6 @@ from distmerge.plan import build_plan
 from tests.helpers import file_bytes, load_state, read_chars
 from tests.inputs.lora_fixtures import reference_merge, write_adapter
 
-MERGEKIT_PYTHON = Path.home() / ".cache/distmerge/mergekit-0.1.5/bin/python"
 PEFT_SCRIPT = Path(__file__).with_name("peft_merge.py")
 TARGETS = ["model.embed_tokens.weight",
            *(f"model.layers.{i}.self_attn.{p}.weight" for i in range(4) for p in ("q_proj", "v_proj")),
@@ -242,14 +241,26 @@ def test_careless_adapters_are_clear_errors_through_the_cli(lora_cases, tmp_path
         assert needle in err and str(adapter) in err, (what, err)
 
 
-@pytest.mark.skipif(not MERGEKIT_PYTHON.exists(), reason=f"mergekit 0.1.5's venv ({MERGEKIT_PYTHON}) is missing: "
-                    "no PEFT to compare with")
+@pytest.fixture(scope="module")
+def mergekit_python() -> Path:
+    """The mergekit 0.1.5 reference venv's Python (it has PEFT), created on first use; its absence
+    fails the test unless DISTMERGE_SKIP_MERGEKIT=1 opts out explicitly."""
+    from distmerge.testing import mergekit_reference as ref
+
+    if os.environ.get(ref.OPT_OUT_ENV) == "1":
+        pytest.skip(f"{ref.OPT_OUT_ENV}=1: mergekit (and its PEFT) comparison explicitly opted out")
+    try:
+        return ref.ensure_reference_env().parent / "python"
+    except ref.ReferenceUnavailable as e:
+        pytest.fail(f"mergekit reference environment unavailable ({e})", pytrace=False)
+
+
 @pytest.mark.parametrize("tag", CASES)
-def test_adapted_tensors_equal_peft_merge_and_unload(lora_cases, tag, tmp_path):
+def test_adapted_tensors_equal_peft_merge_and_unload(lora_cases, tag, tmp_path, mergekit_python):
     """mergekit's own ``ModelReference.merged`` (PEFT ``merge_and_unload``) in its venv, against the
     tensors distmerge reads for ``MODEL+ADAPTER``: the same bytes."""
     case = lora_cases[tag]
-    proc = subprocess.run([str(MERGEKIT_PYTHON), str(PEFT_SCRIPT), str(case["model"]), str(case["adapter"]),
+    proc = subprocess.run([str(mergekit_python), str(PEFT_SCRIPT), str(case["model"]), str(case["adapter"]),
                            str(tmp_path / "peft")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peft = load_state(tmp_path / "peft")
@@ -261,30 +272,41 @@ def test_adapted_tensors_equal_peft_merge_and_unload(lora_cases, tag, tmp_path):
         assert _same_bytes(read_source_rows(info, 0, info.rows), peft[name]), name
 
 
-def test_gpt2_conv1d_adapter_is_fan_in_fan_out(tmp_path):
-    """GPT-2's projections are Conv1D (weight stored in x out): PEFT merges the transposed delta
-    (fan_in_fan_out); so does distmerge, bit for bit, for any row range (and against PEFT itself
-    when mergekit's venv is there)."""
+GPT2_TARGETS = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight",
+                "transformer.h.1.mlp.c_fc.weight"]
+
+
+def _gpt2_with_adapter(folder: Path) -> dict[str, torch.Tensor]:
+    """A bf16 GPT-2 and a fan_in_fan_out rsLoRA adapter on its Conv1D projections; returns the
+    independent reference merge (PEFT's formula, whole tensors)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=260, n_positions=64, eos_token_id=0, bos_token_id=0)
-    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "gpt2")
-    state = load_state(tmp_path / "gpt2")
-    targets = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight",
-               "transformer.h.1.mlp.c_fc.weight"]
-    tensors = write_adapter(tmp_path / "adapter", state, targets, fan_in_fan_out=True, rslora=True,
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(folder / "gpt2")
+    state = load_state(folder / "gpt2")
+    tensors = write_adapter(folder / "adapter", state, GPT2_TARGETS, fan_in_fan_out=True, rslora=True,
                             rank_pattern={"c_fc": 2})
-    reference = reference_merge(state, tensors, json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()))
+    return reference_merge(state, tensors, json.loads((folder / "adapter" / "adapter_config.json").read_text()))
+
+
+def test_gpt2_conv1d_adapter_is_fan_in_fan_out(tmp_path):
+    """GPT-2's projections are Conv1D (weight stored in x out): PEFT merges the transposed delta
+    (fan_in_fan_out); so does distmerge, bit for bit, for any row range."""
+    reference = _gpt2_with_adapter(tmp_path)
     ckpt = open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'adapter'}")
-    for name in targets:
+    for name in GPT2_TARGETS:
         info = ckpt.tensors[name]
         assert info.kind == "fan_in_fan_out"
         for r0, r1 in ((0, 1), (5, 6), (3, 40), (0, info.rows)):
             assert _same_bytes(read_adapted_rows(info, r0, r1), reference[name][r0:r1]), (name, r0, r1)
-    if MERGEKIT_PYTHON.exists():
-        proc = subprocess.run([str(MERGEKIT_PYTHON), str(PEFT_SCRIPT), str(tmp_path / "gpt2"), str(tmp_path / "adapter"),
-                               str(tmp_path / "peft")], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        peft = load_state(tmp_path / "peft")
-        assert all(_same_bytes(reference[n], peft[n]) for n in targets)
+
+
+def test_gpt2_conv1d_reference_is_peft(tmp_path, mergekit_python):
+    """The reference formula above is PEFT's own merge_and_unload for Conv1D, bit for bit."""
+    reference = _gpt2_with_adapter(tmp_path)
+    proc = subprocess.run([str(mergekit_python), str(PEFT_SCRIPT), str(tmp_path / "gpt2"), str(tmp_path / "adapter"),
+                           str(tmp_path / "peft")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peft = load_state(tmp_path / "peft")
+    assert all(_same_bytes(reference[n], peft[n]) for n in GPT2_TARGETS)
