@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from distmerge.errors import ConfigError
 from distmerge.methods import get_method
 from distmerge.methods.base import ShardContext, TensorParams
+from distmerge.testing import mergekit_reference
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 SHAPES = [(37, 19), (29,), (1, 23), (3, 5, 4)]
@@ -362,8 +363,7 @@ def test_matches_transcription_and_is_shard_invariant(case, shape, dtype):
 # A deliberately small local helper (tensors and a JSON spec in, tensors out through files in
 # tmp_path); a shared mergekit harness can replace it.
 
-MERGEKIT_PYTHON = Path(os.environ.get("DISTMERGE_MERGEKIT_PYTHON",
-                                      Path.home() / ".cache/distmerge/mergekit-0.1.5/bin/python"))
+MERGEKIT_PYTHON = mergekit_reference.venv_path() / "bin" / "python"
 
 MERGEKIT_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -394,8 +394,12 @@ MERGEKIT_SCRIPT = textwrap.dedent("""
 
 def run_mergekit(folder: Path, cases: dict) -> dict:
     """``cases``: key -> (method, params for mergekit, base or None, experts); mergekit's outputs."""
-    if not MERGEKIT_PYTHON.exists():
-        pytest.skip(f"mergekit 0.1.5's virtual environment is not here ({MERGEKIT_PYTHON})")
+    if os.environ.get(mergekit_reference.OPT_OUT_ENV) == "1":
+        pytest.skip(f"{mergekit_reference.OPT_OUT_ENV}=1: mergekit comparison explicitly opted out")
+    try:
+        mergekit_reference.ensure_reference_env()
+    except mergekit_reference.ReferenceUnavailable as e:
+        pytest.fail(f"mergekit reference environment unavailable ({e})", pytrace=False)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, spec = {}, {}
     for key, (method, mk_params, base, xs) in cases.items():

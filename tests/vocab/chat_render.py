@@ -13,7 +13,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from tests.vocab.conftest import MERGEKIT_HOME
+from tests.vocab.conftest import MERGEKIT_HOME, mergekit_missing
 
 # mergekit's templates: in its venv's site-packages, else an unpacked mergekit 0.1.5 source tree.
 MERGEKIT_SOURCE = Path("/work/mk/mergekit-0.1.5")
@@ -22,6 +22,8 @@ DEFAULT_TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 
 
 def mergekit_templates_dir() -> Path | None:
+    """mergekit's chat templates (the reference venv is made on first use unless opted out)."""
+    mergekit_missing()  # makes the venv on first use, unless explicitly opted out
     candidates = sorted(MERGEKIT_HOME.glob(f"lib/python*/site-packages/{SUBDIR}"))
     candidates.append(MERGEKIT_SOURCE / SUBDIR)
     return next((d for d in candidates if (d / "chatml.jinja").is_file()), None)

@@ -15,9 +15,10 @@ import tokenizers
 import torch
 from safetensors.torch import save_file
 
+from distmerge.testing import mergekit_reference
 from distmerge.vocab.cascade import spread_values
 
-MERGEKIT_HOME = Path(os.environ.get("DISTMERGE_MERGEKIT", Path.home() / ".cache/distmerge/mergekit-0.1.5"))
+MERGEKIT_HOME = mergekit_reference.venv_path()  # $DISTMERGE_MERGEKIT_VENV or the user cache
 MERGEKIT_PYTHON = MERGEKIT_HOME / "bin" / "python"
 REFERENCE = Path(__file__).with_name("mk_reference.py")
 HIDDEN = 40  # not a multiple of 32: the padding mean's tail columns are exercised too
@@ -113,6 +114,12 @@ def run_mergekit(cases: dict, out: Path) -> None:
 
 
 def mergekit_missing() -> str | None:
-    if not MERGEKIT_PYTHON.exists():
-        return f"mergekit 0.1.5's venv is missing ({MERGEKIT_PYTHON}); the shared harness builds it"
+    """Why the mergekit comparisons skip: only an explicit opt-out. Otherwise the reference venv
+    is made on first use, and a failure to make it fails the test with the reason."""
+    if os.environ.get(mergekit_reference.OPT_OUT_ENV) == "1":
+        return f"{mergekit_reference.OPT_OUT_ENV}=1: mergekit comparison explicitly opted out"
+    try:
+        mergekit_reference.ensure_reference_env()
+    except mergekit_reference.ReferenceUnavailable as e:
+        pytest.fail(f"mergekit reference environment unavailable ({e})", pytrace=False)
     return None
