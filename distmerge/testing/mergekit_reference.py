@@ -12,6 +12,10 @@ random seed (so its float sums have one order and reruns give the same bytes), m
 process, and caches each output under a key made of the config (input paths replaced by the
 hashes of the inputs' files), the inputs' bytes and the options, so a repeated run costs a
 directory lookup.
+
+Longer than 300 lines because the batch runner (a script for the reference environment, the
+forking, the per-job status files and their collection into the cache) belongs with the cache
+keys and the environment it runs in: one module owns every way distmerge talks to mergekit.
 """
 
 from __future__ import annotations

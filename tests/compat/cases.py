@@ -317,8 +317,10 @@ def _dtypes() -> list[Case]:
             out.append(case(f"own/{method}_stored_{stored}",
                             two(method, f"@a_{stored}", f"@b_{stored}", dtype=None, **kw2), nan_in_reference_is=nan_is))
     # test_merge_dtypes.py: mixed checkpoint precisions, dtype / out_dtype
+    # (the bf16 model is named base_model: without one mergekit copies config.json from a set
+    # of the models, which one depending on the paths' string hashes)
     for dtype, out_dtype in ((None, None), ("bfloat16", "float32")):
-        cfg = two("linear", "@a_bf16", "@b", dtype=dtype, weights=(0.5, 0.5))
+        cfg = two("linear", "@a_bf16", "@b", dtype=dtype, weights=(0.5, 0.5), base="@a_bf16")
         if out_dtype:
             cfg["out_dtype"] = out_dtype
         # no dtype anywhere: float32 tensors (bf16 and float32 promoted), and distmerge's

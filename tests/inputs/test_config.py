@@ -89,4 +89,6 @@ def test_mergekit_file_runs_unchanged(tmp_path):
         "dtype: bfloat16\ntokenizer_source: base\n"
     )
     cfg = load_config(path)
-    assert cfg.merge_method == "ties" and cfg.compute_dtype == "BF16" and cfg.out_dtype_code("F32") == "BF16"
+    # no out_dtype: the output takes what the method returns (TIES: the compute dtype)
+    assert cfg.merge_method == "ties" and cfg.compute_dtype == "BF16" and cfg.out_dtype is None
+    assert cfg.out_dtype_code(cfg.compute_dtype) == "BF16"
