@@ -34,8 +34,11 @@ def make_inputs(shape, n, dtype=torch.float32, seed=0, scale=0.1):
 
 
 def params_for(name, n, glob=None, model=None):
+    """Defaults, then ``glob`` (validated as the config's would be) and per-model values."""
     m = get_method(name)
     g = {k: s.default for k, s in m.global_parameters.items()} | (glob or {})
+    for k, v in g.items():
+        g[k] = m.global_parameters[k].validate(v, f"parameters.{k}")
     models = model if isinstance(model, list) else [model or {}] * n
     ex = tuple({k: s.default for k, s in m.model_parameters.items()} | mp for mp in models)
     p = TensorParams(g, ex)

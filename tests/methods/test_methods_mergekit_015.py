@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from distmerge.errors import ConfigError
 from distmerge.methods import get_method
-from distmerge.methods.base import ShardContext, TensorParams
+from distmerge.methods.base import ShardContext
 from distmerge.testing import mergekit_reference
+from tests.methods.test_methods_catalogue import _rows, params_for
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 SHAPES = [(37, 19), (29,), (1, 23), (3, 5, 4)]
@@ -38,22 +39,6 @@ def make_inputs(shape, n, dtype, seed=0, scale=0.3):
     base = torch.randn(shape, generator=g)
     xs = [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
     return base.to(dtype), [x.to(dtype) for x in xs]
-
-
-def params_for(name, n, glob=None, model=None):
-    m = get_method(name)
-    g = {k: s.default for k, s in m.global_parameters.items()} | (glob or {})
-    for k, v in g.items():
-        g[k] = m.global_parameters[k].validate(v, f"parameters.{k}")
-    models = model if isinstance(model, list) else [model or {}] * n
-    ex = tuple({k: s.default for k, s in m.model_parameters.items()} | mp for mp in models)
-    p = TensorParams(g, ex)
-    m.validate(p, "test")
-    return p
-
-
-def _rows(shape):
-    return shape[0] if shape else 1
 
 
 def _ctx(shape, a, b, n):
