@@ -1,5 +1,6 @@
 """The real checkpoints are what they claim: the converted folders load in transformers, hold
-exactly the dequantized GGUF weights in bf16, and SmolLM2 still answers a simple chat question."""
+exactly the dequantized GGUF weights in bf16, SmolLM2 still answers a simple chat question
+and the Gemma-3 base model still continues a count."""
 
 from __future__ import annotations
 
@@ -59,3 +60,21 @@ def test_cached_fetch_is_a_lookup(smollm2_bf16: Path) -> None:
     start = time.monotonic()
     assert real_models.smollm2() == smollm2_bf16
     assert time.monotonic() - start < 1.0
+
+
+def test_gemma3_matches_gguf(gemma3_bf16: Path) -> None:
+    assert_equals_gguf(gemma3_bf16, real_models.GEMMA3)
+
+
+def test_gemma3_continues_counting(gemma3_bf16: Path) -> None:
+    """Gemma-3-270M is a base model without a chat template: greedy decoding continues a count."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_bf16)
+    model = AutoModelForCausalLM.from_pretrained(gemma3_bf16).eval()
+    assert model.dtype == torch.bfloat16
+    inputs = tokenizer("One, two, three, four,", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "five" in text and "six" in text, text
