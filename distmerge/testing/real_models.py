@@ -91,6 +91,10 @@ def _staging(final: Path) -> Iterator[Path]:
     if final.exists():  # not complete (the caller checked under the lock): made by hand, replace it
         log.warning("removing incomplete %s", final)
         shutil.rmtree(final)
+    for stale in final.parent.glob(f".{final.name}.*"):  # left by a killed run; we hold the lock
+        if stale.is_dir():
+            log.warning("removing %s, left by an interrupted fetch", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp

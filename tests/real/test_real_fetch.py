@@ -48,3 +48,13 @@ def test_missing_model_fails_the_test_unless_opted_out(offline: Path, monkeypatc
 def test_unknown_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="bfloat16"):
         real_models.smollm2("int8")
+
+
+def test_interrupted_staging_is_cleaned_and_never_complete(offline: Path) -> None:
+    """A staging folder a killed run left behind is removed on the next try, not taken as done."""
+    stale = offline / f".{MISSING.name}-gguf.abc123"
+    (stale / "wheels").mkdir(parents=True)
+    with pytest.raises(real_models.RealModelUnavailable):
+        real_models.gguf_folder(MISSING)
+    assert not stale.exists()
+    assert not (offline / f"{MISSING.name}-gguf").exists()
