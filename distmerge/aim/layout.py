@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from distmerge.aim.architectures import ArchSpec, architecture, layer_attention_types
@@ -40,15 +41,21 @@ class ModelLayout:
     layer_types: list[str]
 
     @classmethod
-    def build(cls, checkpoint: Checkpoint) -> ModelLayout:
-        """Build the meta model of a checkpoint (eager attention pinned)."""
+    def build(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> ModelLayout:
+        """Build the meta model of a checkpoint (eager attention pinned) for ``dtype`` compute.
+
+        ``dtype`` is the compute dtype, not the checkpoint's: ``from_config`` would otherwise
+        follow config.json's dtype, and the real buffers it makes (Gemma's embedding scale
+        sqrt(hidden)) would be rounded to bf16 for a bf16 checkpoint computed in float32.
+        """
         import transformers
         from accelerate import init_empty_weights
 
         spec = architecture(checkpoint.config, f"base model {checkpoint.path}")
         hf_config = transformers.AutoConfig.from_pretrained(checkpoint.path)
         with init_empty_weights(include_buffers=False):
-            model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager",
+                                                                  dtype=dtype)
         model.eval()
         names = {id(m): n for n, m in model.named_modules()}
         decoder = model.get_decoder()

@@ -48,7 +48,7 @@ class StageWorker:
         self.dtype = getattr(torch, dtype)
         self.start, self.end, self.first, self.last = start, end, first, last
         checkpoint = Checkpoint.open(model_dir, role="base model")
-        layout = ModelLayout.build(checkpoint)
+        layout = ModelLayout.build(checkpoint, self.dtype)
         self.spec = layout.spec
         self.sliding_window = getattr(layout.hf_config, "sliding_window", None)
         self.layer_types = layout.layer_types[start:end]

@@ -193,3 +193,21 @@ def test_auto_stages_follow_the_memory_budget(aim_models, caplog) -> None:  # ty
     assert plan_model_stages(ckpt, layout, "auto", (embed + 2 * layer) // 2, 2) == [(0, 2), (2, 3)]
     assert plan_model_stages(ckpt, layout, 5, 0, 4) == [(0, 1), (1, 2), (2, 3)]
     assert "exceeds the 3 decoder layers" in caplog.text
+
+
+def test_bf16_checkpoint_computes_in_float32(tmp_path, sequences) -> None:  # type: ignore[no-untyped-def]
+    """A bf16 Gemma 3 checkpoint calibrated in float32 equals the float32 whole-model forward.
+
+    Its embedding scale sqrt(80) is not a bf16 number: built in the checkpoint's dtype (as
+    ``from_config`` does by default) it was rounded, and every statistic moved by ~7e-4.
+    """
+    from distmerge.testing.tiny import build_model
+
+    kw = dict(AIM_ARCHS["gemma3"], hidden_size=80)
+    model_dir = build_model(tmp_path / "gemma3_bf16", "gemma3", dtype=torch.bfloat16, num_hidden_layers=3, **kw)
+    worker = StageWorker(model_dir, 0, 3, True, True)
+    assert worker.embed.embed_scale.dtype == torch.float32
+    assert float(worker.embed.embed_scale) == pytest.approx(80**0.5, rel=1e-7)
+    ref = reference_statistics(model_dir, sequences)
+    for ranges in SPLITS.values():
+        assert_stats_equal(run_in_process(model_dir, sequences, ranges)[0], ref)
