@@ -21,7 +21,6 @@ keys and the environment it runs in: one module owns every way distmerge talks t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from distmerge.testing.locks import exclusive_lock
 
 MERGEKIT_VERSION = "0.1.5"
 TORCH_VERSION = "2.13.0"
@@ -83,18 +84,6 @@ def _installed(venv: Path) -> bool:
     return probe.returncode == 0 and probe.stdout.split()[:1] == [MERGEKIT_VERSION]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (two test sessions must not build one venv at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_reference_env(python: str | None = None) -> Path:
     """Path of the reference ``mergekit-yaml``, creating its environment on first use.
 
@@ -103,7 +92,7 @@ def ensure_reference_env(python: str | None = None) -> Path:
     """
     venv = venv_path()
     exe = venv / "bin" / "mergekit-yaml"
-    with _file_lock(venv.parent / f".{venv.name}.lock"):
+    with exclusive_lock(venv.parent / f".{venv.name}.lock"):
         if _installed(venv):
             return exe
         steps = [

