@@ -435,7 +435,7 @@ def apply_header_ops(path: Path, ops: Sequence[tuple[Any, ...]]) -> None:
         if op[0] == "length":
             length = {"delta": length + op[1], "zero": 0, "max": 2**64 - 1,
                       "size": length + len(data) + 8}[op[2]]
-    raw = struct.pack("<Q", max(0, length)) + text + data
+    raw = struct.pack("<Q", min(max(0, length), 2**64 - 1)) + text + data  # ops may stack past u64
     for op in byte_ops:
         if op[0] == "truncate":
             raw = raw[:-op[1]]
@@ -461,6 +461,7 @@ def _open_and_plan(folder: Path) -> Checkpoint:
 # build_plan's units_for_tensor loops over range(0, 10**30, shard_size), appending WorkUnits.
 @example(shard=8, ops=[("add", '"zz"', "F32", [10**30, 0])])
 # Fixed in e305a12 (was a ValueError from json.loads): a 5000-digit integer in a header.
+@example(shard=0, ops=[("length", -9, "max"), ("length", -9, "size")])  # stacked length ops past 2**64
 @example(shard=0, ops=[("field", 0, "shape", Big("[" + "9" * 5000 + "]", "[<5000 nines>]"))])
 # BUG: two 4001-digit dims: the data_offsets error message formats shape x dtype, an
 # 8001-digit int: ValueError (int to str digit limit) in parse_safetensors_header.
