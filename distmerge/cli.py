@@ -1,4 +1,4 @@
-"""Command line: ``distmerge merge | plan | calibrate | verify``.
+"""Command line: ``distmerge merge | plan | calibrate | stats | verify``.
 
 User errors (bad config, broken inputs, unusable output) print one message and exit 2;
 ``--debug`` shows the traceback as well.
@@ -71,7 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", type=Path, required=True, help="statistics file to write (.safetensors)")
     calibrate.add_argument("--ray-address")
     calibrate.add_argument("--no-progress", action="store_true")
+    calibrate.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
+
+    stats = sub.add_parser("stats", help="show what AIM statistics say: per-layer peakedness, the channels AIM protects")
+    stats.add_argument("stats_file", type=Path, help="statistics file written by distmerge calibrate or a merge")
+    stats.add_argument("--omega", type=_omega_arg, default=0.4, help="omega the factors are shown for (default 0.4)")
+    stats.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
     return parser
+
+
+def _omega_arg(value: str) -> float:
+    try:
+        omega = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= omega <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; omega is from 0 to 1")
+    return omega
 
 
 def _configure_logging(debug: bool) -> None:
@@ -139,16 +155,52 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if aim is None:
         raise ConfigError(f"{args.config}: calibrate needs base_model and an aim: block")
     check_statistics_target(args.out, request.input_paths())
+    if args.plot is not None:
+        _check_plot(args.plot, {**request.input_paths(), "--out": args.out})
     connect(args.ray_address)
     aim.calibrate(args.out, progress=not args.no_progress)
     print(f"wrote statistics of {len(aim.statistics)} modules to {args.out}")
+    _show_statistics(aim.statistics, request.config.aim.omega, args.plot, str(request.config.base_model))
     return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from distmerge.aim.stats_file import load_statistics
+    if args.plot is not None:
+        _check_plot(args.plot, {"stats_file": args.stats_file})
+    statistics, metadata = load_statistics(args.stats_file)
+    _show_statistics(statistics, args.omega, args.plot, metadata.get("base_model", str(args.stats_file)))
+    return 0
+
+
+def _check_plot(path: Path, inputs: dict[str, Path]) -> None:
+    """Before any work: the plot's target is safe to write and matplotlib is there."""
+    from distmerge.aim.stats_summary import require_matplotlib
+    from distmerge.output.directory import check_plot_target
+
+    check_plot_target(path, inputs)
+    try:
+        require_matplotlib()
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _show_statistics(statistics: dict, omega: float, plot_path: Path | None, model: str) -> None:
+    """Print the compact table of the statistics; draw them if asked (checked by _check_plot)."""
+    from distmerge.aim.stats_summary import format_table, plot, summarize
+
+    summary = summarize(statistics, omega)
+    print(format_table(summary, omega))
+    if plot_path is not None:
+        plot(summary, plot_path, f"{Path(model).name}: AIM per-input-channel statistics")
+        print(f"plot: {plot_path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)
-    commands = {"merge": _cmd_merge, "plan": _cmd_plan, "calibrate": _cmd_calibrate, "verify": _cmd_verify}
+    commands = {"merge": _cmd_merge, "plan": _cmd_plan, "calibrate": _cmd_calibrate, "verify": _cmd_verify,
+                "stats": _cmd_stats}
     try:
         return commands[args.command](args)
     except DistmergeError as e:

@@ -34,10 +34,15 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def mean_skill(row: dict[str, Any]) -> float:
-    """Mean exact match over the skills merged in this combination (all three for the base)."""
-    skills = row["combo"].split("+") if row["kind"] == "merge" else list(SKILLS)
-    return sum(row[s] for s in skills) / len(skills)
+LOWER_IS_BETTER = {"ppl"}
+# The short names of the counts' keys: "mean" (mean exact match) counts as "acc".
+COUNT_NAMES = {"mean": "acc"}
+
+
+def mean_skill(row: dict[str, Any], skills: tuple[str, ...] = SKILLS) -> float:
+    """Mean exact match over the skills merged in this combination (all of them otherwise)."""
+    names = row["combo"].split("+") if row["kind"] == "merge" else list(skills)
+    return sum(row[s] for s in names) / len(names)
 
 
 def msd(values: list[float]) -> tuple[float, float]:
@@ -50,12 +55,12 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f}" + (f"±{s:.{digits}f}" if len(values) > 1 else "")
 
 
-def index(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[int, dict[str, Any]]]:
+def index(rows: list[dict[str, Any]], skills: tuple[str, ...] = SKILLS) -> dict[tuple[Any, ...], dict[int, dict[str, Any]]]:
     """(method, combo, variant, omega) -> seed -> row, merges only."""
     out: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
         if r["kind"] == "merge":
-            out[(r["method"], r["combo"], r["variant"], r["omega"])][r["seed"]] = {**r, "mean": mean_skill(r)}
+            out[(r["method"], r["combo"], r["variant"], r["omega"])][r["seed"]] = {**r, "mean": mean_skill(r, skills)}
     return out
 
 
@@ -75,8 +80,14 @@ def beyond_noise(diffs: list[float]) -> int:
     return 0
 
 
-def counts(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], omega: float) -> dict[str, Any]:
-    """Per omega: cells where AIM beats no-AIM (ppl, mean skill), and AIM vs control beyond noise."""
+def better(metric: str, diff: float) -> bool:
+    """Whether a difference (new - old) of ``metric`` is an improvement."""
+    return diff < 0 if metric in LOWER_IS_BETTER else diff > 0
+
+
+def counts(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], omega: float,
+           metrics: tuple[str, ...] = ("ppl", "mean")) -> dict[str, Any]:
+    """Per omega: cells where AIM beats no-AIM per metric, and AIM vs each control beyond noise."""
     cells = sorted({(k[0], k[1]) for k in idx if k[2] == "none"})
     c = defaultdict(int)
     for method, combo in cells:
@@ -85,33 +96,31 @@ def counts(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], omega: float) 
         if not (none and aim and ctrl):
             continue
         c["cells"] += 1
-        c["aim_better_ppl"] += msd(paired(aim, none, "ppl"))[0] < 0
-        c["aim_better_acc"] += msd(paired(aim, none, "mean"))[0] > 0
-        c["ctrl_better_ppl"] += msd(paired(ctrl, none, "ppl"))[0] < 0
-        c["ctrl_better_acc"] += msd(paired(ctrl, none, "mean"))[0] > 0
-        for metric in ("ppl", "mean"):  # summed gains over cells: how much of AIM's gain the control gets
+        if shuf:
+            c["shuffled_cells"] += 1
+        for metric in metrics:
+            key = COUNT_NAMES.get(metric, metric)
+            c[f"aim_better_{key}"] += better(metric, msd(paired(aim, none, metric))[0])
+            c[f"ctrl_better_{key}"] += better(metric, msd(paired(ctrl, none, metric))[0])
+            # summed gains over cells: how much of AIM's gain each control gets
             c[f"gain_aim_{metric}"] += msd(paired(aim, none, metric))[0]
             c[f"gain_ctrl_{metric}"] += msd(paired(ctrl, none, metric))[0]
             if shuf:
                 c[f"gain_shuf_{metric}"] += msd(paired(shuf, none, metric))[0]
-        c["aim_vs_ctrl_ppl_mean_better"] += msd(paired(aim, ctrl, "ppl"))[0] < 0
-        c["aim_vs_ctrl_acc_mean_better"] += msd(paired(aim, ctrl, "mean"))[0] > 0
-        count_beyond_noise(c, aim, ctrl, "ctrl")
-        if shuf:
-            c["shuffled_cells"] += 1
-            count_beyond_noise(c, aim, shuf, "shuf")
+            c[f"aim_vs_ctrl_{key}_mean_better"] += better(metric, msd(paired(aim, ctrl, metric))[0])
+            count_beyond_noise(c, aim, ctrl, "ctrl", metric)
+            if shuf:
+                count_beyond_noise(c, aim, shuf, "shuf", metric)
     return dict(c)
 
 
 def count_beyond_noise(c: dict[str, int], aim: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]],
-                       name: str) -> None:
+                       name: str, metric: str) -> None:
     """Add this cell to the counts of AIM beating ``other`` (and the reverse) beyond seed noise."""
-    ppl = beyond_noise(paired(aim, other, "ppl"))
-    acc = beyond_noise(paired(aim, other, "mean"))
-    c[f"aim_beats_{name}_ppl_noise"] += ppl < 0
-    c[f"{name}_beats_aim_ppl_noise"] += ppl > 0
-    c[f"aim_beats_{name}_acc_noise"] += acc > 0
-    c[f"{name}_beats_aim_acc_noise"] += acc < 0
+    sign = beyond_noise(paired(aim, other, metric))
+    key = COUNT_NAMES.get(metric, metric)
+    c[f"aim_beats_{name}_{key}_noise"] += sign != 0 and better(metric, sign)
+    c[f"{name}_beats_aim_{key}_noise"] += sign != 0 and not better(metric, sign)
 
 
 def references(rows: list[dict[str, Any]]) -> list[str]:
@@ -135,9 +144,9 @@ def references(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def headline_table(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], omega: float) -> list[str]:
+def headline_table(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], omega: float,
+                   cols: tuple[str, ...] = (*SKILLS, "mean", "ppl")) -> list[str]:
     """Paper-style: rows method x combination; cells 'no AIM / +AIM / uniform / shuffled' (seed means)."""
-    cols = (*SKILLS, "mean", "ppl")
     lines = ["| method | experts | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for method, combo in sorted({(k[0], k[1]) for k in idx if k[2] == "none"}, key=lambda x: (x[0], len(x[1]), x[1])):
         trio = [idx.get((method, combo, v, w), {}) for v, w in
@@ -151,25 +160,29 @@ def headline_table(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], omega:
             continue
         cells = []
         for col in cols:
+            if any(col not in t[seed] for t in trio for seed in common):  # a skill this cell did not merge
+                cells.append("-")
+                continue
             vals = [msd([t[seed][col] for seed in sorted(common)])[0] for t in trio]
             d = 2
-            best = min(vals) if col == "ppl" else max(vals)
+            best = min(vals) if col in LOWER_IS_BETTER else max(vals)
             cells.append(" / ".join(f"**{v:.{d}f}**" if v == best and vals.count(best) == 1 else f"{v:.{d}f}"
                                     for v in vals))
         lines.append(f"| {method} | {combo} ({len(common)}) | " + " | ".join(cells) + " |")
     return lines
 
 
-def full_table(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]]) -> list[str]:
+def full_table(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]],
+               cols: tuple[str, ...] = (*SKILLS, "mean", "ppl")) -> list[str]:
     """Every variant, mean ± std over seeds."""
-    cols = (*SKILLS, "mean", "ppl")
     lines = ["| method | experts | variant | omega | seeds | " + " | ".join(cols) + " |",
              "|---|---|---|---|---|" + "---|" * len(cols)]
     order = {"none": 0, "aim": 1, "uniform": 2, "shuffled": 3}
     for key in sorted(idx, key=lambda k: (k[0], len(k[1]), k[1], k[3] or 0, order[k[2]])):
         rs = list(idx[key].values())
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3] if key[3] is not None else '-'} | {len(rs)} | "
-                     + " | ".join(fmt([r[c] for r in rs], 2 if c == "ppl" else 3) for c in cols) + " |")
+                     + " | ".join(fmt([r[c] for r in rs], 2 if c == "ppl" else 3) if all(c in r for r in rs) else "-"
+                                  for c in cols) + " |")
     return lines
 
 
@@ -230,7 +243,7 @@ def plot(idx: dict[tuple[Any, ...], dict[int, dict[str, Any]]], path: Path, omeg
             ax.axhline(0.0, color="gray", ls=":", lw=1)
             ax.set_title(method if i == 0 else "")
             ax.set_xlabel("omega")
-            ax.set_ylabel("Δ mean exact match vs no AIM" if metric == "mean" else "Δ perplexity/byte vs no AIM")
+            ax.set_ylabel("Δ mean exact match vs no AIM" if metric == "mean" else "Δ perplexity vs no AIM")
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)

@@ -96,22 +96,15 @@ def merge_config(method: str, base: Path, experts: list[Path], seed: int, aim: d
 
 
 def aim_diagnostics(stats_path: Path) -> dict[str, Any]:
-    """How heavy-tailed the per-channel statistics are, and how far AIM's factors are from uniform.
+    """How heavy-tailed the per-channel statistics are, and how far AIM's factors are from
+    uniform at omega 0.4 (:func:`distmerge.aim.stats_summary.summarize`, per module)."""
+    from dataclasses import asdict
 
-    AIM differs from the uniform control only by ``r - mean(r)``; its relative spread per module
-    (std/mean) at omega 0.4 is the most the activation information can change a delta.
-    """
-    from distmerge.aim import load_statistics, relaxation_factors
+    from distmerge.aim import load_statistics
+    from distmerge.aim.stats_summary import summarize
 
     stats, _ = load_statistics(stats_path)
-    out = {}
-    for name, a in sorted(stats.items()):
-        a = a.double()
-        r = relaxation_factors(a, 0.4).double()
-        out[name] = {"channels": a.numel(), "max_over_median": float(a.max() / a.median()),
-                     "top1pct_share": float(a.sort(descending=True).values[: max(1, a.numel() // 100)].sum() / a.sum()),
-                     "r_mean": float(r.mean()), "r_min": float(r.min()), "r_rel_std": float(r.std() / r.mean())}
-    return out
+    return {m.name: asdict(m) for m in summarize(stats, 0.4)}
 
 
 def shuffled_statistics(stats_path: Path, out: Path, seed: int) -> Path:

@@ -21,6 +21,7 @@ import torch
 
 from distmerge.aim.relax import ChannelRelaxation, relaxation_factors
 from distmerge.aim.stats_file import SAVED_NAME, load_statistics, match_statistics
+from distmerge.aim.stats_summary import summarize
 from distmerge.config import MergeConfig
 from distmerge.errors import ConfigError
 from distmerge.io.files import require_regular
@@ -29,23 +30,12 @@ from distmerge.plan import MergePlan
 log = logging.getLogger(__name__)
 
 
-def aim_summary(stats: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per module: channels, and how far the largest channel statistic is above the median.
-
-    AIM differs from a uniform shrink only where a few channels dominate, so the max/median
-    ratio is the number that says how much activation information a module carries.
-    """
-    out = {}
-    for name, vec in sorted(stats.items()):
-        v = vec.double()
-        median = float(v.median())
-        out[name] = {
-            "channels": int(v.numel()),
-            "max": float(v.max()),
-            "median": median,
-            "max_over_median": float(v.max()) / median if median > 0 else float("inf"),
-        }
-    return out
+def aim_summary(stats: dict[str, torch.Tensor], omega: float) -> dict[str, dict[str, float]]:
+    """Per module, for the merge report: channels, peakedness and the factors at ``omega``
+    (:mod:`distmerge.aim.stats_summary` says what each number means)."""
+    return {m.name: {"channels": m.channels, "max_over_median": m.max_over_median, "top1pct_share": m.top1pct_share,
+                     "protected_channels": m.protected, "r_mean": m.r_mean, "r_min": m.r_min}
+            for m in summarize(stats, omega)}
 
 
 class AimFeature:
@@ -132,7 +122,7 @@ class AimFeature:
             "stats_source": self.aim.stats or "calibrated for this merge",
             "metadata": self.metadata,
             "relaxed_tensors": len(self.modules),
-            "modules": aim_summary(self.statistics),
+            "modules": aim_summary(self.statistics, self.aim.omega),
         }
 
     def card_line(self) -> str:

@@ -128,3 +128,21 @@ def check_statistics_target(path: Path, inputs: dict[str, Path]) -> None:
         except ConfigError:
             raise OutputError(f"{path}: exists and is not an AIM statistics file; refused, since distmerge never "
                               "overwrites a file it did not write (choose another --out)") from None
+
+
+PLOT_MARKER = b"distmerge AIM statistics"  # written into the PNG's text chunk by stats_summary.plot
+
+
+def check_plot_target(path: Path, inputs: dict[str, Path]) -> None:
+    """``--plot``: never an input or inside one, and never an existing file distmerge did not plot."""
+    check_output_location(path, inputs)
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"{path}: --plot writes a PNG image; give a path ending in .png")
+    if os.path.lexists(path):
+        if path.is_symlink() or not path.is_file():
+            raise OutputError(f"{path}: exists and is not a regular file; refused (choose another --plot)")
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if PLOT_MARKER not in head:
+            raise OutputError(f"{path}: exists and is not a plot distmerge made; refused, since distmerge never "
+                              "overwrites a file it did not write (choose another --plot)")

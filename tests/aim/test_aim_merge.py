@@ -81,8 +81,13 @@ def test_calibrate_command_then_merge_reuses_statistics(llama_family, tmp_path):
     path = tmp_path / "merge.yml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     proc = subprocess.run([sys.executable, "-m", "distmerge", "calibrate", str(path), "--out", str(tmp_path / "stats.safetensors"),
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
+                           "--no-progress", "--plot", str(tmp_path / "stats.png")], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The user sees what AIM will do before merging: the table per module kind, and the plot.
+    assert "factors at omega 0.4" in proc.stdout and "most peaked modules" in proc.stdout
+    assert re.search(r"^down_proj +4 ", proc.stdout, re.M), proc.stdout
+    assert (tmp_path / "stats.png").read_bytes()[:4] == b"\x89PNG"
     stats, meta = load_statistics(tmp_path / "stats.safetensors")
     assert meta["dataset"] == "builtin" and int(meta["block_size"]) == 512
     assert "model.layers.3.mlp.down_proj" in stats and stats["model.layers.3.mlp.down_proj"].numel() == 160
