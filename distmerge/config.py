@@ -124,7 +124,9 @@ class AimConfig(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     stats: str | None = None
     stages: int | Literal["auto"] = "auto"
-    stage_memory: int = 2 * 1000**3
+    # None: each stage as large as the node it runs on allows (planned from Ray's per-node
+    # memory); a size caps every stage's weights and activations (more, smaller stages).
+    stage_memory: int | None = None
     micro_batch_size: int = Field(4, ge=1, le=65536)
 
     @field_validator("stats")
@@ -141,8 +143,8 @@ class AimConfig(_Strict):
 
     @field_validator("stage_memory", mode="before")
     @classmethod
-    def _size(cls, v: Any) -> int:
-        return parse_size(v, "aim.stage_memory")
+    def _size(cls, v: Any) -> int | None:
+        return None if v is None else parse_size(v, "aim.stage_memory")
 
 
 class ExecutionConfig(_Strict):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from distmerge.aim.pipeline import compute_statistics
+from distmerge.aim.pipeline import calibrate_stages
 from distmerge.aim.sequences import load_calibration_sequences
 from distmerge.aim.stats_file import save_statistics
 from distmerge.config import AimConfig
@@ -32,7 +33,7 @@ def calibrate(
     cal = aim.calibration
     sequences = load_calibration_sequences(cal, Path(base_model))
     check_token_ids(sequences, Path(base_model))
-    stats = compute_statistics(
+    stats, stages = calibrate_stages(
         Path(base_model), sequences, stages=aim.stages, stage_memory=aim.stage_memory,
         micro_batch_size=aim.micro_batch_size, progress=progress,
     )
@@ -45,6 +46,9 @@ def calibrate(
         "n_blocks": str(sequences.shape[0]),
         "block_size": str(sequences.shape[1]),
         "tokens": str(sequences.numel()),
+        # provenance: which node ran which layers (a loopback cluster's nodes share an address)
+        "stages": json.dumps([{"layers": list(r["layers"]), "node_id": r["node_id"], "node_address": r["node_address"],
+                               "device": r["device"], "weight_bytes": r["bytes"]} for r in stages]),
     }
     if out_path is not None:
         save_statistics(stats, out_path, metadata)

@@ -10,13 +10,23 @@ m-1. At most ``stages + 1`` micro-batches are in flight, which bounds the object
 from __future__ import annotations
 
 import logging
+import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from distmerge.aim.layout import ModelLayout, open_base
-from distmerge.aim.stage_split import split_by_memory, split_even, stage_resources
+from distmerge.aim.stage_split import (
+    NodeMemory,
+    StagePlacement,
+    place_stages,
+    split_by_memory,
+    split_even,
+    stage_resources,
+)
 from distmerge.aim.stage_worker import StageWorker
 from distmerge.aim.wire import pack
 from distmerge.checkpoint import Checkpoint
@@ -25,19 +35,73 @@ from distmerge.errors import ConfigError, DistmergeError
 log = logging.getLogger(__name__)
 
 
+# A stage worker's own footprint beyond its weights and activations: the Python process with
+# torch, transformers and Ray loaded (measured ~0.35 GB resident on CPU), rounded up.
+WORKER_BYTES = 500 * 1000**2
+# Attempts of the whole pass when a stage actor dies (node lost, OOM-killed): each attempt starts
+# fresh actors, so a statistic never mixes a dead actor's partial sums with a new one's.
+PASS_ATTEMPTS = 3
+
+
 def plan_model_stages(
     checkpoint: Checkpoint, layout: ModelLayout, stages: int | Literal["auto"], stage_memory: int, itemsize: int
 ) -> list[tuple[int, int]]:
-    """Layer ranges for the base model: even split for an int, by memory budget for ``auto``."""
+    """Layer ranges for the base model: even split for an int, by a per-stage weight budget for ``auto``."""
     n = len(layout.layers)
     if stages == "auto":
-        layer_bytes = [layout.part_bytes(checkpoint, [name], itemsize) for name in layout.layers]
-        embed = layout.part_bytes(checkpoint, [layout.embed], itemsize)
-        head = layout.part_bytes(checkpoint, [layout.norm, layout.head], itemsize)
-        return split_by_memory(layer_bytes, embed, head, int(stage_memory))
+        return split_by_memory(*_layer_sizes(checkpoint, layout, itemsize), int(stage_memory))
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ConfigError(f"aim.stages: expected 'auto' or a positive integer, got {stages!r}")
     return split_even(n, stages)
+
+
+def _layer_sizes(checkpoint: Checkpoint, layout: ModelLayout, itemsize: int) -> tuple[list[int], int, int]:
+    """Weight bytes per decoder layer, of the embeddings, and of the final norm and head."""
+    layer_bytes = [layout.part_bytes(checkpoint, [name], itemsize) for name in layout.layers]
+    embed = layout.part_bytes(checkpoint, [layout.embed], itemsize)
+    head = layout.part_bytes(checkpoint, [layout.norm, layout.head], itemsize)
+    return layer_bytes, embed, head
+
+
+def stage_overhead(config: dict[str, Any], micro_batch: int, seq_len: int, itemsize: int) -> int:
+    """Bytes a stage needs beyond its weights: activations of one micro-batch and the worker.
+
+    Hidden states and MLP intermediates of a layer, eager attention's ``[B, heads, T, T]`` scores,
+    and one sequence's logits (the last stage runs the head a sequence at a time).
+    """
+    text = config.get("text_config") or config
+    hidden = int(text.get("hidden_size") or 0)
+    inter = int(text.get("intermediate_size") or 4 * hidden)
+    heads = int(text.get("num_attention_heads") or 1)
+    vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
+    per_token = 8 * hidden + 3 * inter
+    activations = micro_batch * seq_len * per_token + micro_batch * heads * seq_len * seq_len + seq_len * vocab
+    return WORKER_BYTES + activations * itemsize
+
+
+def cluster_nodes() -> list[NodeMemory]:
+    """The alive Ray nodes with the memory Ray's scheduler offers actors on each."""
+    import ray
+
+    return [NodeMemory(n["NodeID"], n.get("NodeManagerAddress", "?"), int(n["Resources"].get("memory", 0)))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def place_model_stages(checkpoint: Checkpoint, layout: ModelLayout, stages: int | Literal["auto"],
+                       stage_memory: int | None, itemsize: int, overhead: int,
+                       nodes: list[NodeMemory]) -> list[StagePlacement]:
+    """Where each stage runs: for ``auto``, planned from the memory the nodes offer (each stage on
+    a node it fits, see :func:`place_stages`); for an integer, an even split Ray places freely."""
+    if stages != "auto":
+        return [StagePlacement(r, None, "", 0) for r in plan_model_stages(checkpoint, layout, stages, 0, itemsize)]
+    layer_bytes, embed, head = _layer_sizes(checkpoint, layout, itemsize)
+    sizes = list(layer_bytes)
+    sizes[0] += embed
+    sizes[-1] += head
+    try:
+        return place_stages(sizes, overhead, nodes, stage_memory)
+    except ValueError as e:
+        raise ConfigError(f"aim.stages=auto: {e}") from None
 
 
 def _check_sequences(sequences: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
@@ -75,7 +139,7 @@ def compute_statistics(
     model_dir: str | Path,
     sequences: torch.Tensor,
     stages: int | Literal["auto"] = "auto",
-    stage_memory: int = 2 * 1000**3,
+    stage_memory: int | None = None,
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype | None = None,
@@ -83,10 +147,27 @@ def compute_statistics(
     """AIM statistics of the base model over ``sequences``, by a staged forward on Ray.
 
     Returns one float32 vector per module (every Linear incl. ``lm_head``, every norm), keyed by
-    its ``named_modules()`` name, each ``sum_sequences mean_tokens |input|``. Uses the Ray the
-    caller initialized (a local one is started if none is). Stages use a GPU when the cluster
-    has one, the CPU otherwise; ``dtype`` defaults to float32 on CPU and the checkpoint's float
-    dtype on GPU.
+    its ``named_modules()`` name, each ``sum_sequences mean_tokens |input|``. See
+    :func:`calibrate_stages` for the stages and where they ran.
+    """
+    return calibrate_stages(model_dir, sequences, stages, stage_memory, micro_batch_size, progress, dtype)[0]
+
+
+def calibrate_stages(
+    model_dir: str | Path,
+    sequences: torch.Tensor,
+    stages: int | Literal["auto"] = "auto",
+    stage_memory: int | None = None,
+    micro_batch_size: int = 4,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The statistics and, per stage, what it held and which node ran it.
+
+    Uses the Ray the caller initialized (a local one is started if none is). Stages use a GPU
+    when the cluster has one, the CPU otherwise; ``dtype`` defaults to float32 on CPU and the
+    checkpoint's float dtype on GPU. ``stages="auto"`` plans the stages from the memory the
+    cluster's nodes offer (``stage_memory`` optionally caps a stage).
     """
     import ray
 
@@ -106,47 +187,88 @@ def compute_statistics(
         dtype = torch.float32 if not use_gpu or stored.dtype not in ("BF16", "F16") else (
             torch.bfloat16 if stored.dtype == "BF16" else torch.float16)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    ranges = plan_model_stages(checkpoint, layout, stages, stage_memory, itemsize)
+    overhead = stage_overhead(checkpoint.config, micro_batch_size, int(sequences.shape[1]), itemsize)
+    placements = place_model_stages(checkpoint, layout, stages, stage_memory, itemsize, overhead, cluster_nodes())
     del layout
-    stats, _ = run_stages(model_dir, sequences, ranges, micro_batch_size, progress, dtype)
-    return stats
+    return run_stages(model_dir, sequences, placements, micro_batch_size, progress, dtype)
 
 
 def run_stages(
     model_dir: str | Path,
     sequences: torch.Tensor,
-    ranges: list[tuple[int, int]],
+    ranges: Sequence[tuple[int, int] | StagePlacement],
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Run the staged forward over given layer ranges; returns the statistics and what each
-    stage held (its :meth:`StageWorker.describe`), so memory per stage can be checked."""
+    """Run the staged forward over given layer ranges (or placed stages); returns the statistics
+    and what each stage held and where (its :meth:`StageActor.describe`).
+
+    A stage actor that dies mid-pass (its node lost, the process killed) fails the pass; the
+    pass then runs again on fresh actors, up to :data:`PASS_ATTEMPTS` times, so the statistics
+    always come from one complete pass.
+    """
     import ray
+
+    placements = [r if isinstance(r, StagePlacement) else StagePlacement(tuple(r), None, "", 0) for r in ranges]
+    for attempt in range(1, PASS_ATTEMPTS + 1):
+        try:
+            return _one_pass(model_dir, sequences, placements, micro_batch_size, progress, dtype)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+            if attempt == PASS_ATTEMPTS:
+                raise DistmergeError(f"AIM calibration: a stage actor died in each of {PASS_ATTEMPTS} attempts "
+                                     f"(last: {type(e).__name__}: {str(e)[:300]})") from e
+            log.warning("AIM calibration: a stage actor died (%s); discarding this pass and running it again "
+                        "on fresh actors (attempt %d of %d)", type(e).__name__, attempt + 1, PASS_ATTEMPTS)
+    raise AssertionError("unreachable")
+
+
+def _one_pass(
+    model_dir: str | Path,
+    sequences: torch.Tensor,
+    placements: list[StagePlacement],
+    micro_batch_size: int,
+    progress: bool,
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    num_cpus, num_gpus = stage_resources(
-        [n["Resources"].get("CPU", 0.0) for n in nodes], [n["Resources"].get("GPU", 0.0) for n in nodes], len(ranges)
-    )
+    pinned = {p.node_id for p in placements if p.node_id}
+    if pinned:  # stages pinned to nodes: each node's CPUs (GPUs) are shared by its own stages only
+        count = {node: sum(p.node_id == node for p in placements) for node in pinned}
+        res = {n["NodeID"]: n["Resources"] for n in nodes}
+        cpu_share = min(res.get(node, {}).get("CPU", 0.0) / k for node, k in count.items())
+        gpu_share = min(res.get(node, {}).get("GPU", 0.0) / k for node, k in count.items())
+        num_cpus = float(math.floor(cpu_share)) if cpu_share >= 1 else max(cpu_share, 0.01)
+        num_gpus = 1.0 if gpu_share >= 1 else (1.0 / math.ceil(1.0 / gpu_share) if gpu_share > 0 else 0.0)
+    else:
+        num_cpus, num_gpus = stage_resources(
+            [n["Resources"].get("CPU", 0.0) for n in nodes], [n["Resources"].get("GPU", 0.0) for n in nodes],
+            len(placements))
     log.info(
         "AIM calibration of %s: %d sequences x %d tokens, %d stages %s, %s %s, micro-batches of %d",
-        model_dir, sequences.shape[0], sequences.shape[1], len(ranges), ranges,
+        model_dir, sequences.shape[0], sequences.shape[1], len(placements), [p.layers for p in placements],
         "GPU" if num_gpus else "CPU", str(dtype).removeprefix("torch."), micro_batch_size,
     )
     actor_cls = ray.remote(StageActor)
-    actors = [
-        actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
-            str(model_dir), start, end, i == 0, i == len(ranges) - 1,
+    actors = []
+    for i, p in enumerate(placements):
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if p.node_id:
+            options.update(memory=p.memory, scheduling_strategy=NodeAffinitySchedulingStrategy(p.node_id, soft=False))
+        actors.append(actor_cls.options(**options).remote(
+            str(model_dir), p.layers[0], p.layers[1], i == 0, i == len(placements) - 1,
             str(dtype).removeprefix("torch."), "cuda" if num_gpus else "cpu", num_cpus,
-        )
-        for i, (start, end) in enumerate(ranges)
-    ]
+        ))
     try:
         reports = ray.get([a.describe.remote() for a in actors])
         for i, report in enumerate(reports):
-            log.info("stage %d: layers %d-%d, %d bytes of weights on %s", i, report["layers"][0],
-                     report["layers"][1] - 1, report["bytes"], report["device"])
+            log.info("stage %d: layers %d-%d, %d bytes of weights on %s, node %s (%s)", i, report["layers"][0],
+                     report["layers"][1] - 1, report["bytes"], report["device"], report["node_address"],
+                     report["node_id"][:12])
         batches = list(torch.split(sequences, micro_batch_size))
         max_in_flight = len(actors) + 1
         pending: list[Any] = []
@@ -182,3 +304,11 @@ class StageActor(StageWorker):
             log.warning("stage %d-%d was given a GPU but torch sees none; using the CPU", start, end - 1)
             device = "cpu"
         super().__init__(model_dir, start, end, first, last, dtype, device)
+
+    def describe(self) -> dict[str, Any]:
+        """The stage's holdings (:meth:`StageWorker.describe`) and the Ray node it runs on."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {**super().describe(), "node_id": context.get_node_id(),
+                "node_address": ray.util.get_node_ip_address(), "pid": os.getpid()}

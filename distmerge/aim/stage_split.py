@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +94,69 @@ def stage_resources(node_cpus: Sequence[float], node_gpus: Sequence[float], num_
             k += 1
         per = 1.0 / k
     return per, gpus
+
+
+@dataclass(frozen=True)
+class NodeMemory:
+    """A Ray node as the stage planner sees it: its id, address and the memory Ray offers actors."""
+
+    node_id: str
+    address: str
+    memory: int
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    """One stage: its layers, the node it must run on (None: Ray chooses) and the bytes it asks for."""
+
+    layers: Stage
+    node_id: str | None
+    address: str
+    memory: int
+
+
+def place_stages(sizes: Sequence[int], overhead: int, nodes: Sequence[NodeMemory],
+                 cap: int | None = None) -> list[StagePlacement]:
+    """Contiguous stages that each fit the node they are placed on, fewest stages first.
+
+    ``sizes[i]`` is layer i's weight bytes (the embeddings added to layer 0, the final norm and
+    head to the last); a stage on a node needs its layers' bytes plus ``overhead`` (its
+    activations and the worker process). A model that fits the node offering the most memory is
+    one stage there; otherwise each stage takes as many layers as fit the node with the most
+    memory left, so stages land one per node while they must and share a node only where it
+    has room for both. ``cap`` (``aim.stage_memory``) additionally bounds each stage's need.
+    Raises ValueError, saying what is missing, when a layer fits no node or the nodes together
+    cannot hold the model.
+    """
+    if not sizes:
+        raise ValueError("the model has no decoder layers")
+    if not nodes:
+        raise ValueError("the Ray cluster has no alive node to place calibration stages on")
+    left = {n.node_id: n.memory for n in nodes}
+    by_id = {n.node_id: n for n in nodes}
+    limit = cap if cap is not None else max(left.values())
+    placements: list[StagePlacement] = []
+    start = 0
+    while start < len(sizes):
+        node = max(nodes, key=lambda n: (left[n.node_id], n.node_id))
+        room = min(left[node.node_id], limit)
+        used = overhead
+        end = start
+        while end < len(sizes) and used + sizes[end] <= room:
+            used += sizes[end]
+            end += 1
+        if end == start:
+            need = overhead + sizes[start]
+            total = sum(sizes) + overhead
+            offered = ", ".join(f"{by_id[i].address} ({by_id[i].node_id[:8]}): {m / 1e9:.2f} GB free"
+                                for i, m in left.items())
+            what = (f"layer {start} alone needs {need / 1e9:.2f} GB" if need > limit or need > max(n.memory for n in nodes)
+                    else f"the model needs {total / 1e9:.2f} GB in all and layers {start}.. do not fit what is left")
+            raise ValueError(f"AIM calibration stages cannot be placed: {what}, but the nodes offer {offered}"
+                             + (f" and aim.stage_memory caps a stage at {cap / 1e9:.2f} GB" if cap else "")
+                             + "; add nodes or memory (ray start --memory), calibrate on GPUs in bf16, "
+                             "or give precomputed statistics with aim.stats")
+        placements.append(StagePlacement((start, end), node.node_id, node.address, used))
+        left[node.node_id] -= used
+        start = end
+    return placements

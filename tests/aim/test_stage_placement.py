@@ -1,0 +1,51 @@
+"""Planning calibration stages from the memory Ray's nodes offer (``aim.stages: auto``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from distmerge.aim.stage_split import NodeMemory, StagePlacement, place_stages
+
+GB = 1000**3
+
+
+def nodes(*gbs: float) -> list[NodeMemory]:
+    return [NodeMemory(f"node{i}", f"10.0.0.{i}", int(gb * GB)) for i, gb in enumerate(gbs)]
+
+
+def test_a_model_that_fits_one_node_is_one_stage_on_the_largest() -> None:
+    plan = place_stages([GB] * 8, GB // 2, nodes(4, 16, 9))
+    assert plan == [StagePlacement((0, 8), "node1", "10.0.0.1", 8 * GB + GB // 2)]
+
+
+def test_a_model_larger_than_every_node_is_split_one_stage_per_node() -> None:
+    # 10 layers of 1 GB, 0.5 GB overhead a stage; nodes of 6, 6 and 3 GB: 5 + 5 layers
+    plan = place_stages([GB] * 10, GB // 2, nodes(6, 3, 6))
+    assert [(p.layers, p.node_id) for p in plan] == [((0, 5), "node2"), ((5, 10), "node0")]
+    assert all(p.memory <= 6 * GB for p in plan)
+    # every stage fits the node it is on, and the layers are covered once, in order
+    assert sum(p.memory for p in plan) == 10 * GB + 2 * (GB // 2)
+
+
+def test_uneven_layers_embedding_and_head() -> None:
+    sizes = [3 * GB, GB, GB, GB, 3 * GB]  # embeddings on layer 0, the head on the last
+    plan = place_stages(sizes, 0, nodes(5, 5, 5))
+    assert [p.layers for p in plan] == [(0, 3), (3, 5)]
+    assert len({p.node_id for p in plan}) == 2
+
+
+def test_a_cap_makes_smaller_stages_that_share_nodes_with_room() -> None:
+    plan = place_stages([GB] * 6, 0, nodes(8, 8), cap=2 * GB)
+    assert [p.layers for p in plan] == [(0, 2), (2, 4), (4, 6)]
+    assert [p.node_id for p in plan] == ["node1", "node0", "node1"]  # most memory left first
+
+
+def test_what_cannot_be_placed_is_said() -> None:
+    with pytest.raises(ValueError, match=r"layer 2 alone needs 7\.50 GB.*10\.0\.0\.0 \(node0\): 6\.00 GB free"):
+        place_stages([GB, GB, 7 * GB], GB // 2, nodes(6, 6))
+    with pytest.raises(ValueError, match=r"the model needs 12\.50 GB in all and layers 10\.\. do not fit"):
+        place_stages([GB] * 12, GB // 2, nodes(6, 6))
+    with pytest.raises(ValueError, match="no alive node"):
+        place_stages([GB], 0, [])
+    with pytest.raises(ValueError, match=r"aim.stage_memory caps a stage at 1\.00 GB"):
+        place_stages([2 * GB], 0, nodes(8), cap=GB)
