@@ -49,3 +49,13 @@ def test_what_cannot_be_placed_is_said() -> None:
         place_stages([GB], 0, [])
     with pytest.raises(ValueError, match=r"aim.stage_memory caps a stage at 1\.00 GB"):
         place_stages([2 * GB], 0, nodes(8), cap=GB)
+
+
+def test_stages_are_rebalanced_where_they_still_fit() -> None:
+    # 10 x 1 GB on two 8 GB nodes: filling the first gives 7 + 3 layers; balanced is 5 + 5
+    plan = place_stages([GB] * 10, GB, nodes(8, 8))
+    assert [p.layers for p in plan] == [(0, 5), (5, 10)]
+    assert {p.node_id for p in plan} == {"node0", "node1"} and all(p.memory == 6 * GB for p in plan)
+    # a small second node: balance cannot hold, the greedy plan stands (7 GB + 3 GB)
+    plan = place_stages([GB] * 10, GB, nodes(8, 4))
+    assert [(p.layers, p.node_id) for p in plan] == [((0, 7), "node0"), ((7, 10), "node1")]
