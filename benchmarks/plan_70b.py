@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from distmerge.aim.pipeline import stage_overhead
+from distmerge.aim.stage_plan import stage_overhead
 from distmerge.aim.stage_split import NodeMemory, place_stages
 
 LLAMA_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,

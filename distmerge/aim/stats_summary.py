@@ -18,6 +18,8 @@ import torch
 
 from distmerge.aim.relax import relaxation_factors
 
+# Written into a plot's PNG text chunk, so that a later --plot may replace it and nothing else.
+PLOT_MARKER = b"distmerge AIM statistics"
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -135,8 +137,6 @@ def plot(summary: list[ModuleStatistic], path: Path, title: str = "") -> None:
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(title or "AIM per-input-channel activation statistics", fontsize=10)
     fig.tight_layout()
-    from distmerge.output.directory import PLOT_MARKER
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": PLOT_MARKER.decode()})
     plt.close(fig)

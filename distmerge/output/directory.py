@@ -130,11 +130,10 @@ def check_statistics_target(path: Path, inputs: dict[str, Path]) -> None:
                               "overwrites a file it did not write (choose another --out)") from None
 
 
-PLOT_MARKER = b"distmerge AIM statistics"  # written into the PNG's text chunk by stats_summary.plot
-
-
 def check_plot_target(path: Path, inputs: dict[str, Path]) -> None:
     """``--plot``: never an input or inside one, and never an existing file distmerge did not plot."""
+    from distmerge.aim.stats_summary import PLOT_MARKER
+
     check_output_location(path, inputs)
     if path.suffix.lower() != ".png":
         raise OutputError(f"{path}: --plot writes a PNG image; give a path ending in .png")

@@ -180,7 +180,7 @@ def test_unsupported_architecture_and_bad_ids(tmp_path, aim_models) -> None:  # 
 
 def test_auto_stages_follow_the_memory_budget(aim_models, caplog) -> None:  # type: ignore[no-untyped-def]
     from distmerge.aim.layout import open_base
-    from distmerge.aim.pipeline import plan_model_stages
+    from distmerge.aim.stage_plan import plan_model_stages
 
     ckpt, layout = open_base(aim_models["llama"])
     layer = sum(i.nbytes for n, i in ckpt.tensors.items() if n.startswith("model.layers.0."))

@@ -507,9 +507,12 @@ def _slice_products() -> list[Case]:
             if kw.get("params"):
                 cfg["parameters"] = dict(kw["params"])
             out.append(case(f"slices/{method}_{dtype}", cfg, **KARCHER_CONVERGENCE.get((method, dtype), {})))
-    # karcher with a tol no update reaches (1e-12: every iteration runs in both tools)
+    # karcher with a tol no update reaches (1e-12: every iteration runs in both tools). Each of
+    # the iterations rounds its float32 norm sums, whose order in torch's CPU reductions follows
+    # the thread count: measured 2-4 ulp of the tensor's largest magnitude across CI runs.
     karcher = next(c for c in out if c.id == "slices/karcher_float32")
-    out.append(case("slices/karcher_float32_every_iteration", {**karcher.config, "parameters": {"tol": 1e-12}}))
+    out.append(case("slices/karcher_float32_every_iteration", {**karcher.config, "parameters": {"tol": 1e-12}},
+                    tensor_ulps=6.0))
     return out
 
 

@@ -1,0 +1,86 @@
+"""Planning calibration stages for a model on a cluster: layer bytes, a stage's overhead, the
+nodes' memory, and the placement ``aim.stages`` asks for.
+
+The cutting itself is pure (:mod:`distmerge.aim.stage_split`); this module measures the model
+(from its checkpoint headers) and reads the cluster (Ray's node table) to feed it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from distmerge.aim.layout import ModelLayout
+from distmerge.aim.stage_split import (
+    NodeMemory,
+    StagePlacement,
+    place_stages,
+    split_by_memory,
+    split_even,
+)
+from distmerge.checkpoint import Checkpoint
+from distmerge.errors import ConfigError
+
+# A stage worker's own footprint beyond its weights and activations: the Python process with
+# torch, transformers and Ray loaded (measured ~0.35 GB resident on CPU), rounded up.
+WORKER_BYTES = 500 * 1000**2
+
+
+def plan_model_stages(
+    checkpoint: Checkpoint, layout: ModelLayout, stages: int | Literal["auto"], stage_memory: int, itemsize: int
+) -> list[tuple[int, int]]:
+    """Layer ranges for the base model: even split for an int, by a per-stage weight budget for ``auto``."""
+    n = len(layout.layers)
+    if stages == "auto":
+        return split_by_memory(*_layer_sizes(checkpoint, layout, itemsize), int(stage_memory))
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ConfigError(f"aim.stages: expected 'auto' or a positive integer, got {stages!r}")
+    return split_even(n, stages)
+
+
+def _layer_sizes(checkpoint: Checkpoint, layout: ModelLayout, itemsize: int) -> tuple[list[int], int, int]:
+    """Weight bytes per decoder layer, of the embeddings, and of the final norm and head."""
+    layer_bytes = [layout.part_bytes(checkpoint, [name], itemsize) for name in layout.layers]
+    embed = layout.part_bytes(checkpoint, [layout.embed], itemsize)
+    head = layout.part_bytes(checkpoint, [layout.norm, layout.head], itemsize)
+    return layer_bytes, embed, head
+
+
+def stage_overhead(config: dict[str, Any], micro_batch: int, seq_len: int, itemsize: int) -> int:
+    """Bytes a stage needs beyond its weights: activations of one micro-batch and the worker.
+
+    Hidden states and MLP intermediates of a layer, eager attention's ``[B, heads, T, T]`` scores,
+    and one sequence's logits (the last stage runs the head a sequence at a time).
+    """
+    text = config.get("text_config") or config
+    hidden = int(text.get("hidden_size") or 0)
+    inter = int(text.get("intermediate_size") or 4 * hidden)
+    heads = int(text.get("num_attention_heads") or 1)
+    vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
+    per_token = 8 * hidden + 3 * inter
+    activations = micro_batch * seq_len * per_token + micro_batch * heads * seq_len * seq_len + seq_len * vocab
+    return WORKER_BYTES + activations * itemsize
+
+
+def cluster_nodes() -> list[NodeMemory]:
+    """The alive Ray nodes with the memory Ray's scheduler offers actors on each."""
+    import ray
+
+    return [NodeMemory(n["NodeID"], n.get("NodeManagerAddress", "?"), int(n["Resources"].get("memory", 0)))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def place_model_stages(checkpoint: Checkpoint, layout: ModelLayout, stages: int | Literal["auto"],
+                       stage_memory: int | None, itemsize: int, overhead: int,
+                       nodes: list[NodeMemory]) -> list[StagePlacement]:
+    """Where each stage runs: for ``auto``, planned from the memory the nodes offer (each stage on
+    a node it fits, see :func:`place_stages`); for an integer, an even split Ray places freely."""
+    if stages != "auto":
+        return [StagePlacement(r, None, "", 0) for r in plan_model_stages(checkpoint, layout, stages, 0, itemsize)]
+    layer_bytes, embed, head = _layer_sizes(checkpoint, layout, itemsize)
+    sizes = list(layer_bytes)
+    sizes[0] += embed
+    sizes[-1] += head
+    try:
+        return place_stages(sizes, overhead, nodes, stage_memory)
+    except ValueError as e:
+        raise ConfigError(f"aim.stages=auto: {e}") from None
