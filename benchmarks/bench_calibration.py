@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(psutil.cpu_count())
-    from distmerge.aim import compute_statistics
+    from distmerge.aim import calibrate_stages
     from distmerge.engine.cluster import connect
     from distmerge.testing.tiny import build_model
 
@@ -102,7 +102,8 @@ def main() -> None:
     connect(None)
     with ProcessPeaks("ray::StageActor") as peaks:
         start = time.perf_counter()
-        stats = compute_statistics(model_dir, blocks, stages=args.stages, micro_batch_size=args.micro_batch, progress=False)
+        stats, _ = calibrate_stages(model_dir, blocks, stages=args.stages, micro_batch_size=args.micro_batch,
+                                    progress=False)
         staged_s = time.perf_counter() - start
     worst = max(float(((stats[k] - ref[k]).abs().max() / ref[k].abs().max()).item()) for k in ref)
     result = {

@@ -25,14 +25,21 @@ def _size_arg(value: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if not 1 <= number <= 100_000:
-        raise argparse.ArgumentTypeError(f"{value} is out of range; give 1 to 100000")
-    return number
+def _ranged(kind: type, low: float, high: float, what: str):  # type: ignore[no-untyped-def]
+    """An argparse type: a ``kind`` number from ``low`` to ``high`` (``what`` names the kind)."""
+    def parse(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if not low <= number <= high:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give {low:g} to {high:g}")
+        return number
+    return parse
+
+
+_positive_int = _ranged(int, 1, 100_000, "a whole number")
+_omega_arg = _ranged(float, 0.0, 1.0, "a number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,16 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--omega", type=_omega_arg, default=0.4, help="omega the factors are shown for (default 0.4)")
     stats.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
     return parser
-
-
-def _omega_arg(value: str) -> float:
-    try:
-        omega = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0.0 <= omega <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is out of range; omega is from 0 to 1")
-    return omega
 
 
 def _configure_logging(debug: bool) -> None:

@@ -45,14 +45,19 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"add": _add, "rev": _rev, "sort": _sort}
 
 
-def test_set(skill: str, n: int) -> list[tuple[str, str]]:
-    """``n`` distinct held-out (prompt, answer) pairs, the same on every run and seed."""
-    rng = random.Random(f"{TEST_SEED}-{skill}")
+def distinct_pairs(draw: Callable[[random.Random], tuple[str, str]], rng: random.Random,
+                   n: int) -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) pairs from ``draw`` with distinct prompts, in draw order."""
     seen: dict[str, str] = {}
     while len(seen) < n:
-        p, a = GENERATORS[skill](rng)
+        p, a = draw(rng)
         seen.setdefault(p, a)
     return list(seen.items())
+
+
+def test_set(skill: str, n: int) -> list[tuple[str, str]]:
+    """``n`` distinct held-out (prompt, answer) pairs, the same on every run and seed."""
+    return distinct_pairs(GENERATORS[skill], random.Random(f"{TEST_SEED}-{skill}"), n)
 
 
 class SkillSampler:

@@ -12,6 +12,8 @@ import random
 import string
 from collections.abc import Callable
 
+from benchmarks.quality.skills import distinct_pairs
+
 SYSTEM = "Answer with the result only."
 LETTERS = string.ascii_lowercase
 
@@ -46,12 +48,7 @@ TEST_SEED = 1_000_003
 
 def test_set(skill: str, n: int) -> list[tuple[str, str]]:
     """The fixed held-out prompts of ``skill`` (the same for every seed), without duplicates."""
-    rng = random.Random(f"{skill}/{TEST_SEED}")
-    out: dict[str, str] = {}
-    while len(out) < n:
-        prompt, answer = SKILLS[skill](rng)
-        out.setdefault(prompt, answer)
-    return list(out.items())
+    return distinct_pairs(SKILLS[skill], random.Random(f"{skill}/{TEST_SEED}"), n)
 
 
 def training_stream(skill: str, seed: int, exclude: set[str]) -> Callable[[], tuple[str, str]]:

@@ -20,7 +20,7 @@ _HOMES = {
     "ChannelRelaxation": ("distmerge.aim.relax", "ChannelRelaxation"),
     "apply_relaxation": ("distmerge.aim.relax", "apply_relaxation"),
     "calibrate": ("distmerge.aim.calibration", "calibrate"),
-    "compute_statistics": ("distmerge.aim.pipeline", "compute_statistics"),
+    "calibrate_stages": ("distmerge.aim.pipeline", "calibrate_stages"),
     "load_calibration_sequences": ("distmerge.aim.sequences", "load_calibration_sequences"),
     "load_statistics": ("distmerge.aim.stats_file", "load_statistics"),
     "match_statistics": ("distmerge.aim.stats_file", "match_statistics"),

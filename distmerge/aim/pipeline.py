@@ -64,24 +64,6 @@ def _merge_statistics(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {name: v.to(torch.float32) for name, v in merged.items()}
 
 
-def compute_statistics(
-    model_dir: str | Path,
-    sequences: torch.Tensor,
-    stages: int | Literal["auto"] = "auto",
-    stage_memory: int | None = None,
-    micro_batch_size: int = 4,
-    progress: bool = True,
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """AIM statistics of the base model over ``sequences``, by a staged forward on Ray.
-
-    Returns one float32 vector per module (every Linear incl. ``lm_head``, every norm), keyed by
-    its ``named_modules()`` name, each ``sum_sequences mean_tokens |input|``. See
-    :func:`calibrate_stages` for the stages and where they ran.
-    """
-    return calibrate_stages(model_dir, sequences, stages, stage_memory, micro_batch_size, progress, dtype)[0]
-
-
 def calibrate_stages(
     model_dir: str | Path,
     sequences: torch.Tensor,
@@ -91,7 +73,11 @@ def calibrate_stages(
     progress: bool = True,
     dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The statistics and, per stage, what it held and which node ran it.
+    """AIM statistics of the base model over ``sequences`` by a staged forward on Ray, and per
+    stage what it held and which node ran it.
+
+    The statistics are one float32 vector per module (every Linear incl. ``lm_head``, every
+    norm), keyed by its ``named_modules()`` name, each ``sum_sequences mean_tokens |input|``.
 
     Uses the Ray the caller initialized (a local one is started if none is). Stages use a GPU
     when the cluster has one, the CPU otherwise; ``dtype`` defaults to float32 on CPU and the

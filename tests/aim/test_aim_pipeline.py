@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmerge.aim import calibrate, compute_statistics, load_calibration_sequences, load_statistics
+from distmerge.aim import calibrate, calibrate_stages, load_calibration_sequences, load_statistics
 from distmerge.aim.pipeline import run_stages
 from distmerge.aim.stage_worker import StageWorker
 from distmerge.aim.wire import pack
@@ -132,7 +132,7 @@ def test_masks_and_rope_are_exercised(aim_models, sequences, references, monkeyp
 # projections); every architecture is covered at every S in process above, by the same StageWorker.
 @pytest.mark.parametrize("arch", ["mistral", "gemma3", "phi3"])
 def test_ray_pipeline_equals_whole_model(arch: str, ray_local, aim_models, sequences, references) -> None:  # type: ignore[no-untyped-def]
-    stats = compute_statistics(aim_models[arch], sequences, stages=2, micro_batch_size=2, progress=False)
+    stats, _ = calibrate_stages(aim_models[arch], sequences, stages=2, micro_batch_size=2, progress=False)
     assert all(v.dtype == torch.float32 for v in stats.values())
     assert_stats_equal(stats, references[arch])
 
@@ -173,9 +173,9 @@ def test_unsupported_architecture_and_bad_ids(tmp_path, aim_models) -> None:  # 
     config["model_type"] = "gpt2"
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
-        compute_statistics(other, torch.zeros(1, 4, dtype=torch.long))
+        calibrate_stages(other, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ConfigError, match="vocabulary has 260"):
-        compute_statistics(aim_models["llama"], torch.full((1, 4), 999))
+        calibrate_stages(aim_models["llama"], torch.full((1, 4), 999))
 
 
 def test_auto_stages_follow_the_memory_budget(aim_models, caplog) -> None:  # type: ignore[no-untyped-def]
