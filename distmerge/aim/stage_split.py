@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from distmerge.sizes import format_size
+
 log = logging.getLogger(__name__)
 
 Stage = tuple[int, int]
@@ -149,12 +151,12 @@ def place_stages(sizes: Sequence[int], overhead: int, nodes: Sequence[NodeMemory
         if end == start:
             need = overhead + sizes[start]
             total = sum(sizes) + overhead
-            offered = ", ".join(f"{by_id[i].address} ({by_id[i].node_id[:8]}): {m / 1e9:.2f} GB free"
+            offered = ", ".join(f"{by_id[i].address} ({by_id[i].node_id[:8]}): {format_size(m)} free"
                                 for i, m in left.items())
-            what = (f"layer {start} alone needs {need / 1e9:.2f} GB" if need > limit or need > max(n.memory for n in nodes)
-                    else f"the model needs {total / 1e9:.2f} GB in all and layers {start}.. do not fit what is left")
+            what = (f"layer {start} alone needs {format_size(need)}" if need > limit or need > max(n.memory for n in nodes)
+                    else f"the model needs {format_size(total)} in all and layers {start}.. do not fit what is left")
             raise ValueError(f"AIM calibration stages cannot be placed: {what}, but the nodes offer {offered}"
-                             + (f" and aim.stage_memory caps a stage at {cap / 1e9:.2f} GB" if cap else "")
+                             + (f" and aim.stage_memory caps a stage at {format_size(cap)}" if cap else "")
                              + "; add nodes or memory (ray start --memory), calibrate on GPUs in bf16, "
                              "or give precomputed statistics with aim.stats")
         placements.append(StagePlacement((start, end), node.node_id, node.address, used))
