@@ -126,7 +126,7 @@ def train(base: Path, out: Path, spec: TrainSpec, draw: Callable[[], tuple[str, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == spec.steps - 1:
-            log.info("%s step %d/%d loss %.4f (%.1fs)", out.name, step + 1, spec.steps, float(loss),
+            log.info("%s step %d/%d loss %.4f (%.1fs)", out.name, step + 1, spec.steps, loss.item(),
                      time.time() - started)
     return save(model, base, out, spec)
 
