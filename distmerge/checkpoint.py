@@ -16,6 +16,8 @@ from typing import Any
 
 from distmerge.errors import CheckpointError
 from distmerge.io.files import check_inside
+from distmerge.io.locations import is_remote
+from distmerge.io.model_source import ModelSource, locate_model
 from distmerge.io.safetensors import INDEX_NAME, TensorInfo, parse_safetensors_header
 from distmerge.io.structured import read_json
 from distmerge.model_config import check_config_against_tensors
@@ -48,15 +50,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 class Checkpoint:
     """A Hugging Face model folder: its config and the headers of all its safetensors files."""
 
-    path: Path
+    path: Path  # the folder holding config.json (for a remote model: its small files, fetched)
     config: dict[str, Any]
     tensors: dict[str, TensorInfo] = field(repr=False)
+    source: ModelSource | None = field(default=None, repr=False)  # set for a remote model
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], role: str = "model") -> Checkpoint:
-        """Open a model folder, validating layout, config.json, index and every header."""
+        """Open a model (folder, ``s3://`` prefix or Hub id), validating config, index and every header."""
         try:
-            return cls._open(Path(path), role)
+            source = locate_model(str(path), role, CheckpointError)
+            if source.remote:
+                return cls._open_remote(source, role)
+            return cls._open(source.folder, role)
         except OSError as e:  # a name the system refuses (too long, ...), a folder gone mid-listing
             raise CheckpointError(f"{role} {path}: {e.strerror or e}") from None
 
@@ -72,11 +78,34 @@ class Checkpoint:
                 f"{role} {folder}: no config.json; a Hugging Face model folder needs one "
                 "(save the model with save_pretrained)"
             )
+        return cls._read(folder, role, _weight_files(folder, role))
+
+    @classmethod
+    def _open_remote(cls, source: ModelSource, role: str) -> Checkpoint:
+        """A remote model: small files in ``source.folder``, headers read by ranges from the weights."""
+        folder, weights = source.folder, source.weights or {}
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{role} {source.reference}: no config.json; a Hugging Face model folder needs one")
+        if (folder / INDEX_NAME).is_file():
+            names = sorted(set(_read_weight_map(folder).values()))
+            missing = [n for n in names if n not in weights]
+            if missing:
+                raise CheckpointError(f"{source.reference}/{INDEX_NAME}: lists files that do not exist: "
+                                      f"{', '.join(missing[:5])}")
+        else:
+            names = sorted(weights)
+        if not names:
+            _refuse_without_weights(source.reference, source.names, role)
+        return cls._read(folder, role, [weights[n] for n in names], source)
+
+    @classmethod
+    def _read(cls, folder: Path, role: str, files: list[Any], source: ModelSource | None = None) -> Checkpoint:
+        """Parse config.json and every weight file's header, and check them against each other."""
+        config_path = folder / "config.json"
         config = read_json(check_inside(config_path, folder, "config.json", CheckpointError),
                            f"{role}'s config.json", CheckpointError, limit=MAX_CONFIG_JSON_BYTES)
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: expected a JSON object of settings, got a {type(config).__name__}")
-        files = _weight_files(folder, role)
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             file_tensors, _ = parse_safetensors_header(file)
@@ -90,7 +119,7 @@ class Checkpoint:
         if index_path.exists():
             _check_index(index_path, _read_weight_map(folder), tensors)
         check_config_against_tensors(config, tensors, config_path)
-        return cls(folder, config, tensors)
+        return cls(folder, config, tensors, source)
 
     @property
     def num_layers(self) -> int | None:
@@ -109,15 +138,24 @@ class Checkpoint:
     @property
     def label(self) -> str:
         """How the config names this input (a LoRA input adds its adapter: ``MODEL+ADAPTER``)."""
-        return str(self.path)
+        return self.source.reference if self.source is not None else str(self.path)
 
     def ordered_names(self) -> list[str]:
         """Tensor names in storage order (file, then offset): the order an output follows."""
         return sorted(self.tensors, key=lambda n: (self.tensors[n].file, self.tensors[n].offset))
 
-    def files_read(self) -> list[Path]:
+    def files_read(self) -> list[str]:
         """Every file a merge reads of this input: its weight files and config.json."""
-        return sorted({Path(t.file) for t in self.tensors.values()} | {self.path / "config.json"})
+        return sorted({str(t.file) for t in self.tensors.values()} | {str(self.path / "config.json")})
+
+    def file_identity(self, file: str) -> list[Any]:
+        """What identifies a file's content without reading it: name, size and mtime (local) or
+        version (a remote file's ETag, or the Hub commit it is pinned to)."""
+        if is_remote(file) and self.source is not None:
+            name = file.rstrip("/").rsplit("/", 1)[-1]
+            return [name, *self.source.versions.get(name, (0, ""))]
+        st = Path(file).stat()
+        return [Path(file).name, st.st_size, st.st_mtime_ns]
 
 
 def _read_weight_map(folder: Path) -> dict[str, str]:
@@ -152,15 +190,21 @@ def _weight_files(folder: Path, role: str) -> list[Path]:
         for f in files:
             check_inside(f, folder, "weight file", CheckpointError)
         return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    _refuse_without_weights(str(folder), [p.name for p in folder.iterdir()], role)
+    raise AssertionError("unreachable")
+
+
+def _refuse_without_weights(model: str, names: Any, role: str) -> None:
+    """The error for a model without safetensors weights (pickle weights get a conversion hint)."""
+    pickles = sorted(n for n in names if Path(n).suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
-            f"{role} {folder}: only pickle weights ({', '.join(pickles)}); distmerge reads safetensors "
+            f"{role} {model}: only pickle weights ({', '.join(pickles)}); distmerge reads safetensors "
             "only, because loading a pickle can run arbitrary code. Convert once with: python -c "
             "\"from transformers import AutoModelForCausalLM as M; "
-            f"M.from_pretrained('{folder}').save_pretrained('{folder}-st', safe_serialization=True)\""
+            f"M.from_pretrained('{model}').save_pretrained('{model}-st', safe_serialization=True)\""
         )
-    raise CheckpointError(f"{role} {folder}: no *.safetensors files found")
+    raise CheckpointError(f"{role} {model}: no *.safetensors files found")
 
 
 def _check_index(index_path: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:

@@ -93,7 +93,9 @@ def _configure_logging(debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("urllib3", "filelock", "ray"):
+    # HTTP clients log every request at INFO (one per range read of a remote input).
+    for noisy in ("urllib3", "filelock", "ray", "httpx", "httpx2", "httpcore", "httpcore2", "botocore", "boto3",
+                  "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -70,6 +70,14 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
     return 8 + n, header
 
 
+def header_fetch(f: Path) -> int:
+    """Bytes distmerge's planner fetches of a remote weight file: its first 64 KiB (or all of a
+    smaller file), and the rest of the header when that is longer."""
+    from distmerge.io.remote import HEAD_BYTES
+
+    return max(min(HEAD_BYTES, f.stat().st_size), safetensors_header(f)[0])
+
+
 def evict(path: Path) -> None:
     """Drop a file's pages from the page cache (written back first: dirty pages are not dropped)."""
     evict_files([path])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from distmerge.aim.sequences import load_calibration_sequences
 from distmerge.aim.stats_file import save_statistics
 from distmerge.config import AimConfig
 from distmerge.errors import ConfigError
+from distmerge.io.locations import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,15 @@ def calibrate(
                           "(MODEL+ADAPTER) is not supported there; merge the adapter into the model first, or "
                           "give precomputed statistics with aim.stats")
     cal = aim.calibration
-    sequences = load_calibration_sequences(cal, Path(base_model))
-    check_token_ids(sequences, Path(base_model))
+    base = str(base_model)  # a folder, a Hub id or s3:// (Path() would fold s3:// into s3:/)
+    sequences = load_calibration_sequences(cal, base)
+    check_token_ids(sequences, base)
     stats, stages = calibrate_stages(
-        Path(base_model), sequences, stages=aim.stages, stage_memory=aim.stage_memory,
+        base, sequences, stages=aim.stages, stage_memory=aim.stage_memory,
         micro_batch_size=aim.micro_batch_size, progress=progress,
     )
     metadata = {
-        "base_model": str(Path(base_model).resolve()),
+        "base_model": base if is_remote(base) or not os.path.exists(base) else str(Path(base).resolve()),
         "dataset": cal.dataset if cal.dataset == "builtin" else str(Path(cal.dataset).resolve()),
         "text_field": cal.text_field,
         "n_samples": str(cal.n_samples),
@@ -56,7 +59,7 @@ def calibrate(
     return stats, metadata
 
 
-def check_token_ids(sequences: torch.Tensor, base_model: Path) -> None:
+def check_token_ids(sequences: torch.Tensor, base_model: str | Path) -> None:
     """Token ids must index the base model's vocabulary: a pre-tokenized dataset made for
     another model would otherwise fail deep inside a stage actor's embedding lookup."""
     from distmerge.checkpoint import Checkpoint

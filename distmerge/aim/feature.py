@@ -53,7 +53,7 @@ class AimFeature:
         if not config.base_model:
             raise ConfigError("aim: AIM relaxes each delta towards the base model; add base_model: PATH")
         self.aim = config.aim
-        self.base_model = Path(config.base_model)
+        self.base_model = config.base_model  # a folder, a Hub id or s3://: kept as written
         self.statistics: dict[str, torch.Tensor] = {}
         self.metadata: dict[str, str] = {}
         self.modules: dict[int, str] = {}

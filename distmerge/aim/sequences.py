@@ -24,12 +24,13 @@ from distmerge.checkpoint import SIDE_FILES, TOKENIZER_CORE_FILES
 from distmerge.config import CalibrationConfig
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.files import check_inside, require_regular
+from distmerge.io.model_source import locate_model
 
 log = logging.getLogger(__name__)
 
 
 
-def load_calibration_sequences(calibration: CalibrationConfig, tokenizer_dir: Path) -> torch.Tensor:
+def load_calibration_sequences(calibration: CalibrationConfig, tokenizer_dir: str | Path) -> torch.Tensor:
     """The calibration sequences for ``calibration``, tokenized with the tokenizer in ``tokenizer_dir``."""
     table = read_dataset(calibration.dataset, calibration.text_field)
     if "input_ids" in table.column_names:
@@ -118,9 +119,12 @@ def pretokenized_blocks(table: pa.Table, block_size: int | None = None) -> torch
     return sequences
 
 
-def load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
-    """The base model's tokenizer (AutoTokenizer); a CheckpointError naming the folder if absent."""
-    folder = Path(tokenizer_dir)
+def load_tokenizer(tokenizer_dir: str | Path):  # type: ignore[no-untyped-def]
+    """The base model's tokenizer (AutoTokenizer); a CheckpointError naming the folder if absent.
+
+    ``tokenizer_dir`` is a folder or any model reference (a Hub id, ``s3://``): a remote model's
+    tokenizer files are fetched with its other small files."""
+    folder = locate_model(str(tokenizer_dir), "base model", CheckpointError).folder
     if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_CORE_FILES):
         raise CheckpointError(
             f"base model {folder}: no tokenizer found (none of {', '.join(TOKENIZER_CORE_FILES)}); AIM "

@@ -49,7 +49,7 @@ def input_fingerprint_data(plan: MergePlan) -> list[tuple[str, Any]]:
             "tensors": {n: [t.dtype, list(t.shape), Path(t.file).name, t.offset,
                             *([t.identity()] if isinstance(t, LoraTensorInfo) else [])]
                         for n, t in sorted(ckpt.tensors.items())},
-            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in ckpt.files_read()],
+            "files": [ckpt.file_identity(f) for f in ckpt.files_read()],
         }))
     if plan.vocabulary is not None:  # the tokenizers decide which input row makes each output row
         digest = hashlib.sha256(json.dumps(sorted(plan.vocabulary.info.vocab.items())).encode())

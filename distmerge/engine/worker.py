@@ -20,6 +20,7 @@ import torch
 from distmerge.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
+from distmerge.io.remote import fetched_bytes
 from distmerge.io.safetensors import TensorInfo, read_row_set, write_rows
 from distmerge.io.scan import count_nonfinite
 from distmerge.lora import LoraTensorInfo, read_source_rows
@@ -66,6 +67,7 @@ class BatchResult:
     peak_anon_rss: int
     start_anon_rss: int
     warnings: list[str] = field(default_factory=list)
+    bytes_fetched: int = 0  # from remote storage (ranged requests), retries included
 
 
 def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal: bool) -> str | None:
@@ -145,7 +147,7 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
 def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions]) -> BatchResult:
     """Merge and write a batch of units; returns checksums and I/O and memory figures."""
     retain_freed_memory()
-    started = time.perf_counter()
+    started, fetched = time.perf_counter(), fetched_bytes()
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
     crcs, sizes = [0] * len(units), [0] * len(units)
@@ -167,7 +169,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
     read = sum(u.read_bytes for u in units)
     written = sum(sizes)
     return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),
-                       os.getpid(), memory.peak, memory.start, warnings)
+                       os.getpid(), memory.peak, memory.start, warnings, fetched_bytes() - fetched)
 
 
 def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,

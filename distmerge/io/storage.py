@@ -7,9 +7,10 @@ range request reads a span; a multipart upload writes parts), so a remote backen
 ``gs://``, a Hugging Face Hub repository) plugs in here by implementing :class:`Storage` and
 being returned by :func:`storage_for`; nothing above this package changes.
 
-Only local storage exists today (:class:`~distmerge.io.local.LocalStorage`). A location is a
-path or a string; :func:`storage_for` refuses a URL scheme with a message instead of treating
-``s3://bucket/x`` as a local folder named ``s3:``.
+Backends: local files (:mod:`~distmerge.io.local`), S3 (:mod:`~distmerge.io.s3`) and Hugging
+Face Hub repositories (:mod:`~distmerge.io.hub`), chosen by the location's scheme
+(:mod:`~distmerge.io.locations`); any other URL is refused with a message instead of being
+treated as a local folder named ``gs:``. Remote backends read; remote outputs are refused.
 
 Errors: opening a location raises ``error`` (the caller's :class:`DistmergeError` subclass) with
 a message naming ``what`` is read; a read that fails midway raises ``OSError`` for the caller to
@@ -19,15 +20,14 @@ word, as today; a write raises :class:`~distmerge.errors.OutputError`.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from typing import Protocol
 
 from distmerge.errors import DistmergeError
 from distmerge.io.local import LOCAL
+from distmerge.io.locations import HUB_SCHEME, url_scheme
 
 Location = str | os.PathLike[str]
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class SpanReader(Protocol):
@@ -99,10 +99,17 @@ class Storage(Protocol):
 
 
 def storage_for(location: Location) -> Storage:
-    """The storage that serves ``location``: local files, unless it is a URL (refused for now)."""
-    if isinstance(location, str) and "://" in location:
-        match = _URL.match(location)
-        if match:
-            raise DistmergeError(f"{location}: remote storage ({match.group(0)}) is not supported yet; "
-                                 "download the files and give a local path")
-    return LOCAL
+    """The storage that serves ``location``: S3, the Hub, or local files for a plain path."""
+    scheme = url_scheme(location)
+    if scheme is None:
+        return LOCAL
+    if scheme == "s3":
+        from distmerge.io.s3 import S3
+
+        return S3  # type: ignore[return-value]
+    if scheme == HUB_SCHEME:
+        from distmerge.io.hub import HUB
+
+        return HUB  # type: ignore[return-value]
+    raise DistmergeError(f"{location}: {scheme}:// storage is not supported (yet); use a local path, "
+                         "s3://bucket/prefix or a Hugging Face Hub id")

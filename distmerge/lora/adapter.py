@@ -75,13 +75,13 @@ class LoraCheckpoint(Checkpoint):
 
     @property
     def label(self) -> str:
-        return f"{self.path}+{self.adapter}"
+        return f"{super().label}+{self.adapter}"
 
     def ordered_names(self) -> list[str]:
         return list(self.order)
 
-    def files_read(self) -> list[Path]:
-        return sorted({*super().files_read(), *self.adapter_files})
+    def files_read(self) -> list[str]:
+        return sorted({*super().files_read(), *map(str, self.adapter_files)})
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:
@@ -142,7 +142,7 @@ def _apply(ckpt: Checkpoint, folder: Path, where: str) -> LoraCheckpoint:
         pairs.setdefault(target, {"kind": kind})[role] = info  # type: ignore[assignment]
     for target, pair in sorted(pairs.items()):
         tensors[target] = _adapted(ckpt.tensors[target], pair, settings, weights_path, str(folder))
-    return LoraCheckpoint(ckpt.path, ckpt.config, tensors, adapter=folder,
+    return LoraCheckpoint(ckpt.path, ckpt.config, tensors, ckpt.source, adapter=folder,
                           adapter_files=(config_path.resolve(), weights_path.resolve()),
                           order=tuple(ckpt.ordered_names()))
 

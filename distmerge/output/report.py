@@ -41,6 +41,7 @@ class BatchFigures(Protocol):
     pid: int
     peak_anon_rss: int
     start_anon_rss: int
+    bytes_fetched: int
 
     @property
     def units(self) -> Sequence[UnitFigures]:  # read-only: a list of any UnitFigures type fits
@@ -51,20 +52,25 @@ def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: floa
                  sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's figures: what was merged, bytes and time per node and worker, checksums, and a
     section per feature of the merge (``sections``, e.g. ``aim``)."""
-    nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_read": 0, "bytes_written": 0, "units": 0, "batches": 0})
+    nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_read": 0, "bytes_fetched": 0, "bytes_written": 0,
+                                                            "units": 0, "batches": 0})
     workers: dict[str, dict[str, Any]] = {}
     for r in results:
         n = nodes[r.node]
         n["bytes_read"] += r.bytes_read
+        n["bytes_fetched"] += r.bytes_fetched
         n["bytes_written"] += r.bytes_written
         n["units"] += len(r.units)
         n["batches"] += 1
         key = f"{r.node}:{r.pid}"
-        w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss, "batches": 0, "busy_seconds": 0.0})
+        w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss,
+                                     "batches": 0, "busy_seconds": 0.0, "bytes_read": 0, "bytes_fetched": 0})
         w["peak_anon_rss"] = max(w["peak_anon_rss"], r.peak_anon_rss)
         w["baseline_anon_rss"] = min(w["baseline_anon_rss"], r.start_anon_rss)
         w["batches"] += 1
         w["busy_seconds"] += r.seconds
+        w["bytes_read"] += r.bytes_read
+        w["bytes_fetched"] += r.bytes_fetched
     read = sum(r.bytes_read for r in results)
     written = sum(r.bytes_written for r in results)
     cfg = plan.config
@@ -85,6 +91,9 @@ def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: floa
         "shard_size": plan.shard_size,
         "seed": cfg.execution.seed,
         "bytes_read": read,
+        # Bytes that came over the network from remote inputs (0 for local ones): the ranges
+        # the units needed, plus whatever retries asked for again.
+        "bytes_fetched": sum(r.bytes_fetched for r in results),
         "bytes_written": written,
         "seconds": round(seconds, 3),
         "read_throughput_bytes_per_s": read / seconds if seconds > 0 else None,

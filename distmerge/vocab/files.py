@@ -20,6 +20,7 @@ from typing import Any
 from distmerge.checkpoint import MAX_CONFIG_JSON_BYTES, TOKENIZER_CORE_FILES, TOKENIZER_FILES
 from distmerge.errors import CheckpointError
 from distmerge.io.files import check_inside, read_limited
+from distmerge.io.model_source import locate_model
 from distmerge.io.structured import check_bounded, read_json
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def load_tokenizer(folder: str | os.PathLike[str], role: str) -> Any | None:
     """The fast tokenizer of a model folder, or None when it has no tokenizer files at all."""
     import transformers
 
-    folder = Path(folder)
+    folder = locate_model(str(folder), role, CheckpointError).folder
     if not folder.is_dir():
         raise CheckpointError(f"{role} {folder}: not a model folder (it does not exist or is a file)")
     with tempfile.TemporaryDirectory(prefix="distmerge-tok-") as tmp:
@@ -84,7 +85,7 @@ def load_tokenizer(folder: str | os.PathLike[str], role: str) -> Any | None:
 def config_vocab_size(folder: str | os.PathLike[str], role: str) -> int | None:
     """``vocab_size`` of a model folder's config.json (``text_config.vocab_size`` for multimodal
     wrappers), or None when it has none, as mergekit's ``get_vocab_size``."""
-    folder = Path(folder)
+    folder = locate_model(str(folder), role, CheckpointError).folder
     path = folder / "config.json"
     if not os.path.lexists(path):
         return None

@@ -131,9 +131,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def loopback_cluster(nodes: int = 2, num_cpus: int = 1, object_store: int = 100_000_000,
-                     memory: int | None = None) -> Iterator[RayCluster]:
+                     memory: int | None = None, env: dict[str, str] | None = None) -> Iterator[RayCluster]:
     """Head + ``nodes - 1`` joined nodes, each with ``num_cpus``, ``object_store`` bytes of object
-    store and (if given) ``memory`` bytes of Ray's memory resource, loopback only."""
+    store and (if given) ``memory`` bytes of Ray's memory resource, loopback only; ``env`` is
+    added to the environment of the nodes (and of what the tests start against them), as a
+    user sets storage endpoints and credentials on every node."""
     for exe in (RAY, DISTMERGE):
         if not exe.exists():
             pytest.fail(f"{exe} missing: install the project into the venv that runs pytest (pip install -e .)")
@@ -141,8 +143,8 @@ def loopback_cluster(nodes: int = 2, num_cpus: int = 1, object_store: int = 100_
     # Every address this test uses is 127.0.0.1. Ray itself registers a node started with
     # --node-ip-address 127.0.0.1 under the host's routable address and its GCS and raylets
     # listen on all interfaces; the token keeps everyone else out of those ports.
-    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    cluster = RayCluster(temp_dir, _free_port(), _free_port(), env)
+    cluster = RayCluster(temp_dir, _free_port(), _free_port(),
+                         _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **(env or {})))
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--object-store-memory",
               str(object_store), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     if memory is not None:

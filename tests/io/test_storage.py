@@ -123,12 +123,18 @@ def test_writes_never_follow_a_planted_link(tmp_path):
     assert target.read_bytes() == b"keep" and not link.exists()
 
 
-def test_storage_for_serves_paths_locally_and_refuses_urls(tmp_path):
+def test_storage_for_serves_paths_locally_and_urls_by_scheme(tmp_path):
+    from distmerge.io.hub import HubStorage
+    from distmerge.io.s3 import S3Storage
+
     assert isinstance(storage_for(tmp_path / "x"), LocalStorage)
     assert isinstance(storage_for(str(tmp_path / "x")), LocalStorage)
     assert isinstance(storage_for("relative/folder:with-colon"), LocalStorage)
-    for url in ("s3://bucket/model", "gs://bucket/model", "hf://org/model"):
-        with pytest.raises(DistmergeError, match="remote storage .* not supported yet"):
+    assert isinstance(storage_for("s3://bucket/model/a.safetensors"), S3Storage)
+    assert isinstance(storage_for("S3://bucket/model"), S3Storage)
+    assert isinstance(storage_for("hf://org/model@abc/a.safetensors"), HubStorage)
+    for url in ("gs://bucket/model", "ftp://host/model", "file:///tmp/x"):
+        with pytest.raises(DistmergeError, match=r"storage is not supported \(yet\)"):
             storage_for(url)
 
 

@@ -1,0 +1,99 @@
+"""Remote inputs against local disk: the same merge from S3, from a Hub endpoint and from files.
+
+    .venv/bin/python -m benchmarks.bench_remote --model-gb 0.5 --repeat 3
+
+Three synthetic bf16 Llama-shaped models (base + 2 experts) are written locally, uploaded to an
+S3-compatible server (moto, in memory) and served by a Hub-compatible HTTP server, both on
+loopback (``distmerge.testing``), so the figures measure distmerge's remote path (range
+requests, retries, one request per span, bytes copied into tensors) and the servers' own cost,
+not a network. Each repeat runs the task_arithmetic merge three ways in one Ray session, the
+local one first (inputs evicted from the page cache), and reports each remote run as a ratio to
+the local one plus the bytes fetched per input byte the merge needed (``bytes_fetched`` /
+``bytes_read`` of the merge report, and what the servers counted, planner headers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.io_baseline import evict, safetensors_files
+from benchmarks.synthetic import write_family
+
+WORK = Path(__file__).parent / "_work"
+BUCKET = "bench-models"
+
+
+def merge_config(names: dict[str, str]) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": names["base"], "dtype": "bfloat16",
+            "models": [{"model": names[m], "parameters": {"weight": w}} for m, w in (("expert1", 0.6), ("expert2", 0.5))]}
+
+
+def timed_merge(names: dict[str, str], out: Path) -> tuple[float, dict]:
+    from distmerge.config import parse_config
+    from distmerge.engine.run import run_merge
+
+    started = time.perf_counter()
+    report = run_merge(parse_config(merge_config(names)), out, overwrite=True, progress=False)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out)
+    return seconds, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-gb", type=float, default=0.5)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from distmerge.engine.cluster import connect
+    from distmerge.testing.hub_server import HubServer
+    from distmerge.testing.s3_server import S3Server
+
+    root = WORK / f"remote-{args.model_gb:g}GB"
+    base, experts = write_family(root / "models", int(args.model_gb * 1e9), n_experts=2)
+    folders = {"base": base, "expert1": experts[0], "expert2": experts[1]}
+    inputs = safetensors_files(list(folders.values()))
+    input_bytes = sum(p.stat().st_size for p in inputs)
+    rows = []
+    with S3Server() as s3, HubServer({f"bench/{m}": p for m, p in folders.items()}) as hub:
+        client = s3.client()
+        client.create_bucket(Bucket=BUCKET)
+        for m, folder in folders.items():
+            for f in sorted(folder.iterdir()):
+                client.upload_file(str(f), BUCKET, f"{m}/{f.name}")
+        # Every Ray worker started from here on inherits the endpoints and credentials.
+        os.environ.update(s3.env(), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(root / "hf-cache"),
+                          DISTMERGE_CACHE=str(root / "cache"))
+        connect(None)
+        ways = {"local": {m: str(p) for m, p in folders.items()},
+                "s3": {m: f"s3://{BUCKET}/{m}" for m in folders},
+                "hub": {m: f"bench/{m}" for m in folders}}
+        for _ in range(args.repeat):
+            row: dict[str, float] = {}
+            for way, names in ways.items():
+                evict(inputs)
+                s3.reset_counters()
+                hub.reset_counters()
+                seconds, report = timed_merge(names, root / f"out-{way}")
+                served = sum(s3.bytes_sent.values()) + sum(hub.bytes_served.values())
+                row[f"{way}_s"] = round(seconds, 2)
+                if way != "local":
+                    row[f"{way}_ratio"] = round(seconds / row["local_s"], 2)
+                    row[f"{way}_fetched_per_needed"] = round(report["bytes_fetched"] / report["bytes_read"], 4)
+                    row[f"{way}_served_per_needed"] = round(served / report["bytes_read"], 4)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    summary = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    summary.update(input_gb=round(input_bytes / 1e9, 3), cpus=os.cpu_count(), repeat=args.repeat)
+    print("median:", json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
