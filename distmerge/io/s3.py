@@ -19,11 +19,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from distmerge.errors import DistmergeError
 from distmerge.io.locations import RemoteLocation, parse_remote
 from distmerge.io.remote import RemoteReader, RemoteStorage, SizeCache
-from distmerge.io.retry import attempts, with_retries
+from distmerge.io.retry import attempts
 
 STREAM_CHUNK = 1 << 20
 _lock = threading.Lock()
@@ -101,7 +102,9 @@ def explain(e: BaseException, location: str, what: str) -> str:
         return (f"{location}: no AWS credentials found for reading {what}; set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the node an instance or workload identity")
     if isinstance(e, bx.EndpointConnectionError):
-        return f"{location}: cannot reach the S3 endpoint ({e.kwargs.get('endpoint_url', '?')}) for {what}"
+        where = urlsplit(str(e.kwargs.get("endpoint_url", "")))
+        return (f"{location}: cannot reach the S3 endpoint {where.scheme}://{where.hostname} for {what}; check the "
+                "network, or AWS_ENDPOINT_URL_S3 for an S3-compatible store")
     if isinstance(e, bx.ClientError):
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -118,8 +121,9 @@ def explain(e: BaseException, location: str, what: str) -> str:
 
 
 def _call(fn: Any, location: str, what: str, error: type[DistmergeError], **kw: Any) -> Any:
+    """One API call; botocore's standard mode already retries it (connection errors, 5xx, throttling)."""
     try:
-        return with_retries(lambda: fn(**kw), f"{what} at {location}", transient)
+        return fn(**kw)
     except DistmergeError:
         raise
     except Exception as e:  # noqa: BLE001 - worded for the user
