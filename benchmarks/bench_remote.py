@@ -46,6 +46,16 @@ def timed_merge(names: dict[str, str], out: Path) -> tuple[float, dict]:
     return seconds, report
 
 
+def plain_reads(read_span, files: list[tuple[str, int]], span: int = 64 * 10**6) -> float:
+    """Seconds one plain client takes to fetch every byte of ``files`` in ``span``-byte ranges,
+    one request at a time: the server's own bound, which distmerge's remote runs are divided by."""
+    started = time.perf_counter()
+    for name, size in files:
+        for offset in range(0, size, span):
+            read_span(name, offset, min(span, size - offset))
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-gb", type=float, default=0.5)
@@ -72,6 +82,16 @@ def main() -> None:
         os.environ.update(s3.env(), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(root / "hf-cache"),
                           DISTMERGE_CACHE=str(root / "cache"))
         connect(None)
+        import requests
+
+        sizes = [(f"{m}/{f.name}", f.stat().st_size) for m, p in folders.items() for f in sorted(p.glob("*.safetensors"))]
+        bounds = {
+            "s3": lambda: plain_reads(lambda k, o, n: client.get_object(
+                Bucket=BUCKET, Key=k, Range=f"bytes={o}-{o + n - 1}")["Body"].read(), sizes),
+            "hub": lambda: plain_reads(lambda k, o, n: requests.get(
+                f"{hub.url}/bench/{k.split('/')[0]}/resolve/main/{k.split('/')[1]}",
+                headers={"Range": f"bytes={o}-{o + n - 1}"}, timeout=600).content, sizes),
+        }
         ways = {"local": {m: str(p) for m, p in folders.items()},
                 "s3": {m: f"s3://{BUCKET}/{m}" for m in folders},
                 "hub": {m: f"bench/{m}" for m in folders}}
@@ -86,6 +106,8 @@ def main() -> None:
                 row[f"{way}_s"] = round(seconds, 2)
                 if way != "local":
                     row[f"{way}_ratio"] = round(seconds / row["local_s"], 2)
+                    row[f"{way}_server_bound_s"] = round(bounds[way](), 2)
+                    row[f"{way}_ratio_to_server_bound"] = round(seconds / row[f"{way}_server_bound_s"], 2)
                     row[f"{way}_fetched_per_needed"] = round(report["bytes_fetched"] / report["bytes_read"], 4)
                     row[f"{way}_served_per_needed"] = round(served / report["bytes_read"], 4)
             print(json.dumps(row), flush=True)
