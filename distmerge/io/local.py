@@ -124,20 +124,7 @@ class LocalStorage:
         if length < 0:
             return None
         with self.open_reader(location, what, error) as reader:
-            buffer = memoryview(bytearray(min(CHUNK_BYTES, length)))
-            crc, done = 0, 0
-            while done < length:
-                want = min(len(buffer), length - done)
-                got = reader.read_into(offset + done, buffer[:want])
-                if got:
-                    chunk = buffer[:got]
-                    crc = zlib.crc32(chunk, crc)
-                    if on_chunk is not None:
-                        on_chunk(chunk)
-                if got < want:
-                    return None
-                done += got
-        return crc
+            return span_crc32(reader, offset, length, on_chunk)
 
     def create(self, location: str | os.PathLike[str], header: bytes, size: int) -> None:
         try:
@@ -207,3 +194,23 @@ class LocalStorage:
 
 
 LOCAL = LocalStorage()
+
+
+def span_crc32(reader: Any, offset: int, length: int,
+               on_chunk: Callable[[memoryview], None] | None = None) -> int | None:
+    """CRC-32 of ``length`` bytes at ``offset`` of an opened span reader (any storage's), read in
+    :data:`CHUNK_BYTES` chunks; None when the location holds fewer bytes."""
+    buffer = memoryview(bytearray(min(CHUNK_BYTES, max(length, 1))))
+    crc, done = 0, 0
+    while done < length:
+        want = min(len(buffer), length - done)
+        got = reader.read_into(offset + done, buffer[:want])
+        if got:
+            chunk = buffer[:got]
+            crc = zlib.crc32(chunk, crc)
+            if on_chunk is not None:
+                on_chunk(chunk)
+        if got < want:
+            return None
+        done += got
+    return crc

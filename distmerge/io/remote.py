@@ -12,14 +12,13 @@ ranges its units need.
 from __future__ import annotations
 
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from distmerge.errors import DistmergeError, OutputError
+from distmerge.io.local import span_crc32
 from distmerge.io.retry import with_retries
 
-CHUNK_BYTES = 16 * 1024 * 1024  # a checksum pass asks for this much at once
 # A read at the start of an object (a safetensors header's length) fetches this much at once:
 # the JSON header that follows is then usually served from memory, one round trip instead of two.
 HEAD_BYTES = 64 * 1024
@@ -143,19 +142,10 @@ class RemoteStorage:
     def crc32(self, location: Any, offset: int, length: int, what: str,
               error: type[DistmergeError] = DistmergeError,
               on_chunk: Callable[[memoryview], None] | None = None) -> int | None:
+        if length < 0:
+            return None
         with self.open_reader(location, what, error) as reader:
-            if reader.size() < offset + length:
-                return None
-            crc, buffer = 0, bytearray(min(CHUNK_BYTES, max(length, 1)))
-            done = 0
-            while done < length:
-                view = memoryview(buffer)[:min(len(buffer), length - done)]
-                reader.read_into(offset + done, view)
-                crc = zlib.crc32(view, crc)
-                if on_chunk is not None:
-                    on_chunk(view)
-                done += len(view)
-            return crc
+            return span_crc32(reader, offset, length, on_chunk)
 
     def _no_writes(self, location: Any) -> OutputError:
         return OutputError(f"{location}: writing the output to remote storage is not supported yet; "
