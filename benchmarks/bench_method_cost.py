@@ -20,11 +20,11 @@ import torch
 from benchmarks.bench_engine import merge_config
 from benchmarks.synthetic import write_family
 from distmerge.config import parse_config
-from distmerge.engine.scheduling import batches
 from distmerge.engine.worker import MergeJob, run_batch, run_reduction_round
 from distmerge.io.writes import create_file
 from distmerge.methods.base import Partials, Reductions
-from distmerge.plan import build_plan
+from distmerge.output.writers import LocalFiles
+from distmerge.plan import batches, build_plan
 
 WORK = Path(__file__).parent / "_work"
 
@@ -34,7 +34,7 @@ def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
     out.mkdir(parents=True, exist_ok=True)
     for f in plan.files:
         create_file(out / f.name, f.header, f.size)
-    job = MergeJob(plan.method.name, tuple(plan.tensors), tuple(str(out / f.name) for f in plan.files),
+    job = MergeJob(plan.method.name, tuple(plan.tensors), LocalFiles(tuple(str(out / f.name) for f in plan.files)),
                    plan.compute_dtype, 0)
     started = time.perf_counter()
     reduced: dict[int, Reductions] = {}

@@ -1,4 +1,4 @@
-"""Remote inputs against local disk: the same merge from S3, from a Hub endpoint and from files.
+"""Remote inputs and outputs against local disk: the same merge from and to S3, from a Hub endpoint, and files.
 
     .venv/bin/python -m benchmarks.bench_remote --model-gb 0.5 --repeat 3
 
@@ -10,6 +10,10 @@ not a network. Each repeat runs the task_arithmetic merge three ways in one Ray 
 local one first (inputs evicted from the page cache), and reports each remote run as a ratio to
 the local one plus the bytes fetched per input byte the merge needed (``bytes_fetched`` /
 ``bytes_read`` of the merge report, and what the servers counted, planner headers included).
+Two more ways write the output to S3 (multipart uploads from the workers, verified by reading it
+back by ranges, small files and index uploaded last): from local inputs, and from S3 inputs;
+the bytes uploaded per output byte and a plain client's sequential multipart upload of the same
+bytes (the server's write bound) are reported beside them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from benchmarks.synthetic import write_family
 
 WORK = Path(__file__).parent / "_work"
 BUCKET = "bench-models"
+OUT_BUCKET = "bench-merges"
 
 
 def merge_config(names: dict[str, str]) -> dict:
@@ -35,15 +40,34 @@ def merge_config(names: dict[str, str]) -> dict:
             "models": [{"model": names[m], "parameters": {"weight": w}} for m, w in (("expert1", 0.6), ("expert2", 0.5))]}
 
 
-def timed_merge(names: dict[str, str], out: Path) -> tuple[float, dict]:
+def timed_merge(names: dict[str, str], out: Path | str) -> tuple[float, dict]:
     from distmerge.config import parse_config
     from distmerge.engine.run import run_merge
 
     started = time.perf_counter()
     report = run_merge(parse_config(merge_config(names)), out, overwrite=True, progress=False)
     seconds = time.perf_counter() - started
-    shutil.rmtree(out)
+    if isinstance(out, Path):
+        shutil.rmtree(out)
     return seconds, report
+
+
+def plain_upload(client, data_size: int, part: int = 32 * 2**20) -> float:
+    """Seconds one plain client takes to upload ``data_size`` bytes as one multipart upload of
+    ``part``-byte parts sent one at a time: the server's write bound."""
+    block = os.urandom(part)
+    started = time.perf_counter()
+    upload = client.create_multipart_upload(Bucket=OUT_BUCKET, Key="bound/file")["UploadId"]
+    parts = []
+    for n, offset in enumerate(range(0, data_size, part), start=1):
+        etag = client.upload_part(Bucket=OUT_BUCKET, Key="bound/file", UploadId=upload, PartNumber=n,
+                                  Body=block[:min(part, data_size - offset)])["ETag"]
+        parts.append({"PartNumber": n, "ETag": etag})
+    client.complete_multipart_upload(Bucket=OUT_BUCKET, Key="bound/file", UploadId=upload,
+                                     MultipartUpload={"Parts": parts})
+    seconds = time.perf_counter() - started
+    client.delete_object(Bucket=OUT_BUCKET, Key="bound/file")
+    return seconds
 
 
 def plain_reads(read_span, files: list[tuple[str, int]], span: int = 64 * 10**6) -> float:
@@ -75,6 +99,7 @@ def main() -> None:
     with S3Server() as s3, HubServer({f"bench/{m}": p for m, p in folders.items()}) as hub:
         client = s3.client()
         client.create_bucket(Bucket=BUCKET)
+        client.create_bucket(Bucket=OUT_BUCKET)
         for m, folder in folders.items():
             for f in sorted(folder.iterdir()):
                 client.upload_file(str(f), BUCKET, f"{m}/{f.name}")
@@ -92,19 +117,26 @@ def main() -> None:
                 f"{hub.url}/bench/{k.split('/')[0]}/resolve/main/{k.split('/')[1]}",
                 headers={"Range": f"bytes={o}-{o + n - 1}"}, timeout=600).content, sizes),
         }
-        ways = {"local": {m: str(p) for m, p in folders.items()},
-                "s3": {m: f"s3://{BUCKET}/{m}" for m in folders},
-                "hub": {m: f"bench/{m}" for m in folders}}
+        local, remote = {m: str(p) for m, p in folders.items()}, {m: f"s3://{BUCKET}/{m}" for m in folders}
+        out_url = f"s3://{OUT_BUCKET}/merged"
+        ways: dict[str, tuple[dict[str, str], Path | str]] = {
+            "local": (local, root / "out-local"), "s3": (remote, root / "out-s3"),
+            "hub": ({m: f"bench/{m}" for m in folders}, root / "out-hub"),
+            "local_to_s3": (local, out_url), "s3_to_s3": (remote, out_url)}
         for _ in range(args.repeat):
             row: dict[str, float] = {}
-            for way, names in ways.items():
+            for way, (names, out) in ways.items():
                 evict(inputs)
                 s3.reset_counters()
                 hub.reset_counters()
-                seconds, report = timed_merge(names, root / f"out-{way}")
+                seconds, report = timed_merge(names, out)
                 served = sum(s3.bytes_sent.values()) + sum(hub.bytes_served.values())
                 row[f"{way}_s"] = round(seconds, 2)
-                if way != "local":
+                if way.endswith("_to_s3"):
+                    row[f"{way}_ratio"] = round(seconds / row["local_s"], 2)
+                    row[f"{way}_uploaded_per_output"] = round(report["bytes_uploaded"] / report["bytes_written"], 4)
+                    row["s3_write_bound_s"] = round(plain_upload(client, report["bytes_uploaded"]), 2)
+                elif way != "local":
                     row[f"{way}_ratio"] = round(seconds / row["local_s"], 2)
                     row[f"{way}_server_bound_s"] = round(bounds[way](), 2)
                     row[f"{way}_ratio_to_server_bound"] = round(seconds / row[f"{way}_server_bound_s"], 2)

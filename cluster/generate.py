@@ -22,7 +22,7 @@ import json
 import re
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_VALUES = HERE / "values.yaml"
 DEFAULT_OUT = HERE / "manifests"
 MANIFESTS = ("pvc", "configmap", "rayjob", "raycronjob", "raycluster", "loader", "networkpolicy")
+STORAGE_MODES = ("sharedVolume", "objectStore")
+CACHE_PATH = "/var/cache/distmerge"  # objectStore mode: DISTMERGE_CACHE on an emptyDir
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^@\s]+)?$")
 CONFIG_KEY = "merge.yml"
 # Per Ray worker process, on top of its shard buffers: Python, torch, Ray's core worker.
 PROCESS_OVERHEAD = 500 * 1000**2
@@ -107,28 +110,19 @@ def workers_per_pod(cpu: float, memory: float, object_store: float, headroom: fl
 def check_values(values: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, int]:
     """Reject values that could only fail on the cluster; returns the derived Ray CPUs per pod."""
     name = str(_get(values, "name"))
-    for key in ("name", "namespace", "storage.pvcName", "merge.configMapName"):
+    names = ("name", "namespace", "merge.configMapName")
+    if _get(values, "storage.mode") == "sharedVolume":
+        names += ("storage.pvcName",)
+    for key in names:
         if not _DNS_NAME.match(str(_get(values, key))):
             raise ValuesError(f"{key}: {_get(values, key)!r} is not a DNS-1123 label (lowercase, digits, '-')")
     if len(name) > 40:
         raise ValuesError("name: keep it under 40 characters (KubeRay derives pod and service names from it)")
     if str(_get(values, "auth")) not in ("token", "disabled"):
         raise ValuesError("auth: must be 'token' or 'disabled'")
-    mount = str(_get(values, "storage.mountPath")).rstrip("/")
-    if not mount.startswith("/"):
-        raise ValuesError("storage.mountPath: must be absolute")
     paths = {"merge.outputPath": _get(values, "merge.outputPath"),
              "merge.cronOutputPath": _get(values, "merge.cronOutputPath")}
-    for i, model in enumerate(config.get("models") or []):
-        paths[f"{_get(values, 'merge.configFile')}: models[{i}].model"] = model.get("model")
-    for key in ("base_model", "tokenizer_source"):
-        if config.get(key) not in (None, "base"):
-            paths[f"{_get(values, 'merge.configFile')}: {key}"] = config[key]
-    if (config.get("aim") or {}).get("stats"):
-        paths[f"{_get(values, 'merge.configFile')}: aim.stats"] = config["aim"]["stats"]
-    for key, path in paths.items():
-        if not str(path).startswith(mount + "/"):
-            raise ValuesError(f"{key}: {path!r} is not on the shared volume {mount}/ that every pod mounts")
+    check_storage(values, config, paths)
     if "{fingerprint}" not in str(paths["merge.cronOutputPath"]):
         raise ValuesError("merge.cronOutputPath: must contain {fingerprint}, or each night overwrites the last good output")
     shard = size_bytes(_get(values, "merge.shardSize"), "merge.shardSize")
@@ -163,6 +157,83 @@ def check_values(values: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
     check_security(values)
     check_network_policy(values)
     return derived
+
+
+def check_storage(values: Mapping[str, Any], config: Mapping[str, Any], outputs: dict[str, Any]) -> None:
+    """Every path the merge reads or writes is where every pod can reach it.
+
+    sharedVolume: on the volume every pod mounts. objectStore: outputs are ``s3://`` URLs and
+    models ``s3://`` URLs or Hugging Face Hub ids, so no pod needs a volume; AIM statistics and
+    calibration data files would need one, so they are refused (calibrate during the run).
+    """
+    mode = str(_get(values, "storage.mode"))
+    if mode not in STORAGE_MODES:
+        raise ValuesError(f"storage.mode: must be one of {', '.join(STORAGE_MODES)}, not {mode!r}")
+    source = _get(values, "merge.configFile")
+    reads = {f"{source}: models[{i}].model": m.get("model") for i, m in enumerate(config.get("models") or [])}
+    for key in ("base_model", "tokenizer_source"):
+        if config.get(key) not in (None, "base"):
+            reads[f"{source}: {key}"] = config[key]
+    aim = config.get("aim") or {}
+    files = {f"{source}: aim.stats": aim.get("stats"),
+             f"{source}: aim.calibration.dataset": (aim.get("calibration") or {}).get("dataset")}
+    files = {k: v for k, v in files.items() if v not in (None, "builtin")}
+    if mode == "sharedVolume":
+        mount = str(_get(values, "storage.mountPath")).rstrip("/")
+        if not mount.startswith("/"):
+            raise ValuesError("storage.mountPath: must be absolute")
+        for key, path in {**outputs, **reads, **files}.items():
+            if not str(path).startswith(mount + "/"):
+                raise ValuesError(f"{key}: {path!r} is not on the shared volume {mount}/ that every pod mounts")
+        return
+    store = _get(values, "storage.objectStore")
+    for key in ("credentialsSecret", "serviceAccountName"):
+        name = store.get(key)
+        if name is not None and not _DNS_NAME.match(str(name)):
+            raise ValuesError(f"storage.objectStore.{key}: {name!r} is not a DNS-1123 name (or null)")
+    quantity(_get(values, "storage.objectStore.cacheSize"), "storage.objectStore.cacheSize")
+    for key, url in outputs.items():
+        if not str(url).startswith("s3://"):
+            raise ValuesError(f"{key}: {url!r} must be an s3://bucket/prefix URL in storage.mode objectStore "
+                              "(no pod has a volume to write to)")
+    for key, model in reads.items():
+        if not (str(model).startswith("s3://") or _HUB_ID.match(str(model))):
+            raise ValuesError(f"{key}: {model!r} must be an s3:// URL or a Hugging Face Hub id (org/name) in "
+                              "storage.mode objectStore (no pod has a volume to read it from)")
+    for key, path in files.items():
+        raise ValuesError(f"{key}: {path!r}: files of AIM are read from a local path, which no pod has in "
+                          "storage.mode objectStore; calibrate during the run (leave it unset / builtin)")
+
+
+def manifest_stems(values: Mapping[str, Any]) -> tuple[str, ...]:
+    """The manifests of this storage mode: an object store needs no volume and no loader pod."""
+    if values["storage"]["mode"] == "objectStore":
+        return tuple(stem for stem in MANIFESTS if stem not in ("pvc", "loader"))
+    return MANIFESTS
+
+
+def storage_pod_parts(values: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Volume mounts, volumes and container fields (env) a Ray pod needs to reach the models.
+
+    sharedVolume: the claim, at the same path on every pod. objectStore: a local cache (small
+    files of remote models, the output's journal, the Hub cache) and the store's settings as
+    environment variables; credentials from a Secret (envFrom) or the pod's workload identity.
+    """
+    storage = values["storage"]
+    if storage["mode"] != "objectStore":
+        return ([{"name": "models", "mountPath": str(storage["mountPath"])}],
+                [{"name": "models", "persistentVolumeClaim": {"claimName": str(storage["pvcName"])}}], {})
+    store = storage["objectStore"]
+    env = [{"name": "DISTMERGE_CACHE", "value": CACHE_PATH}, {"name": "HF_HOME", "value": f"{CACHE_PATH}/hf"}]
+    if store.get("endpoint"):
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": str(store["endpoint"])})
+    if store.get("region"):
+        env.append({"name": "AWS_REGION", "value": str(store["region"])})
+    fields: dict[str, Any] = {"env": env}
+    if store.get("credentialsSecret"):
+        fields["envFrom"] = [{"secretRef": {"name": str(store["credentialsSecret"])}}]
+    return ([{"name": "cache", "mountPath": CACHE_PATH}],
+            [{"name": "cache", "emptyDir": {"sizeLimit": str(store["cacheSize"])}}], fields)
 
 
 def _is_int(value: Any) -> bool:
@@ -318,14 +389,16 @@ def _pod_template(values: Mapping[str, Any], group: str, cluster: str) -> dict[s
     """A Ray pod: the image, the shared volume, the merge config and a memory-backed /dev/shm."""
     spec = values[group]
     gpu = int(spec.get("gpu", 0) or 0)
+    mounts, volumes, fields = storage_pod_parts(values)
     container: dict[str, Any] = {
         "name": "ray-head" if group == "head" else "ray-worker",
         "image": str(values["image"]),
         "imagePullPolicy": str(values["imagePullPolicy"]),
         "resources": _resources(spec["cpu"], spec["memory"], gpu),
         "securityContext": container_security_context(),
+        **fields,
         "volumeMounts": [
-            {"name": "models", "mountPath": str(values["storage"]["mountPath"])},
+            *mounts,
             {"name": "merge-config", "mountPath": str(values["merge"]["configMountPath"]), "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
@@ -341,11 +414,14 @@ def _pod_template(values: Mapping[str, Any], group: str, cluster: str) -> dict[s
         "containers": [container],
         "securityContext": pod_security_context(values),
         "volumes": [
-            {"name": "models", "persistentVolumeClaim": {"claimName": str(values["storage"]["pvcName"])}},
+            *volumes,
             {"name": "merge-config", "configMap": {"name": str(values["merge"]["configMapName"])}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(values["shmSize"])}},
         ],
     }
+    service_account = values["storage"].get("objectStore", {}).get("serviceAccountName")
+    if values["storage"]["mode"] == "objectStore" and service_account:
+        pod["serviceAccountName"] = str(service_account)
     if values.get("nodeSelector"):
         pod["nodeSelector"] = dict(values["nodeSelector"])
     if values.get("tolerations"):
@@ -552,34 +628,39 @@ def render(values: Mapping[str, Any], config_text: str) -> dict[str, Manifest]:
     derived = check_values(values, config)
     if len(config_text.encode()) > 900_000:
         raise ValuesError("merge config: too large for a ConfigMap (1 MiB)")
-    merge, storage = values["merge"], values["storage"]
+    merge = values["merge"]
     names = ray_object_names(values)
-    pvc_spec: dict[str, Any] = {
-        "accessModes": [str(storage["accessMode"])],
-        "resources": {"requests": {"storage": str(storage["size"])}},
-    }
-    if storage.get("storageClassName"):
-        pvc_spec["storageClassName"] = str(storage["storageClassName"])
     cron_job = ray_job_spec(values, derived, str(merge["cronOutputPath"]), names["raycronjob"])
-    return {
-        "pvc": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                "metadata": _meta(values, str(storage["pvcName"]), "storage"), "spec": pvc_spec},
-        "configmap": {"apiVersion": "v1", "kind": "ConfigMap",
-                      "metadata": _meta(values, str(merge["configMapName"]), "merge-config"),
-                      "data": {CONFIG_KEY: config_text}},
-        "rayjob": {"apiVersion": "ray.io/v1", "kind": "RayJob",
-                   "metadata": _meta(values, names["rayjob"], "merge"),
-                   "spec": ray_job_spec(values, derived, str(merge["outputPath"]), names["rayjob"])},
-        "raycronjob": {"apiVersion": "ray.io/v1", "kind": "RayCronJob",
-                       "metadata": _meta(values, names["raycronjob"], "scheduled-merge"),
-                       "spec": {"schedule": str(merge["schedule"]), "timeZone": str(merge["timeZone"]),
-                                "suspend": False, "jobTemplate": cron_job}},
-        "raycluster": {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-                       "metadata": _meta(values, names["raycluster"], "cluster"),
-                       "spec": ray_cluster_spec(values, derived, names["raycluster"])},
-        "loader": loader_pod(values),
-        "networkpolicy": network_policies(values),
+    rendered: dict[str, Callable[[], Manifest]] = {
+        "pvc": lambda: pvc(values),
+        "configmap": lambda: {"apiVersion": "v1", "kind": "ConfigMap",
+                              "metadata": _meta(values, str(merge["configMapName"]), "merge-config"),
+                              "data": {CONFIG_KEY: config_text}},
+        "rayjob": lambda: {"apiVersion": "ray.io/v1", "kind": "RayJob",
+                           "metadata": _meta(values, names["rayjob"], "merge"),
+                           "spec": ray_job_spec(values, derived, str(merge["outputPath"]), names["rayjob"])},
+        "raycronjob": lambda: {"apiVersion": "ray.io/v1", "kind": "RayCronJob",
+                               "metadata": _meta(values, names["raycronjob"], "scheduled-merge"),
+                               "spec": {"schedule": str(merge["schedule"]), "timeZone": str(merge["timeZone"]),
+                                        "suspend": False, "jobTemplate": cron_job}},
+        "raycluster": lambda: {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                               "metadata": _meta(values, names["raycluster"], "cluster"),
+                               "spec": ray_cluster_spec(values, derived, names["raycluster"])},
+        "loader": lambda: loader_pod(values),
+        "networkpolicy": lambda: network_policies(values),
     }
+    return {stem: rendered[stem]() for stem in manifest_stems(values)}
+
+
+def pvc(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared volume's claim (sharedVolume mode)."""
+    storage = values["storage"]
+    spec: dict[str, Any] = {"accessModes": [str(storage["accessMode"])],
+                            "resources": {"requests": {"storage": str(storage["size"])}}}
+    if storage.get("storageClassName"):
+        spec["storageClassName"] = str(storage["storageClassName"])
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _meta(values, str(storage["pvcName"]), "storage"), "spec": spec}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="merge the models of CONFIG into OUT_DIR")
     merge.add_argument("config", type=Path, help="merge config (YAML, mergekit schema)")
-    merge.add_argument("out_dir", type=Path, help="output directory (Hugging Face layout)")
+    merge.add_argument("out_dir", help="output directory (Hugging Face layout), or s3://bucket/prefix")
     merge.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     merge.add_argument("--shard-size", type=_size_arg, help="memory budget of one work unit, e.g. 256MB (default from config)")
     merge.add_argument("--workers", type=_positive_int, help="work units in flight at once (default: CPUs of the cluster)")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--shard-size", type=_size_arg)
 
     verify = sub.add_parser("verify", help="check a merged checkpoint: index, headers, checksums, architecture, NaN/Inf")
-    verify.add_argument("out_dir", type=Path)
+    verify.add_argument("out_dir", help="a merged checkpoint's directory, or its s3://bucket/prefix")
     verify.add_argument("--quick", action="store_true", help="headers and architecture only (no data read)")
 
     calibrate = sub.add_parser("calibrate", help="compute AIM activation statistics of the base model")
@@ -121,9 +121,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from distmerge.output.verify import verify_output
+    from distmerge.output.verify_stored import verify_location
 
-    result = verify_output(args.out_dir, deep=not args.quick)
+    result = verify_location(args.out_dir, deep=not args.quick)
     for w in result.warnings:
         print(f"warning: {w}")
     for p in result.problems:

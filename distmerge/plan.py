@@ -9,6 +9,7 @@ work units sized by a memory budget. The same config gives the same plan, byte f
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,20 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
     return MergePlan(config, method, sourced.template, sourced.base, sourced.experts, tensors, files, units,
                      shard_size, compute, sourced.model_config, sourced.vocabulary,
                      resolve_chat_template(config.chat_template, config.referenced_models()))
+
+
+MAX_UNITS_PER_BATCH = 256
+
+
+def batches(units: Iterable[WorkUnit], budget: int) -> Iterator[list[WorkUnit]]:
+    """Group consecutive units into batches of at most ``budget`` working bytes (>= 1 unit)."""
+    batch: list[WorkUnit] = []
+    used = 0
+    for unit in units:
+        if batch and (used + unit.working_bytes > budget or len(batch) >= MAX_UNITS_PER_BATCH):
+            yield batch
+            batch, used = [], 0
+        batch.append(unit)
+        used += unit.working_bytes
+    if batch:
+        yield batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from distmerge.output.side_files import (
     write_model_config,
     write_tokenizer_files,
 )
-from distmerge.output.verify import verify_output
+from distmerge.output.target import OutputTarget
+from distmerge.output.verify import StoredOutput, verify_output
 from distmerge.plan import MergePlan
 from distmerge.vocab import tokenizer_files
 from distmerge.vocab.files import load_tokenizer
@@ -72,9 +74,11 @@ def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal:
     return skipped
 
 
-def finalize(request: MergeRequest, plan: MergePlan, out: Path, journal: JournalWriter, results: list[BatchResult],
-             started: float) -> dict[str, Any]:
-    """Side files, the checksum manifest, verification, report, and the index last."""
+def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journal: JournalWriter,
+             results: list[BatchResult], started: float, check_lock: Callable[[], None]) -> dict[str, Any]:
+    """Side files, the checksum manifest, verification, report, and the index last (for an
+    object-store output: the small files uploaded after verification, the index last)."""
+    out = target.folder
     for stale in (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, MODEL_CARD_NAME):  # an interrupted finish's
         (out / stale).unlink(missing_ok=True)
     skipped = write_side_files(request, plan, out, journal)
@@ -91,12 +95,13 @@ def finalize(request: MergeRequest, plan: MergePlan, out: Path, journal: Journal
     weight_map = {t: f.name for f in plan.files for t in f.tensors}
     execution = request.config.execution
     verified = verify_output(out, weight_map=weight_map, manifest=manifest, deep=execution.verify,
-                             allow_nonfinite=execution.allow_nonfinite)
+                             allow_nonfinite=execution.allow_nonfinite,
+                             stored=StoredOutput(target.location, target.weights_at, target.listing))
     if not verified.ok:
         raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
     report = build_report(plan, results, time.time() - started,
                           sections={f.name: f.report_section() for f in request.features})
-    report.update(out_dir=str(out), verify=verified.as_dict(), skipped_side_files=skipped,
+    report.update(out_dir=target.location, verify=verified.as_dict(), skipped_side_files=skipped,
                   warnings=[w for r in results for w in r.warnings])
     for name in (REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME, INDEX_NAME):
         journal.wrote(name)
@@ -106,5 +111,8 @@ def finalize(request: MergeRequest, plan: MergePlan, out: Path, journal: Journal
     digest = write_manifest(out, manifest)
     write_index(out, [(f.name, f.tensors, f.size) for f in plan.files], sum(t.out_nbytes for t in plan.tensors),
                 {INDEX_KEY: digest})
+    check_lock()
+    small = {*recorded.written, REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME} - {INDEX_NAME}
+    target.publish([*sorted(n for n in small if (out / n).is_file()), INDEX_NAME])
     journal.complete()
     return report

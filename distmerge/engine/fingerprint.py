@@ -31,9 +31,9 @@ class MergeIdentity:
     def fingerprint(self) -> str:
         return self.parts["fingerprint"]
 
-    def output_directory(self, out_dir: str | Path) -> Path:
-        """``out_dir`` with ``{fingerprint}`` replaced by this merge's fingerprint."""
-        return Path(str(out_dir).replace("{fingerprint}", self.fingerprint))
+    def output_location(self, out_dir: str | Path) -> str:
+        """``out_dir`` (a path or a URL, kept as text) with ``{fingerprint}`` replaced by this merge's."""
+        return str(out_dir).replace("{fingerprint}", self.fingerprint)
 
 
 def fingerprint_config(cfg: MergeConfig) -> dict[str, Any]:

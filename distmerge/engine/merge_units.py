@@ -2,23 +2,22 @@
 
 The driver holds no tensor data: it ships one job description to the object store, submits
 batches of units with a bounded number in flight, journals each unit's checksum as its batch
-returns, and renames each output file to its final name once all of its rows are written.
+returns, and finishes each output file (renamed, or its upload completed) once all of its rows are in.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from pathlib import Path
 
 from distmerge.engine.cluster import cluster_cpus
 from distmerge.engine.features import RowStep
-from distmerge.engine.output_files import UnitKey
 from distmerge.engine.reductions import run_reduction_rounds
-from distmerge.engine.scheduling import batches, progress_bar, run_bounded
+from distmerge.engine.scheduling import progress_bar, run_bounded
 from distmerge.engine.worker import BatchResult, MergeJob
-from distmerge.io.writes import finalize_file, partial_path
 from distmerge.output.journal import JournalWriter
+from distmerge.output.local_files import UnitKey
+from distmerge.output.target import OutputTarget
 from distmerge.plan import MergePlan, WorkUnit
 
 log = logging.getLogger(__name__)
@@ -33,16 +32,16 @@ def tasks_in_flight(workers: int | None) -> int:
     return concurrency * 2 if concurrency >= cpus else concurrency
 
 
-def merge_job(plan: MergePlan, out: Path, row_steps: tuple[RowStep, ...]) -> MergeJob:
-    """What every worker needs, shipped once: tensors, output paths, dtypes, seed, row steps."""
+def merge_job(plan: MergePlan, target: OutputTarget, row_steps: tuple[RowStep, ...]) -> MergeJob:
+    """What every worker needs, shipped once: tensors, the output's writer, dtypes, seed, row steps."""
     execution = plan.config.execution
-    return MergeJob(plan.method.name, tuple(plan.tensors), tuple(str(partial_path(out, f.name)) for f in plan.files),
+    return MergeJob(plan.method.name, tuple(plan.tensors), target.writer(plan),
                     plan.compute_dtype, execution.seed, not execution.allow_nonfinite, row_steps)
 
 
-def merge_units(plan: MergePlan, out: Path, job: MergeJob, journal: JournalWriter, done_units: set[UnitKey],
-                workers: int | None, progress: bool) -> list[BatchResult]:
-    """Write every unit not in ``done_units``; rename each file once all its rows are in."""
+def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: JournalWriter,
+                done_units: set[UnitKey], workers: int | None, progress: bool) -> list[BatchResult]:
+    """Write every unit not in ``done_units``; finish each file once all its rows are in."""
     import ray
 
     from distmerge.engine.tasks import merge_batch_task
@@ -52,10 +51,9 @@ def merge_units(plan: MergePlan, out: Path, job: MergeJob, journal: JournalWrite
     remaining: dict[int, int] = defaultdict(int)
     for u in todo:
         remaining[plan.tensors[u.tensor].file_index] += 1
-    for i, f in enumerate(plan.files):
+    for i in range(len(plan.files)):
         if remaining[i] == 0:
-            finalize_file(out, f.name)
-            journal.file(f.name)
+            target.file_done(plan, i, journal)
     job_ref = ray.put(job)
     reduced = run_reduction_rounds(plan, job_ref, limit, progress) if todo else {}
     reduced_ref = ray.put(reduced)
@@ -64,6 +62,7 @@ def merge_units(plan: MergePlan, out: Path, job: MergeJob, journal: JournalWrite
 
     def done(batch: list[WorkUnit], result: BatchResult) -> None:
         results.append(result)
+        target.parts_done(result.parts, journal)
         for r in result.units:
             journal.unit(r.tensor, r.row_start, r.row_end, r.crc32)
         for w in result.warnings:
@@ -73,9 +72,8 @@ def merge_units(plan: MergePlan, out: Path, job: MergeJob, journal: JournalWrite
             f = plan.tensors[u.tensor].file_index
             remaining[f] -= 1
             if remaining[f] == 0:
-                finalize_file(out, plan.files[f].name)
-                journal.file(plan.files[f].name)
+                target.file_done(plan, f, journal)
 
-    run_bounded(lambda b: merge_batch_task.remote(job_ref, b, reduced_ref), batches(todo, plan.shard_size), limit, done)
+    run_bounded(lambda b: merge_batch_task.remote(job_ref, b, reduced_ref), target.batches(plan, todo), limit, done)
     bar.close()
     return results

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from distmerge.engine.scheduling import batches, progress_bar, run_bounded
+from distmerge.engine.scheduling import progress_bar, run_bounded
 from distmerge.methods.base import Partials, Reductions
-from distmerge.plan import MergePlan, WorkUnit
+from distmerge.plan import MergePlan, WorkUnit, batches
 
 
 def run_reduction_rounds(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, Reductions]:

@@ -30,9 +30,9 @@ class MergeRequest:
     def needs_base(self) -> bool:
         return any(f.needs_base for f in self.features)
 
-    def input_paths(self) -> dict[str, Path]:
-        """Every local path the run reads, by role (the output is kept apart from all of them)."""
-        paths = input_paths(self.config, self.config_path)
+    def input_paths(self) -> dict[str, Path | str]:
+        """Every location the run reads, by role (the output is kept apart from all of them)."""
+        paths: dict[str, Path | str] = input_paths(self.config, self.config_path)
         for feature in self.features:
             paths.update(feature.input_paths())
         return paths

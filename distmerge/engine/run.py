@@ -1,9 +1,9 @@
 """The merge, as a short list of phases; each phase is a function in a module named for it.
 
     resolve (engine.request) -> plan (plan) -> identify and lock the output (engine.fingerprint,
-    output/) -> prepare features such as AIM (engine.features) -> open the output files
-    (engine.output_files) -> reduction rounds and merge units (engine.merge_units) -> finalize
-    (engine.finalize)
+    output.target: a local directory or an object-store prefix) -> prepare features such as AIM
+    (engine.features) -> open the output files -> reduction rounds and merge units
+    (engine.merge_units) -> finalize (engine.finalize)
 
 The engine only schedules: the math is in methods/ and aim/, every byte goes through io/ and
 output/, and Ray is confined to engine.scheduling, engine.tasks and engine.cluster.
@@ -21,12 +21,9 @@ from distmerge.engine.cluster import connect
 from distmerge.engine.finalize import finalize
 from distmerge.engine.fingerprint import identify
 from distmerge.engine.merge_units import merge_job, merge_units
-from distmerge.engine.output_files import open_output_files
 from distmerge.engine.request import resolve_request
-from distmerge.output.directory import examine_output, make_directory
 from distmerge.output.journal import JOURNAL_NAME, JournalWriter
-from distmerge.output.location import check_output_location
-from distmerge.output.lock import OutputLock
+from distmerge.output.target import output_target
 from distmerge.plan import build_plan
 
 log = logging.getLogger(__name__)
@@ -40,6 +37,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
 
     Rerunning a finished merge is a no-op; rerunning an interrupted one resumes it. A
     ``{fingerprint}`` in ``out_dir`` is replaced by the fingerprint of config and inputs.
+    ``out_dir`` is a local directory or an object-store prefix (``s3://bucket/prefix``).
     ``overwrite`` replaces an earlier distmerge output (only files a distmerge run wrote);
     ``overwrite_foreign`` also deletes anything else OUT holds. OUT is never an input, inside
     one or around one, and only one run at a time writes it (a lock held for the whole run).
@@ -51,15 +49,15 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
     plan = build_plan(request.config, request.shard_size, needs_base=request.needs_base)
     # 2. The output: named by the merge's identity, apart from every input, locked, examined.
     identity = identify(request, plan)
-    out = identity.output_directory(out_dir)
-    check_output_location(out, request.input_paths())
-    make_directory(out)
-    with OutputLock(out) as lock:
-        state = examine_output(out, identity.parts, identity.config, overwrite=overwrite,
+    target = output_target(identity.output_location(out_dir))
+    target.check_apart(request.input_paths())
+    with target.locked() as lock:
+        out = target.folder  # the journal and the small files (OUT itself for a local output)
+        state = target.examine(identity.parts, identity.config, overwrite=overwrite,
                                overwrite_foreign=overwrite_foreign, resume=resume)
         if state.kind == "complete":
-            log.info("%s: already complete (fingerprint %s); nothing to do", out, identity.fingerprint)
-            return {**(state.report or {}), "noop": True, "out_dir": str(out)}
+            log.info("%s: already complete (fingerprint %s); nothing to do", target.location, identity.fingerprint)
+            return {**(state.report or {}), "noop": True, "out_dir": target.location}
         interrupted = state.journal
         if interrupted is not None and interrupted.header.get("shard_size") != plan.shard_size:
             log.warning("resuming with the interrupted run's shard size %s", interrupted.header.get("shard_size"))
@@ -73,12 +71,12 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
             row_steps = tuple(s for f in request.features if (s := f.prepare(plan, out, journal.wrote, progress)))
             log.info("plan:\n%s", "\n".join([plan.summary(), *(f.summary() for f in request.features)]))
             # 4. Model files created or reopened; reduction rounds; every unit merged and written.
-            done_units = open_output_files(out, plan, interrupted)
-            results = merge_units(plan, out, merge_job(plan, out, row_steps), journal, done_units,
+            done_units = target.open_files(plan, interrupted, journal)
+            results = merge_units(plan, target, merge_job(plan, target, row_steps), journal, done_units,
                                   request.workers, progress)
             lock.check()
             # 5. Side files, manifest, verification, report, and the index last.
-            report = finalize(request, plan, out, journal, results, started)
+            report = finalize(request, plan, target, journal, results, started, lock.check)
     report.update(fingerprint=identity.fingerprint, resumed_units=len(done_units))
-    log.info("merged %s into %s in %.1fs", plan.method.name, out, report["seconds"])
+    log.info("merged %s into %s in %.1fs", plan.method.name, target.location, report["seconds"])
     return report

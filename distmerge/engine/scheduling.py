@@ -1,4 +1,4 @@
-"""Scheduling primitives: batches of units under a memory budget, bounded tasks in flight.
+"""Scheduling primitives: bounded Ray tasks in flight (batches of units: :func:`distmerge.plan.batches`).
 
 Ray stays here and in :mod:`distmerge.engine.tasks`: the phases submit work through
 :func:`run_bounded` and never wait on Ray themselves.
@@ -6,27 +6,10 @@ Ray stays here and in :mod:`distmerge.engine.tasks`: the phases submit work thro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from distmerge.errors import DistmergeError
-from distmerge.plan import WorkUnit
-
-MAX_UNITS_PER_BATCH = 256
-
-
-def batches(units: Iterable[WorkUnit], budget: int) -> Iterator[list[WorkUnit]]:
-    """Group consecutive units into batches of at most ``budget`` working bytes (>= 1 unit)."""
-    batch: list[WorkUnit] = []
-    used = 0
-    for unit in units:
-        if batch and (used + unit.working_bytes > budget or len(batch) >= MAX_UNITS_PER_BATCH):
-            yield batch
-            batch, used = [], 0
-        batch.append(unit)
-        used += unit.working_bytes
-    if batch:
-        yield batch
 
 
 def run_bounded(submit: Callable[[Any], Any], items: Iterable[Any], limit: int,

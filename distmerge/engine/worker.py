@@ -21,11 +21,12 @@ from distmerge.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
 from distmerge.io.remote import fetched_bytes
-from distmerge.io.safetensors import TensorInfo, read_row_set, write_rows
+from distmerge.io.safetensors import TensorInfo, read_row_set
 from distmerge.io.scan import count_nonfinite
 from distmerge.lora import LoraTensorInfo, read_source_rows
 from distmerge.methods import get_method
 from distmerge.methods.base import Partials, Reductions, ShardContext
+from distmerge.output.writers import LocalFiles, PartUploads, UploadedPart
 from distmerge.plan import TensorPlan, WorkUnit
 
 
@@ -35,7 +36,7 @@ class MergeJob:
 
     method: str
     tensors: tuple[TensorPlan, ...]
-    out_paths: tuple[str, ...]
+    output: LocalFiles | PartUploads  # where merged rows go (output.writers)
     compute_dtype: str
     seed: int
     check_finite: bool = True
@@ -68,6 +69,7 @@ class BatchResult:
     start_anon_rss: int
     warnings: list[str] = field(default_factory=list)
     bytes_fetched: int = 0  # from remote storage (ranged requests), retries included
+    parts: list[UploadedPart] = field(default_factory=list)  # object-store outputs: the parts uploaded
 
 
 def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal: bool) -> str | None:
@@ -151,6 +153,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
     crcs, sizes = [0] * len(units), [0] * len(units)
+    sink = job.output.open_batch(units, job.tensors)
     with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
         # Read the next block while this one is merged: disk and CPU overlap.
         upcoming = reader.submit(read_block, job, work[0][1]) if work else None
@@ -162,14 +165,15 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
             out = merge_block(job, block, raw, reduced.get(block.tensor), warnings)
             del raw
             offset, _ = t.out_span(block.row_start, block.row_end)
-            sizes[i] += write_rows(job.out_paths[t.file_index], offset, out)
+            sizes[i] += sink.write(t.file_index, offset, out)
             crcs[i] = zlib.crc32(out.contiguous().reshape(-1).view(torch.uint8).numpy(), crcs[i])
             del out
+        parts = sink.close()
     results = [UnitResult(u.tensor, u.row_start, u.row_end, crcs[i], sizes[i]) for i, u in enumerate(units)]
     read = sum(u.read_bytes for u in units)
     written = sum(sizes)
     return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),
-                       os.getpid(), memory.peak, memory.start, warnings, fetched_bytes() - fetched)
+                       os.getpid(), memory.peak, memory.start, warnings, fetched_bytes() - fetched, parts)
 
 
 def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,

@@ -129,3 +129,21 @@ def hub_reference(reference: str) -> RemoteLocation | None:
     if not match or reference.startswith((".", "/", "~")):
         return None
     return RemoteLocation(HUB_SCHEME, match.group(1), "", match.group(2))
+
+
+def relation_to(out: RemoteLocation, other: str) -> str | None:
+    """How the remote output ``out`` lies to the location ``other``: "is", "is inside" or
+    "contains" it, or None when they are apart (another scheme, bucket or prefix; a local path)."""
+    if url_scheme(other) != out.scheme:
+        return None
+    where = parse_remote(other)
+    if where.container != out.container:
+        return None
+    mine, theirs = out.key.strip("/"), where.key.strip("/")
+    if mine == theirs:
+        return "is"
+    if not theirs or mine.startswith(theirs + "/"):
+        return "is inside"
+    if not mine or theirs.startswith(mine + "/"):
+        return "contains"
+    return None

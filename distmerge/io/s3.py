@@ -92,48 +92,51 @@ def transient(e: BaseException) -> bool:
     return type(e).__name__ in ("ProtocolError", "ReadTimeoutError", "IncompleteRead")
 
 
-def explain(e: BaseException, location: str, what: str) -> str:
-    """A message a user can act on, for an error of a request about ``location``."""
+def explain(e: BaseException, location: str, what: str, action: str = "reading") -> str:
+    """A message a user can act on, for an error of a request about ``location`` (``action``:
+    reading or writing ``what``)."""
     try:
         from botocore import exceptions as bx
     except ImportError:
         return f"{location}: {what}: {e}"
     if isinstance(e, bx.NoCredentialsError):
-        return (f"{location}: no AWS credentials found for reading {what}; set AWS_ACCESS_KEY_ID and "
+        return (f"{location}: no AWS credentials found for {action} {what}; set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the node an instance or workload identity")
     if isinstance(e, bx.EndpointConnectionError):
         where = urlsplit(str(e.kwargs.get("endpoint_url", "")))
-        return (f"{location}: cannot reach the S3 endpoint {where.scheme}://{where.hostname} for {what}; check the "
+        return (f"{location}: cannot reach the S3 endpoint {where.scheme}://{where.hostname} for {action} {what}; "
+                "check the "
                 "network, or AWS_ENDPOINT_URL_S3 for an S3-compatible store")
     if isinstance(e, bx.ClientError):
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code == "NoSuchBucket":
-            return f"{location}: the bucket does not exist (reading {what}); check the bucket name"
+            return f"{location}: the bucket does not exist ({action} {what}); check the bucket name"
         if code in ("NoSuchKey", "404", "NotFound"):
             return f"{location}: {what} does not exist in the bucket"
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken") \
                 or status == 403:
-            return (f"{location}: access denied reading {what} ({code or status}): the credentials in use are "
-                    "wrong, expired, or lack s3:GetObject/s3:ListBucket on it")
-        return f"{location}: S3 answered {code or status} reading {what}"
+            rights = "s3:GetObject/s3:ListBucket" if action == "reading" else "s3:PutObject/s3:DeleteObject"
+            return (f"{location}: access denied {action} {what} ({code or status}): the credentials in use are "
+                    f"wrong, expired, or lack {rights} on it")
+        return f"{location}: S3 answered {code or status} {action} {what}"
     return f"{location}: {what}: {type(e).__name__}: {str(e)[:300]}"
 
 
-def _call(fn: Any, location: str, what: str, error: type[DistmergeError], **kw: Any) -> Any:
+def call(fn: Any, location: str, what: str, error: type[DistmergeError], action: str = "reading", **kw: Any) -> Any:
     """One API call; botocore's standard mode already retries it (connection errors, 5xx, throttling)."""
     try:
         return fn(**kw)
     except DistmergeError:
         raise
     except Exception as e:  # noqa: BLE001 - worded for the user
-        raise error(explain(e, location, what)) from None
+        raise error(explain(e, location, what, action)) from None
 
 
 def stat(location: str, what: str, error: type[DistmergeError] = DistmergeError) -> ObjectStat:
     """Size and ETag of one object (a HEAD request)."""
     where = parse_remote(location)
-    head = _call(client().head_object, location, what, error, Bucket=where.container, Key=where.key)
+    head = call(client().head_object, location, what, error, Bucket=where.container, Key=where.key)
     return ObjectStat(int(head["ContentLength"]), str(head.get("ETag", "")))
 
 
@@ -147,7 +150,7 @@ def list_folder(folder: RemoteLocation, what: str, error: type[DistmergeError] =
         kw: dict[str, Any] = {"Bucket": folder.container, "Prefix": prefix, "Delimiter": "/"}
         if token:
             kw["ContinuationToken"] = token
-        page = _call(client().list_objects_v2, str(folder), what, error, **kw)
+        page = call(client().list_objects_v2, str(folder), what, error, **kw)
         for obj in page.get("Contents", []):
             found[obj["Key"][len(prefix):]] = ObjectStat(int(obj["Size"]), str(obj.get("ETag", "")))
         token = page.get("NextContinuationToken")

@@ -16,6 +16,7 @@ from typing import Any
 
 from distmerge.config import MergeConfig
 from distmerge.errors import CheckpointError, OutputError
+from distmerge.io.locations import url_scheme
 from distmerge.io.safetensors import INDEX_NAME
 from distmerge.io.structured import read_json
 from distmerge.lora import split_reference
@@ -26,10 +27,15 @@ from distmerge.output.report import REPORT_NAME
 
 log = logging.getLogger(__name__)
 
-def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
-    """Every model path (and LoRA adapter path) and the config file the run reads, by role
-    (features add their own)."""
-    paths: dict[str, Path] = {}
+def _as_input(text: str) -> Path | str:
+    """A local path as a Path; a URL (``s3://``...) kept as text, for the object-store output's check."""
+    return text if url_scheme(text) else Path(text)
+
+
+def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path | str]:
+    """Every model location (and LoRA adapter) and the config file the run reads, by role
+    (features add their own): local ones as paths, remote ones as their URLs."""
+    paths: dict[str, Path | str] = {}
     if config_path is not None:
         paths["the config file"] = config_path
 
@@ -38,9 +44,9 @@ def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
             model, adapter = split_reference(reference)
         except CheckpointError:  # unparseable: the planner says so; keep the whole text as a path
             model, adapter = reference, None
-        paths[role] = Path(model)
+        paths[role] = _as_input(model)
         if adapter is not None:
-            paths[f"{role} adapter"] = Path(adapter)
+            paths[f"{role} adapter"] = _as_input(adapter)
 
     if cfg.base_model:
         add("base_model", cfg.base_model)
@@ -52,7 +58,7 @@ def input_paths(cfg: MergeConfig, config_path: Path | None) -> dict[str, Path]:
         for j, source in enumerate(out_slice.sources):
             add(f"slices[{s}].sources[{j}]", source.model)
     if cfg.vocabulary_source not in (None, "base", "union"):
-        paths["tokenizer_source"] = Path(str(cfg.vocabulary_source))
+        paths["tokenizer_source"] = _as_input(str(cfg.vocabulary_source))
     return paths
 
 
@@ -114,7 +120,7 @@ def examine_output(out: Path, parts: dict[str, Any], config: dict[str, Any], *, 
     return OutputState("resume", journal)
 
 
-def check_statistics_target(path: Path, inputs: dict[str, Path]) -> None:
+def check_statistics_target(path: Path, inputs: dict[str, Path | str]) -> None:
     """``calibrate --out``: never an input or inside one, and never a file other than AIM statistics."""
     from distmerge.aim.stats_file import load_statistics
     from distmerge.errors import ConfigError
@@ -130,7 +136,7 @@ def check_statistics_target(path: Path, inputs: dict[str, Path]) -> None:
                               "overwrites a file it did not write (choose another --out)") from None
 
 
-def check_plot_target(path: Path, inputs: dict[str, Path]) -> None:
+def check_plot_target(path: Path, inputs: dict[str, Path | str]) -> None:
     """``--plot``: never an input or inside one, and never an existing file distmerge did not plot."""
     from distmerge.aim.stats_summary import PLOT_MARKER
 

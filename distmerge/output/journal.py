@@ -84,6 +84,9 @@ class JournalState:
     files: set[str] = field(default_factory=set)
     written: set[str] = field(default_factory=set)
     complete: bool = False
+    # Object-store outputs: each model file's multipart upload, and the parts it holds (number -> ETag).
+    uploads: dict[str, str] = field(default_factory=dict)
+    parts: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 def read_journal(path: Path) -> JournalState | None:
@@ -129,6 +132,14 @@ def read_journal(path: Path) -> JournalState | None:
             state.units[key] = r["crc"]  # type: ignore[index]
         elif kind in ("file", "wrote") and isinstance(r.get("name"), str):
             (state.files if kind == "file" else state.written).add(r["name"])
+        elif kind == "upload" and isinstance(r.get("name"), str) and isinstance(r.get("id"), str):
+            state.uploads[r["name"]] = r["id"]
+            state.parts[r["name"]] = {}  # a new upload of a file starts without parts
+        elif kind == "part" and state.uploads.get(r.get("name")) == r.get("id"):
+            if not (isinstance(r.get("n"), int) and isinstance(r.get("etag"), str)):
+                raise OutputError(f"{path}: line {i} is not a valid part record; the journal is damaged "
+                                  "(rerun with --overwrite to start over)")
+            state.parts[r["name"]][r["n"]] = r["etag"]
         elif kind == "complete":
             state.complete = True
     return state
@@ -166,6 +177,13 @@ class JournalWriter:
     def wrote(self, name: str) -> None:
         """Record, before creating it, that this run writes ``name`` in OUT (so it may delete it)."""
         self._append({"kind": "wrote", "name": name}, sync=True)
+
+    def upload(self, name: str, upload_id: str) -> None:
+        """Record, before any part is sent, the multipart upload that assembles ``name``."""
+        self._append({"kind": "upload", "name": name, "id": upload_id}, sync=True)
+
+    def part(self, name: str, upload_id: str, number: int, etag: str) -> None:
+        self._append({"kind": "part", "name": name, "id": upload_id, "n": number, "etag": etag})
 
     def file(self, name: str) -> None:
         self._append({"kind": "file", "name": name}, sync=True)

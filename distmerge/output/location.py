@@ -28,8 +28,9 @@ def _identities(path: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def check_output_location(out: Path, inputs: dict[str, Path]) -> None:
-    """Refuse ``out`` when it is, is inside, or contains any of ``inputs`` (role -> path)."""
+def check_output_location(out: Path, inputs: dict[str, Path | str]) -> None:
+    """Refuse ``out`` when it is, is inside, or contains any of ``inputs`` (role -> path; the
+    URLs of remote inputs, given as text, cannot be a local OUT and are passed over)."""
     out_real = Path(os.path.realpath(out))
     out_ids = _identities(out_real)
     try:
@@ -38,6 +39,8 @@ def check_output_location(out: Path, inputs: dict[str, Path]) -> None:
     except OSError:
         out_id = None
     for role, path in inputs.items():
+        if not isinstance(path, Path):
+            continue
         real = Path(os.path.realpath(path))
         try:
             st = os.stat(real)

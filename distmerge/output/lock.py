@@ -55,14 +55,14 @@ _HELD: set[str] = set()
 _HELD_GUARD = threading.Lock()
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -107,7 +107,7 @@ class OutputLock:
         self.nonce = uuid.uuid4().hex
         self.posix = True
         self._fd: int | None = None
-        self._info = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+        self._info = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": boot_id(),
                       "nonce": self.nonce, "started": time.time(), "heartbeat": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -227,7 +227,7 @@ class OutputLock:
                 return False
         same_host = holder.get("host") == self._info["host"] and holder.get("boot_id") == self._info["boot_id"]
         if same_host and isinstance(holder.get("pid"), int):
-            return not _pid_alive(holder["pid"])
+            return not pid_alive(holder["pid"])
         beat = holder.get("heartbeat")
         return isinstance(beat, (int, float)) and time.time() - beat > STALE_AFTER_S
 

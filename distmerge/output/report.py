@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from distmerge import __version__
 from distmerge.io.writes import write_text_atomic
 from distmerge.lora import LoraCheckpoint
+from distmerge.output.writers import UploadedPart
 from distmerge.sizes import format_size
 
 if TYPE_CHECKING:
@@ -47,13 +48,18 @@ class BatchFigures(Protocol):
     def units(self) -> Sequence[UnitFigures]:  # read-only: a list of any UnitFigures type fits
         ...
 
+    @property
+    def parts(self) -> Sequence[UploadedPart]:  # object-store outputs: the parts the batch uploaded
+        ...
+
 
 def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: float, *,
                  sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's figures: what was merged, bytes and time per node and worker, checksums, and a
     section per feature of the merge (``sections``, e.g. ``aim``)."""
     nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_read": 0, "bytes_fetched": 0, "bytes_written": 0,
-                                                            "units": 0, "batches": 0})
+                                                            "units": 0, "batches": 0, "parts_uploaded": 0,
+                                                            "bytes_uploaded": 0})
     workers: dict[str, dict[str, Any]] = {}
     for r in results:
         n = nodes[r.node]
@@ -62,6 +68,8 @@ def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: floa
         n["bytes_written"] += r.bytes_written
         n["units"] += len(r.units)
         n["batches"] += 1
+        n["parts_uploaded"] += len(r.parts)
+        n["bytes_uploaded"] += sum(p.nbytes for p in r.parts)
         key = f"{r.node}:{r.pid}"
         w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss,
                                      "batches": 0, "busy_seconds": 0.0, "bytes_read": 0, "bytes_fetched": 0})
@@ -95,6 +103,8 @@ def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: floa
         # the units needed, plus whatever retries asked for again.
         "bytes_fetched": sum(r.bytes_fetched for r in results),
         "bytes_written": written,
+        # Object-store outputs: bytes sent as parts of the output files (headers included).
+        "bytes_uploaded": sum(p.nbytes for r in results for p in r.parts),
         "seconds": round(seconds, 3),
         "read_throughput_bytes_per_s": read / seconds if seconds > 0 else None,
         "nodes": dict(nodes),

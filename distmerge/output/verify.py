@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from distmerge.aim.stats_file import SAVED_NAME
 from distmerge.dtypes import FLOAT_CODES, TORCH_TO_SAFETENSORS
-from distmerge.errors import CheckpointError, OutputError
+from distmerge.errors import CheckpointError, DistmergeError, OutputError
 from distmerge.io.safetensors import INDEX_NAME, TensorInfo, parse_safetensors_header
 from distmerge.io.scan import count_nonfinite_in_tensor, crc_and_nonfinite
 from distmerge.io.storage import storage_for
@@ -35,6 +36,35 @@ from distmerge.output.lock import LOCK_NAME
 from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME, load_manifest, sha256_of
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    """Where an output's model files are read back, and what names it holds.
+
+    For a local output both are its directory; for an object-store output the model files are
+    objects (read by ranges) and the listing is the prefix's, while the small files are checked
+    in the local folder they were written (or downloaded) to.
+    """
+
+    location: str
+    weights_at: Callable[[str], Path | str]
+    listing: Callable[[], list[str]]
+
+
+def local_output(out: Path) -> StoredOutput:
+    return StoredOutput(str(out), lambda name: out / name, lambda: sorted(os.listdir(out)))
+
+
+def _stored_size(where: Path | str) -> int | None:
+    """The size of a model file, or None when it is missing (or, locally, not a regular file)."""
+    if isinstance(where, Path):
+        return where.stat().st_size if where.is_file() and not where.is_symlink() else None
+    try:
+        with storage_for(where).open_reader(where, "an output file", OutputError) as reader:
+            return reader.size()
+    except DistmergeError:
+        return None
 
 
 @dataclass
@@ -96,13 +126,13 @@ def _read_index(out: Path, result: VerifyResult) -> tuple[dict[str, str] | None,
 
 def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = None,
                   manifest: dict[str, Any] | None = None, deep: bool = True,
-                  allow_nonfinite: bool = False) -> VerifyResult:
+                  allow_nonfinite: bool = False, stored: StoredOutput | None = None) -> VerifyResult:
     """Verify a merged checkpoint.
 
     ``weight_map`` and ``manifest`` stand in for the index and the manifest file while the
     merge is finishing (it verifies before it writes them). ``deep=False`` checks the layout
     (index, headers, sizes, header checksums, manifest coverage, architecture) without
-    reading tensor data.
+    reading tensor data. ``stored`` says where the model files are (default: in ``out_dir``).
     """
     out = Path(out_dir)
     result = VerifyResult()
@@ -115,12 +145,16 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
         weight_map, manifest_digest = _read_index(out, result)
         if weight_map is None:
             return result
-    for p in sorted(out.glob("*" + PARTIAL_SUFFIX)):
-        result.problems.append(f"{p}: unfinished temporary file")
+    stored = stored or local_output(out)
+    names = stored.listing()
+    for name in names:
+        if name.endswith(PARTIAL_SUFFIX):
+            result.problems.append(f"{stored.weights_at(name)}: unfinished temporary file")
     infos: dict[str, TensorInfo] = {}
-    for file in sorted(set(weight_map.values())):
-        path = out / file
-        if not path.is_file() or path.is_symlink():
+    sizes = {file: _stored_size(stored.weights_at(file)) for file in set(weight_map.values())}
+    for file in sorted(sizes):
+        path = stored.weights_at(file)
+        if sizes[file] is None:
             result.problems.append(f"{path}: listed in the index but missing (or not a regular file)")
             continue
         try:
@@ -132,16 +166,17 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
             result.problems.append(f"{path}: tensor {name!r} is in the file but not in the index")
         infos.update({n: t for n, t in tensors.items() if weight_map.get(n) == file})
     for name in sorted(set(weight_map) - set(infos)):
-        if (out / weight_map[name]).is_file():
-            result.problems.append(f"{out / weight_map[name]}: tensor {name!r} is in the index but not in the file")
+        if sizes[weight_map[name]] is not None:
+            result.problems.append(f"{stored.weights_at(weight_map[name])}: tensor {name!r} is in the index but not "
+                                   "in the file")
     result.tensors = len(infos)
     _check_architecture(out, infos, result)
     if manifest is None:
         manifest = _load_manifest(out, manifest_digest, result)
-    covered = _check_manifest_layout(out, manifest, weight_map, infos, result) if manifest is not None else {}
+    covered = _check_manifest_layout(stored, sizes, manifest, weight_map, infos, result) if manifest is not None else {}
     if manifest is not None:
         _check_other_files(out, manifest, result)
-        _check_nothing_added(out, manifest, result)
+        _check_nothing_added(stored, names, manifest, result)
     if deep:
         nonfinite = _check_ranges(infos, covered, result)
         for name, info in sorted(infos.items()):
@@ -175,19 +210,21 @@ def _load_manifest(out: Path, digest: str | None, result: VerifyResult) -> dict[
     return manifest
 
 
-def _check_manifest_layout(out: Path, manifest: dict[str, Any], weight_map: dict[str, str],
-                           infos: dict[str, TensorInfo], result: VerifyResult) -> dict[str, list[list[int]]]:
+def _check_manifest_layout(stored: StoredOutput, sizes: dict[str, int | None], manifest: dict[str, Any],
+                           weight_map: dict[str, str], infos: dict[str, TensorInfo],
+                           result: VerifyResult) -> dict[str, list[list[int]]]:
     """Sizes, header checksums and that the manifest's ranges tile every tensor; returns the ranges."""
     files = manifest["files"]
     for name in sorted(set(weight_map.values()) ^ set(files)):
         where = "the index" if name in set(weight_map.values()) else "the manifest"
-        result.problems.append(f"{out / name}: listed only in {where}; the manifest does not describe this output")
+        result.problems.append(f"{stored.weights_at(name)}: listed only in {where}; the manifest does not describe "
+                               "this output")
     covered: dict[str, list[list[int]]] = {}
     for name, entry in sorted(files.items()):
-        path = out / name
-        if not path.is_file():
+        path = stored.weights_at(name)
+        size = sizes.get(name)
+        if size is None:
             continue
-        size = path.stat().st_size
         if size != entry["size"]:
             result.problems.append(f"{path}: {size} bytes, the manifest says {entry['size']}")
             continue
@@ -225,13 +262,14 @@ def _check_other_files(out: Path, manifest: dict[str, Any], result: VerifyResult
             result.problems.append(f"{path}: fails its checksum (changed after the merge)")
 
 
-def _check_nothing_added(out: Path, manifest: dict[str, Any], result: VerifyResult) -> None:
+def _check_nothing_added(stored: StoredOutput, names: list[str], manifest: dict[str, Any],
+                         result: VerifyResult) -> None:
     """A file the merge did not write (a chat template, a stray shard) changes what loads: a problem."""
     known = {*manifest["files"], *manifest["other_files"], INDEX_NAME, MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME,
              SAVED_NAME}
-    for name in sorted(set(os.listdir(out)) - known):
+    for name in sorted(set(names) - known):
         if not name.endswith(PARTIAL_SUFFIX):  # reported as unfinished already
-            result.problems.append(f"{out / name}: not written by the merge (added afterwards?)")
+            result.problems.append(f"{stored.weights_at(name)}: not written by the merge (added afterwards?)")
 
 
 def _check_ranges(infos: dict[str, TensorInfo], covered: dict[str, list[list[int]]],
@@ -280,7 +318,7 @@ def _compare_journal(out: Path, infos: dict[str, TensorInfo], covered: dict[str,
                                "ranges (edited, or left by another run); not used")
 
 
-def _crc_of(path: Path, offset: int, length: int) -> int | None:
+def _crc_of(path: Path | str, offset: int, length: int) -> int | None:
     return storage_for(path).crc32(path, offset, length, "an output file", OutputError)
 
 

@@ -17,6 +17,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -47,6 +48,11 @@ class S3Server:
         self.ranges: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)  # a-b as asked, a- and -n as served
         self.bytes_received: Counter[str] = Counter()  # PUT object / upload-part bodies
         self.dropped: Counter[str] = Counter()  # per method
+        self.part_puts: Counter[str] = Counter()  # upload-part PUTs, per object
+        self.part_delay = 0.0  # seconds each upload-part PUT waits before it is forwarded (a slow store)
+        self._parts_allowed: int | None = None
+        self._parts_seen = 0
+        self._parts_released = threading.Condition()
         self._drops: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -71,6 +77,7 @@ class S3Server:
         return self
 
     def close(self) -> None:
+        self.hold_parts(None)
         if self._httpd is not None:
             self._httpd.shutdown()  # returns once serve_forever has; then wake keep-alive handlers
             for conn, thread in list(self._conns.items()):
@@ -110,7 +117,8 @@ class S3Server:
 
     def reset_counters(self) -> None:
         with self._lock:
-            for counter in (self.get_requests, self.bytes_sent, self.ranges, self.bytes_received, self.dropped):
+            for counter in (self.get_requests, self.bytes_sent, self.ranges, self.bytes_received, self.dropped,
+                            self.part_puts):
                 counter.clear()
 
     def drop_next(self, n: int = 1, method: str = "GET") -> None:
@@ -120,6 +128,19 @@ class S3Server:
             raise ValueError(f"drop_next: method must be GET or PUT, not {method!r}")
         with self._lock:
             self._drops[method] = n
+
+    def hold_parts(self, after: int | None) -> None:
+        """Let ``after`` more upload-part PUTs through, then keep the next ones waiting (a run
+        stalled midway, to be killed); ``None`` lets every waiting and later part through."""
+        with self._parts_released:
+            self._parts_allowed = None if after is None else self._parts_seen + after
+            self._parts_released.notify_all()
+
+    def _wait_for_part(self) -> None:
+        with self._parts_released:
+            self._parts_seen += 1
+            mine = self._parts_seen
+            self._parts_released.wait_for(lambda: self._parts_allowed is None or mine <= self._parts_allowed)
 
     def _take_drop(self, method: str) -> bool:
         with self._lock:
@@ -188,6 +209,10 @@ class _Handler(BaseHTTPRequestHandler):
         if is_put:
             with s3._lock:
                 s3.bytes_received[name] += len(body)
+                s3.part_puts[name] += "partNumber" in query
+            if "partNumber" in query:
+                s3._wait_for_part()
+                time.sleep(s3.part_delay)
             if s3._take_drop("PUT"):
                 self.close_connection = True  # the body was read: the client sees a disconnect
                 return

@@ -98,3 +98,8 @@ def test_variants_are_valid_against_the_crds(values: dict[str, Any], crds: Path,
     docs = generate.render(_values_with(values, path, value), _config_text(values))
     for stem in RAY_STEMS:
         assert validate.validate_document(docs[stem], crds) == [], stem
+
+
+@pytest.mark.parametrize("stem", RAY_STEMS)
+def test_object_store_mode_ray_objects_are_valid_against_the_crds(stem: str, crds: Path) -> None:
+    assert validate.validate_file(CLUSTER / "object-store" / "manifests" / f"{stem}.yaml", crds) == []

@@ -83,7 +83,7 @@ def no_posix_locks(monkeypatch):
 
 
 def _plant(out: Path, **info: object) -> None:
-    base = {"host": socket.gethostname(), "boot_id": lock_module._boot_id(), "pid": os.getpid(), "nonce": "other",
+    base = {"host": socket.gethostname(), "boot_id": lock_module.boot_id(), "pid": os.getpid(), "nonce": "other",
             "started": time.time(), "heartbeat": time.time()}
     (out / LOCK_NAME).write_text(json.dumps({**base, **info}))
 

@@ -26,10 +26,10 @@ from tests.helpers import file_bytes, header_fetch
 BUCKET = "models-bucket"
 
 
-def upload(client, folder: Path, prefix: str) -> None:
+def upload(client, folder: Path, prefix: str, bucket: str = BUCKET) -> None:
     for f in sorted(folder.iterdir()):
         if f.is_file():
-            client.put_object(Bucket=BUCKET, Key=f"{prefix}/{f.name}", Body=f.read_bytes())
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{f.name}", Body=f.read_bytes())
 
 
 @pytest.fixture(scope="module")

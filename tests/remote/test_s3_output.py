@@ -1,0 +1,234 @@
+"""Merges written to ``s3://bucket/prefix``: multipart uploads from the workers, resumable, verifiable.
+
+The S3 server (moto behind a counting proxy) is on loopback; every merge is the real CLI in a
+subprocess, compared byte for byte with the same merge written to a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distmerge.output.remote_lock import MIRROR_S
+from distmerge.testing.s3_server import S3Server
+from distmerge.testing.tiny import build_family
+from tests.remote.test_s3_models import upload
+
+OUT_BUCKET = "merges-bucket"
+IN_BUCKET = "inputs-bucket"
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Models whose merged bf16 file (21 MB) is uploaded in parts (8 MiB and up) at --shard-size 16MB."""
+    return build_family(tmp_path_factory.mktemp("s3out"), n_experts=2, hidden_size=512, intermediate_size=1536,
+                        num_hidden_layers=2, vocab_size=4096, max_shard_size="12MB")
+
+
+@pytest.fixture(scope="module")
+def server(family):
+    base, experts = family
+    with S3Server() as s3:
+        client = s3.client()
+        for bucket in (OUT_BUCKET, IN_BUCKET):
+            client.create_bucket(Bucket=bucket)
+        for name, folder in (("base", base), ("e1", experts[0]), ("e2", experts[1])):
+            upload(client, folder, f"team/{name}", IN_BUCKET)
+        yield s3
+
+
+def write_config(path: Path, names: dict[str, str]) -> Path:
+    path.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": names["base"], "parameters": {"density": 0.5}, "dtype": "bfloat16",
+        "models": [{"model": names[m], "parameters": {"weight": w}} for m, w in (("e1", 0.6), ("e2", 0.5))]}))
+    return path
+
+
+@pytest.fixture
+def env(server, tmp_path):
+    server.reset_counters()
+    return {**os.environ, **server.env(), "RAY_ADDRESS": "", "DISTMERGE_CACHE": str(tmp_path / "cache")}
+
+
+def cli(env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distmerge", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def merge(env: dict, cfg: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    return cli(env, "merge", str(cfg), out, "--no-progress", "--workers", "2", "--shard-size", "16MB", *extra)
+
+
+def stored(server: S3Server, prefix: str) -> dict[str, bytes]:
+    client = server.client()
+    listed = client.list_objects_v2(Bucket=OUT_BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return {o["Key"][len(prefix) + 1:]: client.get_object(Bucket=OUT_BUCKET, Key=o["Key"])["Body"].read()
+            for o in listed}
+
+
+def records(journal: bytes, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, journal.decode().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def local_merge(family, tmp_path_factory):
+    """The reference: the same merge from local folders into a local directory."""
+    base, experts = family
+    tmp = tmp_path_factory.mktemp("local")
+    cfg = write_config(tmp / "local.yml", {"base": str(base), "e1": str(experts[0]), "e2": str(experts[1])})
+    run = merge({**os.environ, "RAY_ADDRESS": ""}, cfg, str(tmp / "out"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return tmp / "out"
+
+
+def remote_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "remote.yml", {m: f"s3://{IN_BUCKET}/team/{m}" for m in ("base", "e1", "e2")})
+
+
+@pytest.mark.slow
+def test_s3_to_s3_equals_the_local_merge_each_part_uploaded_once_and_verifies(server, env, local_merge, tmp_path):
+    run = merge(env, remote_config(tmp_path), f"s3://{OUT_BUCKET}/runs/first")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = stored(server, "runs/first")
+    model = "model-00001-of-00001.safetensors"
+    assert out[model] == (local_merge / model).read_bytes()
+    for name in SIDE_FILES:
+        assert out[name] == (local_merge / name).read_bytes(), name
+    assert ".distmerge.lock" not in out  # released
+    # Each part was sent once, and the parts tile the file: no byte was uploaded twice.
+    journal = out["distmerge_journal.jsonl"]
+    parts = records(journal, "part")
+    assert len(parts) == server.part_puts[f"{OUT_BUCKET}/runs/first/{model}"] >= 2
+    assert server.bytes_received[f"{OUT_BUCKET}/runs/first/{model}"] == len(out[model])
+    assert records(journal, "complete")
+    report = json.loads(out["merge_report.json"])
+    assert report["out_dir"] == f"s3://{OUT_BUCKET}/runs/first"
+    assert report["bytes_uploaded"] == len(out[model]) and report["verify"]["ok"]
+    assert sum(n["parts_uploaded"] for n in report["nodes"].values()) == len(parts)
+    index = json.loads(out["model.safetensors.index.json"])
+    assert index["weight_map"] == json.loads((local_merge / "model.safetensors.index.json").read_text())["weight_map"]
+    # Rerunning is a no-op; `distmerge verify` reads the objects back by ranges.
+    again = merge(env, remote_config(tmp_path), f"s3://{OUT_BUCKET}/runs/first")
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-2000:]
+    checked = cli(env, "verify", f"s3://{OUT_BUCKET}/runs/first")
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr[-2000:]
+    # A model object replaced afterwards (same size, one byte changed) fails verification.
+    damaged = bytearray(out[model])
+    damaged[-100] ^= 0x40
+    server.client().put_object(Bucket=OUT_BUCKET, Key=f"runs/first/{model}", Body=bytes(damaged))
+    checked = cli(env, "verify", f"s3://{OUT_BUCKET}/runs/first")
+    assert checked.returncode == 1 and "fail their checksum" in checked.stdout, checked.stdout
+    assert f"s3://{OUT_BUCKET}/runs/first/{model}" in checked.stdout and "distmerge-verify" not in checked.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_keeping_the_parts_the_store_holds(server, env, local_merge, tmp_path):
+    cfg, url = remote_config(tmp_path), f"s3://{OUT_BUCKET}/runs/killed"
+    model = "model-00001-of-00001.safetensors"
+    server.hold_parts(after=1)
+    command = [sys.executable, "-m", "distmerge", "merge", str(cfg), url, "--no-progress", "--workers", "2",
+               "--shard-size", "16MB"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        # Wait until the store's copy of the journal records the first part (and its units: the
+        # copy is unchanged for longer than the copying period, the next part being held).
+        deadline, seen, since = time.time() + 180, b"", time.time()
+        while time.time() < deadline:
+            journal = stored(server, "runs/killed").get("distmerge_journal.jsonl", b"")
+            if journal != seen:
+                seen, since = journal, time.time()
+            elif records(journal, "part") and time.time() - since > MIRROR_S + 1:
+                break
+            assert proc.poll() is None, "the merge ended before it could be interrupted"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no part was journaled in the store")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        server.hold_parts(None)
+    before = stored(server, "runs/killed")
+    assert model not in before and "model.safetensors.index.json" not in before  # nothing looks complete
+    kept = records(before["distmerge_journal.jsonl"], "part")
+    server.reset_counters()
+    rerun = merge(env, cfg, url)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming:" in rerun.stderr and "taking over the lock" in rerun.stderr
+    out = stored(server, "runs/killed")
+    assert out[model] == (local_merge / model).read_bytes()
+    # The kept parts were not uploaded again; the others were, once each.
+    total = {r["n"] for r in records(out["distmerge_journal.jsonl"], "part") if r["id"] == kept[0]["id"]}
+    assert len(total) > len(kept) >= 1
+    assert server.part_puts[f"{OUT_BUCKET}/runs/killed/{model}"] == len(total) - len(kept), rerun.stderr[-3000:]
+    resumed = re.search(r"resuming: (\d+) of (\d+) units", rerun.stderr)
+    assert resumed and int(resumed[1]) > 0 and int(resumed[1]) < int(resumed[2]), rerun.stderr[-2000:]
+
+
+def test_outputs_that_cannot_be_written_say_why_in_one_line(server, env, tmp_path, family):
+    base, experts = family
+    cfg = write_config(tmp_path / "cfg.yml", {"base": str(base), "e1": str(experts[0]), "e2": str(experts[1])})
+    client = server.client()
+    client.put_object(Bucket=OUT_BUCKET, Key="foreign/notes.txt", Body=b"someone else's")
+    cases = {
+        "s3://no-such-bucket-here/out": "the bucket does not exist",
+        f"s3://{OUT_BUCKET}/foreign": "holds objects and no distmerge journal",
+        "gs://some-bucket/out": "an output on gs:// is not supported",
+    }
+    for out, message in cases.items():
+        run = cli(env, "merge", str(cfg), out, "--no-progress")
+        assert run.returncode == 2 and message in run.stderr, (out, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr
+    remote = remote_config(tmp_path)  # the output is, is inside or contains an input: refused
+    for out, message in ((f"s3://{IN_BUCKET}/team", "contains base_model"),
+                         (f"s3://{IN_BUCKET}/team/e1/merged", "is inside models[0]"),
+                         (f"s3://{IN_BUCKET}/team/e2/", "the output is models[1]")):
+        run = cli(env, "merge", str(remote), out, "--no-progress")
+        assert run.returncode == 2 and message in run.stderr, (out, run.stderr[-2000:])
+    run = cli({**env, "AWS_ACCESS_KEY_ID": "wrong-key"}, "merge", str(cfg), f"s3://{OUT_BUCKET}/x", "--no-progress")
+    assert run.returncode == 2 and "access denied" in run.stderr and "wrong-key" not in run.stderr, run.stderr[-2000:]
+    # --overwrite still refuses foreign objects; both flags delete them.
+    run = cli(env, "merge", str(cfg), f"s3://{OUT_BUCKET}/foreign", "--no-progress", "--overwrite")
+    assert run.returncode == 2 and "notes.txt" in run.stderr
+    assert client.get_object(Bucket=OUT_BUCKET, Key="foreign/notes.txt")["Body"].read() == b"someone else's"
+
+
+@pytest.mark.slow
+def test_overwrite_deletes_only_what_distmerge_wrote_and_a_live_lock_stops_a_second_run(server, env, tmp_path,
+                                                                                         family, local_merge):
+    base, experts = family
+    cfg = write_config(tmp_path / "cfg.yml", {"base": str(base), "e1": str(experts[0]), "e2": str(experts[1])})
+    client, url = server.client(), f"s3://{OUT_BUCKET}/shared/out"
+    # Another run holds the output (a fresh heartbeat from another machine): refused, nothing touched.
+    holder = json.dumps({"host": "other-node", "pid": 7, "run": "theirs"}).encode()
+    client.put_object(Bucket=OUT_BUCKET, Key="shared/out/.distmerge.lock", Body=holder)
+    run = cli(env, "merge", str(cfg), url, "--no-progress")
+    assert run.returncode == 2 and "another merge is writing this output (host other-node, pid 7" in run.stderr
+    assert stored(server, "shared/out") == {".distmerge.lock": holder}
+    client.delete_object(Bucket=OUT_BUCKET, Key="shared/out/.distmerge.lock")
+    # A finished output, a foreign object beside it, and an unfinished upload of an older run.
+    assert merge(env, cfg, url).returncode == 0
+    client.put_object(Bucket=OUT_BUCKET, Key="shared/out/notes.txt", Body=b"mine")
+    run = cli(env, "merge", str(cfg), url, "--no-progress", "--overwrite", "--seed", "3")
+    assert run.returncode == 2 and "notes.txt" in run.stderr and "--overwrite-foreign" in run.stderr
+    client.delete_object(Bucket=OUT_BUCKET, Key="shared/out/notes.txt")
+    journal = stored(server, "shared/out")["distmerge_journal.jsonl"]
+    (earlier,) = records(journal, "upload")
+    stale = client.create_multipart_upload(Bucket=OUT_BUCKET, Key="shared/out/stale.safetensors")["UploadId"]
+    run = merge(env, cfg, url, "--overwrite")  # same inputs: replaced by an identical merge
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = stored(server, "shared/out")
+    assert out["model-00001-of-00001.safetensors"] == (local_merge / "model-00001-of-00001.safetensors").read_bytes()
+    assert records(out["distmerge_journal.jsonl"], "upload")[0]["id"] != earlier["id"]
+    uploads = client.list_multipart_uploads(Bucket=OUT_BUCKET, Prefix="shared/out/").get("Uploads", [])
+    assert [u["UploadId"] for u in uploads] == [stale]  # not distmerge's: left alone
