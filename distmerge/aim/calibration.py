@@ -42,7 +42,7 @@ def calibrate(
     )
     metadata = {
         "base_model": base if is_remote(base) or not os.path.exists(base) else str(Path(base).resolve()),
-        "dataset": cal.dataset if cal.dataset == "builtin" else str(Path(cal.dataset).resolve()),
+        "dataset": cal.dataset if cal.dataset == "builtin" or is_remote(cal.dataset) else str(Path(cal.dataset).resolve()),
         "text_field": cal.text_field,
         "n_samples": str(cal.n_samples),
         "seed": str(cal.seed),

@@ -18,11 +18,14 @@ import pyarrow as pa
 
 from distmerge.errors import ConfigError
 from distmerge.io.files import check_inside, require_regular
+from distmerge.io.locations import is_remote
+from distmerge.io.remote_files import fetch_file
 from distmerge.io.structured import parse_json, read_json
 
 log = logging.getLogger(__name__)
 
 FIELD = "aim.calibration.dataset"
+MAX_REMOTE_DATASET_BYTES = 16 << 30
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 FILE_SUFFIXES = (".parquet", *ARROW_SUFFIXES, ".jsonl", ".json", ".csv", ".txt")
 FORMATS = "parquet, arrow, a datasets save_to_disk folder, jsonl, csv, txt, or 'builtin'"
@@ -37,11 +40,13 @@ def read_dataset(dataset: str, text_field: str = "text") -> pa.Table:
         from distmerge.aim.builtin import builtin_table
 
         return builtin_table()
+    if is_remote(dataset):  # one file in S3 or a Hub repository, fetched whole once
+        return read_file(fetch_file(dataset, FIELD, ConfigError, MAX_REMOTE_DATASET_BYTES).path, text_field)
     path = Path(dataset).expanduser()
     if not path.exists():
         raise ConfigError(
-            f"{FIELD}: {dataset!r} does not exist; give a local file or folder ({FORMATS}). "
-            "Hub dataset names are not fetched: save the data locally first"
+            f"{FIELD}: {dataset!r} does not exist; give a local file or folder ({FORMATS}), or one file at "
+            "s3://bucket/key or hf://org/name/path. Hub dataset names are not fetched: save the data first"
         )
     if path.is_dir():
         return _read_folder(path, text_field)

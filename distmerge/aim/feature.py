@@ -25,9 +25,13 @@ from distmerge.aim.stats_summary import summarize
 from distmerge.config import MergeConfig
 from distmerge.errors import ConfigError
 from distmerge.io.files import require_regular
+from distmerge.io.locations import is_remote
+from distmerge.io.remote_files import fetch_file
 from distmerge.plan import MergePlan
 
 log = logging.getLogger(__name__)
+
+MAX_STATS_BYTES = 4 << 30  # a remote statistics file (a 70B model's: ~40 MB in float32)
 
 
 def aim_summary(stats: dict[str, torch.Tensor], omega: float) -> dict[str, dict[str, float]]:
@@ -62,19 +66,30 @@ class AimFeature:
     def from_config(cls, config: MergeConfig) -> AimFeature | None:
         return cls(config) if config.aim is not None else None
 
-    def input_paths(self) -> dict[str, Path]:
-        """The files AIM reads, by config key (kept apart from the output)."""
-        paths = {}
+    def input_paths(self) -> dict[str, Path | str]:
+        """The files AIM reads, by config key (kept apart from the output; remote ones as URLs)."""
+        paths: dict[str, Path | str] = {}
         if self.aim.stats:
-            paths["aim.stats"] = Path(self.aim.stats)
-        if self.aim.calibration.dataset != "builtin":
-            paths["aim.calibration.dataset"] = Path(self.aim.calibration.dataset).expanduser()
+            paths["aim.stats"] = self.aim.stats if is_remote(self.aim.stats) else Path(self.aim.stats)
+        dataset = self.aim.calibration.dataset
+        if dataset != "builtin":
+            paths["aim.calibration.dataset"] = dataset if is_remote(dataset) else Path(dataset).expanduser()
         return paths
 
-    def fingerprint_files(self) -> dict[str, Path]:
-        """Files whose identity changes the merged bytes (checked to exist before planning on)."""
+    def _stats_file(self) -> Path:
+        """``aim.stats`` as a local file: itself, or its cached copy when it is remote."""
+        assert self.aim.stats
+        if is_remote(self.aim.stats):
+            return fetch_file(self.aim.stats, "aim.stats", ConfigError, MAX_STATS_BYTES).path
+        return Path(self.aim.stats)
+
+    def fingerprint_files(self) -> dict[str, Path | list[Any]]:
+        """Files whose identity changes the merged bytes (checked to exist before planning on):
+        a local path, or a remote file's identity (name, size, ETag or commit)."""
         if not self.aim.stats:
             return {}
+        if is_remote(self.aim.stats):
+            return {"aim.stats": fetch_file(self.aim.stats, "aim.stats", ConfigError, MAX_STATS_BYTES).identity}
         path = Path(self.aim.stats)
         if not path.exists():
             raise ConfigError(f"aim.stats: {path} does not exist; run distmerge calibrate first or drop aim.stats")
@@ -92,7 +107,7 @@ class AimFeature:
         """Statistics loaded or calibrated, checked against ``plan``; the workers' relaxation."""
         saved = out / SAVED_NAME
         if self.aim.stats:
-            self.statistics, self.metadata = load_statistics(Path(self.aim.stats))
+            self.statistics, self.metadata = load_statistics(self._stats_file())
         elif saved.is_file():
             log.info("reusing the calibration of the interrupted run: %s", saved)
             self.statistics, self.metadata = load_statistics(saved)

@@ -61,7 +61,7 @@ def input_fingerprint_data(plan: MergePlan) -> list[tuple[str, Any]]:
 
 def identify(request: MergeRequest, plan: MergePlan) -> MergeIdentity:
     """The identity of the merge ``request`` asks for, with ``plan``'s inputs."""
-    files: dict[str, Path] = {}
+    files: dict[str, Path | list[Any]] = {}
     for feature in request.features:
         files.update(feature.fingerprint_files())
     config = fingerprint_config(request.config)

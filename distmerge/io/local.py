@@ -196,11 +196,12 @@ class LocalStorage:
 LOCAL = LocalStorage()
 
 
-def span_crc32(reader: Any, offset: int, length: int,
-               on_chunk: Callable[[memoryview], None] | None = None) -> int | None:
+def span_crc32(reader: Any, offset: int, length: int, on_chunk: Callable[[memoryview], None] | None = None,
+               chunk_bytes: int | None = None) -> int | None:
     """CRC-32 of ``length`` bytes at ``offset`` of an opened span reader (any storage's), read in
-    :data:`CHUNK_BYTES` chunks; None when the location holds fewer bytes."""
-    buffer = memoryview(bytearray(min(CHUNK_BYTES, max(length, 1))))
+    ``chunk_bytes`` chunks (default :data:`CHUNK_BYTES`; a remote store: one request each); None when
+    the location holds fewer."""
+    buffer = memoryview(bytearray(min(chunk_bytes or CHUNK_BYTES, max(length, 1))))
     crc, done = 0, 0
     while done < length:
         want = min(len(buffer), length - done)

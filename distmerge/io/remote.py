@@ -129,11 +129,18 @@ class RemoteReader:
         self.close()
 
 
+# Bytes asked for per request when a span is read through (checksums): requests cost far more than
+# their bytes on object stores, so fewer and larger ones (measured: 16 MB ranges made verifying an
+# output on the S3 test server 5x slower than 64 MB ranges of the same bytes).
+REQUEST_BYTES = 64 * 1024 * 1024
+
+
 class RemoteStorage:
     """The read half of :class:`~distmerge.io.storage.Storage` for a remote backend.
 
-    Subclasses implement :meth:`open_reader`. Writing outputs to remote storage is refused here
-    with a message, so a remote OUT never gets half a run's files.
+    Subclasses implement :meth:`open_reader`. Span writes are refused here with a message: an
+    object-store output is written as multipart uploads (:mod:`distmerge.output.object_store`),
+    never span by span, and the Hub is read-only.
     """
 
     def open_reader(self, location: Any, what: str, error: type[DistmergeError] = DistmergeError) -> RemoteReader:
@@ -145,11 +152,11 @@ class RemoteStorage:
         if length < 0:
             return None
         with self.open_reader(location, what, error) as reader:
-            return span_crc32(reader, offset, length, on_chunk)
+            return span_crc32(reader, offset, length, on_chunk, REQUEST_BYTES)
 
     def _no_writes(self, location: Any) -> OutputError:
-        return OutputError(f"{location}: writing the output to remote storage is not supported yet; "
-                           "give a local OUT_DIR (a shared volume on a cluster)")
+        return OutputError(f"{location}: remote storage is not written span by span (an s3:// output is "
+                           "uploaded in parts; the Hub is read-only)")
 
     def create(self, location: Any, header: bytes, size: int) -> None:
         raise self._no_writes(location)

@@ -10,7 +10,9 @@ being returned by :func:`storage_for`; nothing above this package changes.
 Backends: local files (:mod:`~distmerge.io.local`), S3 (:mod:`~distmerge.io.s3`) and Hugging
 Face Hub repositories (:mod:`~distmerge.io.hub`), chosen by the location's scheme
 (:mod:`~distmerge.io.locations`); any other URL is refused with a message instead of being
-treated as a local folder named ``gs:``. Remote backends read; remote outputs are refused.
+treated as a local folder named ``gs:``. Remote backends read here; an ``s3://`` output is
+written as multipart uploads by :mod:`distmerge.output.object_store` (parts whose bytes are
+not known until a whole group of units is merged do not fit ``write_at``).
 
 Errors: opening a location raises ``error`` (the caller's :class:`DistmergeError` subclass) with
 a message naming ``what`` is read; a read that fails midway raises ``OSError`` for the caller to

@@ -36,12 +36,16 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_identity(path: Path) -> list[Any]:
+def _file_identity(path: Path | list[Any]) -> list[Any]:
+    """A local file's name, size and mtime; a remote file comes with its identity already."""
+    if isinstance(path, list):
+        return path
     st = path.stat()
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
-def merge_fingerprint(config: dict[str, Any], inputs: list[tuple[str, Any]], extra_files: dict[str, Path]) -> dict[str, Any]:
+def merge_fingerprint(config: dict[str, Any], inputs: list[tuple[str, Any]],
+                      extra_files: dict[str, Path | list[Any]]) -> dict[str, Any]:
     """Fingerprint parts: the config (less settings that do not change the output bytes), each
     input (its tensor headers and its files' sizes and modification times) and extra files
     such as AIM statistics. Hashing headers and file identities instead of hundreds of GB of

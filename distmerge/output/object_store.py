@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distmerge.errors import OutputError
-from distmerge.io.locations import parse_remote, relation_to
+from distmerge.io.locations import LocationError, parse_remote, relation_to
 from distmerge.io.model_source import cache_root
 from distmerge.io.s3 import list_folder
 from distmerge.io.s3_writes import (
@@ -68,7 +68,10 @@ class ObjectStoreOutput:
 
     def __init__(self, location: str) -> None:
         self.location = location.rstrip("/")
-        self.root = parse_remote(self.location)
+        try:
+            self.root = parse_remote(self.location)
+        except LocationError as e:
+            raise OutputError(f"output {e}") from None
         self.folder = cache_root() / "outputs" / hashlib.sha256(self.location.encode()).hexdigest()[:16]
         self._lock: RemoteLock | None = None
         self._parts: list[Part] = []

@@ -18,6 +18,7 @@ import yaml
 from tests.cluster.test_cluster_manifests import (
     CLUSTER,
     RAY_STEMS,
+    _values_with,
     generate,
     pod_specs_anywhere,
     security_problems,
@@ -96,16 +97,6 @@ def test_workload_identity_and_a_private_endpoint(values: dict[str, Any]) -> Non
             assert {"name": "AWS_ENDPOINT_URL_S3", "value": "https://minio.storage.svc:9000"} in container["env"]
 
 
-def _with(values: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    changed = copy.deepcopy(values)
-    node = changed
-    *parents, last = path.split(".")
-    for p in parents:
-        node = node[p]
-    node[last] = value
-    return changed
-
-
 @pytest.mark.parametrize("path,value,message", [
     ("storage.mode", "s3", "storage.mode: must be one of sharedVolume, objectStore"),
     ("merge.outputPath", "/models/merged/x", "merge.outputPath: '/models/merged/x' must be an s3://bucket/prefix URL"),
@@ -116,7 +107,7 @@ def _with(values: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 def test_values_that_would_need_a_volume_or_cannot_work_are_refused(values: dict[str, Any], path: str, value: Any,
                                                                       message: str) -> None:
     with pytest.raises(generate.ValuesError, match=re.escape(message)):
-        generate.render(_with(values, path, value), config_text())
+        generate.render(_values_with(values, path, value), config_text())
 
 
 @pytest.mark.parametrize("old,new,message", [
