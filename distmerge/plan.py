@@ -112,6 +112,18 @@ class MergePlan:
                  for u in units_for_tensor(i, t, shard_size, ITEMSIZE[t.compute_dtype or self.compute_dtype])]
         return replace(self, units=units, shard_size=shard_size)
 
+    def pinned_versions(self) -> tuple[tuple[str, str], ...]:
+        """(location, ETag) of every S3 weight file the inputs read, as planned: the workers read
+        exactly those versions (a Hub file's location is pinned to its commit already)."""
+        pins = []
+        for ckpt in self.inputs:
+            source = ckpt.source
+            for name, location in ((source.weights or {}).items() if source is not None else ()):
+                version = source.versions.get(name, (0, ""))[1]  # type: ignore[union-attr]
+                if location.startswith("s3://") and version:
+                    pins.append((location, version))
+        return tuple(sorted(pins))
+
     @property
     def read_bytes(self) -> int:
         return sum(u.read_bytes for u in self.units)

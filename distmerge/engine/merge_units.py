@@ -36,7 +36,8 @@ def merge_job(plan: MergePlan, target: OutputTarget, row_steps: tuple[RowStep, .
     """What every worker needs, shipped once: tensors, the output's writer, dtypes, seed, row steps."""
     execution = plan.config.execution
     return MergeJob(plan.method.name, tuple(plan.tensors), target.writer(plan),
-                    plan.compute_dtype, execution.seed, not execution.allow_nonfinite, row_steps)
+                    plan.compute_dtype, execution.seed, not execution.allow_nonfinite, row_steps,
+                    pins=plan.pinned_versions())
 
 
 def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: JournalWriter,

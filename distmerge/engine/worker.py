@@ -20,7 +20,7 @@ import torch
 from distmerge.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
-from distmerge.io.remote import fetched_bytes
+from distmerge.io.remote import fetched_bytes, pin_versions
 from distmerge.io.safetensors import TensorInfo, read_row_set
 from distmerge.io.scan import count_nonfinite
 from distmerge.lora import LoraTensorInfo, read_source_rows
@@ -44,6 +44,7 @@ class MergeJob:
     # channel relaxation): picklable objects with the RowStep interface of engine.features.
     row_steps: tuple[Any, ...] = ()
     block_bytes: int = 64 * 1000**2
+    pins: tuple[tuple[str, str], ...] = ()  # remote inputs' planned versions (MergePlan.pinned_versions)
 
 
 @dataclass
@@ -149,6 +150,7 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
 def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions]) -> BatchResult:
     """Merge and write a batch of units; returns checksums and I/O and memory figures."""
     retain_freed_memory()
+    pin_versions(job.pins)
     started, fetched = time.perf_counter(), fetched_bytes()
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
@@ -180,6 +182,7 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
                         previous: dict[int, Reductions]) -> list[tuple[int, int, Partials]]:
     """One reduction round of a multi-phase method: the partials of canonical chunks."""
     retain_freed_memory()
+    pin_versions(job.pins)
     method = get_method(job.method)
     out = []
     for unit in units:

@@ -12,7 +12,7 @@ ranges its units need.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from distmerge.errors import DistmergeError, OutputError
@@ -25,6 +25,21 @@ HEAD_BYTES = 64 * 1024
 
 _fetched = 0
 _fetched_lock = threading.Lock()
+
+
+# The content version each remote location was planned with (S3: its ETag), in this process:
+# reads of a pinned location ask the store for exactly that version (If-Match), so an object
+# replaced while a merge runs fails the merge instead of mixing two versions into one output.
+_PINNED: dict[str, str] = {}
+
+
+def pin_versions(pins: Iterable[tuple[str, str]]) -> None:
+    """Pin locations to their planned versions (workers: from the job, before reading)."""
+    _PINNED.update(pins)
+
+
+def pinned_version(location: str) -> str | None:
+    return _PINNED.get(location)
 
 
 class SizeCache:

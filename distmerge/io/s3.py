@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from distmerge.errors import DistmergeError
 from distmerge.io.locations import RemoteLocation, parse_remote
-from distmerge.io.remote import RemoteReader, RemoteStorage, SizeCache
+from distmerge.io.remote import RemoteReader, RemoteStorage, SizeCache, pinned_version
 from distmerge.io.retry import attempts
 
 STREAM_CHUNK = 1 << 20
@@ -110,6 +110,9 @@ def explain(e: BaseException, location: str, what: str, action: str = "reading")
     if isinstance(e, bx.ClientError):
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code == "PreconditionFailed" or status == 412:
+            return (f"{location}: the object changed since the merge was planned (its ETag is no longer the "
+                    f"planned one) while reading {what}; rerun the merge to plan it again with the new object")
         if code == "NoSuchBucket":
             return f"{location}: the bucket does not exist ({action} {what}); check the bucket name"
         if code in ("NoSuchKey", "404", "NotFound"):
@@ -165,10 +168,11 @@ class S3Storage(RemoteStorage):
         location = str(location)
         where = parse_remote(location)
         size = _SIZES.get(location, lambda: stat(location, what, error).size)
+        pinned = {"IfMatch": version} if (version := pinned_version(location)) else {}
 
         def stream(offset: int, length: int) -> Iterator[bytes]:
             body = client().get_object(Bucket=where.container, Key=where.key,
-                                       Range=f"bytes={offset}-{offset + length - 1}")["Body"]
+                                       Range=f"bytes={offset}-{offset + length - 1}", **pinned)["Body"]
             try:
                 yield from body.iter_chunks(STREAM_CHUNK)
             finally:

@@ -258,6 +258,8 @@ class ObjectStoreOutput:
             missing = [n for n in wanted if n not in self._etags[file]]
             if missing:
                 raise OutputError(f"{self.url(name)}: parts {missing[:5]} were never uploaded; rerun to resume")
+            assert self._lock is not None
+            self._lock.check()  # a run that lost its lock (a stalled heartbeat) must not complete files
             complete_upload(self.url(name), self._uploads[file], dict(self._etags[file]), "an output file")
             self._complete.add(file)
         journal.file(name)

@@ -132,9 +132,13 @@ class RemoteLock:
             self._thread.join()
         try:
             self.mirror()
-        finally:
-            if self._etag is not None and not self._lost:
+        except OutputError as e:  # the run's own error (if any) is the one to show
+            log.warning("%s; a rerun resumes from the store's last copy of the journal", e)
+        if self._etag is not None and not self._lost:
+            try:
                 delete_object(self.lock_url, "the output's lock", if_match=self._etag)
+            except OutputError as e:
+                log.warning("%s; the lock is taken over once its heartbeat is %.0fs old", e, STALE_S)
 
 
 def _parse(data: bytes) -> dict[str, Any]:

@@ -140,3 +140,46 @@ def test_a_server_that_keeps_dropping_gives_a_clear_error_after_the_retries(s3, 
         read_rows(info, 0, info.shape[0])
     assert "Traceback" not in str(e.value)
     server.drop_next(0)
+
+
+def test_an_object_replaced_after_planning_fails_its_reads_instead_of_mixing_versions(s3, monkeypatch):
+    from distmerge.io import remote as remote_io
+
+    server, folders = s3
+    monkeypatch.setattr(remote_io, "_PINNED", {})
+    remote = Checkpoint.open(f"s3://{BUCKET}/team/expert-b")
+    info = max(remote.tensors.values(), key=lambda t: t.nbytes)
+    name = Path(info.file).name
+    remote_io.pin_versions([(info.file, remote.source.versions[name][1])])
+    local = Checkpoint.open(folders["expert-b"]).tensors[info.name]
+    assert torch.equal(read_rows(info, 0, 2), read_rows(local, 0, 2))  # the planned version reads
+    client, key = server.client(), f"team/expert-b/{name}"
+    original = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    changed = bytearray(original)
+    changed[-1] ^= 0x01  # same size, other content: only its ETag tells
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(changed))
+    try:
+        with pytest.raises(CheckpointError, match="changed since the merge was planned") as e:
+            read_rows(info, 0, 2)
+        assert info.file in str(e.value)
+    finally:
+        client.put_object(Bucket=BUCKET, Key=key, Body=original)
+    assert torch.equal(read_rows(info, 0, 2), read_rows(local, 0, 2))  # the same bytes: the same ETag again
+
+
+def test_a_plan_pins_every_s3_weight_file_to_the_etag_it_was_planned_with(s3):
+    from distmerge.config import parse_config
+    from distmerge.plan import build_plan
+
+    server, folders = s3
+    names = {r: f"s3://{BUCKET}/team/{r}" for r in folders}
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": names["base"],
+                        "models": [{"model": names["expert-a"], "parameters": {"weight": 1.0}}]})
+    pins = dict(build_plan(cfg, 64 * 1000**2).pinned_versions())
+    client = server.client()
+    expected = {}
+    for role in ("base", "expert-a"):
+        for f in sorted(folders[role].glob("*.safetensors")):
+            head = client.head_object(Bucket=BUCKET, Key=f"team/{role}/{f.name}")
+            expected[f"{names[role]}/{f.name}"] = head["ETag"]
+    assert pins == expected and len(pins) >= 2
