@@ -1,6 +1,7 @@
-"""Remote inputs and outputs against local disk: the same merge from and to S3, from a Hub endpoint, and files.
+"""Remote inputs and outputs against local disk: the same merge from and to S3 and Cloud Storage, from a Hub endpoint.
 
     .venv/bin/python -m benchmarks.bench_remote --model-gb 0.5 --repeat 3
+    .venv/bin/python -m benchmarks.bench_remote --model-gb 0.5 --repeat 3 --ways local,gs,local_to_gs,gs_to_gs
 
 Three synthetic bf16 Llama-shaped models (base + 2 experts) are written locally, uploaded to an
 S3-compatible server (moto, in memory) and served by a Hub-compatible HTTP server, both on
@@ -13,7 +14,8 @@ the local one plus the bytes fetched per input byte the merge needed (``bytes_fe
 Two more ways write the output to S3 (multipart uploads from the workers, verified by reading it
 back by ranges, small files and index uploaded last): from local inputs, and from S3 inputs;
 the bytes uploaded per output byte and a plain client's sequential multipart upload of the same
-bytes (the server's write bound) are reported beside them.
+bytes (the server's write bound) are reported beside them. The ``gs`` ways do the same against
+:class:`~distmerge.testing.gcs_server.GcsServer` (Cloud Storage's XML and JSON APIs, in memory).
 """
 
 from __future__ import annotations
@@ -70,6 +72,26 @@ def plain_upload(client, data_size: int, part: int = 32 * 2**20) -> float:
     return seconds
 
 
+def plain_gcs_upload(endpoint: str, data_size: int, part: int = 32 * 2**20) -> float:
+    """The same write bound against the Cloud Storage server (XML API multipart upload)."""
+    import re
+
+    import requests
+
+    block = os.urandom(part)
+    url = f"{endpoint}/{OUT_BUCKET}/bound/file"
+    started = time.perf_counter()
+    upload = re.search(r"<UploadId>(.*?)</UploadId>", requests.post(f"{url}?uploads", timeout=60).text)[1]
+    parts = []
+    for n, offset in enumerate(range(0, data_size, part), start=1):
+        answer = requests.put(url, params={"partNumber": n, "uploadId": upload},
+                              data=block[:min(part, data_size - offset)], timeout=600)
+        parts.append(f"<Part><PartNumber>{n}</PartNumber><ETag>{answer.headers['ETag']}</ETag></Part>")
+    body = f"<CompleteMultipartUpload>{''.join(parts)}</CompleteMultipartUpload>"
+    requests.post(url, params={"uploadId": upload}, data=body, timeout=600).raise_for_status()
+    return time.perf_counter() - started
+
+
 def plain_reads(read_span, files: list[tuple[str, int]], span: int = 64 * 10**6) -> float:
     """Seconds one plain client takes to fetch every byte of ``files`` in ``span``-byte ranges,
     one request at a time: the server's own bound, which distmerge's remote runs are divided by."""
@@ -84,9 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-gb", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--ways", default="local,s3,hub,local_to_s3,s3_to_s3",
+                        help="comma-separated, local first: local, s3, hub, gs, local_to_s3, s3_to_s3, local_to_gs, gs_to_gs")
     args = parser.parse_args()
+    chosen = args.ways.split(",")
+    if chosen[0] != "local":
+        parser.error("--ways: local must come first (every remote way is a ratio to it)")
     logging.basicConfig(level=logging.WARNING)
     from distmerge.engine.cluster import connect
+    from distmerge.testing.gcs_server import GcsServer
     from distmerge.testing.hub_server import HubServer
     from distmerge.testing.s3_server import S3Server
 
@@ -96,15 +124,19 @@ def main() -> None:
     inputs = safetensors_files(list(folders.values()))
     input_bytes = sum(p.stat().st_size for p in inputs)
     rows = []
-    with S3Server() as s3, HubServer({f"bench/{m}": p for m, p in folders.items()}) as hub:
+    with S3Server() as s3, HubServer({f"bench/{m}": p for m, p in folders.items()}) as hub, GcsServer() as gcs:
         client = s3.client()
+        for bucket in (BUCKET, OUT_BUCKET):
+            gcs.create_bucket(bucket)
+        for m, folder in folders.items():
+            gcs.upload_folder(folder, BUCKET, m)
         client.create_bucket(Bucket=BUCKET)
         client.create_bucket(Bucket=OUT_BUCKET)
         for m, folder in folders.items():
             for f in sorted(folder.iterdir()):
                 client.upload_file(str(f), BUCKET, f"{m}/{f.name}")
         # Every Ray worker started from here on inherits the endpoints and credentials.
-        os.environ.update(s3.env(), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(root / "hf-cache"),
+        os.environ.update(s3.env(), **gcs.env(), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(root / "hf-cache"),
                           DISTMERGE_CACHE=str(root / "cache"))
         connect(None)
         import requests
@@ -116,26 +148,35 @@ def main() -> None:
             "hub": lambda: plain_reads(lambda k, o, n: requests.get(
                 f"{hub.url}/bench/{k.split('/')[0]}/resolve/main/{k.split('/')[1]}",
                 headers={"Range": f"bytes={o}-{o + n - 1}"}, timeout=600).content, sizes),
+            "gs": lambda: plain_reads(lambda k, o, n: requests.get(
+                f"{gcs.endpoint}/{BUCKET}/{k}", headers={"Range": f"bytes={o}-{o + n - 1}"}, timeout=600).content,
+                sizes),
         }
         local, remote = {m: str(p) for m, p in folders.items()}, {m: f"s3://{BUCKET}/{m}" for m in folders}
         out_url = f"s3://{OUT_BUCKET}/merged"
-        ways: dict[str, tuple[dict[str, str], Path | str]] = {
+        on_gs, gs_url = {m: f"gs://{BUCKET}/{m}" for m in folders}, f"gs://{OUT_BUCKET}/merged"
+        every_way: dict[str, tuple[dict[str, str], Path | str]] = {
             "local": (local, root / "out-local"), "s3": (remote, root / "out-s3"),
-            "hub": ({m: f"bench/{m}" for m in folders}, root / "out-hub"),
-            "local_to_s3": (local, out_url), "s3_to_s3": (remote, out_url)}
+            "hub": ({m: f"bench/{m}" for m in folders}, root / "out-hub"), "gs": (on_gs, root / "out-gs"),
+            "local_to_s3": (local, out_url), "s3_to_s3": (remote, out_url),
+            "local_to_gs": (local, gs_url), "gs_to_gs": (on_gs, gs_url)}
+        ways = {w: every_way[w] for w in chosen}
         for _ in range(args.repeat):
             row: dict[str, float] = {}
             for way, (names, out) in ways.items():
                 evict(inputs)
-                s3.reset_counters()
-                hub.reset_counters()
+                for server in (s3, hub, gcs):
+                    server.reset_counters()
                 seconds, report = timed_merge(names, out)
-                served = sum(s3.bytes_sent.values()) + sum(hub.bytes_served.values())
+                served = sum(s3.bytes_sent.values()) + sum(hub.bytes_served.values()) + sum(gcs.bytes_sent.values())
                 row[f"{way}_s"] = round(seconds, 2)
-                if way.endswith("_to_s3"):
+                if way.endswith(("_to_s3", "_to_gs")):
                     row[f"{way}_ratio"] = round(seconds / row["local_s"], 2)
                     row[f"{way}_uploaded_per_output"] = round(report["bytes_uploaded"] / report["bytes_written"], 4)
-                    row["s3_write_bound_s"] = round(plain_upload(client, report["bytes_uploaded"]), 2)
+                    if way.endswith("_to_s3"):
+                        row["s3_write_bound_s"] = round(plain_upload(client, report["bytes_uploaded"]), 2)
+                    else:
+                        row["gs_write_bound_s"] = round(plain_gcs_upload(gcs.endpoint, report["bytes_uploaded"]), 2)
                 elif way != "local":
                     row[f"{way}_ratio"] = round(seconds / row["local_s"], 2)
                     row[f"{way}_server_bound_s"] = round(bounds[way](), 2)

@@ -34,6 +34,8 @@ DEFAULT_OUT = HERE / "manifests"
 MANIFESTS = ("pvc", "configmap", "rayjob", "raycronjob", "raycluster", "loader", "networkpolicy")
 STORAGE_MODES = ("sharedVolume", "objectStore")
 CACHE_PATH = "/var/cache/distmerge"  # objectStore mode: DISTMERGE_CACHE on an emptyDir
+GOOGLE_KEY_DIR = "/var/run/secrets/google"  # objectStore mode: a Google service account key, from a Secret
+OBJECT_STORE_PREFIXES = ("s3://", "gs://")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^@\s]+)?$")
 CONFIG_KEY = "merge.yml"
 # Per Ray worker process, on top of its shard buffers: Python, torch, Ray's core worker.
@@ -162,8 +164,8 @@ def check_values(values: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
 def check_storage(values: Mapping[str, Any], config: Mapping[str, Any], outputs: dict[str, Any]) -> None:
     """Every path the merge reads or writes is where every pod can reach it.
 
-    sharedVolume: on the volume every pod mounts. objectStore: outputs are ``s3://`` URLs and
-    models ``s3://`` URLs or Hugging Face Hub ids, so no pod needs a volume; AIM statistics and
+    sharedVolume: on the volume every pod mounts. objectStore: outputs are ``s3://``/``gs://`` URLs
+    and models such URLs or Hugging Face Hub ids, so no pod needs a volume; AIM statistics and
     calibration data files would need one, so they are refused (calibrate during the run).
     """
     mode = str(_get(values, "storage.mode"))
@@ -187,18 +189,18 @@ def check_storage(values: Mapping[str, Any], config: Mapping[str, Any], outputs:
                 raise ValuesError(f"{key}: {path!r} is not on the shared volume {mount}/ that every pod mounts")
         return
     store = _get(values, "storage.objectStore")
-    for key in ("credentialsSecret", "serviceAccountName"):
+    for key in ("credentialsSecret", "googleCredentialsSecret", "serviceAccountName"):
         name = store.get(key)
         if name is not None and not _DNS_NAME.match(str(name)):
             raise ValuesError(f"storage.objectStore.{key}: {name!r} is not a DNS-1123 name (or null)")
     quantity(_get(values, "storage.objectStore.cacheSize"), "storage.objectStore.cacheSize")
     for key, url in outputs.items():
-        if not str(url).startswith("s3://"):
-            raise ValuesError(f"{key}: {url!r} must be an s3://bucket/prefix URL in storage.mode objectStore "
+        if not str(url).startswith(OBJECT_STORE_PREFIXES):
+            raise ValuesError(f"{key}: {url!r} must be an s3:// or gs://bucket/prefix URL in storage.mode objectStore "
                               "(no pod has a volume to write to)")
     for key, model in reads.items():
-        if not (str(model).startswith("s3://") or _HUB_ID.match(str(model))):
-            raise ValuesError(f"{key}: {model!r} must be an s3:// URL or a Hugging Face Hub id (org/name) in "
+        if not (str(model).startswith(OBJECT_STORE_PREFIXES) or _HUB_ID.match(str(model))):
+            raise ValuesError(f"{key}: {model!r} must be an s3:// or gs:// URL or a Hugging Face Hub id (org/name) in "
                               "storage.mode objectStore (no pod has a volume to read it from)")
     for key, path in files.items():
         raise ValuesError(f"{key}: {path!r}: files of AIM are read from a local path, which no pod has in "
@@ -217,7 +219,8 @@ def storage_pod_parts(values: Mapping[str, Any]) -> tuple[list[dict[str, Any]], 
 
     sharedVolume: the claim, at the same path on every pod. objectStore: a local cache (small
     files of remote models, the output's journal, the Hub cache) and the store's settings as
-    environment variables; credentials from a Secret (envFrom) or the pod's workload identity.
+    environment variables; credentials from a Secret (envFrom: AWS keys, HF_TOKEN), a Google
+    service account key file from a Secret (mounted read-only), or the pod's workload identity.
     """
     storage = values["storage"]
     if storage["mode"] != "objectStore":
@@ -229,11 +232,17 @@ def storage_pod_parts(values: Mapping[str, Any]) -> tuple[list[dict[str, Any]], 
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": str(store["endpoint"])})
     if store.get("region"):
         env.append({"name": "AWS_REGION", "value": str(store["region"])})
+    mounts = [{"name": "cache", "mountPath": CACHE_PATH}]
+    volumes: list[dict[str, Any]] = [{"name": "cache", "emptyDir": {"sizeLimit": str(store["cacheSize"])}}]
+    if store.get("googleCredentialsSecret"):
+        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GOOGLE_KEY_DIR}/key.json"})
+        mounts.append({"name": "google-credentials", "mountPath": GOOGLE_KEY_DIR, "readOnly": True})
+        volumes.append({"name": "google-credentials",
+                        "secret": {"secretName": str(store["googleCredentialsSecret"]), "defaultMode": 0o440}})
     fields: dict[str, Any] = {"env": env}
     if store.get("credentialsSecret"):
         fields["envFrom"] = [{"secretRef": {"name": str(store["credentialsSecret"])}}]
-    return ([{"name": "cache", "mountPath": CACHE_PATH}],
-            [{"name": "cache", "emptyDir": {"sizeLimit": str(store["cacheSize"])}}], fields)
+    return mounts, volumes, fields
 
 
 def _is_int(value: Any) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distmerge.errors import ConfigError, DistmergeError
+from distmerge.io.locations import url_scheme
 from distmerge.sizes import parse_size
 
 log = logging.getLogger("distmerge")
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="merge the models of CONFIG into OUT_DIR")
     merge.add_argument("config", type=Path, help="merge config (YAML, mergekit schema)")
-    merge.add_argument("out_dir", help="output directory (Hugging Face layout), or s3://bucket/prefix")
+    merge.add_argument("out_dir", help="output directory (Hugging Face layout), or s3://bucket/prefix or gs://bucket/prefix")
     merge.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     merge.add_argument("--shard-size", type=_size_arg, help="memory budget of one work unit, e.g. 256MB (default from config)")
     merge.add_argument("--workers", type=_positive_int, help="work units in flight at once (default: CPUs of the cluster)")
@@ -70,18 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--shard-size", type=_size_arg)
 
     verify = sub.add_parser("verify", help="check a merged checkpoint: index, headers, checksums, architecture, NaN/Inf")
-    verify.add_argument("out_dir", help="a merged checkpoint's directory, or its s3://bucket/prefix")
+    verify.add_argument("out_dir", help="a merged checkpoint's directory, or its s3:// or gs://bucket/prefix")
     verify.add_argument("--quick", action="store_true", help="headers and architecture only (no data read)")
 
     calibrate = sub.add_parser("calibrate", help="compute AIM activation statistics of the base model")
     calibrate.add_argument("config", type=Path)
-    calibrate.add_argument("--out", type=Path, required=True, help="statistics file to write (.safetensors)")
+    calibrate.add_argument("--out", required=True,
+                           help="statistics file to write (.safetensors): a path, s3://bucket/key or gs://bucket/key")
     calibrate.add_argument("--ray-address")
     calibrate.add_argument("--no-progress", action="store_true")
     calibrate.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
 
     stats = sub.add_parser("stats", help="show what AIM statistics say: per-layer peakedness, the channels AIM protects")
-    stats.add_argument("stats_file", type=Path, help="statistics file written by distmerge calibrate or a merge")
+    stats.add_argument("stats_file", help="statistics file written by distmerge calibrate or a merge "
+                                          "(a path, s3://, gs://bucket/key or hf://org/name/path)")
     stats.add_argument("--omega", type=_omega_arg, default=0.4, help="omega the factors are shown for (default 0.4)")
     stats.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
     return parser
@@ -153,21 +156,38 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     aim = next((f for f in request.features if isinstance(f, AimFeature)), None)
     if aim is None:
         raise ConfigError(f"{args.config}: calibrate needs base_model and an aim: block")
-    check_statistics_target(args.out, request.input_paths())
+    remote = None
+    if url_scheme(args.out) is not None:  # written locally, then uploaded whole
+        from distmerge.aim.stats_file import load_statistics
+        from distmerge.output.remote_file import RemoteFileTarget
+
+        remote = RemoteFileTarget(args.out, request.input_paths(), "an AIM statistics file", load_statistics)
+        out = remote.staging
+    else:
+        out = Path(args.out)
+        check_statistics_target(out, request.input_paths())
     if args.plot is not None:
-        _check_plot(args.plot, {**request.input_paths(), "--out": args.out})
+        _check_plot(args.plot, {**request.input_paths(), "--out": out})
     connect(args.ray_address)
-    aim.calibrate(args.out, progress=not args.no_progress)
+    aim.calibrate(out, progress=not args.no_progress)
+    if remote is not None:
+        remote.publish()
     print(f"wrote statistics of {len(aim.statistics)} modules to {args.out}")
     _show_statistics(aim.statistics, request.config.aim.omega, args.plot, str(request.config.base_model))
     return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    from distmerge.aim.feature import MAX_STATS_BYTES
     from distmerge.aim.stats_file import load_statistics
+    from distmerge.io.remote_files import fetch_file
+
+    remote = url_scheme(args.stats_file) is not None
+    local = fetch_file(args.stats_file, "the statistics file", ConfigError, MAX_STATS_BYTES).path if remote \
+        else Path(args.stats_file)
     if args.plot is not None:
-        _check_plot(args.plot, {"stats_file": args.stats_file})
-    statistics, metadata = load_statistics(args.stats_file)
+        _check_plot(args.plot, {"stats_file": local})
+    statistics, metadata = load_statistics(local)
     _show_statistics(statistics, args.omega, args.plot, metadata.get("base_model", str(args.stats_file)))
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any
 from distmerge.checkpoint import Checkpoint
 from distmerge.config import MergeConfig
 from distmerge.dtypes import ITEMSIZE
+from distmerge.io.locations import OBJECT_STORE_SCHEMES, url_scheme
 from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
 from distmerge.lora import LoraTensorInfo
 from distmerge.methods import get_method
@@ -113,14 +114,14 @@ class MergePlan:
         return replace(self, units=units, shard_size=shard_size)
 
     def pinned_versions(self) -> tuple[tuple[str, str], ...]:
-        """(location, ETag) of every S3 weight file the inputs read, as planned: the workers read
+        """(location, version) of every object-store weight file (S3: ETag; Cloud Storage: generation) the inputs read, as planned: the workers read
         exactly those versions (a Hub file's location is pinned to its commit already)."""
         pins = []
         for ckpt in self.inputs:
             source = ckpt.source
             for name, location in ((source.weights or {}).items() if source is not None else ()):
                 version = source.versions.get(name, (0, ""))[1]  # type: ignore[union-attr]
-                if location.startswith("s3://") and version:
+                if url_scheme(location) in OBJECT_STORE_SCHEMES and version:
                     pins.append((location, version))
         return tuple(sorted(pins))
 

@@ -46,7 +46,7 @@ def read_dataset(dataset: str, text_field: str = "text") -> pa.Table:
     if not path.exists():
         raise ConfigError(
             f"{FIELD}: {dataset!r} does not exist; give a local file or folder ({FORMATS}), or one file at "
-            "s3://bucket/key or hf://org/name/path. Hub dataset names are not fetched: save the data first"
+            "s3:// or gs://bucket/key or hf://org/name/path. Hub dataset names are not fetched: save the data first"
         )
     if path.is_dir():
         return _read_folder(path, text_field)

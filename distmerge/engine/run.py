@@ -37,7 +37,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
 
     Rerunning a finished merge is a no-op; rerunning an interrupted one resumes it. A
     ``{fingerprint}`` in ``out_dir`` is replaced by the fingerprint of config and inputs.
-    ``out_dir`` is a local directory or an object-store prefix (``s3://bucket/prefix``).
+    ``out_dir`` is a local directory or an object-store prefix (``s3://bucket/prefix``, ``gs://bucket/prefix``).
     ``overwrite`` replaces an earlier distmerge output (only files a distmerge run wrote);
     ``overwrite_foreign`` also deletes anything else OUT holds. OUT is never an input, inside
     one or around one, and only one run at a time writes it (a lock held for the whole run).

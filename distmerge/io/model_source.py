@@ -1,10 +1,10 @@
-"""Where a model named in a config lives: a local folder, an S3 prefix or a Hub repository.
+"""Where a model named in a config lives: a local folder, an S3 or Cloud Storage prefix or a Hub repository.
 
 Why a model becomes "a local folder of its small files plus weight files anywhere": everything
 that reads a model's config, index and tokenizer (the planner, AIM's layout, transformers'
 tokenizer, the output's side files) works on a folder, and those files are small (KBs to tens
 of MBs), so they are fetched once and kept in a cache. The weights are not fetched: their
-locations (``s3://...``, ``hf://org/name@<commit>/...``) go into the plan, and each worker
+locations (``s3://...``, ``gs://...``, ``hf://org/name@<commit>/...``) go into the plan, and each worker
 reads only the byte ranges of the rows it merges. A Hub revision is pinned to the commit it
 points to when the model is opened, so every node reads the same bytes.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 from distmerge.errors import DistmergeError
 from distmerge.io.locations import (
     HUB_SCHEME,
+    OBJECT_STORE_SCHEMES,
     LocationError,
     RemoteLocation,
     hub_reference,
@@ -97,21 +98,24 @@ def _locate(reference: str, role: str, error: type[DistmergeError]) -> ModelSour
                     raise error(f"{e} [no local folder {reference!r} exists (relative to {os.getcwd()}), "
                                 "so it was read as a Hugging Face Hub id]") from None
                 raise
-        if scheme == "s3":
-            return _s3_model(reference, parse_remote(reference), role, error)
+        if scheme in OBJECT_STORE_SCHEMES:
+            return _object_store_model(reference, parse_remote(reference), role, error)
     except LocationError as e:
         raise error(f"{role} {e}") from None
     if scheme is not None:
         raise error(f"{role} {reference}: {scheme}:// is not a place distmerge reads models from (yet); use a local "
-                    "folder, s3://bucket/prefix or a Hugging Face Hub id (org/name[@revision])")
+                    "folder, s3:// or gs://bucket/prefix or a Hugging Face Hub id (org/name[@revision])")
     return ModelSource(reference, Path(reference))
 
 
-def _s3_model(reference: str, where: RemoteLocation, role: str, error: type[DistmergeError]) -> ModelSource:
-    from distmerge.io import s3
+def _object_store_model(reference: str, where: RemoteLocation, role: str, error: type[DistmergeError]
+                        ) -> ModelSource:
+    from distmerge.io.object_stores import object_store
+
+    store = object_store(reference)
 
     where = RemoteLocation(where.scheme, where.container, where.key.rstrip("/"))  # a folder: s3://b/p/ is s3://b/p
-    listing = s3.list_folder(where, f"the {role}'s files", error)
+    listing = store.list_folder(where, f"the {role}'s files", error)
     if not listing:
         raise error(f"{role} {reference}: no objects under this prefix; check the bucket and prefix "
                     "(a model folder holds config.json and *.safetensors files)")
@@ -121,13 +125,13 @@ def _s3_model(reference: str, where: RemoteLocation, role: str, error: type[Dist
         if size > MAX_SMALL_FILE_BYTES:
             raise error(f"{role} {where.child(name)}: {size} bytes, more than a {name} can be; refused")
     digest = hashlib.sha256(repr((str(where), sorted(small.items()))).encode()).hexdigest()[:24]
-    folder = cache_root() / "s3" / where.container / digest
+    folder = cache_root() / where.scheme / where.container / digest
     folder.mkdir(parents=True, exist_ok=True)
     for name, (size, _) in small.items():
         target = folder / name
         if target.is_file() and target.stat().st_size == size:
-            continue  # fetched before, and the cache folder is named by the files' ETags
-        with s3.S3.open_reader(str(where.child(name)), name, error) as reader:
+            continue  # fetched before, and the cache folder is named by the files' versions
+        with store.reader.open_reader(str(where.child(name)), name, error) as reader:
             write_bytes_atomic(target, reader.read(0, size))
     weights = {n: str(where.child(n)) for n in listing if n.endswith(WEIGHT_SUFFIX)}
     return ModelSource(reference, folder, weights, tuple(sorted(listing)), versions)

@@ -11,6 +11,7 @@ ranges its units need.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -62,6 +63,28 @@ class SizeCache:
                 self._sizes.clear()
             self._sizes[location] = size
         return size
+
+
+class PerSettings:
+    """A client made once per process and per value of the environment settings it is made from.
+
+    Clients are thread-safe and costly to make (boto3 parses service models for ~0.1-1 s;
+    google-auth may fetch a token), so a worker's prefetch threads (a new one per batch) share
+    one; a process whose settings change (a test pointing at another server) gets a new one.
+    """
+
+    def __init__(self, settings: tuple[str, ...], make: Callable[[], Any]) -> None:
+        self._settings, self._make = settings, make
+        self._made: dict[tuple[str | None, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        key = tuple(os.environ.get(k) for k in self._settings)
+        with self._lock:
+            made = self._made.get(key)
+            if made is None:
+                made = self._made[key] = self._make()
+        return made
 
 
 def fetched_bytes() -> int:
@@ -170,7 +193,7 @@ class RemoteStorage:
             return span_crc32(reader, offset, length, on_chunk, REQUEST_BYTES)
 
     def _no_writes(self, location: Any) -> OutputError:
-        return OutputError(f"{location}: remote storage is not written span by span (an s3:// output is "
+        return OutputError(f"{location}: remote storage is not written span by span (an object-store output is "
                            "uploaded in parts; the Hub is read-only)")
 
     def create(self, location: Any, header: bytes, size: int) -> None:

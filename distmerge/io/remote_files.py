@@ -1,8 +1,8 @@
-"""A single remote file (``s3://bucket/key``, ``hf://org/name[@revision]/path``) as a local copy.
+"""A single remote file (``s3://``/``gs://bucket/key``, ``hf://org/name[@revision]/path``) as a local copy.
 
 Why: AIM statistics and calibration data are whole files read whole (tens of MB), unlike model
 weights read by ranges; a config may name them where the models are. The copy is kept in the
-cache under a name made of the location and the content version (S3 ETag, Hub commit), so a
+cache under a name made of the location and the content version (S3 ETag, Cloud Storage generation, Hub commit), so a
 file fetched once is read from disk afterwards, and the file's identity for the merge's
 fingerprint is that version, the same on every machine (a local copy's mtime would not be).
 """
@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from distmerge.errors import DistmergeError
-from distmerge.io.locations import HUB_SCHEME, LocationError, parse_remote, url_scheme
+from distmerge.io.locations import (
+    HUB_SCHEME,
+    OBJECT_STORE_SCHEMES,
+    LocationError,
+    parse_remote,
+    url_scheme,
+)
 from distmerge.io.model_source import cache_root
 
 CHUNK = 8 << 20
@@ -46,18 +52,19 @@ def fetch_file(location: str, what: str, error: type[DistmergeError], max_bytes:
         scheme = url_scheme(location)
         if scheme == HUB_SCHEME:
             _FETCHED[key] = _hub_file(where, what, error)
-        elif scheme == "s3":
-            _FETCHED[key] = _s3_file(location, what, error, max_bytes)
+        elif scheme in OBJECT_STORE_SCHEMES:
+            _FETCHED[key] = _object_store_file(location, what, error, max_bytes)
         else:
             raise error(f"{what} {location}: {scheme}:// is not a place distmerge reads files from (yet); "
-                        "use a local path, s3://bucket/key or hf://org/name/path")
+                        "use a local path, s3:// or gs://bucket/key or hf://org/name/path")
     return _FETCHED[key]
 
 
-def _s3_file(location: str, what: str, error: type[DistmergeError], max_bytes: int) -> FetchedFile:
-    from distmerge.io import s3
+def _object_store_file(location: str, what: str, error: type[DistmergeError], max_bytes: int) -> FetchedFile:
+    from distmerge.io.object_stores import object_store
 
-    stat = s3.stat(location, what, error)
+    store = object_store(location)
+    stat = store.stat(location, what, error)
     if stat.size > max_bytes:
         raise error(f"{what} {location}: {stat.size} bytes, more than the {max_bytes} such a file may have; refused")
     name = location.rstrip("/").rsplit("/", 1)[-1]
@@ -66,7 +73,7 @@ def _s3_file(location: str, what: str, error: type[DistmergeError], max_bytes: i
     if not (target.is_file() and target.stat().st_size == stat.size):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
-        with s3.S3.open_reader(location, what, error) as reader, open(partial, "wb") as out:
+        with store.reader.open_reader(location, what, error) as reader, open(partial, "wb") as out:
             buffer = bytearray(CHUNK)
             for offset in range(0, stat.size, CHUNK):
                 n = reader.read_into(offset, memoryview(buffer)[:min(CHUNK, stat.size - offset)])

@@ -14,30 +14,18 @@ has more requests in flight than it has merge workers.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from distmerge.errors import DistmergeError
 from distmerge.io.locations import RemoteLocation, parse_remote
-from distmerge.io.remote import RemoteReader, RemoteStorage, SizeCache, pinned_version
+from distmerge.io.object_stores import ObjectStat
+from distmerge.io.remote import PerSettings, RemoteReader, RemoteStorage, SizeCache, pinned_version
 from distmerge.io.retry import attempts
 
 STREAM_CHUNK = 1 << 20
-_lock = threading.Lock()
-_clients: dict[tuple[str | None, ...], Any] = {}
 _SIZES = SizeCache()
-
-
-@dataclass(frozen=True)
-class ObjectStat:
-    """What identifies an object's content without reading it: its size and ETag."""
-
-    size: int
-    version: str
 
 
 def _boto3() -> Any:
@@ -57,17 +45,8 @@ _SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AW
 
 
 def client() -> Any:
-    """This process's S3 client, made on first use and shared by its threads.
-
-    boto3 clients are thread-safe (sessions are not) and making one costs ~0.1-1 s of parsing
-    service models, so a worker's prefetch threads (a new one per batch) must not each make one.
-    """
-    key = tuple(os.environ.get(k) for k in _SETTINGS)
-    with _lock:
-        made = _clients.get(key)
-        if made is None:
-            made = _clients[key] = _new_client()
-    return made
+    """This process's S3 client, made on first use and shared by its threads."""
+    return _CLIENTS.get()
 
 
 def _new_client() -> Any:
@@ -75,6 +54,9 @@ def _new_client() -> Any:
     retries = {"total_max_attempts": attempts(), "mode": "standard"}
     return boto3.session.Session().client(
         "s3", config=config.Config(retries=retries, connect_timeout=10, read_timeout=60, max_pool_connections=4))
+
+
+_CLIENTS = PerSettings(_SETTINGS, _new_client)
 
 
 def transient(e: BaseException) -> bool:

@@ -14,24 +14,15 @@ and raised as the caller's error class; botocore's standard mode retries each re
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from distmerge.errors import DistmergeError, OutputError
 from distmerge.io.locations import RemoteLocation, parse_remote
+from distmerge.io.object_stores import StoredObject
 from distmerge.io.s3 import call, client, explain
 
 Error = type[DistmergeError]
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    """A small object read whole: its bytes, its ETag, and its age by the server's own clock."""
-
-    data: bytes
-    etag: str
-    age_s: float
 
 
 def _code(e: BaseException) -> str:

@@ -7,10 +7,10 @@ range request reads a span; a multipart upload writes parts), so a remote backen
 ``gs://``, a Hugging Face Hub repository) plugs in here by implementing :class:`Storage` and
 being returned by :func:`storage_for`; nothing above this package changes.
 
-Backends: local files (:mod:`~distmerge.io.local`), S3 (:mod:`~distmerge.io.s3`) and Hugging
-Face Hub repositories (:mod:`~distmerge.io.hub`), chosen by the location's scheme
+Backends: local files (:mod:`~distmerge.io.local`), S3 (:mod:`~distmerge.io.s3`), Cloud Storage
+(:mod:`~distmerge.io.gcs`) and Hugging Face Hub repositories (:mod:`~distmerge.io.hub`), chosen by the location's scheme
 (:mod:`~distmerge.io.locations`); any other URL is refused with a message instead of being
-treated as a local folder named ``gs:``. Remote backends read here; an ``s3://`` output is
+treated as a local folder named ``az:``. Remote backends read here; an object-store output is
 written as multipart uploads by :mod:`distmerge.output.object_store` (parts whose bytes are
 not known until a whole group of units is merged do not fit ``write_at``).
 
@@ -27,7 +27,7 @@ from typing import Protocol
 
 from distmerge.errors import DistmergeError
 from distmerge.io.local import LOCAL
-from distmerge.io.locations import HUB_SCHEME, url_scheme
+from distmerge.io.locations import HUB_SCHEME, OBJECT_STORE_SCHEMES, url_scheme
 
 Location = str | os.PathLike[str]
 
@@ -105,13 +105,13 @@ def storage_for(location: Location) -> Storage:
     scheme = url_scheme(location)
     if scheme is None:
         return LOCAL
-    if scheme == "s3":
-        from distmerge.io.s3 import S3
+    if scheme in OBJECT_STORE_SCHEMES:
+        from distmerge.io.object_stores import object_store
 
-        return S3  # type: ignore[return-value]
+        return object_store(str(location)).reader  # type: ignore[no-any-return]
     if scheme == HUB_SCHEME:
         from distmerge.io.hub import HUB
 
         return HUB  # type: ignore[return-value]
     raise DistmergeError(f"{location}: {scheme}:// storage is not supported (yet); use a local path, "
-                         "s3://bucket/prefix or a Hugging Face Hub id")
+                         "s3:// or gs://bucket/prefix or a Hugging Face Hub id")

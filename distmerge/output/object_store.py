@@ -1,10 +1,10 @@
-"""An output on an object store (``s3://bucket/prefix``): model files uploaded in parts from every node.
+"""An output on an object store (``s3://bucket/prefix``, ``gs://bucket/prefix``): model files uploaded in parts from every node.
 
 The run works in a local folder of its own (under ``DISTMERGE_CACHE``, named by the URL) that
 holds the journal and the small files, exactly as a local output's directory does, so the same
 journal, manifest, report and verification code serves both. What differs:
 
-- each model file is a multipart upload (:mod:`distmerge.io.s3_writes`) whose parts are groups
+- each model file is a multipart upload (:mod:`distmerge.io.s3_writes`, :mod:`~distmerge.io.gcs_writes`) whose parts are groups
   of whole units (:mod:`distmerge.output.parts`), uploaded by the workers that merge them; the
   journal records the upload and each part's ETag, and the file is completed from them when its
   last part is in;
@@ -31,18 +31,7 @@ from typing import Any
 from distmerge.errors import OutputError
 from distmerge.io.locations import LocationError, parse_remote, relation_to
 from distmerge.io.model_source import cache_root
-from distmerge.io.s3 import list_folder
-from distmerge.io.s3_writes import (
-    abort_upload,
-    complete_upload,
-    create_upload,
-    delete_object,
-    get_object,
-    open_uploads,
-    put_object,
-    upload_part,
-    uploaded_parts,
-)
+from distmerge.io.object_stores import object_store
 from distmerge.io.safetensors import INDEX_NAME
 from distmerge.output.directory import OutputState, examine_output
 from distmerge.output.journal import JOURNAL_NAME, JournalState, JournalWriter, read_journal
@@ -64,7 +53,7 @@ def _key(u: WorkUnit) -> UnitKey:
 
 
 class ObjectStoreOutput:
-    """``OUT`` = ``s3://bucket/prefix``: see the module's docstring."""
+    """``OUT`` = ``s3://bucket/prefix`` or ``gs://bucket/prefix``: see the module's docstring."""
 
     def __init__(self, location: str) -> None:
         self.location = location.rstrip("/")
@@ -72,6 +61,7 @@ class ObjectStoreOutput:
             self.root = parse_remote(self.location)
         except LocationError as e:
             raise OutputError(f"output {e}") from None
+        self.store = object_store(self.location)
         self.folder = cache_root() / "outputs" / hashlib.sha256(self.location.encode()).hexdigest()[:16]
         self._lock: RemoteLock | None = None
         self._parts: list[Part] = []
@@ -100,7 +90,7 @@ class ObjectStoreOutput:
         self._lock = lock
 
     def _stored(self) -> dict[str, int]:
-        listed = list_folder(self.root, "the output", OutputError)
+        listed = self.store.list_folder(self.root, "the output", OutputError)
         return {name: st.size for name, st in listed.items() if name != LOCK_NAME and name}
 
     def _reset_folder(self, journal: bytes | None) -> None:
@@ -116,7 +106,7 @@ class ObjectStoreOutput:
         stored = self._stored()
         journal_bytes = None
         if JOURNAL_NAME in stored:
-            copy = get_object(self.url(JOURNAL_NAME), "the journal")
+            copy = self.store.get_object(self.url(JOURNAL_NAME), "the journal")
             local = self.folder / JOURNAL_NAME
             mine = local.read_bytes() if local.is_file() else b""
             # A run on this machine killed between two copies left a longer journal here.
@@ -144,7 +134,7 @@ class ObjectStoreOutput:
         weights = set(journal.header.get("files", []))
         for name, size in stored.items():
             if name not in weights and name != JOURNAL_NAME and size <= MAX_SMALL_FILE and "/" not in name:
-                got = get_object(self.url(name), "a file of the output")
+                got = self.store.get_object(self.url(name), "a file of the output")
                 if got is not None:
                     (self.folder / name).write_bytes(got.data)
         try:
@@ -152,7 +142,7 @@ class ObjectStoreOutput:
         except OutputError as e:
             raise OutputError(str(e).replace(str(self.folder), self.location)) from None
         if state.kind == "resume" and INDEX_NAME in stored:  # an interrupted finish: not complete until redone
-            delete_object(self.url(INDEX_NAME), "the index of an unfinished output")
+            self.store.delete_object(self.url(INDEX_NAME), "the index of an unfinished output")
         return state
 
     def _clear(self, stored: dict[str, int], journal: JournalState | None, foreign_too: bool) -> None:
@@ -164,11 +154,11 @@ class ObjectStoreOutput:
                               f"({shown}). Choose another output, or add --overwrite-foreign to delete them too")
         log.warning("overwriting %s (%d objects%s)", self.location, len(stored),
                     f", {len(foreign)} not written by distmerge" if foreign else "")
-        for name, upload_id in open_uploads(self.root, "the output"):
+        for name, upload_id in self.store.open_uploads(self.root, "the output"):
             if foreign_too or name in owned:
-                abort_upload(self.url(name), upload_id, "an unfinished upload of the output")
+                self.store.abort_upload(self.url(name), upload_id, "an unfinished upload of the output")
         for name in stored:
-            delete_object(self.url(name), "an object of the output")
+            self.store.delete_object(self.url(name), "an object of the output")
 
     # --- the run: files opened, parts recorded, files completed ---
 
@@ -188,7 +178,7 @@ class ObjectStoreOutput:
                 if kept is not None:
                     done |= kept
                     continue
-            self._uploads[i] = create_upload(url, "an output file")
+            self._uploads[i] = self.store.create_upload(url, "an output file")
             journal.upload(f.name, self._uploads[i])
         assert self._lock is not None
         self._lock.mirror()  # the uploads are on record before any part is sent
@@ -196,7 +186,7 @@ class ObjectStoreOutput:
             for part in file_parts:
                 if not part.units and i not in self._complete and part.number not in self._etags[i]:
                     header = plan.files[i].header
-                    etag = upload_part(self.url(plan.files[i].name), self._uploads[i], part.number, header,
+                    etag = self.store.upload_part(self.url(plan.files[i].name), self._uploads[i], part.number, header,
                                        "an output file part")
                     self.parts_done([UploadedPart(i, self._uploads[i], part.number, etag, len(header))], journal)
         if interrupted is not None:
@@ -208,14 +198,14 @@ class ObjectStoreOutput:
         keys = [_key(u) for p in parts for u in p.units]
         if name in journal.files and all(k in journal.units for k in keys):
             try:
-                stored = list_folder(self.root, "the output", OutputError).get(name)
+                stored = self.store.list_folder(self.root, "the output", OutputError).get(name)
             except OutputError:
                 stored = None
             if stored is not None and stored.size == size:
                 self._complete.add(i)
                 return set(keys)
         upload_id = journal.uploads.get(name)
-        held = uploaded_parts(self.url(name), upload_id, "an unfinished upload") if upload_id else None
+        held = self.store.uploaded_parts(self.url(name), upload_id, "an unfinished upload") if upload_id else None
         if held is None:
             return None
         self._uploads[i] = upload_id  # type: ignore[assignment]
@@ -260,7 +250,7 @@ class ObjectStoreOutput:
                 raise OutputError(f"{self.url(name)}: parts {missing[:5]} were never uploaded; rerun to resume")
             assert self._lock is not None
             self._lock.check()  # a run that lost its lock (a stalled heartbeat) must not complete files
-            complete_upload(self.url(name), self._uploads[file], dict(self._etags[file]), "an output file")
+            self.store.complete_upload(self.url(name), self._uploads[file], dict(self._etags[file]), "an output file")
             self._complete.add(file)
         journal.file(name)
 
@@ -274,4 +264,4 @@ class ObjectStoreOutput:
 
     def publish(self, names: list[str]) -> None:
         for name in names:
-            put_object(self.url(name), (self.folder / name).read_bytes(), f"{name} of the output")
+            self.store.put_object(self.url(name), (self.folder / name).read_bytes(), f"{name} of the output")

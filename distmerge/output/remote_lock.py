@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distmerge.errors import OutputError
-from distmerge.io.s3_writes import delete_object, get_object, put_object
+from distmerge.io.object_stores import object_store
 from distmerge.output.lock import OutputLock, boot_id, pid_alive
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class RemoteLock:
 
     def __init__(self, lock_url: str, journal_path: Path, journal_url: str) -> None:
         self.lock_url, self.journal_path, self.journal_url = lock_url, journal_path, journal_url
+        self._store = object_store(lock_url)
         self._holder = {"host": socket.gethostname(), "boot": boot_id(), "pid": os.getpid(), "run": uuid.uuid4().hex}
         self._etag: str | None = None
         self._lost: str | None = None
@@ -64,10 +65,10 @@ class RemoteLock:
 
     def acquire(self) -> None:
         for _ in range(3):
-            self._etag = put_object(self.lock_url, self._content(), "the output's lock", if_none_match=True)
+            self._etag = self._store.put_object(self.lock_url, self._content(), "the output's lock", if_none_match=True)
             if self._etag is not None:
                 break
-            held = get_object(self.lock_url, "the output's lock")
+            held = self._store.get_object(self.lock_url, "the output's lock")
             if held is None:
                 continue  # released meanwhile
             holder = _parse(held.data)
@@ -78,7 +79,7 @@ class RemoteLock:
                     f"(it is taken over once its heartbeat is {STALE_S:.0f}s old)")
             log.warning("%s: taking over the lock of a run that is gone (%s; last heartbeat %.0fs ago)",
                         self.lock_url, _describe(holder), held.age_s)
-            delete_object(self.lock_url, "the output's lock", if_match=held.etag)
+            self._store.delete_object(self.lock_url, "the output's lock", if_match=held.etag)
         else:
             raise OutputError(f"{self.lock_url}: could not take the output's lock (other runs keep taking it)")
         self._thread = threading.Thread(target=self._keep, name="distmerge-remote-lock", daemon=True)
@@ -99,7 +100,7 @@ class RemoteLock:
         with self._mutex:
             if self._lost or self._etag is None:
                 return
-            etag = put_object(self.lock_url, self._content(), "the output's lock", if_match=self._etag)
+            etag = self._store.put_object(self.lock_url, self._content(), "the output's lock", if_match=self._etag)
             if etag is None:
                 self._lost = "another run replaced the lock (this run's heartbeat was late)"
             else:
@@ -114,14 +115,14 @@ class RemoteLock:
                 return
             data = data[:data.rfind(b"\n") + 1]
             if len(data) != self._mirrored:
-                put_object(self.journal_url, data, "the journal")
+                self._store.put_object(self.journal_url, data, "the journal")
                 self._mirrored = len(data)
 
     def check(self) -> None:
         """Raise if this run lost the output (it must not finish it)."""
         if self._lost:
             raise OutputError(f"{self.lock_url}: {self._lost}; stopping before the output is finished")
-        held = get_object(self.lock_url, "the output's lock")
+        held = self._store.get_object(self.lock_url, "the output's lock")
         if held is None or _parse(held.data).get("run") != self._holder["run"]:
             raise OutputError(f"{self.lock_url}: this run no longer holds the output's lock (deleted or taken "
                               "over); stopping before the output is finished")
@@ -136,7 +137,7 @@ class RemoteLock:
             log.warning("%s; a rerun resumes from the store's last copy of the journal", e)
         if self._etag is not None and not self._lost:
             try:
-                delete_object(self.lock_url, "the output's lock", if_match=self._etag)
+                self._store.delete_object(self.lock_url, "the output's lock", if_match=self._etag)
             except OutputError as e:
                 log.warning("%s; the lock is taken over once its heartbeat is %.0fs old", e, STALE_S)
 

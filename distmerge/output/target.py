@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from distmerge.errors import OutputError
-from distmerge.io.locations import url_scheme
+from distmerge.io.locations import HUB_SCHEME, OBJECT_STORE_SCHEMES, url_scheme
 from distmerge.io.writes import finalize_file, partial_path
 from distmerge.output.directory import OutputState, examine_output, make_directory
 from distmerge.output.journal import JournalState, JournalWriter
@@ -137,9 +137,15 @@ def output_target(location: str | Path) -> OutputTarget:
     scheme = url_scheme(location)
     if scheme is None:
         return LocalOutput(Path(location))
-    if scheme == "s3":
+    if scheme in OBJECT_STORE_SCHEMES:
         from distmerge.output.object_store import ObjectStoreOutput
 
         return ObjectStoreOutput(str(location))
+    if scheme == HUB_SCHEME:
+        # The Hub's upload protocol (Git LFS) names a file by the SHA-256 of its whole content
+        # before any byte is sent, so no file can be uploaded in parts as its units are merged.
+        raise OutputError(f"{location}: a merge cannot be written to the Hugging Face Hub directly (the Hub "
+                          "needs each file's SHA-256 before its upload, which no node has until the whole file is "
+                          "merged); merge to a directory or s3:// or gs://, then `huggingface-cli upload`")
     raise OutputError(f"{location}: an output on {scheme}:// is not supported; give a local directory or "
-                      "s3://bucket/prefix")
+                      "s3://bucket/prefix or gs://bucket/prefix")

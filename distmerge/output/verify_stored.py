@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from distmerge.io.locations import url_scheme
-from distmerge.io.s3_writes import get_object
+from distmerge.io.object_stores import object_store
 from distmerge.output.target import output_target
 from distmerge.output.verify import StoredOutput, VerifyResult, verify_output
 
@@ -20,7 +20,7 @@ MAX_SMALL_FILE = 1 << 30
 
 
 def verify_location(location: str, *, deep: bool = True) -> VerifyResult:
-    """Verify the merged checkpoint at ``location`` (a directory or ``s3://bucket/prefix``)."""
+    """Verify the merged checkpoint at ``location`` (a directory, ``s3://`` or ``gs://bucket/prefix``)."""
     if url_scheme(location) is None:
         return verify_output(Path(location), deep=deep)
     target = output_target(location)
@@ -32,7 +32,7 @@ def verify_location(location: str, *, deep: bool = True) -> VerifyResult:
     with tempfile.TemporaryDirectory(prefix="distmerge-verify-") as folder:
         for name in names:
             if not name.endswith(".safetensors"):
-                got = get_object(target.weights_at(name), f"{name} of the output")  # type: ignore[arg-type]
+                got = object_store(target.location).get_object(target.weights_at(name), f"{name} of the output")  # type: ignore[arg-type]
                 if got is not None and len(got.data) <= MAX_SMALL_FILE:
                     (Path(folder) / name).write_bytes(got.data)
         stored = StoredOutput(target.location, target.weights_at, lambda: names)

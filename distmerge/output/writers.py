@@ -117,7 +117,7 @@ class _PartSink:
         return int(data.size)
 
     def close(self) -> list[UploadedPart]:
-        from distmerge.io.s3_writes import upload_part
+        from distmerge.io.object_stores import object_store
 
         location = self._uploads.locations[self._file]
         if self._filled != self._buffer.size:
@@ -125,7 +125,7 @@ class _PartSink:
                               "bytes; not uploaded")
         upload_id = self._uploads.upload_ids[self._file]
         data = self._buffer.tobytes()
-        etag = upload_part(location, upload_id, self._number, data, "an output file part")
+        etag = object_store(location).upload_part(location, upload_id, self._number, data, "an output file part")
         plain = etag.strip('"')
         # A store that does not encrypt with its own keys names a part by the MD5 of its bytes.
         if _MD5.fullmatch(plain) and plain != hashlib.md5(data).hexdigest():  # noqa: S324 - S3's scheme

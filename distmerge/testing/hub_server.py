@@ -62,8 +62,7 @@ class HubServer:
     def start(self) -> HubServer:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.hub = self
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = self._httpd.serve_in_background()
         return self
 
     def close(self) -> None:

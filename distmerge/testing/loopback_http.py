@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socketserver
+import threading
 from http.server import ThreadingHTTPServer
 
 
@@ -14,3 +15,8 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     def server_bind(self) -> None:  # skip HTTPServer's getfqdn() lookup (slow without DNS)
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = "127.0.0.1", self.server_address[1]
+
+    def serve_in_background(self) -> str:
+        """Serve on a daemon thread; the server's base URL."""
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+        return f"http://127.0.0.1:{self.server_address[1]}"

@@ -27,6 +27,7 @@ import boto3
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
+from distmerge.testing.faults import Faults
 from distmerge.testing.loopback_http import LoopbackHTTPServer
 
 _CHUNK = 1 << 16
@@ -37,23 +38,19 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transf
 _SUBRESOURCES = {"acl", "tagging", "attributes", "retention", "legal-hold", "torrent", "uploadId", "uploads", "restore"}
 
 
-class S3Server:
+class S3Server(Faults):
     """``with S3Server() as s3:`` then ``s3.client()``, or ``s3.env()`` for another process."""
 
     def __init__(self, access_key: str = "testing-key", secret_key: str = "testing-secret") -> None:
+        super().__init__()
         self.access_key, self.secret_key = access_key, secret_key
         self.endpoint, self.upstream = "", ("", 0)  # the proxy's URL; moto's own (host, port)
         self.get_requests: Counter[str] = Counter()  # GET of an object, dropped ones included
         self.bytes_sent: Counter[str] = Counter()  # GET body bytes written to the client socket
         self.ranges: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)  # a-b as asked, a- and -n as served
         self.bytes_received: Counter[str] = Counter()  # PUT object / upload-part bodies
-        self.dropped: Counter[str] = Counter()  # per method
         self.part_puts: Counter[str] = Counter()  # upload-part PUTs, per object
         self.part_delay = 0.0  # seconds each upload-part PUT waits before it is forwarded (a slow store)
-        self._parts_allowed: int | None = None
-        self._parts_seen = 0
-        self._parts_released = threading.Condition()
-        self._drops: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._moto: ThreadedMotoServer | None = None
@@ -72,8 +69,7 @@ class S3Server:
             self.close()
             raise
         self._httpd.s3 = self
-        self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.endpoint = self._httpd.serve_in_background()
         return self
 
     def close(self) -> None:
@@ -120,34 +116,6 @@ class S3Server:
             for counter in (self.get_requests, self.bytes_sent, self.ranges, self.bytes_received, self.dropped,
                             self.part_puts):
                 counter.clear()
-
-    def drop_next(self, n: int = 1, method: str = "GET") -> None:
-        """Cut the next ``n`` object GETs answered 200/206 (headers and half the body, then close)
-        or object/part PUTs (the body is read, not forwarded, then close without any answer)."""
-        if method not in ("GET", "PUT"):
-            raise ValueError(f"drop_next: method must be GET or PUT, not {method!r}")
-        with self._lock:
-            self._drops[method] = n
-
-    def hold_parts(self, after: int | None) -> None:
-        """Let ``after`` more upload-part PUTs through, then keep the next ones waiting (a run
-        stalled midway, to be killed); ``None`` lets every waiting and later part through."""
-        with self._parts_released:
-            self._parts_allowed = None if after is None else self._parts_seen + after
-            self._parts_released.notify_all()
-
-    def _wait_for_part(self) -> None:
-        with self._parts_released:
-            self._parts_seen += 1
-            mine = self._parts_seen
-            self._parts_released.wait_for(lambda: self._parts_allowed is None or mine <= self._parts_allowed)
-
-    def _take_drop(self, method: str) -> bool:
-        with self._lock:
-            drop, self._drops[method] = self._drops[method] > 0, max(self._drops[method] - 1, 0)
-            self.dropped[method] += drop
-            return drop
-
 
 class _Server(LoopbackHTTPServer):
     s3: S3Server
@@ -211,9 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
                 s3.bytes_received[name] += len(body)
                 s3.part_puts[name] += "partNumber" in query
             if "partNumber" in query:
-                s3._wait_for_part()
+                s3.wait_for_part()
                 time.sleep(s3.part_delay)
-            if s3._take_drop("PUT"):
+            if s3.take_drop("PUT"):
                 self.close_connection = True  # the body was read: the client sees a disconnect
                 return
         try:
@@ -247,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
                 s3.get_requests[name] += 1
                 if m is not None:
                     s3.ranges[name].append((int(m.group(1)), int(m.group(2))))
-            if s3._take_drop("GET"):
+            if s3.take_drop("GET"):
                 left, self.close_connection = left // 2, True
         self._stream(resp, left, name if data_get else "")
         if self.close_connection or not resp.isclosed():

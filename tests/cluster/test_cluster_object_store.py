@@ -97,9 +97,40 @@ def test_workload_identity_and_a_private_endpoint(values: dict[str, Any]) -> Non
             assert {"name": "AWS_ENDPOINT_URL_S3", "value": "https://minio.storage.svc:9000"} in container["env"]
 
 
+def test_cloud_storage_with_a_service_account_key_from_a_secret(values: dict[str, Any]) -> None:
+    changed = _values_with(values, "merge.outputPath", "gs://team-merges/llama-3.1-70b-ta")
+    changed = _values_with(changed, "merge.cronOutputPath", "gs://team-merges/nightly-{fingerprint}")
+    changed["storage"]["objectStore"].update(credentialsSecret=None, googleCredentialsSecret="distmerge-gcs")
+    text = config_text().replace("s3://my-models/", "gs://team-models/")
+    assert "s3://" not in text
+    docs = generate.render(changed, text)
+    found = 0
+    for stem in RAY_STEMS:
+        assert validate.validate_pod_templates(docs[stem]) == []
+        for where, spec in pod_specs_anywhere(docs[stem]):
+            assert security_problems(f"{stem}: {where}", spec, changed, False) == []
+            if "submitterPodTemplate" in where:
+                continue
+            found += 1
+            (container,) = spec["containers"]
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert volumes["google-credentials"]["secret"]["secretName"] == "distmerge-gcs"
+            assert {"name": "google-credentials", "mountPath": generate.GOOGLE_KEY_DIR, "readOnly": True} \
+                in container["volumeMounts"]
+            assert {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{generate.GOOGLE_KEY_DIR}/key.json"} \
+                in container["env"]
+            assert "envFrom" not in container
+    assert found == 6
+    assert "merge.yml gs://team-merges/llama-3.1-70b-ta --shard-size" in docs["rayjob"]["spec"]["entrypoint"]
+    with pytest.raises(generate.ValuesError, match="googleCredentialsSecret"):
+        bad = copy.deepcopy(changed)
+        bad["storage"]["objectStore"]["googleCredentialsSecret"] = "Key_File"
+        generate.render(bad, text)
+
+
 @pytest.mark.parametrize("path,value,message", [
     ("storage.mode", "s3", "storage.mode: must be one of sharedVolume, objectStore"),
-    ("merge.outputPath", "/models/merged/x", "merge.outputPath: '/models/merged/x' must be an s3://bucket/prefix URL"),
+    ("merge.outputPath", "/models/merged/x", "merge.outputPath: '/models/merged/x' must be an s3:// or gs://bucket/prefix URL"),
     ("merge.cronOutputPath", "s3://my-models/merged/nightly", "{fingerprint}"),
     ("storage.objectStore.credentialsSecret", "My_Secret", "storage.objectStore.credentialsSecret"),
     ("storage.objectStore.cacheSize", "lots", "storage.objectStore.cacheSize"),
@@ -112,7 +143,7 @@ def test_values_that_would_need_a_volume_or_cannot_work_are_refused(values: dict
 
 @pytest.mark.parametrize("old,new,message", [
     ("s3://my-models/llama-3.1-70b-math", "/models/llama-3.1-70b-math", "models[0].model: '/models/llama-3.1-70b-math'"),
-    ("base_model: s3://my-models/llama-3.1-70b", "base_model: ./base", "base_model: './base' must be an s3:// URL"),
+    ("base_model: s3://my-models/llama-3.1-70b", "base_model: ./base", "base_model: './base' must be an s3:// or gs:// URL"),
     ("  omega: 0.4", "  omega: 0.4\n  stats: /models/aim/stats.safetensors", "aim.stats"),
 ])
 def test_configs_that_read_local_files_are_refused(values: dict[str, Any], old: str, new: str, message: str) -> None:

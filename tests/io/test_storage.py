@@ -124,6 +124,7 @@ def test_writes_never_follow_a_planted_link(tmp_path):
 
 
 def test_storage_for_serves_paths_locally_and_urls_by_scheme(tmp_path):
+    from distmerge.io.gcs import GcsStorage
     from distmerge.io.hub import HubStorage
     from distmerge.io.s3 import S3Storage
 
@@ -133,7 +134,8 @@ def test_storage_for_serves_paths_locally_and_urls_by_scheme(tmp_path):
     assert isinstance(storage_for("s3://bucket/model/a.safetensors"), S3Storage)
     assert isinstance(storage_for("S3://bucket/model"), S3Storage)
     assert isinstance(storage_for("hf://org/model@abc/a.safetensors"), HubStorage)
-    for url in ("gs://bucket/model", "ftp://host/model", "file:///tmp/x"):
+    assert isinstance(storage_for("gs://bucket/model/a.safetensors"), GcsStorage)
+    for url in ("az://container/model", "ftp://host/model", "file:///tmp/x"):
         with pytest.raises(DistmergeError, match=r"storage is not supported \(yet\)"):
             storage_for(url)
 

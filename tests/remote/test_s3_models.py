@@ -88,7 +88,7 @@ def test_wrong_credentials_a_missing_bucket_or_prefix_say_so(s3, monkeypatch):
         "s3://no-such-bucket/team/base": "the bucket does not exist",
         f"s3://{BUCKET}/team/nothing-here": "no objects under this prefix",
         "s3://Bad_Bucket/x": "not a valid bucket name",
-        "gs://bucket-name/model": "gs:// is not a place distmerge reads models from",
+        "az://container/model": "az:// is not a place distmerge reads models from",
     }
     for ref, message in cases.items():
         with pytest.raises(CheckpointError, match=message):

@@ -8,31 +8,28 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from distmerge.output.remote_lock import MIRROR_S
 from distmerge.testing.s3_server import S3Server
-from distmerge.testing.tiny import build_family
+from tests.remote.remote_merges import (
+    SIDE_FILES,
+    cli,
+    kill_then_resume,
+    merge,
+    records,
+    write_config,
+)
 from tests.remote.test_s3_models import upload
 
 OUT_BUCKET = "merges-bucket"
 IN_BUCKET = "inputs-bucket"
-SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """Models whose merged bf16 file (21 MB) is uploaded in parts (8 MiB and up) at --shard-size 16MB."""
-    return build_family(tmp_path_factory.mktemp("s3out"), n_experts=2, hidden_size=512, intermediate_size=1536,
-                        num_hidden_layers=2, vocab_size=4096, max_shard_size="12MB")
+def family(parts_family):
+    return parts_family
 
 
 @pytest.fixture(scope="module")
@@ -47,26 +44,10 @@ def server(family):
         yield s3
 
 
-def write_config(path: Path, names: dict[str, str]) -> Path:
-    path.write_text(yaml.safe_dump({
-        "merge_method": "ties", "base_model": names["base"], "parameters": {"density": 0.5}, "dtype": "bfloat16",
-        "models": [{"model": names[m], "parameters": {"weight": w}} for m, w in (("e1", 0.6), ("e2", 0.5))]}))
-    return path
-
-
 @pytest.fixture
 def env(server, tmp_path):
     server.reset_counters()
     return {**os.environ, **server.env(), "RAY_ADDRESS": "", "DISTMERGE_CACHE": str(tmp_path / "cache")}
-
-
-def cli(env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distmerge", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def merge(env: dict, cfg: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
-    return cli(env, "merge", str(cfg), out, "--no-progress", "--workers", "2", "--shard-size", "16MB", *extra)
 
 
 def stored(server: S3Server, prefix: str) -> dict[str, bytes]:
@@ -76,19 +57,9 @@ def stored(server: S3Server, prefix: str) -> dict[str, bytes]:
             for o in listed}
 
 
-def records(journal: bytes, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, journal.decode().splitlines()) if r["kind"] == kind]
-
-
 @pytest.fixture(scope="module")
-def local_merge(family, tmp_path_factory):
-    """The reference: the same merge from local folders into a local directory."""
-    base, experts = family
-    tmp = tmp_path_factory.mktemp("local")
-    cfg = write_config(tmp / "local.yml", {"base": str(base), "e1": str(experts[0]), "e2": str(experts[1])})
-    run = merge({**os.environ, "RAY_ADDRESS": ""}, cfg, str(tmp / "out"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    return tmp / "out"
+def local_merge(parts_local_merge):
+    return parts_local_merge
 
 
 def remote_config(tmp_path: Path) -> Path:
@@ -140,46 +111,10 @@ def test_s3_to_s3_equals_the_local_merge_each_part_uploaded_once_and_verifies(se
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_keeping_the_parts_the_store_holds(server, env, local_merge, tmp_path):
-    cfg, url = remote_config(tmp_path), f"s3://{OUT_BUCKET}/runs/killed"
     model = "model-00001-of-00001.safetensors"
-    server.hold_parts(after=1)
-    command = [sys.executable, "-m", "distmerge", "merge", str(cfg), url, "--no-progress", "--workers", "2",
-               "--shard-size", "16MB"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        # Wait until the store's copy of the journal records the first part (and its units: the
-        # copy is unchanged for longer than the copying period, the next part being held).
-        deadline, seen, since = time.time() + 180, b"", time.time()
-        while time.time() < deadline:
-            journal = stored(server, "runs/killed").get("distmerge_journal.jsonl", b"")
-            if journal != seen:
-                seen, since = journal, time.time()
-            elif records(journal, "part") and time.time() - since > MIRROR_S + 1:
-                break
-            assert proc.poll() is None, "the merge ended before it could be interrupted"
-            time.sleep(0.2)
-        else:
-            pytest.fail("no part was journaled in the store")
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        server.hold_parts(None)
-    before = stored(server, "runs/killed")
-    assert model not in before and "model.safetensors.index.json" not in before  # nothing looks complete
-    kept = records(before["distmerge_journal.jsonl"], "part")
-    server.reset_counters()
-    rerun = merge(env, cfg, url)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming:" in rerun.stderr and "taking over the lock" in rerun.stderr
-    out = stored(server, "runs/killed")
-    assert out[model] == (local_merge / model).read_bytes()
-    # The kept parts were not uploaded again; the others were, once each.
-    total = {r["n"] for r in records(out["distmerge_journal.jsonl"], "part") if r["id"] == kept[0]["id"]}
-    assert len(total) > len(kept) >= 1
-    assert server.part_puts[f"{OUT_BUCKET}/runs/killed/{model}"] == len(total) - len(kept), rerun.stderr[-3000:]
-    resumed = re.search(r"resuming: (\d+) of (\d+) units", rerun.stderr)
-    assert resumed and int(resumed[1]) > 0 and int(resumed[1]) < int(resumed[2]), rerun.stderr[-2000:]
+    kill_then_resume(server, env, remote_config(tmp_path), f"s3://{OUT_BUCKET}/runs/killed",
+                     lambda: stored(server, "runs/killed"), f"{OUT_BUCKET}/runs/killed/{model}",
+                     (local_merge / model).read_bytes())
 
 
 def test_outputs_that_cannot_be_written_say_why_in_one_line(server, env, tmp_path, family):
@@ -190,7 +125,8 @@ def test_outputs_that_cannot_be_written_say_why_in_one_line(server, env, tmp_pat
     cases = {
         "s3://no-such-bucket-here/out": "the bucket does not exist",
         f"s3://{OUT_BUCKET}/foreign": "holds objects and no distmerge journal",
-        "gs://some-bucket/out": "an output on gs:// is not supported",
+        "az://some-container/out": "an output on az:// is not supported",
+        "hf://team/merged-model": "cannot be written to the Hugging Face Hub directly",
         "s3://Bad_Bucket/out": "'Bad_Bucket' is not a valid bucket name",
         "s3://AKIAKEY:secretvalue@merges-bucket/out": "credentials in the URL are refused",
     }
