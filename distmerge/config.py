@@ -153,7 +153,19 @@ class ExecutionConfig(_Strict):
     workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     allow_nonfinite: bool = False
-    verify: bool = True
+    # How much of its output a merge reads back before writing the index: "sample" (the layout,
+    # every header, a sample of the checksummed ranges, the workers' NaN/Inf counts), "full"
+    # (every byte, as `distmerge verify`), "layout" (no tensor data). true/false: full/layout.
+    verify: Literal["sample", "full", "layout"] = "sample"
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return "full" if v else "layout"
+        if v not in ("sample", "full", "layout"):
+            raise ValueError(f"execution.verify: {v!r} is not one of sample, full, layout (or true/false)")
+        return v
 
     @field_validator("shard_size", "max_file_size", mode="before")
     @classmethod

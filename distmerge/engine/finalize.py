@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from distmerge.dtypes import TORCH_NAME
+from distmerge.engine.phases import Phases
 from distmerge.engine.request import MergeRequest
 from distmerge.engine.worker import BatchResult
 from distmerge.errors import OutputError
@@ -44,6 +45,7 @@ from distmerge.output.side_files import (
 )
 from distmerge.output.target import OutputTarget
 from distmerge.output.verify import StoredOutput, verify_output
+from distmerge.output.verify_sample import SAMPLE_EVERY
 from distmerge.plan import MergePlan
 from distmerge.vocab import tokenizer_files
 from distmerge.vocab.files import load_tokenizer
@@ -75,7 +77,8 @@ def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal:
 
 
 def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journal: JournalWriter,
-             results: list[BatchResult], started: float, check_lock: Callable[[], None]) -> dict[str, Any]:
+             results: list[BatchResult], started: float, check_lock: Callable[[], None],
+             phases: Phases) -> dict[str, Any]:
     """Side files, the checksum manifest, verification, report, and the index last (for an
     object-store output: the small files uploaded after verification, the index last)."""
     out = target.folder
@@ -88,20 +91,27 @@ def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journ
     missing = [u for u in plan.units if (u.tensor, u.row_start, u.row_end) not in recorded.units]
     if missing:
         raise OutputError(f"{out}: {len(missing)} units have no checksum in the journal; rerun to finish them")
+    phases.mark("side files")
     manifest = build_manifest(((f.name, f.header, f.size) for f in plan.files),
                               ((t.name, t.file_index) for t in plan.tensors), recorded.units)
     scratch = {name for feature in request.features for name in feature.scratch_files}
     add_other_files(manifest, out, recorded.written - scratch)
     weight_map = {t: f.name for f in plan.files for t in f.tensors}
     execution = request.config.execution
-    verified = verify_output(out, weight_map=weight_map, manifest=manifest, deep=execution.verify,
+    nonfinite: dict[str, int] = {}
+    for (tensor, _, _), bad in recorded.nonfinite.items():
+        nonfinite[plan.tensors[tensor].name] = nonfinite.get(plan.tensors[tensor].name, 0) + bad
+    verified = verify_output(out, weight_map=weight_map, manifest=manifest, deep=execution.verify == "full",
                              allow_nonfinite=execution.allow_nonfinite,
-                             stored=StoredOutput(target.location, target.weights_at, target.listing))
+                             stored=StoredOutput(target.location, target.weights_at, target.listing),
+                             sample_every=SAMPLE_EVERY if execution.verify == "sample" else None,
+                             nonfinite=None if execution.verify == "full" else nonfinite)
     if not verified.ok:
         raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
+    phases.mark("verify")
     report = build_report(plan, results, time.time() - started,
                           sections={f.name: f.report_section() for f in request.features})
-    report.update(out_dir=target.location, verify=verified.as_dict(), skipped_side_files=skipped,
+    report.update(out_dir=target.location, verify=verified.as_dict(), skipped_side_files=skipped, phases_s=dict(phases.seconds),
                   warnings=[w for r in results for w in r.warnings])
     for name in (REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME, INDEX_NAME):
         journal.wrote(name)
@@ -115,4 +125,5 @@ def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journ
     small = {*recorded.written, REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME} - {INDEX_NAME}
     target.publish([*sorted(n for n in small if (out / n).is_file()), INDEX_NAME])
     journal.complete()
+    phases.mark("report and index")
     return report

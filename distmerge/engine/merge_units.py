@@ -65,7 +65,7 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
         results.append(result)
         target.parts_done(result.parts, journal)
         for r in result.units:
-            journal.unit(r.tensor, r.row_start, r.row_end, r.crc32)
+            journal.unit(r.tensor, r.row_start, r.row_end, r.crc32, r.nonfinite)
         for w in result.warnings:
             log.warning("%s", w)
         bar.update(result.bytes_written)

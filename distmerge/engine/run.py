@@ -12,6 +12,7 @@ output/, and Ray is confined to engine.scheduling, engine.tasks and engine.clust
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from distmerge.engine.cluster import connect
 from distmerge.engine.finalize import finalize
 from distmerge.engine.fingerprint import identify
 from distmerge.engine.merge_units import merge_job, merge_units
+from distmerge.engine.phases import Phases
 from distmerge.engine.request import resolve_request
 from distmerge.output.journal import JOURNAL_NAME, JournalWriter
 from distmerge.output.target import output_target
+from distmerge.output.verify import prepare_architecture
 from distmerge.plan import build_plan
 
 log = logging.getLogger(__name__)
@@ -42,13 +45,18 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
     ``overwrite_foreign`` also deletes anything else OUT holds. OUT is never an input, inside
     one or around one, and only one run at a time writes it (a lock held for the whole run).
     """
-    started = time.time()
+    started, phases = time.time(), Phases()
     # 1. Resolve config, overrides and features once; plan from the inputs' headers.
     request = resolve_request(config, shard_size=shard_size, workers=workers, seed=seed,
                               allow_nonfinite=allow_nonfinite)
     plan = build_plan(request.config, request.shard_size, needs_base=request.needs_base)
     # 2. The output: named by the merge's identity, apart from every input, locked, examined.
     identity = identify(request, plan)
+    phases.mark("plan")
+    # The verification builds the architecture with transformers (seconds of imports): done now,
+    # beside Ray's start and the merge, it costs the finish nothing.
+    threading.Thread(target=prepare_architecture, args=(plan.model_config,), name="distmerge-architecture",
+                     daemon=True).start()
     target = output_target(identity.output_location(out_dir))
     target.check_apart(request.input_paths())
     with target.locked() as lock:
@@ -65,18 +73,24 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
         header = None if interrupted else {"parts": identity.parts, "config": identity.config,
                                            "shard_size": plan.shard_size, "tensors": [t.name for t in plan.tensors],
                                            "files": [f.name for f in plan.files]}
+        phases.mark("output")
         with JournalWriter(out / JOURNAL_NAME, header) as journal:
             # 3. Ray, then the features (AIM: statistics loaded or calibrated, checked, factors).
             connect(ray_address)
+            phases.mark("ray")
             row_steps = tuple(s for f in request.features if (s := f.prepare(plan, out, journal.wrote, progress)))
+            if request.features:
+                phases.mark("features")
             log.info("plan:\n%s", "\n".join([plan.summary(), *(f.summary() for f in request.features)]))
             # 4. Model files created or reopened; reduction rounds; every unit merged and written.
             done_units = target.open_files(plan, interrupted, journal)
+            phases.mark("open files")
             results = merge_units(plan, target, merge_job(plan, target, row_steps), journal, done_units,
                                   request.workers, progress)
             lock.check()
+            phases.mark("merge")
             # 5. Side files, manifest, verification, report, and the index last.
-            report = finalize(request, plan, target, journal, results, started, lock.check)
+            report = finalize(request, plan, target, journal, results, started, lock.check, phases)
     report.update(fingerprint=identity.fingerprint, resumed_units=len(done_units))
-    log.info("merged %s into %s in %.1fs", plan.method.name, target.location, report["seconds"])
+    log.info("merged %s into %s in %.1fs (%s)", plan.method.name, target.location, report["seconds"], phases.summary())
     return report

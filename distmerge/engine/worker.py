@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distmerge.dtypes import SAFETENSORS_TO_TORCH
+from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
-from distmerge.errors import CheckpointError
+from distmerge.errors import CheckpointError, OutputError
 from distmerge.io.remote import fetched_bytes, pin_versions
 from distmerge.io.safetensors import TensorInfo, read_row_set
 from distmerge.io.scan import count_nonfinite
@@ -54,6 +54,7 @@ class UnitResult:
     row_end: int
     crc32: int
     nbytes: int
+    nonfinite: int = 0  # NaN/Inf among the merged values written (the output's own check, see verify)
 
 
 @dataclass
@@ -154,7 +155,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
     started, fetched = time.perf_counter(), fetched_bytes()
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
-    crcs, sizes = [0] * len(units), [0] * len(units)
+    crcs, sizes, nonfinite = [0] * len(units), [0] * len(units), [0] * len(units)
     sink = job.output.open_batch(units, job.tensors)
     with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
         # Read the next block while this one is merged: disk and CPU overlap.
@@ -169,9 +170,17 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
             offset, _ = t.out_span(block.row_start, block.row_end)
             sizes[i] += sink.write(t.file_index, offset, out)
             crcs[i] = zlib.crc32(out.contiguous().reshape(-1).view(torch.uint8).numpy(), crcs[i])
+            bad = count_nonfinite(out)  # what the output holds: the inputs were finite, a cast can overflow
+            if bad and job.check_finite:
+                raise OutputError(f"tensor {t.name!r} rows {block.row_start}:{block.row_end}: the merge makes {bad} "
+                                  f"NaN/Inf values in {TORCH_NAME.get(t.out_dtype, t.out_dtype)} (an output dtype too narrow for the merged "
+                                  "values, or parameters that overflow); nothing was published. Use another "
+                                  "out_dtype or parameters, or pass --allow-nonfinite to write them with a warning")
+            nonfinite[i] += bad
             del out
         parts = sink.close()
-    results = [UnitResult(u.tensor, u.row_start, u.row_end, crcs[i], sizes[i]) for i, u in enumerate(units)]
+    results = [UnitResult(u.tensor, u.row_start, u.row_end, crcs[i], sizes[i], nonfinite[i])
+               for i, u in enumerate(units)]
     read = sum(u.read_bytes for u in units)
     written = sum(sizes)
     return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),

@@ -85,6 +85,7 @@ class JournalState:
 
     header: dict[str, Any]
     units: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    nonfinite: dict[tuple[int, int, int], int] = field(default_factory=dict)  # units whose output holds NaN/Inf
     files: set[str] = field(default_factory=set)
     written: set[str] = field(default_factory=set)
     complete: bool = False
@@ -130,10 +131,13 @@ def read_journal(path: Path) -> JournalState | None:
         kind = r.get("kind")
         if kind == "unit":
             key = (r.get("t"), r.get("r0"), r.get("r1"))
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*key, r.get("crc"))):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for v in (*key, r.get("crc"), r.get("bad", 0))):
                 raise OutputError(f"{path}: line {i} is not a valid unit record; the journal is damaged "
                                   "(rerun with --overwrite to start over)")
             state.units[key] = r["crc"]  # type: ignore[index]
+            if r.get("bad"):
+                state.nonfinite[key] = r["bad"]  # type: ignore[index]
         elif kind in ("file", "wrote") and isinstance(r.get("name"), str):
             (state.files if kind == "file" else state.written).add(r["name"])
         elif kind == "upload" and isinstance(r.get("name"), str) and isinstance(r.get("id"), str):
@@ -175,8 +179,9 @@ class JournalWriter:
         except OSError as e:
             raise OutputError(f"{self.path}: cannot append to the journal ({e.strerror})") from e
 
-    def unit(self, tensor: int, row_start: int, row_end: int, crc: int) -> None:
-        self._append({"kind": "unit", "t": tensor, "r0": row_start, "r1": row_end, "crc": crc})
+    def unit(self, tensor: int, row_start: int, row_end: int, crc: int, nonfinite: int = 0) -> None:
+        record = {"kind": "unit", "t": tensor, "r0": row_start, "r1": row_end, "crc": crc}
+        self._append({**record, "bad": nonfinite} if nonfinite else record)
 
     def wrote(self, name: str) -> None:
         """Record, before creating it, that this run writes ``name`` in OUT (so it may delete it)."""

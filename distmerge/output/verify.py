@@ -13,8 +13,10 @@ the bytes themselves are read through :mod:`distmerge.io`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from distmerge.model_config import check_config_against_tensors
 from distmerge.output.journal import JOURNAL_NAME, read_journal
 from distmerge.output.lock import LOCK_NAME
 from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME, load_manifest, sha256_of
+from distmerge.output.verify_sample import sampled_ranges
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class VerifyResult:
     tensors: int = 0
     checksums_verified: int = 0
     bytes_scanned: int = 0
+    ranges_total: int = 0  # checksummed ranges the manifest holds
+    read_back: str = "none"  # how many of them were read back: "all", "sample" or "none"
 
     @property
     def ok(self) -> bool:
@@ -81,11 +86,35 @@ class VerifyResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "problems": self.problems, "warnings": self.warnings, "tensors": self.tensors,
-                "checksums_verified": self.checksums_verified, "bytes_scanned": self.bytes_scanned}
+                "checksums_verified": self.checksums_verified, "checksums_total": self.ranges_total,
+                "read_back": self.read_back, "bytes_scanned": self.bytes_scanned}
+
+
+# Settings of config.json that change no tensor's name or shape (the merge may rewrite them).
+_NOT_SHAPES = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
+_ARCHITECTURES: dict[str, dict[str, tuple[int, ...]] | None] = {}
+_ARCHITECTURES_LOCK = threading.Lock()
+
+
+def prepare_architecture(config: dict[str, Any]) -> None:
+    """Build (and keep) the architecture of ``config`` ahead of its verification; never raises."""
+    try:
+        expected_architecture(config)
+    except Exception as e:  # noqa: BLE001 - the verification itself will say what is wrong
+        log.debug("preparing the architecture failed: %r", e)
 
 
 def expected_architecture(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """Tensor names and shapes the config's architecture has (built on the meta device)."""
+    """Tensor names and shapes the config's architecture has (built on the meta device once per
+    config; transformers' imports make the first build take seconds)."""
+    key = json.dumps({k: v for k, v in config.items() if k not in _NOT_SHAPES}, sort_keys=True, default=str)
+    with _ARCHITECTURES_LOCK:  # a second caller waits for the first build instead of repeating it
+        if key not in _ARCHITECTURES:
+            _ARCHITECTURES[key] = _build_architecture(config)
+        return _ARCHITECTURES[key]
+
+
+def _build_architecture(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -126,13 +155,17 @@ def _read_index(out: Path, result: VerifyResult) -> tuple[dict[str, str] | None,
 
 def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = None,
                   manifest: dict[str, Any] | None = None, deep: bool = True,
-                  allow_nonfinite: bool = False, stored: StoredOutput | None = None) -> VerifyResult:
+                  allow_nonfinite: bool = False, stored: StoredOutput | None = None,
+                  sample_every: int | None = None, nonfinite: dict[str, int] | None = None) -> VerifyResult:
     """Verify a merged checkpoint.
 
     ``weight_map`` and ``manifest`` stand in for the index and the manifest file while the
     merge is finishing (it verifies before it writes them). ``deep=False`` checks the layout
     (index, headers, sizes, header checksums, manifest coverage, architecture) without
-    reading tensor data. ``stored`` says where the model files are (default: in ``out_dir``).
+    reading tensor data; with ``sample_every`` it also reads back a sample of the checksummed
+    ranges (:mod:`~distmerge.output.verify_sample`), and ``nonfinite`` (tensor -> NaN/Inf count,
+    as the workers counted them) stands in for the count a full read makes. ``stored`` says
+    where the model files are (default: in ``out_dir``).
     """
     out = Path(out_dir)
     result = VerifyResult()
@@ -177,18 +210,23 @@ def verify_output(out_dir: str | Path, *, weight_map: dict[str, str] | None = No
     if manifest is not None:
         _check_other_files(out, manifest, result)
         _check_nothing_added(stored, names, manifest, result)
+    result.ranges_total = sum(len(r) for r in covered.values())
     if deep:
         nonfinite = _check_ranges(infos, covered, result)
         for name, info in sorted(infos.items()):
             if name not in nonfinite:  # not covered by the manifest: scan on its own
                 nonfinite[name] = count_nonfinite_in_tensor(info)
                 result.bytes_scanned += info.nbytes
-        for name, bad in sorted(nonfinite.items()):
-            if bad:
-                message = f"{infos[name].file}: tensor {name!r} has {bad} NaN/Inf values"
-                (result.warnings if allow_nonfinite else result.problems).append(message)
-        if manifest is not None:
-            _compare_journal(out, infos, covered, result)
+        result.read_back = "all"
+    elif sample_every is not None:
+        _check_ranges(infos, sampled_ranges(covered, infos, sample_every), result)
+        result.read_back = "sample"
+    for name, bad in sorted((nonfinite or {}).items()):
+        if bad and name in infos:
+            message = f"{infos[name].file}: tensor {name!r} has {bad} NaN/Inf values"
+            (result.warnings if allow_nonfinite else result.problems).append(message)
+    if deep and manifest is not None:
+        _compare_journal(out, infos, covered, result)
     return result
 
 
@@ -349,7 +387,10 @@ def _check_architecture(out: Path, infos: dict[str, TensorInfo], result: VerifyR
     for name in sorted(set(infos) - set(expected)):
         result.warnings.append(f"tensor {name!r} is not part of the {config.get('model_type')} architecture")
     dtype_name = config.get("dtype") or config.get("torch_dtype")
-    want = TORCH_TO_SAFETENSORS.get(getattr(torch, str(dtype_name), None)) if dtype_name else None
+    named = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    want = TORCH_TO_SAFETENSORS.get(named) if isinstance(named, torch.dtype) else None
+    if dtype_name and not isinstance(named, torch.dtype):
+        result.problems.append(f"{config_path}: dtype {dtype_name!r} is not a dtype transformers can load")
     if want:
         for name, info in sorted(infos.items()):
             if info.dtype in FLOAT_CODES and info.dtype != want:

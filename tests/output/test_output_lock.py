@@ -163,7 +163,9 @@ def test_two_merges_started_together_exactly_one_runs(tmp_path, llama_family):
 @pytest.mark.slow
 def test_a_staggered_second_merge_is_refused_while_the_first_runs(tmp_path, llama_family):
     out = tmp_path / "out"
-    command = _merge_command(tmp_path, llama_family, out)
+    # One worker and small units: the first run is still merging (it holds the lock) for
+    # seconds after its fifth unit, longer than the second needs to start and ask for the lock.
+    command = [*_merge_command(tmp_path, llama_family, out), "--workers", "1", "--shard-size", "4KB"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_units(first, out, 5)
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
