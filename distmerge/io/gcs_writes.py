@@ -86,9 +86,12 @@ def create_upload(location: str, what: str, error: Error = OutputError) -> str:
     return upload_id
 
 
-def upload_part(location: str, upload_id: str, number: int, data: bytes, what: str, error: Error = OutputError) -> str:
-    """Upload part ``number`` (1-based); the ETag the store gives it (the store checks its MD5)."""
-    headers = {"Content-MD5": base64.b64encode(hashlib.md5(data).digest()).decode()}  # noqa: S324
+def upload_part(location: str, upload_id: str, number: int, data: bytes, what: str, error: Error = OutputError,
+                md5: bytes | None = None) -> str:
+    """Upload part ``number`` (1-based); the ETag the store gives it (the store checks its MD5:
+    ``md5``, the caller's digest of ``data``, or one computed here)."""
+    digest = md5 if md5 is not None else hashlib.md5(data).digest()  # noqa: S324
+    headers = {"Content-MD5": base64.b64encode(digest).decode()}
     answer = send("PUT", _url(location), location, what, error, "writing", data=data, headers=headers,
                   params={"partNumber": str(number), "uploadId": upload_id})
     return answer.headers.get("ETag", "")

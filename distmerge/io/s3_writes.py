@@ -13,6 +13,7 @@ and raised as the caller's error class; botocore's standard mode retries each re
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -93,10 +94,13 @@ def create_upload(location: str, what: str, error: Error = OutputError) -> str:
     return str(call(client().create_multipart_upload, location, what, error, "writing", **_bk(location))["UploadId"])
 
 
-def upload_part(location: str, upload_id: str, number: int, data: bytes, what: str, error: Error = OutputError) -> str:
-    """Upload part ``number`` (1-based) of an upload; the ETag S3 gives it."""
+def upload_part(location: str, upload_id: str, number: int, data: bytes, what: str, error: Error = OutputError,
+                md5: bytes | None = None) -> str:
+    """Upload part ``number`` (1-based) of an upload; the ETag S3 gives it. With ``md5`` (the
+    caller's digest of ``data``) S3 itself refuses a part damaged on its way."""
+    checked = {"ContentMD5": base64.b64encode(md5).decode()} if md5 is not None else {}
     answer = call(client().upload_part, location, what, error, "writing", **_bk(location), UploadId=upload_id,
-                  PartNumber=number, Body=data)
+                  PartNumber=number, Body=data, **checked)
     return str(answer["ETag"])
 
 
