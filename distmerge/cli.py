@@ -187,7 +187,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         else Path(args.stats_file)
     if args.plot is not None:
         _check_plot(args.plot, {"stats_file": local})
-    statistics, metadata = load_statistics(local)
+    try:
+        statistics, metadata = load_statistics(local)
+    except ConfigError as e:  # name the file as the user gave it, not its cached copy
+        raise ConfigError(str(e).replace("aim.stats: ", "", 1).replace(str(local), args.stats_file)) from None
     _show_statistics(statistics, args.omega, args.plot, metadata.get("base_model", str(args.stats_file)))
     return 0
 

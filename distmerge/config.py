@@ -164,7 +164,7 @@ class ExecutionConfig(_Strict):
         if isinstance(v, bool):
             return "full" if v else "layout"
         if v not in ("sample", "full", "layout"):
-            raise ValueError(f"execution.verify: {v!r} is not one of sample, full, layout (or true/false)")
+            raise ValueError(f"{v!r} is not one of sample, full, layout (or true/false)")
         return v
 
     @field_validator("shard_size", "max_file_size", mode="before")
