@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge the models of CONFIG into OUT_DIR")
     merge.add_argument("config", type=Path, help="merge config (YAML, mergekit schema)")
     merge.add_argument("out_dir", help="output directory (Hugging Face layout), or s3://bucket/prefix or gs://bucket/prefix")
-    merge.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    merge.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS; without one, see --executor)")
+    merge.add_argument("--executor", choices=("auto", "local", "ray"),
+                       help="who merges: local (threads of this process, no Ray to start), ray (Ray tasks: "
+                            "the cluster at --ray-address/RAY_ADDRESS, else an embedded Ray), auto (default "
+                            "from the config's execution.executor, itself auto: Ray when an address is given "
+                            "or AIM must calibrate, local otherwise)")
     merge.add_argument("--shard-size", type=_size_arg, help="memory budget of one work unit, e.g. 256MB (default from config)")
     merge.add_argument("--workers", type=_positive_int, help="work units in flight at once (default: CPUs of the cluster)")
     merge.add_argument("--seed", type=int, help="seed of randomized methods (DARE, DELLA)")
@@ -112,8 +117,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     report = run_merge(
         args.config, args.out_dir, ray_address=args.ray_address, shard_size=args.shard_size,
         workers=args.workers, seed=args.seed, overwrite=args.overwrite, overwrite_foreign=args.overwrite_foreign,
-        resume=args.resume,
-        allow_nonfinite=True if args.allow_nonfinite else None, progress=not args.no_progress,
+        resume=args.resume, allow_nonfinite=True if args.allow_nonfinite else None, executor=args.executor,
+        progress=not args.no_progress,
     )
     if report.get("noop"):
         print(f"already complete: {report['out_dir']} (fingerprint {report.get('fingerprint')}); nothing to do")

@@ -147,6 +147,9 @@ class AimConfig(_Strict):
         return None if v is None else parse_size(v, "aim.stage_memory")
 
 
+EXECUTORS = ("auto", "local", "ray")
+
+
 class ExecutionConfig(_Strict):
     shard_size: int = 256 * 1000**2
     max_file_size: int = 5 * 1000**3
@@ -157,6 +160,10 @@ class ExecutionConfig(_Strict):
     # every header, a sample of the checksummed ranges, the workers' NaN/Inf counts), "full"
     # (every byte, as `distmerge verify`), "layout" (no tensor data). true/false: full/layout.
     verify: Literal["sample", "full", "layout"] = "sample"
+    # Who runs the batches: "local" (threads of this process, starts at once), "ray" (Ray tasks:
+    # an embedded Ray, or the cluster named by --ray-address / RAY_ADDRESS), "auto": Ray when an
+    # address is given, Ray already runs here or AIM must calibrate; local otherwise (engine.executors).
+    executor: Literal["auto", "local", "ray"] = "auto"
 
     @field_validator("verify", mode="before")
     @classmethod

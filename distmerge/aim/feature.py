@@ -102,6 +102,12 @@ class AimFeature:
 
         self.statistics, self.metadata = calibrate(self.base_model, self.aim, out_path, progress=progress)
 
+    def needs_ray(self, out: Path) -> str | None:
+        """Calibrating the base model needs Ray (its pipeline of stage actors); loading statistics does not."""
+        if self.aim.stats or (out / SAVED_NAME).is_file():
+            return None
+        return "aim: without aim.stats the base model is calibrated by a pipeline of Ray stage actors"
+
     def prepare(self, plan: MergePlan, out: Path, record_written: Callable[[str], None],
                 progress: bool) -> ChannelRelaxation:
         """Statistics loaded or calibrated, checked against ``plan``; the workers' relaxation."""

@@ -1,8 +1,8 @@
 """Cross-cutting features of a merge (AIM today): the small interface the engine drives.
 
 A feature owns its whole lifecycle, the way a converter does in torchtitan: the engine asks
-each one what it reads, whether every merged tensor needs the base rows, to prepare once the
-output is locked and Ray is up, and for its lines of the plan, report and model card. What
+each one what it reads, whether every merged tensor needs the base rows, whether it needs Ray,
+to prepare once the output is locked and the executor started, and for its lines of the plan, report and model card. What
 ``prepare`` returns (a :class:`RowStep`) goes to the workers with the job and is applied to
 every merged row block after the method's merge. The engine never branches on a feature's
 kind: adding one is a class with these members and one line in :func:`features_for`.
@@ -35,6 +35,10 @@ class MergeFeature(Protocol):
     def input_paths(self) -> dict[str, Path | str]: ...
 
     def fingerprint_files(self) -> dict[str, Path | list[Any]]: ...
+
+    def needs_ray(self, out: Path) -> str | None:
+        """Why this run needs Ray (e.g. a calibration pipeline of stage actors), or None."""
+        ...
 
     def prepare(self, plan: MergePlan, out: Path, record_written: Callable[[str], None],
                 progress: bool) -> RowStep | None: ...

@@ -78,7 +78,7 @@ def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal:
 
 def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journal: JournalWriter,
              results: list[BatchResult], started: float, check_lock: Callable[[], None],
-             phases: Phases) -> dict[str, Any]:
+             phases: Phases, executor: str) -> dict[str, Any]:
     """Side files, the checksum manifest, verification, report, and the index last (for an
     object-store output: the small files uploaded after verification, the index last)."""
     out = target.folder
@@ -111,7 +111,7 @@ def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journ
     phases.mark("verify")
     report = build_report(plan, results, time.time() - started,
                           sections={f.name: f.report_section() for f in request.features})
-    report.update(out_dir=target.location, verify=verified.as_dict(), skipped_side_files=skipped, phases_s=dict(phases.seconds),
+    report.update(out_dir=target.location, executor=executor, verify=verified.as_dict(), skipped_side_files=skipped, phases_s=dict(phases.seconds),
                   warnings=[w for r in results for w in r.warnings])
     for name in (REPORT_NAME, MODEL_CARD_NAME, MANIFEST_NAME, INDEX_NAME):
         journal.wrote(name)

@@ -1,8 +1,9 @@
 """Phase: reduction rounds, then every unit merged and written by the workers.
 
-The driver holds no tensor data: it ships one job description to the object store, submits
+The driver holds no tensor data: it hands one job description to the executor, submits
 batches of units with a bounded number in flight, journals each unit's checksum as its batch
 returns, and finishes each output file (renamed, or its upload completed) once all of its rows are in.
+Who runs the batches (threads here, or Ray tasks) is the executor's business (engine.executors).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from distmerge.engine.cluster import cluster_cpus
+from distmerge.engine.executors import Executor
 from distmerge.engine.features import RowStep
 from distmerge.engine.reductions import run_reduction_rounds
-from distmerge.engine.scheduling import progress_bar, run_bounded
+from distmerge.engine.scheduling import progress_bar
 from distmerge.engine.worker import BatchResult, MergeJob
 from distmerge.output.journal import JournalWriter
 from distmerge.output.local_files import UnitKey
@@ -21,15 +22,6 @@ from distmerge.output.target import OutputTarget
 from distmerge.plan import MergePlan, WorkUnit
 
 log = logging.getLogger(__name__)
-
-
-def tasks_in_flight(workers: int | None) -> int:
-    """How many batches to keep submitted: ``workers`` (default: the cluster's CPUs)."""
-    cpus = cluster_cpus()
-    concurrency = workers or cpus
-    # Ray runs at most one task per CPU, so when every CPU may work, a queue of as many again
-    # hides the submit/return round trip at no memory cost (queued tasks hold no buffers).
-    return concurrency * 2 if concurrency >= cpus else concurrency
 
 
 def merge_job(plan: MergePlan, target: OutputTarget, row_steps: tuple[RowStep, ...]) -> MergeJob:
@@ -41,13 +33,9 @@ def merge_job(plan: MergePlan, target: OutputTarget, row_steps: tuple[RowStep, .
 
 
 def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: JournalWriter,
-                done_units: set[UnitKey], workers: int | None, progress: bool) -> list[BatchResult]:
+                done_units: set[UnitKey], executor: Executor, workers: int | None, progress: bool) -> list[BatchResult]:
     """Write every unit not in ``done_units``; finish each file once all its rows are in."""
-    import ray
-
-    from distmerge.engine.tasks import merge_batch_task
-
-    limit = tasks_in_flight(workers)
+    limit = executor.in_flight(workers)
     todo = [u for u in plan.units if (u.tensor, u.row_start, u.row_end) not in done_units]
     remaining: dict[int, int] = defaultdict(int)
     for u in todo:
@@ -55,9 +43,7 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
     for i in range(len(plan.files)):
         if remaining[i] == 0:
             target.file_done(plan, i, journal)
-    job_ref = ray.put(job)
-    reduced = run_reduction_rounds(plan, job_ref, limit, progress) if todo else {}
-    reduced_ref = ray.put(reduced)
+    reduced = run_reduction_rounds(plan, executor, job, limit, progress) if todo else {}
     results: list[BatchResult] = []
     bar = progress_bar(sum(u.write_bytes for u in todo), progress, f"merge ({plan.method.name})")
 
@@ -75,6 +61,6 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
             if remaining[f] == 0:
                 target.file_done(plan, f, journal)
 
-    run_bounded(lambda b: merge_batch_task.remote(job_ref, b, reduced_ref), target.batches(plan, todo), limit, done)
+    executor.merge(job, target.batches(plan, todo), reduced, limit, done)
     bar.close()
     return results

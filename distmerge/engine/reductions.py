@@ -8,19 +8,17 @@ every unit's merge receives are the same under any sharding.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
-from distmerge.engine.scheduling import progress_bar, run_bounded
+from distmerge.engine.executors import Executor
+from distmerge.engine.scheduling import progress_bar
+from distmerge.engine.worker import MergeJob
 from distmerge.methods.base import Partials, Reductions
 from distmerge.plan import MergePlan, WorkUnit, batches
 
 
-def run_reduction_rounds(plan: MergePlan, job_ref: Any, limit: int, progress: bool) -> dict[int, Reductions]:
+def run_reduction_rounds(plan: MergePlan, executor: Executor, job: MergeJob, limit: int,
+                         progress: bool) -> dict[int, Reductions]:
     """Every round of every tensor that needs one; returns the reduced values per tensor index."""
-    import ray
-
-    from distmerge.engine.tasks import reduction_task
-
     reduced: dict[int, Reductions] = {}
     for round_ in range(plan.reduction_rounds):
         units = [u for u in plan.reduction_units(round_) if not (u.tensor in reduced and reduced[u.tensor].complete)]
@@ -34,9 +32,7 @@ def run_reduction_rounds(plan: MergePlan, job_ref: Any, limit: int, progress: bo
                 partials[tensor][row_start] = part
             bar.update(sum(u.read_bytes for u in batch))
 
-        previous_ref = ray.put(reduced)
-        run_bounded(lambda b, r=round_, p=previous_ref: reduction_task.remote(job_ref, b, r, p),
-                    batches(units, plan.shard_size), limit, done)
+        executor.reduction_round(job, batches(units, plan.shard_size), round_, reduced, limit, done)
         bar.close()
         for i, chunks in partials.items():
             t = plan.tensors[i]

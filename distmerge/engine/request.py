@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from distmerge.config import MergeConfig, load_config
+from distmerge.config import EXECUTORS, MergeConfig, load_config
 from distmerge.engine.features import MergeFeature, features_for
 from distmerge.errors import ConfigError
 from distmerge.output.directory import input_paths
@@ -39,7 +39,8 @@ class MergeRequest:
 
 
 def resolve_request(config: MergeConfig | str | Path, *, shard_size: int | None = None, workers: int | None = None,
-                    seed: int | None = None, allow_nonfinite: bool | None = None) -> MergeRequest:
+                    seed: int | None = None, allow_nonfinite: bool | None = None,
+                    executor: str | None = None) -> MergeRequest:
     """Load the config (a path or a parsed config) and apply the overrides the caller passed."""
     if workers is not None and not (isinstance(workers, int) and workers >= 1):
         raise ConfigError(f"workers: {workers!r} is not a positive number of work units in flight")
@@ -50,6 +51,10 @@ def resolve_request(config: MergeConfig | str | Path, *, shard_size: int | None 
         execution["seed"] = seed
     if allow_nonfinite is not None:
         execution["allow_nonfinite"] = allow_nonfinite
+    if executor is not None:
+        if executor not in EXECUTORS:
+            raise ConfigError(f"executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+        execution["executor"] = executor
     if execution:
         cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update=execution)})
     return MergeRequest(cfg, config_path, tuple(features_for(cfg)), shard_size or cfg.execution.shard_size,

@@ -12,21 +12,20 @@ output/, and Ray is confined to engine.scheduling, engine.tasks and engine.clust
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from distmerge.config import MergeConfig
-from distmerge.engine.cluster import connect
+from distmerge.engine.executors import choose_executor
 from distmerge.engine.finalize import finalize
 from distmerge.engine.fingerprint import identify
 from distmerge.engine.merge_units import merge_job, merge_units
 from distmerge.engine.phases import Phases
 from distmerge.engine.request import resolve_request
+from distmerge.output.architecture import prepare_architecture
 from distmerge.output.journal import JOURNAL_NAME, JournalWriter
 from distmerge.output.target import output_target
-from distmerge.output.verify import prepare_architecture
 from distmerge.plan import build_plan
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,8 @@ log = logging.getLogger(__name__)
 def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_address: str | None = None,
               shard_size: int | None = None, workers: int | None = None, seed: int | None = None,
               overwrite: bool = False, overwrite_foreign: bool = False, resume: bool = False,
-              allow_nonfinite: bool | None = None, progress: bool = True) -> dict[str, Any]:
+              allow_nonfinite: bool | None = None, executor: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
     """Run a merge end to end and return its report (also written to ``merge_report.json``).
 
     Rerunning a finished merge is a no-op; rerunning an interrupted one resumes it. A
@@ -44,19 +44,20 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
     ``overwrite`` replaces an earlier distmerge output (only files a distmerge run wrote);
     ``overwrite_foreign`` also deletes anything else OUT holds. OUT is never an input, inside
     one or around one, and only one run at a time writes it (a lock held for the whole run).
+    ``executor`` (auto, local, ray; default ``execution.executor``) says who runs the batches:
+    threads of this process, or Ray tasks (:mod:`distmerge.engine.executors`).
     """
     started, phases = time.time(), Phases()
     # 1. Resolve config, overrides and features once; plan from the inputs' headers.
     request = resolve_request(config, shard_size=shard_size, workers=workers, seed=seed,
-                              allow_nonfinite=allow_nonfinite)
+                              allow_nonfinite=allow_nonfinite, executor=executor)
     plan = build_plan(request.config, request.shard_size, needs_base=request.needs_base)
     # 2. The output: named by the merge's identity, apart from every input, locked, examined.
     identity = identify(request, plan)
     phases.mark("plan")
-    # The verification builds the architecture with transformers (seconds of imports): done now,
-    # beside Ray's start and the merge, it costs the finish nothing.
-    threading.Thread(target=prepare_architecture, args=(plan.model_config,), name="distmerge-architecture",
-                     daemon=True).start()
+    # The verification needs the architecture's shapes (transformers: seconds of imports): cached,
+    # or built now by a child process beside the merge, they cost the finish nothing.
+    prepare_architecture(plan.model_config)
     target = output_target(identity.output_location(out_dir))
     target.check_apart(request.input_paths())
     with target.locked() as lock:
@@ -74,10 +75,13 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
                                            "shard_size": plan.shard_size, "tensors": [t.name for t in plan.tensors],
                                            "files": [f.name for f in plan.files]}
         phases.mark("output")
+        needs_ray = next((why for f in request.features if (why := f.needs_ray(out))), None)
+        runner = choose_executor(request.config.execution.executor, ray_address, needs_ray)
         with JournalWriter(out / JOURNAL_NAME, header) as journal:
-            # 3. Ray, then the features (AIM: statistics loaded or calibrated, checked, factors).
-            connect(ray_address)
-            phases.mark("ray")
+            # 3. The executor (local threads, or Ray), then the features (AIM: statistics loaded or
+            # calibrated, checked, factors).
+            runner.start()
+            phases.mark(runner.name)
             row_steps = tuple(s for f in request.features if (s := f.prepare(plan, out, journal.wrote, progress)))
             if request.features:
                 phases.mark("features")
@@ -86,11 +90,11 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
             done_units = target.open_files(plan, interrupted, journal)
             phases.mark("open files")
             results = merge_units(plan, target, merge_job(plan, target, row_steps), journal, done_units,
-                                  request.workers, progress)
+                                  runner, request.workers, progress)
             lock.check()
             phases.mark("merge")
             # 5. Side files, manifest, verification, report, and the index last.
-            report = finalize(request, plan, target, journal, results, started, lock.check, phases)
+            report = finalize(request, plan, target, journal, results, started, lock.check, phases, runner.name)
     report.update(fingerprint=identity.fingerprint, resumed_units=len(done_units))
     log.info("merged %s into %s in %.1fs (%s)", plan.method.name, target.location, report["seconds"], phases.summary())
     return report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import torch
 from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError, OutputError
-from distmerge.io.remote import fetched_bytes, pin_versions
+from distmerge.io.remote import pin_versions, thread_fetched_bytes
 from distmerge.io.safetensors import TensorInfo, read_row_set
 from distmerge.io.scan import count_nonfinite
 from distmerge.lora import LoraTensorInfo, read_source_rows
@@ -102,6 +103,14 @@ def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
     return [rows.assemble(m, unit.row_start, unit.row_end, read) for m in t.vocabulary_models]
 
 
+def read_counted(job: MergeJob, unit: WorkUnit) -> tuple[list[torch.Tensor], int]:
+    """:func:`read_block`, and the bytes it fetched from remote storage (counted on the thread
+    that reads: several batches may read at once in one process)."""
+    before = thread_fetched_bytes()
+    raw = read_block(job, unit)
+    return raw, thread_fetched_bytes() - before
+
+
 def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced: Reductions | None,
                 warnings: list[str] | None = None) -> torch.Tensor:
     """Merged rows of a unit from its raw rows, after the job's row steps, in the output dtype."""
@@ -148,22 +157,30 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
     return out
 
 
-def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions]) -> BatchResult:
-    """Merge and write a batch of units; returns checksums and I/O and memory figures."""
+def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions],
+              stop: threading.Event | None = None) -> BatchResult:
+    """Merge and write a batch of units; returns checksums and I/O and memory figures.
+
+    ``stop`` (the local executor's): once set, the batch ends before its next block, so a
+    failed or interrupted merge does not go on writing (its output is not published either way).
+    """
     retain_freed_memory()
     pin_versions(job.pins)
-    started, fetched = time.perf_counter(), fetched_bytes()
+    started, fetched = time.perf_counter(), 0
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
     crcs, sizes, nonfinite = [0] * len(units), [0] * len(units), [0] * len(units)
     sink = job.output.open_batch(units, job.tensors)
     with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
         # Read the next block while this one is merged: disk and CPU overlap.
-        upcoming = reader.submit(read_block, job, work[0][1]) if work else None
+        upcoming = reader.submit(read_counted, job, work[0][1]) if work else None
         for k, (i, block) in enumerate(work):
             assert upcoming is not None
-            raw = upcoming.result()
-            upcoming = reader.submit(read_block, job, work[k + 1][1]) if k + 1 < len(work) else None
+            raw, fetched_now = upcoming.result()
+            fetched += fetched_now
+            if stop is not None and stop.is_set():
+                raise InterruptedError("the merge stopped")
+            upcoming = reader.submit(read_counted, job, work[k + 1][1]) if k + 1 < len(work) else None
             t = job.tensors[block.tensor]
             out = merge_block(job, block, raw, reduced.get(block.tensor), warnings)
             del raw
@@ -184,7 +201,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
     read = sum(u.read_bytes for u in units)
     written = sum(sizes)
     return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),
-                       os.getpid(), memory.peak, memory.start, warnings, fetched_bytes() - fetched, parts)
+                       os.getpid(), memory.peak, memory.start, warnings, fetched, parts)
 
 
 def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,

@@ -59,9 +59,14 @@ class ModelSource:
         return self.weights is not None
 
 
+def cache_home() -> Path:
+    """distmerge's cache (``DISTMERGE_CACHE``, or ~/.cache/distmerge)."""
+    return Path(os.environ.get("DISTMERGE_CACHE") or Path.home() / ".cache" / "distmerge")
+
+
 def cache_root() -> Path:
-    """Where small files of remote models are kept (``DISTMERGE_CACHE`` or ~/.cache/distmerge)."""
-    return Path(os.environ.get("DISTMERGE_CACHE") or Path.home() / ".cache" / "distmerge") / "remote"
+    """Where small files of remote models are kept."""
+    return cache_home() / "remote"
 
 
 _located: dict[tuple[str | None, ...], ModelSource] = {}

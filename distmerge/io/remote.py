@@ -26,6 +26,7 @@ HEAD_BYTES = 64 * 1024
 
 _fetched = 0
 _fetched_lock = threading.Lock()
+_fetched_here = threading.local()  # per thread: the merge's worker threads share one process
 
 
 # The content version each remote location was planned with (S3: its ETag), in this process:
@@ -92,10 +93,16 @@ def fetched_bytes() -> int:
     return _fetched
 
 
+def thread_fetched_bytes() -> int:
+    """Bytes this thread has received so far: what one read of several running at once fetched."""
+    return getattr(_fetched_here, "n", 0)
+
+
 def _count(n: int) -> None:
     global _fetched
     with _fetched_lock:
         _fetched += n
+    _fetched_here.n = thread_fetched_bytes() + n
 
 
 class RemoteReader:

@@ -13,10 +13,8 @@ the bytes themselves are read through :mod:`distmerge.io`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from distmerge.io.storage import storage_for
 from distmerge.io.structured import read_json
 from distmerge.io.writes import PARTIAL_SUFFIX
 from distmerge.model_config import check_config_against_tensors
+from distmerge.output.architecture import expected_architecture
 from distmerge.output.journal import JOURNAL_NAME, read_journal
 from distmerge.output.lock import LOCK_NAME
 from distmerge.output.manifest import INDEX_KEY, MANIFEST_NAME, load_manifest, sha256_of
@@ -91,47 +90,6 @@ class VerifyResult:
 
 
 # Settings of config.json that change no tensor's name or shape (the merge may rewrite them).
-_NOT_SHAPES = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
-_ARCHITECTURES: dict[str, dict[str, tuple[int, ...]] | None] = {}
-_ARCHITECTURES_LOCK = threading.Lock()
-
-
-def prepare_architecture(config: dict[str, Any]) -> None:
-    """Build (and keep) the architecture of ``config`` ahead of its verification; never raises."""
-    try:
-        expected_architecture(config)
-    except Exception as e:  # noqa: BLE001 - the verification itself will say what is wrong
-        log.debug("preparing the architecture failed: %r", e)
-
-
-def expected_architecture(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """Tensor names and shapes the config's architecture has (built on the meta device once per
-    config; transformers' imports make the first build take seconds)."""
-    key = json.dumps({k: v for k, v in config.items() if k not in _NOT_SHAPES}, sort_keys=True, default=str)
-    with _ARCHITECTURES_LOCK:  # a second caller waits for the first build instead of repeating it
-        if key not in _ARCHITECTURES:
-            _ARCHITECTURES[key] = _build_architecture(config)
-        return _ARCHITECTURES[key]
-
-
-def _build_architecture(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = AutoConfig.for_model(**config)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # noqa: BLE001 - any failure means "cannot check", reported as a warning
-        log.debug("cannot build the architecture of config.json: %r", e)
-        return None
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-        for name in [n for n in shapes if n.endswith("lm_head.weight")]:
-            shapes.pop(name)
-    return shapes
-
-
 def _read_index(out: Path, result: VerifyResult) -> tuple[dict[str, str] | None, str | None]:
     """The index's weight map (names checked to be plain file names) and the manifest hash it records."""
     index = out / INDEX_NAME

@@ -135,7 +135,7 @@ def test_nan_and_inf_made_by_the_merge_stop_it_or_are_counted_without_reading_ba
 
 
 def test_the_architecture_is_built_once_per_shape_relevant_config(llama_family):
-    from distmerge.output.verify import expected_architecture, prepare_architecture
+    from distmerge.output.architecture import expected_architecture, prepare_architecture
 
     config = json.loads((llama_family[0] / "config.json").read_text())
     first = expected_architecture({**config, "torch_dtype": "float32"})

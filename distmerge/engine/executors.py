@@ -1,0 +1,166 @@
+"""Who runs the batches of a merge: threads of this process, or Ray tasks across a cluster.
+
+Why two: a merge on one machine needs no cluster, and starting an embedded Ray (its GCS,
+raylet, workers importing torch again) costs seconds a user waits for on every command,
+more than a small merge itself takes. The local executor starts in no time: a pool of
+threads in this process, each merging whole batches with the same worker functions
+(:func:`~distmerge.engine.worker.run_batch`) a Ray task calls, one intra-op thread each as a
+Ray worker with one CPU has, so both give the same bytes. The heavy work (numba kernels,
+torch ops, file I/O, zlib) releases the GIL, so the threads run in parallel. The distributed
+path (several nodes, ``ray job submit``, AIM's calibration pipeline) stays Ray
+(:mod:`distmerge.engine.ray_executor`).
+
+``execution.executor`` (or ``--executor``) chooses: ``auto`` (default) takes Ray when an
+address is given (``--ray-address``, ``RAY_ADDRESS``), when this process already runs Ray,
+or when a feature needs it (AIM calibrating the base model), and the local threads otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from distmerge.engine.worker import BatchResult, MergeJob, run_batch, run_reduction_round
+from distmerge.errors import ConfigError
+from distmerge.methods.base import Partials, Reductions
+from distmerge.plan import WorkUnit
+
+log = logging.getLogger(__name__)
+
+ReductionResult = list[tuple[int, int, Partials]]
+
+
+class Executor(Protocol):
+    name: str  # "local" or "ray": the report's executor and the phase of its start
+
+    def start(self) -> None: ...
+
+    def in_flight(self, workers: int | None) -> int:
+        """How many batches to keep submitted at once for ``workers`` (None: every CPU)."""
+        ...
+
+    def reduction_round(self, job: MergeJob, batches: Iterable[list[WorkUnit]], round_: int,
+                        previous: dict[int, Reductions], limit: int,
+                        on_done: Callable[[list[WorkUnit], ReductionResult], None]) -> None: ...
+
+    def merge(self, job: MergeJob, batches: Iterable[list[WorkUnit]], reduced: dict[int, Reductions], limit: int,
+              on_done: Callable[[list[WorkUnit], BatchResult], None]) -> None: ...
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as a container's cpuset limits it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+class LocalExecutor:
+    """Batches on a pool of threads of this process; ``on_done`` runs on the calling thread."""
+
+    name = "local"
+
+    def start(self) -> None:
+        log.info("merging on %d local CPUs (threads of this process; no Ray)", local_cpus())
+
+    def in_flight(self, workers: int | None) -> int:
+        return workers or local_cpus()
+
+    def reduction_round(self, job: MergeJob, batches: Iterable[list[WorkUnit]], round_: int,
+                        previous: dict[int, Reductions], limit: int,
+                        on_done: Callable[[list[WorkUnit], ReductionResult], None]) -> None:
+        run_threaded(lambda b, stop: run_reduction_round(job, b, round_, previous), batches, limit, on_done)
+
+    def merge(self, job: MergeJob, batches: Iterable[list[WorkUnit]], reduced: dict[int, Reductions], limit: int,
+              on_done: Callable[[list[WorkUnit], BatchResult], None]) -> None:
+        run_threaded(lambda b, stop: run_batch(job, b, reduced, stop), batches, limit, on_done)
+
+
+def run_threaded(work: Callable[[Any, threading.Event], Any], items: Iterable[Any], limit: int,
+                 on_done: Callable[[Any, Any], None]) -> None:
+    """``work(item, stop)`` on ``limit`` threads, at most ``limit`` items in flight.
+
+    The first error (or Ctrl-C) sets ``stop``, so running batches end at their next block
+    instead of finishing, cancels what has not started, and is raised here once the
+    threads are idle: nothing keeps writing into the output after the merge has failed.
+    """
+    stop = threading.Event()
+    iterator = iter(items)
+    pending: dict[Future[Any], Any] = {}
+    with single_intra_op_thread(), ThreadPoolExecutor(max(1, limit), thread_name_prefix="distmerge-worker") as pool:
+        try:
+            for item in _take(iterator, limit):
+                pending[pool.submit(work, item, stop)] = item
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = pending.pop(future)
+                    on_done(item, future.result())
+                for item in _take(iterator, limit - len(pending)):
+                    pending[pool.submit(work, item, stop)] = item
+        except BaseException:
+            stop.set()
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def _take(iterator: Iterator[Any], n: int) -> list[Any]:
+    out = []
+    for _ in range(n):
+        item = next(iterator, None)
+        if item is None:
+            break
+        out.append(item)
+    return out
+
+
+@contextmanager
+def single_intra_op_thread() -> Iterator[None]:
+    """One torch intra-op thread per worker thread while the pool runs, as in a 1-CPU Ray worker.
+
+    torch's thread count is process-wide; each worker thread applies it at its first parallel
+    op. Ray starts its workers with ``OMP_NUM_THREADS=1``; the same setting here keeps the
+    threads from oversubscribing the cores and every reduction in the same order (same bytes).
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def ray_running() -> bool:
+    """Whether this process already runs Ray (a test's, a notebook's): checked without importing it."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def choose_executor(setting: str, ray_address: str | None, needs_ray: str | None) -> Executor:
+    """The executor ``setting`` (auto, local, ray) names for this run.
+
+    ``needs_ray`` is the reason a feature needs Ray (None if it does not), so that a refusal
+    of ``local`` can say why.
+    """
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if setting == "local":
+        if ray_address:
+            raise ConfigError("--ray-address joins a Ray cluster, execution.executor: local merges without one; "
+                              "drop one of them")
+        if needs_ray:
+            raise ConfigError(f"execution.executor: local: {needs_ray}, which runs on Ray; use executor auto or ray")
+        return LocalExecutor()
+    if setting == "ray" or address or ray_running() or needs_ray:
+        from distmerge.engine.ray_executor import RayExecutor
+
+        return RayExecutor(ray_address)
+    return LocalExecutor()

@@ -1,0 +1,189 @@
+"""The single-machine path (threads of this process, no Ray) and the Ray path give the same bytes
+for every method; ``auto`` takes the local path where no Ray is asked for and never imports Ray;
+refusals are one line; a failing batch stops the others and nothing is published."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from distmerge.config import parse_config
+from distmerge.engine.executors import choose_executor, run_threaded
+from distmerge.engine.run import run_merge
+from distmerge.errors import CheckpointError, ConfigError
+from distmerge.methods import METHODS
+from tests.helpers import file_bytes
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+# Every method of the registry, with parameters that exercise its reduction rounds.
+TWO = "two experts"
+ONE = "one expert"
+CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "linear": (TWO, {}, {"weight": 0.5}),
+    "task_arithmetic": (TWO, {}, {"weight": 0.7}),
+    "ties": (TWO, {"normalize": True}, {"weight": 0.6, "density": 0.4}),
+    "dare_ties": (TWO, {"rescale": True}, {"weight": 0.6, "density": 0.5}),
+    "dare_linear": (TWO, {}, {"weight": 0.6, "density": 0.5}),
+    "della": (TWO, {}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
+    "della_linear": (TWO, {}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
+    "breadcrumbs": (TWO, {}, {"weight": 0.6, "density": 0.4, "gamma": 0.02}),
+    "breadcrumbs_ties": (TWO, {}, {"weight": 0.6, "density": 0.4, "gamma": 0.02}),
+    "sce": (TWO, {"select_topk": 0.5}, {"weight": 1.0}),
+    "slerp": (ONE, {"t": [0.1, 0.9]}, {}),
+    "nuslerp": (TWO, {}, {"weight": 0.5}),
+    "multislerp": (TWO, {}, {"weight": 0.5}),
+    "karcher": (TWO, {}, {}),
+    "model_stock": (TWO, {}, {}),
+    "nearswap": (ONE, {"t": 0.001}, {}),
+    "arcee_fusion": (ONE, {}, {}),
+    "ram": (TWO, {}, {}),
+    "ramplus_tl": (TWO, {}, {}),
+    "passthrough": (ONE, {}, {}),
+}
+NO_BASE = {"linear", "nuslerp", "multislerp", "karcher", "passthrough"}
+
+
+def _config(method: str, base: Path, experts: list[Path], **execution: Any) -> dict[str, Any]:
+    kind, glob, per_model = CASES[method]
+    models = experts[:1] if kind == ONE else experts
+    data: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": str(e), **({"parameters": per_model} if per_model else {})} for e in models],
+        "parameters": glob,
+        "execution": {"seed": 3, **execution},
+    }
+    if method == "passthrough":
+        data["models"] = [{"model": str(base)}]
+    elif method not in NO_BASE:
+        data["base_model"] = str(base)
+    return data
+
+
+def test_every_method_of_the_registry_has_a_case():
+    assert set(CASES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_local_and_ray_give_the_same_bytes(llama_family, tmp_path, method):
+    base, experts = llama_family
+    cfg = parse_config(_config(method, base, experts))
+    on_ray = run_merge(cfg, tmp_path / "ray", executor="ray", shard_size=60_000, workers=2, progress=False)
+    local = run_merge(cfg, tmp_path / "local", executor="local", shard_size=60_000, workers=2, progress=False)
+    assert (on_ray["executor"], local["executor"]) == ("ray", "local")
+    assert local["units"] == on_ray["units"] > 4
+    assert file_bytes(tmp_path / "local") == file_bytes(tmp_path / "ray")
+    assert json.loads((tmp_path / "local" / "merge_report.json").read_text())["executor"] == "local"
+    assert "local" in local["phases_s"] and "ray" not in local["phases_s"]
+
+
+def test_local_threads_and_one_thread_agree_under_any_sharding(llama_family, tmp_path):
+    base, experts = llama_family
+    cfg = parse_config(_config("ties", base, experts))
+    run_merge(cfg, tmp_path / "one", executor="local", shard_size=10**12, workers=1, progress=False)
+    run_merge(cfg, tmp_path / "many", executor="local", shard_size=20_000, workers=5, progress=False)
+    assert file_bytes(tmp_path / "one") == file_bytes(tmp_path / "many")
+
+
+def test_auto_is_ray_here_because_this_process_runs_ray(llama_family):
+    assert choose_executor("auto", None, None).name == "ray"
+    assert choose_executor("local", None, None).name == "local"
+    with pytest.raises(ConfigError, match="--ray-address joins a Ray cluster"):
+        choose_executor("local", "ray://somewhere:10001", None)
+    with pytest.raises(ConfigError, match="aim: calibrat"):
+        choose_executor("local", None, "aim: calibrating needs Ray")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, code: str = "") -> subprocess.CompletedProcess[str]:
+    """The command in a fresh process (no Ray running there); ``code`` runs after it, same process."""
+    script = ("import sys\nfrom distmerge.cli import main\nsys.argv = ['distmerge', *sys.argv[1:]]\n"
+              f"rc = main()\n{code}\nsys.exit(rc)")
+    import os
+
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in {**os.environ, **(env or {})}.items() if k != "RAY_ADDRESS"})
+
+
+def test_auto_merges_without_ray_and_never_imports_it(llama_family, tmp_path):
+    base, experts = llama_family
+    path = tmp_path / "m.yml"
+    path.write_text(yaml.safe_dump(_config("ties", base, experts)))
+    run = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress",
+               code="print('RAY IMPORTED' if 'ray' in sys.modules else 'no ray')")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "no ray" in run.stdout
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["executor"] == "local" and report["verify"]["ok"]
+    assert report["phases_s"]["local"] < 0.5  # the pool "starts" at once (Ray's start: seconds)
+    ray_out = run_merge(parse_config(_config("ties", base, experts)), tmp_path / "ray", executor="ray", progress=False)
+    assert ray_out["executor"] == "ray"
+    assert file_bytes(tmp_path / "out") == file_bytes(tmp_path / "ray")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--executor", "local", "--ray-address", "127.0.0.1:1"), "drop one of them"),
+    (("--executor", "threads"), "invalid choice: 'threads'"),
+])
+def test_refusals_are_one_line_without_traceback(llama_family, tmp_path, flags, message):
+    base, experts = llama_family
+    path = tmp_path / "m.yml"
+    path.write_text(yaml.safe_dump(_config("linear", base, experts)))
+    run = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress", *flags)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_local_executor_refuses_aim_calibration_and_creates_nothing(llama_family, tmp_path):
+    base, experts = llama_family
+    data = {**_config("task_arithmetic", base, experts, executor="local"), "aim": {"omega": 0.4}}
+    path = tmp_path / "m.yml"
+    path.write_text(yaml.safe_dump(data))
+    run = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress")
+    assert run.returncode == 2 and "Ray stage actors" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp_path):
+    base, experts = llama_family
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in experts[1].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].reshape(-1)[0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    cfg = parse_config(_config("linear", base, [experts[0], broken]))
+    with pytest.raises(CheckpointError, match=f"{name}.*NaN/Inf"):
+        run_merge(cfg, tmp_path / "out", executor="local", shard_size=20_000, workers=3, progress=False)
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_run_threaded_stops_the_others_at_the_first_error():
+    seen: list[int] = []
+
+    def work(item: int, stop) -> int:
+        if item == 2:
+            raise ValueError("boom")
+        for _ in range(200):  # a long batch: ends at its next block once told to stop
+            if stop.wait(0.01):
+                seen.append(-1 - item)
+                return item
+        seen.append(item)
+        return item
+
+    with pytest.raises(ValueError, match="boom"):
+        run_threaded(work, range(20), 3, lambda item, result: None)
+    assert seen and all(s < 0 for s in seen)  # every running batch saw the stop
+    assert len(seen) <= 2  # and nothing after the failure started
+    assert torch.get_num_threads() >= 1

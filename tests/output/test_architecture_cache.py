@@ -1,0 +1,67 @@
+"""The architecture's shapes for the verification: built by a child process, cached on disk, the
+same as an in-process build; a damaged cache file is rebuilt, never trusted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distmerge.output import architecture
+from distmerge.output.architecture import (
+    build_architecture,
+    cache_file,
+    expected_architecture,
+    prepare_architecture,
+    shape_key,
+)
+
+
+@pytest.fixture()
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DISTMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(architecture, "_MEMORY", {})
+    monkeypatch.setattr(architecture, "_CHILDREN", {})
+    return tmp_path / "cache"
+
+
+def test_a_child_builds_and_caches_what_an_in_process_build_gives(llama_family, fresh_cache, monkeypatch):
+    config = json.loads((llama_family[0] / "config.json").read_text())
+    config["intermediate_size"] += 8  # a config no other test has cached
+    prepare_architecture(config)
+    child = architecture._CHILDREN[shape_key(config)]
+    built_here = build_architecture(config)
+    assert built_here is not None and "model.layers.0.mlp.up_proj.weight" in built_here
+    got = expected_architecture(config)
+    assert child.returncode == 0 and not architecture._CHILDREN
+    assert got == built_here and got["model.layers.0.mlp.up_proj.weight"][0] == config["intermediate_size"]
+    assert cache_file(shape_key(config)).is_file() and cache_file(shape_key(config)).parent.parent == fresh_cache
+
+    # A new process (memory empty) reads the disk, builds nothing, starts no child.
+    monkeypatch.setattr(architecture, "_MEMORY", {})
+    monkeypatch.setattr(architecture, "build_architecture", lambda c: pytest.fail("built again"))
+    prepare_architecture({**config, "torch_dtype": "bfloat16"})  # only the dtype differs: same shapes
+    assert not architecture._CHILDREN
+    assert expected_architecture(config) == built_here
+
+
+def test_a_damaged_or_foreign_cache_file_is_rebuilt(llama_family, fresh_cache, monkeypatch):
+    config = json.loads((llama_family[0] / "config.json").read_text())
+    key = shape_key(config)
+    path = cache_file(key)
+    path.parent.mkdir(parents=True)
+    truth = build_architecture(config)
+    for damaged in ("{not json", json.dumps({"key": "another config", "shapes": {"x": [1]}}),
+                    json.dumps({"key": key, "shapes": {"x": ["a"]}}), json.dumps([1, 2])):
+        path.write_text(damaged)
+        monkeypatch.setattr(architecture, "_MEMORY", {})
+        assert expected_architecture(config) == truth
+        assert json.loads(path.read_text())["key"] == key  # rewritten whole
+
+
+def test_an_unknown_architecture_is_none_and_not_cached(fresh_cache):
+    config = {"model_type": "no-such-architecture"}
+    prepare_architecture(config)  # the child fails; never raises
+    assert expected_architecture(config) is None
+    assert not cache_file(shape_key(config)).exists()
