@@ -5,6 +5,11 @@
 Same model, same tokens, same process tree. Reports wall time, tokens/s, the weight bytes each
 stage holds (target: at most 1/S of the model, plus the embedding/head ends) and the peak RSS of
 every stage actor, sampled while the run goes on, next to the whole-model run's peak RSS.
+
+The whole model runs twice: on one thread (what one stage of one CPU would do holding every
+layer: the pipeline's target is ``staged tokens/s >= 0.8 x S x`` this) and on every CPU (what a
+user without distmerge would run on this machine). Both include loading the weights, as the
+staged run includes its actors' start and loading theirs.
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ def main() -> None:
     blocks = torch.randint(0, 260, (args.blocks, args.block_size), generator=torch.Generator().manual_seed(0))
     tokens = blocks.numel()
 
+    whole_model_statistics(model_dir, blocks[:1], 1)  # imports and page cache warm for both whole runs
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    whole_model_statistics(model_dir, blocks, args.micro_batch)
+    one_thread_s = time.perf_counter() - start
+    torch.set_num_threads(psutil.cpu_count())
     start = time.perf_counter()
     before = psutil.Process().memory_info().rss
     ref = whole_model_statistics(model_dir, blocks, args.micro_batch)
@@ -108,6 +119,9 @@ def main() -> None:
     worst = max(float(((stats[k] - ref[k]).abs().max() / ref[k].abs().max()).item()) for k in ref)
     result = {
         "model_bytes": total_bytes, "tokens": tokens, "stages": args.stages,
+        "whole_model_1_thread_s": round(one_thread_s, 2),
+        "whole_model_1_thread_tokens_per_s": round(tokens / one_thread_s),
+        "staged_vs_S_x_one_thread": round((tokens / staged_s) / (args.stages * tokens / one_thread_s), 3),
         "whole_model_s": round(whole_s, 2), "whole_model_tokens_per_s": round(tokens / whole_s),
         "whole_model_rss_growth_gb": round(whole_rss / 1e9, 3),
         "staged_s": round(staged_s, 2), "staged_tokens_per_s": round(tokens / staged_s),

@@ -1,18 +1,21 @@
 """The whole command as a user runs it: ``distmerge merge`` from process start to exit.
 
-    .venv/bin/python -m benchmarks.bench_command --model-gb 1 --repeat 3 --methods linear --verify sample,full
+    .venv/bin/python -m benchmarks.bench_command --model-gb 1 --repeat 3 --methods linear --executors local,ray
 
 Three synthetic bf16 models (``benchmarks.synthetic``; base + 2 experts of ``--model-gb`` each)
-are merged by the CLI in a fresh process each time (imports, planning, a cold embedded Ray,
-workers importing torch and numba, merging, verification, fsync, exit), inputs in the page cache
+are merged by the CLI in a fresh process each time (imports, planning, the executor's start:
+nothing for ``local``, a cold embedded Ray and its workers importing torch and numba for
+``ray``; merging, verification, fsync, exit), inputs in the page cache
 (each repeat reads them once first), next to two baselines measured in the same repeat: the
 plain sequential I/O bound (read every input byte, write the output bytes, fsync) and mergekit
 0.1.5's own whole command (``mergekit-yaml``, from its reference environment; skipped with a
 warning where it cannot be made). The first distmerge run of the script is reported apart: on a
 fresh machine it compiles the numba kernels (cached afterwards). ``--verify`` runs distmerge
 once per ``execution.verify`` setting in each repeat (``full``: every byte read back, what every
-merge did before the sampled verification). Each run's phases (``phases_s`` of its report) are
-printed too; the time outside them is imports before and Ray's shutdown after.
+merge did before the sampled verification), and once per ``--executors`` entry. Each run's
+phases (``phases_s`` of its report) are printed too; the time outside them is imports before
+and the interpreter's exit (with Ray's shutdown) after. Configs: ``bench_engine.merge_config``
+(float32 compute, bfloat16 output), identical for both tools.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.bench_engine import merge_config
 from benchmarks.io_baseline import safetensors_files, sequential_io
 from benchmarks.mergekit_runner import run_mergekit
 from benchmarks.synthetic import write_family
@@ -37,22 +41,18 @@ WORK = Path(__file__).parent / "_work"
 
 
 def config(method: str, base: Path, experts: list[Path], verify: str | None = None) -> dict:
-    params = {"weight": 0.5} | ({"density": 0.5} if method in ("ties", "dare_ties", "dare_linear", "della") else {})
-    data: dict = {"merge_method": method, "dtype": "bfloat16",
-                  "models": [{"model": str(e), "parameters": params} for e in experts]}
-    if method != "linear":
-        data["base_model"] = str(base)
+    data = merge_config(method, base, experts)
     if verify is not None:
         data["execution"] = {"verify": verify}
     return data
 
 
-def distmerge_command(cfg: Path, out: Path) -> tuple[float, dict[str, float]]:
+def distmerge_command(cfg: Path, out: Path, executor: str = "auto") -> tuple[float, dict[str, float]]:
     shutil.rmtree(out, ignore_errors=True)
     exe = Path(sys.executable).with_name("distmerge")
     started = time.perf_counter()
-    run = subprocess.run([str(exe), "merge", str(cfg), str(out), "--no-progress"], capture_output=True, text=True,
-                         env={**os.environ, "RAY_ADDRESS": ""})
+    run = subprocess.run([str(exe), "merge", str(cfg), str(out), "--no-progress", "--executor", executor],
+                         capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     seconds = time.perf_counter() - started
     if run.returncode != 0:
         raise SystemExit(f"distmerge failed: {run.stderr[-2000:]}")
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--methods", default="linear")
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--verify", default="sample", help="comma-separated execution.verify settings to run")
+    parser.add_argument("--executors", default="local,ray", help="comma-separated --executor values to run")
     args = parser.parse_args()
     root = WORK / f"command-{args.model_gb:g}GB"
     base, experts = write_family(root / "models", int(args.model_gb * 1e9), n_experts=2)
@@ -77,17 +78,19 @@ def main() -> None:
         for method in args.methods.split(","):
             bound = sequential_io(inputs, root / "bound.bin", out_bytes)  # also puts the inputs in the page cache
             row = {"io_bound_s": bound}
-            for verify in args.verify.split(","):
+            variants = [(e, v) for e in args.executors.split(",") for v in args.verify.split(",")]
+            for executor, verify in variants:
                 cfg = root / f"{method}-{verify}.yml"
                 cfg.write_text(yaml.safe_dump(config(method, base, experts, verify)))
-                seconds, phases = distmerge_command(cfg, root / "out")
+                seconds, phases = distmerge_command(cfg, root / "out", executor)
                 if first is None:
                     first = seconds
-                    seconds, phases = distmerge_command(cfg, root / "out")  # the kernels are compiled now
-                row.update({f"distmerge_{verify}_s": seconds, f"distmerge_{verify}_vs_bound": seconds / bound,
-                            f"outside_phases_{verify}_s": seconds - sum(phases.values()),
-                            **{f"{verify}:{name}_s": s for name, s in phases.items()}})
-            seconds = row[f"distmerge_{args.verify.split(',')[0]}_s"]
+                    seconds, phases = distmerge_command(cfg, root / "out", executor)  # the kernels are compiled now
+                name = f"{executor}_{verify}"
+                row.update({f"distmerge_{name}_s": seconds, f"distmerge_{name}_vs_bound": seconds / bound,
+                            f"outside_phases_{name}_s": seconds - sum(phases.values()),
+                            **{f"{name}:{phase}_s": s for phase, s in phases.items()}})
+            seconds = row[f"distmerge_{variants[0][0]}_{variants[0][1]}_s"]
             if not args.no_mergekit:
                 shutil.rmtree(root / "out-mergekit", ignore_errors=True)
                 mk = run_mergekit(config(method, base, experts), root / "out-mergekit", root)
