@@ -21,19 +21,16 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from distmerge.engine.worker import BatchResult, MergeJob, run_batch, run_reduction_round
+from distmerge.engine.schedule import MergeTask, ReductionTask, Task, WorkSource
+from distmerge.engine.worker import MergeJob, run_batch, run_reduction_round
 from distmerge.errors import ConfigError
-from distmerge.methods.base import Partials, Reductions
-from distmerge.plan import WorkUnit
 
 log = logging.getLogger(__name__)
-
-ReductionResult = list[tuple[int, int, Partials]]
 
 
 class Executor(Protocol):
@@ -42,15 +39,21 @@ class Executor(Protocol):
     def start(self) -> None: ...
 
     def in_flight(self, workers: int | None) -> int:
-        """How many batches to keep submitted at once for ``workers`` (None: every CPU)."""
+        """How many tasks to keep submitted at once for ``workers`` (None: every CPU)."""
         ...
 
-    def reduction_round(self, job: MergeJob, batches: Iterable[list[WorkUnit]], round_: int,
-                        previous: dict[int, Reductions], limit: int,
-                        on_done: Callable[[list[WorkUnit], ReductionResult], None]) -> None: ...
+    def run(self, job: MergeJob, schedule: WorkSource, limit: int, on_done: Callable[[Task, Any], None]) -> None:
+        """Every task of ``schedule``, at most ``limit`` at once; ``on_done(task, result)`` on the
+        calling thread as each returns (after ``schedule.done``)."""
+        ...
 
-    def merge(self, job: MergeJob, batches: Iterable[list[WorkUnit]], reduced: dict[int, Reductions], limit: int,
-              on_done: Callable[[list[WorkUnit], BatchResult], None]) -> None: ...
+
+def execute(job: MergeJob, task: Task, stop: threading.Event | None = None) -> Any:
+    """What a worker does with one task of the schedule (the Ray tasks call the same functions)."""
+    if isinstance(task, ReductionTask):
+        return run_reduction_round(job, task.units, task.round_, task.previous)
+    assert isinstance(task, MergeTask)
+    return run_batch(job, task.units, task.reduced, stop)
 
 
 def local_cpus() -> int:
@@ -72,38 +75,23 @@ class LocalExecutor:
     def in_flight(self, workers: int | None) -> int:
         return workers or local_cpus()
 
-    def reduction_round(self, job: MergeJob, batches: Iterable[list[WorkUnit]], round_: int,
-                        previous: dict[int, Reductions], limit: int,
-                        on_done: Callable[[list[WorkUnit], ReductionResult], None]) -> None:
-        run_threaded(lambda b, stop: run_reduction_round(job, b, round_, previous), batches, limit, on_done)
-
-    def merge(self, job: MergeJob, batches: Iterable[list[WorkUnit]], reduced: dict[int, Reductions], limit: int,
-              on_done: Callable[[list[WorkUnit], BatchResult], None]) -> None:
-        run_threaded(lambda b, stop: run_batch(job, b, reduced, stop), batches, limit, on_done)
+    def run(self, job: MergeJob, schedule: WorkSource, limit: int, on_done: Callable[[Task, Any], None]) -> None:
+        run_threaded(lambda task, stop: execute(job, task, stop), schedule, limit, on_done)
 
 
-def run_threaded(work: Callable[[Any, threading.Event], Any], items: Iterable[Any], limit: int,
+def run_threaded(work: Callable[[Any, threading.Event], Any], schedule: WorkSource, limit: int,
                  on_done: Callable[[Any, Any], None]) -> None:
-    """``work(item, stop)`` on ``limit`` threads, at most ``limit`` items in flight.
+    """``work(task, stop)`` for every task of ``schedule`` on ``limit`` threads.
 
     The first error (or Ctrl-C) sets ``stop``, so running batches end at their next block
     instead of finishing, cancels what has not started, and is raised here once the
     threads are idle: nothing keeps writing into the output after the merge has failed.
     """
     stop = threading.Event()
-    iterator = iter(items)
     pending: dict[Future[Any], Any] = {}
     with single_intra_op_thread(), ThreadPoolExecutor(max(1, limit), thread_name_prefix="distmerge-worker") as pool:
         try:
-            for item in _take(iterator, limit):
-                pending[pool.submit(work, item, stop)] = item
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    item = pending.pop(future)
-                    on_done(item, future.result())
-                for item in _take(iterator, limit - len(pending)):
-                    pending[pool.submit(work, item, stop)] = item
+            drain(schedule, limit, pending, lambda task: pool.submit(work, task, stop), _wait_threads, on_done)
         except BaseException:
             stop.set()
             for future in pending:
@@ -111,14 +99,27 @@ def run_threaded(work: Callable[[Any, threading.Event], Any], items: Iterable[An
             raise
 
 
-def _take(iterator: Iterator[Any], n: int) -> list[Any]:
-    out = []
-    for _ in range(n):
-        item = next(iterator, None)
-        if item is None:
-            break
-        out.append(item)
-    return out
+def _wait_threads(pending: list[Future[Any]]) -> list[tuple[Future[Any], Any]]:
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    return [(future, future.result()) for future in done]
+
+
+def drain(schedule: WorkSource, limit: int, pending: dict[Any, Any], submit: Callable[[Any], Any],
+          wait_any: Callable[[list[Any]], list[tuple[Any, Any]]], on_done: Callable[[Any, Any], None]) -> None:
+    """Submit what the schedule has ready (at most ``limit`` in ``pending``), wait for any to
+    return, report it, repeat until the schedule is finished. ``pending`` (handle -> task) is
+    the caller's, so that it can cancel what is left when this raises."""
+    while True:
+        while len(pending) < limit and (task := schedule.take()) is not None:
+            pending[submit(task)] = task
+        if not pending:
+            if not schedule.finished:
+                raise RuntimeError("the merge schedule has work that can never become ready (a bug: please report it)")
+            return
+        for handle, result in wait_any(list(pending)):
+            task = pending.pop(handle)
+            schedule.done(task, result)
+            on_done(task, result)
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Phase: reduction rounds, then every unit merged and written by the workers.
+"""Phase: reduction rounds and merges (each tensor's merge once its rounds are reduced), written by the workers.
 
 The driver holds no tensor data: it hands one job description to the executor, submits
 batches of units with a bounded number in flight, journals each unit's checksum as its batch
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import Any
 
 from distmerge.engine.executors import Executor
 from distmerge.engine.features import RowStep
-from distmerge.engine.reductions import run_reduction_rounds
+from distmerge.engine.schedule import MergeSchedule, ReductionTask, Task
 from distmerge.engine.scheduling import progress_bar
 from distmerge.engine.worker import BatchResult, MergeJob
 from distmerge.output.journal import JournalWriter
 from distmerge.output.local_files import UnitKey
 from distmerge.output.target import OutputTarget
-from distmerge.plan import MergePlan, WorkUnit
+from distmerge.plan import MergePlan
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +44,29 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
     for i in range(len(plan.files)):
         if remaining[i] == 0:
             target.file_done(plan, i, journal)
-    reduced = run_reduction_rounds(plan, executor, job, limit, progress) if todo else {}
+    schedule = MergeSchedule(plan, list(target.batches(plan, todo)))
     results: list[BatchResult] = []
-    bar = progress_bar(sum(u.write_bytes for u in todo), progress, f"merge ({plan.method.name})")
+    desc = f"merge ({plan.method.name})" + (" + statistics" if plan.reduction_rounds else "")
+    bar = progress_bar(schedule.work_bytes, progress, desc)
 
-    def done(batch: list[WorkUnit], result: BatchResult) -> None:
+    def done(task: Task, result: Any) -> None:
+        bar.total = schedule.work_bytes  # one more round for a tensor moves the end
+        if isinstance(task, ReductionTask):
+            bar.update(sum(u.read_bytes for u in task.units))
+            return
         results.append(result)
         target.parts_done(result.parts, journal)
         for r in result.units:
             journal.unit(r.tensor, r.row_start, r.row_end, r.crc32, r.nonfinite)
         for w in result.warnings:
             log.warning("%s", w)
-        bar.update(result.bytes_written)
-        for u in batch:
+        bar.update(sum(u.write_bytes for u in task.units))
+        for u in task.units:
             f = plan.tensors[u.tensor].file_index
             remaining[f] -= 1
             if remaining[f] == 0:
                 target.file_done(plan, f, journal)
 
-    executor.merge(job, target.batches(plan, todo), reduced, limit, done)
+    executor.run(job, schedule, limit, done)
     bar.close()
     return results

@@ -1,44 +1,39 @@
-"""Scheduling primitives: bounded Ray tasks in flight (batches of units: :func:`distmerge.plan.batches`).
+"""Ray's side of draining a merge schedule: bounded Ray tasks in flight, errors unwrapped.
 
-Ray stays here and in :mod:`distmerge.engine.tasks`: the phases submit work through
-:func:`run_bounded` and never wait on Ray themselves.
+Ray stays here, in :mod:`distmerge.engine.tasks` and :mod:`distmerge.engine.ray_executor`: the
+phases hand a schedule to an executor and never wait on Ray themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
+from distmerge.engine.executors import drain
+from distmerge.engine.schedule import WorkSource
 from distmerge.errors import DistmergeError
 
 
-def run_bounded(submit: Callable[[Any], Any], items: Iterable[Any], limit: int,
+def run_bounded(submit: Callable[[Any], Any], schedule: WorkSource, limit: int,
                 on_done: Callable[[Any, Any], None]) -> None:
-    """Submit Ray tasks for ``items`` with at most ``limit`` in flight; ``on_done(item, result)``."""
-    import ray
-
+    """Ray tasks for the tasks of ``schedule`` (``submit`` makes one), at most ``limit`` in flight;
+    ``on_done(task, result)`` as each returns. On an error every task still in flight is cancelled."""
     pending: dict[Any, Any] = {}
-    iterator = iter(items)
-
-    def fill() -> None:
-        while len(pending) < limit:
-            item = next(iterator, None)
-            if item is None:
-                return
-            pending[submit(item)] = item
-
-    fill()
     try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                item = pending.pop(ref)
-                on_done(item, _unwrap(ref))
-            fill()
+        drain(schedule, limit, pending, submit, _wait_any, on_done)
     except BaseException:
+        import ray
+
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
+
+
+def _wait_any(refs: list[Any]) -> list[tuple[Any, Any]]:
+    import ray
+
+    done, _ = ray.wait(refs, num_returns=1)
+    return [(ref, _unwrap(ref)) for ref in done]
 
 
 def _unwrap(ref: Any) -> Any:

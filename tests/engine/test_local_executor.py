@@ -169,6 +169,26 @@ def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
+class ListSchedule:
+    """A schedule of independent tasks (what run_threaded drains), for the stop test."""
+
+    def __init__(self, tasks: list[int]) -> None:
+        self.tasks, self.running = list(tasks), 0
+
+    def take(self) -> int | None:
+        if not self.tasks:
+            return None
+        self.running += 1
+        return self.tasks.pop(0)
+
+    @property
+    def finished(self) -> bool:
+        return not self.tasks and not self.running
+
+    def done(self, task: int, result: object) -> None:
+        self.running -= 1
+
+
 def test_run_threaded_stops_the_others_at_the_first_error():
     seen: list[int] = []
 
@@ -183,7 +203,7 @@ def test_run_threaded_stops_the_others_at_the_first_error():
         return item
 
     with pytest.raises(ValueError, match="boom"):
-        run_threaded(work, range(20), 3, lambda item, result: None)
+        run_threaded(work, ListSchedule(list(range(20))), 3, lambda item, result: None)
     assert seen and all(s < 0 for s in seen)  # every running batch saw the stop
     assert len(seen) <= 2  # and nothing after the failure started
     assert torch.get_num_threads() >= 1
