@@ -15,6 +15,13 @@ the norms, cosines, their mean and t are compute-dtype values, and the blend is
 ``t * (sum_i x_i / N) + (1 - t) * base``. mergekit sums in float32 in torch's order; here the
 sums are float64 over canonical chunks, rounded to the compute dtype, which can move t by an
 ulp, so model stock agrees with mergekit to within 1 ulp rather than bit for bit.
+
+The Gram matrices and the blend are fused loops (:mod:`distmerge.methods.kernels.blend_loops`)
+that read the rows in their compute dtype and give the floats of the torch formulation
+(:func:`gram_reference`, :func:`blend_reference`): the diagonal sums in numpy's order, the
+off-diagonal ones in torch's (:mod:`distmerge.methods.kernels.sum_orders`). float16 compute
+has no kernel mode, and where the torch order cannot be reproduced (an unknown vector width)
+the off-diagonal sums stay torch's; both use the torch formulation.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 
-from distmerge.methods import reductions
+from distmerge.methods import kernels, reductions
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -34,6 +42,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
+from distmerge.methods.kernels.blend_loops import stock_blend, stock_grams, stored_array
+from distmerge.methods.kernels.sum_orders import torch_sum_lanes
 
 NORM_FLOOR = 1e-6
 
@@ -61,6 +71,65 @@ def _gram_entry(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
     """float64 sum of ``a * b``: exact squares on the diagonal (``torch.norm`` upcasts), the
     compute dtype's rounded products off it (``(a * b).sum()``)."""
     return reductions.dot(a, b) if same else float((a * b).double().sum())
+
+
+def gram_reference(base: torch.Tensor, experts: Sequence[torch.Tensor], rows: bool) -> torch.Tensor:
+    """Gram matrix of the task vectors as torch/numpy ops: of the whole rows (``[n, n]``), or
+    of each last-dim vector (``rows``: ``[..., n, n]``). The kernels' formulation."""
+    offsets = [x - base for x in experts]
+    n = len(offsets)
+    if not rows:
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                gram[i, j] = gram[j, i] = _gram_entry(offsets[i], offsets[j], i == j)
+        return gram
+    gram = torch.empty(base.shape[:-1] + (n, n), dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            gram[..., i, j] = gram[..., j, i] = (
+                reductions.rowwise_dot(offsets[i], offsets[i]) if i == j
+                else (offsets[i] * offsets[j]).double().sum(-1))
+    return gram
+
+
+def blend_reference(base: torch.Tensor, experts: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``t * average + (1 - t) * w_0`` as torch ops, ``average = sum(ws) / count``
+    (Python's sum starts at 0). The kernels' formulation."""
+    avg = experts[0] + 0
+    for x in experts[1:]:
+        avg = avg + x
+    avg = avg / len(experts)
+    return t * avg + (1 - t) * base
+
+
+def _gram(base: torch.Tensor, experts: Sequence[torch.Tensor], rows: bool) -> torch.Tensor:
+    """:func:`gram_reference`'s matrices, by the fused kernel where the compute dtype has one."""
+    mode = kernels.kernel_mode(base.dtype)
+    lanes = torch_sum_lanes()
+    if mode is None or lanes == 0 or base.numel() == 0:
+        return gram_reference(base, experts, rows)
+    n = len(experts)
+    row_len = base.shape[-1] if rows else base.numel()
+    out = np.empty((base.numel() // row_len, n, n), dtype=np.float64)
+    stock_grams(stored_array(base), tuple(stored_array(x) for x in experts), kernels.mode_tag(mode), lanes,
+                row_len, out)
+    return torch.from_numpy(out).reshape((base.shape[:-1] if rows else ()) + (n, n))
+
+
+def _blend(base: torch.Tensor, experts: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """:func:`blend_reference` (``t``: one value, or one per last-dim vector), by the fused
+    kernel where the compute dtype has one."""
+    mode = kernels.kernel_mode(base.dtype)
+    if mode is None:
+        return blend_reference(base, experts, t.reshape(t.shape + (1,) * (t.dim() > 0)))
+    kd = kernels.kernel_dtype(base.dtype)
+    omt = 1 - t  # in the compute dtype, as torch rounds it
+    out = np.empty(base.numel(), dtype=np.float64 if kd == torch.float64 else np.float32)
+    stock_blend(stored_array(base), tuple(stored_array(x) for x in experts), kernels.mode_tag(mode),
+                kernels.as_array(t, kd), kernels.as_array(omt, kd), kernels.scalar(len(experts), base.dtype)[()],
+                out)
+    return torch.from_numpy(out).reshape(base.shape).to(base.dtype)
 
 
 @dataclass
@@ -98,13 +167,7 @@ class ModelStock(MergeMethod):
         assert base is not None
         if not self._whole(params, ctx.shape):
             return GramPartials(None)  # filter_wise on >= 2-D: shard-local, nothing to collect
-        offsets = [x - base for x in experts]
-        n = len(offsets)
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                gram[i, j] = gram[j, i] = _gram_entry(offsets[i], offsets[j], i == j)
-        return GramPartials(gram)
+        return GramPartials(_gram(base, experts, rows=False))
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> ModelStockReductions:
@@ -120,23 +183,9 @@ class ModelStock(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
-        n = len(experts)
         if self._whole(params, ctx.shape):
             assert isinstance(reduced, ModelStockReductions) and reduced.gram is not None
             t = stock_t(reduced.gram, base.dtype)
         else:
-            offsets = [x - base for x in experts]
-            gram = torch.empty(base.shape[:-1] + (n, n), dtype=torch.float64)
-            for i in range(n):
-                for j in range(i, n):
-                    gram[..., i, j] = gram[..., j, i] = (
-                        reductions.rowwise_dot(offsets[i], offsets[i]) if i == j
-                        else (offsets[i] * offsets[j]).double().sum(-1))
-            del offsets
-            t = stock_t(gram, base.dtype).unsqueeze(-1)
-        # mergekit: sum(ws) / count (Python's sum starts at 0), then t * average + (1 - t) * w_0
-        avg = experts[0] + 0
-        for x in experts[1:]:
-            avg = avg + x
-        avg = avg / n
-        return t * avg + (1 - t) * base
+            t = stock_t(_gram(base, experts, rows=True), base.dtype)  # one t per last-dim vector
+        return _blend(base, experts, t)

@@ -8,8 +8,10 @@ of element ``i`` is the ``i``-th 64-bit output of the stream whose 128-bit key i
 counter ``s // 4`` (each counter value yields four 64-bit outputs) and skips ``s % 4``.
 
 The stream is exactly ``numpy.random.Philox(key=...)``'s (the tests compare them at many
-offsets); it is computed by a numba kernel because numpy's is about half as fast and needs an
-8-byte buffer per element, where a DARE mask needs one comparison and one byte.
+offsets); it is computed by a numba kernel because numpy's is several times slower and needs an
+8-byte buffer per element, where a DARE mask needs one comparison and one byte. The kernel
+(:mod:`distmerge.methods.philox`) runs many counters side by side in SIMD lanes;
+:func:`_philox_block` here is the one-block formulation, kept as its reference.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
+
+from distmerge.methods.philox import LANES, KeepStream, fill_keep, fill_raw, philox_scratch
 
 OUTPUTS_PER_COUNTER = 4  # Philox4x64: one counter increment = four 64-bit outputs
 _UNIT = 2.0**-53
@@ -71,23 +75,13 @@ def _draws(key0, key1, start, threshold, compare, raw, mask):  # noqa: ANN001, A
     """Outputs ``start ..`` of the stream into ``raw``, or ``output < threshold`` into ``mask``.
 
     numpy's Philox increments its counter before each block, so element ``i`` is output
-    ``i % 4`` of the block at counter ``i // 4 + 1``.
+    ``i % 4`` of the block at counter ``i // 4 + 1`` (:mod:`distmerge.methods.philox`).
     """
-    count = mask.size if compare else raw.size
-    i = 0
-    counter = np.uint64(start // OUTPUTS_PER_COUNTER)
-    j = start % OUTPUTS_PER_COUNTER
-    while i < count:
-        counter = counter + np.uint64(1)
-        block = _philox_block(counter, key0, key1)
-        while j < OUTPUTS_PER_COUNTER and i < count:
-            if compare:
-                mask[i] = block[j] < threshold
-            else:
-                raw[i] = block[j]
-            i += 1
-            j += 1
-        j = 0
+    state = np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
+    if compare:
+        fill_keep(key0, key1, start, threshold, mask, state)
+    else:
+        fill_raw(key0, key1, start, raw, state)
 
 
 def _positioned_key(seed: int, tensor: str, model: int, start: int, count: int) -> np.ndarray:
@@ -101,13 +95,25 @@ def raw_draws(seed: int, tensor: str, model: int, start: int, count: int) -> np.
     """The 64-bit outputs ``start .. start + count - 1`` of the stream, as uint64."""
     key = _positioned_key(seed, tensor, model, start, count)
     out = np.empty(count, dtype=np.uint64)
-    _draws(key[0], key[1], start, np.uint64(0), False, out, np.zeros(0, dtype=np.bool_))
+    fill_raw(key[0], key[1], start, out, philox_scratch())
     return out
 
 
 def uniforms(seed: int, tensor: str, model: int, start: int, count: int) -> np.ndarray:
     """Uniform float64 draws in [0, 1) from the top 53 bits of each 64-bit output."""
     return (raw_draws(seed, tensor, model, start, count) >> np.uint64(11)).astype(np.float64) * _UNIT
+
+
+def keep_threshold(p: float) -> int:
+    """``floor(p * 2**64)`` (for ``p < 1``): a draw below it keeps its element."""
+    return min(int(p * 2.0**64), 2**64 - 1)
+
+
+def keep_stream(seed: int, tensor: str, model: int, start: int, count: int, p: float) -> KeepStream:
+    """:func:`bernoulli_mask`'s rule for elements ``start .. start + count`` (``p < 1``), for a
+    kernel that draws the mask block by block where it uses it."""
+    key = _positioned_key(seed, tensor, model, start, count)
+    return KeepStream(int(key[0]), int(key[1]), start, keep_threshold(p))
 
 
 def bernoulli_mask(seed: int, tensor: str, model: int, start: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
@@ -121,10 +127,9 @@ def bernoulli_mask(seed: int, tensor: str, model: int, start: int, shape: tuple[
         count *= d
     if p >= 1.0:
         return torch.ones(shape, dtype=torch.bool)
-    threshold = np.uint64(min(int(p * 2.0**64), 2**64 - 1))
-    key = _positioned_key(seed, tensor, model, start, count)
+    st = keep_stream(seed, tensor, model, start, count, p)
     keep = np.empty(count, dtype=np.bool_)
-    _draws(key[0], key[1], start, threshold, True, np.zeros(0, dtype=np.uint64), keep)
+    fill_keep(np.uint64(st.key0), np.uint64(st.key1), start, np.uint64(st.threshold), keep, philox_scratch())
     return torch.from_numpy(keep).reshape(shape)
 
 

@@ -11,6 +11,10 @@ coefficients. As mergekit 0.1.5, the angle and the coefficients are then compute
 rounded to the compute dtype once. mergekit sums the norms and the dot product in float32;
 here they are float64 sums rounded to float32, which can move a coefficient by an ulp, so
 SLERP agrees with mergekit to within 1 ulp of the output rather than bit for bit.
+
+Both passes are fused loops (:mod:`distmerge.methods.kernels.blend_loops`) that read the rows
+in their compute dtype: the three sums in one pass, in numpy's order (the same floats as
+``reductions.dot``), and the blend as the same two rounded products and rounded sum.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 
 from distmerge.methods import reductions
@@ -31,6 +36,7 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
+from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums, stored_array
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -91,8 +97,9 @@ class Slerp(MergeMethod):
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> SlerpPartials:
         assert base is not None
-        v1 = experts[0]
-        return SlerpPartials(reductions.dot(base, v1), reductions.dot(base, base), reductions.dot(v1, v1))
+        sums = np.empty(3, dtype=np.float64)  # reductions.dot's three sums, in one pass
+        slerp_sums(stored_array(base), stored_array(experts[0]), sums)
+        return SlerpPartials(float(sums[0]), float(sums[1]), float(sums[2]))
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> SlerpReductions:
@@ -107,5 +114,7 @@ class Slerp(MergeMethod):
         assert base is not None and isinstance(reduced, SlerpReductions)
         acc = blend_dtype(base.dtype)
         s0, s1 = slerp_coefficients(params.global_["t"], reduced.dot, reduced.norm0, reduced.norm1, acc)
-        out = base.to(acc) * s0
-        return out.add_(experts[0].to(acc) * s1).to(base.dtype)
+        kind = np.float64 if acc == torch.float64 else np.float32
+        out = np.empty(base.numel(), dtype=kind)
+        slerp_blend(stored_array(base), stored_array(experts[0]), kind(s0), kind(s1), out)
+        return torch.from_numpy(out).reshape(base.shape).to(base.dtype)

@@ -168,6 +168,7 @@ class TaskVectorMethod(MergeMethod):
         out = kernels.task_vectors(
             base_a, xs, mode,
             low=[t.low for t in terms], high=[t.high for t in terms], masks=[t.mask for t in terms],
+            streams=[t.stream for t in terms],
             rescale_kind=[t.rescale_kind for t in terms],
             rescale=np.array([kernels.scalar(t.factor, base.dtype) for t in terms]),
             probs=[t.probs for t in terms],

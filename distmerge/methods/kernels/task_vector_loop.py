@@ -1,9 +1,13 @@
-"""The task-vector merge in one fused loop, and the L1 norms its rescale needs.
+"""The task-vector merge in one fused loop (the L1 norms its rescale needs: :mod:`.l1_norms`).
 
 The pipeline written as torch ops makes some thirty passes over memory per element (delta,
 abs, compare, mask, weight, sign, clamp, sums ...); here it is one pass over cache-sized
 blocks of the rows. Every operation is the torch formulation's
 (``TaskVectorMethod.merge_reference``), in the same order, each rounded separately.
+
+DARE's keep-mask is drawn inside the loop, one cache-sized block at a time, from the element
+positions' stream (:mod:`distmerge.methods.philox`): no mask of the whole shard is made, and
+since a draw depends on its element's position only, the flags are those of the mask.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from distmerge.methods.kernels.l1_norms import (
+    abs_sums as abs_sums,  # re-exported: the L1 round's partials
+)
 from distmerge.methods.kernels.rounding import _jit, _key, _r, mode_tag
+from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, KeepStream, fill_keep
 
 NO_LOW = -1  # a low threshold below every key: no lower bound
 NO_HIGH = 1 << 32  # a high threshold above every key: no upper bound
@@ -35,6 +43,13 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
             k = _key(d)
             row[j] = _r(d * (one if (lo <= k) & (k < hi) else zero) * w, mode)
         return
+    if mask.size and kind == RESCALE_MULTIPLY:  # DARE with the L1 rescale: the loops below in one
+        for j in range(m):
+            d = _r(x[j] - b[j], mode)
+            k = _key(d)
+            v = d * (one if (lo <= k) & (k < hi) else zero) * (one if mask[j] else zero)
+            row[j] = _r(_r(v * f, mode) * w, mode)
+        return
     for j in range(m):
         d = _r(x[j] - b[j], mode)
         k = _key(d)
@@ -56,13 +71,14 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
 
 
 @_jit
-def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs, weights,  # noqa: ANN001, ANN202
-                  consensus, normalize, total_weight, lam, out):
+def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind, rescale, probs,  # noqa: ANN001, ANN202
+                  weights, consensus, normalize, total_weight, lam, out):
     """One pass of the task-vector family; the torch formulation, op for op, per element.
 
     Per expert e: d = x - base; kept = d * mask (mask from key thresholds [low, high) and,
-    where given, an explicit mask); rescaled by a factor, a divisor or a per-element
-    probability; weighted (by the weight rounded to the compute dtype). Then either a plain
+    where given, an explicit mask, or where ``drawn[e]``, the keep-draws of the stream
+    ``streams[e]`` = (key0, key1, start, threshold), drawn block by block); rescaled by a
+    factor, a divisor or a per-element probability; weighted (by the weight rounded to the compute dtype). Then either a plain
     sum (normalized by ``total_weight`` if > 0) or TIES sign consensus (normalized by the
     agreeing weights); then lambda; then + base. Sums over the experts are accumulated in
     the array dtype and rounded once, as torch's ``sum(dim=0)``.
@@ -78,18 +94,28 @@ def _task_vectors(base, xs, mode, low, high, masks, rescale_kind, rescale, probs
     total = np.empty(BLOCK, dtype=out.dtype)
     sign = np.empty(BLOCK, dtype=out.dtype)
     div = np.empty(BLOCK, dtype=out.dtype)
+    keep = np.empty(BLOCK, dtype=np.bool_)
+    state = np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
     for s in range(0, out.size, BLOCK):
         m = min(BLOCK, out.size - s)
         b = base[s:s + m]
         for e in range(n):
             kind = rescale_kind[e]
-            _sparsified(xs[e][s:s + m], b, mode, low[e], high[e], masks[e][s:s + m] if masks[e].size else masks[e],
+            if drawn[e]:
+                st = streams[e]
+                fill_keep(st[0], st[1], st[2] + np.uint64(s), st[3], keep[:m], state)
+                mask = keep[:m]
+            else:
+                mask = masks[e][s:s + m] if masks[e].size else masks[e]
+            _sparsified(xs[e][s:s + m], b, mode, low[e], high[e], mask,
                         kind, rescale[e], probs[e][s:s + m] if kind == RESCALE_DIVIDE_BY_PROBS else probs[e],
                         weights[e], wd[e, :m])
         # Sums over the experts accumulate unrounded (float32 in bfloat16 mode, as torch's
         # sum(dim=0) does) and are rounded once.
         acc = total[:m]
-        acc[:] = wd[0, :m]
+        first = wd[0, :m]
+        for j in range(m):  # a loop: the slice assignment ``acc[:] = ...`` was measurably slower
+            acc[j] = first[j]
         for e in range(1, n):
             row = wd[e, :m]
             for j in range(m):
@@ -147,43 +173,21 @@ def task_vectors(
     masks: Sequence[np.ndarray | None], rescale_kind: Sequence[int], rescale: np.ndarray,
     probs: Sequence[np.ndarray | None], weights: np.ndarray, consensus: bool,
     normalize: bool, total_weight: np.ndarray, lam: np.ndarray,
+    streams: Sequence[KeepStream | None] | None = None,
 ) -> np.ndarray:
-    """Run :func:`_task_vectors` (see there); ``None`` masks/probs mean "not used". ``weights``
-    are the weights rounded to the compute dtype (mergekit multiplies by those)."""
+    """Run :func:`_task_vectors` (see there); ``None`` masks/probs/streams mean "not used".
+    ``weights`` are the weights rounded to the compute dtype (mergekit multiplies by those); a
+    stream's ``start`` is the stream position of ``base[0]``."""
     empty_mask = np.zeros(0, dtype=np.bool_)
     empty_probs = np.zeros(0, dtype=base.dtype)
+    drawn = [st is not None for st in streams] if streams is not None else [False] * len(xs)
+    packed = np.zeros((len(xs), 4), dtype=np.uint64)
+    for e, st in enumerate(streams or ()):
+        if st is not None:
+            packed[e] = st.packed()
     out = np.empty_like(base)
     _task_vectors(base, tuple(xs), mode_tag(mode), np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64),
-                  tuple(empty_mask if m is None else m for m in masks), np.asarray(rescale_kind, dtype=np.int64),
-                  rescale, tuple(empty_probs if p is None else p for p in probs), weights,
-                  consensus, normalize, total_weight[()], lam[()], out)
+                  tuple(empty_mask if m is None else m for m in masks), packed, np.asarray(drawn, dtype=np.bool_),
+                  np.asarray(rescale_kind, dtype=np.int64), rescale, tuple(empty_probs if p is None else p for p in probs),
+                  weights, consensus, normalize, total_weight[()], lam[()], out)
     return out
-
-
-# ---- L1 norms (the DARE/TIES rescale) -------------------------------------------------------
-
-@_jit
-def _abs_sums(base, x, mode, lo, hi, mask, sums):  # noqa: ANN001, ANN202
-    """``sum |d|`` and ``sum |d * keep|`` in float64, in blocks of 1024 (a fixed order)."""
-    has_mask = mask.size > 0
-    for s in range(0, x.size, 1024):
-        before = 0.0
-        after = 0.0
-        for i in range(s, min(s + 1024, x.size)):
-            d = _r(x[i] - base[i], mode)
-            k = _key(d)
-            a = np.float64(abs(d))
-            before += a
-            if (lo <= k) & (k < hi) and (not has_mask or mask[i]):
-                after += a
-        sums[0] += before
-        sums[1] += after
-
-
-def abs_sums(base: np.ndarray, x: np.ndarray, mode: int, lo: int, hi: int, mask: np.ndarray | None) -> tuple[float, float]:
-    """L1 norms of a delta chunk before and after sparsification (keys in ``[lo, hi)`` and,
-    where given, ``mask``): one pass, float64, the same sums for the same chunk every time."""
-    sums = np.zeros(2, dtype=np.float64)
-    _abs_sums(base, x, mode_tag(mode), lo, hi, np.zeros(0, dtype=np.bool_) if mask is None else mask, sums)
-    return float(sums[0]), float(sums[1])
-

@@ -21,6 +21,7 @@ import torch
 
 from distmerge.methods import kernels, reductions
 from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, unit_interval
+from distmerge.methods.philox import KeepStream
 from distmerge.methods.sparsification.rounds import (
     ChunkPartials,
     L1Partial,
@@ -55,11 +56,13 @@ RESCALE_MODES = (Rescale.L1.value, Rescale.INVERSE_DENSITY.value)  # the values 
 
 @dataclass
 class KernelTerms:
-    """One expert's keep rule and rescale for :func:`kernels.task_vectors` (default: keep all)."""
+    """One expert's keep rule and rescale for :func:`kernels.task_vectors` (default: keep all).
+    ``stream``: a keep-mask the kernels draw block by block (DARE) instead of ``mask``."""
 
     low: int = kernels.NO_LOW
     high: int = kernels.NO_HIGH
     mask: np.ndarray | None = None
+    stream: KeepStream | None = None
     rescale_kind: int = kernels.RESCALE_NONE
     factor: float = 1.0
     probs: np.ndarray | None = None
@@ -165,7 +168,8 @@ class Sparsifier:
     ) -> L1Partial:
         """float64 L1 norms of expert ``e``'s delta rows before and after the keep rule."""
         terms, _ = self.kernel_keep(e, x, base, p, ctx, reduced)
-        return L1Partial(*kernels.abs_sums(*kernels.delta_arrays(base, x), terms.low, terms.high, terms.mask))
+        return L1Partial(*kernels.abs_sums(*kernels.delta_arrays(base, x), terms.low, terms.high, terms.mask,
+                                           terms.stream))
 
     def reduce_l1(self, out: TaskVectorReductions, partials: Sequence[ChunkPartials[Any]],
                   params: TensorParams) -> None:

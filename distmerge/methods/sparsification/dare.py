@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from distmerge.methods.base import Params, ShardContext
-from distmerge.methods.random_stream import bernoulli_mask
+from distmerge.methods.random_stream import bernoulli_mask, keep_stream
 from distmerge.methods.sparsification.base import Divisor, KernelTerms, Sparsifier, stream_model
 from distmerge.methods.sparsification.rounds import TaskVectorReductions
 
@@ -34,5 +34,6 @@ class RandomDrop(Sparsifier):
         self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, ctx: ShardContext,
         reduced: TaskVectorReductions | None,
     ) -> tuple[KernelTerms, Divisor]:
-        mask, divide_by = self.keep(e, x, p, ctx, reduced)  # the mask depends on the shape only
-        return KernelTerms(mask=mask.reshape(-1).numpy()), divide_by
+        # The kernels draw the mask block by block where they use it: no mask of the shard is made.
+        stream = keep_stream(ctx.seed, ctx.tensor, stream_model(ctx, e), ctx.element_start, x.numel(), p["density"])
+        return KernelTerms(stream=stream), p["density"]

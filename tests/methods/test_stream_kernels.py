@@ -1,0 +1,174 @@
+"""DARE's fused kernels against independent references: the SIMD Philox stream, the L1 sums.
+
+:mod:`distmerge.methods.philox` runs many counters side by side; it must give numpy's
+``Philox(key=...).random_raw`` output for every position, and the same keep flags whatever
+block a position falls in. :mod:`distmerge.methods.kernels.l1_norms` sums ``CHAINS`` blocks side
+by side; its sums must be those of the definition (each 1024-element block left to right from
++0.0, blocks in order), here computed with ``np.cumsum`` (a sequential float64 accumulation).
+The merge that draws its mask block by block is checked against the torch formulation in
+``test_kernels``; here, against the same merge cut into row blocks at awkward places.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distmerge.methods import get_method, kernels
+from distmerge.methods.kernels.l1_norms import L1_BLOCK, abs_sums
+from distmerge.methods.philox import LANES, fill_keep, fill_raw, philox_scratch
+from distmerge.methods.random_stream import (
+    _draws,
+    _philox_block,
+    bernoulli_mask,
+    keep_stream,
+    stream_key,
+)
+from tests.methods.test_kernels import same_bits
+from tests.methods.test_methods_catalogue import ctx, params_for, reductions
+
+KEY = stream_key(11, "model.layers.2.self_attn.q_proj.weight", 1)
+BATCH = 4 * LANES  # draws per SIMD batch
+
+
+def numpy_stream(start: int, count: int) -> np.ndarray:
+    counter = np.array([start // 4, 0, 0, 0], dtype=np.uint64)
+    return np.random.Philox(key=KEY, counter=counter).random_raw(start % 4 + count)[start % 4:]
+
+
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 5, BATCH - 1, BATCH, BATCH + 3, 10**6 + 1, 2**40 + 3, 2**62 - 7])
+@pytest.mark.parametrize("count", [0, 1, 4, 7, BATCH - 1, BATCH, BATCH + 1, 3 * BATCH + 5])
+def test_philox_batches_equal_numpy(start, count):
+    want = numpy_stream(start, count)
+    raw = np.empty(count, dtype=np.uint64)
+    fill_raw(KEY[0], KEY[1], start, raw, philox_scratch())
+    assert np.array_equal(raw, want)
+    for p in (1e-9, 0.3, 0.5, 0.999999):
+        threshold = np.uint64(int(p * 2.0**64))
+        keep = np.empty(count, dtype=np.bool_)
+        fill_keep(KEY[0], KEY[1], np.uint64(start), threshold, keep, philox_scratch())  # uint64 start, as kernels pass it
+        assert np.array_equal(keep, want < threshold)
+
+
+def test_philox_batch_equals_one_block_formulation():
+    raw = np.empty(4 * 300, dtype=np.uint64)
+    fill_raw(KEY[0], KEY[1], 0, raw, philox_scratch())
+    for counter in (1, 2, 63, 64, 65, 300):
+        block = _philox_block(np.uint64(counter), KEY[0], KEY[1])
+        assert tuple(int(v) for v in block) == tuple(int(v) for v in raw[4 * (counter - 1):4 * counter])
+
+
+def test_draws_keep_their_signature_and_outputs():
+    """``random_stream._draws`` (called from other kernels) still fills raw outputs or flags."""
+    raw = np.empty(1000, dtype=np.uint64)
+    _draws(KEY[0], KEY[1], 77, np.uint64(0), False, raw, np.zeros(0, dtype=np.bool_))
+    assert np.array_equal(raw, numpy_stream(77, 1000))
+    keep = np.empty(1000, dtype=np.bool_)
+    _draws(KEY[0], KEY[1], 77, np.uint64(2**63), True, np.zeros(0, dtype=np.uint64), keep)
+    assert np.array_equal(keep, raw < np.uint64(2**63))
+
+
+def test_keep_flags_do_not_depend_on_the_block_cut():
+    """Element i gets the same flag whichever block (and SIMD batch) it is drawn in."""
+    threshold = np.uint64(int(0.37 * 2.0**64))
+    whole = np.empty(5000, dtype=np.bool_)
+    fill_keep(KEY[0], KEY[1], 123, threshold, whole, philox_scratch())
+    for cut in (1, 3, 255, 256, 257, 2048, 2049):
+        pieces = np.empty_like(whole)
+        state = philox_scratch()
+        for s in range(0, whole.size, cut):
+            fill_keep(KEY[0], KEY[1], 123 + s, threshold, pieces[s:s + cut], state)
+        assert np.array_equal(pieces, whole), cut
+
+
+def test_bernoulli_mask_is_the_stream_threshold_rule():
+    shape = (37, 41)
+    mask = bernoulli_mask(11, "model.layers.2.self_attn.q_proj.weight", 1, 999, shape, 0.42)
+    assert torch.equal(mask.reshape(-1), torch.from_numpy(numpy_stream(999, 37 * 41) < np.uint64(int(0.42 * 2.0**64))))
+    st = keep_stream(11, "model.layers.2.self_attn.q_proj.weight", 1, 999, 37 * 41, 0.42)
+    assert (st.key0, st.key1, st.start, st.threshold) == (int(KEY[0]), int(KEY[1]), 999, int(0.42 * 2.0**64))
+
+
+# ---- the L1 sums -------------------------------------------------------------------------------
+
+def reference_abs_sums(delta: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
+    """The definition: per 1024-element block, sequential float64 sums from +0.0; blocks in order."""
+    mags = np.abs(delta.astype(np.float64))
+    before = after = 0.0
+    for s in range(0, mags.size, L1_BLOCK):
+        block = mags[s:s + L1_BLOCK]
+        before += float(np.cumsum(np.concatenate([[0.0], block]))[-1])
+        after += float(np.cumsum(np.concatenate([[0.0], np.where(keep[s:s + L1_BLOCK], block, 0.0)]))[-1])
+    return before, after
+
+
+def deltas(n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    x = base + torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(3 * torch.randn(n, generator=g,
+                                                                                            dtype=torch.float64))
+    x[::5] = base[::5]  # exact zeros
+    return base.to(dtype), x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [0, 1, 1000, L1_BLOCK, 8 * L1_BLOCK, 8 * L1_BLOCK + 1, 3 * 8 * L1_BLOCK + 4321])
+def test_abs_sums_equal_the_definition(n, dtype):
+    base, x = deltas(n, dtype, seed=n % 97)
+    delta = (x - base).to(torch.float64).numpy()  # the compute-dtype delta, exactly
+    start = 3 * n + 1
+    st = keep_stream(11, "model.layers.2.self_attn.q_proj.weight", 1, start, n, 0.3)
+    keep = bernoulli_mask(11, "model.layers.2.self_attn.q_proj.weight", 1, start, (n,), 0.3).numpy()
+    want = reference_abs_sums(delta, keep)
+    args = kernels.delta_arrays(base, x)
+    assert abs_sums(*args, kernels.NO_LOW, kernels.NO_HIGH, None, st) == want
+    assert abs_sums(*args, kernels.NO_LOW, kernels.NO_HIGH, keep) == want
+    everything = reference_abs_sums(delta, np.ones(n, dtype=np.bool_))
+    assert abs_sums(*args, kernels.NO_LOW, kernels.NO_HIGH, None) == everything
+
+
+def test_abs_sums_key_window_and_nonfinite():
+    """TIES' key window ([lo, hi) on the float32 bits of |d|) and NaN/inf add as in the definition."""
+    base, x = deltas(3 * 8 * L1_BLOCK + 17, torch.float32, seed=3)
+    x[100] = float("inf")
+    x[20000] = float("nan")
+    delta = (x - base).numpy()
+    keys = np.abs(delta).view(np.int32).astype(np.int64)
+    lo, hi = int(np.quantile(keys, 0.3)), int(np.quantile(keys, 0.9))
+    got = abs_sums(*kernels.delta_arrays(base, x), lo, hi, None)
+    want = reference_abs_sums(delta, (keys >= lo) & (keys < hi))
+    assert np.isnan(got[0]) and np.isnan(want[0])
+    assert got[1] == want[1]  # the NaN key is above hi: not kept
+
+
+# ---- the merge, drawing its mask block by block -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name,glob", [("dare_linear", {}), ("dare_ties", {"rescale_mode": "inverse_density"}),
+                                       ("dare_ties", {"rescale": False})])
+def test_dare_merge_same_bytes_in_any_row_blocks(name, glob, dtype):
+    """Row blocks that cut the kernel's 2048-element blocks and the 256-draw SIMD batches at
+    odd places give the bytes of one whole-tensor merge, equal to the torch formulation."""
+    shape = (29, 333)
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g).to(dtype)
+    xs = [(base.double() + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype) for _ in range(2)]
+    params = params_for(name, 2, glob, [{"weight": 0.7, "density": 0.35}, {"weight": 0.4, "density": 0.8}])
+    reduced = reductions(name, base, xs, params, seed=9)
+    m = get_method(name)
+    whole = m.merge(base, xs, params, ctx(shape, 0, shape[0], 9, 2), reduced)
+    assert same_bits(whole, m.merge_reference(base, xs, params, ctx(shape, 0, shape[0], 9, 2), reduced))
+    for step in (1, 4, 7, 13):
+        parts = [m.merge(base[a:a + step], [x[a:a + step] for x in xs], params,
+                         ctx(shape, a, min(a + step, shape[0]), 9, 2), reduced) for a in range(0, shape[0], step)]
+        assert same_bits(torch.cat(parts), whole), step
+
+
+def test_dare_one_dimensional_tensor():
+    base, x = deltas(5000, torch.float32, seed=1)
+    params = params_for("dare_linear", 1, {}, {"weight": 1.0, "density": 0.25})
+    reduced = reductions("dare_linear", base, [x], params, seed=2)
+    m = get_method("dare_linear")
+    c = ctx((5000,), 0, 5000, 2, 1)
+    assert same_bits(m.merge(base, [x], params, c, reduced), m.merge_reference(base, [x], params, c, reduced))
