@@ -16,7 +16,8 @@ construction.
 
 One module per idea: :mod:`.rounding` (compute-dtype rounding and array helpers, shared by
 every loop), :mod:`.histograms` (the selection's key counts), :mod:`.task_vector_loop` (the
-task-vector merge and its L1 norms), :mod:`.linear_loop` (the weighted sum). This package
+task-vector merge and its L1 norms), :mod:`.linear_loop` (the weighted sum), :mod:`.ranks`
+(stable magnitude ranks along dim 1 by radix sort, and DELLA's keep rule). This package
 gathers their public names, so callers write ``kernels.task_vectors(...)``.
 """
 
@@ -29,6 +30,7 @@ import torch
 
 from distmerge.methods.kernels.histograms import KEY_BUCKETS, histogram_and_windows, key_histogram
 from distmerge.methods.kernels.linear_loop import weighted_sum
+from distmerge.methods.kernels.ranks import block_dims, della_keep, magnitude_ranks, rank_values
 from distmerge.methods.kernels.rounding import (
     BFLOAT16,
     NATIVE,
@@ -56,9 +58,9 @@ from distmerge.methods.kernels.task_vector_loop import (
 
 __all__ = [
     "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "RESCALE_DIVIDE",
-    "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "abs_sums", "as_array", "delta_arrays",
-    "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "mode_tag", "round_array", "rounded", "scalar",
-    "task_vectors", "warm_up", "weighted_sum",
+    "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "abs_sums", "as_array", "block_dims", "della_keep",
+    "delta_arrays", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
+    "mode_tag", "rank_values", "round_array", "rounded", "scalar", "task_vectors", "warm_up", "weighted_sum",
 ]
 
 
@@ -85,3 +87,5 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
                              consensus=consensus, normalize=True, total_weight=ones[0],
                              lam=ones[0])
             weighted_sum([a.astype(np.float32)] * n, ones.astype(np.float32), np.ones((), dtype=np.float32))
+        della_keep(a, a, mode, (8, 8), np.ones(8, dtype=np.float32), np.zeros(2, dtype=np.uint64), 0)
+    rank_values(np.ones(8, dtype=np.float32), (8,), np.ones(8, dtype=np.float32))

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from distmerge.errors import ConfigError
-from distmerge.methods import reductions
+from distmerge.methods import kernels, reductions
 from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams
-from distmerge.methods.random_stream import uniform_tensor, uniforms
+from distmerge.methods.random_stream import stream_key, uniform_tensor, uniforms
 from distmerge.methods.sparsification.base import (
     Divisor,
     KernelTerms,
@@ -32,29 +32,35 @@ from distmerge.methods.sparsification.rounds import (
 )
 
 
+def rank_table(n: int, density: float, epsilon: float) -> torch.Tensor:
+    """The keep probability of each 0-based rank ``0 .. n-1`` in a row of ``n`` (float32).
+
+    As mergekit: ranks are normalised to [0, 1] and mapped linearly onto ``[density - epsilon,
+    density + epsilon]``; a row of one element gets the middle probability ``density`` (mergekit
+    divides 0 by 0). The same torch ops as the per-element formulation, on the ranks themselves,
+    so each entry is the float that element's probability would be.
+    """
+    if n < 2:
+        rank_norm = torch.full((1,), 0.5, dtype=torch.float32)
+    else:
+        # ranks are 0..n-1 here, i.e. mergekit's (rank - min_rank); / (max_rank - min_rank)
+        rank_norm = (torch.arange(n, dtype=torch.float32) / float(n - 1)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA keep probabilities from magnitude ranks along dim 1 (mergekit's ``della_magprune``).
 
-    As mergekit: tensors with fewer than 2 dims are one row; ranks are 1-based ascending
-    magnitudes along dim 1 (for a matrix: within each row), normalised to [0, 1] and mapped
-    linearly onto ``[density - epsilon, density + epsilon]``, in float32. Ties in magnitude
-    are ranked by position (a stable sort) where mergekit's argsort is arbitrary; a
-    dimension of length 1 gets the middle probability ``density`` (mergekit divides 0 by 0).
+    As mergekit: tensors with fewer than 2 dims are one row; ranks are ascending float32
+    magnitudes along dim 1 (for a matrix: within each row), mapped to probabilities by
+    :func:`rank_table`. Ties in magnitude are ranked by position (a stable sort, computed by
+    :func:`kernels.rank_values`) where mergekit's argsort is arbitrary.
     """
-    shape = delta.shape
-    x = delta.reshape(1, -1) if delta.dim() < 2 else delta
-    mags = x.abs().to(torch.float32)
-    n = x.shape[1]
-    if n < 2:
-        rank_norm = torch.full(mags.shape, 0.5, dtype=torch.float32)
-    else:
-        order = torch.argsort(mags, dim=1, stable=True)
-        steps = torch.arange(n, dtype=torch.float32).reshape((1, n) + (1,) * (x.dim() - 2)).expand(order.shape)
-        ranks = torch.empty(mags.shape, dtype=torch.float32).scatter_(1, order, steps.contiguous())
-        # ranks are 0..n-1 here, i.e. mergekit's (rank - min_rank); / (max_rank - min_rank)
-        rank_norm = (ranks / float(n - 1)).clamp(0, 1)
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return probs.reshape(shape)
+    shape = tuple(delta.shape)
+    n = kernels.block_dims(shape)[1]
+    values = kernels.as_array(delta, torch.float32)  # magnitudes are taken in the kernel
+    probs = kernels.rank_values(values, shape, rank_table(n, density, epsilon).numpy())
+    return torch.from_numpy(probs).reshape(shape)
 
 
 def della_mask(probs: torch.Tensor, seed: int, tensor: str, model: int, start: int) -> torch.Tensor:
@@ -143,5 +149,12 @@ class DellaSampling(Sparsifier):
         self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, ctx: ShardContext,
         reduced: TaskVectorReductions | None,
     ) -> tuple[KernelTerms, Divisor]:
-        mask, divide_by = self.keep(e, x - base, p, ctx, reduced)
-        return KernelTerms(mask=mask.reshape(-1).numpy()), divide_by
+        if len(ctx.shape) < 2:
+            mask, divide_by = self.keep(e, x - base, p, ctx, reduced)
+            return KernelTerms(mask=mask.reshape(-1).numpy()), divide_by
+        # one pass of kernels.della_keep: the keep rule of ``keep`` with no rank or draw tensor
+        shape = tuple(x.shape)
+        table = rank_table(kernels.block_dims(shape)[1], p["density"], p["epsilon"])
+        key = stream_key(ctx.seed, ctx.tensor, stream_model(ctx, e))
+        mask, probs = kernels.della_keep(*kernels.delta_arrays(base, x), shape, table.numpy(), key, ctx.element_start)
+        return KernelTerms(mask=mask), torch.from_numpy(probs).reshape(shape)
