@@ -23,20 +23,24 @@ from distmerge.config import parse_config
 from distmerge.engine.cluster import connect
 from distmerge.engine.run import run_merge
 from distmerge.sizes import parse_size
+from distmerge.testing.method_cases import method_config
 
 WORK = Path(__file__).parent / "_work"
 
 
+# Methods without a base_model that still take any number of models: the benchmark averages the
+# base in as a third model, so that they read the same bytes as the methods with a base.
+BASE_AS_MODEL = ("linear", "multislerp", "karcher")
+
+
 def merge_config(method: str, base: Path, experts: list[Path], stats: str | None = None) -> dict:
-    params = {"linear": {"weight": 1.0}, "task_arithmetic": {"weight": 0.5}, "ties": {"weight": 0.5, "density": 0.5},
-              "dare_ties": {"weight": 0.5, "density": 0.5}, "dare_linear": {"weight": 0.5, "density": 0.5}}.get(
-        method, {"weight": 0.5, "density": 0.5})
-    cfg = {"merge_method": method, "models": [{"model": str(e), "parameters": params} for e in experts],
-           "dtype": "float32", "out_dtype": "bfloat16"}
-    if method == "linear":
-        cfg["models"].insert(0, {"model": str(base), "parameters": params})
-    else:
-        cfg["base_model"] = str(base)
+    """The benchmark's config for ``method``: its case in ``distmerge.testing.method_cases``
+    (every method of the registry), float32 compute, bfloat16 output. Methods that take one
+    expert (slerp, nearswap, arcee_fusion) read the base and the first expert; nuslerp without a
+    base blends the two experts; passthrough copies the base."""
+    cfg = method_config(method, base, experts, dtype="float32", out_dtype="bfloat16")
+    if method in BASE_AS_MODEL:
+        cfg["models"].insert(0, {**cfg["models"][0], "model": str(base)})
     if stats:
         cfg["base_model"] = str(base)
         cfg["aim"] = {"omega": 0.4, "stats": stats}

@@ -1,6 +1,6 @@
 """Per-core cost of each method relative to linear, in one process without Ray.
 
-    .venv/bin/python -m benchmarks.bench_method_cost --model-gb 0.5 --methods linear,task_arithmetic,ties,dare_ties
+    .venv/bin/python -m benchmarks.bench_method_cost --model-gb 0.5 --repeat 3 --plot benchmarks/method_cost.png
 
 Runs the engine's own worker functions (reduction rounds, then merge-and-write of every unit)
 sequentially on one thread over the synthetic checkpoints, page cache warm, alternating the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from distmerge.io.writes import create_file
 from distmerge.methods.base import Partials, Reductions
 from distmerge.output.writers import LocalFiles
 from distmerge.plan import batches, build_plan
+from distmerge.testing.method_cases import CASES
 
 WORK = Path(__file__).parent / "_work"
 
@@ -55,23 +57,51 @@ def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-gb", type=float, default=0.5)
-    parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
+    parser.add_argument("--methods", default=",".join(CASES), help="comma-separated; default: every method")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--plot", type=Path, help="also draw each method's time against linear's into this PNG")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, experts = write_family(WORK / f"synthetic-{args.model_gb:g}GB", int(args.model_gb * 1e9))
     methods = args.methods.split(",")
     times: dict[str, list[float]] = {m: [] for m in methods}
+    tiny_base, tiny_experts = write_family(WORK / "synthetic-warm-up", 4 * 10**6)
+    for m in methods:  # compile (or load) every method's kernels before anything is timed
+        one_merge(m, tiny_base, tiny_experts, WORK / "cost-warm-up")
     one_merge(methods[0], base, experts, WORK / "cost-out")  # warm the page cache
     for _ in range(args.repeat):
         for m in methods:
             times[m].append(one_merge(m, base, experts, WORK / "cost-out"))
     best = {m: min(v) for m, v in times.items()}
-    print("| method | best seconds (1 thread) | ratio to linear |")
-    print("|---|---:|---:|")
+    median = {m: statistics.median(v) for m, v in times.items()}
+    print("| method | best seconds (1 thread) | median seconds | ratio to linear (best) | ratio (median) |")
+    print("|---|---:|---:|---:|---:|")
     for m in methods:
-        print(f"| {m} | {best[m]:.2f} | {best[m] / best['linear']:.2f} |")
+        print(f"| {m} | {best[m]:.2f} | {median[m]:.2f} | {best[m] / best['linear']:.2f} | "
+              f"{median[m] / median['linear']:.2f} |")
     print(json.dumps(times))
+    if args.plot:
+        plot_ratios({m: best[m] / best["linear"] for m in methods}, args.plot, args.model_gb)
+
+
+def plot_ratios(ratios: dict[str, float], path: Path, model_gb: float) -> None:
+    """A bar per method: its time over linear's on one core, the 2x target drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(ratios, key=ratios.get)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(order) + 1.2))
+    ax.barh(order, [ratios[m] for m in order], color=["#c44" if ratios[m] > 2.0 else "#4a7" for m in order])
+    ax.axvline(2.0, color="k", linestyle="--", linewidth=1, label="target: 2x linear")
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    for k, m in enumerate(order):
+        ax.text(ratios[m] + 0.03, k, f"{ratios[m]:.2f}", va="center", fontsize=8)
+    ax.set_xlabel(f"time / linear's time (one core, 3 x {model_gb:g} GB bf16, best of the repeats)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

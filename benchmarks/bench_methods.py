@@ -3,9 +3,9 @@
     .venv/bin/python -m benchmarks.bench_methods --model-gb 0.5
 
 Runs :func:`benchmarks.bench_engine.run` once per method on the same synthetic bf16 family
-(base + two experts) and prints a markdown table. Methods whose parameters the engine
-benchmark's ``merge_config`` does not know (slerp, model_stock, passthrough, della's
-epsilon) get theirs from :func:`method_config`. Target: TIES within 2x of linear.
+(base + two experts) and prints a markdown table; each method's config is
+:func:`benchmarks.bench_engine.merge_config` (its case in ``distmerge.testing.method_cases``).
+Targets (issue 17): TIES within 1.5x of linear, every other method within 2x.
 """
 
 from __future__ import annotations
@@ -13,33 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from benchmarks import bench_engine
+from distmerge.testing.method_cases import CASES
 
-METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-           "della", "della_linear", "slerp", "model_stock", "passthrough"]
-_engine_config = bench_engine.merge_config
-
-
-def method_config(method: str, base: Path, experts: list[Path], stats: str | None = None) -> dict:
-    """The engine benchmark's config, with each method's own parameters where they differ."""
-    if method in ("ties", "dare_linear", "dare_ties", "task_arithmetic", "linear"):
-        return _engine_config(method, base, experts, stats)
-    common = {"dtype": "float32", "out_dtype": "bfloat16", "merge_method": method, "base_model": str(base)}
-    if method == "slerp":
-        return common | {"models": [{"model": str(experts[0])}], "parameters": {"t": 0.4}}
-    if method == "model_stock":
-        return common | {"models": [{"model": str(e)} for e in experts]}
-    if method == "passthrough":
-        del common["base_model"]
-        return common | {"models": [{"model": str(experts[0]), "parameters": {"scale": 1.0}}]}
-    per_model = {"weight": 0.5, "density": 0.5}
-    if method.startswith("breadcrumbs"):
-        per_model["gamma"] = 0.01
-    if method.startswith("della"):
-        per_model["epsilon"] = 0.1
-    return common | {"models": [{"model": str(e), "parameters": per_model} for e in experts]}
+METHODS = list(CASES)  # every method of the registry
 
 
 def main() -> None:
@@ -50,7 +28,6 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    bench_engine.merge_config = method_config  # run() builds its config through this name
     # One untimed merge first: the session's first merge pays one-off costs (see RESULTS.md).
     bench_engine.run(args.methods.split(",")[0], args.model_gb, args.shard_size, args.workers, keep=False)
     rows = []

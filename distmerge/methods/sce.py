@@ -29,7 +29,7 @@ from typing import cast
 
 import torch
 
-from distmerge.methods import scalars
+from distmerge.methods import kernels, scalars
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -100,13 +100,24 @@ class Sce(MergeMethod):
         if density <= 0:
             return tvs * torch.zeros_like(tvs[0]).unsqueeze(0)
         assert red is not None and red.threshold is not None
-        var = torch.var(tvs, dim=0, unbiased=False)
+        var = kernels.variance_across(tvs)
         keys = magnitude_keys(var)
         keep = keys >= red.threshold
         if red.tie_kept is not None:
-            flat = torch.arange(ctx.element_start, ctx.element_start + keys.numel())
-            keep = (keys > red.threshold) | ((keys == red.threshold) & torch.isin(flat, red.tie_kept))
+            keep = (keys > red.threshold) | ((keys == red.threshold) & self._tied_here(red.tie_kept, ctx, keys.shape))
         return tvs * keep.reshape(var.shape).to(tvs.dtype).unsqueeze(0)
+
+    @staticmethod
+    def _tied_here(tie_kept: torch.Tensor, ctx: ShardContext, shape: torch.Size) -> torch.Tensor:
+        """Which elements of this block are among the kept ties: the block's slice of the sorted
+        flat indices, found by binary search (a membership test against all of them per block
+        cost time proportional to the tensor's ties for every block)."""
+        count = shape.numel()
+        span = torch.searchsorted(tie_kept, torch.tensor([ctx.element_start, ctx.element_start + count],
+                                                         dtype=tie_kept.dtype))
+        here = torch.zeros(count, dtype=torch.bool)
+        here[tie_kept[int(span[0]):int(span[1])] - ctx.element_start] = True
+        return here.reshape(shape)
 
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> ScePartials:
@@ -115,7 +126,7 @@ class Sce(MergeMethod):
         red = cast(SceReductions | None, previous)
         last = self.reduction_rounds(params) - 1
         if round_ < last:
-            var = torch.var(tvs, dim=0, unbiased=False)
+            var = kernels.variance_across(tvs)
             keys = magnitude_keys(var)
             if round_ == 0:
                 return ScePartials(nonzero=int(torch.count_nonzero(keys)), dtype=tvs.dtype,

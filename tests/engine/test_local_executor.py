@@ -20,52 +20,15 @@ from distmerge.engine.executors import choose_executor, run_threaded
 from distmerge.engine.run import run_merge
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.methods import METHODS
+from distmerge.testing.method_cases import CASES, method_config
 from tests.helpers import file_bytes
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-# Every method of the registry, with parameters that exercise its reduction rounds.
-TWO = "two experts"
-ONE = "one expert"
-CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "linear": (TWO, {}, {"weight": 0.5}),
-    "task_arithmetic": (TWO, {}, {"weight": 0.7}),
-    "ties": (TWO, {"normalize": True}, {"weight": 0.6, "density": 0.4}),
-    "dare_ties": (TWO, {"rescale": True}, {"weight": 0.6, "density": 0.5}),
-    "dare_linear": (TWO, {}, {"weight": 0.6, "density": 0.5}),
-    "della": (TWO, {}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
-    "della_linear": (TWO, {}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
-    "breadcrumbs": (TWO, {}, {"weight": 0.6, "density": 0.4, "gamma": 0.02}),
-    "breadcrumbs_ties": (TWO, {}, {"weight": 0.6, "density": 0.4, "gamma": 0.02}),
-    "sce": (TWO, {"select_topk": 0.5}, {"weight": 1.0}),
-    "slerp": (ONE, {"t": [0.1, 0.9]}, {}),
-    "nuslerp": (TWO, {}, {"weight": 0.5}),
-    "multislerp": (TWO, {}, {"weight": 0.5}),
-    "karcher": (TWO, {}, {}),
-    "model_stock": (TWO, {}, {}),
-    "nearswap": (ONE, {"t": 0.001}, {}),
-    "arcee_fusion": (ONE, {}, {}),
-    "ram": (TWO, {}, {}),
-    "ramplus_tl": (TWO, {}, {}),
-    "passthrough": (ONE, {}, {}),
-}
-NO_BASE = {"linear", "nuslerp", "multislerp", "karcher", "passthrough"}
-
 
 def _config(method: str, base: Path, experts: list[Path], **execution: Any) -> dict[str, Any]:
-    kind, glob, per_model = CASES[method]
-    models = experts[:1] if kind == ONE else experts
-    data: dict[str, Any] = {
-        "merge_method": method,
-        "models": [{"model": str(e), **({"parameters": per_model} if per_model else {})} for e in models],
-        "parameters": glob,
-        "execution": {"seed": 3, **execution},
-    }
-    if method == "passthrough":
-        data["models"] = [{"model": str(base)}]
-    elif method not in NO_BASE:
-        data["base_model"] = str(base)
-    return data
+    """``method``'s case (``distmerge.testing.method_cases``) with a fixed seed and ``execution``."""
+    return method_config(method, base, experts, execution={"seed": 3, **execution})
 
 
 def test_every_method_of_the_registry_has_a_case():

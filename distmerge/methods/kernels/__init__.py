@@ -17,7 +17,8 @@ construction.
 One module per idea: :mod:`.rounding` (compute-dtype rounding and array helpers, shared by
 every loop), :mod:`.histograms` (the selection's key counts), :mod:`.task_vector_loop` (the
 task-vector merge and its L1 norms), :mod:`.linear_loop` (the weighted sum), :mod:`.ranks`
-(stable magnitude ranks along dim 1 by radix sort, and DELLA's keep rule). This package
+(stable magnitude ranks along dim 1 by radix sort, and DELLA's keep rule), :mod:`.variance`
+(the variance across models, SCE's selection statistic). This package
 gathers their public names, so callers write ``kernels.task_vectors(...)``.
 """
 
@@ -55,12 +56,14 @@ from distmerge.methods.kernels.task_vector_loop import (
     abs_sums,
     task_vectors,
 )
+from distmerge.methods.kernels.variance import variance_across
 
 __all__ = [
     "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "RESCALE_DIVIDE",
     "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "abs_sums", "as_array", "block_dims", "della_keep",
     "delta_arrays", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
-    "mode_tag", "rank_values", "round_array", "rounded", "scalar", "task_vectors", "warm_up", "weighted_sum",
+    "mode_tag", "rank_values", "round_array", "rounded", "scalar", "task_vectors", "variance_across", "warm_up",
+    "weighted_sum",
 ]
 
 
@@ -89,3 +92,5 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
             weighted_sum([a.astype(np.float32)] * n, ones.astype(np.float32), np.ones((), dtype=np.float32))
         della_keep(a, a, mode, (8, 8), np.ones(8, dtype=np.float32), np.zeros(2, dtype=np.uint64), 0)
     rank_values(np.ones(8, dtype=np.float32), (8,), np.ones(8, dtype=np.float32))
+    for dtype in (torch.float32, torch.float64):
+        variance_across(torch.zeros(2, 8, dtype=dtype))
