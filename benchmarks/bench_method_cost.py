@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_engine import merge_config
-from benchmarks.synthetic import write_family
+from benchmarks.synthetic import Shape, write_family
 from distmerge.config import parse_config
 from distmerge.engine.worker import MergeJob, run_batch, run_reduction_round
 from distmerge.io.writes import create_file
@@ -29,6 +29,7 @@ from distmerge.plan import batches, build_plan
 from distmerge.testing.method_cases import CASES
 
 WORK = Path(__file__).parent / "_work"
+WARM_UP_SHAPE = Shape(hidden=128, intermediate=256, vocab=512, heads=4, kv_heads=2)  # compiles, costs nothing
 
 
 def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
@@ -65,7 +66,7 @@ def main() -> None:
     base, experts = write_family(WORK / f"synthetic-{args.model_gb:g}GB", int(args.model_gb * 1e9))
     methods = args.methods.split(",")
     times: dict[str, list[float]] = {m: [] for m in methods}
-    tiny_base, tiny_experts = write_family(WORK / "synthetic-warm-up", 4 * 10**6)
+    tiny_base, tiny_experts = write_family(WORK / "synthetic-warm-up", 10**6, shape=WARM_UP_SHAPE)
     for m in methods:  # compile (or load) every method's kernels before anything is timed
         one_merge(m, tiny_base, tiny_experts, WORK / "cost-warm-up")
     one_merge(methods[0], base, experts, WORK / "cost-out")  # warm the page cache
