@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distmerge.methods.kernels.dots import float64_dot
+
 
 def _f64(x: torch.Tensor) -> np.ndarray:
     return x.detach().reshape(-1).to(torch.float64).numpy()
@@ -22,8 +24,9 @@ def sum_abs(x: torch.Tensor) -> float:
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``sum a * b`` in float64 (elementwise products, then a pairwise sum: no BLAS)."""
-    return float(np.add.reduce(_f64(a) * _f64(b)))
+    """``sum a * b`` in float64 (elementwise products, then numpy's pairwise sum: no BLAS), by a
+    fused kernel that gives numpy's float (:mod:`distmerge.methods.kernels.dots`)."""
+    return float64_dot(a, b)
 
 
 def rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

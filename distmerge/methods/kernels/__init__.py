@@ -18,7 +18,8 @@ One module per idea: :mod:`.rounding` (compute-dtype rounding and array helpers,
 every loop), :mod:`.histograms` (the selection's key counts), :mod:`.task_vector_loop` (the
 task-vector merge and its L1 norms), :mod:`.linear_loop` (the weighted sum), :mod:`.ranks`
 (stable magnitude ranks along dim 1 by radix sort, and DELLA's keep rule), :mod:`.variance`
-(the variance across models, SCE's selection statistic). This package
+(the variance across models, SCE's selection statistic), :mod:`.dots` (numpy's float64 dot,
+fused). This package
 gathers their public names, so callers write ``kernels.task_vectors(...)``.
 """
 
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from distmerge.methods.kernels.dots import float64_dot
 from distmerge.methods.kernels.histograms import KEY_BUCKETS, histogram_and_windows, key_histogram
 from distmerge.methods.kernels.linear_loop import weighted_sum
 from distmerge.methods.kernels.ranks import block_dims, della_keep, magnitude_ranks, rank_values
@@ -61,7 +63,7 @@ from distmerge.methods.kernels.variance import variance_across
 __all__ = [
     "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "RESCALE_DIVIDE",
     "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "abs_sums", "as_array", "block_dims", "della_keep",
-    "delta_arrays", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
+    "delta_arrays", "float64_dot", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
     "mode_tag", "rank_values", "round_array", "rounded", "scalar", "task_vectors", "variance_across", "warm_up",
     "weighted_sum",
 ]
@@ -94,3 +96,4 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
     rank_values(np.ones(8, dtype=np.float32), (8,), np.ones(8, dtype=np.float32))
     for dtype in (torch.float32, torch.float64):
         variance_across(torch.zeros(2, 8, dtype=dtype))
+        float64_dot(torch.zeros(8, dtype=dtype), torch.zeros(8, dtype=dtype))
