@@ -15,7 +15,8 @@ once per ``execution.verify`` setting in each repeat (``full``: every byte read 
 merge did before the sampled verification), and once per ``--executors`` entry. Each run's
 phases (``phases_s`` of its report) are printed too; the time outside them is imports before
 and the interpreter's exit (with Ray's shutdown) after. Configs: ``bench_engine.merge_config``
-(float32 compute, bfloat16 output), identical for both tools.
+(float32 compute, bfloat16 output), identical for both tools; the two outputs are compared
+as the compatibility suite compares them (largest ulp distance, share of identical elements).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from benchmarks.bench_engine import merge_config
 from benchmarks.io_baseline import safetensors_files, sequential_io
 from benchmarks.mergekit_runner import run_mergekit
 from benchmarks.synthetic import write_family
+from distmerge.testing.compare import compare_tensors, load_folder
 
 WORK = Path(__file__).parent / "_work"
 
@@ -57,6 +59,15 @@ def distmerge_command(cfg: Path, out: Path, executor: str = "auto") -> tuple[flo
     if run.returncode != 0:
         raise SystemExit(f"distmerge failed: {run.stderr[-2000:]}")
     return seconds, json.loads((out / "merge_report.json").read_text()).get("phases_s", {})
+
+
+def agreement(theirs: Path, ours: Path) -> dict[str, float]:
+    """How the two outputs compare, as the compatibility suite compares them (tests/compat):
+    the largest distance in units in the last place, and the share of identical elements."""
+    cmp = compare_tensors(load_folder(theirs), load_folder(ours))
+    if cmp.structure_problems():
+        raise SystemExit(f"outputs differ in structure: {cmp.structure_problems()[:3]}")
+    return {"max_ulp_vs_mergekit": cmp.max_ulp, "identical_share_vs_mergekit": cmp.identical_share}
 
 
 def main() -> None:
@@ -95,7 +106,8 @@ def main() -> None:
                 shutil.rmtree(root / "out-mergekit", ignore_errors=True)
                 mk = run_mergekit(config(method, base, experts), root / "out-mergekit", root)
                 if mk is not None:
-                    row.update(mergekit_s=mk["seconds"], distmerge_vs_mergekit=seconds / mk["seconds"])
+                    row.update(mergekit_s=mk["seconds"], distmerge_vs_mergekit=seconds / mk["seconds"],
+                               **agreement(root / "out-mergekit", root / "out"))
             rows.setdefault(method, []).append(row)
             print(json.dumps({"method": method, **{k: round(v, 3) for k, v in row.items()}}), flush=True)
     summary = {m: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]} for m, rs in rows.items()}
