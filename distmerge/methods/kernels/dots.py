@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distmerge.methods.kernels.rounding import _jit
+from distmerge.methods.kernels.rounding import _jit, as_array
 from distmerge.methods.kernels.sum_orders import (
     PW_BLOCK,
     pairwise_combine,
@@ -41,12 +41,9 @@ def _dot(a, b):  # noqa: ANN001, ANN202 - numba infers the types
 
 
 def _operand(x: torch.Tensor) -> np.ndarray:
-    """A flat contiguous array of ``x`` that widens to float64 exactly (float16 and bfloat16 as
-    float32 copies: numba reads neither)."""
-    flat = x.detach().reshape(-1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.to(torch.float32 if flat.is_floating_point() else torch.float64)
-    return flat.contiguous().numpy()
+    """``x`` flat as an array that widens to float64 exactly (narrower floats as float32 copies:
+    numba reads neither float16 nor bfloat16)."""
+    return as_array(x, torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def float64_dot(a: torch.Tensor, b: torch.Tensor) -> float:
