@@ -9,7 +9,9 @@ every stage actor, sampled while the run goes on, next to the whole-model run's 
 The whole model runs twice: on one thread (what one stage of one CPU would do holding every
 layer: the pipeline's target is ``staged tokens/s >= 0.8 x S x`` this) and on every CPU (what a
 user without distmerge would run on this machine). Both include loading the weights, as the
-staged run includes its actors' start and loading theirs.
+staged run includes its actors' start and loading theirs. A staged run on a quarter of the
+blocks goes first: the difference of the two staged runs is the pipeline's steady rate
+(``staged_steady_tokens_per_s``), what a calibration of thousands of blocks runs at.
 """
 
 from __future__ import annotations
@@ -111,11 +113,18 @@ def main() -> None:
     whole_rss = psutil.Process().memory_info().rss - before
 
     connect(None)
+    # A staged run on a quarter of the blocks first: the difference of the two runs is the
+    # pipeline's steady rate, without the actors' start and weight loading both runs pay.
+    start = time.perf_counter()
+    calibrate_stages(model_dir, blocks[:args.blocks // 4], stages=args.stages, micro_batch_size=args.micro_batch,
+                     progress=False)
+    quarter_s = time.perf_counter() - start
     with ProcessPeaks("ray::StageActor") as peaks:
         start = time.perf_counter()
         stats, _ = calibrate_stages(model_dir, blocks, stages=args.stages, micro_batch_size=args.micro_batch,
                                     progress=False)
         staged_s = time.perf_counter() - start
+    steady = (tokens - blocks[:args.blocks // 4].numel()) / max(1e-9, staged_s - quarter_s)
     worst = max(float(((stats[k] - ref[k]).abs().max() / ref[k].abs().max()).item()) for k in ref)
     result = {
         "model_bytes": total_bytes, "tokens": tokens, "stages": args.stages,
@@ -125,6 +134,8 @@ def main() -> None:
         "whole_model_s": round(whole_s, 2), "whole_model_tokens_per_s": round(tokens / whole_s),
         "whole_model_rss_growth_gb": round(whole_rss / 1e9, 3),
         "staged_s": round(staged_s, 2), "staged_tokens_per_s": round(tokens / staged_s),
+        "staged_quarter_s": round(quarter_s, 2), "staged_steady_tokens_per_s": round(steady),
+        "steady_vs_S_x_one_thread": round(steady / (args.stages * tokens / one_thread_s), 3),
         "ratio_staged_to_whole": round(staged_s / whole_s, 2),
         "stage_peak_rss_gb": sorted(round(v / 1e9, 3) for v in peaks.peaks.values()),
         "max_relative_difference": worst,

@@ -74,6 +74,7 @@ def test_omega_one_is_the_plain_merge_bit_for_bit(llama_family, tmp_path):
     assert file_bytes(tmp_path / "plain") == file_bytes(tmp_path / "aim")
 
 
+@pytest.mark.slow
 def test_calibrate_command_then_merge_reuses_statistics(llama_family, tmp_path):
     base, experts = llama_family
     config = make_config("task_arithmetic", base, experts, [0.5, 0.5],

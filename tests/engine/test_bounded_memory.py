@@ -103,6 +103,7 @@ def _vocab_model(folder: Path, seed: int, added: list[str]) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_vocabulary_merge_memory_is_bounded_by_shard_size(tmp_path):
     """A merged vocabulary streams by rows too: aligned rows are assembled per unit, and the

@@ -63,6 +63,7 @@ def test_linear_filters_equal_reference(llama_family, tmp_path):
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard_size", ["1B", "13KB", "70KB", "1GB"])
 def test_shard_invariance(llama_family, tmp_path, shard_size):
     base, experts = llama_family

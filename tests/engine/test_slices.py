@@ -92,6 +92,7 @@ def test_slice_gradient_and_parameters_follow_mergekit(llama_family, tmp_path):
     assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], sa["model.layers.2.mlp.up_proj.weight"])
 
 
+@pytest.mark.slow
 def test_slice_merge_is_shard_invariant(llama_family, tmp_path):
     base, (a, b) = llama_family
     slices = [{"sources": [{"model": str(base), "layer_range": [0, 2]}, {"model": str(a), "layer_range": [1, 3]},

@@ -13,6 +13,7 @@ from distmerge.engine.run import run_merge
 from tests.helpers import file_bytes, make_config
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_two_node_cluster_same_bytes_both_nodes_work(llama_family, tmp_path):
     base, experts = llama_family

@@ -133,6 +133,7 @@ def _run(cfg: dict, out: Path, shard: str) -> dict[str, bytes]:
     return file_bytes(out)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_merge_of_model_plus_adapter_equals_merge_of_merged_model(lora_cases, tmp_path):
     """linear (bf16) and TIES with the LoRA input as the base (fp32, reduction rounds): the output

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.real, pytest.mark.usefixtures("ray_local")]
 
 WEIGHTS = (0.7, 0.5)
 OMEGA = 0.4
+FORMULA_ELEMENTS = 1 << 24  # tensors above this are checked against the formulas on a row sample
 # Task-vector weights are rounded to the compute dtype, as mergekit does (docs/methods.md).
 BF16_WEIGHTS = tuple(float(torch.tensor(w, dtype=torch.bfloat16)) for w in WEIGHTS)
 
@@ -116,15 +117,19 @@ def test_aim_merge_equals_formula(merged: dict) -> None:
     for name, value in got.items():
         assert value.dtype == plain[name].dtype == torch.bfloat16, name
         assert torch.equal(value, expected[name]), name
-        b = b_state[name].double()
+        # The float64 formulas on every row of tensors up to 16M elements and on evenly spaced
+        # rows of larger ones (Gemma's 168M-element embedding: ~30 s of float64 otherwise); the
+        # bit-for-bit check above covers every element.
+        rows = slice(None, None, max(1, -(-value.numel() // FORMULA_ELEMENTS))) if value.dim() else slice(None)
+        b = b_state[name][rows].double()
         # mergekit's bf16 task arithmetic rounds each delta, product and sum: four ulps.
-        ta = b + sum(w * (x[name].double() - b) for w, x in zip(BF16_WEIGHTS, x_states, strict=True))
-        within(plain[name], ta, [b, *(x[name] for x in x_states)], 4, f"plain {name}")
+        ta = b + sum(w * (x[name][rows].double() - b) for w, x in zip(BF16_WEIGHTS, x_states, strict=True))
+        within(plain[name][rows], ta, [b, *(x[name][rows] for x in x_states)], 4, f"plain {name}")
         module = module_for_tensor(name)
         if module in merged["stats"]:
             a = merged["stats"][module].double()
-            aim = b + (plain[name].double() - b) * (1 - (1 - OMEGA) * a / a.max())
-            within(value, aim, [b, plain[name]], 1, f"AIM {name}")
+            aim = b + (plain[name][rows].double() - b) * (1 - (1 - OMEGA) * a / a.max())
+            within(value[rows], aim, [b, plain[name][rows]], 1, f"AIM {name}")
             relaxed += 1
         else:
             assert torch.equal(value, plain[name]), name
