@@ -1,7 +1,5 @@
 """``python -m distmerge`` is the ``distmerge`` command."""
 
-import sys
+from distmerge.cli import run
 
-from distmerge.cli import main
-
-sys.exit(main())
+run()

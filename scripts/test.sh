@@ -19,7 +19,4 @@ if [ "${DISTMERGE_SKIP_REAL_MODELS:-0}" != "1" ]; then
     || echo "real checkpoints could not be fetched; tests/real will fail with the reason"
 fi
 .venv/bin/ruff check distmerge tests benchmarks cluster
-# Two pytest-xdist workers, one test module each at a time (module fixtures such as a loopback
-# cluster are built once): most tests wait on subprocesses, Ray and servers, so two run in
-# ~2/3 of the serial time on two cores. DISTMERGE_TEST_WORKERS=0 runs them in this process.
-exec .venv/bin/python -m pytest -q -n "${DISTMERGE_TEST_WORKERS:-2}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q "$@"

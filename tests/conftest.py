@@ -13,18 +13,6 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-HEAVY_MARKERS = ("slow", "real", "mergekit")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with a slow, real-checkpoint or mergekit test first, each module's tests kept
-    together and in order: ``scripts/test.sh`` runs the modules on two pytest-xdist workers, and
-    the longest ones started first leave the short ones to fill the end instead of one worker
-    finishing a long module alone."""
-    heavy = {item.module.__name__ for item in items
-             if getattr(item, "module", None) is not None and any(item.get_closest_marker(m) for m in HEAVY_MARKERS)}
-    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", None) not in heavy)
-
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:

@@ -114,7 +114,12 @@ def test_local_executor_refuses_aim_calibration_and_creates_nothing(llama_family
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp_path):
+@pytest.mark.parametrize(("executor", "method"), [("local", "linear"), ("ray", "linear"), ("ray", "ties")])
+def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp_path, request, executor, method):
+    """The failing task's error, as itself; the tasks still in flight cancelled (on Ray: not
+    force-killed, which can abort the driver process inside Ray) and nothing published."""
+    if executor == "ray":
+        request.getfixturevalue("ray_local")
     base, experts = llama_family
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -126,10 +131,14 @@ def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp
     tensors[name] = tensors[name].clone()
     tensors[name].reshape(-1)[0] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
-    cfg = parse_config(_config("linear", base, [experts[0], broken]))
+    cfg = parse_config(_config(method, base, [experts[0], broken]))
     with pytest.raises(CheckpointError, match=f"{name}.*NaN/Inf"):
-        run_merge(cfg, tmp_path / "out", executor="local", shard_size=20_000, workers=3, progress=False)
+        run_merge(cfg, tmp_path / "out", executor=executor, shard_size=20_000, workers=3, progress=False)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    # The same merge without the broken input still runs in this process afterwards.
+    good = parse_config(_config(method, base, experts))
+    run_merge(good, tmp_path / "good", executor=executor, shard_size=20_000, workers=3, progress=False)
+    assert (tmp_path / "good" / "model.safetensors.index.json").exists()
 
 
 class ListSchedule:

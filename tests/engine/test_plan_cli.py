@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,30 @@ def test_cli_plan_and_user_error(llama_family, tmp_path, capsys):
     assert "models[0] /nope: folder does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
+
+
+def test_the_command_delivers_all_it_printed_and_its_exit_code(llama_family, tmp_path, capsys):
+    """The installed ``distmerge`` ends without the interpreter's teardown (``cli.run``): what it
+    printed into a pipe arrives whole, a merge's output is complete, and the exit code is main's."""
+    base, experts = llama_family
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump(make_config("task_arithmetic", base, experts, [1, 1]).model_dump(mode="json")))
+    assert main(["plan", str(cfg), "--shard-size", "1KB"]) == 0
+    in_process = capsys.readouterr().out
+    command = Path(sys.executable).with_name("distmerge")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe is block-buffered
+    planned = subprocess.run([str(command), "plan", str(cfg), "--shard-size", "1KB"], capture_output=True, text=True,
+                             timeout=120, env=buffered)
+    assert planned.returncode == 0 and planned.stdout == in_process and "peak memory per worker" in in_process
+    merged = subprocess.run([str(command), "merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--executor",
+                             "local"], capture_output=True, text=True, timeout=300, env=buffered)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert merged.stdout.startswith("merged task_arithmetic: 39 tensors, 823552 bytes")
+    assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["verify"]["ok"]
+    assert main(["verify", str(tmp_path / "out")]) == 0
+    refused = subprocess.run([str(command), "merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--seed", "5"],
+                             capture_output=True, text=True, timeout=120, env=buffered)
+    assert refused.returncode == 2 and "distmerge: error:" in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.fixture(scope="module")
