@@ -22,14 +22,9 @@ from benchmarks.bench_engine import merge_config
 from benchmarks.bench_method_cost import WARM_UP_SHAPE, WORK, one_merge
 from benchmarks.synthetic import write_family
 from distmerge.config import parse_config
-from distmerge.dtypes import SAFETENSORS_TO_TORCH
-from distmerge.engine.worker import MergeJob, merge_block, read_block
-from distmerge.methods.base import Partials, Reductions, ShardContext
+from distmerge.engine.worker import MergeJob, chunk_partials, compute_rows, merge_block, read_block
+from distmerge.methods.base import Partials, Reductions
 from distmerge.plan import MergePlan, build_plan
-
-
-def cast_all(raw: list[torch.Tensor], compute: torch.dtype) -> list[torch.Tensor]:
-    return [r.to(compute) for r in raw]
 
 
 def profile(plan: MergePlan) -> dict[str, float]:
@@ -49,14 +44,10 @@ def profile(plan: MergePlan) -> dict[str, float]:
         for u in plan.reduction_units(round_):
             if u.tensor in reduced and reduced[u.tensor].complete:
                 continue
-            t = plan.tensors[u.tensor]
             raw = timed("rounds: read", read_block, job, u)
-            compute = SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
-            rows = timed("rounds: cast", cast_all, raw, compute)
-            base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
-            ctx = ShardContext(t.name, t.shape, u.row_start, u.row_end, 0, tuple(range(len(experts))))
-            partials[u.tensor].append(timed("rounds: partials", plan.method.partial_reductions, base, experts,
-                                            t.params, ctx, round_, reduced.get(u.tensor)))
+            rows = timed("rounds: cast", compute_rows, job, u, raw)
+            partials[u.tensor].append(timed("rounds: partials", chunk_partials, job, u, rows, round_,
+                                            reduced.get(u.tensor)))
         for i, parts in partials.items():
             t = plan.tensors[i]
             reduced[i] = timed("rounds: reduce", plan.method.reduce, parts, t.params, t.shape, round_, reduced.get(i))

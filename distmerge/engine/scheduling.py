@@ -51,7 +51,7 @@ def _cancel(refs: list[Any]) -> None:
             ray.cancel(ref)
         except Exception as e:  # noqa: BLE001 - a task that ended meanwhile: nothing to cancel
             log.debug("cancel of a finished task: %s", e)
-    ended, running = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
     if running:
         log.warning("%d merge tasks did not stop within %.0f s of the cancel; the output stays unpublished",
                     len(running), CANCEL_WAIT_S)

@@ -118,8 +118,7 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced:
     out_dtype = SAFETENSORS_TO_TORCH[t.out_dtype]
     if t.params is None:
         return raw[0].to(out_dtype)
-    compute = SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
-    rows = [r.to(compute) for r in raw]
+    rows = compute_rows(job, unit, raw)
     # A failing check fails the merge in the reduction rounds, which read these rows already.
     if not (job.check_finite and t.reduction_rounds):
         for info, r in zip(t.sources, rows, strict=True):
@@ -209,17 +208,28 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
     """One reduction round of a multi-phase method: the partials of canonical chunks."""
     retain_freed_memory()
     pin_versions(job.pins)
-    method = get_method(job.method)
     out = []
     for unit in units:
         t = job.tensors[unit.tensor]
-        compute = SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
-        rows = [r.to(compute) for r in read_block(job, unit)]
+        rows = compute_rows(job, unit, read_block(job, unit))
         if job.check_finite and round_ == 0:  # fail before any output is written (see merge_block)
             for info, r in zip(t.sources, rows, strict=True):
                 _check_finite(r, info, unit.row_start, unit.row_end, True)
-        base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
-        ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
-        out.append((unit.tensor, unit.row_start,
-                    method.partial_reductions(base, experts, t.params, ctx, round_, previous.get(unit.tensor))))
+        out.append((unit.tensor, unit.row_start, chunk_partials(job, unit, rows, round_, previous.get(unit.tensor))))
     return out
+
+
+def compute_rows(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A unit's raw rows in its compute dtype (what the method's rounds and merge take)."""
+    t = job.tensors[unit.tensor]
+    compute = SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
+    return [r.to(compute) for r in raw]
+
+
+def chunk_partials(job: MergeJob, unit: WorkUnit, rows: list[torch.Tensor], round_: int,
+                   previous: Reductions | None) -> Partials:
+    """Round ``round_``'s partials of one canonical chunk from its compute-dtype rows."""
+    t = job.tensors[unit.tensor]
+    base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
+    ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
+    return get_method(job.method).partial_reductions(base, experts, t.params, ctx, round_, previous)
