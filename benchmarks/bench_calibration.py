@@ -6,10 +6,11 @@ Same model, same tokens, same process tree. Reports wall time, tokens/s, the wei
 stage holds (target: at most 1/S of the model, plus the embedding/head ends) and the peak RSS of
 every stage actor, sampled while the run goes on, next to the whole-model run's peak RSS.
 
-The whole model runs twice: on one thread (what one stage of one CPU would do holding every
-layer: the pipeline's target is ``staged tokens/s >= 0.8 x S x`` this) and on every CPU (what a
-user without distmerge would run on this machine). Both include loading the weights, as the
-staged run includes its actors' start and loading theirs. A staged run on a quarter of the
+The target's baseline is one stage holding the whole model on one thread (distmerge's own
+:class:`StageWorker` in this process, no Ray): the pipeline's target is ``staged tokens/s >= 0.8 x
+S x`` that. ``transformers``' whole model with hooks runs too, on one thread and on every CPU
+(what a user without distmerge would run; it computes the logits, which a stage skips). Each
+includes loading the weights, as the staged run includes its actors' start and loading theirs. A staged run on a quarter of the
 blocks goes first: the difference of the two staged runs is the pipeline's steady rate
 (``staged_steady_tokens_per_s``), what a calibration of thousands of blocks runs at.
 """
@@ -64,6 +65,7 @@ def whole_model_statistics(model_dir: Path, blocks: torch.Tensor, micro_batch: i
     def hook(name: str):  # noqa: ANN202
         def fn(module: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach().abs().double()
+            x = x.reshape(x.shape[0], -1, x.shape[-1])  # heads of per-head q/k norms count as tokens
             sums[name] = sums.get(name, 0) + x.mean(dim=1).sum(dim=0)  # mean over tokens, sum over blocks
         return fn
 
@@ -76,8 +78,24 @@ def whole_model_statistics(model_dir: Path, blocks: torch.Tensor, micro_batch: i
     return {k: v.float() for k, v in sums.items()}
 
 
+def one_stage_statistics(model_dir: Path, blocks: torch.Tensor, micro_batch: int) -> dict[str, torch.Tensor]:
+    """One distmerge stage holding every layer, in this process: the pipeline's per-stage baseline."""
+    from distmerge.aim.layout import open_base
+    from distmerge.aim.stage_worker import StageWorker
+    from distmerge.aim.wire import pack
+
+    _, layout = open_base(model_dir)
+    worker = StageWorker(model_dir, 0, len(layout.layers), True, True)
+    for batch in torch.split(blocks, micro_batch):
+        worker.forward({"input_ids": pack(batch)})
+    return {k: v.float() for k, v in worker.statistics().items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("tiny", "smollm2", "gemma3"), default="tiny",
+                        help="tiny: a random llama of --layers x --hidden; smollm2, gemma3: the real checkpoints "
+                             "(distmerge.testing.real_models fetches them once per machine)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--blocks", type=int, default=16)
@@ -92,7 +110,11 @@ def main() -> None:
     from distmerge.testing.tiny import build_model
 
     model_dir = WORK / f"calib-l{args.layers}-h{args.hidden}"
-    if not (model_dir / "config.json").exists():
+    if args.model != "tiny":
+        from distmerge.testing import real_models
+
+        model_dir = Path(getattr(real_models, args.model)())
+    elif not (model_dir / "config.json").exists():
         build_model(model_dir, "llama", hidden_size=args.hidden, intermediate_size=args.hidden * 4,
                     num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                     max_position_embeddings=args.block_size, vocab_size=4096, max_shard_size="50MB")
@@ -102,6 +124,10 @@ def main() -> None:
 
     whole_model_statistics(model_dir, blocks[:1], 1)  # imports and page cache warm for both whole runs
     torch.set_num_threads(1)
+    one_stage_statistics(model_dir, blocks[:1], 1)
+    start = time.perf_counter()
+    one_stage_statistics(model_dir, blocks, args.micro_batch)
+    one_stage_s = time.perf_counter() - start
     start = time.perf_counter()
     whole_model_statistics(model_dir, blocks, args.micro_batch)
     one_thread_s = time.perf_counter() - start
@@ -125,9 +151,13 @@ def main() -> None:
                                     progress=False)
         staged_s = time.perf_counter() - start
     steady = (tokens - blocks[:args.blocks // 4].numel()) / max(1e-9, staged_s - quarter_s)
+    one_stage_rate = tokens / one_stage_s
     worst = max(float(((stats[k] - ref[k]).abs().max() / ref[k].abs().max()).item()) for k in ref)
     result = {
-        "model_bytes": total_bytes, "tokens": tokens, "stages": args.stages,
+        "model": args.model, "model_bytes": total_bytes, "tokens": tokens, "stages": args.stages,
+        "one_stage_1_thread_s": round(one_stage_s, 2), "one_stage_1_thread_tokens_per_s": round(one_stage_rate),
+        "staged_vs_S_x_one_stage": round((tokens / staged_s) / (args.stages * one_stage_rate), 3),
+        "steady_vs_S_x_one_stage": round(steady / (args.stages * one_stage_rate), 3),
         "whole_model_1_thread_s": round(one_thread_s, 2),
         "whole_model_1_thread_tokens_per_s": round(tokens / one_thread_s),
         "staged_vs_S_x_one_thread": round((tokens / staged_s) / (args.stages * tokens / one_thread_s), 3),

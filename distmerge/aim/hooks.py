@@ -56,11 +56,19 @@ class ActivationStatistics:
     def _hook(self, name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            value = sequence_abs_mean_sum(x.detach())
-            total = self.sums[name]
-            self.sums[name] = value if total.numel() == 0 else total + value
+            self.observe(name, x)
 
         return hook
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        """Add the statistic of ``x`` as module ``name``'s input, without running the module.
+
+        A module whose output nothing reads (the head: AIM needs only its input) is recorded this
+        way, so its matmul, the largest of a small model with a large vocabulary, is never run.
+        """
+        value = sequence_abs_mean_sum(x.detach())
+        total = self.sums[name]
+        self.sums[name] = value if total.numel() == 0 else total + value
 
     def result(self) -> dict[str, torch.Tensor]:
         """The float64 sums on the CPU, in registration (module) order; unseen modules omitted."""

@@ -48,16 +48,15 @@ def _layer_sizes(checkpoint: Checkpoint, layout: ModelLayout, itemsize: int) -> 
 def stage_overhead(config: dict[str, Any], micro_batch: int, seq_len: int, itemsize: int) -> int:
     """Bytes a stage needs beyond its weights: activations of one micro-batch and the worker.
 
-    Hidden states and MLP intermediates of a layer, eager attention's ``[B, heads, T, T]`` scores,
-    and one sequence's logits (the last stage runs the head a sequence at a time).
+    Hidden states and MLP intermediates of a layer and eager attention's ``[B, heads, T, T]``
+    scores. No logits: the last stage takes the head's statistic from its input.
     """
     text = config.get("text_config") or config
     hidden = int(text.get("hidden_size") or 0)
     inter = int(text.get("intermediate_size") or 4 * hidden)
     heads = int(text.get("num_attention_heads") or 1)
-    vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
     per_token = 8 * hidden + 3 * inter
-    activations = micro_batch * seq_len * per_token + micro_batch * heads * seq_len * seq_len + seq_len * vocab
+    activations = micro_batch * seq_len * per_token + micro_batch * heads * seq_len * seq_len
     return WORKER_BYTES + activations * itemsize
 
 

@@ -59,6 +59,9 @@ class StageWorker:
         self.layers = [self.parts[name] for name in layout.layers[start:end]]
         self.norm = self.parts.get(layout.norm)
         self.head = self.parts.get(layout.head)
+        # A plain Linear head (every architecture distmerge knows) is the only statistic module
+        # in its part: its statistic is its input's, taken without computing the logits.
+        self.head_name = layout.head if isinstance(self.head, nn.Linear) else None
         self._load(checkpoint, layout)
         del layout  # drop the rest of the meta model
         self.stats = ActivationStatistics(statistic_modules(self.parts.items()))
@@ -138,8 +141,11 @@ class StageWorker:
         if not self.last:
             return {"hidden": pack(hidden)}
         hidden = self.norm(hidden)
-        for b in range(batch):  # one sequence at a time bounds the logits to [1, T, vocab]
-            self.head(hidden[b : b + 1])
+        if self.head_name is not None:  # the logits are never read: only the head's input counts
+            self.stats.observe(self.head_name, hidden)
+        else:
+            for b in range(batch):  # one sequence at a time bounds the logits to [1, T, vocab]
+                self.head(hidden[b : b + 1])
         return {"sequences": batch}
 
     def statistics(self) -> dict[str, torch.Tensor]:

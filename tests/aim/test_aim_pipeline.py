@@ -108,6 +108,22 @@ def test_staged_equals_whole_model_in_process(arch: str, aim_models, sequences, 
             assert report["bytes"] == nbytes, (num_stages, report["layers"])
 
 
+def test_the_last_stage_takes_the_heads_statistic_without_computing_logits(aim_models, sequences, references) -> None:  # type: ignore[no-untyped-def]
+    """The head's output is never read, so its matmul (vocab x hidden per token, the largest of a
+    small model) is not run; its statistic, its input's, still equals the whole model's."""
+    head_calls: list[str] = []
+    for arch in ("llama", "gemma3"):
+        worker = StageWorker(aim_models[arch], 1, 3, False, True)
+        worker.head.register_forward_hook(lambda module, args, out, arch=arch: head_calls.append(arch))
+        first = StageWorker(aim_models[arch], 0, 1, True, False)
+        for batch in sequences.split(2):
+            worker.forward(first.forward({"input_ids": pack(batch)}))
+        got, ref = worker.statistics()["lm_head"], references[arch]["lm_head"]
+        assert bool((ref > 0).all())
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) <= RTOL, arch
+    assert head_calls == []
+
+
 def test_masks_and_rope_are_exercised(aim_models, sequences, references, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Dropping the sliding window or Gemma 3's per-type rope breaks equality: the test sees them."""
     import distmerge.aim.stage_worker as sw
