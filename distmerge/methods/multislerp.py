@@ -8,7 +8,10 @@
 Four whole-tensor quantities, each needing the previous one: reduction round 0 the norms |v_i|,
 round 1 |m|, round 2 the dots d_i, round 3 |g|. Each is a float64 sum over canonical chunks
 rounded once to the compute dtype (mergekit's torch reductions return the compute dtype);
-every elementwise step is mergekit's torch expression, replayed on the rows in each round.
+every elementwise step is mergekit's torch expression, replayed on the rows in each round: by a
+fused loop per round (:mod:`distmerge.methods.kernels.multislerp_loops`) in bfloat16, float32
+and float64, and as torch ops (:meth:`MultiSlerp.replay`, which the loop equals bit for bit) in
+float16 and for the two-model linear fallback.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import cast
 
+import numpy as np
 import torch
 
 from distmerge.errors import ConfigError, DistmergeError
-from distmerge.methods import reductions, scalars
+from distmerge.methods import kernels, reductions, scalars
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -29,6 +33,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
+from distmerge.methods.kernels.blend_loops import stored_array
+from distmerge.methods.kernels.multislerp_loops import multislerp_pass
 
 ROUNDS = 4
 
@@ -85,7 +91,42 @@ class MultiSlerp(MergeMethod):
         weights = torch.tensor([p["weight"] for p in params.experts], dtype=dtype)
         return weights / weights.sum() if params.global_["normalize_weights"] else weights
 
-    def _replay(self, base, experts, params, red: MultiSlerpReductions | None, upto: int):
+    def _fused(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
+               red: MultiSlerpReductions | None, upto: int) -> list[float] | torch.Tensor | None:
+        """What :meth:`replay` returns, by one fused pass (:func:`multislerp_pass`); None where
+        there is no loop for the dtype (float16) or the linear fallback runs."""
+        dtype = experts[0].dtype
+        mode = kernels.kernel_mode(dtype)
+        if mode is None or (red is not None and red.linear):
+            return None
+        kd = kernels.kernel_dtype(dtype)
+        np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type
+
+        def arr(t: torch.Tensor) -> np.ndarray:
+            return t.detach().reshape(-1).to(kd).numpy()
+
+        k = len(experts)
+        eps = params.global_["eps"]
+        w = self._weights(params, dtype)
+        den = arr(_positive(red.norms + eps)) if red is not None and red.norms is not None else np.ones(k, np_kd)
+        mean_norm = arr(red.mean_norm)[0] if red is not None and red.mean_norm is not None else np_kd(1.0)
+        dots = arr(red.dots) if red is not None and red.dots is not None else np.zeros(k, np_kd)
+        blend = np.zeros(3, np_kd)
+        if upto == ROUNDS:
+            assert red is not None and red.norms is not None
+            tn = _positive(red.tangent_norm)
+            blend = arr(torch.stack([torch.cos(tn), torch.sin(tn) / tn, (red.norms.squeeze(-1) * w).sum()]))
+        xs = tuple(stored_array(x) for x in experts)
+        b = stored_array(base) if base is not None else xs[0]
+        sums = np.zeros(k, dtype=np.float64)
+        out = np.empty(xs[0].size if upto == ROUNDS else 0, dtype=np_kd)
+        multislerp_pass(b, xs, base is not None, kernels.mode_tag(mode), upto, den, arr(w), mean_norm, dots,
+                        blend, sums, out)
+        if upto == ROUNDS:
+            return torch.from_numpy(out).to(dtype).reshape(experts[0].shape)
+        return [float(v) for v in sums[:k if upto in (0, 2) else 1]]
+
+    def replay(self, base, experts, params, red: MultiSlerpReductions | None, upto: int):  # noqa: ANN001, ANN201
         """mergekit's elementwise steps on these rows, as far as the rounds so far allow:
         what round ``upto`` sums (``upto`` = ROUNDS: the merged rows)."""
         eps = params.global_["eps"]
@@ -122,7 +163,10 @@ class MultiSlerp(MergeMethod):
         red = cast(MultiSlerpReductions | None, previous)
         if red is not None and red.linear:
             return SumPartials([], experts[0].dtype)
-        return SumPartials(self._replay(base, experts, params, red, round_), experts[0].dtype)
+        sums = self._fused(base, experts, params, red, round_)
+        if sums is None:
+            sums = self.replay(base, experts, params, red, round_)
+        return SumPartials(sums, experts[0].dtype)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> MultiSlerpReductions:
@@ -154,4 +198,5 @@ class MultiSlerp(MergeMethod):
         if len(experts) == 1:
             return experts[0].clone()
         red = cast(MultiSlerpReductions, reduced)
-        return self._replay(base, experts, params, red, ROUNDS)
+        fused = self._fused(base, experts, params, red, ROUNDS)
+        return fused if fused is not None else self.replay(base, experts, params, red, ROUNDS)
