@@ -20,41 +20,39 @@ log = logging.getLogger(__name__)
 def run_bounded(submit: Callable[[Any], Any], schedule: WorkSource, limit: int,
                 on_done: Callable[[Any, Any], None]) -> None:
     """Ray tasks for the tasks of ``schedule`` (``submit`` makes one), at most ``limit`` in flight;
-    ``on_done(task, result)`` as each returns. On an error every task still in flight is cancelled,
-    and waited for (up to a minute), so none goes on writing after the merge has failed."""
+    ``on_done(task, result)`` as each returns. On an error nothing more is submitted and the tasks
+    still in flight are waited for (:func:`_settle`), so none goes on writing after the merge
+    has failed."""
     pending: dict[Any, Any] = {}
     try:
         drain(schedule, limit, pending, submit, _wait_any, on_done)
     except BaseException:
-        _cancel(list(pending))
+        _settle(list(pending))
         raise
 
 
-CANCEL_WAIT_S = 60.0
+SETTLE_WAIT_S = 120.0
 
 
-def _cancel(refs: list[Any]) -> None:
-    """Interrupt running tasks and drop queued ones, then wait for them to end.
+def _settle(refs: list[Any]) -> None:
+    """Let the tasks still in flight end, without cancelling them, and wait for them.
 
-    Not ``force=True``: a force-cancel kills the worker while its reply may be on the way, and
-    Ray 2.x's task manager then aborts the *driver* process ("Tried to complete task that was
-    not pending"): a failed merge would take the user's process (or a ``ray job``'s entrypoint)
-    down with a core dump instead of its one-line error. A plain cancel raises
-    KeyboardInterrupt in the task, which ends at its next Python step (between row blocks).
+    No ``ray.cancel``: in Ray 2.x a cancel races a running task's reply. The cancel marks the
+    task failed while its reply is on the way, and the task manager then aborts the *driver*
+    process ("Tried to complete task that was not pending"). That was seen with ``force=True``
+    and again with a plain cancel of a reduction task, and it turns the user's one-line error
+    into a core dump of their process (or of a ``ray job``'s entrypoint). At most ``limit``
+    tasks are in flight, so letting them finish costs about one batch's time before the error
+    is raised, and none writes after the merge has failed.
     """
     if not refs:
         return
     import ray
 
-    for ref in refs:
-        try:
-            ray.cancel(ref)
-        except Exception as e:  # noqa: BLE001 - a task that ended meanwhile: nothing to cancel
-            log.debug("cancel of a finished task: %s", e)
-    _, running = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=SETTLE_WAIT_S)
     if running:
-        log.warning("%d merge tasks did not stop within %.0f s of the cancel; the output stays unpublished",
-                    len(running), CANCEL_WAIT_S)
+        log.warning("%d merge tasks still run %.0f s after the merge failed; the output stays unpublished",
+                    len(running), SETTLE_WAIT_S)
 
 
 def _wait_any(refs: list[Any]) -> list[tuple[Any, Any]]:

@@ -115,11 +115,17 @@ def test_local_executor_refuses_aim_calibration_and_creates_nothing(llama_family
 
 
 @pytest.mark.parametrize(("executor", "method"), [("local", "linear"), ("ray", "linear"), ("ray", "ties")])
-def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp_path, request, executor, method):
-    """The failing task's error, as itself; the tasks still in flight cancelled (on Ray: not
-    force-killed, which can abort the driver process inside Ray) and nothing published."""
+def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp_path, request, monkeypatch,
+                                                              executor, method):
+    """The failing task's error, as itself; the tasks still in flight waited for, never cancelled
+    (a Ray cancel, forced or not, can race a task's reply and abort the driver process inside
+    Ray), and nothing published."""
+    cancels: list[object] = []
     if executor == "ray":
         request.getfixturevalue("ray_local")
+        import ray
+
+        monkeypatch.setattr(ray, "cancel", lambda ref, **kw: cancels.append(ref))
     base, experts = llama_family
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -134,6 +140,7 @@ def test_a_failing_batch_stops_the_merge_and_publishes_nothing(llama_family, tmp
     cfg = parse_config(_config(method, base, [experts[0], broken]))
     with pytest.raises(CheckpointError, match=f"{name}.*NaN/Inf"):
         run_merge(cfg, tmp_path / "out", executor=executor, shard_size=20_000, workers=3, progress=False)
+    assert cancels == []
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     # The same merge without the broken input still runs in this process afterwards.
     good = parse_config(_config(method, base, experts))
