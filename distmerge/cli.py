@@ -46,11 +46,14 @@ _omega_arg = _ranged(float, 0.0, 1.0, "a number")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distmerge", description="Merge large language models on Ray, shard by shard.")
+    # No abbreviated flags: a destructive flag (--overwrite-foreign) must be typed in full, and a
+    # flag added later must not change what an old abbreviation meant.
+    parser = argparse.ArgumentParser(prog="distmerge", description="Merge large language models on Ray, shard by shard.",
+                                     allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    merge = sub.add_parser("merge", help="merge the models of CONFIG into OUT_DIR")
+    merge = sub.add_parser("merge", allow_abbrev=False, help="merge the models of CONFIG into OUT_DIR")
     merge.add_argument("config", type=Path, help="merge config (YAML, mergekit schema)")
     merge.add_argument("out_dir", help="output directory (Hugging Face layout), or s3://bucket/prefix or gs://bucket/prefix")
     merge.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS; without one, see --executor)")
@@ -73,15 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="merge inputs holding NaN/Inf with a warning instead of refusing them")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    plan = sub.add_parser("plan", help="read headers only and print what a merge would do")
+    plan = sub.add_parser("plan", allow_abbrev=False, help="read headers only and print what a merge would do")
     plan.add_argument("config", type=Path)
     plan.add_argument("--shard-size", type=_size_arg)
 
-    verify = sub.add_parser("verify", help="check a merged checkpoint: index, headers, checksums, architecture, NaN/Inf")
+    verify = sub.add_parser("verify", allow_abbrev=False, help="check a merged checkpoint: index, headers, checksums, architecture, NaN/Inf")
     verify.add_argument("out_dir", help="a merged checkpoint's directory, or its s3:// or gs://bucket/prefix")
     verify.add_argument("--quick", action="store_true", help="headers and architecture only (no data read)")
 
-    calibrate = sub.add_parser("calibrate", help="compute AIM activation statistics of the base model")
+    calibrate = sub.add_parser("calibrate", allow_abbrev=False, help="compute AIM activation statistics of the base model")
     calibrate.add_argument("config", type=Path)
     calibrate.add_argument("--out", required=True,
                            help="statistics file to write (.safetensors): a path, s3://bucket/key or gs://bucket/key")
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--no-progress", action="store_true")
     calibrate.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
 
-    stats = sub.add_parser("stats", help="show what AIM statistics say: per-layer peakedness, the channels AIM protects")
+    stats = sub.add_parser("stats", allow_abbrev=False, help="show what AIM statistics say: per-layer peakedness, the channels AIM protects")
     stats.add_argument("stats_file", help="statistics file written by distmerge calibrate or a merge "
                                           "(a path, s3://, gs://bucket/key or hf://org/name/path)")
     stats.add_argument("--omega", type=_omega_arg, default=0.4, help="omega the factors are shown for (default 0.4)")

@@ -152,6 +152,21 @@ def test_overwrite_deletes_only_what_distmerge_wrote(family, capsys):
     assert main(["verify", str(out)]) == 0
 
 
+@pytest.mark.parametrize("flag", ["--overwrite-fo", "--overwr", "--no-progres"])
+def test_abbreviated_flags_are_refused(family, capsys, flag):
+    """A destructive flag must be typed in full: argparse's prefix matching is off."""
+    root, _, config_file = family
+    out = root / "out"
+    assert run_cli(["merge", config_file, out, "--no-progress"], capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["merge", config_file, out, "--overwrite", flag], capsys)
+    assert exc.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
 def test_directory_of_someone_else_is_never_cleared(family, capsys):
     root, _, config_file = family
     out = root / "theirs"
