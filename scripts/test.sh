@@ -19,4 +19,8 @@ if [ "${DISTMERGE_SKIP_REAL_MODELS:-0}" != "1" ]; then
     || echo "real checkpoints could not be fetched; tests/real will fail with the reason"
 fi
 .venv/bin/ruff check distmerge tests benchmarks cluster
-exec .venv/bin/python -m pytest -q "$@"
+# Two pytest-xdist workers, one test module each at a time (module fixtures such as a loopback
+# cluster are built once): many tests wait on subprocesses, Ray and servers, so two share the two
+# cores well. Tests that kill processes kill only their own Ray's. DISTMERGE_TEST_WORKERS=0 runs
+# the suite in this one process.
+exec .venv/bin/python -m pytest -q -n "${DISTMERGE_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -11,7 +11,21 @@ import torch
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Two torch threads per test process on the two cores, one each under two pytest-xdist workers
+# (spinning threads of both workers on the same cores slow both).
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+HEAVY_MARKERS = ("slow", "real", "mergekit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a slow, real-checkpoint or mergekit test first, each module's tests kept
+    together and in order: ``scripts/test.sh`` runs modules on two pytest-xdist workers, and the
+    longest started first leave the short ones to fill the end, instead of one worker finishing
+    a long module alone."""
+    heavy = {item.module.__name__ for item in items
+             if getattr(item, "module", None) is not None and any(item.get_closest_marker(m) for m in HEAVY_MARKERS)}
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", None) not in heavy)
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,7 @@ class RayCluster:
         raise AssertionError(f"job {submission_id} not finished after {timeout}s:\n{self.logs(submission_id)[-4000:]}")
 
 
-def _cluster_processes(marker: str) -> list[psutil.Process]:
+def cluster_processes(marker: str) -> list[psutil.Process]:
     """Processes whose command line names this cluster's temp dir, and all their descendants."""
     found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
@@ -114,7 +114,7 @@ def _cluster_processes(marker: str) -> list[psutil.Process]:
 def _kill_cluster(temp_dir: Path) -> None:
     """Stop this cluster's processes, and only them: SIGTERM, then SIGKILL what is left."""
     for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        procs = _cluster_processes(str(temp_dir))
+        procs = cluster_processes(str(temp_dir))
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(sig)

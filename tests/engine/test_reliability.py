@@ -172,11 +172,15 @@ def test_resume_flag_without_journal_and_non_empty_dir(llama_family, tmp_path):
 
 
 def _merge_processes() -> list[psutil.Process]:
+    """Merge task workers of the Ray this process runs (its raylet is our child), and only
+    those: a Ray of another test process on this machine is not touched."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::merge_batch_task"):
-            found.append(p)
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::merge_batch_task"):
+                found.append(p)
+        except psutil.Error:
+            continue
     return found
 
 

@@ -24,7 +24,7 @@ import yaml
 from distmerge.aim import load_calibration_sequences, load_statistics
 from distmerge.config import CalibrationConfig
 from tests.aim.test_aim_pipeline import RTOL, reference_statistics
-from tests.cluster.loopback import DISTMERGE, RayCluster, loopback_cluster
+from tests.cluster.loopback import DISTMERGE, RayCluster, cluster_processes, loopback_cluster
 from tests.real.test_real_calibration import largest_error
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -80,11 +80,14 @@ def test_two_node_pipeline_replaces_a_killed_stage_actor_and_equals_the_whole_mo
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        for p in psutil.process_iter(["cmdline"]):  # a stage actor busy in a forward pass
-            if "StageActor.forward" in " ".join(p.info["cmdline"] or []):
-                p.send_signal(signal.SIGKILL)
-                killed = p.pid
-                break
+        for p in cluster_processes(str(cluster.temp_dir)):  # this cluster's actor busy in a forward pass
+            try:
+                if "StageActor.forward" in " ".join(p.cmdline()):
+                    p.send_signal(signal.SIGKILL)
+                    killed = p.pid
+                    break
+            except psutil.Error:
+                continue
         time.sleep(0.2)
     log, _ = proc.communicate(timeout=600)
     assert killed is not None, "no stage actor was seen in a forward pass to kill\n" + log[-3000:]
