@@ -49,6 +49,8 @@ def _settle(refs: list[Any]) -> None:
         return
     import ray
 
+    log.info("the merge stopped; waiting for the %d tasks still in flight to end (Ctrl-C again stops at once)",
+             len(refs))
     _, running = ray.wait(refs, num_returns=len(refs), timeout=SETTLE_WAIT_S)
     if running:
         log.warning("%d merge tasks still run %.0f s after the merge failed; the output stays unpublished",
