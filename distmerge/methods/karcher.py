@@ -17,8 +17,11 @@ more than their last float32 bit (|m| comes out 1 +- 2e-3), so a closed form fro
 the exact vectors gave outputs many bf16 ulps from mergekit's. A converged tensor's
 reduction says ``complete`` and its later rounds are skipped. The iterate m is never stored: every round (and the merge) replays the elementwise
 updates on its rows from the reduced scalars, with mergekit's torch expressions in the compute
-dtype, so the same m arises in every shard. Sums are float64 over canonical chunks, rounded
-once to the dtype mergekit's reduction returns.
+dtype, so the same m arises in every shard: by one fused loop per round
+(:func:`fused_pass`, :mod:`distmerge.methods.kernels.karcher_loops`) in bf16, float32 and
+float64, as torch ops (:meth:`Karcher.replay_partials`, which the loop equals bit for bit) in
+float16. Sums are float64 over canonical chunks, rounded once to the dtype mergekit's reduction
+returns.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
+import numpy as np
 import torch
 
-from distmerge.methods import reductions, scalars
+from distmerge.methods import kernels, reductions, scalars
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -38,6 +42,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
+from distmerge.methods.kernels.blend_loops import stored_array
+from distmerge.methods.kernels.karcher_loops import karcher_pass
 
 ROUNDS_PER_ITERATION = 3  # the dots, |g|, the updated |m|
 DOTS, TANGENT, UNIT = range(ROUNDS_PER_ITERATION)
@@ -138,24 +144,33 @@ class Karcher(MergeMethod):
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> KarcherPartials:
         tensors = self._inputs(base, experts)
-        dtype = tensors[0].dtype
+        red = cast(KarcherReductions | None, previous)
+        sums = fused_pass(tensors, red, round_, params.global_["tol"])
+        if sums is None:
+            sums = self.replay_partials(tensors, params, round_, red)
+        return KarcherPartials(cast(list[float], sums), tensors[0].dtype)
+
+    def replay_partials(self, tensors: list[torch.Tensor], params: TensorParams, round_: int,
+                        red: KarcherReductions | None) -> list[float]:
+        """Round ``round_``'s sums by mergekit's torch expressions on the rows: the float16 path,
+        and what the fused loops (:mod:`distmerge.methods.kernels.karcher_loops`) equal."""
         if round_ == 0:
-            return KarcherPartials([reductions.dot(t, t) for t in tensors], dtype)
-        red = cast(KarcherReductions, previous)
+            return [reductions.dot(t, t) for t in tensors]
+        assert red is not None
         units = self._units(tensors, red)
         mean = self._mean(units, red, params.global_["tol"])
         if round_ == 1:
-            return KarcherPartials([reductions.dot(mean, mean)], dtype)
+            return [reductions.dot(mean, mean)]
         valid = [units[i] for i in red.valid]
         phase = (round_ - 2) % ROUNDS_PER_ITERATION
         if phase == DOTS:
-            return KarcherPartials([reductions.dot(mean, u) for u in valid], dtype)
+            return [reductions.dot(mean, u) for u in valid]
         assert red.pending is not None
         tangent = self._tangent(mean, valid, red.pending)
         if phase == TANGENT:
-            return KarcherPartials([reductions.dot(tangent, tangent)], dtype)
+            return [reductions.dot(tangent, tangent)]
         updated = self._updated(mean, tangent, red.pending)
-        return KarcherPartials([reductions.dot(updated, updated)], dtype)
+        return [reductions.dot(updated, updated)]
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> KarcherReductions:
@@ -210,6 +225,63 @@ class Karcher(MergeMethod):
         red = cast(KarcherReductions, reduced)
         if not red.valid:
             return sum(t * 0 for t in tensors)
+        fused = fused_pass(tensors, red, MERGE, params.global_["tol"])
+        return fused if isinstance(fused, torch.Tensor) else self.replay_merge(tensors, params, red)
+
+    def replay_merge(self, tensors: list[torch.Tensor], params: TensorParams, red: KarcherReductions) -> torch.Tensor:
+        """The merged rows by mergekit's torch expressions (see :meth:`replay_partials`)."""
         mean = self._mean(self._units(tensors, red), red, params.global_["tol"])
-        scale = sum(alpha * norm for alpha, norm in zip([1.0 / len(tensors)] * len(tensors), red.norms, strict=True))
-        return scale * mean
+        return merge_scale(red, len(tensors)) * mean
+
+
+def merge_scale(red: KarcherReductions, n: int) -> torch.Tensor:
+    """mergekit's ``sum_i a_i |x_i|`` (a float32 0-dim tensor; float64 for float64 inputs)."""
+    return sum(alpha * norm for alpha, norm in zip([1.0 / n] * n, red.norms, strict=True))  # type: ignore[return-value]
+
+
+MERGE = -1  # fused_pass's round number for the merge
+
+
+def fused_pass(tensors: list[torch.Tensor], red: KarcherReductions | None, round_: int,
+               tol: float) -> list[float] | torch.Tensor | None:
+    """Round ``round_``'s sums (or, for :data:`MERGE`, the merged rows) by one fused pass of
+    :func:`karcher_pass`; None where there is no loop for the dtype (float16)."""
+    dtype = tensors[0].dtype
+    mode = kernels.kernel_mode(dtype)
+    if mode is None:
+        return None
+    kd = kernels.kernel_dtype(dtype)
+    np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type
+    stage = 0 if round_ == 0 else 1 if round_ == 1 else 5 if round_ == MERGE else 2 + (round_ - 2) % ROUNDS_PER_ITERATION
+    xs = tuple(stored_array(t) for t in tensors)
+    steps = [] if red is None else list(red.steps) + ([red.pending] if red.pending is not None else [])
+    k = 0 if red is None else len(red.valid)
+    shape = (max(1, len(steps)), max(1, k))
+    dots, coefs = np.zeros(shape, np_kd), np.zeros(shape, np_kd)
+    live = np.zeros(shape, np.bool_)
+    cos_s, sin_s, tns, uns = (np.ones(shape[0], np_kd) for _ in range(4))
+    divides = np.zeros(shape[0], np.bool_)
+    for s, step in enumerate(steps):
+        for v, (dot, coef) in enumerate(zip(step.dots, step.coefs, strict=True)):
+            dots[s, v] = float(dot)
+            live[s, v] = coef is not None
+            coefs[s, v] = float(coef) if coef is not None else 0.0
+        if step.tangent_norm is not None:  # a left operand is cast to the compute dtype first
+            tn = step.tangent_norm
+            cos_s[s], sin_s[s], tns[s] = float(torch.cos(tn).to(dtype)), float(torch.sin(tn).to(dtype)), float(tn)
+        if step.unit_norm is not None:
+            uns[s], divides[s] = float(step.unit_norm), True
+    norms = np.array([float(n) for n in red.norms] if red is not None else [1.0] * len(xs), np_kd)
+    valid = np.array(red.valid if red is not None else [], np.int64)
+    alphas = np.array(Karcher._alphas(red, len(xs)) if red is not None else [], np_kd)
+    mean_norm = np_kd(float(red.mean_norm)) if red is not None and red.mean_norm is not None else np_kd(1.0)
+    use_first = red is not None and red.mean_norm is not None and float(red.mean_norm) < tol
+    scale = np_kd(float(merge_scale(red, len(xs)).to(dtype))) if stage == 5 and red is not None else np_kd(1.0)
+    lanes = len(xs) if stage == 0 else (k if stage == 2 else 1)
+    sums = np.zeros(max(lanes, 1), np.float64)
+    out = np.empty(xs[0].size if stage == 5 else 0, np_kd)
+    karcher_pass(xs, valid, norms, alphas, kernels.mode_tag(mode), stage, mean_norm, use_first, dots, coefs, live,
+                 cos_s, sin_s, tns, uns, divides, len(red.steps) if red is not None else 0, scale, sums, out)
+    if stage == 5:
+        return torch.from_numpy(out).to(dtype).reshape(tensors[0].shape)
+    return [float(v) for v in sums[:lanes]]

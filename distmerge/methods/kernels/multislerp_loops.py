@@ -25,12 +25,7 @@ import numpy as np
 
 from distmerge.methods.kernels.blend_loops import _value
 from distmerge.methods.kernels.rounding import _jit, _r
-from distmerge.methods.kernels.sum_orders import (
-    PW_BLOCK,
-    pairwise_combine,
-    pairwise_spans,
-    pw_block,
-)
+from distmerge.methods.kernels.sum_orders import PW_BLOCK, leaves_into, pairwise_spans, square_into
 
 
 @_jit
@@ -130,11 +125,5 @@ def multislerp_pass(b, xs, has_base, mode, stage, den, w, mean_norm, dots, blend
                     for i in range(z):
                         q[i] = np.float64(_r(u[i] * mean[i], mode))
             else:
-                v = mean if stage == 1 else tangent
-                q = buf[0]
-                for i in range(z):
-                    q[i] = np.float64(v[i]) * np.float64(v[i])
-        for e in range(lanes):
-            leaf[e, j] = pw_block(buf[e], z)
-    for e in range(lanes):
-        sums[e] = pairwise_combine(n, leaf[e])
+                square_into(buf[0], mean if stage == 1 else tangent, z)
+        leaves_into(leaf, j, buf, z, sums, n, j == starts.size - 1)

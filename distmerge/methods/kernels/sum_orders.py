@@ -102,6 +102,24 @@ def pairwise_spans(n):  # noqa: ANN001, ANN202
     return starts[:count], sizes[:count]
 
 
+@_inline
+def square_into(q, v, z):  # noqa: ANN001, ANN202
+    """``q[:z]`` = the exact float64 squares of ``v[:z]`` (a leaf of a norm's pairwise sum)."""
+    for i in range(z):
+        q[i] = np.float64(v[i]) * np.float64(v[i])
+
+
+@_jit
+def leaves_into(leaf, j, buf, z, sums, n, last):  # noqa: ANN001, ANN202
+    """Leaf ``j`` of each lane's pairwise sum from ``buf[lane, :z]``; after the ``last`` leaf,
+    each lane's whole sum of ``n`` elements into ``sums``."""
+    for e in range(leaf.shape[0]):
+        leaf[e, j] = pw_block(buf[e], z)
+    if last:
+        for e in range(leaf.shape[0]):
+            sums[e] = pairwise_combine(n, leaf[e])
+
+
 @_jit
 def pairwise_combine(n, leaf):  # noqa: ANN001, ANN202
     """``np.add.reduce`` of ``n`` elements whose leaves (:func:`pairwise_spans`) summed to
