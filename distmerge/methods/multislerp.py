@@ -103,7 +103,7 @@ class MultiSlerp(MergeMethod):
         np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type
 
         def arr(t: torch.Tensor) -> np.ndarray:
-            return t.detach().reshape(-1).to(kd).numpy()
+            return kernels.as_array(t, kd)
 
         k = len(experts)
         eps = params.global_["eps"]
