@@ -23,7 +23,7 @@ from benchmarks.synthetic import Shape, write_family
 from distmerge.config import parse_config
 from distmerge.engine.worker import MergeJob, run_batch, run_reduction_round
 from distmerge.io.writes import create_file
-from distmerge.methods.base import Partials, Reductions
+from distmerge.methods.base import Partials, Reductions, chunk_read
 from distmerge.output.writers import LocalFiles
 from distmerge.plan import batches, build_plan
 from distmerge.testing.method_cases import CASES
@@ -42,7 +42,7 @@ def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
     started = time.perf_counter()
     reduced: dict[int, Reductions] = {}
     for round_ in range(plan.reduction_rounds):
-        units = [u for u in plan.reduction_units(round_) if not (u.tensor in reduced and reduced[u.tensor].complete)]
+        units = [u for u in plan.reduction_units(round_) if chunk_read(reduced.get(u.tensor), round_, u.row_start, u.row_end)]
         partials: dict[int, dict[int, Partials]] = {}
         for batch in batches(units, plan.shard_size):
             for tensor, row, part in run_reduction_round(job, batch, round_, reduced):

@@ -23,7 +23,7 @@ from benchmarks.bench_method_cost import WARM_UP_SHAPE, WORK, one_merge
 from benchmarks.synthetic import write_family
 from distmerge.config import parse_config
 from distmerge.engine.worker import MergeJob, chunk_partials, compute_rows, merge_block, read_block
-from distmerge.methods.base import Partials, Reductions
+from distmerge.methods.base import Partials, Reductions, chunk_read
 from distmerge.plan import MergePlan, build_plan
 
 
@@ -42,7 +42,7 @@ def profile(plan: MergePlan) -> dict[str, float]:
     for round_ in range(plan.reduction_rounds):
         partials: dict[int, list[Partials]] = defaultdict(list)
         for u in plan.reduction_units(round_):
-            if u.tensor in reduced and reduced[u.tensor].complete:
+            if not chunk_read(reduced.get(u.tensor), round_, u.row_start, u.row_end):
                 continue
             raw = timed("rounds: read", read_block, job, u)
             rows = timed("rounds: cast", compute_rows, job, u, raw)

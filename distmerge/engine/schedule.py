@@ -7,8 +7,9 @@ Here a tensor's merge batches are released the moment its last round is reduced,
 of the earliest tensors goes first, so the merge of one tensor computes while the statistics
 of the next ones read: the two passes overlap.
 
-Each tensor's rounds are reduced from all of its canonical chunks in chunk order, as before,
-so the reduced values (and the merged bytes) are the same whatever runs when. Pure Python, no
+Each tensor's rounds are reduced from its canonical chunks in chunk order (every chunk, unless
+the previous round's reduction names the chunks the next one needs), so the reduced values (and
+the merged bytes) are the same whatever runs when. Pure Python, no
 Ray: the executors pull tasks with :meth:`MergeSchedule.take` and report with :meth:`done`.
 """
 
@@ -134,10 +135,9 @@ class MergeSchedule:
         heapq.heappush(self._ready, (first, self._sequence, task))
         self._sequence += 1
 
-    def _start_round(self, tensor: int, round_: int) -> None:
+    def _start_round(self, tensor: int, round_: int, chunks: list[WorkUnit]) -> None:
         state = self._tensors[tensor]
         state.round_, state.partials = round_, {}
-        chunks = self._chunks[tensor]
         state.outstanding = len(chunks)
         previous = {tensor: self.reduced[tensor]} if tensor in self.reduced else {}
         for batch in batches(chunks, self.plan.shard_size):
@@ -148,9 +148,13 @@ class MergeSchedule:
         parts = [state.partials[r] for r in sorted(state.partials)]
         reduced = self.plan.method.reduce(parts, t.params, t.shape, state.round_, self.reduced.get(tensor))
         self.reduced[tensor] = reduced
-        if state.round_ + 1 < t.reduction_rounds and not reduced.complete:
-            self._start_round(tensor, state.round_ + 1)
-            return
+        # The next round that reads anything, on the chunks it reads (a round may need only
+        # some chunks, or none: then it is skipped).
+        for round_ in range(state.round_ + 1, t.reduction_rounds):
+            chunks = [c for c in self._chunks[tensor] if reduced.reads(round_, c.row_start, c.row_end)]
+            if chunks:
+                self._start_round(tensor, round_, chunks)
+                return
         for k in self._waiting.pop(tensor, []):
             self._blocked[k].discard(tensor)
             if not self._blocked[k]:

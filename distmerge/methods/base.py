@@ -102,10 +102,25 @@ class Reductions:
 
     Each method subclasses it with typed fields. ``complete`` tells the engine that this tensor
     needs no further reduction rounds (e.g. a radix selection resolved in round 0), so it skips
-    those rounds' reads for the tensor.
+    those rounds' reads for the tensor. ``round_rows`` narrows a later round to the canonical
+    chunks that overlap some of its row ranges (``()``: the round reads nothing and is skipped;
+    a round not named reads every chunk): a TIES tie cut needs the one chunk where it falls.
     """
 
     complete: bool = False
+    round_rows: dict[int, tuple[tuple[int, int], ...]] | None = None
+
+    def reads(self, round_: int, row_start: int, row_end: int) -> bool:
+        """Whether round ``round_`` reads the canonical chunk of rows ``[row_start, row_end)``."""
+        if self.complete:
+            return False
+        rows = (self.round_rows or {}).get(round_)
+        return rows is None or any(a < row_end and row_start < b for a, b in rows)
+
+
+def chunk_read(previous: Reductions | None, round_: int, row_start: int, row_end: int) -> bool:
+    """Whether round ``round_`` reads a chunk, given what the tensor's earlier rounds reduced to."""
+    return previous is None or previous.reads(round_, row_start, row_end)
 
 
 class Partials:

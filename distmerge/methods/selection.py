@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from distmerge.methods import kernels
@@ -41,6 +43,7 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
 SAMPLE_STEP = 16  # round 0 places its windows from every 16th key of a chunk ...
 MIN_SAMPLED = 1 << 16  # ... when the chunk has at least this many (else from every key)
 MAX_WINDOW_BUCKETS = 64  # a wider window (a chunk unlike the others) is not worth counting: round 1 decides
+EVERY_BUCKET = (0, HIGH_BINS)  # the window of a small chunk that ships every key it has
 
 
 class DeltaKeys:
@@ -62,15 +65,51 @@ class DeltaKeys:
         The buckets are placed from a strided sample of the keys (a cheap pre-pass), so the
         histogram and every window's low bits come from one full pass over the rows.
         """
+        windows = {name: (w[0], 0) if w is not None and w[1] > MAX_WINDOW_BUCKETS else w
+                   for name, w in self._windows(ranks, numel).items()}
+        high, parts = kernels.histogram_and_windows(self._base, self._x, self._mode, _key_ranges(windows))
+        return high, {name: (w, *part) for (name, w), part in zip(windows.items(), parts, strict=True)}
+
+    def speculate(self, ranks: dict[K, int], numel: int) -> dict[K, WindowCount]:
+        """The speculative round of a chunk: for each named rank, the buckets where the chunk
+        expects it, how many keys lie above them, and the low bits of the keys inside.
+
+        No high-bits histogram: when every chunk's window holds the global threshold
+        (:func:`resolve_windows`), the counts above and inside give it exactly; when one
+        does not, the radix rounds (:meth:`round_zero`) follow.
+        """
+        # A small chunk (a tensor's last rows, often) ships all its keys: its estimate is the
+        # noisiest, its window the likeliest to miss or to be too wide to count densely.
+        small = 0 < self.numel <= MIN_SAMPLED and self.numel < numel
+        windows = {name: EVERY_BUCKET for name in ranks} if small else {
+            name: (w[0], 0) if w is not None and w[1] > MAX_WINDOW_BUCKETS else w
+            for name, w in self._windows(ranks, numel).items()}
+        counted = {name: (0, 0) if w == EVERY_BUCKET else w for name, w in windows.items()}
+        above, parts = kernels.above_and_windows(self._base, self._x, self._mode, _key_ranges(counted))
+        out: dict[K, WindowCount] = {}
+        for (name, w), n, part in zip(windows.items(), above, parts, strict=True):
+            out[name] = (w, 0, *self._every_key()) if w == EVERY_BUCKET else (w, n, *part)
+        return out
+
+    def _every_key(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's distinct keys and how often each occurs (int32, int64)."""
+        values, counts = np.unique(kernels.delta_keys(self._base, self._x, self._mode), return_counts=True)
+        return torch.from_numpy(values), torch.from_numpy(counts.astype(np.int64))
+
+    def _windows(self, ranks: dict[K, int], numel: int) -> dict[K, tuple[int, int] | None]:
+        """Per named rank, the buckets ``(first, count)`` the chunk expects it in, placed from a
+        strided sample of the keys (a cheap pre-pass); None for an empty chunk. A chunk that is
+        the whole tensor counts every key instead and names the one bucket that holds the rank."""
+        if self.numel == numel:
+            high = self.high_histogram()
+            return {name: (locate(high, rank)[0], 1) if self.numel else None for name, rank in ranks.items()}
         step = SAMPLE_STEP if self.numel >= MIN_SAMPLED else 1
         sample = kernels.key_histogram(self._base[::step], self._x[::step], self._mode)
-        windows = {}
-        for name, rank in ranks.items():
-            window = local_estimate(sample, rank, numel, self.numel, step)
-            windows[name] = (window[0], 0) if window is not None and window[1] > MAX_WINDOW_BUCKETS else window
-        ranges = [(w[0] << 16, (w[0] + w[1]) << 16) if w else (0, 0) for w in windows.values()]
-        high, parts = kernels.histogram_and_windows(self._base, self._x, self._mode, ranges)
-        return high, {name: (w, *part) for (name, w), part in zip(windows.items(), parts, strict=True)}
+        return {name: local_estimate(sample, rank, numel, self.numel, step) for name, rank in ranks.items()}
+
+    def tie_rows(self, rows: int, key: int) -> torch.Tensor:
+        """Per row of the chunk's ``rows`` rows: how many of its keys equal ``key`` (int64)."""
+        return torch.from_numpy(kernels.row_key_counts(self._base, self._x, self._mode, rows, key))
 
     def high_histogram(self) -> torch.Tensor:
         """Counts of the high 16 bits (int64, ``HIGH_BINS`` long)."""
@@ -80,6 +119,11 @@ class DeltaKeys:
         """Round 1 partial, sparse: the distinct low 16 bits among keys in ``bucket`` and their counts."""
         lo = bucket << 16
         return kernels.histogram_and_windows(self._base, self._x, self._mode, [(lo, lo + LOW_BINS)])[1][0]
+
+
+def _key_ranges(windows: dict[K, tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """The key range ``[lo, hi)`` of each window's buckets (``(0, 0)`` for none)."""
+    return [(w[0] << 16, (w[0] + w[1]) << 16) if w else (0, 0) for w in windows.values()]
 
 
 # A chunk's round-0 window (first bucket, bucket count; None for an empty chunk) and the
@@ -92,7 +136,7 @@ def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int, 
     """Buckets ``(first, count)`` where this chunk expects the global ``rank``-th largest key.
 
     ``high`` counts every ``step``-th key of the chunk. Chunks of one tensor are alike, so the
-    chunk's share of the rank, give or take a few binomial standard deviations (across
+    chunk's share of the rank, give or take four binomial standard deviations (across
     chunks, and of the sample), and one bucket on each side, brackets where the global k-th
     largest key falls in it. Shipping the low bits of those buckets lets round 0 finish the
     selection and saves a second read of the tensor; round 1 remains the fallback.
@@ -101,12 +145,68 @@ def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int, 
     if total == 0:
         return None
     share = rank * chunk_numel / numel / step  # the expected rank within the sample
-    variance = share * (1.0 - chunk_numel / max(numel, 1)) / step + (share if step > 1 else 0.0)
+    # Binomial variances: the chunk's count above the global threshold (finite population),
+    # then the sample's; each carries (1 - q), q the kept fraction, which matters at high densities.
+    kept = min(1.0, rank / max(numel, 1))
+    variance = share * (1.0 - kept) * ((1.0 - chunk_numel / max(numel, 1)) / step + (1.0 if step > 1 else 0.0))
     spread = 4.0 * math.sqrt(max(variance, 1.0)) + 1.0
     top, _ = locate(high, min(total, max(1, math.floor(share - spread))))
     bottom, _ = locate(high, min(total, max(1, math.ceil(share + spread))))
     first = max(0, bottom - 1)
     return first, min(top + 1, HIGH_BINS - 1) - first + 1
+
+
+# A chunk's speculative window (as in Speculation), how many of its keys lie above the window,
+# and the distinct low bits (relative to the window's first bucket) of its keys inside, with counts.
+WindowCount = tuple[tuple[int, int] | None, int, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The exact ``rank``-th largest key of a tensor, from the chunks' speculative windows."""
+
+    key: int
+    above: int  # keys of the whole tensor strictly above ``key``
+    tied: tuple[int, ...]  # per chunk, in chunk order: its keys equal to ``key``
+
+
+def resolve_windows(parts: Sequence[WindowCount], rank: int) -> Resolved | None:
+    """The exact ``rank``-th largest key from every chunk's window and count above it, or None
+    when the windows do not show it (then the radix rounds decide).
+
+    Inside the range every chunk's window covers, each chunk's count of keys at or above a key
+    is its count above its window plus its window's keys from there up; summed over chunks,
+    that ranks every key of the range exactly. The answer is exact, or None: never a guess.
+    """
+    spans = [(w[0] << 16, (w[0] + w[1]) << 16) for w, _, _, _ in parts if w is not None]
+    if not spans:
+        return None
+    lo, hi = max(a for a, _ in spans), min(b for _, b in spans)
+    if lo >= hi:
+        return None
+    at_or_above_hi = 0
+    keys, counts = [], []
+    for window, above, values, n in parts:
+        if window is None:
+            continue
+        absolute = values.to(torch.int64) + (window[0] << 16)
+        at_or_above_hi += above + int(n[absolute >= hi].sum())
+        inside = (absolute >= lo) & (absolute < hi)
+        keys.append(absolute[inside])
+        counts.append(n[inside])
+    distinct, inverse = torch.unique(torch.cat(keys), return_inverse=True)
+    sums = torch.zeros(distinct.numel(), dtype=torch.int64).index_add_(0, inverse, torch.cat(counts))
+    if not at_or_above_hi < rank <= at_or_above_hi + int(sums.sum()):
+        return None  # the threshold lies outside the range every window covers
+    descending = at_or_above_hi + torch.flip(sums, dims=[0]).cumsum(0)
+    i = int(torch.searchsorted(descending, torch.tensor([rank], dtype=descending.dtype)).item())
+    j = distinct.numel() - 1 - i
+    key = int(distinct[j])
+    tied = []
+    for window, _, values, n in parts:
+        hit = (values.to(torch.int64) + (window[0] << 16) == key) if window is not None else None
+        tied.append(int(n[hit].sum()) if hit is not None else 0)
+    return Resolved(key, int(descending[i]) - int(sums[j]), tuple(tied))
 
 
 def speculative_low(parts: Sequence[Speculation], bucket: int) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ import pytest
 
 from distmerge.engine.schedule import MergeSchedule, MergeTask, ReductionTask
 from distmerge.engine.worker import MergeJob, run_reduction_round
+from distmerge.methods.base import chunk_read
 from distmerge.output.writers import LocalFiles
 from distmerge.plan import batches, build_plan
 from tests.helpers import make_config
@@ -31,7 +32,7 @@ def _global_rounds(plan, job):
     """The reductions as global rounds compute them: every tensor's round r before any round r+1."""
     reduced = {}
     for round_ in range(plan.reduction_rounds):
-        units = [u for u in plan.reduction_units(round_) if not (u.tensor in reduced and reduced[u.tensor].complete)]
+        units = [u for u in plan.reduction_units(round_) if chunk_read(reduced.get(u.tensor), round_, u.row_start, u.row_end)]
         partials: dict[int, dict[int, object]] = {}
         for unit in units:
             for tensor, row_start, part in run_reduction_round(job, [unit], round_, reduced):

@@ -126,6 +126,27 @@ def test_selection_kernels_equal_torch_keys(dtype):
             assert values.numel() > 0 or lo == hi
 
 
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+def test_speculative_counts_equal_torch_keys(dtype):
+    """The speculative round's counts (keys above each range, the keys inside it) and the tie
+    round's per-row counts equal counting torch's own keys."""
+    base, (x,) = inputs((64, 301), 1, dtype, seed=5)  # rows not a multiple of the kernel's block
+    keys = (x - base).abs().to(torch.float32).view(torch.int32).reshape(-1).to(torch.int64)
+    kd, mode = kernels.kernel_dtype(dtype), kernels.kernel_mode(dtype)
+    assert mode is not None
+    b, xa = kernels.as_array(base, kd), kernels.as_array(x, kd)
+    med = int(keys.median())
+    for ranges in [[(med - 5000, med + 90000), (med + 20000, med + 400000)], [(0, 0)], [(med - 70000, med + 1)]]:
+        above, parts = kernels.above_and_windows(b, xa, mode, ranges)
+        for (lo, hi), n, (values, counts) in zip(ranges, above, parts, strict=True):
+            assert n == int((keys >= hi).sum())
+            want_values, want_counts = torch.unique(keys[(keys >= lo) & (keys < hi)] - lo, return_counts=True)
+            assert torch.equal(values.to(torch.int64), want_values) and torch.equal(counts, want_counts)
+    for key in (med, int(keys.max()), -1):
+        want = (keys.reshape(64, 301) == key).sum(1)
+        assert torch.equal(torch.from_numpy(kernels.row_key_counts(b, xa, mode, 64, key)), want)
+
+
 def test_float16_compute_uses_the_torch_formulation():
     assert kernels.kernel_mode(torch.float16) is None
     base, xs = inputs((7, 3), 2, torch.float16, seed=4)

@@ -13,9 +13,10 @@ import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods import METHODS, get_method
-from distmerge.methods.base import ShardContext, TensorParams
+from distmerge.methods.base import ShardContext, TensorParams, chunk_read
 from distmerge.methods.random_stream import raw_draws
 from distmerge.methods.selection import DeltaKeys, dense_low, locate, magnitude_keys
+from distmerge.methods.sparsification.rounds import Bound
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 SHAPES = [(37, 19), (5,), (1, 7), (3, 5, 4)]
@@ -54,16 +55,26 @@ def ctx(shape, r0, r1, seed=0, n=2):
     return ShardContext(NAME, shape, r0, r1, seed, tuple(range(n)))
 
 
-def reductions(name, base, xs, params, seed=0, chunk_rows=CHUNK_ROWS):
+def reductions(name, base, xs, params, seed=0, chunk_rows=CHUNK_ROWS, every_chunk=False, reads=None):
+    """The reduction rounds over canonical chunks of ``chunk_rows`` rows. As the engine runs
+    them, a round reads only the chunks the previous reduction names (``chunk_read``) and is
+    skipped when it names none; ``every_chunk`` reads every chunk in every round instead (what
+    the methods must tolerate). ``reads``, a list, receives each round read and its chunks."""
     m = get_method(name)
     shape = tuple(base.shape)
     reduced = None
     for r in range(m.reduction_rounds(params)):
         parts = []
-        for a in range(0, _rows(shape), chunk_rows):
-            b = min(_rows(shape), a + chunk_rows)
+        chunks = [(a, min(_rows(shape), a + chunk_rows)) for a in range(0, _rows(shape), chunk_rows)]
+        if not every_chunk:
+            chunks = [(a, b) for a, b in chunks if chunk_read(reduced, r, a, b)]
+        if not chunks:
+            continue
+        for a, b in chunks:
             parts.append(m.partial_reductions(base[a:b], [x[a:b] for x in xs], params,
                                               ctx(shape, a, b, seed, len(xs)), r, reduced))
+        if reads is not None:
+            reads.append((r, chunks))
         reduced = m.reduce(parts, params, shape, r, reduced)
     return reduced
 
@@ -244,16 +255,29 @@ def test_ties_keeps_exactly_k_ties_broken_by_position():
             assert torch.equal(merge_sharded("ties", base, [x], params, reduced, step), want), (chunk, step)
 
 
-@pytest.mark.parametrize("speculate", [True, False], ids=["round0-threshold", "round1-threshold"])
+SELECTION_PATHS = ["speculative", "round0-threshold", "round1-threshold"]
+
+
+def force_selection_path(path, monkeypatch):
+    """Make the threshold known after the speculative round (as usual), or only after the
+    radix rounds' round 0 (its windows) or round 1 (the low bits), as chunks unlike each other do."""
+    if path != "speculative":
+        monkeypatch.setattr("distmerge.methods.selection.resolve_windows", lambda parts, rank: None)
+    if path == "round1-threshold":
+        monkeypatch.setattr("distmerge.methods.selection.speculative_low", lambda parts, bucket: None)
+
+
+@pytest.mark.parametrize("every_chunk", [False, True], ids=["engine-reads", "every-chunk"])
+@pytest.mark.parametrize("path", SELECTION_PATHS)
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 @pytest.mark.parametrize("shape", [(64, 48), (3001,)], ids=str)
-def test_magnitude_keeps_exact_count_with_many_ties(method, shape, speculate, monkeypatch):
+def test_magnitude_keeps_exact_count_with_many_ties(method, shape, path, every_chunk, monkeypatch):
     """bfloat16 deltas repeat magnitudes often; the kept count is still exactly the configured
     one, and the kept set is the reference order's under every chunking and sharding, whether
-    the threshold is known after round 0 (ties counted in round 1) or only after round 1 (ties
-    counted in the TIES round)."""
-    if not speculate:
-        monkeypatch.setattr("distmerge.methods.selection.speculative_low", lambda parts, bucket: None)
+    the threshold is known after the speculative round (ties counted in the cut's chunk only),
+    after round 0 (ties counted in round 1) or after round 1 (ties counted in the TIES round),
+    and whether the rounds read only the chunks they name or every chunk."""
+    force_selection_path(path, monkeypatch)
     g = torch.Generator().manual_seed(9)
     base = torch.zeros(shape)
     x = (torch.randint(-6, 7, shape, generator=g).float() / 4).to(torch.bfloat16).float()
@@ -262,10 +286,47 @@ def test_magnitude_keeps_exact_count_with_many_ties(method, shape, speculate, mo
     mask = ref_topk_mask(x, 0.3) if method == "ties" else ref_breadcrumbs_mask(x, 0.3, 0.05)
     want = x * mask
     for chunk in (1, 7, shape[0]):
-        reduced = reductions(method, base, [x], params, chunk_rows=chunk)
+        reduced = reductions(method, base, [x], params, chunk_rows=chunk, every_chunk=every_chunk)
         for step in (5, shape[0]):
             got = merge_sharded(method, base, [x], params, reduced, step)
             assert torch.equal(got, want), (chunk, step)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_speculative_thresholds_read_only_the_cut_chunks(method):
+    """With the thresholds from the speculative round, the tie round reads the chunk where each
+    cut falls and nothing else, and the radix rounds are skipped; the kept set is the reference's."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.zeros(64, 4096)  # chunks of 64K elements: windows as narrow as a model's
+    x = (torch.randn((64, 4096), generator=g) * 0.01).to(torch.bfloat16).float()  # bf16: ties at every value
+    model = {"weight": 1.0, "density": 0.3} | ({"gamma": 0.05} if method == "breadcrumbs" else {})
+    params = params_for(method, 1, model=model)
+    want = x * (ref_topk_mask(x, 0.3) if method == "ties" else ref_breadcrumbs_mask(x, 0.3, 0.05))
+    reads = []
+    reduced = reductions(method, base, [x], params, chunk_rows=16, reads=reads)
+    assert reduced.speculated and reduced.complete and reduced.tie_need[0]
+    assert [r for r, _ in reads] == [0, 1]  # the speculative round, then the tie round
+    assert len(reads[0][1]) == 4
+    cut_chunks = {chunk[:2] for named in reduced.tie_chunks.values() for chunk in named.values()}
+    assert set(reads[1][1]) == cut_chunks and 1 <= len(cut_chunks) <= (2 if method == "breadcrumbs" else 1)
+    assert torch.equal(merge_sharded(method, base, [x], params, reduced, 5), want)
+
+
+def test_a_cut_at_a_chunk_end_needs_no_tie_round():
+    """When the ties inside end exactly where a chunk ends, the speculative round knows the cut."""
+    big, tie, small = 1.03125, 1.0078125, 1.0  # adjacent bfloat16 values: keys a few buckets apart
+    base = torch.zeros(4, 4)
+    x = torch.tensor([[big, tie, small, small], [tie, tie, small, small], [tie, small, small, small],
+                      [tie, small, small, small]])
+    params = params_for("ties", 1, model={"weight": 1.0, "density": 0.25})  # k = 4: big and the first three ties
+    reads = []
+    reduced = reductions("ties", base, [x], params, chunk_rows=2, reads=reads)
+    assert [r for r, _ in reads] == [0] and reduced.speculated and reduced.complete
+    assert reduced.tie_cuts[0] == {Bound.LOW: (2, 0)}
+    want = torch.zeros_like(x)
+    want[0, 0], want[0, 1], want[1, 0], want[1, 1] = big, tie, tie, tie
+    for step in (1, 3, 4):
+        assert torch.equal(merge_sharded("ties", base, [x], params, reduced, step), want)
 
 
 def test_breadcrumbs_with_zero_gamma_keeps_the_top():

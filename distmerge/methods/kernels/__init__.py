@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from distmerge.methods.kernels.dots import float64_dot
-from distmerge.methods.kernels.histograms import KEY_BUCKETS, histogram_and_windows, key_histogram
+from distmerge.methods.kernels.histograms import (
+    KEY_BUCKETS,
+    above_and_windows,
+    delta_keys,
+    histogram_and_windows,
+    key_histogram,
+    row_key_counts,
+)
 from distmerge.methods.kernels.linear_loop import weighted_sum
 from distmerge.methods.kernels.ranks import block_dims, della_keep, magnitude_ranks, rank_values
 from distmerge.methods.kernels.rounding import (
@@ -62,9 +69,9 @@ from distmerge.methods.kernels.variance import variance_across
 
 __all__ = [
     "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "RESCALE_DIVIDE",
-    "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "abs_sums", "as_array", "block_dims", "della_keep",
-    "delta_arrays", "float64_dot", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
-    "mode_tag", "rank_values", "round_array", "rounded", "scalar", "task_vectors", "variance_across", "warm_up",
+    "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "above_and_windows", "abs_sums", "as_array", "block_dims", "della_keep",
+    "delta_arrays", "delta_keys", "float64_dot", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
+    "mode_tag", "rank_values", "round_array", "rounded", "row_key_counts", "scalar", "task_vectors", "variance_across", "warm_up",
     "weighted_sum",
 ]
 
@@ -84,6 +91,9 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
         key_histogram(a, a, mode)
         key_histogram(a[::2], a[::2], mode)
         histogram_and_windows(a, a, mode, [(0, 1)])
+        above_and_windows(a, a, mode, [(0, 1)])
+        row_key_counts(a, a, mode, 8, 0)
+        delta_keys(a, a, mode)
         for n in experts:
             ones = np.ones(n, dtype=a.dtype)
             for consensus in (False, True):

@@ -58,3 +58,89 @@ def histogram_and_windows(
         parts.append((torch.from_numpy(values.astype(np.int32)), torch.from_numpy(window[values].astype(np.int64))))
     return torch.from_numpy(hist), parts
 
+
+
+WINDOW_BLOCK = 128  # keys computed per block before the rare window hits are counted
+
+
+@_jit
+def _above_and_windows(base, x, mode, his, los, spans, windows, above):  # noqa: ANN001, ANN202
+    # Two steps per block, so the step over every key vectorizes: compute each key, count it
+    # against every range's top, and note whether any key of the block falls inside a range;
+    # then, only for such blocks, add the (few) keys inside to their ranges' dense counts.
+    keys = np.empty(WINDOW_BLOCK, dtype=np.int32)
+    for s in range(0, x.size, WINDOW_BLOCK):
+        m = min(x.size - s, WINDOW_BLOCK)
+        xs, bs = x[s:s + m], base[s:s + m]
+        for j in range(m):
+            keys[j] = _key(_r(xs[j] - bs[j], mode))
+        for w in range(his.size):
+            hi, lo, span = his[w], los[w], spans[w]
+            top = 0
+            inside = 0
+            for j in range(m):
+                top += keys[j] >= hi
+                inside += np.uint32(keys[j] - lo) < span
+            above[w] += top
+            if inside:
+                counts = windows[w]
+                for j in range(m):
+                    o = np.uint32(keys[j] - lo)
+                    if o < span:
+                        counts[o] += 1
+
+
+def above_and_windows(
+    base: np.ndarray, x: np.ndarray, mode: int, ranges: Sequence[tuple[int, int]],
+) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """In one pass, for each ``[lo, hi)`` in ``ranges``: how many delta keys of ``x - base``
+    are ``>= hi``, and the distinct ``key - lo`` of the keys inside with how often each occurs
+    (sparse, as :func:`histogram_and_windows` gives them).
+
+    The speculative selection round's count: with no 32768-bin histogram to update per key,
+    the pass over every key is a vectorized compare and sum (measured ~3x faster than
+    :func:`histogram_and_windows` on 2^25 bf16-valued float32 deltas).
+    """
+    his = np.array([hi for _, hi in ranges], dtype=np.int32)
+    los = np.array([lo for lo, _ in ranges], dtype=np.int32)
+    spans = np.array([max(0, hi - lo) for lo, hi in ranges], dtype=np.uint32)
+    width = int(spans.max()) if len(ranges) else 0
+    windows = np.zeros((len(ranges), width), dtype=np.int32)
+    above = np.zeros(len(ranges), dtype=np.int64)
+    _above_and_windows(base, x, mode_tag(mode), his, los, spans, windows, above)
+    parts = []
+    for w in range(len(ranges)):
+        values = np.flatnonzero(windows[w])
+        parts.append((torch.from_numpy(values.astype(np.int32)), torch.from_numpy(windows[w, values].astype(np.int64))))
+    return [int(a) for a in above], parts
+
+
+@_jit
+def _row_key_counts(base, x, mode, cols, key, out):  # noqa: ANN001, ANN202
+    for r in range(out.size):
+        xs, bs = x[r * cols:(r + 1) * cols], base[r * cols:(r + 1) * cols]
+        n = 0
+        for j in range(cols):
+            n += _key(_r(xs[j] - bs[j], mode)) == key
+        out[r] = n
+
+
+def row_key_counts(base: np.ndarray, x: np.ndarray, mode: int, rows: int, key: int) -> np.ndarray:
+    """Per row of the ``rows`` rows of ``x - base``: how many delta keys equal ``key`` (int64)."""
+    out = np.zeros(rows, dtype=np.int64)
+    if rows:
+        _row_key_counts(base, x, mode_tag(mode), x.size // rows, np.int32(key), out)
+    return out
+
+
+@_jit
+def _delta_keys(base, x, mode, out):  # noqa: ANN001, ANN202
+    for i in range(x.size):
+        out[i] = _key(_r(x[i] - base[i], mode))
+
+
+def delta_keys(base: np.ndarray, x: np.ndarray, mode: int) -> np.ndarray:
+    """Every delta key of ``x - base`` (int32), for a chunk small enough to ship all of them."""
+    out = np.empty(x.size, dtype=np.int32)
+    _delta_keys(base, x, mode_tag(mode), out)
+    return out

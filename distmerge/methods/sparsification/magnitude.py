@@ -38,6 +38,7 @@ from distmerge.methods.sparsification.rounds import (
     HighPartial,
     LowPartial,
     Round,
+    SpeculativePartial,
     TaskVectorReductions,
     TiePartial,
 )
@@ -138,7 +139,7 @@ class MagnitudeTrim(Sparsifier):
         return magnitude_ranks(p["density"], numel)
 
     def kind_rounds(self, l1: bool, shape: tuple[int, ...] | None) -> list[Round]:
-        return [Round.SELECT_HIGH, Round.SELECT_LOW, Round.TIES] + ([Round.L1] if l1 else [])
+        return [Round.SPECULATE, Round.SELECT_HIGH, Round.SELECT_LOW, Round.TIES] + ([Round.L1] if l1 else [])
 
     # ---- reduction rounds -----------------------------------------------------------------
 
@@ -151,35 +152,61 @@ class MagnitudeTrim(Sparsifier):
         ranks = self.trim(p, numel(ctx.shape)).ranks
         if not ranks:
             return None
-        if round_ is Round.TIES:
-            assert previous is not None
-            rows = self._tie_rows(e, base, x, ctx, previous)
-            return TiePartial(rows) if rows else None
         keys = selection.DeltaKeys(base, x)
+        if round_ is Round.SPECULATE:
+            return self._speculative_partial(keys, ranks, ctx)
+        assert previous is not None
+        if previous.speculated:
+            # Every threshold is known; what is left is a tie cut, counted in its own chunk only.
+            if round_ is not Round.SELECT_HIGH:
+                return None
+            rows = self._tie_rows(e, keys, ctx, previous)
+            return TiePartial(rows) if rows else None
+        if round_ is Round.TIES:
+            rows = self._tie_rows(e, keys, ctx, previous)
+            return TiePartial(rows) if rows else None
         if round_ is Round.SELECT_HIGH:
             return HighPartial(*keys.round_zero(ranks, numel(ctx.shape)))
-        assert round_ is Round.SELECT_LOW and previous is not None, round_
+        assert round_ is Round.SELECT_LOW, round_
         known = previous.thresholds.get(e, {})
         open_ = {b: bucket for b, (bucket, _) in previous.buckets[e].items() if b not in known}
         # Ties whose threshold round 0 resolved are counted now, saving the TIES round's read.
-        ties = self._tie_rows(e, base, x, ctx, previous)
+        ties = self._tie_rows(e, keys, ctx, previous)
         if not open_ and not ties:
             return None
         return LowPartial({b: keys.low_histogram(bucket) for b, bucket in open_.items()}, ties)
 
     @staticmethod
-    def _tie_rows(e: int, base: torch.Tensor, x: torch.Tensor, ctx: ShardContext,
+    def _speculative_partial(keys: selection.DeltaKeys, ranks: dict[Bound, int], ctx: ShardContext,
+                             ) -> SpeculativePartial:
+        """The chunk's windows; a chunk that is the whole tensor knows its thresholds exactly, so
+        it counts the ties of those whose ties must be split too (the tensor is then read once)."""
+        n = numel(ctx.shape)
+        windows = keys.speculate(ranks, n)
+        ties = {}
+        if keys.numel == n:
+            for bound, rank in ranks.items():
+                resolved = selection.resolve_windows([windows[bound]], rank)
+                if resolved is not None and rank - resolved.above < resolved.tied[0]:
+                    per_row = keys.tie_rows(ctx.row_end - ctx.row_start, resolved.key)
+                    nz = per_row.nonzero().reshape(-1)
+                    ties[bound] = (nz + ctx.row_start, per_row[nz])
+        return SpeculativePartial((ctx.row_start, ctx.row_end), windows, ties)
+
+    @staticmethod
+    def _tie_rows(e: int, keys: selection.DeltaKeys, ctx: ShardContext,
                   previous: TaskVectorReductions) -> dict[Bound, tuple[torch.Tensor, torch.Tensor]]:
         """Per-row counts of the chunk's elements tied at each threshold whose ties must be
-        split and whose cut is not known yet (absolute rows with ties, their counts)."""
+        split and whose cut is not known yet (absolute rows with ties, their counts); after the
+        speculative round, only in the chunk where the cut falls."""
         cut = previous.tie_cuts.get(e, {})
         need = [b for b in previous.tie_need.get(e, {}) if b not in cut]
-        if not need:
-            return {}
-        keys = magnitude_keys(x - base).reshape(ctx.row_end - ctx.row_start, -1)
+        if previous.speculated:
+            here = (ctx.row_start, ctx.row_end)
+            need = [b for b in need if previous.tie_chunks[e][b][:2] == here]
         rows = {}
         for bound in need:
-            per_row = (keys == previous.thresholds[e][bound]).sum(1)
+            per_row = keys.tie_rows(ctx.row_end - ctx.row_start, previous.thresholds[e][bound])
             nz = per_row.nonzero().reshape(-1)
             rows[bound] = (nz + ctx.row_start, per_row[nz])
         return rows
@@ -188,18 +215,69 @@ class MagnitudeTrim(Sparsifier):
         self, out: TaskVectorReductions, round_: Round, partials: Sequence[ChunkPartials[Any]],
         params: TensorParams, shape: tuple[int, ...],
     ) -> None:
-        if round_ is Round.SELECT_HIGH:
+        if round_ is Round.L1:
+            self.reduce_l1(out, partials, params)
+            return
+        if round_ is Round.SPECULATE:
+            if not self._reduce_speculative(out, partials, params, shape):
+                return  # some window missed its threshold: the radix rounds follow, on every chunk
+            self._reduce_ties(out, partials)  # a whole-tensor chunk counted its ties already
+        elif out.speculated:
+            self._reduce_ties(out, partials)
+        elif round_ is Round.SELECT_HIGH:
             self._reduce_high(out, partials, params, shape)
         elif round_ is Round.SELECT_LOW:
             self._reduce_ties(out, partials)  # the ties counted alongside (needs known after round 0)
             self._reduce_low(out, partials)
-        elif round_ is Round.TIES:
-            self._reduce_ties(out, partials)
         else:
-            self.reduce_l1(out, partials, params)
-        if round_ is not Round.L1:
-            out.complete = self._selected(out) and not set(out.tie_need) - set(out.tie_cuts) and (
-                Round.L1 not in self.rounds(params, shape))
+            self._reduce_ties(out, partials)
+        l1 = Round.L1 in self.rounds(params, shape)
+        cutting = any(b not in out.tie_cuts.get(e, {}) for e, named in out.tie_need.items() for b in named)
+        out.complete = self._selected(out) and not cutting and not l1
+        if out.speculated:
+            # The radix rounds are skipped; the tie round (SELECT_HIGH's place) reads the cut chunks.
+            order = self.rounds(params)
+            cut_chunks = sorted({chunk[:2] for e, named in out.tie_chunks.items() for b, chunk in named.items()
+                                 if b not in out.tie_cuts.get(e, {})})
+            out.round_rows = {order.index(Round.SELECT_HIGH): tuple(cut_chunks),
+                              order.index(Round.SELECT_LOW): (), order.index(Round.TIES): ()}
+
+    def _reduce_speculative(self, out: TaskVectorReductions, partials: Sequence[ChunkPartials[SpeculativePartial]],
+                            params: TensorParams, shape: tuple[int, ...]) -> bool:
+        """Every threshold from the chunks' windows (:func:`selection.resolve_windows`), and for
+        each whose ties must be split the chunk where the cut falls; False, with nothing set,
+        when some window missed its threshold."""
+        n = numel(shape)
+        found: dict[int, dict[Bound, tuple[selection.Resolved, int]]] = {}
+        for e, p in enumerate(params.experts):
+            if not self.active(p) or not self.trim(p, n).ranks:
+                continue
+            for bound, rank in self.trim(p, n).ranks.items():
+                parts = [c.experts[e] for c in partials if e in c.experts]
+                resolved = selection.resolve_windows([part.windows[bound] for part in parts], rank)
+                if resolved is None:
+                    return False
+                found.setdefault(e, {})[bound] = (resolved, rank)
+        out.speculated = True
+        out.buckets, out.thresholds, out.tie_need, out.tie_cuts, out.tie_chunks = {}, {}, {}, {}, {}
+        for e, named in found.items():
+            rows = [part.rows for c in partials if e in c.experts for part in (c.experts[e],)]
+            for bound, (resolved, rank) in named.items():
+                out.thresholds.setdefault(e, {})[bound] = resolved.key
+                need = rank - resolved.above
+                if need == sum(resolved.tied):
+                    continue  # every tie is inside
+                out.tie_need.setdefault(e, {})[bound] = need
+                before = 0
+                for (first, end), tied in zip(rows, resolved.tied, strict=True):
+                    if before + tied >= need:
+                        if before + tied == need:  # the cut is this chunk's end: no read needed
+                            out.tie_cuts.setdefault(e, {})[bound] = (end, 0)
+                        else:
+                            out.tie_chunks.setdefault(e, {})[bound] = (first, end, need - before)
+                        break
+                    before += tied
+        return True
 
     @staticmethod
     def _selected(out: TaskVectorReductions) -> bool:
@@ -247,7 +325,7 @@ class MagnitudeTrim(Sparsifier):
     @staticmethod
     def _reduce_ties(out: TaskVectorReductions, partials: Sequence[ChunkPartials[Any]]) -> None:
         """The row where each split bound's cut falls, and how many ties of that row are in
-        (from TIES partials, or the tie rows of SELECT_LOW partials)."""
+        (from TIES partials, or the tie rows of SELECT_LOW or speculative partials)."""
         def rows_of(part: Any) -> dict[Bound, tuple[torch.Tensor, torch.Tensor]]:
             return part.rows if isinstance(part, TiePartial) else part.ties
 
@@ -255,6 +333,8 @@ class MagnitudeTrim(Sparsifier):
             for bound, need in named.items():
                 if bound in out.tie_cuts.get(e, {}):
                     continue
+                if bound in out.tie_chunks.get(e, {}):
+                    need = out.tie_chunks[e][bound][2]  # only the cut chunk was counted
                 parts = [rows_of(c.experts[e])[bound] for c in partials
                          if e in c.experts and bound in rows_of(c.experts[e])]
                 if not parts:

@@ -15,12 +15,13 @@ from typing import Generic, TypeVar
 import torch
 
 from distmerge.methods.base import Partials, Reductions
-from distmerge.methods.selection import Speculation
+from distmerge.methods.selection import Speculation, WindowCount
 
 
 class Round(Enum):
     """What one reduction round computes."""
 
+    SPECULATE = "speculate"  # the threshold from each chunk's expected window and the count above it
     SELECT_HIGH = "select_high"  # radix selection round 0: high 16 bits of the keys (+ speculative low bits)
     SELECT_LOW = "select_low"  # radix selection round 1: low 16 bits inside the located bucket
     TIES = "ties"  # per-row counts of the elements tied at a threshold (only where they must be split)
@@ -33,6 +34,18 @@ class Bound(Enum):
 
     LOW = "low"  # keep keys >= the threshold
     HIGH = "high"  # keep keys < the threshold
+
+
+@dataclass
+class SpeculativePartial:
+    """The speculative round of one expert on one chunk: the chunk's rows, and per bound its
+    window, its count of keys above the window and the low bits of the keys inside."""
+
+    rows: tuple[int, int]
+    windows: dict[Bound, WindowCount]
+    # a chunk that is the whole tensor: per bound whose ties must be split, its tie rows (as
+    # in :class:`TiePartial`)
+    ties: dict[Bound, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,7 +91,7 @@ class VectorPartial:
     draws: torch.Tensor
 
 
-P = TypeVar("P", HighPartial, LowPartial, TiePartial, L1Partial, VectorPartial)
+P = TypeVar("P", SpeculativePartial, HighPartial, LowPartial, TiePartial, L1Partial, VectorPartial)
 
 
 @dataclass
@@ -100,6 +113,11 @@ class TaskVectorReductions(Reductions):
     # bound -> how many elements tied at the threshold rank inside the bound's top r, where
     # that is fewer than all of them (absent: every tie is inside)
     tie_need: dict[int, dict[Bound, int]] = field(default_factory=dict)
+    # True: the speculative round gave every threshold (the radix rounds are skipped)
+    speculated: bool = False
+    # bound -> (first row, end row, ties inside in it): the canonical chunk where a cut falls,
+    # when the thresholds came from the speculative round (its tie round reads that chunk only)
+    tie_chunks: dict[int, dict[Bound, tuple[int, int, int]]] = field(default_factory=dict)
     # bound -> (row, count): the ties inside are those in rows before ``row`` and the first
     # ``count`` (by position) in ``row`` (after the TIES round)
     tie_cuts: dict[int, dict[Bound, tuple[int, int]]] = field(default_factory=dict)
