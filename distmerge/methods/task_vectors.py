@@ -21,6 +21,7 @@ for bit (``merge_reference``) are kept side by side, to be read against each oth
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from enum import Enum
 from typing import Any, ClassVar, cast
 
@@ -150,11 +151,26 @@ class TaskVectorMethod(MergeMethod):
         reduced: TaskVectorReductions | None = None,
     ) -> torch.Tensor:
         """The merged rows: one fused kernel pass (:mod:`kernels`) where the compute dtype
-        has one, else :meth:`merge_reference`; the two agree bit for bit."""
+        has one, else :meth:`merge_reference`; the two agree bit for bit.
+
+        A shard that holds the row where a tie cut falls is merged in pieces around that row:
+        only the row itself needs an explicit keep-mask, the rows on either side a threshold
+        (outputs do not depend on the row blocks, so the pieces give the same bytes).
+        """
         assert base is not None
         mode = kernels.kernel_mode(base.dtype)
         if mode is None:
             return self.merge_reference(base, experts, params, ctx, reduced)
+        cuts = sorted({r for r in (self.sparsifier.cut_rows(ctx, reduced) if self.sparsifier else [])
+                       if ctx.row_start <= r < ctx.row_end})
+        if cuts and ctx.row_end - ctx.row_start > 1:
+            edges = sorted({ctx.row_start, ctx.row_end, *cuts, *(r + 1 for r in cuts)})
+            pieces = []
+            for a, b in zip(edges, edges[1:], strict=False):
+                i, j = a - ctx.row_start, b - ctx.row_start
+                pieces.append(self.merge(base[i:j], [x[i:j] for x in experts], params,
+                                         replace(ctx, row_start=a, row_end=b), reduced))
+            return torch.cat(pieces)
         kd = kernels.kernel_dtype(base.dtype)
         base_a = kernels.as_array(base, kd)
         xs = [kernels.as_array(x, kd) for x in experts]

@@ -183,6 +183,11 @@ class Sparsifier:
 
     # ---- the keep rule --------------------------------------------------------------------
 
+    def cut_rows(self, ctx: ShardContext, reduced: TaskVectorReductions | None) -> list[int]:
+        """Rows whose keep rule is an explicit mask rather than a threshold (a tie cut's row):
+        the merge computes them apart from their neighbours. None by default."""
+        return []
+
     def keep(
         self, e: int, delta: torch.Tensor, p: Params, ctx: ShardContext, reduced: TaskVectorReductions | None,
     ) -> tuple[torch.Tensor, Divisor]:

@@ -347,6 +347,11 @@ class MagnitudeTrim(Sparsifier):
 
     # ---- the keep rule --------------------------------------------------------------------
 
+    def cut_rows(self, ctx: ShardContext, reduced: TaskVectorReductions | None) -> list[int]:
+        if reduced is None:
+            return []
+        return [row for named in reduced.tie_cuts.values() for row, _ in named.values()]
+
     def keep(
         self, e: int, delta: torch.Tensor, p: Params, ctx: ShardContext, reduced: TaskVectorReductions | None,
     ) -> tuple[torch.Tensor, Divisor]:
