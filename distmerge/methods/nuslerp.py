@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 
-from distmerge.methods import reductions, scalars
+from distmerge.methods import kernels, reductions, scalars
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -30,6 +31,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
+from distmerge.methods.kernels.blend_loops import stored_array
+from distmerge.methods.kernels.nuslerp_loops import nuslerp_blend, nuslerp_cosine_sum
 
 NORM_EPS = 1e-7
 COLINEAR_EPS = 1e-8
@@ -101,6 +104,8 @@ class NuSlerp(MergeMethod):
                 return NuSlerpPartials((reductions.dot(v0, v0), reductions.dot(v1, v1)), v0.dtype)
             return NuSlerpPartials((scalars.column_dot(v0, v0), scalars.column_dot(v1, v1)), v0.dtype)
         assert isinstance(previous, NuSlerpReductions)
+        if mode == "whole" and kernels.kernel_mode(experts[0].dtype) is not None:
+            return NuSlerpPartials((self._fused_cosine(base, experts, previous),), experts[0].dtype)
         prod = (v0 / previous.norms[0]) * (v1 / previous.norms[1])
         return NuSlerpPartials((scalars.total(prod) if mode == "whole" else scalars.column_sum(prod),), v0.dtype)
 
@@ -120,6 +125,9 @@ class NuSlerp(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         t = interpolation_t(params)
+        if self._mode(params, ctx.shape) == "whole" and kernels.kernel_mode(experts[0].dtype) is not None:
+            assert isinstance(reduced, NuSlerpReductions) and reduced.cos is not None
+            return self._fused_blend(base, experts, t, reduced.cos)
         v0, v1 = self._vectors(base, experts)
         if self._mode(params, ctx.shape) == "last":
             n0 = scalars.sqrt_as(reductions.rowwise_dot(v0, v0), v0.dtype).unsqueeze(-1).clamp(min=NORM_EPS)
@@ -130,6 +138,42 @@ class NuSlerp(MergeMethod):
             cos = reduced.cos.to(v0.dtype)
         out = nuslerp_apply(t, v0, v1, cos)
         return out if base is None else base + out
+
+
+    # ---- the fused loops (:mod:`kernels.nuslerp_loops`), bit for bit the torch steps above ----
+
+    @staticmethod
+    def _fused_cosine(base: torch.Tensor | None, experts: Sequence[torch.Tensor], red: NuSlerpReductions) -> float:
+        """Round 1 of a whole tensor on these rows: ``scalars.total`` of the unit vectors' product."""
+        kd = kernels.kernel_dtype(experts[0].dtype)
+        x0, x1 = stored_array(experts[0]), stored_array(experts[1])
+        b = stored_array(base) if base is not None else x0
+        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(experts[0].dtype)))
+        return float(nuslerp_cosine_sum(b, x0, x1, base is not None, mode, kernels.as_array(red.norms[0], kd),
+                                        kernels.as_array(red.norms[1], kd)))
+
+    @staticmethod
+    def _fused_blend(base: torch.Tensor | None, experts: Sequence[torch.Tensor], t: float,
+                     cos: torch.Tensor) -> torch.Tensor:
+        """:func:`nuslerp_apply` (and ``+ base``) of a whole tensor's rows: its scalars by torch,
+        as there, the elementwise steps in one loop."""
+        dtype = experts[0].dtype
+        kd = kernels.kernel_dtype(dtype)
+        np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type
+        cos_theta = cos.to(dtype).clamp(-1, 1)
+        colinear = bool((1 - cos_theta.square()) <= COLINEAR_EPS**2)
+        if colinear:  # torch multiplies by the Python numbers 1 - t and t
+            coefficients = np.array([kernels.scalar(1 - t, dtype), kernels.scalar(t, dtype), 1.0], dtype=np_kd)
+        else:
+            theta = torch.acos(cos_theta)
+            scalars_ = torch.stack([torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)])
+            coefficients = kernels.as_array(scalars_, kd)
+        x0, x1 = stored_array(experts[0]), stored_array(experts[1])
+        b = stored_array(base) if base is not None else x0
+        out = np.empty(x0.size, dtype=np_kd)
+        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
+        nuslerp_blend(b, x0, x1, base is not None, mode, colinear, coefficients, out)
+        return torch.from_numpy(out).to(dtype).reshape(experts[0].shape)
 
 
 def _ordered(values: list) -> float | torch.Tensor:
