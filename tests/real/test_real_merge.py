@@ -9,12 +9,11 @@ staged pipeline on Ray, so the relaxation factors are as peaked as users will se
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from distmerge.aim import calibrate, load_statistics, module_for_tensor
 from distmerge.aim.relax import apply_relaxation, relaxation_factors
@@ -23,6 +22,7 @@ from distmerge.engine.run import run_merge
 from distmerge.methods import get_method
 from distmerge.methods.base import ShardContext
 from distmerge.testing import chat_questions, real_models
+from distmerge.testing.experts import low_rank_expert
 from tests.helpers import load_state, make_config
 from tests.methods.test_methods_catalogue import params_for
 
@@ -33,26 +33,6 @@ OMEGA = 0.4
 FORMULA_ELEMENTS = 1 << 24  # tensors above this are checked against the formulas on a row sample
 # Task-vector weights are rounded to the compute dtype, as mergekit does (docs/methods.md).
 BF16_WEIGHTS = tuple(float(torch.tensor(w, dtype=torch.bfloat16)) for w in WEIGHTS)
-
-
-def low_rank_expert(base: Path, out: Path, seed: int, scale: float = 0.005) -> Path:
-    """``base`` plus a seeded rank-4 delta of ``scale`` x each matrix's norm, in bf16."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, w in load_file(str(base / real_models.WEIGHTS_FILE)).items():
-        w32 = w.float()
-        if w.dim() == 2:
-            delta = torch.randn(w.shape[0], 4, generator=g) @ torch.randn(4, w.shape[1], generator=g)
-            delta *= scale * w32.norm() / delta.norm()
-        else:
-            delta = scale * w32.abs().mean() * torch.randn(w.shape, generator=g)
-        state[name] = (w32 + delta).to(torch.bfloat16)
-    out.mkdir(parents=True)
-    save_file(state, str(out / real_models.WEIGHTS_FILE), metadata={"format": "pt"})
-    for side in base.iterdir():
-        if side.is_file() and side.name != real_models.WEIGHTS_FILE:
-            shutil.copy2(side, out / side.name)
-    return out
 
 
 def in_memory_merge(base: Path, experts: list[Path], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
