@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 
+from distmerge.methods import kernels
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -31,6 +33,8 @@ from distmerge.methods.base import (
     TensorParams,
     promoted_to_float32,
 )
+from distmerge.methods.kernels.blend_loops import stored_array
+from distmerge.methods.kernels.ram_loops import ram_counts, ram_merge
 
 
 def _masks(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):
@@ -38,6 +42,50 @@ def _masks(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):
     nonzero = tv.abs() > epsilon
     counts = nonzero.sum(dim=0, keepdim=True)
     return tv, nonzero, counts, counts > 1, counts == 1
+
+
+def reference_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,
+                    lambda_: torch.Tensor | None) -> torch.Tensor:
+    """mergekit's torch expressions: ram, or ramplus_tl with its per-model ``lambda_``."""
+    tv, nonzero, counts, overlap, unique = _masks(base, experts, epsilon)
+    tv_z = tv * nonzero
+    kept = tv_z * unique if lambda_ is None else tv_z * unique * lambda_.unsqueeze(-1)
+    merged = (kept + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+def reference_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float) -> CountPartials:
+    """ramplus_tl's round by torch: each model's shared and unique nonzero elements."""
+    _, nonzero, _, overlap, unique = _masks(base, experts, epsilon)
+    return CountPartials((nonzero & overlap).sum(dim=1).tolist(), (nonzero & unique).sum(dim=1).tolist())
+
+
+def fused_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float) -> CountPartials:
+    """:func:`reference_counts` by :func:`ram_counts` (exact integers either way)."""
+    shared, unique = np.zeros(len(experts), dtype=np.int64), np.zeros(len(experts), dtype=np.int64)
+    ram_counts(*_loop_arrays(base, experts, epsilon), shared, unique)
+    return CountPartials(shared.tolist(), unique.tolist())
+
+
+def _loop_arrays(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):  # noqa: ANN202
+    """The fused loops' inputs: stored rows, the rounding mode, ``epsilon`` rounded to the compute dtype."""
+    mode = kernels.mode_tag(cast(int, kernels.kernel_mode(base.dtype)))
+    eps = kernels.rounded([epsilon], base.dtype)
+    return stored_array(base), tuple(stored_array(x) for x in experts), mode, eps
+
+
+def fused_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,
+                lambda_: torch.Tensor | None) -> torch.Tensor:
+    """The merged rows by :func:`ram_merge`, bit for bit the torch expressions (``lambda_``:
+    ramplus_tl's float32 factors, whose product promotes the sum to float32, or float64)."""
+    b, xs, mode, eps = _loop_arrays(base, experts, epsilon)
+    promoted = lambda_ is not None
+    dtype = promoted_to_float32(base.dtype) if promoted else base.dtype
+    kd = kernels.kernel_dtype(dtype)
+    lambdas = kernels.as_array(lambda_ if promoted else torch.ones(len(experts)), kd)
+    out = np.empty(b.size, dtype=np.float64 if kd == torch.float64 else np.float32)
+    ram_merge(b, xs, mode, eps.astype(out.dtype), lambdas, promoted, out)
+    return torch.from_numpy(out).to(dtype).reshape(base.shape)
 
 
 @dataclass
@@ -64,10 +112,9 @@ class Ram(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
-        tv, nonzero, counts, overlap, unique = _masks(base, experts, params.global_["epsilon"])
-        tv_z = tv * nonzero
-        merged = ((tv_z * unique) + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return base + merged.reshape_as(base)
+        if kernels.kernel_mode(base.dtype) is not None:
+            return fused_merge(base, experts, params.global_["epsilon"], None)
+        return reference_merge(base, experts, params.global_["epsilon"], None)
 
 
 class RamPlusTl(MergeMethod):
@@ -93,8 +140,9 @@ class RamPlusTl(MergeMethod):
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> CountPartials:
         assert base is not None
-        _, nonzero, _, overlap, unique = _masks(base, experts, params.global_["epsilon"])
-        return CountPartials((nonzero & overlap).sum(dim=1).tolist(), (nonzero & unique).sum(dim=1).tolist())
+        if kernels.kernel_mode(base.dtype) is not None:
+            return fused_counts(base, experts, params.global_["epsilon"])
+        return reference_counts(base, experts, params.global_["epsilon"])
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> RamPlusReductions:
@@ -107,12 +155,10 @@ class RamPlusTl(MergeMethod):
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, RamPlusReductions)
         g = params.global_
-        tv, nonzero, counts, overlap, unique = _masks(base, experts, g["epsilon"])
         shared_counts = torch.tensor(reduced.shared, dtype=torch.int64)
         unique_counts = torch.tensor(reduced.unique, dtype=torch.int64)
         rho = shared_counts / unique_counts.clamp(min=g["epsilon"])
         lambda_ = 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])
-        tv_z = tv * nonzero
-        merged = ((tv_z * unique * lambda_.unsqueeze(-1))
-                  + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return base + merged.reshape_as(base)
+        if kernels.kernel_mode(base.dtype) is not None:
+            return fused_merge(base, experts, g["epsilon"], lambda_)
+        return reference_merge(base, experts, g["epsilon"], lambda_)

@@ -1,0 +1,112 @@
+"""RAM's merge and RAM+'s counts as fused loops, one pass over the rows each.
+
+Why: the torch formulation (mergekit 0.1.5's expressions, :mod:`distmerge.methods.ram`) stacks
+the task vectors and makes a dozen whole-chunk temporaries (masks, counts, products, a
+division by the counts, the sum over the models); per core that cost RAM ten times a linear
+merge. Here every element's steps run where it is read, each rounded as torch rounds it.
+
+The steps, per element (``_r``: rounding to the compute dtype D; ``eps`` is ``epsilon``
+rounded to D, as torch compares a D tensor with a Python number):
+
+    tv_e = _r(x_e - b);  nz_e = |tv_e| > eps;  c = sum nz_e
+    z_e = tv_e * nz_e  (exact, a signed zero where dropped)
+    s_e = _r(z_e [c == 1] + _r(z_e [c > 1] / max(c, 1)))      (ram)
+    s_e = z_e [c == 1] lambda_e + _r(z_e [c > 1] / max(c, 1))  (ramplus_tl: float32 lambda
+          promotes the sum, which is not rounded to D)
+    out = _r(b + _r(0 + s_0 + s_1 + ...))   (torch's sum over the models: one rounding;
+          ramplus_tl: neither rounding)
+    counts (ramplus_tl's round): shared_e += nz_e and c > 1;  unique_e += nz_e and c == 1
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distmerge.methods.kernels.blend_loops import _value
+from distmerge.methods.kernels.rounding import _jit, _r
+
+BLOCK = 2048  # elements per block: the per-model task-vector rows stay in L1/L2 cache
+
+
+@_jit
+def _task_vectors(b, xs, s, z, mode, eps, tv, count):  # noqa: ANN001, ANN202
+    """Elements ``s .. s + z``: each model's task vector into ``tv[e]``, how many exceed ``eps``."""
+    zero = tv.dtype.type(0.0)
+    one = tv.dtype.type(1.0)
+    bs = b[s:s + z]
+    for i in range(z):
+        count[i] = zero
+    for e in range(len(xs)):
+        x = xs[e][s:s + z]
+        t = tv[e]
+        for i in range(z):
+            t[i] = _r(_value(x, i) - _value(bs, i), mode)
+        for i in range(z):
+            count[i] += one if abs(t[i]) > eps else zero
+
+
+@_jit
+def ram_counts(b, xs, mode, eps, shared, unique):  # noqa: ANN001, ANN202
+    """ramplus_tl's round: per model, its nonzero elements shared with another model and unique
+    to it, added into ``shared`` and ``unique`` (int64)."""
+    n = b.size
+    k = len(xs)
+    tv = np.empty((k, BLOCK), dtype=eps.dtype)
+    count = np.empty(BLOCK, dtype=eps.dtype)
+    one = eps.dtype.type(1.0)
+    for s in range(0, n, BLOCK):
+        z = min(BLOCK, n - s)
+        _task_vectors(b, xs, s, z, mode, eps[0], tv, count)
+        for e in range(k):
+            t = tv[e]
+            sh = 0
+            un = 0
+            for i in range(z):
+                nz = abs(t[i]) > eps[0]
+                sh += nz & (count[i] > one)
+                un += nz & (count[i] == one)
+            shared[e] += sh
+            unique[e] += un
+
+
+@_jit
+def ram_merge(b, xs, mode, eps, lambdas, promoted, out):  # noqa: ANN001, ANN202
+    """The merged rows into ``out``: ram (``promoted`` False, ``lambdas`` ignored) or ramplus_tl
+    (``promoted``: ``lambdas`` per model, the float32 lambda's values, and no rounding to D
+    after the division)."""
+    n = b.size
+    k = len(xs)
+    tv = np.empty((k, BLOCK), dtype=out.dtype)
+    count = np.empty(BLOCK, dtype=out.dtype)
+    acc = np.empty(BLOCK, dtype=out.dtype)
+    zero = out.dtype.type(0.0)
+    one = out.dtype.type(1.0)
+    e0 = eps[0]
+    for s in range(0, n, BLOCK):
+        z = min(BLOCK, n - s)
+        _task_vectors(b, xs, s, z, mode, e0, tv, count)
+        for i in range(z):
+            acc[i] = zero
+        for e in range(k):
+            t = tv[e]
+            lam = lambdas[e]
+            if promoted:
+                for i in range(z):
+                    c = count[i]
+                    v = t[i] * (one if abs(t[i]) > e0 else zero)
+                    shared = _r(v * (one if c > one else zero) / (c if c > one else one), mode)
+                    acc[i] += v * (one if c == one else zero) * lam + shared
+            else:
+                for i in range(z):
+                    c = count[i]
+                    v = t[i] * (one if abs(t[i]) > e0 else zero)
+                    shared = _r(v * (one if c > one else zero) / (c if c > one else one), mode)
+                    acc[i] += _r(v * (one if c == one else zero) + shared, mode)
+        o = out[s:s + z]
+        bs = b[s:s + z]
+        if promoted:
+            for i in range(z):
+                o[i] = _value(bs, i) + acc[i]
+        else:
+            for i in range(z):
+                o[i] = _r(_value(bs, i) + _r(acc[i], mode), mode)
