@@ -5,25 +5,29 @@ Elements are ranked by magnitude, descending, and equal magnitudes by flat posit
 index first: a total order, so "the k largest" is exactly k elements and the kept fraction is
 exactly the configured one, whatever the sharding (see docs/methods.md on mergekit's argsort).
 
-No worker holds a whole tensor, so the thresholds come from reduction rounds of radix
-selection (:mod:`distmerge.methods.selection`): ``SELECT_HIGH`` locates the bucket of each
-threshold's high 16 bits (and, speculatively, its low bits: when every chunk's guess covers the
-bucket, the thresholds are exact after one read), ``SELECT_LOW`` the low 16 bits. The selection
-also says how many elements tied at a threshold key rank inside its top r; only when that is
-fewer than all of them are the tied elements counted per row (exact integers, reduced in row
-order: in ``SELECT_LOW`` when round 0 gave the threshold, else in ``TIES``), which gives the
-row where the cut falls and how many ties of that row are in.
+No worker holds a whole tensor, so the thresholds come from reduction rounds
+(:mod:`distmerge.methods.selection`). ``SPECULATE`` first: each chunk counts its keys above,
+and the low bits inside, a window where it expects each threshold; when every window holds it,
+the thresholds are exact after one read. Otherwise the radix rounds follow: ``SELECT_HIGH``
+locates the bucket of each threshold's high 16 bits (and, speculatively, its low bits),
+``SELECT_LOW`` the low 16 bits. The selection also says how many elements tied at a threshold
+key rank inside its top r; only when that is fewer than all of them are the tied elements
+counted per row (exact integers, reduced in row order), which gives the row where the cut falls
+and how many ties of that row are in. After ``SPECULATE`` that reads only the chunk where the
+cut falls (in ``SELECT_HIGH``'s place, the radix rounds skipped); after the radix rounds it is
+``SELECT_LOW``'s or ``TIES``'s work.
 The keep rule is then a comparison of each element's key with exact whole-tensor keys, plus a
 positional count inside at most one row per bound, so it is exact for any row block.
 
-Longer than 300 lines because the tie cut adds a round, its reduce and its keep rule to both
-the torch formulation and the kernel terms, which are kept side by side.
+The keep rule itself (thresholds, tie cuts, ranks) is :mod:`.trim_rules`.
+
+Longer than 300 lines because the speculative round and the radix rounds that back it up find
+the same thresholds and tie cuts, and their partials and reduces are kept side by side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,92 +46,14 @@ from distmerge.methods.sparsification.rounds import (
     TaskVectorReductions,
     TiePartial,
 )
-
-TieCut = tuple[int, int] | None  # (row, ties in that row) of a bound; None: every tie is in
-
-
-@dataclass(frozen=True)
-class TrimRanks:
-    """Descending 1-based ranks bounding the kept magnitudes of one expert's delta.
-
-    Kept: keys ``>= key(low)`` (``low=None``: no lower bound) and ``< key(high)``
-    (``high=None``: no upper bound); ``nothing``: keep no element at all.
-    """
-
-    low: int | None
-    high: int | None
-    nothing: bool = False
-
-    @property
-    def ranks(self) -> dict[Bound, int]:
-        return {b: r for b, r in ((Bound.LOW, self.low), (Bound.HIGH, self.high)) if r is not None}
-
-
-def magnitude_ranks(density: float, numel: int) -> TrimRanks:
-    """TIES trimming: keep the ``k = max(1, int(density * numel))`` largest magnitudes."""
-    k = max(1, int(density * numel))
-    return TrimRanks(k if k < numel else None, None)
-
-
-def breadcrumbs_ranks(density: float, gamma: float, numel: int) -> TrimRanks:
-    """Breadcrumbs: drop the ``n_top = int(gamma * numel)`` largest, keep the next
-    ``int(density * numel)``; when both do not fit, fewer large ones are dropped (mergekit's
-    ``n_bot < 0`` rule). ``n_top == 0`` drops none (mergekit's slice ``[n_bot:-0]`` kept none)."""
-    target = int(density * numel)
-    n_top = int(gamma * numel)
-    n_bot = numel - target - n_top
-    if n_bot < 0:
-        n_top += n_bot
-    if target <= 0:
-        return TrimRanks(None, None, nothing=True)
-    low = n_top + target
-    return TrimRanks(low if low < numel else None, n_top if n_top > 0 else None)
-
-
-def bound_rule(key: int, cut: TieCut, ctx: ShardContext) -> tuple[int, bool]:
-    """How a shard tells its elements inside a bound's top r: ``keys >= t`` for the returned
-    ``t`` (all ties in: the threshold key; none: the next key), or ``explicit`` when the cut
-    row lies in the shard (then :func:`explicit_in_top`)."""
-    if cut is None or ctx.row_end <= cut[0]:
-        return key, False
-    if ctx.row_start > cut[0]:
-        return key + 1, False
-    return key, True
-
-
-def explicit_in_top(keys: torch.Tensor, ctx: ShardContext, key: int, cut: tuple[int, int]) -> torch.Tensor:
-    """Flat mask of the shard's elements inside the top r: keys above ``key``, and the ties at
-    it in rows before the cut row and the first ``cut[1]`` (by position) in the cut row."""
-    rows = ctx.row_end - ctx.row_start
-    k2 = keys.reshape(rows, -1)
-    eq = k2 == key
-    row = torch.arange(ctx.row_start, ctx.row_end).unsqueeze(1)
-    ordinal = eq.to(torch.int64).cumsum(1) - 1
-    tie_in = eq & ((row < cut[0]) | ((row == cut[0]) & (ordinal < cut[1])))
-    return ((k2 > key) | tie_in).reshape(-1)
-
-
-def in_top(keys: torch.Tensor, ctx: ShardContext, key: int, cut: TieCut) -> torch.Tensor:
-    t, explicit = bound_rule(key, cut, ctx)
-    if explicit:
-        assert cut is not None
-        return explicit_in_top(keys, ctx, key, cut)
-    return keys >= t
-
-
-def magnitude_mask(delta: torch.Tensor, ranks: TrimRanks, thresholds: dict[Bound, int],
-                   cuts: dict[Bound, tuple[int, int]], ctx: ShardContext) -> torch.Tensor:
-    """Keep-mask from exact whole-tensor threshold keys and tie cuts (the torch formulation):
-    inside the top ``low`` and outside the top ``high`` of the (magnitude, position) order."""
-    if ranks.nothing:
-        return torch.zeros(delta.shape, dtype=torch.bool)
-    keys = magnitude_keys(delta)
-    mask = torch.ones(keys.shape, dtype=torch.bool)
-    if ranks.low is not None:
-        mask &= in_top(keys, ctx, thresholds[Bound.LOW], cuts.get(Bound.LOW))
-    if ranks.high is not None:
-        mask &= ~in_top(keys, ctx, thresholds[Bound.HIGH], cuts.get(Bound.HIGH))
-    return mask.reshape(delta.shape)
+from distmerge.methods.sparsification.trim_rules import (
+    TrimRanks,
+    bound_rule,
+    breadcrumbs_ranks,
+    explicit_in_top,
+    magnitude_mask,
+    magnitude_ranks,
+)
 
 
 class MagnitudeTrim(Sparsifier):
