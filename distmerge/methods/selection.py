@@ -65,8 +65,7 @@ class DeltaKeys:
         The buckets are placed from a strided sample of the keys (a cheap pre-pass), so the
         histogram and every window's low bits come from one full pass over the rows.
         """
-        windows = {name: (w[0], 0) if w is not None and w[1] > MAX_WINDOW_BUCKETS else w
-                   for name, w in self._windows(ranks, numel).items()}
+        windows = _countable(self._windows(ranks, numel))
         high, parts = kernels.histogram_and_windows(self._base, self._x, self._mode, _key_ranges(windows))
         return high, {name: (w, *part) for (name, w), part in zip(windows.items(), parts, strict=True)}
 
@@ -81,9 +80,7 @@ class DeltaKeys:
         # A small chunk (a tensor's last rows, often) ships all its keys: its estimate is the
         # noisiest, its window the likeliest to miss or to be too wide to count densely.
         small = 0 < self.numel <= MIN_SAMPLED and self.numel < numel
-        windows = {name: EVERY_BUCKET for name in ranks} if small else {
-            name: (w[0], 0) if w is not None and w[1] > MAX_WINDOW_BUCKETS else w
-            for name, w in self._windows(ranks, numel).items()}
+        windows = {name: EVERY_BUCKET for name in ranks} if small else _countable(self._windows(ranks, numel))
         counted = {name: (0, 0) if w == EVERY_BUCKET else w for name, w in windows.items()}
         above, parts = kernels.above_and_windows(self._base, self._x, self._mode, _key_ranges(counted))
         out: dict[K, WindowCount] = {}
@@ -121,9 +118,19 @@ class DeltaKeys:
         return kernels.histogram_and_windows(self._base, self._x, self._mode, [(lo, lo + LOW_BINS)])[1][0]
 
 
+def _countable(windows: dict[K, tuple[int, int] | None]) -> dict[K, tuple[int, int] | None]:
+    """The windows with one too wide to count densely emptied (its chunk resolves nothing)."""
+    return {name: (w[0], 0) if w is not None and w[1] > MAX_WINDOW_BUCKETS else w for name, w in windows.items()}
+
+
+def _key_range(window: tuple[int, int]) -> tuple[int, int]:
+    """The key range ``[lo, hi)`` of a window's buckets."""
+    return window[0] << 16, (window[0] + window[1]) << 16
+
+
 def _key_ranges(windows: dict[K, tuple[int, int] | None]) -> list[tuple[int, int]]:
-    """The key range ``[lo, hi)`` of each window's buckets (``(0, 0)`` for none)."""
-    return [(w[0] << 16, (w[0] + w[1]) << 16) if w else (0, 0) for w in windows.values()]
+    """The key range of each window (``(0, 0)`` for none)."""
+    return [_key_range(w) if w else (0, 0) for w in windows.values()]
 
 
 # A chunk's round-0 window (first bucket, bucket count; None for an empty chunk) and the
@@ -178,7 +185,7 @@ def resolve_windows(parts: Sequence[WindowCount], rank: int) -> Resolved | None:
     is its count above its window plus its window's keys from there up; summed over chunks,
     that ranks every key of the range exactly. The answer is exact, or None: never a guess.
     """
-    spans = [(w[0] << 16, (w[0] + w[1]) << 16) for w, _, _, _ in parts if w is not None]
+    spans = [_key_range(w) for w, _, _, _ in parts if w is not None]
     if not spans:
         return None
     lo, hi = max(a for a, _ in spans), min(b for _, b in spans)

@@ -56,6 +56,13 @@ from distmerge.methods.sparsification.trim_rules import (
 )
 
 
+def _rows_tied(keys: selection.DeltaKeys, ctx: ShardContext, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's absolute rows holding keys equal to ``key``, and how many each holds."""
+    per_row = keys.tie_rows(ctx.row_end - ctx.row_start, key)
+    nz = per_row.nonzero().reshape(-1)
+    return nz + ctx.row_start, per_row[nz]
+
+
 class MagnitudeTrim(Sparsifier):
     """TIES: keep the ``max(1, int(density * numel))`` largest magnitudes of the whole tensor."""
 
@@ -114,9 +121,7 @@ class MagnitudeTrim(Sparsifier):
             for bound, rank in ranks.items():
                 resolved = selection.resolve_windows([windows[bound]], rank)
                 if resolved is not None and rank - resolved.above < resolved.tied[0]:
-                    per_row = keys.tie_rows(ctx.row_end - ctx.row_start, resolved.key)
-                    nz = per_row.nonzero().reshape(-1)
-                    ties[bound] = (nz + ctx.row_start, per_row[nz])
+                    ties[bound] = _rows_tied(keys, ctx, resolved.key)
         return SpeculativePartial((ctx.row_start, ctx.row_end), windows, ties)
 
     @staticmethod
@@ -130,12 +135,7 @@ class MagnitudeTrim(Sparsifier):
         if previous.speculated:
             here = (ctx.row_start, ctx.row_end)
             need = [b for b in need if previous.tie_chunks[e][b][:2] == here]
-        rows = {}
-        for bound in need:
-            per_row = keys.tie_rows(ctx.row_end - ctx.row_start, previous.thresholds[e][bound])
-            nz = per_row.nonzero().reshape(-1)
-            rows[bound] = (nz + ctx.row_start, per_row[nz])
-        return rows
+        return {bound: _rows_tied(keys, ctx, previous.thresholds[e][bound]) for bound in need}
 
     def reduce_into(
         self, out: TaskVectorReductions, round_: Round, partials: Sequence[ChunkPartials[Any]],
