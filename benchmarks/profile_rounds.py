@@ -22,6 +22,7 @@ from benchmarks.bench_engine import merge_config
 from benchmarks.bench_method_cost import WARM_UP_SHAPE, WORK, one_merge
 from benchmarks.synthetic import write_family
 from distmerge.config import parse_config
+from distmerge.engine.memory import retain_freed_memory
 from distmerge.engine.worker import MergeJob, chunk_partials, compute_rows, merge_block, read_block
 from distmerge.methods.base import Partials, Reductions, chunk_read
 from distmerge.plan import MergePlan, build_plan
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--methods", default="linear,ties,della,multislerp,karcher,arcee_fusion")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    retain_freed_memory()  # as the engine's workers do: casts reuse their buffers
     base, experts = write_family(WORK / f"synthetic-{args.model_gb:g}GB", int(args.model_gb * 1e9))
     tiny_base, tiny_experts = write_family(WORK / "synthetic-warm-up", 10**6, shape=WARM_UP_SHAPE)
     methods = args.methods.split(",")

@@ -26,7 +26,7 @@ from distmerge.io.safetensors import TensorInfo, read_row_set
 from distmerge.io.scan import count_nonfinite
 from distmerge.lora import LoraTensorInfo, read_source_rows
 from distmerge.methods import get_method
-from distmerge.methods.base import Partials, Reductions, ShardContext
+from distmerge.methods.base import Partials, Reductions, ShardContext, in_compute
 from distmerge.output.writers import LocalFiles, PartUploads, UploadedPart
 from distmerge.plan import TensorPlan, WorkUnit
 
@@ -126,8 +126,10 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced:
             if warning and warnings is not None:
                 warnings.append(warning)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
-    ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
+    ctx = shard_context(job, unit, rows)
     merged = get_method(job.method).merge(base, experts, t.params, ctx, reduced)
+    if job.row_steps and base is not None:
+        base = in_compute(base, ctx)
     for step in job.row_steps:
         merged = step.apply(unit.tensor, t.shape, unit.row_start, unit.row_end, base, merged)
     if not t.shape:
@@ -220,16 +222,36 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
 
 
 def compute_rows(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A unit's raw rows in its compute dtype (what the method's rounds and merge take)."""
-    t = job.tensors[unit.tensor]
-    compute = SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
+    """A unit's raw rows as its method takes them: in the compute dtype, or, for a method that
+    reads stored rows (``MergeMethod.reads_stored_rows``), bfloat16 rows as they are when it
+    computes in float32 (its loops widen as they read: no cast pass; :func:`shard_context` tells
+    the method)."""
+    compute = _compute_dtype(job, unit)
+    if (compute == torch.float32 and get_method(job.method).reads_stored_rows
+            and all(r.dtype == torch.bfloat16 for r in raw)):
+        return raw
     return [r.to(compute) for r in raw]
+
+
+def _compute_dtype(job: MergeJob, unit: WorkUnit) -> torch.dtype:
+    t = job.tensors[unit.tensor]
+    return SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
+
+
+def shard_context(job: MergeJob, unit: WorkUnit, rows: list[torch.Tensor]) -> ShardContext:
+    """The method's view of a unit: which tensor and rows, and the compute dtype where the rows
+    (from :func:`compute_rows`) are not in it."""
+    t = job.tensors[unit.tensor]
+    compute = _compute_dtype(job, unit)
+    stored = any(r.dtype != compute for r in rows)
+    return ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed,
+                        tuple(range(len(rows) - (t.base is not None))), compute if stored else None)
 
 
 def chunk_partials(job: MergeJob, unit: WorkUnit, rows: list[torch.Tensor], round_: int,
                    previous: Reductions | None) -> Partials:
-    """Round ``round_``'s partials of one canonical chunk from its compute-dtype rows."""
+    """Round ``round_``'s partials of one canonical chunk from its rows (:func:`compute_rows`)."""
     t = job.tensors[unit.tensor]
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
-    ctx = ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed, tuple(range(len(experts))))
-    return get_method(job.method).partial_reductions(base, experts, t.params, ctx, round_, previous)
+    return get_method(job.method).partial_reductions(base, experts, t.params, shard_context(job, unit, rows),
+                                                     round_, previous)

@@ -42,8 +42,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
-from distmerge.methods.kernels.blend_loops import stored_array
 from distmerge.methods.kernels.karcher_loops import karcher_pass
+from distmerge.methods.kernels.rounding import stored_array
 
 ROUNDS_PER_ITERATION = 3  # the dots, |g|, the updated |m|
 DOTS, TANGENT, UNIT = range(ROUNDS_PER_ITERATION)

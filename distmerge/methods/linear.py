@@ -16,7 +16,7 @@ import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods import kernels
-from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams
+from distmerge.methods.base import MergeMethod, ParamSpec, ShardContext, TensorParams, compute_dtype
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,6 +28,7 @@ class Linear(MergeMethod):
     name = "linear"
     uses_base = False
     min_experts = 1
+    reads_stored_rows = True
     global_parameters = {"normalize": ParamSpec(True, bool)}
     model_parameters = {"weight": ParamSpec(None)}
 
@@ -44,12 +45,13 @@ class Linear(MergeMethod):
         ctx: ShardContext,
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """One fused pass (:func:`kernels.weighted_sum`); equal bit for bit to :meth:`merge_reference`."""
-        dtype = experts[0].dtype
+        """One fused pass (:func:`kernels.weighted_sum`) that widens stored bfloat16 rows as it
+        reads them; equal bit for bit to :meth:`merge_reference` of the compute-dtype rows."""
+        dtype = compute_dtype(experts[0], ctx)
         acc = accumulation_dtype(dtype)
         weights = torch.tensor([p["weight"] for p in params.experts], dtype=acc)
         divisor = weights.sum().numpy() if params.global_["normalize"] else None
-        out = kernels.weighted_sum([kernels.as_array(x, acc) for x in experts], weights.numpy(), divisor)
+        out = kernels.weighted_sum(kernels.value_arrays(experts, acc), weights.numpy(), divisor)
         return torch.from_numpy(out).reshape(experts[0].shape).to(dtype)
 
     def merge_reference(self, experts: Sequence[torch.Tensor], params: TensorParams) -> torch.Tensor:

@@ -42,7 +42,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
-from distmerge.methods.kernels.blend_loops import stock_blend, stock_grams, stored_array
+from distmerge.methods.kernels.blend_loops import stock_blend, stock_grams
+from distmerge.methods.kernels.rounding import stored_array
 from distmerge.methods.kernels.sum_orders import torch_sum_lanes
 
 NORM_FLOOR = 1e-6

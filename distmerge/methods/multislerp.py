@@ -33,8 +33,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
-from distmerge.methods.kernels.blend_loops import stored_array
 from distmerge.methods.kernels.multislerp_loops import multislerp_pass
+from distmerge.methods.kernels.rounding import stored_array
 
 ROUNDS = 4
 

@@ -31,8 +31,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
-from distmerge.methods.kernels.blend_loops import stored_array
 from distmerge.methods.kernels.nuslerp_loops import nuslerp_blend, nuslerp_cosine_sum
+from distmerge.methods.kernels.rounding import stored_array
 
 NORM_EPS = 1e-7
 COLINEAR_EPS = 1e-8

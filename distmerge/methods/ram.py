@@ -33,8 +33,8 @@ from distmerge.methods.base import (
     TensorParams,
     promoted_to_float32,
 )
-from distmerge.methods.kernels.blend_loops import stored_array
 from distmerge.methods.kernels.ram_loops import ram_counts, ram_merge
+from distmerge.methods.kernels.rounding import stored_array
 
 
 def _masks(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):

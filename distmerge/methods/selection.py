@@ -40,7 +40,7 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1).abs().to(torch.float32).view(torch.int32)
 
 
-SAMPLE_STEP = 16  # round 0 places its windows from every 16th key of a chunk ...
+SAMPLE_STEP = 16  # round 0 places its windows from one key in 16 of a chunk (in blocks) ...
 MIN_SAMPLED = 1 << 16  # ... when the chunk has at least this many (else from every key)
 MAX_WINDOW_BUCKETS = 64  # a wider window (a chunk unlike the others) is not worth counting: round 1 decides
 EVERY_BUCKET = (0, HIGH_BINS)  # the window of a small chunk that ships every key it has
@@ -54,15 +54,16 @@ class DeltaKeys:
     compute has no kernel, so torch computes that delta and the kernels count its keys.
     """
 
-    def __init__(self, base: torch.Tensor, x: torch.Tensor) -> None:
-        self._base, self._x, self._mode = kernels.delta_arrays(base, x)
+    def __init__(self, base: torch.Tensor, x: torch.Tensor, compute: torch.dtype | None = None) -> None:
+        """``compute``: the dtype of the delta when the rows come as stored (default: ``x``'s)."""
+        self._base, self._x, self._mode = kernels.delta_arrays(base, x, compute)
         self.numel = x.numel()
 
     def round_zero(self, ranks: dict[K, int], numel: int) -> tuple[torch.Tensor, dict[K, Speculation]]:
         """Round 0 of a chunk: the high-bits histogram, and for each named rank the low bits
         of the keys in the buckets where the chunk expects it.
 
-        The buckets are placed from a strided sample of the keys (a cheap pre-pass), so the
+        The buckets are placed from a sample of the keys (a cheap pre-pass), so the
         histogram and every window's low bits come from one full pass over the rows.
         """
         windows = _countable(self._windows(ranks, numel))
@@ -95,13 +96,13 @@ class DeltaKeys:
 
     def _windows(self, ranks: dict[K, int], numel: int) -> dict[K, tuple[int, int] | None]:
         """Per named rank, the buckets ``(first, count)`` the chunk expects it in, placed from a
-        strided sample of the keys (a cheap pre-pass); None for an empty chunk. A chunk that is
+        sample of the keys (a cheap pre-pass); None for an empty chunk. A chunk that is
         the whole tensor counts every key instead and names the one bucket that holds the rank."""
         if self.numel == numel:
             high = self.high_histogram()
             return {name: (locate(high, rank)[0], 1) if self.numel else None for name, rank in ranks.items()}
         step = SAMPLE_STEP if self.numel >= MIN_SAMPLED else 1
-        sample = kernels.key_histogram(self._base[::step], self._x[::step], self._mode)
+        sample = kernels.key_histogram(self._base, self._x, self._mode, step)
         return {name: local_estimate(sample, rank, numel, self.numel, step) for name, rank in ranks.items()}
 
     def tie_rows(self, rows: int, key: int) -> torch.Tensor:
@@ -142,7 +143,7 @@ def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int, 
                    ) -> tuple[int, int] | None:
     """Buckets ``(first, count)`` where this chunk expects the global ``rank``-th largest key.
 
-    ``high`` counts every ``step``-th key of the chunk. Chunks of one tensor are alike, so the
+    ``high`` counts a sample of about one in ``step`` keys of the chunk. Chunks of one tensor are alike, so the
     chunk's share of the rank, give or take four binomial standard deviations (across
     chunks, and of the sample), and one bucket on each side, brackets where the global k-th
     largest key falls in it. Shipping the low bits of those buckets lets round 0 finish the
@@ -151,7 +152,7 @@ def local_estimate(high: torch.Tensor, rank: int, numel: int, chunk_numel: int, 
     total = int(high.sum())
     if total == 0:
         return None
-    share = rank * chunk_numel / numel / step  # the expected rank within the sample
+    share = rank * total / numel  # the expected rank within the sample
     # Binomial variances: the chunk's count above the global threshold (finite population),
     # then the sample's; each carries (1 - q), q the kept fraction, which matters at high densities.
     kept = min(1.0, rank / max(numel, 1))

@@ -36,7 +36,8 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
 )
-from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums, stored_array
+from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums
+from distmerge.methods.kernels.rounding import stored_array
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8

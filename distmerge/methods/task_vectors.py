@@ -36,6 +36,8 @@ from distmerge.methods.base import (
     Partials,
     ShardContext,
     TensorParams,
+    compute_dtype,
+    in_compute,
 )
 from distmerge.methods.sparsification import (
     BREADCRUMBS,
@@ -65,6 +67,7 @@ class TaskVectorMethod(MergeMethod):
 
     uses_base = True
     min_experts = 1
+    reads_stored_rows = True  # every sparsifier reads rows through delta_arrays or in_compute
     consensus: ClassVar[Consensus] = Consensus.NONE
     sparsifier: ClassVar[Sparsifier | None] = None
     default_normalize: ClassVar[bool] = False
@@ -158,7 +161,8 @@ class TaskVectorMethod(MergeMethod):
         (outputs do not depend on the row blocks, so the pieces give the same bytes).
         """
         assert base is not None
-        mode = kernels.kernel_mode(base.dtype)
+        dtype = compute_dtype(base, ctx)
+        mode = kernels.kernel_mode(dtype)
         if mode is None:
             return self.merge_reference(base, experts, params, ctx, reduced)
         cuts = sorted({r for r in (self.sparsifier.cut_rows(ctx, reduced) if self.sparsifier else [])
@@ -171,14 +175,13 @@ class TaskVectorMethod(MergeMethod):
                 pieces.append(self.merge(base[i:j], [x[i:j] for x in experts], params,
                                          replace(ctx, row_start=a, row_end=b), reduced))
             return torch.cat(pieces)
-        kd = kernels.kernel_dtype(base.dtype)
-        base_a = kernels.as_array(base, kd)
-        xs = [kernels.as_array(x, kd) for x in experts]
+        kd = kernels.kernel_dtype(dtype)
+        base_a, *xs = kernels.value_arrays([base, *experts], kd)
         terms = [self._kernel_terms(e, x, base, p, params, ctx, reduced)
                  for e, (x, p) in enumerate(zip(experts, params.experts, strict=True))]
         weights = [p["weight"] for p in params.experts]
         g = params.global_
-        total_w = torch.tensor(weights, dtype=base.dtype).sum()  # float32 accumulation, one rounding
+        total_w = torch.tensor(weights, dtype=dtype).sum()  # float32 accumulation, one rounding
         consensus = self.consensus is Consensus.SUM
         normalize = bool(g["normalize"]) and (consensus or bool(total_w.abs() >= 1e-8))
         out = kernels.task_vectors(
@@ -186,11 +189,11 @@ class TaskVectorMethod(MergeMethod):
             low=[t.low for t in terms], high=[t.high for t in terms], masks=[t.mask for t in terms],
             streams=[t.stream for t in terms],
             rescale_kind=[t.rescale_kind for t in terms],
-            rescale=np.array([kernels.scalar(t.factor, base.dtype) for t in terms]),
+            rescale=np.array([kernels.scalar(t.factor, dtype) for t in terms]),
             probs=[t.probs for t in terms],
-            weights=kernels.rounded(weights, base.dtype), consensus=consensus, normalize=normalize,
-            total_weight=total_w.to(kd).numpy(), lam=kernels.scalar(g["lambda"], base.dtype))
-        return torch.from_numpy(out).reshape(base.shape).to(base.dtype)
+            weights=kernels.rounded(weights, dtype), consensus=consensus, normalize=normalize,
+            total_weight=total_w.to(kd).numpy(), lam=kernels.scalar(g["lambda"], dtype))
+        return torch.from_numpy(out).reshape(base.shape).to(dtype)
 
     def _kernel_terms(
         self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, params: TensorParams, ctx: ShardContext,
@@ -201,15 +204,16 @@ class TaskVectorMethod(MergeMethod):
             return KernelTerms()
         terms, divide_by = self.sparsifier.kernel_keep(e, x, base, p, ctx, reduced)
         rescale = Rescale.of(params.global_)
+        dtype = compute_dtype(base, ctx)
         if rescale is Rescale.L1:
             assert reduced is not None
-            ratio = l1_ratio(*reduced.l1_norms[e], base.dtype)
+            ratio = l1_ratio(*reduced.l1_norms[e], dtype)
             if ratio != 1.0:
                 terms.rescale_kind, terms.factor = kernels.RESCALE_MULTIPLY, ratio
         elif rescale is Rescale.INVERSE_DENSITY:
             if isinstance(divide_by, torch.Tensor):
                 terms.rescale_kind = kernels.RESCALE_DIVIDE_BY_PROBS
-                terms.probs = kernels.as_array(divide_by.to(base.dtype), kernels.kernel_dtype(base.dtype))
+                terms.probs = kernels.as_array(divide_by.to(dtype), kernels.kernel_dtype(dtype))
             else:
                 terms.rescale_kind, terms.factor = kernels.RESCALE_DIVIDE, divide_by
         return terms
@@ -230,6 +234,7 @@ class TaskVectorMethod(MergeMethod):
         ``sum(dim=0)``, which accumulates bfloat16/float16 in float32 and rounds once
         (:func:`_sum`); the sign is elected by ``total >= 0`` on the rounded total.
         """
+        base, experts = in_compute(base, ctx), [in_compute(x, ctx) for x in experts]
         w = torch.tensor([p["weight"] for p in params.experts], dtype=base.dtype)
         weighted = []
         for e, (x, p) in enumerate(zip(experts, params.experts, strict=True)):

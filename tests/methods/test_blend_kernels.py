@@ -18,7 +18,8 @@ import torch
 
 from distmerge.methods import get_method, reductions
 from distmerge.methods.kernels import sum_orders
-from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums, stored_array
+from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums
+from distmerge.methods.kernels.rounding import stored_array
 from distmerge.methods.model_stock import _blend, _gram, blend_reference, gram_reference, stock_t
 from distmerge.methods.slerp import blend_dtype, slerp_coefficients
 from tests.methods.test_kernels import same_bits

@@ -9,6 +9,8 @@ zeros, so a merge gives the same bytes whichever path a dtype takes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,55 @@ def test_relax_kernel_equals_torch_formula(dtype, shape):
     pieces = [apply_relaxation(base[r0:r1], merged[r0:r1], shard_factors(factors, shape, r0, r1), 0.4)
               for r0, r1 in [(0, rows // 3), (rows // 3, rows)]]
     assert same_bits(torch.cat(pieces), want)
+
+
+@pytest.mark.parametrize("step", [1, 3, 16])
+@pytest.mark.parametrize("n", [0, 5, 128, 3000, 40001])
+def test_sampled_key_histogram_counts_one_block_per_span(n, step):
+    """``key_histogram(..., step)`` counts, of each span of ``step`` blocks, the block at
+    position ``span index % step``: every key when ``step`` is 1."""
+    g = torch.Generator().manual_seed(n + step)
+    base = torch.randn(n, generator=g)
+    x = base + torch.randn(n, generator=g) / 8
+    keys = (x - base).abs().view(torch.int32).to(torch.int64)
+    block = kernels.histograms.SAMPLE_BLOCK
+    span = block * step
+    taken = [i for k, s in enumerate(range(0, n, span)) for i in range(s + (k % step) * block, min(n, s + (k % step) * block + block))]
+    want = torch.bincount(keys[taken] >> 16, minlength=selection.HIGH_BINS) if taken else torch.zeros(selection.HIGH_BINS, dtype=torch.int64)
+    got = kernels.key_histogram(base.numpy(), x.numpy(), kernels.NATIVE, step)
+    assert torch.equal(got, want)
+    assert int(got.sum()) == len(taken) and (step > 1 or len(taken) == n)
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=str)
+def test_selection_kernels_read_stored_bfloat16_rows(compute):
+    """bfloat16 rows read as their bits (what the engine passes for float32 compute, and what
+    bfloat16 compute reads) count exactly what their float32 copies count."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(97, 61, generator=g).to(torch.bfloat16)
+    x = (base.float() + torch.randint(-5, 6, (97, 61), generator=g) / 64).to(torch.bfloat16)
+    bits_b, bits_x, mode = kernels.delta_arrays(base, x, compute)
+    assert bits_b.dtype == bits_x.dtype == np.uint16
+    copy_b, copy_x = kernels.as_array(base, torch.float32), kernels.as_array(x, torch.float32)
+    med = int(np.median(kernels.delta_keys(copy_b, copy_x, mode)))
+    ranges = [(med - 3, med + 70000), (med + 9, med + 200000)]
+    for fn, args in [(kernels.key_histogram, ()), (kernels.key_histogram, (16,)), (kernels.delta_keys, ()),
+                     (kernels.row_key_counts, (97, med)), (kernels.histogram_and_windows, (ranges,)),
+                     (kernels.above_and_windows, (ranges,))]:
+        assert same_values(fn(bits_b, bits_x, mode, *args), fn(copy_b, copy_x, mode, *args)), fn.__name__
+
+
+def same_values(a, b) -> bool:
+    """Equal values, element for element, through nested tuples, lists, dicts and dataclasses
+    of tensors and arrays."""
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and all(same_values(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_values(p, q) for p, q in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    return a == b

@@ -51,15 +51,16 @@ def _rows(shape):
     return shape[0] if shape else 1
 
 
-def ctx(shape, r0, r1, seed=0, n=2):
-    return ShardContext(NAME, shape, r0, r1, seed, tuple(range(n)))
+def ctx(shape, r0, r1, seed=0, n=2, compute=None):
+    return ShardContext(NAME, shape, r0, r1, seed, tuple(range(n)), compute)
 
 
-def reductions(name, base, xs, params, seed=0, chunk_rows=CHUNK_ROWS, every_chunk=False, reads=None):
+def reductions(name, base, xs, params, seed=0, chunk_rows=CHUNK_ROWS, every_chunk=False, reads=None, compute=None):
     """The reduction rounds over canonical chunks of ``chunk_rows`` rows. As the engine runs
     them, a round reads only the chunks the previous reduction names (``chunk_read``) and is
     skipped when it names none; ``every_chunk`` reads every chunk in every round instead (what
-    the methods must tolerate). ``reads``, a list, receives each round read and its chunks."""
+    the methods must tolerate). ``reads``, a list, receives each round read and its chunks.
+    ``compute``: the compute dtype when the rows come as stored (``ShardContext.compute``)."""
     m = get_method(name)
     shape = tuple(base.shape)
     reduced = None
@@ -72,7 +73,7 @@ def reductions(name, base, xs, params, seed=0, chunk_rows=CHUNK_ROWS, every_chun
             continue
         for a, b in chunks:
             parts.append(m.partial_reductions(base[a:b], [x[a:b] for x in xs], params,
-                                              ctx(shape, a, b, seed, len(xs)), r, reduced))
+                                              ctx(shape, a, b, seed, len(xs), compute), r, reduced))
         if reads is not None:
             reads.append((r, chunks))
         reduced = m.reduce(parts, params, shape, r, reduced)
@@ -87,15 +88,16 @@ def kth_largest_key(delta, rank):
     return (bucket << 16) | low
 
 
-def merge_sharded(name, base, xs, params, reduced, step, seed=0):
-    """merge() on row shards of ``step`` rows (the base is dropped for methods without one)."""
+def merge_sharded(name, base, xs, params, reduced, step, seed=0, compute=None):
+    """merge() on row shards of ``step`` rows (the base is dropped for methods without one);
+    ``compute`` as in :func:`reductions`."""
     m = get_method(name)
     shape = tuple(xs[0].shape)
     out = []
     for a in range(0, _rows(shape), step):
         b = min(_rows(shape), a + step)
         rows = base[a:b] if m.uses_base else None
-        out.append(m.merge(rows, [x[a:b] for x in xs], params, ctx(shape, a, b, seed, len(xs)), reduced))
+        out.append(m.merge(rows, [x[a:b] for x in xs], params, ctx(shape, a, b, seed, len(xs), compute), reduced))
     return torch.cat(out)
 
 

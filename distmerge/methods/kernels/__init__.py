@@ -52,6 +52,8 @@ from distmerge.methods.kernels.rounding import (
     round_array,
     rounded,
     scalar,
+    stored_array,
+    value_arrays,
 )
 from distmerge.methods.kernels.task_vector_loop import (
     BLOCK,
@@ -71,14 +73,16 @@ __all__ = [
     "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "RESCALE_DIVIDE",
     "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "above_and_windows", "abs_sums", "as_array", "block_dims", "della_keep",
     "delta_arrays", "delta_keys", "float64_dot", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
-    "mode_tag", "rank_values", "round_array", "rounded", "row_key_counts", "scalar", "task_vectors", "variance_across", "warm_up",
+    "mode_tag", "rank_values", "round_array", "rounded", "row_key_counts", "scalar", "stored_array", "task_vectors", "value_arrays", "variance_across", "warm_up",
     "weighted_sum",
 ]
 
 
 def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)) -> None:
     """Compile (or load from numba's on-disk cache) the kernels a merge of ``experts`` models
-    in ``dtypes`` uses, so that the first block of a timed merge does not pay for it.
+    in ``dtypes`` uses, so that the first block of a timed merge does not pay for it: for each
+    compute dtype, the arrays its rows come in (float32 compute: float32 rows, and bfloat16
+    rows as stored; bfloat16 compute: bfloat16 rows).
 
     AIM's relaxation kernel lives with AIM: :func:`distmerge.aim.relax_kernel.warm_up`.
     """
@@ -86,24 +90,30 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
         mode = kernel_mode(dtype)
         if mode is None:
             continue
-        kd = kernel_dtype(dtype)
-        a = as_array(torch.zeros(64, dtype=dtype), kd)
-        key_histogram(a, a, mode)
-        key_histogram(a[::2], a[::2], mode)
-        histogram_and_windows(a, a, mode, [(0, 1)])
-        above_and_windows(a, a, mode, [(0, 1)])
-        row_key_counts(a, a, mode, 8, 0)
-        delta_keys(a, a, mode)
-        for n in experts:
-            ones = np.ones(n, dtype=a.dtype)
-            for consensus in (False, True):
-                task_vectors(a, [a] * n, mode, low=[NO_LOW] * n, high=[NO_HIGH] * n, masks=[None] * n,
-                             rescale_kind=[RESCALE_NONE] * n, rescale=ones, probs=[None] * n, weights=ones,
-                             consensus=consensus, normalize=True, total_weight=ones[0],
-                             lam=ones[0])
-            weighted_sum([a.astype(np.float32)] * n, ones.astype(np.float32), np.ones((), dtype=np.float32))
-        della_keep(a, a, mode, (8, 8), np.ones(8, dtype=np.float32), np.zeros(2, dtype=np.uint64), 0)
+        stored = (torch.bfloat16,) if dtype == torch.bfloat16 else (dtype, torch.bfloat16)
+        for rows in stored:
+            a = value_arrays([torch.zeros(64, dtype=rows)], kernel_dtype(dtype))[0]
+            _warm_kernels(a, mode, kernel_dtype(dtype), experts)
     rank_values(np.ones(8, dtype=np.float32), (8,), np.ones(8, dtype=np.float32))
     for dtype in (torch.float32, torch.float64):
         variance_across(torch.zeros(2, 8, dtype=dtype))
         float64_dot(torch.zeros(8, dtype=dtype), torch.zeros(8, dtype=dtype))
+
+
+def _warm_kernels(a: np.ndarray, mode: int, kd: torch.dtype, experts: Sequence[int]) -> None:
+    """Every row kernel once on rows ``a`` (as :func:`value_arrays` gives them) in ``mode``."""
+    key_histogram(a, a, mode)
+    histogram_and_windows(a, a, mode, [(0, 1)])
+    above_and_windows(a, a, mode, [(0, 1)])
+    row_key_counts(a, a, mode, 8, 0)
+    delta_keys(a, a, mode)
+    ones = np.ones(max(experts), dtype=np.float64 if kd == torch.float64 else np.float32)
+    for n in experts:
+        for consensus in (False, True):
+            task_vectors(a, [a] * n, mode, low=[NO_LOW] * n, high=[NO_HIGH] * n, masks=[None] * n,
+                         rescale_kind=[RESCALE_NONE] * n, rescale=ones[:n], probs=[None] * n, weights=ones[:n],
+                         consensus=consensus, normalize=True, total_weight=ones[0], lam=ones[0])
+        if mode == NATIVE:
+            weighted_sum([a] * n, ones[:n], ones[0])
+    della_keep(a, a, mode, (8, 8), np.ones(8, dtype=np.float32), np.zeros(2, dtype=np.uint64), 0)
+    abs_sums(a, a, mode, NO_LOW, NO_HIGH, None)

@@ -17,11 +17,8 @@ multiply-add (numba does not contract unless asked).
 from __future__ import annotations
 
 import numpy as np
-import torch
-from numba.core import types
-from numba.extending import overload
 
-from distmerge.methods.kernels.rounding import _jit, _r
+from distmerge.methods.kernels.rounding import _jit, _r, _value
 from distmerge.methods.kernels.sum_orders import (
     CASCADE_LEVELS,
     PW_BLOCK,
@@ -36,18 +33,6 @@ from distmerge.methods.kernels.sum_orders import (
 )
 
 BLOCK = 2048  # elements per block of the blends: the running average stays in L1
-
-
-def _value(a, i):  # noqa: ANN001, ANN202
-    """Element ``i`` of ``a`` as a float: bfloat16 bits (uint16) widened to float32."""
-    raise NotImplementedError("only callable from jitted code")
-
-
-@overload(_value, inline="always")  # inlined by numba: left to LLVM, loops stayed unvectorized
-def _value_typed(a, i):  # noqa: ANN001, ANN202
-    if a.dtype == types.uint16:
-        return lambda a, i: np.uint32(np.uint32(a[i]) << np.uint32(16)).view(np.float32)
-    return lambda a, i: a[i]
 
 
 # ---- SLERP -----------------------------------------------------------------------------------
@@ -196,14 +181,3 @@ def stock_blend(b, xs, mode, t, omt, n, out):  # noqa: ANN001, ANN202
             o = out[s:s + m]
             for i in range(m):
                 o[i] = _r(_r(tt * _r(a[i] / n, mode), mode) + _r(oo * _value(bs, i), mode), mode)
-
-
-def stored_array(t: torch.Tensor) -> np.ndarray:
-    """Compute-dtype rows as these loops read them, flat and without a copy where possible:
-    float32/float64 as they are, bfloat16 as its bits (uint16); float16 cast to float32 (exact)."""
-    flat = t.detach().reshape(-1).contiguous()
-    if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    if flat.dtype == torch.float16:
-        return flat.to(torch.float32).numpy()
-    return flat.numpy()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmerge.methods.kernels.rounding import _jit, _key, _r, mode_tag
+from distmerge.methods.kernels.rounding import _jit, _key, _r, _value, mode_tag
 from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, KeepStream, fill_keep
 
 L1_BLOCK = 1024  # elements per block sum (part of the result's definition: do not change)
@@ -36,7 +36,7 @@ def _magnitudes(base, x, mode, lo, hi, mask, keep, first, mags, kept):  # noqa: 
     xs = x[first:first + mags.size]  # slices, not x[first + i]: index arithmetic blocks vectorization
     bs = base[first:first + mags.size]
     for i in range(mags.size):
-        d = _r(xs[i] - bs[i], mode)
+        d = _r(_value(xs, i) - _value(bs, i), mode)
         k = _key(d)
         a = np.float64(abs(d))
         mags[i] = a

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distmerge.methods.kernels.rounding import _fma, _jit
+from distmerge.methods.kernels.rounding import _fma, _jit, _value
 
 
 @_jit
@@ -23,9 +23,9 @@ def _weighted_sum(xs, weights, out):  # noqa: ANN001, ANN202
     zero = out.dtype.type(0.0)
     n = len(xs)
     for i in range(out.size):
-        v = _fma(xs[0][i], weights[0], zero)
+        v = _fma(_value(xs[0], i), weights[0], zero)
         for e in range(1, n):
-            v = _fma(xs[e][i], weights[e], v)
+            v = _fma(_value(xs[e], i), weights[e], v)
         out[i] = v
 
 
@@ -37,8 +37,9 @@ def _divide(out, divisor):  # noqa: ANN001, ANN202
 
 def weighted_sum(xs: Sequence[np.ndarray], weights: np.ndarray, divisor: np.ndarray | None) -> np.ndarray:
     """``fma``-accumulated ``sum_e xs[e] * weights[e]`` from +0.0, then ``/ divisor`` if given;
-    every array, the weights and the divisor in one accumulation dtype (float32 or float64)."""
-    out = np.empty_like(xs[0])
+    the weights and the divisor in one accumulation dtype (float32 or float64), which the result
+    takes; ``xs`` read through ``_value`` (in that dtype, or float32's as bfloat16 bits)."""
+    out = np.empty(xs[0].size, dtype=weights.dtype)
     _weighted_sum(tuple(xs), weights, out)
     if divisor is not None:
         _divide(out, divisor[()])

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmerge.methods.kernels.blend_loops import _value
-from distmerge.methods.kernels.rounding import _jit, _r
+from distmerge.methods.kernels.rounding import _jit, _r, _value
 from distmerge.methods.kernels.sum_orders import (
     PW_BLOCK,
     pairwise_combine,

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmerge.methods.kernels.blend_loops import _value
-from distmerge.methods.kernels.rounding import _jit, _r
+from distmerge.methods.kernels.rounding import _jit, _r, _value
 
 BLOCK = 2048  # elements per block: the per-model task-vector rows stay in L1/L2 cache
 

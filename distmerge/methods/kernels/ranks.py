@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmerge.methods.kernels.rounding import _inline, _jit, _r, mode_tag
+from distmerge.methods.kernels.rounding import _inline, _jit, _r, _value, mode_tag
 from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, fill_raw
 
 MAX_DIGIT = 11  # bits per radix pass at most: 2048 buckets
@@ -174,7 +174,7 @@ def _della_keep(base, x, mode, outer, n, inner, table, key0, key1, start, mask, 
         for c in range(inner):
             for j in range(n):
                 f = s0 + j * inner + c
-                keys[j] = _magnitude_key(abs(_r(x[f] - base[f], mode)))
+                keys[j] = _magnitude_key(abs(_r(_value(x, f) - _value(base, f), mode)))
             _rank_row(keys, keys2, order, order2, hist, table, probs, s0 + c, inner)
         fill_raw(key0, key1, start + s0, raw, state)
         pr = probs[s0:s0 + slab]

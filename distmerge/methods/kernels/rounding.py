@@ -45,19 +45,43 @@ def as_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).reshape(-1).contiguous().numpy()
 
 
-def delta_arrays(base: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(base, x, mode)`` for a kernel that computes ``x - base`` in ``x``'s compute dtype.
+def stored_array(t: torch.Tensor) -> np.ndarray:
+    """Rows as the loops read them through :func:`_value`, flat and without a copy where
+    possible: float32/float64 as they are, bfloat16 as its bits (``uint16``), float16 cast to
+    float32 (exact)."""
+    flat = t.detach().reshape(-1).contiguous()
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    if flat.dtype == torch.float16:
+        return flat.to(torch.float32).numpy()
+    return flat.numpy()
+
+
+def value_arrays(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
+    """Arrays whose elements, read through :func:`_value`, are those of ``tensors`` in ``dtype``
+    (float32 or float64): bfloat16 tensors as their bits when ``dtype`` is float32 (widening is
+    exact, so the loop widens each element as it reads it, with no cast pass and half the
+    bytes), anything else cast. All bits or all cast: mixed array types would compile once more."""
+    if dtype == torch.float32 and all(t.dtype == torch.bfloat16 for t in tensors):
+        return [stored_array(t) for t in tensors]
+    return [as_array(t, dtype) for t in tensors]
+
+
+def delta_arrays(base: torch.Tensor, x: torch.Tensor, compute: torch.dtype | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(base, x, mode)`` for a kernel that computes ``x - base`` in ``compute`` (default:
+    ``x``'s dtype), reading both through :func:`_value` (:func:`value_arrays`).
 
     float16 has no kernel mode: torch computes that delta (rounded to float16, as the torch
     formulation does) and the kernel gets it in float32 against a zero base (``d - 0 == d``).
     """
-    mode = kernel_mode(x.dtype)
+    compute = compute or x.dtype
+    mode = kernel_mode(compute)
     if mode is None:
-        delta = as_array(x - base, torch.float32)
+        delta = as_array(x.to(compute) - base.to(compute), torch.float32)
         return np.zeros_like(delta), delta, NATIVE
-    kd = kernel_dtype(x.dtype)
-    return as_array(base, kd), as_array(x, kd), mode
-
+    b, d = value_arrays((base, x), kernel_dtype(compute))
+    return b, d, mode
 
 def scalar(value: float, dtype: torch.dtype) -> np.ndarray:
     """A Python number as torch uses it beside a ``dtype`` tensor: cast to the op's math type.
@@ -102,6 +126,18 @@ def _r_typed(v, mode):  # noqa: ANN001, ANN202
     if isinstance(mode, types.Integer):
         return lambda v, mode: _bf16(v)
     return lambda v, mode: v
+
+
+def _value(a, i):  # noqa: ANN001, ANN202
+    """Element ``i`` of ``a`` as a float: bfloat16 bits (uint16) widened to float32."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_value, inline="always")  # inlined by numba: left to LLVM, loops stayed unvectorized
+def _value_typed(a, i):  # noqa: ANN001, ANN202
+    if a.dtype == types.uint16:
+        return lambda a, i: np.uint32(np.uint32(a[i]) << np.uint32(16)).view(np.float32)
+    return lambda a, i: a[i]
 
 
 @intrinsic

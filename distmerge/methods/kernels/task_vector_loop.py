@@ -19,7 +19,7 @@ import numpy as np
 from distmerge.methods.kernels.l1_norms import (
     abs_sums as abs_sums,  # re-exported: the L1 round's partials
 )
-from distmerge.methods.kernels.rounding import _jit, _key, _r, mode_tag
+from distmerge.methods.kernels.rounding import _jit, _key, _r, _value, mode_tag
 from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, KeepStream, fill_keep
 
 NO_LOW = -1  # a low threshold below every key: no lower bound
@@ -39,19 +39,19 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
     m = row.size
     if mask.size == 0 and kind == RESCALE_NONE:
         for j in range(m):
-            d = _r(x[j] - b[j], mode)
+            d = _r(_value(x, j) - _value(b, j), mode)
             k = _key(d)
             row[j] = _r(d * (one if (lo <= k) & (k < hi) else zero) * w, mode)
         return
     if mask.size and kind == RESCALE_MULTIPLY:  # DARE with the L1 rescale: the loops below in one
         for j in range(m):
-            d = _r(x[j] - b[j], mode)
+            d = _r(_value(x, j) - _value(b, j), mode)
             k = _key(d)
             v = d * (one if (lo <= k) & (k < hi) else zero) * (one if mask[j] else zero)
             row[j] = _r(_r(v * f, mode) * w, mode)
         return
     for j in range(m):
-        d = _r(x[j] - b[j], mode)
+        d = _r(_value(x, j) - _value(b, j), mode)
         k = _key(d)
         row[j] = d * (one if (lo <= k) & (k < hi) else zero)
     if mask.size:
@@ -145,7 +145,7 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                 o = out[s:s + m]
                 for j in range(m):
                     d = _r(dv[j], mode)
-                    o[j] = _r(b[j] + _r(_r(acc[j], mode) * sg[j] / (one if d == zero else d), mode), mode)
+                    o[j] = _r(_value(b, j) + _r(_r(acc[j], mode) * sg[j] / (one if d == zero else d), mode), mode)
                 continue
             for j in range(m):
                 acc[j] = _r(acc[j], mode) * sg[j]
@@ -165,7 +165,7 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                 acc[j] = _r(acc[j] * lam, mode)
         o = out[s:s + m]
         for j in range(m):
-            o[j] = _r(b[j] + acc[j], mode)
+            o[j] = _r(_value(b, j) + acc[j], mode)
 
 
 def task_vectors(
@@ -176,16 +176,18 @@ def task_vectors(
     streams: Sequence[KeepStream | None] | None = None,
 ) -> np.ndarray:
     """Run :func:`_task_vectors` (see there); ``None`` masks/probs/streams mean "not used".
-    ``weights`` are the weights rounded to the compute dtype (mergekit multiplies by those); a
-    stream's ``start`` is the stream position of ``base[0]``."""
+    ``base`` and ``xs`` are read through ``_value`` (bfloat16 bits or the kernel dtype's
+    floats); ``weights`` are the weights rounded to the compute dtype (mergekit multiplies by
+    those), in the kernel dtype, which the result takes too; a stream's ``start`` is the stream
+    position of ``base[0]``."""
     empty_mask = np.zeros(0, dtype=np.bool_)
-    empty_probs = np.zeros(0, dtype=base.dtype)
+    empty_probs = np.zeros(0, dtype=weights.dtype)
     drawn = [st is not None for st in streams] if streams is not None else [False] * len(xs)
     packed = np.zeros((len(xs), 4), dtype=np.uint64)
     for e, st in enumerate(streams or ()):
         if st is not None:
             packed[e] = st.packed()
-    out = np.empty_like(base)
+    out = np.empty(base.size, dtype=weights.dtype)
     _task_vectors(base, tuple(xs), mode_tag(mode), np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64),
                   tuple(empty_mask if m is None else m for m in masks), packed, np.asarray(drawn, dtype=np.bool_),
                   np.asarray(rescale_kind, dtype=np.int64), rescale, tuple(empty_probs if p is None else p for p in probs),

@@ -168,7 +168,7 @@ class Sparsifier:
     ) -> L1Partial:
         """float64 L1 norms of expert ``e``'s delta rows before and after the keep rule."""
         terms, _ = self.kernel_keep(e, x, base, p, ctx, reduced)
-        return L1Partial(*kernels.abs_sums(*kernels.delta_arrays(base, x), terms.low, terms.high, terms.mask,
+        return L1Partial(*kernels.abs_sums(*kernels.delta_arrays(base, x, ctx.compute), terms.low, terms.high, terms.mask,
                                            terms.stream))
 
     def reduce_l1(self, out: TaskVectorReductions, partials: Sequence[ChunkPartials[Any]],

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from distmerge.methods import kernels, selection
-from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams
+from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, in_compute
 from distmerge.methods.selection import magnitude_keys
 from distmerge.methods.sparsification.base import Divisor, KernelTerms, Sparsifier, numel
 from distmerge.methods.sparsification.rounds import (
@@ -85,7 +85,7 @@ class MagnitudeTrim(Sparsifier):
         ranks = self.trim(p, numel(ctx.shape)).ranks
         if not ranks:
             return None
-        keys = selection.DeltaKeys(base, x)
+        keys = selection.DeltaKeys(base, x, ctx.compute)
         if round_ is Round.SPECULATE:
             return self._speculative_partial(keys, ranks, ctx)
         assert previous is not None
@@ -312,7 +312,7 @@ class MagnitudeTrim(Sparsifier):
                     terms.high = t
                 continue
             assert cut is not None
-            keys = magnitude_keys(x - base) if keys is None else keys
+            keys = magnitude_keys(in_compute(x, ctx) - in_compute(base, ctx)) if keys is None else keys
             top = explicit_in_top(keys, ctx, key, cut)
             explicit.append(top if bound is Bound.LOW else ~top)
         if explicit:

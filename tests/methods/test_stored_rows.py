@@ -1,0 +1,168 @@
+"""Methods that read bfloat16 rows as stored (``MergeMethod.reads_stored_rows``) give, bit for
+bit, what they give the same rows cast to float32 first: every reduction and every merged row,
+on every selection path, chunking and sharding; and the engine passes stored rows exactly when
+the method reads them, the compute dtype is float32 and every row is bfloat16."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from distmerge.engine.worker import MergeJob, compute_rows, merge_block, shard_context
+from distmerge.methods import METHODS, get_method
+from distmerge.methods.base import TensorParams
+from distmerge.plan import WorkUnit
+from distmerge.testing.method_cases import CASES, NO_BASE, ONE
+from tests.methods.test_kernels import same_values
+from tests.methods.test_methods_catalogue import (
+    SELECTION_PATHS,
+    force_selection_path,
+    merge_sharded,
+    params_for,
+    reductions,
+)
+
+STORED = sorted(n for n, m in METHODS.items() if m.reads_stored_rows)
+F32 = torch.float32
+
+
+def test_the_methods_that_read_stored_rows():
+    """The flag is where the fused loops are: linear and the whole task-vector family."""
+    assert sorted(["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
+                             "breadcrumbs", "breadcrumbs_ties"]) == STORED
+
+
+def bf16_inputs(shape, n, seed, ties):
+    """bfloat16 base and experts; ``ties``: deltas on a coarse grid, so magnitudes repeat and
+    the selections cut through ties (split merges, explicit masks)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    if ties:
+        xs = [base + (torch.randint(-6, 7, shape, generator=g).float() / 64) for _ in range(n)]
+    else:
+        xs = [base + 0.05 * torch.randn(shape, generator=g) for _ in range(n)]
+    return base.to(torch.bfloat16), [x.to(torch.bfloat16) for x in xs]
+
+
+def case_params(name, n, extra=None):
+    _, glob, model = CASES[name]
+    return params_for(name, n, glob=glob | (extra or {}), model=model)
+
+
+def both_ways(name, base, xs, params, chunk_rows, steps, every_chunk=False):
+    """(cast rows' reductions and merges, stored rows' reductions and merges)."""
+    cast_base, cast_xs = base.float(), [x.float() for x in xs]
+    out = []
+    for b, e, compute in ((cast_base, cast_xs, None), (base, xs, F32)):
+        reduced = reductions(name, b, e, params, seed=3, chunk_rows=chunk_rows, every_chunk=every_chunk,
+                             compute=compute)
+        merged = [merge_sharded(name, b, e, params, reduced, step, seed=3, compute=compute) for step in steps]
+        out.append((reduced, merged))
+    return out
+
+
+def assert_same(cast, stored):
+    (r_cast, m_cast), (r_stored, m_stored) = cast, stored
+    assert same_values(r_cast, r_stored)
+    for a, b in zip(m_cast, m_stored, strict=True):
+        assert a.dtype == b.dtype == F32
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["smooth", "tied"])
+@pytest.mark.parametrize("shape", [(37, 19), (5,), (3, 5, 4), (64, 48)], ids=str)
+@pytest.mark.parametrize("name", STORED)
+def test_stored_rows_merge_as_cast_rows(name, shape, ties):
+    n = 1 if CASES[name][0] == ONE else 2
+    base, xs = bf16_inputs(shape, n, seed=len(name) + shape[0], ties=ties)
+    params = case_params(name, n)
+    rows = shape[0]
+    cast, stored = both_ways(name, base, xs, params, chunk_rows=4, steps=(3, rows))
+    assert_same(cast, stored)
+    if name not in NO_BASE:  # the merge did something: it is not the base
+        assert not torch.equal(cast[1][0], base.float())
+
+
+@pytest.mark.parametrize("path", SELECTION_PATHS)
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("every_chunk", [False, True], ids=["engine-reads", "every-chunk"])
+def test_stored_rows_select_as_cast_rows(name, path, every_chunk, monkeypatch):
+    """Every selection path (resolved speculatively, after round 0, after round 1) and the tie
+    cuts, with the L1 rescale's round too."""
+    force_selection_path(path, monkeypatch)
+    base, xs = bf16_inputs((64, 48), 2, seed=11, ties=True)
+    for extra in ({}, {"rescale": True}):
+        params = case_params(name, 2, extra)
+        for chunk in (1, 7, 64):
+            cast, stored = both_ways(name, base, xs, params, chunk_rows=chunk, steps=(5, 64), every_chunk=every_chunk)
+            assert_same(cast, stored)
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "della", "breadcrumbs"])
+def test_stored_rows_rescale_modes(name):
+    """inverse_density rescale (a divisor, DELLA's per-element probabilities) on stored rows."""
+    base, xs = bf16_inputs((37, 19), 2, seed=5, ties=False)
+    params = case_params(name, 2, {"rescale": True, "rescale_mode": "inverse_density"})
+    cast, stored = both_ways(name, base, xs, params, chunk_rows=4, steps=(3, 37))
+    assert_same(cast, stored)
+
+
+# ---- the engine's choice ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Tensor:  # what compute_rows and shard_context read of a TensorPlan
+    name: str = "w"
+    shape: tuple[int, ...] = (4, 3)
+    compute_dtype: str = ""
+    base: int | None = 0
+
+
+def _job(method, compute="F32"):
+    return MergeJob(method, (_Tensor(),), None, compute, 0)  # type: ignore[arg-type]
+
+
+UNIT = WorkUnit(0, 0, 4, 0, 0, 0)
+
+
+@pytest.mark.parametrize(("method", "compute", "dtypes", "stored"), [
+    ("ties", "F32", (torch.bfloat16,) * 3, True),
+    ("linear", "F32", (torch.bfloat16,) * 3, True),
+    ("slerp", "F32", (torch.bfloat16,) * 2, False),  # no flag: cast
+    ("ties", "BF16", (torch.bfloat16,) * 3, False),  # already the compute dtype
+    ("ties", "F64", (torch.bfloat16,) * 3, False),  # float64 compute: cast
+    ("ties", "F32", (torch.bfloat16, torch.float16, torch.bfloat16), False),  # mixed: cast all
+    ("ties", "F32", (torch.float32,) * 3, False),
+])
+def test_engine_passes_stored_rows_only_where_exact(method, compute, dtypes, stored):
+    raw = [torch.ones(4, 3, dtype=d) for d in dtypes]
+    rows = compute_rows(_job(method, compute), UNIT, raw)
+    want = {"F32": torch.float32, "BF16": torch.bfloat16, "F64": torch.float64}[compute]
+    ctx = shard_context(_job(method, compute), UNIT, rows)
+    if stored:
+        assert [r.dtype for r in rows] == list(dtypes) and all(r is s for r, s in zip(rows, raw, strict=True))
+        assert ctx.compute == want
+    else:
+        assert all(r.dtype == want for r in rows)
+        assert ctx.compute is None
+    assert ctx.expert_ids == tuple(range(len(dtypes) - 1))
+
+
+def test_merge_block_bytes_with_and_without_stored_rows(monkeypatch):
+    """The engine's merge of a unit (bf16 inputs, float32 compute, bf16 output) gives the same
+    bytes whether the method is handed stored rows or cast ones."""
+    base, xs = bf16_inputs((16, 8), 2, seed=2, ties=True)
+    params = case_params("ties", 2)
+    tensor = dataclasses.make_dataclass("T", [("name", str), ("shape", tuple), ("compute_dtype", str),
+                                              ("base", int), ("params", TensorParams), ("out_dtype", str),
+                                              ("sources", tuple), ("reduction_rounds", int)])
+    t = tensor("w", (16, 8), "", 0, params, "BF16", (None, None, None), 4)
+    reduced = reductions("ties", base.float(), [x.float() for x in xs], params, chunk_rows=16)
+    job = dataclasses.replace(MergeJob("ties", (t,), None, "F32", 0), check_finite=False)  # type: ignore[arg-type]
+    unit = WorkUnit(0, 0, 16, 0, 0, 0)
+    stored = merge_block(job, unit, [base, *xs], reduced)
+    monkeypatch.setattr(type(get_method("ties")), "reads_stored_rows", False)
+    cast = merge_block(job, unit, [base, *xs], reduced)
+    assert stored.dtype == torch.bfloat16
+    assert torch.equal(stored.view(torch.int16), cast.view(torch.int16))
