@@ -229,6 +229,12 @@ def in_compute(rows: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
     return rows if ctx.compute is None else rows.to(ctx.compute)
 
 
+def rows_in_compute(base: torch.Tensor | None, experts: Sequence[torch.Tensor], ctx: ShardContext,
+                    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A shard's base (or None) and expert rows by :func:`in_compute`: for a torch path."""
+    return (None if base is None else in_compute(base, ctx)), [in_compute(x, ctx) for x in experts]
+
+
 def promoted_to_float32(compute: torch.dtype) -> torch.dtype:
     """The dtype of compute-dtype rows times a float32 tensor (torch's promotion): float32 for
     bf16/fp16/fp32 compute, float64 for float64."""

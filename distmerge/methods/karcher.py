@@ -41,6 +41,8 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
+    in_compute,
 )
 from distmerge.methods.kernels.karcher_loops import karcher_pass
 from distmerge.methods.kernels.rounding import stored_array
@@ -80,6 +82,7 @@ class Karcher(MergeMethod):
     name = "karcher"
     uses_base = False
     base_optional = True
+    reads_stored_rows = True
     min_experts = 1
     global_parameters = {
         "max_iter": ParamSpec(10, int, check=lambda v: 0 <= v <= 1000, allowed="0 <= max_iter <= 1000"),
@@ -145,10 +148,11 @@ class Karcher(MergeMethod):
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> KarcherPartials:
         tensors = self._inputs(base, experts)
         red = cast(KarcherReductions | None, previous)
-        sums = fused_pass(tensors, red, round_, params.global_["tol"])
+        dtype = compute_dtype(tensors[0], ctx)
+        sums = fused_pass(tensors, red, round_, params.global_["tol"], dtype)
         if sums is None:
-            sums = self.replay_partials(tensors, params, round_, red)
-        return KarcherPartials(cast(list[float], sums), tensors[0].dtype)
+            sums = self.replay_partials([in_compute(t, ctx) for t in tensors], params, round_, red)
+        return KarcherPartials(cast(list[float], sums), dtype)
 
     def replay_partials(self, tensors: list[torch.Tensor], params: TensorParams, round_: int,
                         red: KarcherReductions | None) -> list[float]:
@@ -220,13 +224,16 @@ class Karcher(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         tensors = self._inputs(base, experts)
+        dtype = compute_dtype(tensors[0], ctx)
         if len(tensors) == 1:
-            return tensors[0].clone()
+            return tensors[0].to(dtype, copy=True)
         red = cast(KarcherReductions, reduced)
         if not red.valid:
-            return sum(t * 0 for t in tensors)
-        fused = fused_pass(tensors, red, MERGE, params.global_["tol"])
-        return fused if isinstance(fused, torch.Tensor) else self.replay_merge(tensors, params, red)
+            return sum(in_compute(t, ctx) * 0 for t in tensors)
+        fused = fused_pass(tensors, red, MERGE, params.global_["tol"], dtype)
+        if isinstance(fused, torch.Tensor):
+            return fused
+        return self.replay_merge([in_compute(t, ctx) for t in tensors], params, red)
 
     def replay_merge(self, tensors: list[torch.Tensor], params: TensorParams, red: KarcherReductions) -> torch.Tensor:
         """The merged rows by mergekit's torch expressions (see :meth:`replay_partials`)."""
@@ -243,10 +250,10 @@ MERGE = -1  # fused_pass's round number for the merge
 
 
 def fused_pass(tensors: list[torch.Tensor], red: KarcherReductions | None, round_: int,
-               tol: float) -> list[float] | torch.Tensor | None:
+               tol: float, dtype: torch.dtype | None = None) -> list[float] | torch.Tensor | None:
     """Round ``round_``'s sums (or, for :data:`MERGE`, the merged rows) by one fused pass of
     :func:`karcher_pass`; None where there is no loop for the dtype (float16)."""
-    dtype = tensors[0].dtype
+    dtype = dtype or tensors[0].dtype  # the compute dtype (the rows may come as stored)
     mode = kernels.kernel_mode(dtype)
     if mode is None:
         return None

@@ -41,6 +41,8 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
+    rows_in_compute,
 )
 from distmerge.methods.kernels.blend_loops import stock_blend, stock_grams
 from distmerge.methods.kernels.rounding import stored_array
@@ -104,12 +106,12 @@ def blend_reference(base: torch.Tensor, experts: Sequence[torch.Tensor], t: torc
     return t * avg + (1 - t) * base
 
 
-def _gram(base: torch.Tensor, experts: Sequence[torch.Tensor], rows: bool) -> torch.Tensor:
+def _gram(base: torch.Tensor, experts: Sequence[torch.Tensor], rows: bool, ctx: ShardContext) -> torch.Tensor:
     """:func:`gram_reference`'s matrices, by the fused kernel where the compute dtype has one."""
-    mode = kernels.kernel_mode(base.dtype)
+    mode = kernels.kernel_mode(compute_dtype(base, ctx))
     lanes = torch_sum_lanes()
     if mode is None or lanes == 0 or base.numel() == 0:
-        return gram_reference(base, experts, rows)
+        return gram_reference(*rows_in_compute(base, experts, ctx), rows)
     n = len(experts)
     row_len = base.shape[-1] if rows else base.numel()
     out = np.empty((base.numel() // row_len, n, n), dtype=np.float64)
@@ -118,19 +120,21 @@ def _gram(base: torch.Tensor, experts: Sequence[torch.Tensor], rows: bool) -> to
     return torch.from_numpy(out).reshape((base.shape[:-1] if rows else ()) + (n, n))
 
 
-def _blend(base: torch.Tensor, experts: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+def _blend(base: torch.Tensor, experts: Sequence[torch.Tensor], t: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
     """:func:`blend_reference` (``t``: one value, or one per last-dim vector), by the fused
     kernel where the compute dtype has one."""
-    mode = kernels.kernel_mode(base.dtype)
+    dtype = compute_dtype(base, ctx)
+    mode = kernels.kernel_mode(dtype)
     if mode is None:
-        return blend_reference(base, experts, t.reshape(t.shape + (1,) * (t.dim() > 0)))
-    kd = kernels.kernel_dtype(base.dtype)
+        return blend_reference(*rows_in_compute(base, experts, ctx),
+                               t.reshape(t.shape + (1,) * (t.dim() > 0)))
+    kd = kernels.kernel_dtype(dtype)
     omt = 1 - t  # in the compute dtype, as torch rounds it
     out = np.empty(base.numel(), dtype=np.float64 if kd == torch.float64 else np.float32)
     stock_blend(stored_array(base), tuple(stored_array(x) for x in experts), kernels.mode_tag(mode),
-                kernels.as_array(t, kd), kernels.as_array(omt, kd), kernels.scalar(len(experts), base.dtype)[()],
+                kernels.as_array(t, kd), kernels.as_array(omt, kd), kernels.scalar(len(experts), dtype)[()],
                 out)
-    return torch.from_numpy(out).reshape(base.shape).to(base.dtype)
+    return torch.from_numpy(out).reshape(base.shape).to(dtype)
 
 
 @dataclass
@@ -150,6 +154,7 @@ class ModelStockReductions(Reductions):
 class ModelStock(MergeMethod):
     name = "model_stock"
     uses_base = True
+    reads_stored_rows = True
     min_experts = 2
     global_parameters = {"filter_wise": ParamSpec(False, bool)}
     model_parameters = {}
@@ -168,7 +173,7 @@ class ModelStock(MergeMethod):
         assert base is not None
         if not self._whole(params, ctx.shape):
             return GramPartials(None)  # filter_wise on >= 2-D: shard-local, nothing to collect
-        return GramPartials(_gram(base, experts, rows=False))
+        return GramPartials(_gram(base, experts, rows=False, ctx=ctx))
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> ModelStockReductions:
@@ -186,7 +191,7 @@ class ModelStock(MergeMethod):
         assert base is not None
         if self._whole(params, ctx.shape):
             assert isinstance(reduced, ModelStockReductions) and reduced.gram is not None
-            t = stock_t(reduced.gram, base.dtype)
-        else:
-            t = stock_t(_gram(base, experts, rows=True), base.dtype)  # one t per last-dim vector
-        return _blend(base, experts, t)
+            t = stock_t(reduced.gram, compute_dtype(base, ctx))
+        else:  # one t per last-dim vector
+            t = stock_t(_gram(base, experts, rows=True, ctx=ctx), compute_dtype(base, ctx))
+        return _blend(base, experts, t, ctx)

@@ -32,6 +32,8 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
+    rows_in_compute,
 )
 from distmerge.methods.kernels.multislerp_loops import multislerp_pass
 from distmerge.methods.kernels.rounding import stored_array
@@ -70,6 +72,7 @@ class MultiSlerp(MergeMethod):
     name = "multislerp"
     uses_base = False
     base_optional = True
+    reads_stored_rows = True
     min_experts = 1
     global_parameters = {
         "normalize_weights": ParamSpec(True, bool),
@@ -92,10 +95,9 @@ class MultiSlerp(MergeMethod):
         return weights / weights.sum() if params.global_["normalize_weights"] else weights
 
     def _fused(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
-               red: MultiSlerpReductions | None, upto: int) -> list[float] | torch.Tensor | None:
-        """What :meth:`replay` returns, by one fused pass (:func:`multislerp_pass`); None where
-        there is no loop for the dtype (float16) or the linear fallback runs."""
-        dtype = experts[0].dtype
+               red: MultiSlerpReductions | None, upto: int, dtype: torch.dtype) -> list[float] | torch.Tensor | None:
+        """What :meth:`replay` returns, by one fused pass (:func:`multislerp_pass`) computing in
+        ``dtype``; None where there is no loop for the dtype (float16) or the linear fallback runs."""
         mode = kernels.kernel_mode(dtype)
         if mode is None or (red is not None and red.linear):
             return None
@@ -161,12 +163,13 @@ class MultiSlerp(MergeMethod):
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> SumPartials:
         red = cast(MultiSlerpReductions | None, previous)
+        dtype = compute_dtype(experts[0], ctx)
         if red is not None and red.linear:
-            return SumPartials([], experts[0].dtype)
-        sums = self._fused(base, experts, params, red, round_)
+            return SumPartials([], dtype)
+        sums = self._fused(base, experts, params, red, round_, dtype)
         if sums is None:
-            sums = self.replay(base, experts, params, red, round_)
-        return SumPartials(sums, experts[0].dtype)
+            sums = self.replay(*rows_in_compute(base, experts, ctx), params, red, round_)
+        return SumPartials(sums, dtype)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> MultiSlerpReductions:
@@ -195,8 +198,10 @@ class MultiSlerp(MergeMethod):
 
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
+        dtype = compute_dtype(experts[0], ctx)
         if len(experts) == 1:
-            return experts[0].clone()
+            return experts[0].to(dtype, copy=True)
         red = cast(MultiSlerpReductions, reduced)
-        fused = self._fused(base, experts, params, red, ROUNDS)
-        return fused if fused is not None else self.replay(base, experts, params, red, ROUNDS)
+        fused = self._fused(base, experts, params, red, ROUNDS, dtype)
+        return fused if fused is not None else self.replay(*rows_in_compute(base, experts, ctx), params, red, ROUNDS)
+

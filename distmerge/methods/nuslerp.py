@@ -30,6 +30,8 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
+    rows_in_compute,
 )
 from distmerge.methods.kernels.nuslerp_loops import nuslerp_blend, nuslerp_cosine_sum
 from distmerge.methods.kernels.rounding import stored_array
@@ -73,6 +75,7 @@ class NuSlerp(MergeMethod):
     name = "nuslerp"
     uses_base = False
     base_optional = True
+    reads_stored_rows = True
     min_experts = 2
     max_experts = 2
     global_parameters = {"nuslerp_row_wise": ParamSpec(False, bool), "nuslerp_flatten": ParamSpec(True, bool)}
@@ -96,16 +99,18 @@ class NuSlerp(MergeMethod):
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> NuSlerpPartials:
         mode = self._mode(params, ctx.shape)
+        dtype = compute_dtype(experts[0], ctx)
         if mode == "last":
-            return NuSlerpPartials((), experts[0].dtype)
-        v0, v1 = self._vectors(base, experts)
+            return NuSlerpPartials((), dtype)
+        if round_ == 1 and mode == "whole" and kernels.kernel_mode(dtype) is not None:
+            assert isinstance(previous, NuSlerpReductions)
+            return NuSlerpPartials((self._fused_cosine(base, experts, previous, dtype),), dtype)
+        v0, v1 = self._vectors(*rows_in_compute(base, experts, ctx))
         if round_ == 0:
             if mode == "whole":
                 return NuSlerpPartials((reductions.dot(v0, v0), reductions.dot(v1, v1)), v0.dtype)
             return NuSlerpPartials((scalars.column_dot(v0, v0), scalars.column_dot(v1, v1)), v0.dtype)
         assert isinstance(previous, NuSlerpReductions)
-        if mode == "whole" and kernels.kernel_mode(experts[0].dtype) is not None:
-            return NuSlerpPartials((self._fused_cosine(base, experts, previous),), experts[0].dtype)
         prod = (v0 / previous.norms[0]) * (v1 / previous.norms[1])
         return NuSlerpPartials((scalars.total(prod) if mode == "whole" else scalars.column_sum(prod),), v0.dtype)
 
@@ -125,9 +130,11 @@ class NuSlerp(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         t = interpolation_t(params)
-        if self._mode(params, ctx.shape) == "whole" and kernels.kernel_mode(experts[0].dtype) is not None:
+        dtype = compute_dtype(experts[0], ctx)
+        if self._mode(params, ctx.shape) == "whole" and kernels.kernel_mode(dtype) is not None:
             assert isinstance(reduced, NuSlerpReductions) and reduced.cos is not None
-            return self._fused_blend(base, experts, t, reduced.cos)
+            return self._fused_blend(base, experts, t, reduced.cos, dtype)
+        base, experts = rows_in_compute(base, experts, ctx)
         v0, v1 = self._vectors(base, experts)
         if self._mode(params, ctx.shape) == "last":
             n0 = scalars.sqrt_as(reductions.rowwise_dot(v0, v0), v0.dtype).unsqueeze(-1).clamp(min=NORM_EPS)
@@ -143,21 +150,22 @@ class NuSlerp(MergeMethod):
     # ---- the fused loops (:mod:`kernels.nuslerp_loops`), bit for bit the torch steps above ----
 
     @staticmethod
-    def _fused_cosine(base: torch.Tensor | None, experts: Sequence[torch.Tensor], red: NuSlerpReductions) -> float:
-        """Round 1 of a whole tensor on these rows: ``scalars.total`` of the unit vectors' product."""
-        kd = kernels.kernel_dtype(experts[0].dtype)
+    def _fused_cosine(base: torch.Tensor | None, experts: Sequence[torch.Tensor], red: NuSlerpReductions,
+                      dtype: torch.dtype) -> float:
+        """Round 1 of a whole tensor on these rows (computing in ``dtype``): ``scalars.total`` of
+        the unit vectors' product."""
+        kd = kernels.kernel_dtype(dtype)
         x0, x1 = stored_array(experts[0]), stored_array(experts[1])
         b = stored_array(base) if base is not None else x0
-        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(experts[0].dtype)))
+        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
         return float(nuslerp_cosine_sum(b, x0, x1, base is not None, mode, kernels.as_array(red.norms[0], kd),
                                         kernels.as_array(red.norms[1], kd)))
 
     @staticmethod
     def _fused_blend(base: torch.Tensor | None, experts: Sequence[torch.Tensor], t: float,
-                     cos: torch.Tensor) -> torch.Tensor:
-        """:func:`nuslerp_apply` (and ``+ base``) of a whole tensor's rows: its scalars by torch,
-        as there, the elementwise steps in one loop."""
-        dtype = experts[0].dtype
+                     cos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:func:`nuslerp_apply` (and ``+ base``) of a whole tensor's rows computing in ``dtype``:
+        its scalars by torch, as there, the elementwise steps in one loop."""
         kd = kernels.kernel_dtype(dtype)
         np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type
         cos_theta = cos.to(dtype).clamp(-1, 1)

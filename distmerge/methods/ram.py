@@ -31,7 +31,9 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
     promoted_to_float32,
+    rows_in_compute,
 )
 from distmerge.methods.kernels.ram_loops import ram_counts, ram_merge
 from distmerge.methods.kernels.rounding import stored_array
@@ -60,27 +62,31 @@ def reference_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilo
     return CountPartials((nonzero & overlap).sum(dim=1).tolist(), (nonzero & unique).sum(dim=1).tolist())
 
 
-def fused_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float) -> CountPartials:
-    """:func:`reference_counts` by :func:`ram_counts` (exact integers either way)."""
+def fused_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,
+                 compute: torch.dtype | None = None) -> CountPartials:
+    """:func:`reference_counts` by :func:`ram_counts` (exact integers either way); ``compute``:
+    the compute dtype of rows that come as stored (default: their own)."""
     shared, unique = np.zeros(len(experts), dtype=np.int64), np.zeros(len(experts), dtype=np.int64)
-    ram_counts(*_loop_arrays(base, experts, epsilon), shared, unique)
+    ram_counts(*_loop_arrays(base, experts, epsilon, compute or base.dtype), shared, unique)
     return CountPartials(shared.tolist(), unique.tolist())
 
 
-def _loop_arrays(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):  # noqa: ANN202
+def _loop_arrays(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,  # noqa: ANN202
+                 compute: torch.dtype):
     """The fused loops' inputs: stored rows, the rounding mode, ``epsilon`` rounded to the compute dtype."""
-    mode = kernels.mode_tag(cast(int, kernels.kernel_mode(base.dtype)))
-    eps = kernels.rounded([epsilon], base.dtype)
+    mode = kernels.mode_tag(cast(int, kernels.kernel_mode(compute)))
+    eps = kernels.rounded([epsilon], compute)
     return stored_array(base), tuple(stored_array(x) for x in experts), mode, eps
 
 
 def fused_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,
-                lambda_: torch.Tensor | None) -> torch.Tensor:
+                lambda_: torch.Tensor | None, compute: torch.dtype | None = None) -> torch.Tensor:
     """The merged rows by :func:`ram_merge`, bit for bit the torch expressions (``lambda_``:
     ramplus_tl's float32 factors, whose product promotes the sum to float32, or float64)."""
-    b, xs, mode, eps = _loop_arrays(base, experts, epsilon)
+    compute = compute or base.dtype
+    b, xs, mode, eps = _loop_arrays(base, experts, epsilon, compute)
     promoted = lambda_ is not None
-    dtype = promoted_to_float32(base.dtype) if promoted else base.dtype
+    dtype = promoted_to_float32(compute) if promoted else compute
     kd = kernels.kernel_dtype(dtype)
     lambdas = kernels.as_array(lambda_ if promoted else torch.ones(len(experts)), kd)
     out = np.empty(b.size, dtype=np.float64 if kd == torch.float64 else np.float32)
@@ -105,6 +111,7 @@ class RamPlusReductions(Reductions):
 class Ram(MergeMethod):
     name = "ram"
     uses_base = True
+    reads_stored_rows = True
     min_experts = 1
     global_parameters = {"epsilon": ParamSpec(1e-5, check=lambda v: v >= 0, allowed="epsilon >= 0")}
     model_parameters = {}
@@ -112,14 +119,15 @@ class Ram(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
-        if kernels.kernel_mode(base.dtype) is not None:
-            return fused_merge(base, experts, params.global_["epsilon"], None)
-        return reference_merge(base, experts, params.global_["epsilon"], None)
+        if kernels.kernel_mode(compute_dtype(base, ctx)) is not None:
+            return fused_merge(base, experts, params.global_["epsilon"], None, ctx.compute)
+        return reference_merge(*rows_in_compute(base, experts, ctx), params.global_["epsilon"], None)
 
 
 class RamPlusTl(MergeMethod):
     name = "ramplus_tl"
     uses_base = True
+    reads_stored_rows = True
     min_experts = 1
     global_parameters = {
         "r": ParamSpec(0.1),
@@ -140,9 +148,9 @@ class RamPlusTl(MergeMethod):
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> CountPartials:
         assert base is not None
-        if kernels.kernel_mode(base.dtype) is not None:
-            return fused_counts(base, experts, params.global_["epsilon"])
-        return reference_counts(base, experts, params.global_["epsilon"])
+        if kernels.kernel_mode(compute_dtype(base, ctx)) is not None:
+            return fused_counts(base, experts, params.global_["epsilon"], ctx.compute)
+        return reference_counts(*rows_in_compute(base, experts, ctx), params.global_["epsilon"])
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> RamPlusReductions:
@@ -159,6 +167,6 @@ class RamPlusTl(MergeMethod):
         unique_counts = torch.tensor(reduced.unique, dtype=torch.int64)
         rho = shared_counts / unique_counts.clamp(min=g["epsilon"])
         lambda_ = 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])
-        if kernels.kernel_mode(base.dtype) is not None:
-            return fused_merge(base, experts, g["epsilon"], lambda_)
-        return reference_merge(base, experts, g["epsilon"], lambda_)
+        if kernels.kernel_mode(compute_dtype(base, ctx)) is not None:
+            return fused_merge(base, experts, g["epsilon"], lambda_, ctx.compute)
+        return reference_merge(*rows_in_compute(base, experts, ctx), g["epsilon"], lambda_)

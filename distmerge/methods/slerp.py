@@ -35,6 +35,7 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
 )
 from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums
 from distmerge.methods.kernels.rounding import stored_array
@@ -87,6 +88,7 @@ class SlerpReductions(Reductions):
 class Slerp(MergeMethod):
     name = "slerp"
     uses_base = True
+    reads_stored_rows = True
     min_experts = 1
     max_experts = 1
     global_parameters = {"t": ParamSpec(None)}
@@ -113,9 +115,10 @@ class Slerp(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, SlerpReductions)
-        acc = blend_dtype(base.dtype)
+        dtype = compute_dtype(base, ctx)
+        acc = blend_dtype(dtype)
         s0, s1 = slerp_coefficients(params.global_["t"], reduced.dot, reduced.norm0, reduced.norm1, acc)
         kind = np.float64 if acc == torch.float64 else np.float32
         out = np.empty(base.numel(), dtype=kind)
         slerp_blend(stored_array(base), stored_array(experts[0]), kind(s0), kind(s1), out)
-        return torch.from_numpy(out).reshape(base.shape).to(base.dtype)
+        return torch.from_numpy(out).reshape(base.shape).to(dtype)

@@ -37,7 +37,7 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
     compute_dtype,
-    in_compute,
+    rows_in_compute,
 )
 from distmerge.methods.sparsification import (
     BREADCRUMBS,
@@ -234,7 +234,7 @@ class TaskVectorMethod(MergeMethod):
         ``sum(dim=0)``, which accumulates bfloat16/float16 in float32 and rounds once
         (:func:`_sum`); the sign is elected by ``total >= 0`` on the rounded total.
         """
-        base, experts = in_compute(base, ctx), [in_compute(x, ctx) for x in experts]
+        base, experts = rows_in_compute(base, experts, ctx)
         w = torch.tensor([p["weight"] for p in params.experts], dtype=base.dtype)
         weighted = []
         for e, (x, p) in enumerate(zip(experts, params.experts, strict=True)):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from distmerge.methods import get_method, reductions
+from distmerge.methods.base import ShardContext
 from distmerge.methods.kernels import sum_orders
 from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums
 from distmerge.methods.kernels.rounding import stored_array
@@ -152,20 +153,22 @@ def family(shape, dtype, n, seed):
     return base.to(dtype), [x.to(dtype) for x in xs]
 
 
+CTX = ShardContext("t", (), 0, 1)  # rows in their compute dtype (ctx.compute None): the helpers read nothing else
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("shape", [(1,), (7,), (37, 19), (3, 5, 4), (40, 3), (9, 1), (256, 1024)], ids=str)
 def test_stock_kernels_equal_the_old_formulation(shape, n, dtype):
     base, xs = family(shape, dtype, n, seed=n + len(shape))
-    whole = _gram(base, xs, rows=False)
+    whole = _gram(base, xs, rows=False, ctx=CTX)
     assert torch.equal(whole, gram_reference(base, xs, rows=False))
     t = stock_t(whole, dtype)
-    assert same_bits(_blend(base, xs, t), blend_reference(base, xs, t))
+    assert same_bits(_blend(base, xs, t, CTX), blend_reference(base, xs, t))
     if len(shape) >= 2:
-        rows = _gram(base, xs, rows=True)
+        rows = _gram(base, xs, rows=True, ctx=CTX)
         assert torch.equal(rows, gram_reference(base, xs, rows=True))
         t = stock_t(rows, dtype)
-        assert same_bits(_blend(base, xs, t), blend_reference(base, xs, t.unsqueeze(-1)))
+        assert same_bits(_blend(base, xs, t, CTX), blend_reference(base, xs, t.unsqueeze(-1)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -173,10 +176,10 @@ def test_stock_zero_task_vectors_keep_the_base(dtype):
     """Experts equal to the base: a zero Gram matrix, cos 0, t 0: the base comes back."""
     base, _ = family((16, 12), dtype, 2, seed=1)
     xs = [base.clone(), base.clone()]
-    assert torch.equal(_gram(base, xs, rows=False), torch.zeros(2, 2, dtype=torch.float64))
-    t = stock_t(_gram(base, xs, rows=False), dtype)
-    assert same_bits(_blend(base, xs, t), blend_reference(base, xs, t))
-    assert torch.equal(_blend(base, xs, t), base)
+    assert torch.equal(_gram(base, xs, rows=False, ctx=CTX), torch.zeros(2, 2, dtype=torch.float64))
+    t = stock_t(_gram(base, xs, rows=False, ctx=CTX), dtype)
+    assert same_bits(_blend(base, xs, t, CTX), blend_reference(base, xs, t))
+    assert torch.equal(_blend(base, xs, t, CTX), base)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

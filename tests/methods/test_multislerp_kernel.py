@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distmerge.methods import get_method
+from distmerge.methods.base import ShardContext
 from distmerge.methods.multislerp import ROUNDS, SumPartials
 from tests.methods.test_kernels import same_bits
 from tests.methods.test_methods_catalogue import params_for
@@ -46,12 +47,12 @@ def test_fused_rounds_and_merge_equal_the_torch_replay(dtype: torch.dtype, size:
     base = base if with_base else None
     reduced = None
     for round_ in range(ROUNDS):
-        fused = method._fused(base, xs, params, reduced, round_)
+        fused = method._fused(base, xs, params, reduced, round_, xs[0].dtype)
         replayed = method.replay(base, xs, params, reduced, round_)
         assert fused == replayed, (round_, fused, replayed)  # the same float64 sums, exactly
         reduced = method.reduce([SumPartials(replayed, dtype)], params, tuple(xs[0].shape), round_, reduced)
         assert not reduced.linear
-    merged = method._fused(base, xs, params, reduced, ROUNDS)
+    merged = method._fused(base, xs, params, reduced, ROUNDS, xs[0].dtype)
     want = method.replay(base, xs, params, reduced, ROUNDS)
     assert merged.dtype == want.dtype == dtype and merged.shape == want.shape
     assert same_bits(merged, want)
@@ -62,11 +63,11 @@ def test_float16_and_the_linear_fallback_take_the_torch_formulation() -> None:
     method = get_method("multislerp")
     params = params_for("multislerp", 2, {}, [{"weight": 1.0}, {"weight": 1.0}])
     _, xs = inputs(64, 2, torch.float16)
-    assert method._fused(None, xs, params, None, 0) is None
+    assert method._fused(None, xs, params, None, 0, xs[0].dtype) is None
     a = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     reduced = None
     for round_ in range(2):
-        sums = method.partial_reductions(None, [a, -a], params, None, round_, reduced)  # type: ignore[arg-type]
+        sums = method.partial_reductions(None, [a, -a], params, ShardContext("t", (64,), 0, 1), round_, reduced)
         reduced = method.reduce([sums], params, (64,), round_, reduced)
     assert reduced.linear
-    assert method._fused(None, [a, -a], params, reduced, ROUNDS) is None
+    assert method._fused(None, [a, -a], params, reduced, ROUNDS, a.dtype) is None

@@ -37,7 +37,7 @@ def test_fused_cosine_and_blend_equal_torch(dtype: torch.dtype, size: int, with_
     norms = tuple(scalars.sqrt_as(float((v.double() ** 2).sum()), dtype).clamp(min=1e-7) for v in (v0, v1))
     red = NuSlerpReductions(norms=(norms[0], norms[1]))
     want_sum = scalars.total((v0 / norms[0]) * (v1 / norms[1]))
-    assert NuSlerp._fused_cosine(base if with_base else None, xs, red) == want_sum
+    assert NuSlerp._fused_cosine(base if with_base else None, xs, red, xs[0].dtype) == want_sum
     # The reduced cosine, then cosines that take the colinear branch (1, -1, beyond) and the
     # spherical one near its edges.
     for cos_value in (want_sum, 1.0, -1.0, 1.5, 0.0, 0.999, -0.999):
@@ -45,5 +45,5 @@ def test_fused_cosine_and_blend_equal_torch(dtype: torch.dtype, size: int, with_
         for t in (0.3, 0.5, 0.9):
             want = nuslerp_apply(t, v0, v1, cos)
             want = base + want if with_base else want
-            got = NuSlerp._fused_blend(base if with_base else None, xs, t, cos)
+            got = NuSlerp._fused_blend(base if with_base else None, xs, t, cos, xs[0].dtype)
             assert got.dtype == want.dtype and same_bits(got, want), (cos_value, t)

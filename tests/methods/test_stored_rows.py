@@ -12,14 +12,14 @@ import torch
 
 from distmerge.engine.worker import MergeJob, compute_rows, merge_block, shard_context
 from distmerge.methods import METHODS, get_method
-from distmerge.methods.base import TensorParams
+from distmerge.methods.base import TensorParams, chunk_read
 from distmerge.plan import WorkUnit
 from distmerge.testing.method_cases import CASES, NO_BASE, ONE
 from tests.methods.test_kernels import same_values
 from tests.methods.test_methods_catalogue import (
     SELECTION_PATHS,
+    ctx,
     force_selection_path,
-    merge_sharded,
     params_for,
     reductions,
 )
@@ -29,9 +29,9 @@ F32 = torch.float32
 
 
 def test_the_methods_that_read_stored_rows():
-    """The flag is where the fused loops are: linear and the whole task-vector family."""
+    """The flag is where the fused loops are: linear, the task-vector family, some blends."""
     assert sorted(["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
-                             "breadcrumbs", "breadcrumbs_ties"]) == STORED
+                   "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ram", "ramplus_tl", "nuslerp", "karcher", "multislerp"]) == STORED
 
 
 def bf16_inputs(shape, n, seed, ties):
@@ -48,17 +48,32 @@ def bf16_inputs(shape, n, seed, ties):
 
 def case_params(name, n, extra=None):
     _, glob, model = CASES[name]
+    if name == "slerp":
+        glob = {"t": 0.3}  # the case's gradient resolves per tensor in the plan
     return params_for(name, n, glob=glob | (extra or {}), model=model)
 
 
-def both_ways(name, base, xs, params, chunk_rows, steps, every_chunk=False):
-    """(cast rows' reductions and merges, stored rows' reductions and merges)."""
-    cast_base, cast_xs = base.float(), [x.float() for x in xs]
+def both_ways(name, base, xs, params, chunk_rows, steps, every_chunk=False, with_base=None):
+    """(cast rows' reductions and merges, stored rows' reductions and merges): the rounds on
+    canonical chunks of ``chunk_rows`` rows, the merge on shards of each of ``steps`` rows. The
+    base goes to the rounds and the merge alike: always for a method that uses one, else
+    where ``with_base`` (a base_optional method's task vectors)."""
+    m = get_method(name)
+    use_base = m.uses_base if with_base is None else with_base
+    shape = tuple(base.shape)
     out = []
-    for b, e, compute in ((cast_base, cast_xs, None), (base, xs, F32)):
-        reduced = reductions(name, b, e, params, seed=3, chunk_rows=chunk_rows, every_chunk=every_chunk,
-                             compute=compute)
-        merged = [merge_sharded(name, b, e, params, reduced, step, seed=3, compute=compute) for step in steps]
+    for b, e, compute in ((base.float(), [x.float() for x in xs], None), (base, xs, F32)):
+        reduced = None
+        for r in range(m.reduction_rounds(params, shape)):
+            chunks = [(a, min(shape[0], a + chunk_rows)) for a in range(0, shape[0], chunk_rows)]
+            chunks = [(a, z) for a, z in chunks if every_chunk or chunk_read(reduced, r, a, z)]
+            if chunks:
+                parts = [m.partial_reductions(b[a:z] if use_base else None, [x[a:z] for x in e], params,
+                                              ctx(shape, a, z, 3, len(e), compute), r, reduced) for a, z in chunks]
+                reduced = m.reduce(parts, params, shape, r, reduced)
+        merged = [torch.cat([m.merge(b[a:a + step] if use_base else None, [x[a:a + step] for x in e], params,
+                                     ctx(shape, a, min(shape[0], a + step), 3, len(e), compute), reduced)
+                             for a in range(0, shape[0], step)]) for step in steps]
         out.append((reduced, merged))
     return out
 
@@ -100,6 +115,14 @@ def test_stored_rows_select_as_cast_rows(name, path, every_chunk, monkeypatch):
             assert_same(cast, stored)
 
 
+def test_stored_rows_model_stock_filter_wise():
+    """model_stock's filter-wise path: one t per last-dim vector from the shard's own rows."""
+    base, xs = bf16_inputs((37, 19), 2, seed=6, ties=False)
+    params = case_params("model_stock", 2, {"filter_wise": True})
+    cast, stored = both_ways("model_stock", base, xs, params, chunk_rows=4, steps=(3, 37))
+    assert_same(cast, stored)
+
+
 @pytest.mark.parametrize("name", ["dare_ties", "della", "breadcrumbs"])
 def test_stored_rows_rescale_modes(name):
     """inverse_density rescale (a divisor, DELLA's per-element probabilities) on stored rows."""
@@ -129,7 +152,7 @@ UNIT = WorkUnit(0, 0, 4, 0, 0, 0)
 @pytest.mark.parametrize(("method", "compute", "dtypes", "stored"), [
     ("ties", "F32", (torch.bfloat16,) * 3, True),
     ("linear", "F32", (torch.bfloat16,) * 3, True),
-    ("slerp", "F32", (torch.bfloat16,) * 2, False),  # no flag: cast
+    ("sce", "F32", (torch.bfloat16,) * 3, False),  # no flag: cast
     ("ties", "BF16", (torch.bfloat16,) * 3, False),  # already the compute dtype
     ("ties", "F64", (torch.bfloat16,) * 3, False),  # float64 compute: cast
     ("ties", "F32", (torch.bfloat16, torch.float16, torch.bfloat16), False),  # mixed: cast all
@@ -166,3 +189,20 @@ def test_merge_block_bytes_with_and_without_stored_rows(monkeypatch):
     cast = merge_block(job, unit, [base, *xs], reduced)
     assert stored.dtype == torch.bfloat16
     assert torch.equal(stored.view(torch.int16), cast.view(torch.int16))
+
+
+@pytest.mark.parametrize("glob", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
+                         ids=["whole", "last-dim", "row-wise"])
+@pytest.mark.parametrize("with_base", [False, True], ids=["experts", "task-vectors"])
+def test_stored_rows_nuslerp_modes(glob, with_base):
+    """nuslerp's three modes, blending the experts or their task vectors (a base_model given)."""
+    base, xs = bf16_inputs((37, 19), 2, seed=8, ties=False)
+    params = case_params("nuslerp", 2, glob)
+    assert_same(*both_ways("nuslerp", base, xs, params, chunk_rows=4, steps=(5, 37), with_base=with_base))
+
+
+@pytest.mark.parametrize("name", ["karcher", "multislerp"])
+def test_stored_rows_with_an_optional_base(name):
+    """karcher and multislerp with a base_model: the task vectors' mean, then + base."""
+    base, xs = bf16_inputs((37, 19), 2, seed=9, ties=False)
+    assert_same(*both_ways(name, base, xs, case_params(name, 2), chunk_rows=4, steps=(5, 37), with_base=True))
