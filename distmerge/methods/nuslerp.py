@@ -105,6 +105,9 @@ class NuSlerp(MergeMethod):
         if round_ == 1 and mode == "whole" and kernels.kernel_mode(dtype) is not None:
             assert isinstance(previous, NuSlerpReductions)
             return NuSlerpPartials((self._fused_cosine(base, experts, previous, dtype),), dtype)
+        if round_ == 0 and mode == "whole" and base is None:
+            # The norms of the experts themselves: the float64 dot widens stored rows exactly.
+            return NuSlerpPartials((reductions.dot(experts[0], experts[0]), reductions.dot(experts[1], experts[1])), dtype)
         v0, v1 = self._vectors(*rows_in_compute(base, experts, ctx))
         if round_ == 0:
             if mode == "whole":

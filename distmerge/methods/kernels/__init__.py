@@ -97,6 +97,7 @@ def warm_up(experts: Sequence[int] = (2, 3), dtypes: Sequence[torch.dtype] = (to
     rank_values(np.ones(8, dtype=np.float32), (8,), np.ones(8, dtype=np.float32))
     for dtype in (torch.float32, torch.float64):
         variance_across(torch.zeros(2, 8, dtype=dtype))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
         float64_dot(torch.zeros(8, dtype=dtype), torch.zeros(8, dtype=dtype))
 
 

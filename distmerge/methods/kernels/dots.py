@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distmerge.methods.kernels.rounding import _jit, as_array
+from distmerge.methods.kernels.rounding import _jit, _value, value_arrays
 from distmerge.methods.kernels.sum_orders import (
     PW_BLOCK,
     pairwise_combine,
@@ -35,19 +35,17 @@ def _dot(a, b):  # noqa: ANN001, ANN202 - numba infers the types
         s = starts[j]
         z = sizes[j]
         for i in range(z):
-            buf[i] = np.float64(a[s + i]) * np.float64(b[s + i])
+            buf[i] = np.float64(_value(a, s + i)) * np.float64(_value(b, s + i))
         leaf[j] = pw_block(buf, z)
     return pairwise_combine(n, leaf)
-
-
-def _operand(x: torch.Tensor) -> np.ndarray:
-    """``x`` flat as an array that widens to float64 exactly (narrower floats as float32 copies:
-    numba reads neither float16 nor bfloat16)."""
-    return as_array(x, torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def float64_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """``float(np.add.reduce(a.double() * b.double()))`` over the flattened tensors."""
     if a.numel() != b.numel():
         raise ValueError(f"dot of {a.numel()} and {b.numel()} elements")
-    return float(_dot(_operand(a), _operand(b)))
+    # Arrays that widen to float64 exactly: float64 as is; bfloat16 as its bits (read through
+    # ``_value``, no copy); anything else as float32 (numba reads no float16).
+    wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    x, y = value_arrays([a, b], wide)
+    return float(_dot(x, y))
