@@ -1,11 +1,15 @@
 """Rounding to the compute dtype, and how kernels take their arrays: shared by every loop.
 
-Dtypes: float32 and float64 compute run natively. bfloat16 compute runs on float32 copies
-of the rows with each operation rounded to bfloat16 (round to nearest even), which is what
-torch's CPU bfloat16 ops do (compute in float32, round the result). float16 compute has no
-kernel: :func:`kernel_mode` returns None and callers use the torch formulation.
+Dtypes: float32 and float64 compute run natively. bfloat16 compute runs on float32 values
+with each operation rounded to bfloat16 (round to nearest even), which is what torch's CPU
+bfloat16 ops do (compute in float32, round the result). float16 compute has no kernel:
+:func:`kernel_mode` returns None and callers use the torch formulation.
 
-The scalar helpers here (``_r``, ``_key``) are inlined into the loops of the sibling modules.
+Arrays: the loops read rows through ``_value``, so bfloat16 rows come as their bits (``uint16``,
+:func:`stored_array`, :func:`value_arrays`) and are widened as they are read, with no cast pass,
+under bfloat16 compute and under float32 compute of bfloat16 checkpoints alike.
+
+The scalar helpers here (``_r``, ``_key``, ``_value``) are inlined into the loops of the sibling modules.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def kernel_mode(dtype: torch.dtype) -> int | None:
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the arrays the kernels see for compute dtype ``dtype``."""
+    """The dtype the kernels compute in (and write results in) for compute dtype ``dtype``."""
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
