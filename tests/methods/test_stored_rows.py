@@ -206,3 +206,32 @@ def test_stored_rows_with_an_optional_base(name):
     """karcher and multislerp with a base_model: the task vectors' mean, then + base."""
     base, xs = bf16_inputs((37, 19), 2, seed=9, ties=False)
     assert_same(*both_ways(name, base, xs, case_params(name, 2), chunk_rows=4, steps=(5, 37), with_base=True))
+
+
+class _RecordBase:
+    """A row step (as AIM's relaxation is) that records the base rows it is given and adds them."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def apply(self, tensor, shape, row_start, row_end, base, merged):  # noqa: ANN001, ANN201
+        self.seen.append(base)
+        return merged + base
+
+
+def test_row_steps_get_the_base_in_the_compute_dtype():
+    """A feature's row step (AIM's) computes with the base rows: it gets them in float32 when
+    the method was handed bfloat16 rows as stored, and its result is the cast run's."""
+    base, xs = bf16_inputs((16, 8), 2, seed=3, ties=False)
+    params = case_params("linear", 2)
+    tensor = dataclasses.make_dataclass("T", [("name", str), ("shape", tuple), ("compute_dtype", str),
+                                              ("base", int), ("params", TensorParams), ("out_dtype", str),
+                                              ("sources", tuple), ("reduction_rounds", int)])
+    t = tensor("w", (16, 8), "", 0, params, "F32", (None, None, None), 0)
+    unit = WorkUnit(0, 0, 16, 0, 0, 0)
+    step = _RecordBase()
+    job = MergeJob("linear", (t,), None, "F32", 0, check_finite=False, row_steps=(step,))  # type: ignore[arg-type]
+    got = merge_block(job, unit, [base, *xs], None)
+    assert step.seen[0].dtype == F32 and torch.equal(step.seen[0], base.float())
+    want = get_method("linear").merge(None, [x.float() for x in xs], params, shard_context(job, unit, [base.float()])) + base.float()
+    assert torch.equal(got, want)
