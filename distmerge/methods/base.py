@@ -229,6 +229,11 @@ def in_compute(rows: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
     return rows if ctx.compute is None else rows.to(ctx.compute)
 
 
+def delta_in_compute(x: torch.Tensor, base: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+    """``x - base`` in the compute dtype, as torch computes it (for a torch path)."""
+    return in_compute(x, ctx) - in_compute(base, ctx)
+
+
 def rows_in_compute(base: torch.Tensor | None, experts: Sequence[torch.Tensor], ctx: ShardContext,
                     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """A shard's base (or None) and expert rows by :func:`in_compute`: for a torch path."""

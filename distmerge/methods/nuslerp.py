@@ -105,13 +105,13 @@ class NuSlerp(MergeMethod):
         if round_ == 1 and mode == "whole" and kernels.kernel_mode(dtype) is not None:
             assert isinstance(previous, NuSlerpReductions)
             return NuSlerpPartials((self._fused_cosine(base, experts, previous, dtype),), dtype)
-        if round_ == 0 and mode == "whole" and base is None:
-            # The norms of the experts themselves: the float64 dot widens stored rows exactly.
-            return NuSlerpPartials((reductions.dot(experts[0], experts[0]), reductions.dot(experts[1], experts[1])), dtype)
-        v0, v1 = self._vectors(*rows_in_compute(base, experts, ctx))
+        # Without a base the vectors are the rows themselves, and the whole-tensor norms' float64
+        # dot widens stored rows exactly: no cast. Anything else is computed by torch.
+        stored = round_ == 0 and mode == "whole" and base is None
+        v0, v1 = self._vectors(base, experts) if stored else self._vectors(*rows_in_compute(base, experts, ctx))
         if round_ == 0:
             if mode == "whole":
-                return NuSlerpPartials((reductions.dot(v0, v0), reductions.dot(v1, v1)), v0.dtype)
+                return NuSlerpPartials((reductions.dot(v0, v0), reductions.dot(v1, v1)), dtype)
             return NuSlerpPartials((scalars.column_dot(v0, v0), scalars.column_dot(v1, v1)), v0.dtype)
         assert isinstance(previous, NuSlerpReductions)
         prod = (v0 / previous.norms[0]) * (v1 / previous.norms[1])

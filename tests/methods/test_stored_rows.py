@@ -172,15 +172,21 @@ def test_engine_passes_stored_rows_only_where_exact(method, compute, dtypes, sto
     assert ctx.expert_ids == tuple(range(len(dtypes) - 1))
 
 
+@dataclasses.dataclass
+class _PlannedTensor(_Tensor):  # what merge_block reads of a TensorPlan: a (16, 8) tensor with a base
+    shape: tuple[int, ...] = (16, 8)
+    params: TensorParams = dataclasses.field(default_factory=TensorParams)
+    out_dtype: str = "F32"
+    sources: tuple = (None, None, None)
+    reduction_rounds: int = 0
+
+
 def test_merge_block_bytes_with_and_without_stored_rows(monkeypatch):
     """The engine's merge of a unit (bf16 inputs, float32 compute, bf16 output) gives the same
     bytes whether the method is handed stored rows or cast ones."""
     base, xs = bf16_inputs((16, 8), 2, seed=2, ties=True)
     params = case_params("ties", 2)
-    tensor = dataclasses.make_dataclass("T", [("name", str), ("shape", tuple), ("compute_dtype", str),
-                                              ("base", int), ("params", TensorParams), ("out_dtype", str),
-                                              ("sources", tuple), ("reduction_rounds", int)])
-    t = tensor("w", (16, 8), "", 0, params, "BF16", (None, None, None), 4)
+    t = _PlannedTensor(params=params, out_dtype="BF16", reduction_rounds=4)
     reduced = reductions("ties", base.float(), [x.float() for x in xs], params, chunk_rows=16)
     job = dataclasses.replace(MergeJob("ties", (t,), None, "F32", 0), check_finite=False)  # type: ignore[arg-type]
     unit = WorkUnit(0, 0, 16, 0, 0, 0)
@@ -224,10 +230,7 @@ def test_row_steps_get_the_base_in_the_compute_dtype():
     the method was handed bfloat16 rows as stored, and its result is the cast run's."""
     base, xs = bf16_inputs((16, 8), 2, seed=3, ties=False)
     params = case_params("linear", 2)
-    tensor = dataclasses.make_dataclass("T", [("name", str), ("shape", tuple), ("compute_dtype", str),
-                                              ("base", int), ("params", TensorParams), ("out_dtype", str),
-                                              ("sources", tuple), ("reduction_rounds", int)])
-    t = tensor("w", (16, 8), "", 0, params, "F32", (None, None, None), 0)
+    t = _PlannedTensor(params=params, out_dtype="F32")
     unit = WorkUnit(0, 0, 16, 0, 0, 0)
     step = _RecordBase()
     job = MergeJob("linear", (t,), None, "F32", 0, check_finite=False, row_steps=(step,))  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods import kernels, reductions
-from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, in_compute
+from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, delta_in_compute
 from distmerge.methods.random_stream import stream_key, uniform_tensor, uniforms
 from distmerge.methods.sparsification.base import (
     Divisor,
@@ -107,7 +107,7 @@ class DellaSampling(Sparsifier):
         if len(ctx.shape) >= 2:
             return self.l1_partial(e, base, x, p, ctx, previous)
         # 1-D: the only "row" is the whole vector; ship the chunk's deltas and draws
-        delta = in_compute(x, ctx) - in_compute(base, ctx)
+        delta = delta_in_compute(x, base, ctx)
         return VectorPartial(delta.reshape(-1).clone(), della_mask_draws(ctx, e, delta.numel()))
 
     def reduce_into(
@@ -150,7 +150,7 @@ class DellaSampling(Sparsifier):
         reduced: TaskVectorReductions | None,
     ) -> tuple[KernelTerms, Divisor]:
         if len(ctx.shape) < 2:
-            mask, divide_by = self.keep(e, in_compute(x, ctx) - in_compute(base, ctx), p, ctx, reduced)
+            mask, divide_by = self.keep(e, delta_in_compute(x, base, ctx), p, ctx, reduced)
             return KernelTerms(mask=mask.reshape(-1).numpy()), divide_by
         # one pass of kernels.della_keep: the keep rule of ``keep`` with no rank or draw tensor
         shape = tuple(x.shape)

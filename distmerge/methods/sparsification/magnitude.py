@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from distmerge.methods import kernels, selection
-from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, in_compute
+from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, delta_in_compute
 from distmerge.methods.selection import magnitude_keys
 from distmerge.methods.sparsification.base import Divisor, KernelTerms, Sparsifier, numel
 from distmerge.methods.sparsification.rounds import (
@@ -312,7 +312,7 @@ class MagnitudeTrim(Sparsifier):
                     terms.high = t
                 continue
             assert cut is not None
-            keys = magnitude_keys(in_compute(x, ctx) - in_compute(base, ctx)) if keys is None else keys
+            keys = magnitude_keys(delta_in_compute(x, base, ctx)) if keys is None else keys
             top = explicit_in_top(keys, ctx, key, cut)
             explicit.append(top if bound is Bound.LOW else ~top)
         if explicit:
