@@ -66,7 +66,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
                                overwrite_foreign=overwrite_foreign, resume=resume)
         if state.kind == "complete":
             log.info("%s: already complete (fingerprint %s); nothing to do", target.location, identity.fingerprint)
-            return {**(state.report or {}), "noop": True, "out_dir": target.location}
+            return {**(state.report or {}), "fingerprint": identity.fingerprint, "noop": True, "out_dir": target.location}
         interrupted = state.journal
         if interrupted is not None and interrupted.header.get("shard_size") != plan.shard_size:
             log.warning("resuming with the interrupted run's shard size %s", interrupted.header.get("shard_size"))

@@ -5,6 +5,7 @@ refusals are one line; a failing batch stops the others and nothing is published
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,8 @@ def test_auto_merges_without_ray_and_never_imports_it(llama_family, tmp_path):
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["executor"] == "local" and report["verify"]["ok"]
     assert report["phases_s"]["local"] < 0.5  # the pool "starts" at once (Ray's start: seconds)
+    again = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress")
+    assert again.returncode == 0 and re.search(r"already complete: .* \(fingerprint [0-9a-f]{16}\)", again.stdout), again.stdout
     ray_out = run_merge(parse_config(_config("ties", base, experts)), tmp_path / "ray", executor="ray", progress=False)
     assert ray_out["executor"] == "ray"
     assert file_bytes(tmp_path / "out") == file_bytes(tmp_path / "ray")

@@ -57,6 +57,7 @@ def test_fingerprint_directory_changes_with_inputs(llama_family, tmp_path):
     assert first["out_dir"] == str(tmp_path / f"nightly-{first['fingerprint']}")
     again = run_merge(cfg, tmp_path / "nightly-{fingerprint}", progress=False)
     assert again["noop"] and again["out_dir"] == first["out_dir"]
+    assert again["fingerprint"] == first["fingerprint"]  # the CLI's "already complete" line prints it
     victim = sorted(copy.glob("model-*.safetensors"))[0]
     os.utime(victim, ns=(time.time_ns(), time.time_ns()))  # a re-saved fine-tune
     second = run_merge(cfg, tmp_path / "nightly-{fingerprint}", progress=False)
