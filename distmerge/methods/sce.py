@@ -18,7 +18,9 @@ the whole array, and it moves the weights, so no cheaper tie rule gives mergekit
 tensors above ``TOPK_GATHER_MAX_ELEMENTS`` keep every tie instead (bounded memory); the
 last round sums the kept task vectors' squares in float64 (rounded once to the compute dtype,
 as mergekit's mean returns). Without selection only that last round runs. Everything
-elementwise is mergekit's torch expression in the compute dtype.
+elementwise is mergekit's torch expression in the compute dtype; in float32 compute the rounds
+and the merge run as fused loops over the rows as stored (:mod:`.kernels.sce_loops`, the same
+floats).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import cast
 
+import numpy as np
 import torch
 
 from distmerge.methods import kernels, scalars
@@ -37,8 +40,11 @@ from distmerge.methods.base import (
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
+    rows_in_compute,
     unit_interval,
 )
+from distmerge.methods.kernels import sce_loops
 from distmerge.methods.selection import HIGH_BINS, dense_low, locate, magnitude_keys, sum_histograms
 
 NONE_KEPT = 0x7FFFFFFF  # a threshold key above every finite variance: keep nothing
@@ -73,6 +79,7 @@ class SceReductions(Reductions):
 class Sce(MergeMethod):
     name = "sce"
     uses_base = True
+    reads_stored_rows = True
     min_experts = 1
     global_parameters = {
         "select_topk": ParamSpec(1.0, check=unit_interval(allow_zero=True)[0], allowed=unit_interval(True)[1]),
@@ -90,6 +97,21 @@ class Sce(MergeMethod):
     @staticmethod
     def _task_vectors(base, experts):
         return torch.stack([x - base for x in experts], dim=0)
+
+    def _keep_rule(self, params: TensorParams, red: SceReductions | None, ctx: ShardContext,
+                   count: int) -> tuple[int, np.ndarray]:
+        """The kernels' form of :meth:`_kept`'s selection for ``count`` elements from
+        ``ctx.element_start``: the threshold key, and which elements tied at it are kept (empty:
+        every one)."""
+        density = params.global_["select_topk"]
+        if density >= 1:
+            return sce_loops.KEEP_ALL, np.zeros(0, dtype=np.bool_)
+        if density <= 0:
+            return sce_loops.KEEP_NONE, np.zeros(0, dtype=np.bool_)
+        assert red is not None and red.threshold is not None
+        if red.tie_kept is None:
+            return red.threshold, np.zeros(0, dtype=np.bool_)
+        return red.threshold, self._tied_here(red.tie_kept, ctx, torch.Size([count])).numpy()
 
     def _kept(self, tvs: torch.Tensor, params: TensorParams, red: SceReductions | None,
               ctx: ShardContext) -> torch.Tensor:
@@ -122,8 +144,11 @@ class Sce(MergeMethod):
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> ScePartials:
         assert base is not None
-        tvs = self._task_vectors(base, experts)
         red = cast(SceReductions | None, previous)
+        if _fused(base, ctx):
+            return self._fused_partials(base, experts, params, ctx, round_, red)
+        base, experts = rows_in_compute(base, experts, ctx)
+        tvs = self._task_vectors(base, experts)
         last = self.reduction_rounds(params) - 1
         if round_ < last:
             var = kernels.variance_across(tvs)
@@ -140,6 +165,29 @@ class Sce(MergeMethod):
             return ScePartials(low=torch.unique(inside, return_counts=True), dtype=tvs.dtype)
         kept = self._kept(tvs, params, red, ctx)
         return ScePartials(squares=tuple(scalars.total(t.square()) for t in kept), dtype=tvs.dtype)
+
+    def _fused_partials(self, base: torch.Tensor, experts: Sequence[torch.Tensor], params: TensorParams,
+                        ctx: ShardContext, round_: int, red: SceReductions | None) -> ScePartials:
+        """:meth:`partial_reductions` in float32 compute, by the fused loops."""
+        b, *xs = kernels.value_arrays([base, *experts], torch.float32)
+        last = self.reduction_rounds(params) - 1
+        if round_ == last:
+            threshold, tied = self._keep_rule(params, red, ctx, b.size)
+            sums = sce_loops.sce_square_sums(b, xs, threshold, tied)
+            return ScePartials(squares=tuple(float(v) for v in sums), dtype=torch.float32)
+        if round_ == 0:
+            nonzero, high = sce_loops.sce_counts(b, xs, sce_loops.HISTOGRAM)
+            return ScePartials(nonzero=nonzero, dtype=torch.float32, high=torch.from_numpy(high))
+        assert red is not None
+        if round_ == TIES_ROUND:
+            values = sce_loops.sce_counts(b, xs, sce_loops.MAGNITUDES)[1] if red.split else None
+            return ScePartials(values=None if values is None else torch.from_numpy(values), dtype=torch.float32)
+        if red.bucket is None:
+            return ScePartials(dtype=torch.float32)
+        low = sce_loops.sce_counts(b, xs, sce_loops.LOW_BITS, red.bucket[0])[1]
+        present = np.flatnonzero(low)
+        return ScePartials(low=(torch.from_numpy(present.astype(np.int32)), torch.from_numpy(low[present])),
+                           dtype=torch.float32)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> SceReductions:
@@ -175,16 +223,26 @@ class Sce(MergeMethod):
     @staticmethod
     def _tie_kept(chunks: Sequence[ScePartials], red: SceReductions) -> torch.Tensor:
         """Which elements tied at the threshold mergekit's ``torch.topk`` keeps: its choice among
-        equal values follows from the whole array (libstdc++'s introselect on CPU), so the
-        chunks' variances are joined in row order and topk runs on them as mergekit runs it."""
+        equal values follows from the whole array (libstdc++'s selection on CPU), so the
+        chunks' variances are joined in row order and the same selection runs on them
+        (:func:`kernels.topk_tied`, torch's algorithm on packed float32 keys, ~3x faster than
+        it). Variances of float64 compute would lose their order as float32 keys: torch.topk
+        itself chooses there (unsorted: the same set, see ``kernels.topk_select``)."""
         flat = torch.cat([c.values for c in chunks if c.values is not None])
-        indices = torch.topk(flat, k=red.k, largest=True).indices
-        tied = magnitude_keys(flat[indices]) == red.threshold
-        return torch.sort(indices[tied]).values
+        if flat.dtype != torch.float64:  # float32, or bf16/fp16 widened exactly
+            return torch.from_numpy(kernels.topk_tied(flat.to(torch.float32).numpy(), red.k, red.threshold))
+        indices = torch.topk(flat, k=red.k, largest=True, sorted=False).indices
+        return torch.sort(indices[magnitude_keys(flat[indices]) == red.threshold]).values
 
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, SceReductions) and reduced.weights is not None
+        if _fused(base, ctx):
+            b, *xs = kernels.value_arrays([base, *experts], torch.float32)
+            threshold, tied = self._keep_rule(params, reduced, ctx, b.size)
+            weights = reduced.weights.to(torch.float32).numpy()
+            return torch.from_numpy(sce_loops.sce_merge(b, xs, threshold, tied, weights)).reshape(base.shape)
+        base, experts = rows_in_compute(base, experts, ctx)
         tvs = self._kept(self._task_vectors(base, experts), params, reduced, ctx)
         sign = tvs.sign()
         majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
@@ -195,6 +253,11 @@ class Sce(MergeMethod):
         erased = tv_weights * erase_mask
         merged = (tvs * erased).sum(dim=0)
         return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def _fused(base: torch.Tensor, ctx: ShardContext) -> bool:
+    """Whether this shard runs the fused loops: float32 compute (others keep torch's ops)."""
+    return compute_dtype(base, ctx) == torch.float32
 
 
 def _numel(shape: tuple[int, ...]) -> int:

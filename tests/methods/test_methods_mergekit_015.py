@@ -603,18 +603,28 @@ def test_sce_select_topk_zero_keeps_the_base():
     assert torch.equal(run("sce", base, xs, params_for("sce", 2, {"select_topk": 0.0})), base)
 
 
-def test_sce_splits_ties_at_the_threshold_as_topk_does():
+@pytest.mark.parametrize(("shape", "topk", "dtype"), [
+    ((23, 11), 0.37, torch.float32),  # torch's topk: nth_element (64 k > n)
+    ((23, 11), 0.01, torch.float32),  # partial_sort (64 k <= n)
+    ((301, 203), 0.37, torch.float32),  # large enough for introselect's partitions
+    ((301, 203), 0.004, torch.float32),
+    ((301, 203), 0.37, torch.bfloat16),  # bf16 variances, widened for the selection
+    ((301, 203), 0.37, torch.float64),  # float64 variances: torch.topk chooses
+])
+def test_sce_splits_ties_at_the_threshold_as_topk_does(shape, topk, dtype):
     """Variances with few distinct values: exactly k kept, the tied ones those torch.topk on the
-    whole tensor keeps (mergekit's choice), under any chunking and sharding."""
+    whole tensor keeps (mergekit's sorted topk; distmerge's selection picks the same set),
+    under any chunking and sharding."""
     g = torch.Generator().manual_seed(7)
-    base = torch.zeros(23, 11)
-    xs = [torch.randint(-2, 3, (23, 11), generator=g).float() for _ in range(2)]
-    params = params_for("sce", 2, {"select_topk": 0.37})
-    want = ref_sce(base, xs, 0.37)
-    for chunk_rows in (1, 4, 23):
+    base = torch.zeros(shape, dtype=dtype)
+    xs = [torch.randint(-2, 3, shape, generator=g).to(dtype) for _ in range(2)]
+    params = params_for("sce", 2, {"select_topk": topk})
+    want = ref_sce(base, xs, topk)
+    rows = shape[0]
+    for chunk_rows in (1, 4, rows):
         reduced = reduce_all("sce", base, xs, params, chunk_rows=chunk_rows)
         assert reduced.split and reduced.tie_kept is not None
-        for step in (1, 5, 23):
+        for step in (1, 5, rows):
             bits_equal(merge_sharded("sce", base, xs, params, reduced, step), want)
 
 

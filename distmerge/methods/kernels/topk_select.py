@@ -1,0 +1,213 @@
+"""Which elements ``torch.topk(v, k, largest=True)`` picks on CPU, ties included, without torch.
+
+Why: mergekit's SCE keeps the ``k`` elements ``torch.topk`` picks from a tensor's variances. Where
+many are tied at the k-th largest, which of the tied ones it keeps follows from how its
+selection permutes the whole array, so distmerge runs the same selection on the whole tensor
+(``methods.sce``). torch builds a vector of ``(value, index)`` pairs and selects on it with a
+NaN-aware comparator; on tensors whose values repeat (bfloat16 task vectors) that measured
+25-75 ns per element, most of an SCE merge.
+
+Why it is exact: it is the same algorithm on the same sequence. torch's CPU topk
+(``ATen/native/TopKImpl.h``) fills the pairs in index order, then, when ``64 k <= n``, runs
+``std::partial_sort`` (whose chosen set is that of its ``__heap_select``) and otherwise
+``std::nth_element`` (libstdc++'s ``__introselect``: median-of-three pivots, unguarded
+partitions, ``__heap_select`` past a depth of ``2 log2 n``, insertion sort below four elements).
+Its comparator for ``largest`` is "a is NaN and b is not, or a > b", which on magnitudes is an
+integer comparison of their bit patterns with every NaN given one key above +inf. (``sorted``
+changes only the order of the chosen, not the set: after ``nth_element`` it sorts the first
+``k - 1``; ``partial_sort`` ignores it.) Each element
+here is one uint64, that key in the high half and the index in the low half, and the loops below
+are libstdc++'s, comparing the high halves only: the same comparisons, the same swaps, so the
+same first ``k``. The tests compare the chosen sets with ``torch.topk``'s on tie-heavy arrays in
+both branches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distmerge.methods.kernels.rounding import _inline, _jit
+
+_SIGN_OFF = np.uint32(0x7FFFFFFF)
+_INF_KEY = np.uint32(0x7F800000)
+_NAN_KEY = np.uint64(0x7F800001)  # every NaN: one key above +inf (the comparator's NaNs tie)
+_HALF = np.uint64(32)
+_LOW = np.uint64(0xFFFFFFFF)
+PARTIAL_SORT_FACTOR = 64  # torch: partial_sort when k * 64 <= n
+
+
+@_inline
+def _before(a, b):  # noqa: ANN001, ANN202 - numba infers the types
+    """torch's ``largest`` comparator on packed elements: a's value ranks above b's."""
+    return (a >> _HALF) > (b >> _HALF)
+
+
+@_inline
+def _swap(q, i, j):  # noqa: ANN001, ANN202
+    t = q[i]
+    q[i] = q[j]
+    q[j] = t
+
+
+@_inline
+def _push_heap(q, first, hole, top, value):  # noqa: ANN001, ANN202
+    """libstdc++ ``__push_heap`` (offsets relative to ``first``)."""
+    parent = (hole - 1) // 2 if hole > 0 else 0
+    while hole > top and _before(q[first + parent], value):
+        q[first + hole] = q[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2 if hole > 0 else 0
+    q[first + hole] = value
+
+
+@_inline
+def _adjust_heap(q, first, hole, length, value):  # noqa: ANN001, ANN202
+    """libstdc++ ``__adjust_heap``."""
+    top = hole
+    child = hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if _before(q[first + child], q[first + child - 1]):
+            child -= 1
+        q[first + hole] = q[first + child]
+        hole = child
+    if (length & 1) == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        q[first + hole] = q[first + child - 1]
+        hole = child - 1
+    _push_heap(q, first, hole, top, value)
+
+
+@_jit
+def _heap_select(q, first, middle, last):  # noqa: ANN001, ANN202
+    """libstdc++ ``__heap_select``: ``__make_heap`` on [first, middle), then each later element
+    that ranks above the heap's top replaces it (``__pop_heap``)."""
+    length = middle - first
+    if length >= 2:
+        parent = (length - 2) // 2
+        while True:
+            _adjust_heap(q, first, parent, length, q[first + parent])
+            if parent == 0:
+                break
+            parent -= 1
+    for i in range(middle, last):
+        if _before(q[i], q[first]):
+            value = q[i]
+            q[i] = q[first]
+            _adjust_heap(q, first, 0, length, value)
+
+
+@_inline
+def _move_median_to_first(q, result, a, b, c):  # noqa: ANN001, ANN202
+    """libstdc++ ``__move_median_to_first``."""
+    if _before(q[a], q[b]):
+        if _before(q[b], q[c]):
+            _swap(q, result, b)
+        elif _before(q[a], q[c]):
+            _swap(q, result, c)
+        else:
+            _swap(q, result, a)
+    elif _before(q[a], q[c]):
+        _swap(q, result, a)
+    elif _before(q[b], q[c]):
+        _swap(q, result, c)
+    else:
+        _swap(q, result, b)
+
+
+@_inline
+def _unguarded_partition(q, first, last, pivot):  # noqa: ANN001, ANN202
+    """libstdc++ ``__unguarded_partition`` around ``q[pivot]`` (outside [first, last))."""
+    p = q[pivot]
+    while True:
+        while _before(q[first], p):
+            first += 1
+        last -= 1
+        while _before(p, q[last]):
+            last -= 1
+        if not first < last:
+            return first
+        _swap(q, first, last)
+        first += 1
+
+
+@_inline
+def _insertion_sort(q, first, last):  # noqa: ANN001, ANN202
+    """libstdc++ ``__insertion_sort``."""
+    if first == last:
+        return
+    for i in range(first + 1, last):
+        value = q[i]
+        if _before(value, q[first]):
+            for j in range(i, first, -1):  # move_backward
+                q[j] = q[j - 1]
+            q[first] = value
+        else:
+            hole = i
+            while _before(value, q[hole - 1]):
+                q[hole] = q[hole - 1]
+                hole -= 1
+            q[hole] = value
+
+
+@_jit
+def _introselect(q, nth, first, last, depth):  # noqa: ANN001, ANN202
+    """libstdc++ ``__introselect``."""
+    while last - first > 3:
+        if depth == 0:
+            _heap_select(q, first, nth + 1, last)
+            _swap(q, first, nth)
+            return
+        depth -= 1
+        mid = first + (last - first) // 2
+        _move_median_to_first(q, first, first + 1, mid, last - 1)
+        cut = _unguarded_partition(q, first + 1, last, first)
+        if cut <= nth:
+            first = cut
+        else:
+            last = cut
+    _insertion_sort(q, first, last)
+
+
+@_jit
+def _pack(bits, q):  # noqa: ANN001, ANN202
+    """``q[i]`` = (comparator key of the float32 whose bits are ``bits[i]``) << 32 | i."""
+    for i in range(bits.size):
+        k = bits[i] & _SIGN_OFF
+        key = _NAN_KEY if k > _INF_KEY else np.uint64(k)
+        q[i] = (key << _HALF) | np.uint64(i)
+
+
+@_jit
+def _tied_in_top(bits, q, k, threshold):  # noqa: ANN001, ANN202
+    """Indices among the first ``k`` of ``q`` whose magnitude key is ``threshold``."""
+    out = np.empty(k, dtype=np.int64)
+    count = 0
+    for i in range(k):
+        j = np.int64(q[i] & _LOW)
+        if np.int64(bits[j] & _SIGN_OFF) == threshold:
+            out[count] = j
+            count += 1
+    return out[:count]
+
+
+def _lg(n: int) -> int:
+    """libstdc++ ``__lg``: floor(log2 n)."""
+    return n.bit_length() - 1
+
+
+def topk_tied(values: np.ndarray, k: int, threshold: int) -> np.ndarray:
+    """Sorted indices of the elements tied at magnitude key ``threshold`` among those
+    ``torch.topk(torch.from_numpy(values), k, largest=True)`` picks (``values``: float32
+    magnitudes, NaN allowed; ``0 < k <= values.size < 2**32``)."""
+    n = values.size
+    if not 0 < k <= n < 1 << 32:
+        raise ValueError(f"topk of {k} from {n} elements")
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    q = np.empty(n, dtype=np.uint64)
+    _pack(bits, q)
+    if k * PARTIAL_SORT_FACTOR <= n:
+        _heap_select(q, 0, k, n)  # partial_sort's choice; its sort_heap only orders the k
+    elif k < n:  # nth_element at k - 1 (with k == n every element is chosen)
+        _introselect(q, k - 1, 0, n, 2 * _lg(n))
+    return np.sort(_tied_in_top(bits, q, k, threshold))

@@ -1,0 +1,89 @@
+"""``kernels.topk_tied`` picks, among the elements tied at the k-th largest magnitude, exactly
+those ``torch.topk(largest=True)`` picks on CPU: in both of torch's branches (partial sort and
+nth_element), on arrays whose values repeat, with NaNs and infinities, at the edges of k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distmerge.methods.kernels import topk_select
+from distmerge.methods.kernels.topk_select import topk_tied
+from distmerge.methods.selection import magnitude_keys
+
+
+def torch_tied(v: torch.Tensor, k: int, threshold: int) -> np.ndarray:
+    """mergekit's choice: torch.topk (sorted, as mergekit calls it), then the tied ones."""
+    idx = torch.topk(v, k, largest=True).indices
+    return torch.sort(idx[magnitude_keys(v[idx]) == threshold]).values.numpy()
+
+
+def kth_key(v: torch.Tensor, k: int) -> int:
+    """The magnitude key at the k-th largest (NaNs rank above everything, as in topk)."""
+    return int(magnitude_keys(torch.topk(v, k).values[-1:])[0])
+
+
+def tie_heavy(g: torch.Generator, n: int, levels: int, nan: float = 0.0, inf: float = 0.0) -> torch.Tensor:
+    v = torch.randint(0, levels, (n,), generator=g).float() / 8
+    v[torch.rand(n, generator=g) < nan] = float("nan")
+    v[torch.rand(n, generator=g) < inf] = float("inf")
+    return v
+
+
+def test_random_tie_heavy_arrays_both_branches():
+    g = torch.Generator().manual_seed(1)
+    branches = {"partial": 0, "nth": 0}
+    tied_total = 0
+    for trial in range(800):
+        n = int(torch.randint(1, 2500, (1,), generator=g))
+        v = tie_heavy(g, n, int(torch.randint(1, 30, (1,), generator=g)),
+                      nan=0.05 * (trial % 5 == 0), inf=0.05 * (trial % 7 == 0))
+        k = int(torch.randint(1, n + 1, (1,), generator=g)) if trial % 2 else max(1, n // 97)
+        branches["partial" if k * 64 <= n else "nth"] += 1
+        threshold = kth_key(v, k)
+        got = topk_tied(v.numpy(), k, threshold)
+        assert np.array_equal(got, torch_tied(v, k, threshold)), (trial, n, k)
+        tied_total += got.size
+    assert min(branches.values()) > 100 and tied_total > 10000
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 64, 127, 128, 129, 4096, 100_003])
+def test_edges_of_k(n):
+    g = torch.Generator().manual_seed(n)
+    v = tie_heavy(g, n, 5, nan=0.01)
+    for k in sorted({1, 2, 3, n // 64, n // 64 + 1, n // 2, n - 1, n} - {0}):
+        if k > n:
+            continue
+        threshold = kth_key(v, k)
+        assert np.array_equal(topk_tied(v.numpy(), k, threshold), torch_tied(v, k, threshold)), (n, k)
+
+
+def test_large_array_nth_element_branch():
+    """Deep partitions (2^20 elements, half chosen, 40 distinct values)."""
+    g = torch.Generator().manual_seed(3)
+    v = (torch.randint(0, 40, (1 << 20,), generator=g).float() / 64) ** 2
+    k = (1 << 19) + 12345
+    threshold = kth_key(v, k)
+    got = topk_tied(v.numpy(), k, threshold)
+    assert got.size > 1000 and np.array_equal(got, torch_tied(v, k, threshold))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_the_depth_limit_fallback_still_selects_the_k_largest(depth):
+    """Past its depth limit introselect finishes with a heap selection (torch's path on
+    adversarial input, which random arrays do not reach): the first k are still the k largest."""
+    g = torch.Generator().manual_seed(depth)
+    v = tie_heavy(g, 5000, 50)
+    bits = v.numpy().view(np.uint32)
+    q = np.empty(v.numel(), dtype=np.uint64)
+    topk_select._pack(bits, q)
+    k = 1700
+    topk_select._introselect(q, k - 1, 0, q.size, depth)
+    chosen = v[torch.from_numpy((q[:k] & np.uint64(0xFFFFFFFF)).astype(np.int64))]
+    assert torch.equal(torch.sort(chosen).values, torch.sort(torch.topk(v, k).values).values)
+
+
+def test_refuses_an_empty_choice():
+    with pytest.raises(ValueError, match="topk of 0"):
+        topk_tied(np.ones(3, dtype=np.float32), 0, 0)
