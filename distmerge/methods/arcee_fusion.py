@@ -15,6 +15,10 @@ stream (draw j picks element floor(u_j * numel)), so the chunks weigh each eleme
 it was drawn and the result is reproducible for a seed. A matrix's softmax and KL are per row
 (shard-local); a 1-D tensor's span the whole vector: rounds for its maxima, its exp sums and its
 KL sum come first (float64 over canonical chunks, softmax rounded once to the compute dtype).
+A matrix's KL per last-dim vector is computed once, in the first quartile round, and carried in
+the reductions; in float32 compute the quartile rounds and the merge then run as fused loops
+from it (:mod:`.kernels.fusion_loops`, the same floats), visiting only the sampled elements
+where the quartiles come from a sample.
 """
 
 from __future__ import annotations
@@ -23,18 +27,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from distmerge.methods import scalars
+from distmerge.methods import kernels, scalars
 from distmerge.methods.base import (
     MergeMethod,
     Partials,
     Reductions,
     ShardContext,
     TensorParams,
+    compute_dtype,
+    in_compute,
     promoted_to_float32,
+    rows_in_compute,
 )
+from distmerge.methods.kernels import fusion_loops
 from distmerge.methods.random_stream import uniforms
 from distmerge.methods.selection import dense_low, locate
 
@@ -57,14 +66,33 @@ def key_value(key: int) -> float:
     return float(torch.tensor([u], dtype=torch.int64).to(torch.int32).view(torch.float32)[0])
 
 
-def sample_weights(ctx: ShardContext, numel: int, chunk_numel: int) -> torch.Tensor | None:
-    """How often each element of this chunk is in the tensor's sample (None: no sampling)."""
+def sample_picks(ctx: ShardContext, numel: int, chunk_numel: int) -> torch.Tensor | None:
+    """The tensor's sampled elements that fall in this chunk, chunk-relative, with repetition, in
+    draw order (None: no sampling)."""
     if numel <= SAMPLE_SIZE:
         return None
     u = torch.from_numpy(uniforms(ctx.seed, ctx.tensor, SAMPLE_STREAM, 0, SAMPLE_SIZE))
     picks = torch.clamp((u * numel).to(torch.int64), max=numel - 1) - ctx.element_start
-    picks = picks[(picks >= 0) & (picks < chunk_numel)]
-    return torch.bincount(picks, minlength=chunk_numel)
+    return picks[(picks >= 0) & (picks < chunk_numel)]
+
+
+def sample_weights(ctx: ShardContext, numel: int, chunk_numel: int) -> torch.Tensor | None:
+    """How often each element of this chunk is in the tensor's sample (None: no sampling)."""
+    picks = sample_picks(ctx, numel, chunk_numel)
+    return None if picks is None else torch.bincount(picks, minlength=chunk_numel)
+
+
+def row_kl(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """mergekit's KL of each last-dim vector, ``(..., 1)``: softmaxes along the last dim + 1e-8."""
+    p = F.softmax(x, dim=-1) + EPS
+    q = F.softmax(base, dim=-1) + EPS
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def dense_to_sparse(hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense digit count as ``sparse_counts`` gives it: the digits that occur, and their counts."""
+    values = np.flatnonzero(hist)
+    return torch.from_numpy(values.astype(np.int64)), torch.from_numpy(hist[values])
 
 
 def sparse_counts(bins: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +113,7 @@ class FusionPartials(Partials):
     floats: list[float] = field(default_factory=list)  # 1-D rounds: maxima, exp sums, KL sum
     high: tuple[torch.Tensor, torch.Tensor] | None = None  # quartile round 0: high bits, (weighted) counts
     low: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per quartile
+    kl: torch.Tensor | None = None  # >= 2-D, first quartile round: the chunk's KL per last-dim vector
     dtype: torch.dtype = torch.float32
 
 
@@ -93,6 +122,7 @@ class FusionReductions(Reductions):
     maxima: tuple[float, float] | None = None
     exp_sums: tuple[float, float] | None = None
     kl: torch.Tensor | None = None  # 1-D: the whole vector's KL, compute dtype
+    kl_vectors: torch.Tensor | None = None  # >= 2-D: the KL of every last-dim vector, flat, in order
     buckets: list[tuple[int, int]] = field(default_factory=list)
     threshold: torch.Tensor | None = None
 
@@ -100,6 +130,7 @@ class FusionReductions(Reductions):
 class ArceeFusion(MergeMethod):
     name = "arcee_fusion"
     uses_base = True
+    reads_stored_rows = True
     min_experts = 1
     max_experts = 1
     global_parameters = {}
@@ -121,20 +152,21 @@ class ArceeFusion(MergeMethod):
     def _softmax_1d(x: torch.Tensor, top: float, total: float) -> torch.Tensor:
         return (torch.exp(x.to(torch.float64) - top) / total).to(x.dtype)
 
-    def _importance(self, base, x, shape, red: FusionReductions | None) -> torch.Tensor:
+    def _importance(self, base, x, shape, red: FusionReductions | None, kl: torch.Tensor | None = None) -> torch.Tensor:
         diff = (x - base).abs()
         if len(shape) >= 2:
-            p = F.softmax(x, dim=-1) + EPS
-            q = F.softmax(base, dim=-1) + EPS
-            return diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+            return diff * (row_kl(base, x) if kl is None else kl)
         assert red is not None and red.kl is not None
         return diff * red.kl
 
     def partial_reductions(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> FusionPartials:
         assert base is not None
-        x, dtype = experts[0], experts[0].dtype
         red = cast(FusionReductions | None, previous)
+        if _fused(base, ctx):
+            return self._fused_partials(base, experts[0], ctx, round_, red)
+        base, (x,) = rows_in_compute(base, experts, ctx)
+        dtype = x.dtype
         vector = self._vector_rounds(ctx.shape)
         if round_ < vector:
             if round_ == 0:
@@ -147,19 +179,49 @@ class ArceeFusion(MergeMethod):
             p = self._softmax_1d(x, red.maxima[0], red.exp_sums[0]) + EPS
             q = self._softmax_1d(base, red.maxima[1], red.exp_sums[1]) + EPS
             return FusionPartials([scalars.total(p * torch.log(p / q))], dtype=dtype)
-        keys = order_keys(self._importance(base, x, ctx.shape, red))
+        kl = row_kl(base, x) if round_ == vector and len(ctx.shape) >= 2 else None  # shipped: the later rounds' KL
+        keys = order_keys(self._importance(base, x, ctx.shape, red, kl))
         full = 1
         for d in ctx.shape:
             full *= d
         weights = sample_weights(ctx, full, keys.numel())
         if round_ == vector:
-            return FusionPartials(high=sparse_counts(keys >> 16, weights), dtype=dtype)
+            return FusionPartials(high=sparse_counts(keys >> 16, weights), kl=None if kl is None else kl.reshape(-1),
+                                  dtype=dtype)
         assert red is not None
         lows = []
         for bucket, _ in red.buckets:
             inside = (keys >> 16) == bucket
             lows.append(sparse_counts(keys[inside] & 0xFFFF, None if weights is None else weights[inside]))
         return FusionPartials(low=lows, dtype=dtype)
+
+    def _fused_partials(self, base: torch.Tensor, x: torch.Tensor, ctx: ShardContext, round_: int,
+                        red: FusionReductions | None) -> FusionPartials:
+        """A matrix's quartile rounds in float32 compute, by the fused loops."""
+        full = 1
+        for d in ctx.shape:
+            full *= d
+        picks = sample_picks(ctx, full, base.numel())
+        cols = ctx.shape[-1]
+        if round_ == 0:
+            kl = row_kl(in_compute(base, ctx), in_compute(x, ctx)).reshape(-1)
+            buckets = np.zeros(0, dtype=np.int64)
+        else:
+            assert red is not None and red.kl_vectors is not None
+            kl = self._shard_kl(red, ctx)
+            buckets = np.array([b for b, _ in red.buckets], dtype=np.int64)
+        b, xb = kernels.value_arrays([base, x], torch.float32)
+        hist = fusion_loops.fusion_counts(b, xb, kl.numpy(), cols, None if picks is None else picks.numpy(), buckets)
+        if round_ == 0:
+            return FusionPartials(high=dense_to_sparse(hist[0]), kl=kl, dtype=torch.float32)
+        return FusionPartials(low=[dense_to_sparse(h) for h in hist], dtype=torch.float32)
+
+    @staticmethod
+    def _shard_kl(red: FusionReductions, ctx: ShardContext) -> torch.Tensor:
+        """The KL of the last-dim vectors in this shard's rows."""
+        assert red.kl_vectors is not None
+        per_row = ctx.row_numel // ctx.shape[-1]
+        return red.kl_vectors[ctx.row_start * per_row:ctx.row_end * per_row]
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> FusionReductions:
@@ -176,6 +238,8 @@ class ArceeFusion(MergeMethod):
                 out.kl = scalars.as_dtype(sum(c.floats[0] for c in chunks), dtype)
             return out
         if round_ == vector:
+            if len(shape) >= 2:
+                out.kl_vectors = torch.cat([c.kl for c in chunks if c.kl is not None])
             high = dense_low([c.high for c in chunks if c.high is not None])  # 2**16 bins, like the low bits
             n = int(high.sum())
             idx = (torch.tensor(QUANTILES) * (n - 1)).long()
@@ -192,8 +256,16 @@ class ArceeFusion(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, FusionReductions) and reduced.threshold is not None
-        x = experts[0]
+        if _fused(base, ctx):
+            b, xb = kernels.value_arrays([base, experts[0]], torch.float32)
+            kl = self._shard_kl(reduced, ctx).numpy()
+            merged = fusion_loops.fusion_merge(b, xb, kl, ctx.shape[-1], float(reduced.threshold))
+            return torch.from_numpy(merged).reshape(base.shape)
+        base, (x,) = rows_in_compute(base, experts, ctx)
         mask = (self._importance(base, x, ctx.shape, reduced) >= reduced.threshold).float()
         return base + (x - base) * mask
 
 
+def _fused(base: torch.Tensor, ctx: ShardContext) -> bool:
+    """Whether this shard runs the fused loops: a matrix (or more dims) in float32 compute."""
+    return len(ctx.shape) >= 2 and compute_dtype(base, ctx) == torch.float32

@@ -29,9 +29,9 @@ F32 = torch.float32
 
 
 def test_the_methods_that_read_stored_rows():
-    """The flag is where the fused loops are: linear, the task-vector family, some blends, sce."""
+    """The flag is where the fused loops are: linear, the task-vector family, some blends, sce, arcee_fusion."""
     assert sorted(["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
-                   "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ram", "ramplus_tl", "nuslerp", "karcher", "multislerp", "sce"]) == STORED
+                   "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ram", "ramplus_tl", "nuslerp", "karcher", "multislerp", "sce", "arcee_fusion"]) == STORED
 
 
 def bf16_inputs(shape, n, seed, ties):
@@ -96,7 +96,9 @@ def test_stored_rows_merge_as_cast_rows(name, shape, ties):
     rows = shape[0]
     cast, stored = both_ways(name, base, xs, params, chunk_rows=4, steps=(3, rows))
     assert_same(cast, stored)
-    if name not in NO_BASE:  # the merge did something: it is not the base
+    # the merge did something: it is not the base (arcee_fusion keeps it where no importance
+    # of a 5-element vector reaches Q2 + 1.5 IQR)
+    if name not in NO_BASE and not (name == "arcee_fusion" and shape == (5,)):
         assert not torch.equal(cast[1][0], base.float())
 
 

@@ -1,0 +1,82 @@
+"""Arcee Fusion's quartile rounds and merge as fused loops, from each last-dim vector's KL.
+
+Why: arcee_fusion's importance is ``|x - base| * kl``, ``kl`` one float per last-dim vector. As
+torch ops every round recomputed both softmaxes and the KL, then made int64 order keys, a
+weighted bincount over the chunk and boolean gathers per quartile: ~30x a linear merge per
+core. Here the KL comes from the first round (torch computes it, once), and the rounds and the
+merge are one pass each over the rows as stored (bfloat16 bits widened as read). Where the
+quartiles come from a sample (tensors above a million elements), the rounds visit the sampled
+elements only, once per draw, which is what weighting each element by its draw count gives.
+
+Why it is exact: the importance is ``float32(|float32(x - base)| * kl)``, as torch's broadcast
+product; its key is ``arcee_fusion.order_keys``' (float32 bits mapped to an order-preserving
+uint32); counts are integers; the merge is ``base + (x - base) * mask`` with a float32 mask, each
+product and sum rounded to float32 as torch does. float32 compute only (others keep torch's ops).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distmerge.methods.kernels.rounding import _inline, _jit, _value
+
+DIGIT = 1 << 16
+_TOP = np.uint32(0x80000000)
+
+
+@_inline
+def _order_key(b):  # noqa: ANN001, ANN202 - numba infers the types
+    """``order_keys`` of the float32 with bits ``b``: sign bit set for >= 0, all flipped for < 0."""
+    return np.int64(b | _TOP) if b < _TOP else np.int64(~b & np.uint32(0xFFFFFFFF))
+
+
+@_jit
+def _counts(base, x, kl, cols, sampled, picks, buckets, hist):  # noqa: ANN001, ANN202
+    """Quartile round counts over the chunk (or, ``sampled``, only its ``picks``, with
+    repetition): with no
+    ``buckets``, ``hist[0]`` counts the keys' high 16 bits; else ``hist[q]`` the low 16 bits of
+    the keys in high bucket ``buckets[q]``."""
+    f = np.empty(1, dtype=np.float32)
+    u = f.view(np.uint32)
+    count = picks.size if sampled else base.size
+    for i in range(count):
+        j = picks[i] if sampled else i
+        d = np.float32(_value(x, j) - _value(base, j))
+        f[0] = np.float32(abs(d) * kl[j // cols])
+        key = _order_key(u[0])
+        if buckets.size == 0:
+            hist[0, key >> 16] += 1
+        else:
+            for q in range(buckets.size):
+                if (key >> 16) == buckets[q]:
+                    hist[q, key & 0xFFFF] += 1
+
+
+def fusion_counts(base: np.ndarray, x: np.ndarray, kl: np.ndarray, cols: int, picks: np.ndarray | None,
+                  buckets: np.ndarray) -> np.ndarray:
+    """A quartile round's dense histograms (int64, one row per bucket, or one row of high bits
+    when ``buckets`` is empty) of a chunk's importance keys: ``kl[v]`` is the KL of last-dim
+    vector ``v`` (``cols`` elements each), ``picks`` the chunk's sampled elements (None: every
+    element, once; empty: none)."""
+    hist = np.zeros((max(buckets.size, 1), DIGIT), dtype=np.int64)
+    sampled = picks is not None
+    _counts(base, x, kl, cols, sampled, picks if sampled else np.zeros(0, dtype=np.int64), buckets, hist)
+    return hist
+
+
+@_jit
+def _merge(base, x, kl, cols, threshold, out):  # noqa: ANN001, ANN202
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(base.size):
+        b = _value(base, j)
+        d = np.float32(_value(x, j) - b)
+        importance = np.float32(abs(d) * kl[j // cols])
+        out[j] = b + d * (one if importance >= threshold else zero)
+
+
+def fusion_merge(base: np.ndarray, x: np.ndarray, kl: np.ndarray, cols: int, threshold: float) -> np.ndarray:
+    """``base + (x - base) * [importance >= threshold]`` in float32 (the mask a float32 1 or 0)."""
+    out = np.empty(base.size, dtype=np.float32)
+    _merge(base, x, kl, cols, np.float32(threshold), out)
+    return out
