@@ -44,7 +44,7 @@ from distmerge.methods.base import (
     rows_in_compute,
 )
 from distmerge.methods.kernels import fusion_loops
-from distmerge.methods.random_stream import uniforms
+from distmerge.methods.random_stream import stream_key, uniforms
 from distmerge.methods.selection import dense_low, locate
 
 SAMPLE_SIZE = 1_000_000
@@ -201,7 +201,11 @@ class ArceeFusion(MergeMethod):
         full = 1
         for d in ctx.shape:
             full *= d
-        picks = sample_picks(ctx, full, base.numel())
+        picks = None
+        if full > SAMPLE_SIZE:
+            key = stream_key(ctx.seed, ctx.tensor, SAMPLE_STREAM)
+            picks = fusion_loops.sample_positions(key, SAMPLE_SIZE, full, ctx.element_start,
+                                                  ctx.element_start + base.numel())
         cols = ctx.shape[-1]
         if round_ == 0:
             kl = row_kl(in_compute(base, ctx), in_compute(x, ctx)).reshape(-1)
@@ -211,7 +215,7 @@ class ArceeFusion(MergeMethod):
             kl = self._shard_kl(red, ctx)
             buckets = np.array([b for b, _ in red.buckets], dtype=np.int64)
         b, xb = kernels.value_arrays([base, x], torch.float32)
-        hist = fusion_loops.fusion_counts(b, xb, kl.numpy(), cols, None if picks is None else picks.numpy(), buckets)
+        hist = fusion_loops.fusion_counts(b, xb, kl.numpy(), cols, picks, buckets)
         if round_ == 0:
             return FusionPartials(high=dense_to_sparse(hist[0]), kl=kl, dtype=torch.float32)
         return FusionPartials(low=[dense_to_sparse(h) for h in hist], dtype=torch.float32)

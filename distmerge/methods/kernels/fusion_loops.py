@@ -19,8 +19,11 @@ from __future__ import annotations
 import numpy as np
 
 from distmerge.methods.kernels.rounding import _inline, _jit, _value
+from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, fill_raw
 
 DIGIT = 1 << 16
+_DRAWS = 4096  # sample draws per block
+_UNIT = 2.0**-53  # as random_stream.uniforms
 _TOP = np.uint32(0x80000000)
 
 
@@ -28,6 +31,32 @@ _TOP = np.uint32(0x80000000)
 def _order_key(b):  # noqa: ANN001, ANN202 - numba infers the types
     """``order_keys`` of the float32 with bits ``b``: sign bit set for >= 0, all flipped for < 0."""
     return np.int64(b | _TOP) if b < _TOP else np.int64(~b & np.uint32(0xFFFFFFFF))
+
+
+@_jit
+def _picks(key0, key1, draws, numel, lo, hi, out):  # noqa: ANN001, ANN202
+    """Draws ``0 .. draws - 1`` of the stream as positions ``min(floor(u * numel), numel - 1)``;
+    those in ``[lo, hi)`` go to ``out`` (minus ``lo``), in draw order; returns how many."""
+    raw = np.empty(_DRAWS, dtype=np.uint64)
+    state = np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
+    count = 0
+    top = numel - 1
+    for s in range(0, draws, _DRAWS):
+        m = min(_DRAWS, draws - s)
+        fill_raw(key0, key1, np.uint64(s), raw[:m], state)
+        for i in range(m):
+            u = np.float64(np.int64(raw[i] >> np.uint64(11))) * _UNIT
+            p = min(np.int64(u * np.float64(numel)), top)
+            out[count] = p - lo  # kept only if inside: branch-free (most draws fall elsewhere)
+            count += (lo <= p) & (p < hi)
+    return count
+
+
+def sample_positions(key: np.ndarray, draws: int, numel: int, lo: int, hi: int) -> np.ndarray:
+    """arcee_fusion's sample as ``arcee_fusion.sample_picks`` draws it (the stream keyed ``key``):
+    the positions in ``[lo, hi)`` of the ``draws`` elements drawn from ``numel``, chunk-relative."""
+    out = np.empty(draws + 1, dtype=np.int64)  # + 1: the branch-free write past the last kept
+    return out[:_picks(key[0], key[1], draws, numel, lo, hi, out)]
 
 
 @_jit
