@@ -12,7 +12,12 @@ import torch
 
 from distmerge.methods import arcee_fusion
 from tests.methods.test_kernels import same_values
-from tests.methods.test_methods_catalogue import merge_sharded, params_for, reductions
+from tests.methods.test_methods_catalogue import (
+    merge_sharded,
+    params_for,
+    reductions,
+    torch_and_fused,
+)
 
 
 def fusion_inputs(kind, shape, seed):
@@ -29,21 +34,6 @@ def fusion_inputs(kind, shape, seed):
         flat[1::11] = -flat[1::11]
         flat[4] = 1e4  # an outlier: one vector's softmax saturates
     return base, [x]
-
-
-def torch_and_fused(base, xs, params, chunk_rows, steps, monkeypatch):
-    out = []
-    for fused in (False, True):
-        if not fused:
-            monkeypatch.setattr(arcee_fusion, "_fused", lambda base, ctx: False)
-        else:
-            monkeypatch.setattr(arcee_fusion, "_fused", FUSED)
-        reduced = reductions("arcee_fusion", base, xs, params, chunk_rows=chunk_rows)
-        out.append((reduced, [merge_sharded("arcee_fusion", base, xs, params, reduced, step) for step in steps]))
-    return out
-
-
-FUSED = arcee_fusion._fused
 
 
 def same_reductions(a, b) -> bool:
@@ -63,8 +53,8 @@ def test_fused_arcee_fusion_is_the_torch_formulation(kind, sampled, monkeypatch)
         base, xs = fusion_inputs(kind, shape, seed=shape[0])
         rows = shape[0]
         for chunk_rows in (1, 7, rows):
-            (r_torch, m_torch), (r_fused, m_fused) = torch_and_fused(base, xs, params, chunk_rows, (3, rows),
-                                                                     monkeypatch)
+            (r_torch, m_torch), (r_fused, m_fused) = torch_and_fused(arcee_fusion, "arcee_fusion", base, xs, params,
+                                                                     chunk_rows, (3, rows), monkeypatch)
             assert same_reductions(r_torch, r_fused), (shape, chunk_rows)
             for a, b in zip(m_torch, m_fused, strict=True):
                 assert a.dtype == b.dtype == torch.float32
@@ -102,7 +92,8 @@ def test_importances_at_the_threshold_are_kept(monkeypatch):
     x = base + 0.05 * torch.randn(1, 300, generator=g)
     x[0, :210] = base[0, :210] + 1 / 64
     params = params_for("arcee_fusion", 1)
-    (r_torch, m_torch), (r_fused, m_fused) = torch_and_fused(base, [x], params, 1, (1,), monkeypatch)
+    (r_torch, m_torch), (r_fused, m_fused) = torch_and_fused(arcee_fusion, "arcee_fusion", base, [x], params, 1, (1,),
+                                                               monkeypatch)
     assert same_reductions(r_torch, r_fused)
     assert torch.equal(m_torch[0].view(torch.int32), m_fused[0].view(torch.int32))
     assert torch.equal(m_fused[0][0, :210], x[0, :210])  # the plateau, at the threshold, is taken

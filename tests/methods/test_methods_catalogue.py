@@ -101,6 +101,18 @@ def merge_sharded(name, base, xs, params, reduced, step, seed=0, compute=None):
     return torch.cat(out)
 
 
+def torch_and_fused(module, name, base, xs, params, chunk_rows, steps, monkeypatch):
+    """(reductions, merges per step of ``steps`` rows) of method ``name`` by its torch
+    formulation (``module._fused`` made False), then by its fused loops (``module._fused``)."""
+    fused = module._fused
+    out = []
+    for choice in (lambda base, ctx: False, fused):
+        monkeypatch.setattr(module, "_fused", choice)
+        reduced = reductions(name, base, xs, params, chunk_rows=chunk_rows)
+        out.append((reduced, [merge_sharded(name, base, xs, params, reduced, step) for step in steps]))
+    return out
+
+
 def run_method(name, base, xs, params, seed=0):
     """Reduction rounds over the test's canonical chunks, then one whole-tensor merge()."""
     reduced = reductions(name, base, xs, params, seed)

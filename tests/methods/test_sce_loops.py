@@ -12,7 +12,12 @@ import torch
 
 from distmerge.methods import sce
 from tests.methods.test_kernels import same_values
-from tests.methods.test_methods_catalogue import merge_sharded, params_for, reductions
+from tests.methods.test_methods_catalogue import (
+    merge_sharded,
+    params_for,
+    reductions,
+    torch_and_fused,
+)
 
 
 def sce_inputs(kind, shape, n, seed):
@@ -34,19 +39,6 @@ def sce_inputs(kind, shape, n, seed):
         flat[-1][3] = float("inf")
         flat[0][min(5, flat[0].numel() - 1)] = -float("inf")
     return base, xs
-
-
-def torch_and_fused(base, xs, params, chunk_rows, steps, monkeypatch):
-    """(reductions, merges per step) by the torch formulation, then by the fused loops."""
-    out = []
-    for fused in (False, True):
-        if not fused:
-            monkeypatch.setattr(sce, "_fused", lambda base, ctx: False)
-        else:
-            monkeypatch.undo()
-        reduced = reductions("sce", base, xs, params, chunk_rows=chunk_rows)
-        out.append((reduced, [merge_sharded("sce", base, xs, params, reduced, step) for step in steps]))
-    return out
 
 
 def same_reductions(a, b) -> bool:
@@ -76,8 +68,8 @@ def test_fused_sce_is_the_torch_formulation(kind, topk, n, monkeypatch):
         params = params_for("sce", n, {"select_topk": topk})
         rows = shape[0]
         for chunk_rows in (1, 7, rows):
-            (r_torch, m_torch), (r_fused, m_fused) = torch_and_fused(base, xs, params, chunk_rows, (3, rows),
-                                                                     monkeypatch)
+            (r_torch, m_torch), (r_fused, m_fused) = torch_and_fused(sce, "sce", base, xs, params, chunk_rows,
+                                                                     (3, rows), monkeypatch)
             assert same_reductions(r_torch, r_fused), (shape, chunk_rows)
             for a, b in zip(m_torch, m_fused, strict=True):
                 assert_same_bits(a, b)
