@@ -163,7 +163,7 @@ class ArceeFusion(MergeMethod):
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> FusionPartials:
         assert base is not None
         red = cast(FusionReductions | None, previous)
-        if _fused(base, ctx):
+        if _fused(base, experts, ctx):
             return self._fused_partials(base, experts[0], ctx, round_, red)
         base, (x,) = rows_in_compute(base, experts, ctx)
         dtype = x.dtype
@@ -242,8 +242,9 @@ class ArceeFusion(MergeMethod):
                 out.kl = scalars.as_dtype(sum(c.floats[0] for c in chunks), dtype)
             return out
         if round_ == vector:
-            if len(shape) >= 2:
-                out.kl_vectors = torch.cat([c.kl for c in chunks if c.kl is not None])
+            if len(shape) >= 2:  # every chunk ships its vectors' KL in this round
+                assert all(c.kl is not None for c in chunks), "a chunk without its KL"
+                out.kl_vectors = torch.cat([cast(torch.Tensor, c.kl) for c in chunks])
             high = dense_low([c.high for c in chunks if c.high is not None])  # 2**16 bins, like the low bits
             n = int(high.sum())
             idx = (torch.tensor(QUANTILES) * (n - 1)).long()
@@ -260,7 +261,7 @@ class ArceeFusion(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, FusionReductions) and reduced.threshold is not None
-        if _fused(base, ctx):
+        if _fused(base, experts, ctx):
             b, xb = kernels.value_arrays([base, experts[0]], torch.float32)
             kl = self._shard_kl(reduced, ctx).numpy()
             merged = fusion_loops.fusion_merge(b, xb, kl, ctx.shape[-1], float(reduced.threshold))
@@ -270,6 +271,6 @@ class ArceeFusion(MergeMethod):
         return base + (x - base) * mask
 
 
-def _fused(base: torch.Tensor, ctx: ShardContext) -> bool:
+def _fused(base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: ShardContext) -> bool:
     """Whether this shard runs the fused loops: a matrix (or more dims) in float32 compute."""
     return len(ctx.shape) >= 2 and compute_dtype(base, ctx) == torch.float32

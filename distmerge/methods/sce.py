@@ -145,7 +145,7 @@ class Sce(MergeMethod):
                            ctx: ShardContext, round_: int, previous: Reductions | None) -> ScePartials:
         assert base is not None
         red = cast(SceReductions | None, previous)
-        if _fused(base, ctx):
+        if _fused(base, experts, ctx):
             return self._fused_partials(base, experts, params, ctx, round_, red)
         base, experts = rows_in_compute(base, experts, ctx)
         tvs = self._task_vectors(base, experts)
@@ -176,8 +176,8 @@ class Sce(MergeMethod):
             sums = sce_loops.sce_square_sums(b, xs, threshold, tied)
             return ScePartials(squares=tuple(float(v) for v in sums), dtype=torch.float32)
         if round_ == 0:
-            nonzero, high = sce_loops.sce_counts(b, xs, sce_loops.HISTOGRAM)
-            return ScePartials(nonzero=nonzero, dtype=torch.float32, high=torch.from_numpy(high))
+            nonzero, high = sce_loops.sce_counts(b, xs, sce_loops.HISTOGRAM)  # keys < 2**31: HIGH_BINS
+            return ScePartials(nonzero=nonzero, dtype=torch.float32, high=torch.from_numpy(high[:HIGH_BINS]))
         assert red is not None
         if round_ == TIES_ROUND:
             values = sce_loops.sce_counts(b, xs, sce_loops.MAGNITUDES)[1] if red.split else None
@@ -226,10 +226,11 @@ class Sce(MergeMethod):
         equal values follows from the whole array (libstdc++'s selection on CPU), so the
         chunks' variances are joined in row order and the same selection runs on them
         (:func:`kernels.topk_tied`, torch's algorithm on packed float32 keys, ~3x faster than
-        it). Variances of float64 compute would lose their order as float32 keys: torch.topk
-        itself chooses there (unsorted: the same set, see ``kernels.topk_select``)."""
+        it). Variances of float64 compute would lose their order as float32 keys, and a torch
+        built on another C++ library selects otherwise (``topk_select.agrees_with_torch``):
+        torch.topk itself chooses there (unsorted: the same set, see ``kernels.topk_select``)."""
         flat = torch.cat([c.values for c in chunks if c.values is not None])
-        if flat.dtype != torch.float64:  # float32, or bf16/fp16 widened exactly
+        if flat.dtype != torch.float64 and kernels.topk_select.agrees_with_torch():  # bf16/fp16 widen exactly
             return torch.from_numpy(kernels.topk_tied(flat.to(torch.float32).numpy(), red.k, red.threshold))
         indices = torch.topk(flat, k=red.k, largest=True, sorted=False).indices
         return torch.sort(indices[magnitude_keys(flat[indices]) == red.threshold]).values
@@ -237,7 +238,7 @@ class Sce(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, SceReductions) and reduced.weights is not None
-        if _fused(base, ctx):
+        if _fused(base, experts, ctx):
             b, *xs = kernels.value_arrays([base, *experts], torch.float32)
             threshold, tied = self._keep_rule(params, reduced, ctx, b.size)
             weights = reduced.weights.to(torch.float32).numpy()
@@ -255,9 +256,13 @@ class Sce(MergeMethod):
         return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
 
 
-def _fused(base: torch.Tensor, ctx: ShardContext) -> bool:
-    """Whether this shard runs the fused loops: float32 compute (others keep torch's ops)."""
-    return compute_dtype(base, ctx) == torch.float32
+FUSED_MAX_EXPERTS = 4  # torch's sum over a stack of more models adds in another order
+
+
+def _fused(base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: ShardContext) -> bool:
+    """Whether this shard runs the fused loops: float32 compute and at most four experts
+    (others keep torch's ops: its ``sum(dim=0)`` over five or more interleaves them)."""
+    return compute_dtype(base, ctx) == torch.float32 and len(experts) <= FUSED_MAX_EXPERTS
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -268,12 +268,14 @@ class TaskVectorMethod(MergeMethod):
 
 
 def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors).sum(dim=0)`` without the stacked copy: a left-to-right sum,
-    in float32 for bfloat16/float16 tensors (as torch's reduction accumulates), rounded once."""
+    """``torch.stack(tensors).sum(dim=0)`` without the stacked copy: a left-to-right sum from
+    +0.0 (torch's reduction starts there, so a sum of -0.0 terms is +0.0), in float32 for
+    bfloat16/float16 tensors (as torch's reduction accumulates), rounded once. (Up to four
+    tensors this is torch's order; from five, torch interleaves them in shape-dependent ways.)"""
     dtype = tensors[0].dtype
     acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    out = tensors[0].to(acc, copy=True)
-    for t in tensors[1:]:
+    out = torch.zeros(tensors[0].shape, dtype=acc)
+    for t in tensors:
         out.add_(t)
     return out.to(dtype)
 

@@ -86,6 +86,26 @@ def test_fused_merge_propagates_nan_like_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "dare_ties", "task_arithmetic"])
+def test_sums_of_negative_zeros_are_positive_zero(name, dtype):
+    """A -0.0 base weight whose deltas are all trimmed negatives: every kept term is -0.0, and
+    torch's sums start from +0.0, so mergekit merges it to +0.0. The kernel and the reference
+    both give that (they kept -0.0 before: a sum that started from its first term)."""
+    base = torch.tensor([[-0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]], dtype=dtype)
+    xs = [base + torch.tensor([[-1e-3, 0.5, -0.25, 0.125], [0.5, -0.5, 0.25, 1.0]], dtype=dtype),
+          base + torch.tensor([[-2e-3, 0.25, 0.5, -1.0], [0.25, 0.5, -0.125, 0.75]], dtype=dtype)]
+    xs[0][0, 0] = xs[0][0, 0].abs().neg()  # -1e-3 (bf16's -0.0 + -1e-3 is -1e-3)
+    params = params_for(name, 2, {}, {"weight": 1.0, "density": 0.5} if name != "task_arithmetic" else {"weight": 1.0})
+    reduced = reductions(name, base, xs, params, seed=3)
+    m = get_method(name)
+    c = ctx((2, 4), 0, 2, 3, 2)
+    got, want = m.merge(base, xs, params, c, reduced), m.merge_reference(base, xs, params, c, reduced)
+    assert same_bits(got, want)
+    if name == "ties":  # trimmed at density 0.5: both deltas dropped
+        assert got[0, 0].item() == 0.0 and not torch.signbit(got[0, 0])
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fused_linear_equals_torch_formulation(dtype, normalize):
     base, xs = inputs((33, 17), 3, dtype, seed=2)

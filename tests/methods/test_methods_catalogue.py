@@ -106,7 +106,7 @@ def torch_and_fused(module, name, base, xs, params, chunk_rows, steps, monkeypat
     formulation (``module._fused`` made False), then by its fused loops (``module._fused``)."""
     fused = module._fused
     out = []
-    for choice in (lambda base, ctx: False, fused):
+    for choice in (lambda *rows_and_ctx: False, fused):
         monkeypatch.setattr(module, "_fused", choice)
         reduced = reductions(name, base, xs, params, chunk_rows=chunk_rows)
         out.append((reduced, [merge_sharded(name, base, xs, params, reduced, step) for step in steps]))

@@ -35,6 +35,9 @@ def sce_inputs(kind, shape, n, seed):
         flat[-1][1::11] = -flat[-1][1::11]  # experts disagree in sign
         base.view(-1)[2::13] = 0.0
         flat[0][2::13] = -0.0  # a -0.0 task vector
+        base.view(-1)[3::17] = -0.0  # every expert's task vector negative, equal (variance 0):
+        for f in flat:  # dropped by any selection, tv * 0 = -0.0, and torch's sums of those are +0.0
+            f[3::17] = -1 / 64
     if kind == "infinite":
         flat[-1][3] = float("inf")
         flat[0][min(5, flat[0].numel() - 1)] = -float("inf")
@@ -96,3 +99,30 @@ def test_the_cases_reach_every_selection_path(monkeypatch):
     base, xs = sce_inputs("infinite", (37, 19), 2, seed=39)
     merged = merge_sharded("sce", base, xs, params, reductions("sce", base, xs, params, chunk_rows=7), 37)
     assert torch.isnan(merged).all()
+
+
+def test_five_experts_keep_the_torch_formulation():
+    """torch's sum over a stack of five or more models interleaves them (not left to right), so
+    the fused loops take at most four experts; more run the torch formulation."""
+    from tests.methods.test_methods_catalogue import ctx
+
+    base, xs = sce_inputs("smooth", (4, 7), 5, seed=1)
+    c = ctx((4, 7), 0, 4, 0, 5)
+    assert sce._fused(base, xs[:4], c) and not sce._fused(base, xs, c)
+    g = torch.Generator().manual_seed(0)  # the reason: five rows of mixed magnitudes
+    stacked = torch.randn(5, 1000, generator=g) * torch.logspace(-3, 3, 5).reshape(5, 1)
+    four = stacked[:4].sum(dim=0)
+    assert torch.equal(four, stacked[0] + stacked[1] + stacked[2] + stacked[3])
+    assert not torch.equal(stacked.sum(dim=0), four + stacked[4])
+
+
+def test_a_sum_of_negative_zeros_is_positive_zero(monkeypatch):
+    """An element every expert moves by the same negative step has variance 0, is dropped by any
+    selection, and its kept task vectors are -0.0: torch sums them to +0.0, so a -0.0 base
+    merges to +0.0 (mergekit's output), in the fused loops too."""
+    base = torch.tensor([[-0.0, 1.0, 2.0, 3.0]])
+    xs = [torch.tensor([[-1.0, 2.0, 2.5, 3.0]])]
+    params = params_for("sce", 1, {"select_topk": 0.5})
+    (_, (want,)), (_, (got,)) = torch_and_fused(sce, "sce", base, xs, params, 1, (1,), monkeypatch)
+    assert want[0, 0].item() == 0.0 and not torch.signbit(want[0, 0])
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -87,3 +87,22 @@ def test_the_depth_limit_fallback_still_selects_the_k_largest(depth):
 def test_refuses_an_empty_choice():
     with pytest.raises(ValueError, match="topk of 0"):
         topk_tied(np.ones(3, dtype=np.float32), 0, 0)
+
+
+def test_the_port_agrees_with_this_torch_and_sce_falls_back_where_not(monkeypatch):
+    """The probe finds libstdc++'s selection in this torch; where a torch chooses otherwise
+    (another C++ library), SCE's tie split runs torch.topk itself, with the same result here."""
+    from tests.methods.test_methods_catalogue import merge_sharded, params_for, reductions
+
+    assert topk_select.agrees_with_torch()
+    g = torch.Generator().manual_seed(7)
+    base = torch.zeros(41, 13)
+    xs = [torch.randint(-2, 3, (41, 13), generator=g).float() for _ in range(2)]
+    params = params_for("sce", 2, {"select_topk": 0.37})
+    merged = []
+    for agrees in (True, False):
+        monkeypatch.setattr(topk_select, "agrees_with_torch", lambda agrees=agrees: agrees)
+        reduced = reductions("sce", base, xs, params, chunk_rows=5)
+        assert reduced.tie_kept is not None and reduced.tie_kept.numel() > 0
+        merged.append(merge_sharded("sce", base, xs, params, reduced, 41))
+    assert torch.equal(merged[0].view(torch.int32), merged[1].view(torch.int32))

@@ -13,8 +13,9 @@ the same order. The task vector is ``float32(x - base)``; the variance is torch'
 :mod:`.variance`); the key is the bit pattern of its magnitude (``selection.magnitude_keys``);
 the kept task vector is ``tv * 1.0`` or ``tv * 0.0`` (as ``tvs * mask``); the squares' sum is
 numpy's pairwise sum of their float64 copies (:mod:`.sum_orders`); sums over the models add
-left to right in float32 (torch's ``sum(dim=0)`` of a stack). Other compute dtypes keep the
-torch formulation.
+left to right in float32 from +0.0 (torch's ``sum(dim=0)`` of a stack of at most four: a fifth
+model changes torch's order, so ``methods.sce`` runs more experts through torch). Other compute
+dtypes keep the torch formulation.
 """
 
 from __future__ import annotations
@@ -141,8 +142,12 @@ def _square_sums(base, xs, threshold, tied, sums):  # noqa: ANN001, ANN202
         s = starts[j]
         z = sizes[j]
         _task_vectors(base, xs, s, z, tv)
-        _variance_keys(tv, z, mean, m2, keys)
-        _keep(keys, z, threshold, tied[s:s + z] if tied.size else tied, keep)
+        if threshold == KEEP_ALL:
+            for i in range(z):
+                keep[i] = np.float32(1.0)
+        else:
+            _variance_keys(tv, z, mean, m2, keys)
+            _keep(keys, z, threshold, tied[s:s + z] if tied.size else tied, keep)
         for e in range(k):
             row = tv[e]
             q = buf[e]
@@ -188,10 +193,11 @@ def _merge(base, xs, threshold, tied, weights, out):  # noqa: ANN001, ANN202
                 row = tv[e]
                 for j in range(m):
                     row[j] = row[j] * keep[j]
-        first = tv[0]
-        for j in range(m):
-            total[j] = first[j]
-        for e in range(1, n):
+        for j in range(m):  # torch's sums start from +0.0 (a sum of -0.0 terms is +0.0)
+            total[j] = zero
+            merged[j] = zero
+            divisor[j] = zero
+        for e in range(n):
             row = tv[e]
             for j in range(m):
                 total[j] = total[j] + row[j]
@@ -202,12 +208,8 @@ def _merge(base, xs, threshold, tied, weights, out):  # noqa: ANN001, ANN202
                 t = row[j]
                 agrees = ((t > zero) & (total[j] >= zero)) | ((t < zero) & ~(total[j] >= zero))
                 erased = w * (one if agrees else zero)
-                if e == 0:
-                    merged[j] = t * erased
-                    divisor[j] = erased
-                else:
-                    merged[j] = merged[j] + t * erased
-                    divisor[j] = divisor[j] + erased
+                merged[j] = merged[j] + t * erased
+                divisor[j] = divisor[j] + erased
         b = base[s:s + m]
         o = out[s:s + m]
         for j in range(m):

@@ -115,7 +115,7 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
         acc = total[:m]
         first = wd[0, :m]
         for j in range(m):  # a loop: the slice assignment ``acc[:] = ...`` was measurably slower
-            acc[j] = first[j]
+            acc[j] = zero + first[j]  # from +0.0, as torch's sum: -0.0 terms sum to +0.0
         for e in range(1, n):
             row = wd[e, :m]
             for j in range(m):
@@ -133,8 +133,8 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                         sg[j] = sgn
                         a = row[j] * sgn
                         a = zero if a < zero else a  # clamp(min=0): -0.0 and NaN pass, as in torch
-                        acc[j] = a
-                        dv[j] = ws if a > zero else wz
+                        acc[j] = zero + a
+                        dv[j] = zero + (ws if a > zero else wz)
                 else:
                     for j in range(m):
                         a = row[j] * sg[j]

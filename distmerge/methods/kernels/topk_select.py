@@ -24,7 +24,11 @@ both branches.
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+
 import numpy as np
+import torch
 
 from distmerge.methods.kernels.rounding import _inline, _jit
 
@@ -34,6 +38,8 @@ _NAN_KEY = np.uint64(0x7F800001)  # every NaN: one key above +inf (the comparato
 _HALF = np.uint64(32)
 _LOW = np.uint64(0xFFFFFFFF)
 PARTIAL_SORT_FACTOR = 64  # torch: partial_sort when k * 64 <= n
+
+log = logging.getLogger(__name__)
 
 
 @_inline
@@ -211,3 +217,23 @@ def topk_tied(values: np.ndarray, k: int, threshold: int) -> np.ndarray:
     elif k < n:  # nth_element at k - 1 (with k == n every element is chosen)
         _introselect(q, k - 1, 0, n, 2 * _lg(n))
     return np.sort(_tied_in_top(bits, q, k, threshold))
+
+
+@cache
+def agrees_with_torch() -> bool:
+    """Whether this torch's CPU topk chooses as :func:`topk_tied` does, probed once on tie-heavy
+    arrays in both of its branches. The port is libstdc++'s selection (Linux wheels); a torch
+    built on another C++ library (libc++, MSVC's) or a changed ``TopKImpl.h`` would choose other
+    tied elements, and then callers use ``torch.topk`` itself."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((5000, 70), (5000, 2100), (777, 700)):  # partial_sort, then nth_element
+        v = torch.randint(0, 9, (n,), generator=g).to(torch.float32)
+        v[::97] = float("nan")
+        chosen = torch.topk(v, k, largest=True, sorted=False).indices
+        threshold = int(torch.topk(v, k).values[-1:].view(torch.int32)[0]) & 0x7FFFFFFF
+        keys = v[chosen].view(torch.int32) & 0x7FFFFFFF
+        want = torch.sort(chosen[keys == threshold]).values.numpy()
+        if not np.array_equal(topk_tied(v.numpy(), k, threshold), want):
+            log.info("torch.topk chooses tied elements otherwise here: SCE's tie split runs torch.topk")
+            return False
+    return True
