@@ -89,6 +89,11 @@ class ShardContext:
         return n
 
     @property
+    def tensor_numel(self) -> int:
+        """Elements in the whole tensor (not the shard)."""
+        return self.row_numel * self.shape[0] if self.shape else 1
+
+    @property
     def element_start(self) -> int:
         """Flat index of the first element of this shard within the whole tensor."""
         return self.row_start * self.row_numel if self.shape else 0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from distmerge.errors import ConfigError, DistmergeError
-from distmerge.methods import kernels, reductions, scalars
+from distmerge.methods import kernels, reductions, scalars, stack_sums
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -95,11 +95,14 @@ class MultiSlerp(MergeMethod):
         return weights / weights.sum() if params.global_["normalize_weights"] else weights
 
     def _fused(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
-               red: MultiSlerpReductions | None, upto: int, dtype: torch.dtype) -> list[float] | torch.Tensor | None:
+               red: MultiSlerpReductions | None, upto: int, dtype: torch.dtype, start: int = 0,
+               numel: int | None = None) -> list[float] | torch.Tensor | None:
         """What :meth:`replay` returns, by one fused pass (:func:`multislerp_pass`) computing in
-        ``dtype``; None where there is no loop for the dtype (float16) or the linear fallback runs."""
+        ``dtype``; None where there is no loop for the dtype (float16), the linear fallback runs
+        or the tensor is one element. ``start`` and ``numel`` as :meth:`replay` takes them."""
         mode = kernels.kernel_mode(dtype)
-        if mode is None or (red is not None and red.linear):
+        numel = experts[0].numel() if numel is None else numel
+        if mode is None or (red is not None and red.linear) or numel == 1:  # one element: see stack_sums
             return None
         kd = kernels.kernel_dtype(dtype)
         np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type
@@ -123,14 +126,18 @@ class MultiSlerp(MergeMethod):
         sums = np.zeros(k, dtype=np.float64)
         out = np.empty(xs[0].size if upto == ROUNDS else 0, dtype=np_kd)
         multislerp_pass(b, xs, base is not None, kernels.mode_tag(mode), upto, den, arr(w), mean_norm, dots,
-                        blend, sums, out)
+                        blend, stack_sums.tail_start(numel, dtype) - start, sums, out)
         if upto == ROUNDS:
             return torch.from_numpy(out).to(dtype).reshape(experts[0].shape)
         return [float(v) for v in sums[:k if upto in (0, 2) else 1]]
 
-    def replay(self, base, experts, params, red: MultiSlerpReductions | None, upto: int):  # noqa: ANN001, ANN201
+    def replay(self, base, experts, params, red: MultiSlerpReductions | None, upto: int,  # noqa: ANN001, ANN201
+               start: int = 0, numel: int | None = None):
         """mergekit's elementwise steps on these rows, as far as the rounds so far allow:
-        what round ``upto`` sums (``upto`` = ROUNDS: the merged rows)."""
+        what round ``upto`` sums (``upto`` = ROUNDS: the merged rows). The rows hold the
+        elements from flat index ``start`` of ``numel`` (default: all of them), which decides
+        the order of the sums over the models (``stack_sums``)."""
+        numel = experts[0].numel() if numel is None else numel
         eps = params.global_["eps"]
         tensors = torch.stack(list(experts), dim=0)
         if base is not None:
@@ -141,7 +148,7 @@ class MultiSlerp(MergeMethod):
         assert red is not None and red.norms is not None
         w = self._weights(params, flat.dtype)
         units = flat / _positive(red.norms + eps)
-        mean = (units * w.view(-1, 1)).sum(0)
+        mean = stack_sums.stack_sum(list(units * w.view(-1, 1)), start, numel)
         if upto == 1:
             return [reductions.dot(mean, mean)]
         if red.linear:
@@ -151,7 +158,7 @@ class MultiSlerp(MergeMethod):
         if upto == 2:
             return [scalars.total(u * mean) for u in units]
         tangent = units - red.dots * mean
-        tangent_result = (tangent * w.view(-1, 1)).sum(0)
+        tangent_result = stack_sums.stack_sum(list(tangent * w.view(-1, 1)), start, numel)
         if upto == 3:
             return [reductions.dot(tangent_result, tangent_result)]
         tn = _positive(red.tangent_norm)
@@ -166,9 +173,10 @@ class MultiSlerp(MergeMethod):
         dtype = compute_dtype(experts[0], ctx)
         if red is not None and red.linear:
             return SumPartials([], dtype)
-        sums = self._fused(base, experts, params, red, round_, dtype)
+        sums = self._fused(base, experts, params, red, round_, dtype, ctx.element_start, ctx.tensor_numel)
         if sums is None:
-            sums = self.replay(*rows_in_compute(base, experts, ctx), params, red, round_)
+            sums = self.replay(*rows_in_compute(base, experts, ctx), params, red, round_, ctx.element_start,
+                               ctx.tensor_numel)
         return SumPartials(sums, dtype)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
@@ -202,6 +210,9 @@ class MultiSlerp(MergeMethod):
         if len(experts) == 1:
             return experts[0].to(dtype, copy=True)
         red = cast(MultiSlerpReductions, reduced)
-        fused = self._fused(base, experts, params, red, ROUNDS, dtype)
-        return fused if fused is not None else self.replay(*rows_in_compute(base, experts, ctx), params, red, ROUNDS)
+        fused = self._fused(base, experts, params, red, ROUNDS, dtype, ctx.element_start, ctx.tensor_numel)
+        if fused is not None:
+            return fused
+        return self.replay(*rows_in_compute(base, experts, ctx), params, red, ROUNDS, ctx.element_start,
+                           ctx.tensor_numel)
 

@@ -23,7 +23,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from distmerge.methods import kernels
+from distmerge.methods import kernels, stack_sums
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -47,12 +47,15 @@ def _masks(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float):
 
 
 def reference_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,
-                    lambda_: torch.Tensor | None) -> torch.Tensor:
-    """mergekit's torch expressions: ram, or ramplus_tl with its per-model ``lambda_``."""
+                    lambda_: torch.Tensor | None, start: int = 0, numel: int | None = None) -> torch.Tensor:
+    """mergekit's torch expressions: ram, or ramplus_tl with its per-model ``lambda_``; the
+    rows hold the elements from flat index ``start`` of a ``numel``-element tensor (default:
+    the whole tensor), which decides the order of the sum over the models (``stack_sums``)."""
     tv, nonzero, counts, overlap, unique = _masks(base, experts, epsilon)
     tv_z = tv * nonzero
     kept = tv_z * unique if lambda_ is None else tv_z * unique * lambda_.unsqueeze(-1)
-    merged = (kept + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    merged = stack_sums.stack_sum(list(kept + (tv_z * overlap / counts.clamp(min=1))), start,
+                                  base.numel() if numel is None else numel)
     return base + merged.reshape_as(base)
 
 
@@ -80,9 +83,11 @@ def _loop_arrays(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: f
 
 
 def fused_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,
-                lambda_: torch.Tensor | None, compute: torch.dtype | None = None) -> torch.Tensor:
+                lambda_: torch.Tensor | None, compute: torch.dtype | None = None, start: int = 0,
+                numel: int | None = None) -> torch.Tensor:
     """The merged rows by :func:`ram_merge`, bit for bit the torch expressions (``lambda_``:
-    ramplus_tl's float32 factors, whose product promotes the sum to float32, or float64)."""
+    ramplus_tl's float32 factors, whose product promotes the sum to float32, or float64;
+    ``start`` and ``numel`` as :func:`reference_merge` takes them)."""
     compute = compute or base.dtype
     b, xs, mode, eps = _loop_arrays(base, experts, epsilon, compute)
     promoted = lambda_ is not None
@@ -90,8 +95,15 @@ def fused_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: fl
     kd = kernels.kernel_dtype(dtype)
     lambdas = kernels.as_array(lambda_ if promoted else torch.ones(len(experts)), kd)
     out = np.empty(b.size, dtype=np.float64 if kd == torch.float64 else np.float32)
-    ram_merge(b, xs, mode, eps.astype(out.dtype), lambdas, promoted, out)
+    tail = stack_sums.tail_start(base.numel() if numel is None else numel, dtype) - start
+    ram_merge(b, xs, mode, eps.astype(out.dtype), lambdas, promoted, tail, out)
     return torch.from_numpy(out).to(dtype).reshape(base.shape)
+
+
+def _fused(base: torch.Tensor, ctx: ShardContext) -> bool:
+    """Whether the merge runs the fused loop: a compute dtype it has, and more than one
+    element (torch sums a lone element's stack by another kernel, see ``stack_sums``)."""
+    return kernels.kernel_mode(compute_dtype(base, ctx)) is not None and ctx.tensor_numel > 1
 
 
 @dataclass
@@ -119,9 +131,11 @@ class Ram(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
-        if kernels.kernel_mode(compute_dtype(base, ctx)) is not None:
-            return fused_merge(base, experts, params.global_["epsilon"], None, ctx.compute)
-        return reference_merge(*rows_in_compute(base, experts, ctx), params.global_["epsilon"], None)
+        if _fused(base, ctx):
+            return fused_merge(base, experts, params.global_["epsilon"], None, ctx.compute, ctx.element_start,
+                               ctx.tensor_numel)
+        return reference_merge(*rows_in_compute(base, experts, ctx), params.global_["epsilon"], None,
+                               ctx.element_start, ctx.tensor_numel)
 
 
 class RamPlusTl(MergeMethod):
@@ -167,6 +181,7 @@ class RamPlusTl(MergeMethod):
         unique_counts = torch.tensor(reduced.unique, dtype=torch.int64)
         rho = shared_counts / unique_counts.clamp(min=g["epsilon"])
         lambda_ = 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])
-        if kernels.kernel_mode(compute_dtype(base, ctx)) is not None:
-            return fused_merge(base, experts, g["epsilon"], lambda_, ctx.compute)
-        return reference_merge(*rows_in_compute(base, experts, ctx), g["epsilon"], lambda_)
+        if _fused(base, ctx):
+            return fused_merge(base, experts, g["epsilon"], lambda_, ctx.compute, ctx.element_start, ctx.tensor_numel)
+        return reference_merge(*rows_in_compute(base, experts, ctx), g["epsilon"], lambda_, ctx.element_start,
+                               ctx.tensor_numel)

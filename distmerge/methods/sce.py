@@ -32,7 +32,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from distmerge.methods import kernels, scalars
+from distmerge.methods import kernels, scalars, stack_sums
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -46,6 +46,7 @@ from distmerge.methods.base import (
 )
 from distmerge.methods.kernels import sce_loops
 from distmerge.methods.selection import HIGH_BINS, dense_low, locate, magnitude_keys, sum_histograms
+from distmerge.methods.sparsification.base import numel
 
 NONE_KEPT = 0x7FFFFFFF  # a threshold key above every finite variance: keep nothing
 # The largest tensor whose variances the driver gathers to split ties as torch.topk does: 2^26
@@ -209,13 +210,13 @@ class Sce(MergeMethod):
                 histogram = dense_low([c.low for c in chunks if c.low is not None])
                 low, needed = locate(histogram, out.bucket[1])
                 out.threshold = (out.bucket[0] << 16) | low
-                out.split = needed < int(histogram[low]) and _numel(shape) <= TOPK_GATHER_MAX_ELEMENTS
+                out.split = needed < int(histogram[low]) and numel(shape) <= TOPK_GATHER_MAX_ELEMENTS
         else:
-            numel = _numel(shape)
+            count = numel(shape)
             dtype = chunks[0].dtype
             n = len(chunks[0].squares)
             sums = [sum(c.squares[i] for c in chunks) for i in range(n)]  # left to right, chunk order
-            weights = torch.stack([scalars.as_dtype(s / numel, dtype) for s in sums])
+            weights = torch.stack([scalars.as_dtype(s / count, dtype) for s in sums])
             weight_sum = torch.sum(weights).item()
             out.weights = torch.ones_like(weights) / n if abs(weight_sum) < 1e-6 else weights / weight_sum
         return out
@@ -242,31 +243,27 @@ class Sce(MergeMethod):
             b, *xs = kernels.value_arrays([base, *experts], torch.float32)
             threshold, tied = self._keep_rule(params, reduced, ctx, b.size)
             weights = reduced.weights.to(torch.float32).numpy()
-            return torch.from_numpy(sce_loops.sce_merge(b, xs, threshold, tied, weights)).reshape(base.shape)
+            tail = stack_sums.tail_start(ctx.tensor_numel, torch.float32) - ctx.element_start
+            return torch.from_numpy(sce_loops.sce_merge(b, xs, threshold, tied, weights, tail)).reshape(base.shape)
         base, experts = rows_in_compute(base, experts, ctx)
         tvs = self._kept(self._task_vectors(base, experts), params, reduced, ctx)
         sign = tvs.sign()
-        majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+        majority = (self._sum(tvs, ctx) >= 0).to(tvs.dtype) * 2 - 1
         erase_mask = sign == majority
         tv_weights = reduced.weights.to(tvs.dtype)
         while tv_weights.dim() < tvs.dim():
             tv_weights = tv_weights.unsqueeze(-1)
         erased = tv_weights * erase_mask
-        merged = (tvs * erased).sum(dim=0)
-        return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+        merged = self._sum(tvs * erased, ctx)
+        return base + merged / self._sum(erased.expand_as(tvs), ctx).clamp(min=1e-6)
 
-
-FUSED_MAX_EXPERTS = 4  # torch's sum over a stack of more models adds in another order
+    @staticmethod
+    def _sum(stacked: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        """mergekit's ``sum(dim=0)`` of the stack over the whole tensor, for this shard."""
+        return stack_sums.stack_sum(list(stacked), ctx.element_start, ctx.tensor_numel)
 
 
 def _fused(base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: ShardContext) -> bool:
-    """Whether this shard runs the fused loops: float32 compute and at most four experts
-    (others keep torch's ops: its ``sum(dim=0)`` over five or more interleaves them)."""
-    return compute_dtype(base, ctx) == torch.float32 and len(experts) <= FUSED_MAX_EXPERTS
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel
+    """Whether this shard runs the fused loops: float32 compute, and more than one element
+    (torch sums a lone element's stack by another kernel, see ``stack_sums``)."""
+    return compute_dtype(base, ctx) == torch.float32 and ctx.tensor_numel > 1

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, cast
 import numpy as np
 import torch
 
-from distmerge.methods import kernels
+from distmerge.methods import kernels, stack_sums
 from distmerge.methods.base import (
     MergeMethod,
     Params,
@@ -163,7 +163,7 @@ class TaskVectorMethod(MergeMethod):
         assert base is not None
         dtype = compute_dtype(base, ctx)
         mode = kernels.kernel_mode(dtype)
-        if mode is None:
+        if mode is None or ctx.tensor_numel == 1:  # a lone element: torch sums it by another kernel (stack_sums)
             return self.merge_reference(base, experts, params, ctx, reduced)
         cuts = sorted({r for r in (self.sparsifier.cut_rows(ctx, reduced) if self.sparsifier else [])
                        if ctx.row_start <= r < ctx.row_end})
@@ -192,7 +192,8 @@ class TaskVectorMethod(MergeMethod):
             rescale=np.array([kernels.scalar(t.factor, dtype) for t in terms]),
             probs=[t.probs for t in terms],
             weights=kernels.rounded(weights, dtype), consensus=consensus, normalize=normalize,
-            total_weight=total_w.to(kd).numpy(), lam=kernels.scalar(g["lambda"], dtype))
+            total_weight=total_w.to(kd).numpy(), lam=kernels.scalar(g["lambda"], dtype),
+            tail=stack_sums.tail_start(ctx.tensor_numel, dtype) - ctx.element_start)
         return torch.from_numpy(out).reshape(base.shape).to(dtype)
 
     def _kernel_terms(
@@ -231,8 +232,8 @@ class TaskVectorMethod(MergeMethod):
 
         As mergekit: each delta is weighted by its weight rounded to the compute dtype
         (``torch.tensor(weights, dtype=deltas.dtype)``); sums over the models are torch's
-        ``sum(dim=0)``, which accumulates bfloat16/float16 in float32 and rounds once
-        (:func:`_sum`); the sign is elected by ``total >= 0`` on the rounded total.
+        ``sum(dim=0)``, which accumulates bfloat16/float16 in float32 and rounds once, in the
+        order :mod:`.stack_sums` gives for the shard's place in the tensor; the sign is elected by ``total >= 0`` on the rounded total.
         """
         base, experts = rows_in_compute(base, experts, ctx)
         w = torch.tensor([p["weight"] for p in params.experts], dtype=base.dtype)
@@ -245,18 +246,18 @@ class TaskVectorMethod(MergeMethod):
             # A delta agrees iff delta * s > 0 (a zero never agrees), so relu(delta * s) is |delta|
             # where it agrees and 0 elsewhere: summing those and multiplying by s gives mergekit's
             # masked sum exactly (s = +-1 makes every product exact), with float ops only.
-            total = _sum(weighted)
+            total = _sum(weighted, ctx)
             sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
             del total
             agreeing = [wd.mul(sign).clamp_(min=0.0) for wd in weighted]
-            mixed = _sum(agreeing).mul_(sign)
-            divisor = _sum([torch.where(a > 0, w[i], 0.0 * w[i]) for i, a in enumerate(agreeing)])
+            mixed = _sum(agreeing, ctx).mul_(sign)
+            divisor = _sum([torch.where(a > 0, w[i], 0.0 * w[i]) for i, a in enumerate(agreeing)], ctx)
             del sign, agreeing
             if params.global_["normalize"]:
                 divisor.add_(divisor == 0)
                 mixed = mixed.div_(divisor)
         else:
-            mixed = _sum(weighted)
+            mixed = _sum(weighted, ctx)
             if params.global_["normalize"]:
                 total_w = w.sum()
                 if bool(total_w.abs() >= 1e-8):
@@ -267,17 +268,11 @@ class TaskVectorMethod(MergeMethod):
         return base + mixed
 
 
-def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors).sum(dim=0)`` without the stacked copy: a left-to-right sum from
-    +0.0 (torch's reduction starts there, so a sum of -0.0 terms is +0.0), in float32 for
-    bfloat16/float16 tensors (as torch's reduction accumulates), rounded once. (Up to four
-    tensors this is torch's order; from five, torch interleaves them in shape-dependent ways.)"""
-    dtype = tensors[0].dtype
-    acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    out = torch.zeros(tensors[0].shape, dtype=acc)
-    for t in tensors:
-        out.add_(t)
-    return out.to(dtype)
+def _sum(tensors: Sequence[torch.Tensor], ctx: ShardContext) -> torch.Tensor:
+    """mergekit's ``torch.stack(tensors).sum(dim=0)`` over the whole tensor, for this shard
+    (:func:`stack_sums.stack_sum`: from +0.0, so a sum of -0.0 terms is +0.0; bfloat16/float16
+    accumulate in float32, rounded once)."""
+    return stack_sums.stack_sum(tensors, ctx.element_start, ctx.tensor_numel)
 
 
 class TaskArithmetic(TaskVectorMethod):

@@ -14,7 +14,8 @@ rounded to D, as torch compares a D tensor with a Python number):
     s_e = z_e [c == 1] lambda_e + _r(z_e [c > 1] / max(c, 1))  (ramplus_tl: float32 lambda
           promotes the sum, which is not rounded to D)
     out = _r(b + _r(0 + s_0 + s_1 + ...))   (torch's sum over the models: one rounding;
-          ramplus_tl: neither rounding)
+          ramplus_tl: neither rounding; from five models torch adds the tensor's last
+          elements in another order, :mod:`.stack_order`)
     counts (ramplus_tl's round): shared_e += nz_e and c > 1;  unique_e += nz_e and c == 1
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from distmerge.methods.kernels.rounding import _jit, _r, _value
+from distmerge.methods.kernels.stack_order import reordered_from, stack_column
 
 BLOCK = 2048  # elements per block: the per-model task-vector rows stay in L1/L2 cache
 
@@ -69,15 +71,16 @@ def ram_counts(b, xs, mode, eps, shared, unique):  # noqa: ANN001, ANN202
 
 
 @_jit
-def ram_merge(b, xs, mode, eps, lambdas, promoted, out):  # noqa: ANN001, ANN202
+def ram_merge(b, xs, mode, eps, lambdas, promoted, tail, out):  # noqa: ANN001, ANN202
     """The merged rows into ``out``: ram (``promoted`` False, ``lambdas`` ignored) or ramplus_tl
     (``promoted``: ``lambdas`` per model, the float32 lambda's values, and no rounding to D
-    after the division)."""
+    after the division); ``tail``: where the tensor's tail starts, relative to ``b[0]``."""
     n = b.size
     k = len(xs)
     tv = np.empty((k, BLOCK), dtype=out.dtype)
     count = np.empty(BLOCK, dtype=out.dtype)
     acc = np.empty(BLOCK, dtype=out.dtype)
+    terms = np.empty(k, dtype=out.dtype)
     zero = out.dtype.type(0.0)
     one = out.dtype.type(1.0)
     e0 = eps[0]
@@ -101,6 +104,16 @@ def ram_merge(b, xs, mode, eps, lambdas, promoted, out):  # noqa: ANN001, ANN202
                     v = t[i] * (one if abs(t[i]) > e0 else zero)
                     shared = _r(v * (one if c > one else zero) / (c if c > one else one), mode)
                     acc[i] += _r(v * (one if c == one else zero) + shared, mode)
+        for i in range(reordered_from(k, tail, s, z), z):
+            c = count[i]
+            for e in range(k):
+                v = tv[e, i] * (one if abs(tv[e, i]) > e0 else zero)
+                shared = _r(v * (one if c > one else zero) / (c if c > one else one), mode)
+                if promoted:
+                    terms[e] = v * (one if c == one else zero) * lambdas[e] + shared
+                else:
+                    terms[e] = _r(v * (one if c == one else zero) + shared, mode)
+            acc[i] = stack_column(terms, k, s + i >= tail)
         o = out[s:s + z]
         bs = b[s:s + z]
         if promoted:

@@ -13,9 +13,8 @@ the same order. The task vector is ``float32(x - base)``; the variance is torch'
 :mod:`.variance`); the key is the bit pattern of its magnitude (``selection.magnitude_keys``);
 the kept task vector is ``tv * 1.0`` or ``tv * 0.0`` (as ``tvs * mask``); the squares' sum is
 numpy's pairwise sum of their float64 copies (:mod:`.sum_orders`); sums over the models add
-left to right in float32 from +0.0 (torch's ``sum(dim=0)`` of a stack of at most four: a fifth
-model changes torch's order, so ``methods.sce`` runs more experts through torch). Other compute
-dtypes keep the torch formulation.
+in float32 from +0.0 in torch's stacked ``sum(dim=0)`` order (:mod:`.stack_order`). Other
+compute dtypes keep the torch formulation.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distmerge.methods.kernels.rounding import _inline, _jit, _value
+from distmerge.methods.kernels.stack_order import reordered_from, stack_column
 from distmerge.methods.kernels.sum_orders import PW_BLOCK, leaves_into, pairwise_spans
 
 BLOCK = 2048  # elements per block of the counting rounds and the merge
@@ -168,7 +168,7 @@ def sce_square_sums(base: np.ndarray, xs: Sequence[np.ndarray], threshold: int, 
 
 
 @_jit
-def _merge(base, xs, threshold, tied, weights, out):  # noqa: ANN001, ANN202
+def _merge(base, xs, threshold, tied, weights, tail, out):  # noqa: ANN001, ANN202
     """SCE's erase and weighted mean over the rows, block by block (see :func:`sce_merge`)."""
     n = len(xs)
     size = base.size
@@ -183,6 +183,7 @@ def _merge(base, xs, threshold, tied, weights, out):  # noqa: ANN001, ANN202
     total = np.empty(BLOCK, dtype=np.float32)
     merged = np.empty(BLOCK, dtype=np.float32)
     divisor = np.empty(BLOCK, dtype=np.float32)
+    terms = np.empty(n, dtype=np.float32)
     for s in range(0, size, BLOCK):
         m = min(BLOCK, size - s)
         _task_vectors(base, xs, s, m, tv)
@@ -201,6 +202,11 @@ def _merge(base, xs, threshold, tied, weights, out):  # noqa: ANN001, ANN202
             row = tv[e]
             for j in range(m):
                 total[j] = total[j] + row[j]
+        first_reordered = reordered_from(n, tail, s, m)
+        for j in range(first_reordered, m):
+            for e in range(n):
+                terms[e] = tv[e, j]
+            total[j] = stack_column(terms, n, s + j >= tail)
         for e in range(n):
             row = tv[e]
             w = weights[e]
@@ -210,6 +216,17 @@ def _merge(base, xs, threshold, tied, weights, out):  # noqa: ANN001, ANN202
                 erased = w * (one if agrees else zero)
                 merged[j] = merged[j] + t * erased
                 divisor[j] = divisor[j] + erased
+        for j in range(first_reordered, m):
+            for e in range(n):
+                t = tv[e, j]
+                agrees = ((t > zero) & (total[j] >= zero)) | ((t < zero) & ~(total[j] >= zero))
+                terms[e] = t * (weights[e] * (one if agrees else zero))
+            merged[j] = stack_column(terms, n, s + j >= tail)
+            for e in range(n):
+                t = tv[e, j]
+                agrees = ((t > zero) & (total[j] >= zero)) | ((t < zero) & ~(total[j] >= zero))
+                terms[e] = weights[e] * (one if agrees else zero)
+            divisor[j] = stack_column(terms, n, s + j >= tail)
         b = base[s:s + m]
         o = out[s:s + m]
         for j in range(m):
@@ -219,11 +236,13 @@ def _merge(base, xs, threshold, tied, weights, out):  # noqa: ANN001, ANN202
 
 
 def sce_merge(base: np.ndarray, xs: Sequence[np.ndarray], threshold: int, tied: np.ndarray,
-              weights: np.ndarray) -> np.ndarray:
+              weights: np.ndarray, tail: int) -> np.ndarray:
     """SCE's merge of a block of rows in float32: the kept task vectors (as
     :func:`sce_square_sums` keeps them; ``KEEP_ALL`` skips the variances), the sign elected by
     their sum (``>= 0``: +), each model's ``weights[e]`` where its sign agrees (a zero never
-    does), and ``base + sum(tv * w) / max(sum(w), 1e-6)``."""
+    does), and ``base + sum(tv * w) / max(sum(w), 1e-6)``; sums over the models in torch's
+    stacked order, the tensor's tail from the row-relative index ``tail``
+    (:mod:`.stack_order`)."""
     out = np.empty(base.size, dtype=np.float32)
-    _merge(base, tuple(xs), threshold, tied, weights.astype(np.float32), out)
+    _merge(base, tuple(xs), threshold, tied, weights.astype(np.float32), tail, out)
     return out

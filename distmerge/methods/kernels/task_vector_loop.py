@@ -20,6 +20,7 @@ from distmerge.methods.kernels.l1_norms import (
     abs_sums as abs_sums,  # re-exported: the L1 round's partials
 )
 from distmerge.methods.kernels.rounding import _jit, _key, _r, _value, mode_tag
+from distmerge.methods.kernels.stack_order import reordered_from, stack_column
 from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, KeepStream, fill_keep
 
 NO_LOW = -1  # a low threshold below every key: no lower bound
@@ -72,7 +73,7 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
 
 @_jit
 def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind, rescale, probs,  # noqa: ANN001, ANN202
-                  weights, consensus, normalize, total_weight, lam, out):
+                  weights, consensus, normalize, total_weight, lam, tail, out):
     """One pass of the task-vector family; the torch formulation, op for op, per element.
 
     Per expert e: d = x - base; kept = d * mask (mask from key thresholds [low, high) and,
@@ -81,7 +82,9 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
     factor, a divisor or a per-element probability; weighted (by the weight rounded to the compute dtype). Then either a plain
     sum (normalized by ``total_weight`` if > 0) or TIES sign consensus (normalized by the
     agreeing weights); then lambda; then + base. Sums over the experts are accumulated in
-    the array dtype and rounded once, as torch's ``sum(dim=0)``.
+    the array dtype and rounded once, as torch's ``sum(dim=0)``, left to right, except the
+    elements :func:`.stack_order.reordered_from` names (``tail``: the shard-relative index
+    where the whole tensor's tail starts), which are summed again in torch's order.
     The elements go in cache-sized blocks, expert by expert, and every inner loop is a
     simple branch-free loop over contiguous memory: that is what the compiler vectorizes
     (a per-element loop over the experts, or one with loop-invariant branches, runs
@@ -95,6 +98,8 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
     sign = np.empty(BLOCK, dtype=out.dtype)
     div = np.empty(BLOCK, dtype=out.dtype)
     keep = np.empty(BLOCK, dtype=np.bool_)
+    terms = np.empty(n, dtype=out.dtype)
+    votes = np.empty(n, dtype=out.dtype)
     state = np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
     for s in range(0, out.size, BLOCK):
         m = min(BLOCK, out.size - s)
@@ -120,6 +125,11 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
             row = wd[e, :m]
             for j in range(m):
                 acc[j] = acc[j] + row[j]
+        first_reordered = reordered_from(n, tail, s, m)
+        for j in range(first_reordered, m):
+            for e in range(n):
+                terms[e] = wd[e, j]
+            acc[j] = stack_column(terms, n, s + j >= tail)
         if consensus:
             sg = sign[:m]
             dv = div[:m]
@@ -141,6 +151,14 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                         a = zero if a < zero else a
                         acc[j] = acc[j] + a
                         dv[j] = dv[j] + (ws if a > zero else wz)
+            for j in range(first_reordered, m):
+                for e in range(n):
+                    a = wd[e, j] * sg[j]
+                    a = zero if a < zero else a
+                    terms[e] = a
+                    votes[e] = weights[e] if a > zero else zero * weights[e]
+                acc[j] = stack_column(terms, n, s + j >= tail)
+                dv[j] = stack_column(votes, n, s + j >= tail)
             if normalize and lam == one:  # TIES' defaults: sign, normalize and + base in one loop
                 o = out[s:s + m]
                 for j in range(m):
@@ -173,13 +191,14 @@ def task_vectors(
     masks: Sequence[np.ndarray | None], rescale_kind: Sequence[int], rescale: np.ndarray,
     probs: Sequence[np.ndarray | None], weights: np.ndarray, consensus: bool,
     normalize: bool, total_weight: np.ndarray, lam: np.ndarray,
-    streams: Sequence[KeepStream | None] | None = None,
+    streams: Sequence[KeepStream | None] | None = None, tail: int | None = None,
 ) -> np.ndarray:
     """Run :func:`_task_vectors` (see there); ``None`` masks/probs/streams mean "not used".
     ``base`` and ``xs`` are read through ``_value`` (bfloat16 bits or the kernel dtype's
     floats); ``weights`` are the weights rounded to the compute dtype (mergekit multiplies by
     those), in the kernel dtype, which the result takes too; a stream's ``start`` is the stream
-    position of ``base[0]``."""
+    position of ``base[0]``; ``tail`` is where the whole tensor's tail starts relative to
+    ``base[0]`` (:func:`distmerge.methods.stack_sums.tail_start`; None: beyond the rows)."""
     empty_mask = np.zeros(0, dtype=np.bool_)
     empty_probs = np.zeros(0, dtype=weights.dtype)
     drawn = [st is not None for st in streams] if streams is not None else [False] * len(xs)
@@ -191,5 +210,6 @@ def task_vectors(
     _task_vectors(base, tuple(xs), mode_tag(mode), np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64),
                   tuple(empty_mask if m is None else m for m in masks), packed, np.asarray(drawn, dtype=np.bool_),
                   np.asarray(rescale_kind, dtype=np.int64), rescale, tuple(empty_probs if p is None else p for p in probs),
-                  weights, consensus, normalize, total_weight[()], lam[()], out)
+                  weights, consensus, normalize, total_weight[()], lam[()],
+                  base.size if tail is None else tail, out)
     return out
