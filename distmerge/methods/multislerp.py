@@ -99,10 +99,10 @@ class MultiSlerp(MergeMethod):
                numel: int | None = None) -> list[float] | torch.Tensor | None:
         """What :meth:`replay` returns, by one fused pass (:func:`multislerp_pass`) computing in
         ``dtype``; None where there is no loop for the dtype (float16), the linear fallback runs
-        or the tensor is one element. ``start`` and ``numel`` as :meth:`replay` takes them."""
+        or the loop would not follow torch's stacked sums (``stack_sums.loops_follow``). ``start`` and ``numel`` as :meth:`replay` takes them."""
         mode = kernels.kernel_mode(dtype)
         numel = experts[0].numel() if numel is None else numel
-        if mode is None or (red is not None and red.linear) or numel == 1:  # one element: see stack_sums
+        if mode is None or (red is not None and red.linear) or not stack_sums.loops_follow(numel, len(experts)):
             return None
         kd = kernels.kernel_dtype(dtype)
         np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type

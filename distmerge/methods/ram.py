@@ -100,10 +100,11 @@ def fused_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: fl
     return torch.from_numpy(out).to(dtype).reshape(base.shape)
 
 
-def _fused(base: torch.Tensor, ctx: ShardContext) -> bool:
-    """Whether the merge runs the fused loop: a compute dtype it has, and more than one
-    element (torch sums a lone element's stack by another kernel, see ``stack_sums``)."""
-    return kernels.kernel_mode(compute_dtype(base, ctx)) is not None and ctx.tensor_numel > 1
+def _fused(base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: ShardContext) -> bool:
+    """Whether the merge runs the fused loop: a compute dtype it has, where it follows torch's
+    stacked sums (``stack_sums.loops_follow``)."""
+    return (kernels.kernel_mode(compute_dtype(base, ctx)) is not None
+            and stack_sums.loops_follow(ctx.tensor_numel, len(experts)))
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Ram(MergeMethod):
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
-        if _fused(base, ctx):
+        if _fused(base, experts, ctx):
             return fused_merge(base, experts, params.global_["epsilon"], None, ctx.compute, ctx.element_start,
                                ctx.tensor_numel)
         return reference_merge(*rows_in_compute(base, experts, ctx), params.global_["epsilon"], None,
@@ -181,7 +182,7 @@ class RamPlusTl(MergeMethod):
         unique_counts = torch.tensor(reduced.unique, dtype=torch.int64)
         rho = shared_counts / unique_counts.clamp(min=g["epsilon"])
         lambda_ = 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])
-        if _fused(base, ctx):
+        if _fused(base, experts, ctx):
             return fused_merge(base, experts, g["epsilon"], lambda_, ctx.compute, ctx.element_start, ctx.tensor_numel)
         return reference_merge(*rows_in_compute(base, experts, ctx), g["epsilon"], lambda_, ctx.element_start,
                                ctx.tensor_numel)

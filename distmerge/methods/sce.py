@@ -264,6 +264,6 @@ class Sce(MergeMethod):
 
 
 def _fused(base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: ShardContext) -> bool:
-    """Whether this shard runs the fused loops: float32 compute, and more than one element
-    (torch sums a lone element's stack by another kernel, see ``stack_sums``)."""
-    return compute_dtype(base, ctx) == torch.float32 and ctx.tensor_numel > 1
+    """Whether this shard runs the fused loops: float32 compute, where they follow torch's
+    stacked sums (``stack_sums.loops_follow``)."""
+    return compute_dtype(base, ctx) == torch.float32 and stack_sums.loops_follow(ctx.tensor_numel, len(experts))

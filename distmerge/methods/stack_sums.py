@@ -52,6 +52,13 @@ def tail_start_for(numel: int, dtype: torch.dtype, lanes: int) -> int:
     return group * (numel // group)
 
 
+def loops_follow(numel: int, models: int) -> bool:
+    """Whether the fused loops (:mod:`.kernels.stack_order`) give torch's stacked sum: always,
+    except a one-element tensor's sum over five models or more, which torch takes as one
+    contiguous vector by another kernel (its own order, which :func:`stack_sum` leaves to torch)."""
+    return numel > 1 or models <= _QUAD
+
+
 def tail_start(numel: int, dtype: torch.dtype) -> int:
     """:func:`tail_start_for` with this machine's torch vectors."""
     return tail_start_for(numel, dtype, vector_lanes())

@@ -163,7 +163,7 @@ class TaskVectorMethod(MergeMethod):
         assert base is not None
         dtype = compute_dtype(base, ctx)
         mode = kernels.kernel_mode(dtype)
-        if mode is None or ctx.tensor_numel == 1:  # a lone element: torch sums it by another kernel (stack_sums)
+        if mode is None or not stack_sums.loops_follow(ctx.tensor_numel, len(experts)):
             return self.merge_reference(base, experts, params, ctx, reduced)
         cuts = sorted({r for r in (self.sparsifier.cut_rows(ctx, reduced) if self.sparsifier else [])
                        if ctx.row_start <= r < ctx.row_end})

@@ -101,16 +101,17 @@ def test_the_cases_reach_every_selection_path(monkeypatch):
     assert torch.isnan(merged).all()
 
 
-def test_five_experts_are_fused_but_a_lone_element_is_not():
+def test_five_experts_are_fused_except_on_a_lone_element():
     """torch's sum over a stack of five or more models is not left to right in the tensor's
     tail; the fused loops follow it (``stack_order``, tested against torch and the torch
     formulation in test_stack_sums.py). A one-element tensor's stack torch sums by another
-    kernel, so it keeps the torch formulation."""
+    kernel, so with five experts or more it keeps the torch formulation."""
     from tests.methods.test_methods_catalogue import ctx
 
     base, xs = sce_inputs("smooth", (4, 7), 5, seed=1)
     assert sce._fused(base, xs, ctx((4, 7), 0, 4, 0, 5))
     assert not sce._fused(base[:1, :1], [x[:1, :1] for x in xs], ctx((1, 1), 0, 1, 0, 5))
+    assert sce._fused(base[:1, :1], [x[:1, :1] for x in xs[:4]], ctx((1, 1), 0, 1, 0, 4))
     g = torch.Generator().manual_seed(0)  # why it matters: five rows of mixed magnitudes
     stacked = torch.randn(5, 1000, generator=g) * torch.logspace(-3, 3, 5).reshape(5, 1)
     four = stacked[:4].sum(dim=0)

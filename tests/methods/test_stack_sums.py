@@ -29,7 +29,7 @@ from tests.methods.test_methods_mergekit_015 import (
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 COUNTS = (1, 2, 4, 5, 7, 17, 18, 21, 40)
 NUMELS = (1, 2, 5, 8, 15, 16, 31, 33, 95, 1000, 40001)
-SHAPES = [(37, 19), (29,), (3, 40), (1, 23)]
+SHAPES = [(37, 19), (29,), (3, 40), (1, 23), (1,)]
 MANY = (5, 6, 9, 18)
 
 
