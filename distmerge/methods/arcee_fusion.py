@@ -44,8 +44,8 @@ from distmerge.methods.base import (
     rows_in_compute,
 )
 from distmerge.methods.kernels import fusion_loops
-from distmerge.methods.random_stream import stream_key, uniforms
-from distmerge.methods.selection import dense_low, locate
+from distmerge.methods.random_stream import stream_key
+from distmerge.methods.selection import dense_low, dense_to_sparse, locate
 
 SAMPLE_SIZE = 1_000_000
 SAMPLE_STREAM = -1  # the stream's "model" index: one sample per tensor, not per model
@@ -66,20 +66,20 @@ def key_value(key: int) -> float:
     return float(torch.tensor([u], dtype=torch.int64).to(torch.int32).view(torch.float32)[0])
 
 
-def sample_picks(ctx: ShardContext, numel: int, chunk_numel: int) -> torch.Tensor | None:
+def sample_picks(ctx: ShardContext, numel: int, chunk_numel: int) -> np.ndarray | None:
     """The tensor's sampled elements that fall in this chunk, chunk-relative, with repetition, in
-    draw order (None: no sampling)."""
+    draw order (None: no sampling): draw ``i`` of the stream is element
+    ``min(floor(u_i * numel), numel - 1)`` (:func:`fusion_loops.sample_positions`)."""
     if numel <= SAMPLE_SIZE:
         return None
-    u = torch.from_numpy(uniforms(ctx.seed, ctx.tensor, SAMPLE_STREAM, 0, SAMPLE_SIZE))
-    picks = torch.clamp((u * numel).to(torch.int64), max=numel - 1) - ctx.element_start
-    return picks[(picks >= 0) & (picks < chunk_numel)]
+    key = stream_key(ctx.seed, ctx.tensor, SAMPLE_STREAM)
+    return fusion_loops.sample_positions(key, SAMPLE_SIZE, numel, ctx.element_start, ctx.element_start + chunk_numel)
 
 
 def sample_weights(ctx: ShardContext, numel: int, chunk_numel: int) -> torch.Tensor | None:
     """How often each element of this chunk is in the tensor's sample (None: no sampling)."""
     picks = sample_picks(ctx, numel, chunk_numel)
-    return None if picks is None else torch.bincount(picks, minlength=chunk_numel)
+    return None if picks is None else torch.bincount(torch.from_numpy(picks), minlength=chunk_numel)
 
 
 def row_kl(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -87,12 +87,6 @@ def row_kl(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     p = F.softmax(x, dim=-1) + EPS
     q = F.softmax(base, dim=-1) + EPS
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-
-
-def dense_to_sparse(hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dense digit count as ``sparse_counts`` gives it: the digits that occur, and their counts."""
-    values = np.flatnonzero(hist)
-    return torch.from_numpy(values.astype(np.int64)), torch.from_numpy(hist[values])
 
 
 def sparse_counts(bins: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,10 +175,7 @@ class ArceeFusion(MergeMethod):
             return FusionPartials([scalars.total(p * torch.log(p / q))], dtype=dtype)
         kl = row_kl(base, x) if round_ == vector and len(ctx.shape) >= 2 else None  # shipped: the later rounds' KL
         keys = order_keys(self._importance(base, x, ctx.shape, red, kl))
-        full = 1
-        for d in ctx.shape:
-            full *= d
-        weights = sample_weights(ctx, full, keys.numel())
+        weights = sample_weights(ctx, ctx.tensor_numel, keys.numel())
         if round_ == vector:
             return FusionPartials(high=sparse_counts(keys >> 16, weights), kl=None if kl is None else kl.reshape(-1),
                                   dtype=dtype)
@@ -198,14 +189,7 @@ class ArceeFusion(MergeMethod):
     def _fused_partials(self, base: torch.Tensor, x: torch.Tensor, ctx: ShardContext, round_: int,
                         red: FusionReductions | None) -> FusionPartials:
         """A matrix's quartile rounds in float32 compute, by the fused loops."""
-        full = 1
-        for d in ctx.shape:
-            full *= d
-        picks = None
-        if full > SAMPLE_SIZE:
-            key = stream_key(ctx.seed, ctx.tensor, SAMPLE_STREAM)
-            picks = fusion_loops.sample_positions(key, SAMPLE_SIZE, full, ctx.element_start,
-                                                  ctx.element_start + base.numel())
+        picks = sample_picks(ctx, ctx.tensor_numel, base.numel())
         cols = ctx.shape[-1]
         if round_ == 0:
             kl = row_kl(in_compute(base, ctx), in_compute(x, ctx)).reshape(-1)

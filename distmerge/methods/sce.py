@@ -45,7 +45,14 @@ from distmerge.methods.base import (
     unit_interval,
 )
 from distmerge.methods.kernels import sce_loops
-from distmerge.methods.selection import HIGH_BINS, dense_low, locate, magnitude_keys, sum_histograms
+from distmerge.methods.selection import (
+    HIGH_BINS,
+    dense_low,
+    dense_to_sparse,
+    locate,
+    magnitude_keys,
+    sum_histograms,
+)
 from distmerge.methods.sparsification.base import numel
 
 NONE_KEPT = 0x7FFFFFFF  # a threshold key above every finite variance: keep nothing
@@ -186,9 +193,7 @@ class Sce(MergeMethod):
         if red.bucket is None:
             return ScePartials(dtype=torch.float32)
         low = sce_loops.sce_counts(b, xs, sce_loops.LOW_BITS, red.bucket[0])[1]
-        present = np.flatnonzero(low)
-        return ScePartials(low=(torch.from_numpy(present.astype(np.int32)), torch.from_numpy(low[present])),
-                           dtype=torch.float32)
+        return ScePartials(low=dense_to_sparse(low), dtype=torch.float32)
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> SceReductions:

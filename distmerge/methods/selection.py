@@ -266,6 +266,13 @@ def sum_histograms(partials: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def dense_to_sparse(hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense digit count as chunks ship it: the digits that occur (int64, ascending) and their
+    counts; :func:`dense_low` or ``torch.index_add`` undo it on the driver."""
+    values = np.flatnonzero(hist)
+    return torch.from_numpy(values.astype(np.int64)), torch.from_numpy(hist[values])
+
+
 def dense_low(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Dense low-bits histogram of one bucket from the chunks' sparse parts."""
     out = torch.zeros(LOW_BINS, dtype=torch.int64)

@@ -53,8 +53,8 @@ def _picks(key0, key1, draws, numel, lo, hi, out):  # noqa: ANN001, ANN202
 
 
 def sample_positions(key: np.ndarray, draws: int, numel: int, lo: int, hi: int) -> np.ndarray:
-    """arcee_fusion's sample as ``arcee_fusion.sample_picks`` draws it (the stream keyed ``key``):
-    the positions in ``[lo, hi)`` of the ``draws`` elements drawn from ``numel``, chunk-relative."""
+    """arcee_fusion's sample (the stream keyed ``key``): the positions in ``[lo, hi)`` of the
+    ``draws`` elements drawn from ``numel``, ``lo``-relative, in draw order."""
     out = np.empty(draws + 1, dtype=np.int64)  # + 1: the branch-free write past the last kept
     return out[:_picks(key[0], key[1], draws, numel, lo, hi, out)]
 
