@@ -11,11 +11,19 @@ which one depends on where the element sits in the whole tensor:
   taken by quads (model 4i + k into sum k), the leftover models into the first, then the
   other three into it. Up to four models that is left to right too; from five it is not.
 
+Level 0 takes its ``2 ** max(4, ceil_log2(n) // 4)`` values one by one; after each such group
+it is added into level 1 and cleared, and whenever the count so far is a multiple of
+``step ** j`` level j is carried into level j + 1 the same way; at the end level 0 += level 1,
++= level 2, += level 3 (:class:`CascadeSum`; :class:`RowSum` runs four of them). Accumulators
+are float32 for float32, bfloat16 and float16, float64 for float64.
+
 distmerge merges row shards, and a stacked sum of a shard would put the tail at the end of
 the shard, so callers pass where their shard starts in the whole tensor (:func:`stack_sum`),
 and the fused kernels apply the same rule (:mod:`.kernels.stack_order`) from
 :func:`tail_start`. Which elements form the tail depends on the width of torch's vectors,
-found by probing torch once (:func:`vector_lanes`).
+found by probing torch once (:func:`vector_lanes`). The vocabulary's padding mean
+(``vocab.cascade.StreamingMean``, ``torch.mean(rows, dim=0)`` over many rows fed in chunks)
+streams the same two orders.
 
 Threads: torch splits the columns between threads at multiples of 128 bytes. On 256-bit
 vectors (AVX2) those are whole groups, so the result does not depend on the thread count;
@@ -28,12 +36,18 @@ import logging
 from collections.abc import Sequence
 from functools import cache
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 _QUAD = 4  # row_sum's accumulators (ATen's ilp_factor) and the vectors in a group (nrows)
-_LEVELS = 4  # multi_row_sum's num_levels
+LEVELS = 4  # multi_row_sum's num_levels
+
+
+def _group(dtype: torch.dtype, lanes: int) -> int:
+    """Elements per main-loop group (four vectors of the accumulator) with ``lanes``-wide float32 vectors."""
+    return _QUAD * (lanes // 2 if dtype == torch.float64 else lanes)
 
 
 def _load_lanes(dtype: torch.dtype, lanes: int) -> int:
@@ -48,7 +62,7 @@ def tail_start_for(numel: int, dtype: torch.dtype, lanes: int) -> int:
         return numel
     if numel < _load_lanes(dtype, lanes):  # scalar_outer_sum: whole quads of columns, then the rest
         return _QUAD * (numel // _QUAD)
-    group = _QUAD * (lanes // 2 if dtype == torch.float64 else lanes)
+    group = _group(dtype, lanes)
     return group * (numel // group)
 
 
@@ -64,45 +78,92 @@ def tail_start(numel: int, dtype: torch.dtype) -> int:
     return tail_start_for(numel, dtype, vector_lanes())
 
 
-def _ceil_log2(x: int) -> int:
-    return 1 if x <= 2 else (x - 1).bit_length()
+def ceil_log2(n: int) -> int:
+    """``at::native::utils::CeilLog2``: 1 for n <= 2."""
+    return 1 if n <= 2 else (n - 1).bit_length()
 
 
-def _cascade(terms: Sequence[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
-    """``multi_row_sum`` over ``terms``, from +0.0."""
-    count = len(terms)
-    power = max(4, _ceil_log2(count) // _LEVELS)
-    step = 1 << power
-    mask = step - 1
-    acc = [zero] * _LEVELS
-    i = 0
-    while i + step <= count:
-        for _ in range(step):
-            acc[0] = acc[0] + terms[i]
-            i += 1
-        for level in range(1, _LEVELS):
-            acc[level] = acc[level] + acc[level - 1]
-            acc[level - 1] = zero
-            if i & (mask << (level * power)):
-                break
-    while i < count:
-        acc[0] = acc[0] + terms[i]
-        i += 1
-    for level in range(1, _LEVELS):
-        acc[0] = acc[0] + acc[level]
-    return acc[0]
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_sum(terms: Sequence[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
-    """``row_sum`` over ``terms``: quads into four sums, the rest into the first, then the others."""
-    quads = len(terms) // _QUAD
-    partial = [_cascade([terms[_QUAD * i + k] for i in range(quads)], zero) for k in range(_QUAD)]
-    first = partial[0]
-    for t in terms[_QUAD * quads:]:
-        first = first + t
-    for k in range(1, _QUAD):
-        first = first + partial[k]
-    return first
+class CascadeSum:
+    """Sum of ``n`` rows (known in advance), fed in order in chunks of any size."""
+
+    def __init__(self, n: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.n = n
+        self.dtype = dtype
+        self.acc_dtype = accumulator_dtype(dtype)
+        self.power = max(4, ceil_log2(n) // LEVELS)
+        self.step = 1 << self.power
+        self.mask = self.step - 1
+        self.acc = [torch.zeros(row_shape, dtype=self.acc_dtype) for _ in range(LEVELS)]
+        self.seen = 0
+        self.full_end = (n // self.step) * self.step  # rows before this go through the levels
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add the next ``len(rows)`` rows (in order). Level 0 takes a group's rows with
+        ``numpy.add.accumulate`` (one IEEE addition after another, like torch's loop)."""
+        if self.seen + rows.shape[0] > self.n:
+            raise ValueError(f"more than the {self.n} rows announced")
+        x = rows.to(self.acc_dtype).numpy()
+        acc, level0 = self.acc, self.acc[0].numpy()
+        i, k = 0, x.shape[0]
+        while i < k:
+            take = min(self.step - self.seen % self.step, k - i) if self.seen < self.full_end else k - i
+            chain = np.concatenate([level0[None], x[i:i + take]])
+            np.add.accumulate(chain, axis=0, out=chain)
+            level0[...] = chain[-1]
+            i += take
+            self.seen += take
+            if self.seen <= self.full_end and self.seen % self.step == 0:
+                for j in range(1, LEVELS):
+                    acc[j] += acc[j - 1]
+                    acc[j - 1].zero_()
+                    if self.seen & (self.mask << (j * self.power)):
+                        break
+
+    def total(self) -> torch.Tensor:
+        if self.seen != self.n:
+            raise ValueError(f"{self.seen} of {self.n} rows added")
+        out = self.acc[0].clone()
+        for j in range(1, LEVELS):
+            out += self.acc[j]
+        return out
+
+    def mean(self) -> torch.Tensor:
+        """``torch.mean(rows, dim=0)`` of all the rows, in the input dtype."""
+        return self.total().div_(self.n).to(self.dtype)
+
+
+class RowSum:
+    """torch's ``row_sum``: four interleaved cascades over n // 4 rows, then the tail."""
+
+    def __init__(self, n: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.n, self.quarter = n, n // 4
+        self.parts = [CascadeSum(self.quarter, row_shape, dtype) for _ in range(4)]
+        self.tail: torch.Tensor | None = None if self.quarter else torch.zeros(row_shape, dtype=accumulator_dtype(dtype))
+        self.seen = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.parts[0].acc_dtype)
+        split = max(0, min(rows.shape[0], 4 * self.quarter - self.seen))
+        for r in range(4):  # rows of global index = r (mod 4), before the tail
+            first = (r - self.seen) % 4
+            if first < split:
+                self.parts[r].add(rows[first:split:4])
+        if split < rows.shape[0]:
+            if self.tail is None:
+                self.tail = self.parts[0].total()
+            for row in rows[split:]:
+                self.tail += row
+        self.seen += rows.shape[0]
+
+    def total(self) -> torch.Tensor:
+        out = self.tail if self.tail is not None else self.parts[0].total()
+        for part in self.parts[1:]:
+            out = out + part.total() if self.quarter else out + part.acc[0]
+        return out
 
 
 def stack_sum_for(tensors: Sequence[torch.Tensor], start: int, numel: int, lanes: int) -> torch.Tensor:
@@ -110,13 +171,17 @@ def stack_sum_for(tensors: Sequence[torch.Tensor], start: int, numel: int, lanes
     dtype = tensors[0].dtype
     if numel == 1:  # a lone element: torch sums it as one contiguous vector, wherever it is
         return torch.stack(list(tensors)).sum(dim=0)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    terms = [t.reshape(-1).to(acc) for t in tensors]
-    zero = torch.zeros_like(terms[0])
-    out = zero + _cascade(terms, zero)
+    n = len(tensors)
+    stacked = torch.stack([t.reshape(-1) for t in tensors])
+    size = stacked.shape[1]
+    head = CascadeSum(n, (size,), dtype)
+    head.add(stacked)
+    out = head.total()
     tail = max(tail_start_for(numel, dtype, lanes) - start, 0)
-    if len(terms) > _QUAD and tail < out.numel():
-        out[tail:] = zero[tail:] + _row_sum([t[tail:] for t in terms], zero[tail:])
+    if n > _QUAD and tail < size:
+        rest = RowSum(n, (size - tail,), dtype)
+        rest.add(stacked[:, tail:])
+        out[tail:] = rest.total()
     return out.to(dtype).reshape(tensors[0].shape)
 
 
@@ -125,6 +190,20 @@ def stack_sum(tensors: Sequence[torch.Tensor], start: int, numel: int) -> torch.
     equal-shaped ``tensors`` holding the elements from flat index ``start`` of tensors of
     ``numel`` elements. bfloat16/float16 accumulate in float32, rounded once, as torch does."""
     return stack_sum_for(tensors, start, numel, vector_lanes())
+
+
+def spread_values(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """float64 values of exponents spread over 2**-12..2**12: their sums round in every dtype,
+    so a different order of additions shows."""
+    return torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(-12, 13, shape, generator=g).double())
+
+
+def group_width(dtype: torch.dtype) -> int | None:
+    """Columns per main-loop group of torch's dim-0 sum of ``dtype`` (4 SIMD vectors of its
+    accumulator), None where :func:`vector_lanes` found no width."""
+    lanes = vector_lanes()
+    return _group(dtype, lanes) if lanes else None
 
 
 @cache
@@ -137,9 +216,7 @@ def vector_lanes() -> int:
              for n in (5, 6, 9, 19) for numel in (3, 7, 13, 30, 100, 150)]
     probes = []
     for dtype, n, numel in cases:
-        xs = [(torch.randn(numel, generator=g, dtype=torch.float64)
-               * torch.exp(3 * torch.randn(numel, generator=g, dtype=torch.float64))).to(dtype) for _ in range(n)]
-        probes.append((xs, numel))
+        probes.append(([spread_values((numel,), g).to(dtype) for _ in range(n)], numel))
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -15,8 +15,8 @@ import tokenizers
 import torch
 from safetensors.torch import save_file
 
+from distmerge.methods.stack_sums import spread_values
 from distmerge.testing import mergekit_reference
-from distmerge.vocab.cascade import spread_values
 
 MERGEKIT_HOME = mergekit_reference.venv_path()  # $DISTMERGE_MERGEKIT_VENV or the user cache
 MERGEKIT_PYTHON = MERGEKIT_HOME / "bin" / "python"

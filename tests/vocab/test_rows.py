@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from distmerge.errors import ConfigError
+from distmerge.methods.stack_sums import spread_values
 from distmerge.vocab import TokenEmbeddingConfig, vocabulary_rows
-from distmerge.vocab.cascade import StreamingMean, spread_values
+from distmerge.vocab.cascade import StreamingMean
 from distmerge.vocab.config import ModelTokenEmbedding, ZeroEmbedding
 
 
