@@ -5,13 +5,12 @@ Pure array math, no I/O: :func:`distmerge.aim.relax.apply_relaxation` calls it o
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-_jit = numba.njit(cache=True, nogil=True)
+from distmerge.numba_cache import jit
 
 
-@_jit
+@jit
 def _relax(base, merged, factors, out):  # noqa: ANN001, ANN202
     n = factors.size
     for s in range(0, out.size, n):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numba
 import numpy as np
 import torch
 from numba.core import types
@@ -29,6 +28,7 @@ from numba.extending import intrinsic
 
 from distmerge.io.safetensors import TensorInfo, read_rows
 from distmerge.lora.adapter import EMBEDDING, LINEAR, LoraTensorInfo
+from distmerge.numba_cache import jit
 
 # Elements of the delta formed at once: bounds the float32 scratch whatever the unit's size;
 # rows are independent, so the result does not depend on it.
@@ -82,7 +82,7 @@ def _fma32(typingctx, a, b, c):  # noqa: ARG001 (numba's intrinsic signature)
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _fma_rows(lhs, rhs, out):  # pragma: no cover (compiled)
     for i in range(lhs.shape[0]):
         for j in range(rhs.shape[1]):

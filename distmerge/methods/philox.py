@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
+
+from distmerge.numba_cache import inline, jit
 
 OUTPUTS_PER_COUNTER = 4  # Philox4x64: one counter = four 64-bit outputs
 LANES = 64  # counters per batch: 256 draws (64 was measurably faster than 32 or 128 on Zen 5)
@@ -37,10 +38,8 @@ _W0, _W1 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBB67AE8584CAA73B)  # Weyl 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _32 = np.uint64(32)
 
-# Not kernels.rounding's decorators: importing the kernels package from here would be circular
-# (its modules import this one, and random_stream, which kernels.ranks imports, imports it too).
-_jit = numba.njit(cache=True, nogil=True)
-_inline = numba.njit(cache=True, nogil=True, inline="always")
+_jit = jit  # distmerge.numba_cache's (kernels.rounding's are the same ones)
+_inline = inline
 
 
 @dataclass(frozen=True)

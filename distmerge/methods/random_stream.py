@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -26,6 +25,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from distmerge.methods.philox import LANES, KeepStream, fill_keep, fill_raw, philox_scratch
+from distmerge.numba_cache import jit
 
 OUTPUTS_PER_COUNTER = 4  # Philox4x64: one counter increment = four 64-bit outputs
 _UNIT = 2.0**-53
@@ -55,7 +55,7 @@ _M0, _M1 = np.uint64(0xD2E7470EE14C6C93), np.uint64(0xCA5A826395121157)  # Philo
 _W0, _W1 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBB67AE8584CAA73B)  # Weyl key increments
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _philox_block(counter, key0, key1):  # noqa: ANN001, ANN202
     """Philox4x64-10 of the counter ``(counter, 0, 0, 0)``: the four outputs numpy gives."""
     x0, x1, x2, x3 = counter, np.uint64(0), np.uint64(0), np.uint64(0)
@@ -70,7 +70,7 @@ def _philox_block(counter, key0, key1):  # noqa: ANN001, ANN202
     return x0, x1, x2, x3
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _draws(key0, key1, start, threshold, compare, raw, mask):  # noqa: ANN001, ANN202
     """Outputs ``start ..`` of the stream into ``raw``, or ``output < threshold`` into ``mask``.
 

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
+from distmerge.numba_cache import inline, jit
+
 NATIVE = 0  # float32 / float64: no rounding beyond the dtype's own
 BFLOAT16 = 1  # float32 arrays, every result rounded to bfloat16
 
-_jit = numba.njit(cache=True, nogil=True)
-_inline = numba.njit(cache=True, nogil=True, inline="always")
+_jit = jit  # distmerge.numba_cache's: its guard drops a cache older than any compiled file
+_inline = inline
 
 
 def kernel_mode(dtype: torch.dtype) -> int | None:
