@@ -57,6 +57,12 @@ MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
                    {"vocab_size": 64, "added": [f"<UNUSED_{i}>" for i in range(4)]}),
     "tok_special": ("picollama", {"seed": 54, "vocab_size": 65},
                     {"vocab_size": 64, "added": [], "special": ["<|existing_special|>"]}),
+    # five models and more (_many_models): sizes that are not multiples of 32 put elements of
+    # every tensor after its last whole group of torch's vectors, where torch's sum over a
+    # stack of five or more models is not left to right
+    **{f"odd_{n}": ("picollama", {"seed": s, "hidden_size": 36, "intermediate_size": 50, "num_attention_heads": 6,
+                                  "num_key_value_heads": 6}, None)
+       for n, s in zip("abcdef", range(71, 77), strict=True)},
     # test_embedding_truncation.py: a model whose extra embedding rows are padding
     "tok_base_b": ("picollama", {"seed": 55, "vocab_size": 64}, {"vocab_size": 64, "added": []}),
     "tok_wide": ("picollama", {"seed": 56, "vocab_size": 72}, {"vocab_size": 64, "added": []}),
@@ -533,5 +539,20 @@ def _lora() -> list[Case]:
     ]
 
 
-CASES: list[Case] = [*_lora(), *_slice_products(), *_basic(), *_vlm(), *_dtypes(), *_params(), *_sparsify(), *_slices(), *_tokenizers()]
+def _many_models() -> list[Case]:
+    """Five experts and a base: every sum over the models in torch's stacked order
+    (docs/methods.md, the task-vector family's order of operations), bit for bit."""
+    experts = [f"@odd_{n}" for n in "bcdef"]
+    out = []
+    for method, params, dtype in (("ties", {"weight": 0.4, "density": 0.7}, "float32"),
+                                  ("task_arithmetic", {"weight": 0.3}, "float32"),
+                                  ("ram", None, "float32")):
+        models = [{"model": m} | ({"parameters": params} if params else {}) for m in experts]
+        cfg = {"merge_method": method, "base_model": "@odd_a", "dtype": dtype, "models": models}
+        out.append(case(f"own/{method}_five_experts_{dtype}", cfg, ulps=0))
+    return out
+
+
+CASES: list[Case] = [*_lora(), *_slice_products(), *_basic(), *_vlm(), *_dtypes(), *_params(), *_sparsify(), *_slices(),
+                     *_tokenizers(), *_many_models()]
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
