@@ -39,6 +39,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from distmerge.methods.kernels.stack_order import LEFT_TO_RIGHT_MAX
+
 log = logging.getLogger(__name__)
 
 _QUAD = 4  # row_sum's accumulators (ATen's ilp_factor) and the vectors in a group (nrows)
@@ -172,15 +174,21 @@ def stack_sum_for(tensors: Sequence[torch.Tensor], start: int, numel: int, lanes
     if numel == 1:  # a lone element: torch sums it as one contiguous vector, wherever it is
         return torch.stack(list(tensors)).sum(dim=0)
     n = len(tensors)
-    stacked = torch.stack([t.reshape(-1) for t in tensors])
-    size = stacked.shape[1]
-    head = CascadeSum(n, (size,), dtype)
-    head.add(stacked)
-    out = head.total()
+    rows = [t.reshape(-1) for t in tensors]
+    size = rows[0].numel()
+    if n <= LEFT_TO_RIGHT_MAX:  # multi_row_sum's order: one accumulator, no copy of the stack
+        out = torch.zeros(size, dtype=accumulator_dtype(dtype))
+        for row in rows:
+            out.add_(row)
+    else:
+        head = CascadeSum(n, (size,), dtype)
+        for row in rows:
+            head.add(row.unsqueeze(0))
+        out = head.total()
     tail = max(tail_start_for(numel, dtype, lanes) - start, 0)
-    if n > _QUAD and tail < size:
+    if n > _QUAD and tail < size:  # fewer than one group of vectors
         rest = RowSum(n, (size - tail,), dtype)
-        rest.add(stacked[:, tail:])
+        rest.add(torch.stack([row[tail:] for row in rows]))
         out[tail:] = rest.total()
     return out.to(dtype).reshape(tensors[0].shape)
 
