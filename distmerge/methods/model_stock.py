@@ -33,7 +33,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from distmerge.methods import kernels, reductions
+from distmerge.methods import kernels, reductions, stack_sums
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -51,10 +51,14 @@ from distmerge.methods.kernels.sum_orders import torch_sum_lanes
 NORM_FLOOR = 1e-6
 
 
-def stock_t(gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def stock_t(gram: torch.Tensor, dtype: torch.dtype = torch.float64,
+            place: tuple[int, int] | None = None) -> torch.Tensor:
     """t from float64 Gram matrices ``[..., N, N]`` of the task vectors (off the diagonal: sums
     of products rounded to ``dtype``; on it: sums of exact squares), in ``dtype`` as mergekit
-    computes it."""
+    computes it. ``place``: for one matrix per last-dim vector of a shard, where its first
+    vector sits among the tensor's and how many the tensor has: mergekit's mean of the pairs'
+    cosines is a stacked mean over the whole tensor's vectors, whose order depends on the
+    position (``stack_sums``)."""
     n = gram.shape[-1]
     norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1)).to(dtype)
     cosines = []
@@ -63,7 +67,7 @@ def stock_t(gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Ten
             product = norms[..., i] * norms[..., j]
             c = gram[..., i, j].to(dtype) / torch.clamp(product, min=NORM_FLOOR)
             cosines.append(c.clamp(-1.0, 1.0))
-    cos = torch.stack(cosines).mean(dim=0)
+    cos = torch.stack(cosines).mean(dim=0) if place is None else stack_sums.stack_mean(cosines, *place)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6  # mergekit keeps the base there
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
@@ -193,5 +197,7 @@ class ModelStock(MergeMethod):
             assert isinstance(reduced, ModelStockReductions) and reduced.gram is not None
             t = stock_t(reduced.gram, compute_dtype(base, ctx))
         else:  # one t per last-dim vector
-            t = stock_t(_gram(base, experts, rows=True, ctx=ctx), compute_dtype(base, ctx))
+            vector = ctx.shape[-1]
+            t = stock_t(_gram(base, experts, rows=True, ctx=ctx), compute_dtype(base, ctx),
+                        (ctx.element_start // vector, ctx.tensor_numel // vector))
         return _blend(base, experts, t, ctx)

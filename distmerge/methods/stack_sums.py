@@ -170,9 +170,14 @@ class RowSum:
 
 def stack_sum_for(tensors: Sequence[torch.Tensor], start: int, numel: int, lanes: int) -> torch.Tensor:
     """:func:`stack_sum` with ``lanes``-wide float32 vectors."""
-    dtype = tensors[0].dtype
     if numel == 1:  # a lone element: torch sums it as one contiguous vector, wherever it is
         return torch.stack(list(tensors)).sum(dim=0)
+    return _accumulated(tensors, start, numel, lanes).to(tensors[0].dtype).reshape(tensors[0].shape)
+
+
+def _accumulated(tensors: Sequence[torch.Tensor], start: int, numel: int, lanes: int) -> torch.Tensor:
+    """The stacked sum, flat, in the accumulator dtype (not yet rounded to the tensors')."""
+    dtype = tensors[0].dtype
     n = len(tensors)
     rows = [t.reshape(-1) for t in tensors]
     size = rows[0].numel()
@@ -190,7 +195,7 @@ def stack_sum_for(tensors: Sequence[torch.Tensor], start: int, numel: int, lanes
         rest = RowSum(n, (size - tail,), dtype)
         rest.add(torch.stack([row[tail:] for row in rows]))
         out[tail:] = rest.total()
-    return out.to(dtype).reshape(tensors[0].shape)
+    return out
 
 
 def stack_sum(tensors: Sequence[torch.Tensor], start: int, numel: int) -> torch.Tensor:
@@ -198,6 +203,16 @@ def stack_sum(tensors: Sequence[torch.Tensor], start: int, numel: int) -> torch.
     equal-shaped ``tensors`` holding the elements from flat index ``start`` of tensors of
     ``numel`` elements. bfloat16/float16 accumulate in float32, rounded once, as torch does."""
     return stack_sum_for(tensors, start, numel, vector_lanes())
+
+
+def stack_mean(tensors: Sequence[torch.Tensor], start: int, numel: int) -> torch.Tensor:
+    """``torch.stack(tensors).mean(dim=0)`` of the whole tensors, for this shard of them (as
+    :func:`stack_sum`): torch divides the unrounded sum by the count in the accumulator dtype,
+    then rounds once."""
+    if numel == 1:
+        return torch.stack(list(tensors)).mean(dim=0)
+    total = _accumulated(tensors, start, numel, vector_lanes())
+    return (total / len(tensors)).to(tensors[0].dtype).reshape(tensors[0].shape)
 
 
 def spread_values(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:

@@ -222,3 +222,41 @@ def test_many_models_match_mergekit_015(many_model_outputs, method):
             bits_equal(got, outputs[key])
         else:
             assert ulps(got, outputs[key], [base, *xs]) <= MK_ULPS[method], key
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stack_mean_is_torchs_stacked_mean(dtype):
+    """bfloat16/float16: torch divides the float32 sum before rounding (not ``sum / n``)."""
+    g = torch.Generator().manual_seed(13)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (3, 6, 10, 21):
+            for numel in (1, 5, 37, 100, 1000):
+                xs = _terms(n, numel, dtype, g)
+                want = torch.stack(xs).mean(dim=0)
+                assert torch.equal(_bits(stack_sums.stack_mean(xs, 0, numel)), _bits(want)), (n, numel)
+                cut = numel // 3
+                if cut:
+                    parts = [stack_sums.stack_mean([x[:cut] for x in xs], 0, numel),
+                             stack_sums.stack_mean([x[cut:] for x in xs], cut, numel)]
+                    assert torch.equal(_bits(torch.cat(parts)), _bits(want)), (n, numel)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [4, 5])
+def test_model_stock_filter_wise_means_the_pairs_as_torch_over_the_whole_tensor(n, dtype):
+    """filter_wise model_stock: one t per last-dim vector from the mean of the pairs' cosines,
+    a stacked mean over the whole tensor's vectors (six pairs from four models on, so its tail
+    is not left to right). Every sharding gives the whole tensor's t."""
+    from distmerge.methods.model_stock import blend_reference, gram_reference, stock_t
+
+    for shape in [(37, 19), (70, 5), (3, 40, 6)]:
+        base, xs = make_inputs(shape, n, dtype, seed=n)
+        params = params_for("model_stock", n, {"filter_wise": True}, {})
+        t = stock_t(gram_reference(base, xs, rows=True), dtype)  # torch's own mean, whole tensor
+        want = blend_reference(base, xs, t.unsqueeze(-1))
+        for step in (1, 2, 5, shape[0]):
+            bits_equal(merge_sharded("model_stock", base, xs, params, None, step), want)
