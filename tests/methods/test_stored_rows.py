@@ -29,9 +29,10 @@ F32 = torch.float32
 
 
 def test_the_methods_that_read_stored_rows():
-    """The flag is where the fused loops are: linear, the task-vector family, some blends, sce, arcee_fusion."""
+    """The flag is where the fused loops are: every method but passthrough, which merges nothing."""
     assert sorted(["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
-                   "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ram", "ramplus_tl", "nuslerp", "karcher", "multislerp", "sce", "arcee_fusion"]) == STORED
+                   "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ram", "ramplus_tl", "nuslerp", "karcher",
+                   "multislerp", "sce", "arcee_fusion", "nearswap"]) == STORED
 
 
 def bf16_inputs(shape, n, seed, ties):
@@ -154,7 +155,7 @@ UNIT = WorkUnit(0, 0, 4, 0, 0, 0)
 @pytest.mark.parametrize(("method", "compute", "dtypes", "stored"), [
     ("ties", "F32", (torch.bfloat16,) * 3, True),
     ("linear", "F32", (torch.bfloat16,) * 3, True),
-    ("nearswap", "F32", (torch.bfloat16,) * 3, False),  # no flag: cast
+    ("passthrough", "F32", (torch.bfloat16,), False),  # no flag: cast
     ("ties", "BF16", (torch.bfloat16,) * 3, False),  # already the compute dtype
     ("ties", "F64", (torch.bfloat16,) * 3, False),  # float64 compute: cast
     ("ties", "F32", (torch.bfloat16, torch.float16, torch.bfloat16), False),  # mixed: cast all
