@@ -126,7 +126,7 @@ class MultiSlerp(MergeMethod):
         sums = np.zeros(k, dtype=np.float64)
         out = np.empty(xs[0].size if upto == ROUNDS else 0, dtype=np_kd)
         multislerp_pass(b, xs, base is not None, kernels.mode_tag(mode), upto, den, arr(w), mean_norm, dots,
-                        blend, stack_sums.tail_start(numel, dtype) - start, sums, out)
+                        blend, stack_sums.tail_offset(numel, start, dtype), sums, out)
         if upto == ROUNDS:
             return torch.from_numpy(out).to(dtype).reshape(experts[0].shape)
         return [float(v) for v in sums[:k if upto in (0, 2) else 1]]

@@ -95,7 +95,7 @@ def fused_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: fl
     kd = kernels.kernel_dtype(dtype)
     lambdas = kernels.as_array(lambda_ if promoted else torch.ones(len(experts)), kd)
     out = np.empty(b.size, dtype=np.float64 if kd == torch.float64 else np.float32)
-    tail = stack_sums.tail_start(base.numel() if numel is None else numel, dtype) - start
+    tail = stack_sums.tail_offset(base.numel() if numel is None else numel, start, dtype)
     ram_merge(b, xs, mode, eps.astype(out.dtype), lambdas, promoted, tail, out)
     return torch.from_numpy(out).to(dtype).reshape(base.shape)
 

@@ -248,7 +248,7 @@ class Sce(MergeMethod):
             b, *xs = kernels.value_arrays([base, *experts], torch.float32)
             threshold, tied = self._keep_rule(params, reduced, ctx, b.size)
             weights = reduced.weights.to(torch.float32).numpy()
-            tail = stack_sums.tail_start(ctx.tensor_numel, torch.float32) - ctx.element_start
+            tail = stack_sums.tail_offset(ctx.tensor_numel, ctx.element_start, torch.float32)
             return torch.from_numpy(sce_loops.sce_merge(b, xs, threshold, tied, weights, tail)).reshape(base.shape)
         base, experts = rows_in_compute(base, experts, ctx)
         tvs = self._kept(self._task_vectors(base, experts), params, reduced, ctx)

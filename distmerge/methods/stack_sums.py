@@ -39,17 +39,16 @@ from functools import cache
 import numpy as np
 import torch
 
-from distmerge.methods.kernels.stack_order import LEFT_TO_RIGHT_MAX
+from distmerge.methods.kernels.stack_order import LEFT_TO_RIGHT_MAX, QUAD
 
 log = logging.getLogger(__name__)
 
-_QUAD = 4  # row_sum's accumulators (ATen's ilp_factor) and the vectors in a group (nrows)
 LEVELS = 4  # multi_row_sum's num_levels
 
 
 def _group(dtype: torch.dtype, lanes: int) -> int:
     """Elements per main-loop group (four vectors of the accumulator) with ``lanes``-wide float32 vectors."""
-    return _QUAD * (lanes // 2 if dtype == torch.float64 else lanes)
+    return QUAD * (lanes // 2 if dtype == torch.float64 else lanes)
 
 
 def _load_lanes(dtype: torch.dtype, lanes: int) -> int:
@@ -63,7 +62,7 @@ def tail_start_for(numel: int, dtype: torch.dtype, lanes: int) -> int:
     if lanes == 0:
         return numel
     if numel < _load_lanes(dtype, lanes):  # scalar_outer_sum: whole quads of columns, then the rest
-        return _QUAD * (numel // _QUAD)
+        return QUAD * (numel // QUAD)
     group = _group(dtype, lanes)
     return group * (numel // group)
 
@@ -72,12 +71,18 @@ def loops_follow(numel: int, models: int) -> bool:
     """Whether the fused loops (:mod:`.kernels.stack_order`) give torch's stacked sum: always,
     except a one-element tensor's sum over five models or more, which torch takes as one
     contiguous vector by another kernel (its own order, which :func:`stack_sum` leaves to torch)."""
-    return numel > 1 or models <= _QUAD
+    return numel > 1 or models <= QUAD
 
 
 def tail_start(numel: int, dtype: torch.dtype) -> int:
     """:func:`tail_start_for` with this machine's torch vectors."""
     return tail_start_for(numel, dtype, vector_lanes())
+
+
+def tail_offset(numel: int, start: int, dtype: torch.dtype) -> int:
+    """Where the tail starts in a shard that begins at flat index ``start`` of a ``numel``-element
+    tensor, as the fused loops take it (negative: before the shard; past its end: beyond it)."""
+    return tail_start(numel, dtype) - start
 
 
 def ceil_log2(n: int) -> int:
@@ -191,7 +196,7 @@ def _accumulated(tensors: Sequence[torch.Tensor], start: int, numel: int, lanes:
             head.add(row.unsqueeze(0))
         out = head.total()
     tail = max(tail_start_for(numel, dtype, lanes) - start, 0)
-    if n > _QUAD and tail < size:  # fewer than one group of vectors
+    if n > QUAD and tail < size:  # fewer than one group of vectors
         rest = RowSum(n, (size - tail,), dtype)
         rest.add(torch.stack([row[tail:] for row in rows]))
         out[tail:] = rest.total()

@@ -193,7 +193,7 @@ class TaskVectorMethod(MergeMethod):
             probs=[t.probs for t in terms],
             weights=kernels.rounded(weights, dtype), consensus=consensus, normalize=normalize,
             total_weight=total_w.to(kd).numpy(), lam=kernels.scalar(g["lambda"], dtype),
-            tail=stack_sums.tail_start(ctx.tensor_numel, dtype) - ctx.element_start)
+            tail=stack_sums.tail_offset(ctx.tensor_numel, ctx.element_start, dtype))
         return torch.from_numpy(out).reshape(base.shape).to(dtype)
 
     def _kernel_terms(
