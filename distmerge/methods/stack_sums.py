@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from distmerge.methods.kernels.stack_order import LEFT_TO_RIGHT_MAX, QUAD
+from distmerge.methods.kernels.sum_orders import ceil_log2
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,6 @@ def tail_offset(numel: int, start: int, dtype: torch.dtype) -> int:
     """Where the tail starts in a shard that begins at flat index ``start`` of a ``numel``-element
     tensor, as the fused loops take it (negative: before the shard; past its end: beyond it)."""
     return tail_start(numel, dtype) - start
-
-
-def ceil_log2(n: int) -> int:
-    """``at::native::utils::CeilLog2``: 1 for n <= 2."""
-    return 1 if n <= 2 else (n - 1).bit_length()
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,7 +12,7 @@ loop's compilation.
 from __future__ import annotations
 
 from distmerge.methods.kernels.rounding import _inline, _jit
-from distmerge.methods.kernels.sum_orders import _ceil_log2
+from distmerge.methods.kernels.sum_orders import ceil_log2
 
 LEFT_TO_RIGHT_MAX = 17  # models: multi_row_sum carries every 16, and x + S equals S + x
 QUAD = 4
@@ -34,7 +34,7 @@ def reordered_from(n, tail, s, m):  # noqa: ANN001, ANN202 - numba infers the ty
 def _cascade(v, start, step, count):  # noqa: ANN001, ANN202
     """``multi_row_sum`` for one element: ``v[start + i * step]`` for ``i < count``, from +0.0."""
     zero = v.dtype.type(0.0)
-    power = max(4, _ceil_log2(count) // 4)
+    power = max(4, ceil_log2(count) // 4)
     width = 1 << power
     mask = width - 1
     a0 = zero

@@ -158,8 +158,9 @@ def pairwise_combine(n, leaf):  # noqa: ANN001, ANN202
 # ---- torch: cascade_sum ---------------------------------------------------------------------
 
 @_inline
-def _ceil_log2(x):  # noqa: ANN001, ANN202
-    """ATen's ``utils::CeilLog2``: 1 for ``x <= 2``, else ``ceil(log2(x))``."""
+def ceil_log2(x):  # noqa: ANN001, ANN202
+    """ATen's ``utils::CeilLog2``: 1 for ``x <= 2``, else ``ceil(log2(x))`` (inlined into the loops;
+    callable from Python too, where :mod:`distmerge.methods.stack_sums` uses it)."""
     if x <= 2:
         return 1
     v = x - 1
@@ -193,7 +194,7 @@ def cascade_plan(n, lanes):  # noqa: ANN001, ANN202
     rows of ``width = 4 * lanes`` values, carried up a level every ``step = 2**power`` rows."""
     width = _ROWS * lanes
     rows = (n // lanes) // _ROWS
-    power = max(4, _ceil_log2(rows) // _LEVELS)
+    power = max(4, ceil_log2(rows) // _LEVELS)
     return width, rows, 1 << power, power
 
 
