@@ -75,17 +75,34 @@ class BatchResult:
     parts: list[UploadedPart] = field(default_factory=list)  # object-store outputs: the parts uploaded
 
 
-def _check_finite(rows: torch.Tensor, info: TensorInfo, r0: int, r1: int, fatal: bool) -> str | None:
-    """Raise (or, when not ``fatal``, return a warning) if the rows hold NaN or Inf."""
+def _check_finite(rows: torch.Tensor, raw: torch.Tensor, info: TensorInfo, r0: int, r1: int,
+                  fatal: bool) -> str | None:
+    """Raise (or, when not ``fatal``, return a warning) if the rows hold NaN or Inf.
+
+    ``rows`` are the compute-dtype rows, ``raw`` the same rows as read. Where the cast to the
+    compute dtype made the Infs (finite values too large for it, e.g. ``dtype: float16`` over
+    float32 or bfloat16 weights), the message says so and names the dtype: the input is fine.
+    """
     bad = count_nonfinite(rows)
-    if bad:
-        adapted = f" with the LoRA adapter {info.adapter}" if isinstance(info, LoraTensorInfo) else ""
-        message = f"{info.file}: tensor {info.name!r}{adapted} has {bad} NaN/Inf values in rows {r0}:{r1}"
-        if fatal:
-            raise CheckpointError(f"{message}; the input is broken (pass --allow-nonfinite, or set "
-                                  "execution.allow_nonfinite: true, to merge anyway with a warning)")
-        return message
-    return None
+    if not bad:
+        return None
+    adapted = f" with the LoRA adapter {info.adapter}" if isinstance(info, LoraTensorInfo) else ""
+    where = f"{info.file}: tensor {info.name!r}{adapted}"
+    stored = bad if raw is rows or not raw.is_floating_point() else count_nonfinite(raw.float())
+    if stored < bad:
+        compute = str(rows.dtype).removeprefix("torch.")
+        also = f" (and {stored} NaN/Inf values as stored)" if stored else ""
+        message = (f"{where} has {bad - stored} finite values in rows {r0}:{r1} too large for the compute dtype "
+                   f"{compute}: they become Inf{also}")
+        advice = (f"set a wider dtype than {compute} in the config (float32), or pass --allow-nonfinite "
+                  "to merge anyway with a warning")
+    else:
+        message = f"{where} has {bad} NaN/Inf values in rows {r0}:{r1}"
+        advice = ("the input is broken (pass --allow-nonfinite, or set execution.allow_nonfinite: true, "
+                  "to merge anyway with a warning)")
+    if fatal:
+        raise CheckpointError(f"{message}; {advice}")
+    return message
 
 
 def read_block(job: MergeJob, unit: WorkUnit) -> list[torch.Tensor]:
@@ -121,8 +138,8 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced:
     rows = compute_rows(job, unit, raw)
     # A failing check fails the merge in the reduction rounds, which read these rows already.
     if not (job.check_finite and t.reduction_rounds):
-        for info, r in zip(t.sources, rows, strict=True):
-            warning = _check_finite(r, info, unit.row_start, unit.row_end, job.check_finite)
+        for info, r, stored in zip(t.sources, rows, raw, strict=True):
+            warning = _check_finite(r, stored, info, unit.row_start, unit.row_end, job.check_finite)
             if warning and warnings is not None:
                 warnings.append(warning)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
@@ -213,10 +230,11 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
     out = []
     for unit in units:
         t = job.tensors[unit.tensor]
-        rows = compute_rows(job, unit, read_block(job, unit))
+        raw = read_block(job, unit)
+        rows = compute_rows(job, unit, raw)
         if job.check_finite and round_ == 0:  # fail before any output is written (see merge_block)
-            for info, r in zip(t.sources, rows, strict=True):
-                _check_finite(r, info, unit.row_start, unit.row_end, True)
+            for info, r, stored in zip(t.sources, rows, raw, strict=True):
+                _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
         out.append((unit.tensor, unit.row_start, chunk_partials(job, unit, rows, round_, previous.get(unit.tensor))))
     return out
 

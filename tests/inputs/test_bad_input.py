@@ -65,6 +65,30 @@ def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path, method):
     assert torch.isnan(load_state(tmp_path / "out2")["model.layers.2.mlp.up_proj.weight"][1, 2])
 
 
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # ties: caught in its statistics pass
+def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, tmp_path, method):
+    """A finite weight too large for ``dtype: float16`` becomes Inf in the cast: the error names
+    the compute dtype and a wider one, not a broken input; a NaN as stored is still the input's."""
+    base, experts = llama_family
+    big = _copy(experts[0], tmp_path / "big")
+    _poison(big, "model.layers.2.mlp.up_proj.weight", 70000.0)  # float16 holds up to 65504
+    assert torch.isfinite(load_state(big)["model.layers.2.mlp.up_proj.weight"]).all()
+    params = {"weight": 0.5} | ({"density": 0.5} if method == "ties" else {})
+    cfg = parse_config({"merge_method": method, "base_model": str(base), "dtype": "float16",
+                        "models": [{"model": str(m), "parameters": params} for m in (big, experts[1])]})
+    with pytest.raises(CheckpointError) as caught:
+        run_merge(cfg, tmp_path / "out", progress=False)
+    message = str(caught.value)
+    assert "big/model-" in message and "'model.layers.2.mlp.up_proj.weight' has 1 finite values" in message
+    assert "too large for the compute dtype float16" in message and "wider dtype than float16" in message
+    assert "broken" not in message
+    assert not (tmp_path / "out" / INDEX).exists()
+    _poison(big, "model.layers.2.mlp.up_proj.weight", float("nan"))  # now the input's own
+    with pytest.raises(CheckpointError, match=r"has 1 NaN/Inf values in rows .*the input is broken"):
+        run_merge(cfg, tmp_path / "out3", progress=False)
+
+
 def test_cli_errors_are_messages_not_tracebacks(llama_family, tmp_path):
     base, experts = llama_family
     broken = _copy(experts[0], tmp_path / "trunc")
