@@ -72,6 +72,29 @@ def cache_dirs(files: list[Path]) -> set[Path]:
     return dirs
 
 
+def used_cache_dirs(files: list[Path]) -> set[Path]:
+    """The folder numba will cache each file's kernels in, created now.
+
+    Why created: numba makes its cache folder on the first compile, after this guard ran. A
+    folder without a stamp is cleared as untrusted, so the next process would throw away the
+    kernels the first one had just compiled, and compile them all again. That happened under
+    ``NUMBA_CACHE_DIR`` and wherever the package's own ``__pycache__`` is not writable (numba's
+    user-wide cache). numba's own locators choose the folder, in numba's order, and create it."""
+    used: set[Path] = set()
+    locators = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)
+    for f in files:
+        for locator in locators:
+            try:
+                found = locator.from_function(_a_function, str(f))
+            except Exception as e:  # noqa: BLE001 - another numba's internals: try the next locator
+                log.debug("numba cache folder of %s by %s not found: %s", f, locator.__name__, e)
+                continue
+            if found is not None:
+                used.add(Path(found.get_cache_path()))
+                break
+    return used
+
+
 def drop_stale(dirs: set[Path], stamp: str) -> list[Path]:
     """Remove the numba cache files of each existing folder in ``dirs`` whose recorded
     fingerprint is not ``stamp``, and record ``stamp`` there; returns the folders cleared."""
@@ -98,7 +121,7 @@ def drop_stale(dirs: set[Path], stamp: str) -> list[Path]:
 def drop_stale_cache() -> None:
     """:func:`drop_stale` for distmerge's compiled files, once per process."""
     files = compiled_files()
-    cleared = drop_stale(cache_dirs(files), fingerprint(files))
+    cleared = drop_stale(cache_dirs(files) | used_cache_dirs(files), fingerprint(files))
     if cleared:
         log.info("distmerge's kernels changed since they were cached: they compile again on first use (%s)",
                  ", ".join(str(c) for c in cleared))

@@ -102,3 +102,41 @@ def test_a_changed_helper_reaches_the_kernel_that_inlines_it(tmp_path, monkeypat
         assert proc.returncode == 0, proc.stderr[-2000:]
         outputs.append(int(proc.stdout.split()[-1]))
     assert outputs == [11, 21]
+
+
+COUNT_COMPILES = textwrap.dedent("""
+    import numpy as np
+    from numba.core import event
+
+    compiled = []
+
+    class Compiles(event.Listener):
+        def on_start(self, e):
+            module = e.data["dispatcher"].py_func.__module__
+            if module.startswith("distmerge"):
+                compiled.append(module)
+
+        def on_end(self, e):
+            pass
+
+    event.register("numba:compile", Compiles())
+    from distmerge.methods import kernels
+    a = np.ones(64, dtype=np.float32)
+    kernels.weighted_sum([a, a], np.ones(2, dtype=np.float32), np.float32(1))
+    print(len(compiled))
+""")
+
+
+def test_a_fresh_cache_folder_keeps_what_the_first_process_compiled(tmp_path):
+    """numba creates its cache folder on the first compile, after the guard ran; the guard must
+    not then take the stampless folder for an old cache and clear it in the next process (every
+    kernel compiled twice, under NUMBA_CACHE_DIR or numba's user-wide cache)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    counts = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", COUNT_COMPILES], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts.append(int(proc.stdout.split()[-1]))
+    assert counts[0] > 0, "the first process found the kernel cached: the test proves nothing"
+    assert counts[1] == 0, f"the second process compiled {counts[1]} distmerge functions again"
