@@ -1,4 +1,4 @@
-"""Command line: ``distmerge merge | plan | calibrate | stats | verify``.
+"""Command line: ``distmerge merge | plan | calibrate | stats | verify | warm-up``.
 
 User errors (bad config, broken inputs, unusable output) print one message and exit 2;
 ``--debug`` shows the traceback as well.
@@ -17,6 +17,7 @@ from pathlib import Path
 from distmerge.errors import ConfigError, DistmergeError
 from distmerge.io.locations import url_scheme
 from distmerge.sizes import parse_size
+from distmerge.warm_up import add_warm_up_parser, run_warm_up
 
 log = logging.getLogger("distmerge")
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(a path, s3://, gs://bucket/key or hf://org/name/path)")
     stats.add_argument("--omega", type=_omega_arg, default=0.4, help="omega the factors are shown for (default 0.4)")
     stats.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
+    add_warm_up_parser(sub)
     return parser
 
 
@@ -232,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)
     commands = {"merge": _cmd_merge, "plan": _cmd_plan, "calibrate": _cmd_calibrate, "verify": _cmd_verify,
-                "stats": _cmd_stats}
+                "stats": _cmd_stats, "warm-up": run_warm_up}
     try:
         return commands[args.command](args)
     except DistmergeError as e:

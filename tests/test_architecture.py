@@ -63,13 +63,15 @@ LAYERS: dict[str, int] = {
     # 6. entry points (and the fixtures only they, tests and benchmarks use)
     "distmerge.cli": 6,
     "distmerge.demo": 6,
+    "distmerge.warm_up": 6,
     "distmerge.__main__": 6,
     "distmerge": 6,
     "distmerge.testing": 6,
 }
 TESTING = "distmerge.testing"
-# The only library module allowed to import distmerge.testing: the demo builds its models with it.
-TESTING_IMPORTERS = {"distmerge.demo"}
+# The only library modules allowed to import distmerge.testing: the demo and the warm-up build
+# their tiny models with it (and the warm-up takes every method's config from its table).
+TESTING_IMPORTERS = {"distmerge.demo", "distmerge.warm_up"}
 # Names of distmerge/__init__.py any layer may read: constants it defines itself. The root
 # package runs before any of its modules anyway, so reading them adds no dependency; what the
 # layering forbids is reaching the engine through the root's run_merge.
