@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STORED_DTYPES = ("bfloat16", "float16", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "float64")
-DEFAULT_COMPUTE = "float32"  # a config without ``dtype:`` computes in float32
+DEFAULT_COMPUTE = "float32"  # what a config without ``dtype:`` computes most methods in
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,10 @@ class WarmUpReport:
 
 def plan_merges(methods: Sequence[str], stored: Sequence[str], compute: Sequence[str] | None,
                 experts: Sequence[int]) -> list[WarmMerge]:
-    """The merges to run. Without ``compute``, each stored dtype is computed in float32 (no
-    ``dtype:`` in the config) and in itself (``dtype:`` equal to the storage, as most mergekit
-    configs set it). Each method runs with each number of ``experts`` it takes, else with the
+    """The merges to run. Without ``compute``, each stored dtype runs with ``dtype: float32``
+    (a config without ``dtype:``; mergekit's methods that keep the stored dtype then compute in
+    it, and so do distmerge's) and with ``dtype:`` equal to the storage, as most mergekit configs
+    set it. Each method runs with each number of ``experts`` it takes, else with the
     nearest it takes (slerp with one, nuslerp with two)."""
     from distmerge.methods.registry import METHODS
 
