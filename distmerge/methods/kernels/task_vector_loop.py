@@ -106,9 +106,27 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
     terms = np.empty(n, dtype=out.dtype)
     votes = np.empty(n, dtype=out.dtype)
     state = np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
+    plain = not consensus  # task arithmetic: every expert's delta kept whole, a plain sum
+    for e in range(n):
+        plain = plain and not drawn[e] and masks[e].size == 0 and rescale_kind[e] == RESCALE_NONE
+        plain = plain and low[e] == NO_LOW and high[e] == NO_HIGH
     for s in range(0, out.size, BLOCK):
         m = min(BLOCK, out.size - s)
         b = base[s:s + m]
+        acc = total[:m]
+        if plain and reordered_from(n, tail, s, m) >= m:
+            # The sum straight from the rows: the same terms, added in the same order as below.
+            for e in range(n):
+                x = xs[e][s:s + m]
+                w = weights[e]
+                if e == 0:
+                    for j in range(m):
+                        acc[j] = zero + _r(_r(_value(x, j) - _value(b, j), mode) * w, mode)
+                else:
+                    for j in range(m):
+                        acc[j] = acc[j] + _r(_r(_value(x, j) - _value(b, j), mode) * w, mode)
+            _finish(acc, b, mode, normalize, total_weight, lam, out[s:s + m])
+            continue
         for e in range(n):
             kind = rescale_kind[e]
             if drawn[e]:
@@ -122,7 +140,6 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                         weights[e], wd[e, :m])
         # Sums over the experts accumulate unrounded (float32 in bfloat16 mode, as torch's
         # sum(dim=0) does) and are rounded once.
-        acc = total[:m]
         first = wd[0, :m]
         for j in range(m):  # a loop: the slice assignment ``acc[:] = ...`` was measurably slower
             acc[j] = zero + first[j]  # from +0.0, as torch's sum: -0.0 terms sum to +0.0
@@ -177,18 +194,31 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                     # torch adds (div == 0): +1 where zero; adding +0.0 elsewhere changes nothing
                     d = _r(dv[j], mode)
                     acc[j] = _r(acc[j] / (one if d == zero else d), mode)
-        else:
-            for j in range(m):
-                acc[j] = _r(acc[j], mode)
-            if normalize:
+            if lam != one:
                 for j in range(m):
-                    acc[j] = _r(acc[j] / total_weight, mode)
-        if lam != one:
+                    acc[j] = _r(acc[j] * lam, mode)
+            o = out[s:s + m]
             for j in range(m):
-                acc[j] = _r(acc[j] * lam, mode)
-        o = out[s:s + m]
+                o[j] = _r(_value(b, j) + acc[j], mode)
+        else:
+            _finish(acc, b, mode, normalize, total_weight, lam, out[s:s + m])
+
+
+@_jit
+def _finish(acc, b, mode, normalize, total_weight, lam, o):  # noqa: ANN001, ANN202
+    """A plain sum's end: round it, normalize by the total weight, times lambda, plus base."""
+    one = o.dtype.type(1.0)
+    m = acc.size
+    for j in range(m):
+        acc[j] = _r(acc[j], mode)
+    if normalize:
         for j in range(m):
-            o[j] = _r(_value(b, j) + acc[j], mode)
+            acc[j] = _r(acc[j] / total_weight, mode)
+    if lam != one:
+        for j in range(m):
+            acc[j] = _r(acc[j] * lam, mode)
+    for j in range(m):
+        o[j] = _r(_value(b, j) + acc[j], mode)
 
 
 def task_vectors(
