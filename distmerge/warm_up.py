@@ -92,6 +92,7 @@ def plan_merges(methods: Sequence[str], stored: Sequence[str], compute: Sequence
             raise ConfigError(f"{name}: {', '.join(bad)} not among {', '.join(known)}")
     if any(n < 1 for n in experts):
         raise ConfigError(f"--experts: numbers of experts are 1 or more, not {min(experts)}")
+    methods, stored, compute = list(dict.fromkeys(methods)), list(dict.fromkeys(stored)), list(dict.fromkeys(compute or ()))
     merges = []
     for method in methods:
         least, most = METHODS[method].min_experts, METHODS[method].max_experts or max(experts)

@@ -93,3 +93,8 @@ def test_after_a_warm_up_a_merge_compiles_nothing(tmp_path):
                                capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         assert merge.returncode == 0, merge.stderr[-2000:]
         assert "compiled: 0 " in merge.stdout, f"{compute} compute: the merge compiled {merge.stdout}"
+
+
+def test_a_name_given_twice_runs_once():
+    assert plan_merges(["ties", "ties"], ["bfloat16", "bfloat16"], ["float32", "float32"], [2, 2]) == \
+        [WarmMerge("ties", "bfloat16", "float32", 2)]
