@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from distmerge.errors import ConfigError
+from distmerge.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class WarmUpReport:
         state = ("the cache was already warm" if self.compiled == 0
                  else f"{self.compiled} functions compiled into the cache")
         where = ", ".join(str(d) for d in self.cache_dirs)
-        return (f"warm-up: {self.merges} merges in {self.seconds:.1f}s; {state}\n"
+        merges = f"{self.merges} merge{'s' if self.merges != 1 else ''}"
+        return (f"warm-up: {merges} in {self.seconds:.1f}s; {state}\n"
                 f"kernel cache: {where}\nCPU the cache is keyed to: {self.cpu}")
 
 
@@ -95,7 +96,8 @@ def plan_merges(methods: Sequence[str], stored: Sequence[str], compute: Sequence
     methods, stored, compute = list(dict.fromkeys(methods)), list(dict.fromkeys(stored)), list(dict.fromkeys(compute or ()))
     merges = []
     for method in methods:
-        least, most = METHODS[method].min_experts, METHODS[method].max_experts or max(experts)
+        least = METHODS[method].min_experts
+        most = METHODS[method].max_experts or max(*experts, least)
         counts = sorted({min(max(n, least), most) for n in experts})
         for s in stored:
             for c in (compute or tuple(dict.fromkeys((DEFAULT_COMPUTE, s)))):
@@ -133,34 +135,78 @@ def warm_up(methods: Sequence[str], stored: Sequence[str] = STORED_DTYPES, compu
     from distmerge.numba_cache import compiled_files, used_cache_dirs
 
     merges = plan_merges(methods, stored, compute, experts)
+    cache_dirs = tuple(sorted(used_cache_dirs(compiled_files())))
+    _check_cache_dir(cache_dirs)
     started = time.perf_counter()
     quiet = logging.getLogger("distmerge")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # a hundred merges' plans and reports are not what this is for
     try:
-        with counting_compiles() as compiled, tempfile.TemporaryDirectory(prefix="distmerge-warm-up-") as tmp:
+        with _stopped_by_signals(), counting_compiles() as compiled, \
+                tempfile.TemporaryDirectory(prefix="distmerge-warm-up-") as tmp:
             _warm_other_kernels()
             families: dict[str, tuple[Path, list[Path]]] = {}
+            most = max(m.experts for m in merges)
             for merge in tqdm(merges, desc="warm-up", unit="merge", disable=not progress):
                 if merge.stored not in families:
-                    families[merge.stored] = _family(Path(tmp) / merge.stored, merge.stored, max(experts))
+                    families[merge.stored] = _family(Path(tmp) / merge.stored, merge.stored, most)
                 _run(merge, *families[merge.stored], Path(tmp))
             count = len(compiled)
     finally:
         quiet.setLevel(level)
-    return WarmUpReport(len(merges), count, time.perf_counter() - started,
-                        tuple(sorted(used_cache_dirs(compiled_files()))), _cpu_key())
+    return WarmUpReport(len(merges), count, time.perf_counter() - started, cache_dirs, _cpu_key())
+
+
+def _check_cache_dir(used: tuple[Path, ...]) -> None:
+    """Refuse an unusable ``NUMBA_CACHE_DIR``: numba would silently cache into the package's own
+    folders instead, and the cache the user asked to fill would stay empty."""
+    from numba.core import config
+
+    if not config.CACHE_DIR:
+        return
+    wanted = Path(config.CACHE_DIR).resolve()
+    astray = [d for d in used if not d.resolve().is_relative_to(wanted)]
+    if astray:
+        raise ConfigError(f"NUMBA_CACHE_DIR={config.CACHE_DIR}: not a folder numba can write to (numba would cache "
+                          f"into {astray[0]} instead); point it at a writable folder or unset it")
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (``timeout``, ``docker stop``, Kubernetes) end the warm-up as Ctrl-C
+    does: by an exception, so the temporary models are removed on the way out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _family(root: Path, stored: str, experts: int) -> tuple[Path, list[Path]]:
     """A one-layer tiny Llama base and ``experts`` experts stored in ``stored``."""
     import torch
+    from safetensors import SafetensorError
     from transformers.utils import logging as transformers_logging
 
     from distmerge.testing.tiny import build_family
 
     transformers_logging.disable_progress_bar()
-    return build_family(root, n_experts=max(experts, 2), dtype=getattr(torch, stored), num_hidden_layers=1)
+    try:
+        return build_family(root, n_experts=max(experts, 2), dtype=getattr(torch, stored), num_hidden_layers=1)
+    except (OSError, SafetensorError) as e:  # a full or failing temporary disk (safetensors says so its own way)
+        raise OutputError(f"{root}: cannot write the warm-up's tiny models ({type(e).__name__}: {e}); free space "
+                          "there or point TMPDIR at another folder") from e
 
 
 def _run(merge: WarmMerge, base: Path, experts: list[Path], tmp: Path) -> None:
@@ -233,7 +279,7 @@ def _counts(value: str) -> list[int]:
     try:
         counts = [int(v) for v in _names(value)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not whole numbers, comma-separated") from None
+        raise argparse.ArgumentTypeError(f"{value!r}: give whole numbers, comma-separated") from None
     if not all(1 <= n <= 64 for n in counts):
         raise argparse.ArgumentTypeError(f"{value}: give numbers of experts from 1 to 64")
     return counts

@@ -98,3 +98,56 @@ def test_after_a_warm_up_a_merge_compiles_nothing(tmp_path):
 def test_a_name_given_twice_runs_once():
     assert plan_merges(["ties", "ties"], ["bfloat16", "bfloat16"], ["float32", "float32"], [2, 2]) == \
         [WarmMerge("ties", "bfloat16", "float32", 2)]
+
+
+def test_a_method_gets_the_count_nearest_to_the_one_asked_for():
+    """model_stock takes two or more: asked for one expert, it runs with two (not one, which its
+    config would refuse after minutes of other merges)."""
+    assert [m.experts for m in plan_merges(["model_stock"], ["float32"], ["float32"], [1])] == [2]
+    assert [m.experts for m in plan_merges(["slerp"], ["float32"], ["float32"], [3])] == [1]
+
+
+def test_a_full_temporary_disk_is_a_user_error(monkeypatch, capsys):
+    import distmerge.testing.tiny as tiny
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tiny, "build_family", full)
+    assert main(["warm-up", "--no-progress", "--methods", "linear", "--dtypes", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the warm-up's tiny models" in err and "TMPDIR" in err and err.count("\n") == 1
+
+
+def test_an_unusable_numba_cache_dir_is_refused(tmp_path):
+    """numba would silently cache into the package instead of the folder the user named."""
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "distmerge.cli", "warm-up", "--no-progress", "--methods", "linear"],
+                          capture_output=True, text=True, env={**os.environ, "NUMBA_CACHE_DIR": str(not_a_folder)},
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"NUMBA_CACHE_DIR={not_a_folder}: not a folder numba can write to" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_sigterm_removes_the_temporary_models(tmp_path):
+    """``timeout``, ``docker stop`` and Kubernetes send SIGTERM: the warm-up's temporary folder
+    goes all the same."""
+    import signal
+    import time
+
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "TMPDIR": str(private_tmp)}
+    proc = subprocess.Popen([sys.executable, "-m", "distmerge.cli", "warm-up", "--no-progress", "--methods", "della",
+                             "--dtypes", "float32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not list(private_tmp.glob("distmerge-warm-up-*/float32/expert2/*.safetensors*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the warm-up ended before its models were made"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert not list(private_tmp.glob("distmerge-warm-up-*"))
