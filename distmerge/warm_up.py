@@ -51,9 +51,6 @@ class WarmMerge:
     compute: str
     experts: int
 
-    def label(self) -> str:
-        return f"{self.method} ({self.stored} stored, {self.compute} compute, {self.experts} expert(s))"
-
 
 @dataclass(frozen=True)
 class WarmUpReport:
@@ -240,7 +237,8 @@ def _cpu_key() -> str:
     if config.CPU_NAME is None:
         return (f"{llvm.get_host_cpu_name()} (this machine's; a node of another CPU model compiles again: "
                 "set NUMBA_CPU_NAME and NUMBA_CPU_FEATURES alike here and there to share the cache)")
-    return f"{config.CPU_NAME} with features {config.CPU_FEATURES or '(the name’s own)'} (NUMBA_CPU_NAME)"
+    features = config.CPU_FEATURES or "(the name's own)"
+    return f"{config.CPU_NAME} with features {features} (NUMBA_CPU_NAME)"
 
 
 def add_warm_up_parser(sub: argparse._SubParsersAction) -> None:

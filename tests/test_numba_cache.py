@@ -106,23 +106,12 @@ def test_a_changed_helper_reaches_the_kernel_that_inlines_it(tmp_path, monkeypat
 
 COUNT_COMPILES = textwrap.dedent("""
     import numpy as np
-    from numba.core import event
+    from distmerge.warm_up import counting_compiles
 
-    compiled = []
-
-    class Compiles(event.Listener):
-        def on_start(self, e):
-            module = e.data["dispatcher"].py_func.__module__
-            if module.startswith("distmerge"):
-                compiled.append(module)
-
-        def on_end(self, e):
-            pass
-
-    event.register("numba:compile", Compiles())
-    from distmerge.methods import kernels
-    a = np.ones(64, dtype=np.float32)
-    kernels.weighted_sum([a, a], np.ones(2, dtype=np.float32), np.float32(1))
+    with counting_compiles() as compiled:
+        from distmerge.methods import kernels
+        a = np.ones(64, dtype=np.float32)
+        kernels.weighted_sum([a, a], np.ones(2, dtype=np.float32), np.float32(1))
     print(len(compiled))
 """)
 

@@ -38,11 +38,6 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
     zero = row.dtype.type(0.0)
     one = row.dtype.type(1.0)
     m = row.size
-    if mask.size == 0 and kind == RESCALE_NONE and lo == NO_LOW and hi == NO_HIGH:
-        # task arithmetic: nothing dropped, so no key; d * 1.0 is d, bit for bit (NaN, -0.0)
-        for j in range(m):
-            row[j] = _r(_r(_value(x, j) - _value(b, j), mode) * w, mode)
-        return
     if mask.size == 0 and kind == RESCALE_NONE:
         for j in range(m):
             d = _r(_value(x, j) - _value(b, j), mode)
@@ -194,26 +189,27 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                     # torch adds (div == 0): +1 where zero; adding +0.0 elsewhere changes nothing
                     d = _r(dv[j], mode)
                     acc[j] = _r(acc[j] / (one if d == zero else d), mode)
-            if lam != one:
-                for j in range(m):
-                    acc[j] = _r(acc[j] * lam, mode)
-            o = out[s:s + m]
-            for j in range(m):
-                o[j] = _r(_value(b, j) + acc[j], mode)
+            _add_base(acc, b, mode, lam, out[s:s + m])
         else:
             _finish(acc, b, mode, normalize, total_weight, lam, out[s:s + m])
 
 
 @_jit
 def _finish(acc, b, mode, normalize, total_weight, lam, o):  # noqa: ANN001, ANN202
-    """A plain sum's end: round it, normalize by the total weight, times lambda, plus base."""
-    one = o.dtype.type(1.0)
-    m = acc.size
-    for j in range(m):
+    """A plain sum's end: round it, normalize by the total weight, then :func:`_add_base`."""
+    for j in range(acc.size):
         acc[j] = _r(acc[j], mode)
     if normalize:
-        for j in range(m):
+        for j in range(acc.size):
             acc[j] = _r(acc[j] / total_weight, mode)
+    _add_base(acc, b, mode, lam, o)
+
+
+@_jit
+def _add_base(acc, b, mode, lam, o):  # noqa: ANN001, ANN202
+    """Every merge's end: the merged delta times lambda, plus base."""
+    one = o.dtype.type(1.0)
+    m = acc.size
     if lam != one:
         for j in range(m):
             acc[j] = _r(acc[j] * lam, mode)
