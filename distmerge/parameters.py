@@ -14,7 +14,7 @@ import difflib
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from distmerge.config import IGNORED_PARAMETERS, MAX_LIST_ENTRIES, MergeConfig
 from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.errors import ConfigError, shown
-from distmerge.methods.base import MergeMethod, TensorParams
+from distmerge.methods.base import MergeMethod, ParamSpec, TensorParams
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ class ExpertScope:
     input_name: str
 
 
-def _resolve(key: str, scopes: tuple[Scope, ...], tensor: str, t: float) -> tuple[Any, str | None]:
+def _resolve(key: str, spec: ParamSpec, scopes: tuple[Scope, ...], tensor: str, t: float) -> tuple[Any, str | None]:
     """The first scope's value that applies (mergekit: a filter list with no match passes on)."""
     for where, values in scopes:
         if key in values:
-            value = resolve_value(values[key], tensor, t, f"{where}.{key}")
+            value = resolve_value(values[key], tensor, t, f"{where}.{key}", spec.read)
             if value is not None:
                 return value, f"{where}.{key}"
     return None, None
@@ -57,7 +57,7 @@ def resolve_parameters(method: MergeMethod, shared: tuple[Scope, ...], experts: 
     """Global and per-model parameters of ``tensor`` at layer position ``t``, validated."""
     global_values: dict[str, Any] = {}
     for key, spec in method.global_parameters.items():
-        value, where = _resolve(key, shared, tensor, t)
+        value, where = _resolve(key, spec, shared, tensor, t)
         if value is None and spec.default is None:
             raise ConfigError(f"parameters.{key}: required by {method.name}, and no value applies to tensor {tensor} "
                               f"(add parameters: {{{key}: ...}}, or an entry without a filter)")
@@ -67,7 +67,7 @@ def resolve_parameters(method: MergeMethod, shared: tuple[Scope, ...], experts: 
     for expert in experts:
         values = {}
         for key, spec in method.model_parameters.items():
-            value, where = _resolve(key, expert.scopes, expert.input_name, t)
+            value, where = _resolve(key, spec, expert.scopes, expert.input_name, t)
             if value is None:
                 if spec.default is None and expert.where == "base_model":
                     raise ConfigError(f"base_model ({expert.model}): {method.name} merges the base model as one more "
@@ -126,9 +126,13 @@ def check_parameter_names(config: MergeConfig, method: MergeMethod) -> list[str]
     return warnings
 
 
-def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
+def resolve_value(value: Any, tensor: str, t: float, where: str, read: Callable[[Any, str], Any]) -> Any:
     """Resolve a parameter value (scalar, gradient or filter list) for one tensor; a single
-    ``{filter, value}`` mapping is a one-entry list (mergekit's ``ConditionalParameter``)."""
+    ``{filter, value}`` mapping is a one-entry list (mergekit's ``ConditionalParameter``).
+
+    As in mergekit 0.1.5, a list's scalars are first ``read`` as the parameter's kind (for a
+    number, ``"0.2"`` is 0.2 and ``true`` 1.0): a list that is then all numbers is a gradient,
+    interpolated at ``t``; any other list selects its entry at ``int(t * (len - 1))``."""
     if isinstance(value, dict) and "value" in value:
         value = [value]
     if isinstance(value, list):
@@ -150,21 +154,21 @@ def resolve_value(value: Any, tensor: str, t: float, where: str) -> Any:
             for entry in value:
                 flt = entry.get("filter")
                 if flt is None or flt == "*" or flt in tensor:
-                    return resolve_value(entry["value"], tensor, t, where)
+                    return resolve_value(entry["value"], tensor, t, where, read)
             return None
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            if len(value) == 1:
-                return float(value[0])
-            x = t * (len(value) - 1)
-            i = min(int(math.floor(x)), len(value) - 2)
-            frac = x - i
-            return float(value[i]) * (1 - frac) + float(value[i + 1]) * frac
         if all(isinstance(v, (int, float, bool, str)) for v in value):
-            # Booleans and strings select, as in mergekit: the entry at int(t * (len - 1)).
-            return value[int(t * (len(value) - 1))]
+            points = [read(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in points):
+                return points[int(t * (len(points) - 1))]  # booleans and strings select
+            if len(points) == 1:
+                return float(points[0])
+            x = t * (len(points) - 1)
+            i = min(int(math.floor(x)), len(points) - 2)
+            frac = x - i
+            return float(points[i]) * (1 - frac) + float(points[i + 1]) * frac
         raise ConfigError(f"{where}: a list must be all numbers (a gradient), all {{filter, value}} entries "
                           "or all scalars")
     if isinstance(value, dict):
         raise ConfigError(f"{where}: expected a number, a gradient list, a {{filter, value}} entry or a list of "
                           f"them, got a mapping with keys {sorted(value)}")
-    return value
+    return read(value, where)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from distmerge.errors import ConfigError, shown
+from distmerge.methods.lax_scalars import lax_scalar
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -43,17 +44,25 @@ class ParamSpec:
     allowed: str = ""
     choices: tuple[str, ...] = ()
 
+    def read(self, value: Any, where: str) -> Any:
+        """One scalar as mergekit reads it for this kind (:mod:`distmerge.methods.lax_scalars`):
+        ``"0.5"`` is 0.5 for a number, ``"yes"`` true for a switch."""
+        try:
+            return lax_scalar(self.kind, value)
+        except ValueError:
+            expected = {str: f"one of {', '.join(self.choices)}" if self.choices else "a string",
+                        bool: "true or false", int: "a whole number"}.get(self.kind, "a number")
+            raise ConfigError(f"{where}: expected {expected}, got {shown(value)}") from None
+
     def validate(self, value: Any, where: str) -> Any:
+        """``value`` read (:meth:`read`), then checked: finite, in range, one of the choices."""
+        value = self.read(value, where)
         if self.kind is str:
-            if not isinstance(value, str) or (self.choices and value not in self.choices):
+            if self.choices and value not in self.choices:
                 raise ConfigError(f"{where}: expected one of {', '.join(self.choices)}, got {shown(value)}")
             return value
         if self.kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {shown(value)}")
         try:
             as_float = float(value)
         except OverflowError:
@@ -61,7 +70,6 @@ class ParamSpec:
         if not math.isfinite(as_float) or abs(as_float) > FLOAT32_MAX:
             raise ConfigError(f"{where}: {shown(value)} is not a finite number a float32 can hold; "
                               "a NaN or infinite parameter would poison every merged weight")
-        value = self.kind(value)
         if self.check is not None and not self.check(value):
             raise ConfigError(f"{where}: {shown(value)} is out of range; allowed: {self.allowed}")
         return value

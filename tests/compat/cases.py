@@ -390,6 +390,15 @@ def _params() -> list[Case]:
         case("params/three_experts_linear", {"merge_method": "linear", "dtype": "bfloat16",
                                              "models": [{"model": f"@{m}", "parameters": {"weight": w}}
                                                         for m, w in (("a", 0.5), ("b", 0.3), ("c", 0.2))]}),
+        # mergekit reads each scalar in pydantic's lax mode for the parameter's type, before it tells
+        # a gradient from labels (distmerge.methods.lax_scalars): quoted numbers, switches as words
+        case("params/lax_quoted_gradient", two("task_arithmetic", base="@c", dtype="bfloat16",
+                                               weights=(["0.0", "0.5", "1.0"], "0.3"),
+                                               params={"normalize": "yes", "lambda": "0.7"})),
+        case("params/lax_bool_as_number", two("slerp", base="@a", dtype="float32", params={"t": [True, False]})),
+        case("params/lax_quoted_count", two("karcher", base="@c", params={"max_iter": "5", "tol": "1e-5"})),
+        case("params/lax_fractional_count_is_refused", two("karcher", base="@c", params={"max_iter": 2.5}),
+             kind="error"),
     ]
 
 

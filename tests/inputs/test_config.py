@@ -6,8 +6,11 @@ import pytest
 
 from distmerge.config import load_config, parse_config
 from distmerge.errors import ConfigError
+from distmerge.methods.base import ParamSpec
 from distmerge.parameters import resolve_value
 from distmerge.sizes import parse_size
+
+NUMBER, SWITCH = ParamSpec(None), ParamSpec(None, bool)
 
 BASE = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 1}}]}
 
@@ -27,32 +30,32 @@ def test_bad_sizes_name_the_field(bad):
 def test_gradient_interpolates_like_mergekit():
     # 5 layers: layer i takes t = i / 4; a 3-entry gradient is sampled at t * 2.
     values = [0.0, 1.0, 0.5]
-    got = [resolve_value(values, f"model.layers.{i}.mlp.up_proj.weight", i / 4, "w") for i in range(5)]
+    got = [resolve_value(values, f"model.layers.{i}.mlp.up_proj.weight", i / 4, "w", NUMBER.read) for i in range(5)]
     assert got == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5])
-    assert resolve_value([True, False], "x", 0.6, "w") is True  # booleans select: entry int(t * (len - 1))
-    assert resolve_value([True, False], "x", 1.0, "w") is False
+    assert resolve_value([True, False], "x", 0.6, "w", SWITCH.read) is True  # booleans select: entry int(t * (len - 1))
+    assert resolve_value([True, False], "x", 1.0, "w", SWITCH.read) is False
 
 
 def test_filters_first_match_wins_and_fallback():
     value = [{"filter": "self_attn", "value": 0.1}, {"filter": "attn", "value": 0.2}, {"value": 0.9}]
-    assert resolve_value(value, "model.layers.0.self_attn.q_proj.weight", 0.0, "w") == 0.1
-    assert resolve_value(value, "x.cross_attn.weight", 0.0, "w") == 0.2
-    assert resolve_value(value, "model.norm.weight", 0.0, "w") == 0.9
+    assert resolve_value(value, "model.layers.0.self_attn.q_proj.weight", 0.0, "w", NUMBER.read) == 0.1
+    assert resolve_value(value, "x.cross_attn.weight", 0.0, "w", NUMBER.read) == 0.2
+    assert resolve_value(value, "model.norm.weight", 0.0, "w", NUMBER.read) == 0.9
     nested = [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 3}]
-    assert resolve_value(nested, "model.layers.3.mlp.up_proj.weight", 0.5, "w") == 0.5
-    assert resolve_value([{"filter": "mlp", "value": 1}], "model.norm.weight", 0.0, "w") is None
+    assert resolve_value(nested, "model.layers.3.mlp.up_proj.weight", 0.5, "w", NUMBER.read) == 0.5
+    assert resolve_value([{"filter": "mlp", "value": 1}], "model.norm.weight", 0.0, "w", NUMBER.read) is None
 
 
 def test_filters_as_mergekit_unfiltered_first_and_star_match_everything():
     """mergekit 0.1.5: an entry without a filter, or with filter "*", matches every tensor, so
     placed first it wins; a single {filter, value} mapping is a one-entry list."""
     first = [{"value": 0.9}, {"filter": "mlp", "value": 0.1}]
-    assert resolve_value(first, "model.layers.0.mlp.up_proj.weight", 0.0, "w") == 0.9
+    assert resolve_value(first, "model.layers.0.mlp.up_proj.weight", 0.0, "w", NUMBER.read) == 0.9
     star = [{"filter": "*", "value": 0.25}, {"value": 0.9}]
-    assert resolve_value(star, "model.norm.weight", 0.0, "w") == 0.25
+    assert resolve_value(star, "model.norm.weight", 0.0, "w", NUMBER.read) == 0.25
     single = {"filter": "embed", "value": [1.0, 3.0]}
-    assert resolve_value(single, "model.embed_tokens.weight", 0.5, "w") == 2.0
-    assert resolve_value(single, "model.norm.weight", 0.0, "w") is None
+    assert resolve_value(single, "model.embed_tokens.weight", 0.5, "w", NUMBER.read) == 2.0
+    assert resolve_value(single, "model.norm.weight", 0.0, "w", NUMBER.read) is None
 
 
 def test_unknown_key_lists_allowed():
