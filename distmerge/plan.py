@@ -68,20 +68,6 @@ class TensorPlan(RowShape):
     def sources(self) -> tuple[TensorInfo, ...]:
         return ((self.base,) if self.base is not None else ()) + self.experts
 
-    def reduction_chunks(self) -> list[tuple[int, int]]:
-        """The row ranges its reduction rounds run on: ~4M elements each, whatever the shard
-        size, so the reduced values (and the merged bytes) do not depend on how it is cut."""
-        if not self.reduction_rounds or not self.numel:
-            return []
-        step = max(1, REDUCTION_CHUNK_ELEMENTS // max(1, self.row_numel))
-        return [(r0, min(self.rows, r0 + step)) for r0 in range(0, self.rows, step)]
-
-    def reduced_in_unit(self, unit: WorkUnit) -> bool:
-        """Whether ``unit`` holds all of this tensor's rows while it has reduction rounds: the
-        worker that merges it then runs the rounds on the rows it read once
-        (:mod:`distmerge.engine.batch`), instead of their being read again for every round."""
-        return bool(self.reduction_chunks()) and unit.row_start == 0 and unit.row_end == self.rows
-
 
 @dataclass(frozen=True)
 class WorkUnit:
@@ -149,10 +135,7 @@ class MergePlan:
 
     @property
     def peak_worker_bytes(self) -> int:
-        """The largest unit's working set; a unit that runs its tensor's reduction rounds also
-        holds its rows read (:meth:`TensorPlan.reduced_in_unit`)."""
-        return max((u.working_bytes + (u.read_bytes if self.tensors[u.tensor].reduced_in_unit(u) else 0)
-                    for u in self.units), default=0)
+        return max((u.working_bytes for u in self.units), default=0)
 
     @property
     def reduction_rounds(self) -> int:
@@ -162,9 +145,11 @@ class MergePlan:
         """Canonical row chunks of the tensors whose merge needs reduction round ``round_``."""
         units = []
         for i, t in enumerate(self.tensors):
-            if t.reduction_rounds <= round_:
+            if t.reduction_rounds <= round_ or not t.numel:
                 continue
-            for r0, r1 in t.reduction_chunks():
+            step = max(1, REDUCTION_CHUNK_ELEMENTS // max(1, t.row_numel))
+            for r0 in range(0, t.rows, step):
+                r1 = min(t.rows, r0 + step)
                 read = sum((r1 - r0) * t.row_nbytes(s.dtype) for s in t.sources)
                 # Working set: raw rows, their compute-dtype copies and room for kernel scratch
                 # (the round-0 window counts, a DARE mask, DELLA's per-row ranks) per source.

@@ -7,9 +7,6 @@ Here a tensor's merge batches are released the moment its last round is reduced,
 of the earliest tensors goes first, so the merge of one tensor computes while the statistics
 of the next ones read: the two passes overlap.
 
-A tensor whose one merge unit holds all of its rows is not scheduled here: the worker that
-merges it runs its rounds on the rows it read once (:mod:`distmerge.engine.batch`).
-
 Each tensor's rounds are reduced from its canonical chunks in chunk order (every chunk, unless
 the previous round's reduction names the chunks the next one needs), so the reduced values (and
 the merged bytes) are the same whatever runs when. Pure Python, no
@@ -84,10 +81,7 @@ class MergeSchedule:
         for u in plan.reduction_units(0):
             self._chunks[u.tensor].append(u)
         touched = {u.tensor for batch in merge_batches for u in batch}
-        # A tensor whose one unit holds all of its rows runs its rounds where it merges
-        # (engine.batch): no round here, its merge waits for nothing.
-        whole = {u.tensor for batch in merge_batches for u in batch if plan.tensors[u.tensor].reduced_in_unit(u)}
-        self._tensors = {i: _Tensor() for i in sorted(touched - whole) if self._chunks.get(i)}
+        self._tensors = {i: _Tensor() for i in sorted(touched) if self._chunks.get(i)}
         self._waiting: dict[int, list[int]] = defaultdict(list)  # tensor -> merge batches waiting for it
         self._blocked: list[set[int]] = []
         self._batches = list(merge_batches)

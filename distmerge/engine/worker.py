@@ -1,5 +1,4 @@
-"""What a worker does with rows: read them, compute a reduction round's partials, merge them
-and apply the row steps (a merge batch, which writes them, is :mod:`distmerge.engine.batch`).
+"""What a worker does with a batch of units: read rows, merge, apply row steps, write at offsets.
 
 Plain functions, no Ray: the Ray tasks in :mod:`distmerge.engine.tasks` call them, and tests
 call them directly. A batch touches only its units' rows of each input and output.
@@ -7,15 +6,21 @@ call them directly. A batch touches only its units' rows of each input and outpu
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from distmerge.dtypes import SAFETENSORS_TO_TORCH
-from distmerge.engine.memory import retain_freed_memory
-from distmerge.errors import CheckpointError
+from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
+from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
+from distmerge.errors import CheckpointError, OutputError
 from distmerge.io.remote import pin_versions, thread_fetched_bytes
 from distmerge.io.safetensors import TensorInfo, read_row_set
 from distmerge.io.scan import count_nonfinite
@@ -170,26 +175,68 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
     return out
 
 
+def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions],
+              stop: threading.Event | None = None) -> BatchResult:
+    """Merge and write a batch of units; returns checksums and I/O and memory figures.
+
+    ``stop`` (the local executor's): once set, the batch ends before its next block, so a
+    failed or interrupted merge does not go on writing (its output is not published either way).
+    """
+    retain_freed_memory()
+    pin_versions(job.pins)
+    started, fetched = time.perf_counter(), 0
+    warnings: list[str] = []
+    work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
+    crcs, sizes, nonfinite = [0] * len(units), [0] * len(units), [0] * len(units)
+    sink = job.output.open_batch(units, job.tensors)
+    with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
+        # Read the next block while this one is merged: disk and CPU overlap.
+        upcoming = reader.submit(read_counted, job, work[0][1]) if work else None
+        for k, (i, block) in enumerate(work):
+            assert upcoming is not None
+            raw, fetched_now = upcoming.result()
+            fetched += fetched_now
+            if stop is not None and stop.is_set():
+                raise InterruptedError("the merge stopped")
+            upcoming = reader.submit(read_counted, job, work[k + 1][1]) if k + 1 < len(work) else None
+            t = job.tensors[block.tensor]
+            out = merge_block(job, block, raw, reduced.get(block.tensor), warnings)
+            del raw
+            offset, _ = t.out_span(block.row_start, block.row_end)
+            sizes[i] += sink.write(t.file_index, offset, out)
+            crcs[i] = zlib.crc32(out.contiguous().reshape(-1).view(torch.uint8).numpy(), crcs[i])
+            bad = count_nonfinite(out)  # what the output holds: the inputs were finite, a cast can overflow
+            if bad and job.check_finite:
+                raise OutputError(f"tensor {t.name!r} rows {block.row_start}:{block.row_end}: the merge makes {bad} "
+                                  f"NaN/Inf values in {TORCH_NAME.get(t.out_dtype, t.out_dtype)} (an output dtype too narrow for the merged "
+                                  "values, or parameters that overflow); nothing was published. Use another "
+                                  "out_dtype or parameters, or pass --allow-nonfinite to write them with a warning")
+            nonfinite[i] += bad
+            del out
+        parts = sink.close()
+    results = [UnitResult(u.tensor, u.row_start, u.row_end, crcs[i], sizes[i], nonfinite[i])
+               for i, u in enumerate(units)]
+    read = sum(u.read_bytes for u in units)
+    written = sum(sizes)
+    return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),
+                       os.getpid(), memory.peak, memory.start, warnings, fetched, parts)
+
+
 def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
                         previous: dict[int, Reductions]) -> list[tuple[int, int, Partials]]:
     """One reduction round of a multi-phase method: the partials of canonical chunks."""
     retain_freed_memory()
     pin_versions(job.pins)
-    return [(unit.tensor, unit.row_start, round_partials(job, unit, read_block(job, unit), round_,
-                                                         previous.get(unit.tensor)))
-            for unit in units]
-
-
-def round_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_: int,
-                   previous: Reductions | None) -> Partials:
-    """Round ``round_``'s partials of one canonical chunk from its raw rows; round 0 first fails
-    on NaN/Inf in them, before any output is written (see :func:`merge_block`)."""
-    t = job.tensors[unit.tensor]
-    rows = compute_rows(job, unit, raw)
-    if job.check_finite and round_ == 0:
-        for info, r, stored in zip(t.sources, rows, raw, strict=True):
-            _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
-    return chunk_partials(job, unit, rows, round_, previous)
+    out = []
+    for unit in units:
+        t = job.tensors[unit.tensor]
+        raw = read_block(job, unit)
+        rows = compute_rows(job, unit, raw)
+        if job.check_finite and round_ == 0:  # fail before any output is written (see merge_block)
+            for info, r, stored in zip(t.sources, rows, raw, strict=True):
+                _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
+        out.append((unit.tensor, unit.row_start, chunk_partials(job, unit, rows, round_, previous.get(unit.tensor))))
+    return out
 
 
 def compute_rows(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor]) -> list[torch.Tensor]:

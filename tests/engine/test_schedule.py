@@ -1,8 +1,6 @@
 """The merge schedule: a tensor's merge is handed out only once its last round is reduced, the
 reduced values equal global rounds' whatever order tasks return in, merges of early tensors
-overlap the statistics of later ones, and resumed runs reduce only the tensors left to write.
-A tensor held whole by one unit is left to the batch that merges it, which reduces it to the
-same values from the rows it read once."""
+overlap the statistics of later ones, and resumed runs reduce only the tensors left to write."""
 
 from __future__ import annotations
 
@@ -10,9 +8,8 @@ import random
 
 import pytest
 
-from distmerge.engine.batch import reduce_in_unit
 from distmerge.engine.schedule import MergeSchedule, MergeTask, ReductionTask
-from distmerge.engine.worker import MergeJob, read_block, run_reduction_round
+from distmerge.engine.worker import MergeJob, run_reduction_round
 from distmerge.methods.base import chunk_read
 from distmerge.output.writers import LocalFiles
 from distmerge.plan import batches, build_plan
@@ -47,11 +44,6 @@ def _global_rounds(plan, job):
     return reduced
 
 
-def _whole(plan) -> dict[int, object]:
-    """Tensors with rounds whose one unit holds all their rows: unit by tensor."""
-    return {u.tensor: u for u in plan.units if plan.tensors[u.tensor].reduced_in_unit(u)}
-
-
 def _drain(schedule, job, rng: random.Random, width: int):
     """Run the schedule with up to ``width`` tasks "in flight", completing a random one each time."""
     log, running = [], []
@@ -78,12 +70,9 @@ def test_reductions_equal_global_rounds_and_merges_wait_for_them(llama_family, m
     log = _drain(schedule, job, random.Random(seed), width=4)
 
     expected = _global_rounds(plan, job)
-    whole = _whole(plan)
-    assert whole and set(expected) - set(whole), "the plan should hold both kinds of tensor"
-    assert set(schedule.reduced) == set(expected) - set(whole)
+    assert set(schedule.reduced) == set(expected)
     for i, r in expected.items():
-        got = reduce_in_unit(job, whole[i], read_block(job, whole[i])) if i in whole else schedule.reduced[i]
-        assert repr(got) == repr(r), plan.tensors[i].name
+        assert repr(schedule.reduced[i]) == repr(r), plan.tensors[i].name
 
     merged = [task for kind, task in log if kind == "start" and isinstance(task, MergeTask)]
     assert sorted((u.tensor, u.row_start) for t in merged for u in t.units) == sorted(
@@ -96,9 +85,7 @@ def test_reductions_equal_global_rounds_and_merges_wait_for_them(llama_family, m
     for k, (kind, task) in enumerate(log):
         if kind == "start" and isinstance(task, MergeTask):
             for u in task.units:
-                if u.tensor in whole:
-                    assert u.tensor not in task.reduced  # the batch reduces it
-                elif plan.tensors[u.tensor].reduction_rounds:
+                if plan.tensors[u.tensor].reduction_rounds:
                     assert finished_at[u.tensor] < k, "a merge started before its tensor was reduced"
                     assert repr(task.reduced[u.tensor]) == repr(expected[u.tensor])
 
@@ -111,13 +98,12 @@ def test_merges_of_early_tensors_overlap_later_statistics(llama_family):
     first_merge = next(k for k, t in enumerate(starts) if isinstance(t, MergeTask) and t.reduced)
     assert any(isinstance(t, ReductionTask) for t in starts[first_merge:]), "statistics all ran before any merge"
     assert schedule.work_bytes >= sum(u.write_bytes for u in plan.units) + sum(
-        u.read_bytes for u in plan.reduction_units(0) if u.tensor not in _whole(plan))
+        u.read_bytes for u in plan.reduction_units(0))
 
 
 def test_a_resumed_run_reduces_only_the_tensors_it_still_writes(llama_family):
     plan = _plan(llama_family)
-    split = [u.tensor for u in plan.units if plan.tensors[u.tensor].reduction_rounds and u.tensor not in _whole(plan)]
-    left = [u for u in plan.units if u.tensor == split[-1]]
+    left = [u for u in plan.units if u.tensor == plan.units[-1].tensor]
     schedule = MergeSchedule(plan, [left])
     _drain(schedule, _job(plan), random.Random(0), width=3)
     assert set(schedule.reduced) == {left[0].tensor}
