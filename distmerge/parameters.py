@@ -137,7 +137,7 @@ def resolve_value(value: Any, tensor: str, t: float, where: str, read: Callable[
         value = [value]
     if isinstance(value, list):
         if not value:
-            raise ConfigError(f"{where}: empty list; give a number, a gradient or {{filter, value}} entries")
+            return None  # as in mergekit: not set here, the next scope's value or the default applies
         if len(value) > MAX_LIST_ENTRIES:
             raise ConfigError(f"{where}: a list of {len(value)} entries; at most {MAX_LIST_ENTRIES} (a gradient or "
                               "filter list that long is a mistake)")

@@ -8,9 +8,12 @@ rules for the four kinds distmerge's parameters have, measured against pydantic 
 mergekit's own environment (``tests/methods/test_lax_scalars.py`` holds the table):
 
 - a number (float): a bool (1.0 / 0.0), an int, a float, or a string Python reads as a float
-  once surrounding whitespace is stripped (``"1e-3"``, ``"inf"``, ``"1_000"``), ASCII only;
+  (``"1e-3"``, ``"inf"``, ``"1_000"``) once the whitespace around it is stripped (Unicode's
+  White_Space, as Rust's ``trim``) and its underscores dropped, ASCII only; an underscore may
+  not lead, end or follow another (``"0_.5"`` is 0.5, ``"1__0"`` refused);
 - a count (int): a bool, an int, a float with no fraction, a string of digits (``"5"``,
-  ``"1_000"``) or digits then ``.0`` (``"5.0"``), whitespace around it stripped;
+  ``"1_000"``, underscores as Python's ``int`` takes them) or digits then ``.0`` (``"5.0"``),
+  the whitespace around it stripped;
 - a switch (bool): a bool, 0 or 1 as int or float, or one of ``0 off f false n no`` /
   ``1 on t true y yes`` in any case, with no whitespace around it;
 - a label (str): a string only.
@@ -24,6 +27,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+# Unicode's White_Space property, what pydantic (Rust's str::trim) strips around a number;
+# Python's str.strip() would also strip the separators \x1c-\x1f, which pydantic refuses.
+_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _WHOLE = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?")
@@ -49,9 +55,14 @@ def lax_scalar(kind: type, value: Any) -> Any:
 
 def _number(value: Any) -> float:
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value.isascii():
-        return float(value.strip())  # ValueError when it is no number
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range
+            raise ValueError(value) from None
+    if isinstance(value, str):
+        text = value.strip(_WHITE_SPACE)
+        if text.isascii() and not (text.startswith("_") or text.endswith("_") or "__" in text):
+            return float(text.replace("_", ""))  # ValueError when it is no number
     raise ValueError(value)
 
 
@@ -60,8 +71,8 @@ def _count(value: Any) -> int:
         return value
     if isinstance(value, float) and value.is_integer() and abs(value) < _INT64:
         return int(value)
-    if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
-        return int(value.strip().split(".")[0])
+    if isinstance(value, str) and _WHOLE.fullmatch(text := value.strip(_WHITE_SPACE)):
+        return int(text.split(".")[0])
     raise ValueError(value)
 
 

@@ -397,6 +397,10 @@ def _params() -> list[Case]:
                                                params={"normalize": "yes", "lambda": "0.7"})),
         case("params/lax_bool_as_number", two("slerp", base="@a", dtype="float32", params={"t": [True, False]})),
         case("params/lax_quoted_count", two("karcher", base="@c", params={"max_iter": "5", "tol": "1e-5"})),
+        # an empty list sets nothing: the global weight applies to @a (mergekit's evaluate_setting gives None)
+        case("params/empty_list_falls_through", {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 0.3},
+                                                  "models": [{"model": "@a", "parameters": {"weight": []}},
+                                                             {"model": "@b", "parameters": {"weight": 0.7}}]}),
         case("params/lax_fractional_count_is_refused", two("karcher", base="@c", params={"max_iter": 2.5}),
              kind="error"),
     ]

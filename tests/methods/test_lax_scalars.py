@@ -20,6 +20,10 @@ INPUTS = [
     "-0", "1.", ".5", "  .5", "1.0", "-1.0", "0.0", "5.0", "1.5", "1_000", "1__000", "1_000.0", "0x10", "1 000",
     "", " ", "abc", "true", "True", "TRUE", "false", "yes", " yes ", "no", "on", "OFF", "t", "f", "y", "N", "0", "1",
     "2", " 1 ", "١", "٣.٥", None, [0.5], {"a": 1},
+    # whitespace as pydantic strips it (Unicode's, not Python's separators), underscores as it drops them
+    "\u20030.5", "0.5\u3000", "0.5\xa0", "\x850.5", "\x1c0.5", "\x1f5", "\u200b5", "\ufeff5", "\x0b5", "\u20035",
+    "5\u3000", " \t1\n", "0_.5", "1._5", "1_.5", "5_.0", "1__0", "_1", "1_", "in_f", "-_1", "_-1", "1e_10", "1_e5",
+    "1_000.000_1", "nan_", 10**400, -(10**400),
 ]
 
 
@@ -77,5 +81,7 @@ def test_a_list_is_read_before_it_is_told_a_gradient_from_labels():
     filtered = [{"filter": "mlp", "value": ["0", "1"]}, {"value": "0.5"}]
     assert resolve_value(filtered, layer, 0.25, "w", number.read) == pytest.approx(0.25)
     assert resolve_value(filtered, "model.norm.weight", 0.25, "w", number.read) == 0.5
+    assert resolve_value([], layer, 0.5, "w", number.read) is None  # mergekit: not set here, the next scope applies
+    assert resolve_value([{"filter": "mlp", "value": []}, {"value": 1}], layer, 0.5, "w", number.read) is None
     with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight\[1\]: expected a number, got 'abc'"):
         resolve_value([0.1, "abc"], layer, 0.5, "models[0].parameters.weight", number.read)
