@@ -81,6 +81,7 @@ def _switch(value: Any) -> bool:
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.lower() in _FALSE | _TRUE:
-        return value.lower() in _TRUE
+    word = value.lower() if isinstance(value, str) else None
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
     raise ValueError(value)
