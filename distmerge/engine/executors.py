@@ -6,7 +6,7 @@ more than a small merge itself takes. The local executor starts in no time: a po
 threads in this process, each merging whole batches with the same worker functions
 (:func:`~distmerge.engine.worker.run_batch`) a Ray task calls, one intra-op thread each as a
 Ray worker with one CPU has, so both give the same bytes. The heavy work (numba kernels,
-torch ops, file I/O, zlib) releases the GIL, so the threads run in parallel. The distributed
+torch ops, file I/O, CRC-32) releases the GIL, so the threads run in parallel. The distributed
 path (several nodes, ``ray job submit``, AIM's calibration pipeline) stays Ray
 (:mod:`distmerge.engine.ray_executor`).
 

@@ -15,11 +15,11 @@ import ctypes
 import errno
 import os
 import stat
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 from distmerge.errors import DistmergeError, OutputError
+from distmerge.io.checksums import crc32
 from distmerge.io.files import open_regular, pread_all
 
 # How much a checksum or scan reads at once: large enough that syscalls cost nothing, small
@@ -208,7 +208,7 @@ def span_crc32(reader: Any, offset: int, length: int, on_chunk: Callable[[memory
         got = reader.read_into(offset + done, buffer[:want])
         if got:
             chunk = buffer[:got]
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             if on_chunk is not None:
                 on_chunk(chunk)
         if got < want:

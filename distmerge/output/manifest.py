@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import stat
-import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from distmerge.errors import OutputError
+from distmerge.io.checksums import crc32
 from distmerge.io.files import open_regular
 from distmerge.io.structured import read_json
 from distmerge.io.writes import write_text_atomic
@@ -63,7 +63,7 @@ def build_manifest(files: Iterable[tuple[str, bytes, int]], tensors: Iterable[tu
     ranges: dict[int, list[list[int]]] = defaultdict(list)
     for (t, r0, r1), crc in sorted(units.items()):
         ranges[t].append([r0, r1, crc])
-    entries: dict[str, Any] = {name: {"size": size, "header_bytes": len(header), "header_crc32": zlib.crc32(header),
+    entries: dict[str, Any] = {name: {"size": size, "header_bytes": len(header), "header_crc32": crc32(header),
                                       "tensors": {}} for name, header, size in files}
     for t, (tensor, file_index) in enumerate(tensors):
         entries[files[file_index][0]]["tensors"][tensor] = ranges.get(t, [])
