@@ -230,14 +230,16 @@ class Sce(MergeMethod):
     def _tie_kept(chunks: Sequence[ScePartials], red: SceReductions) -> torch.Tensor:
         """Which elements tied at the threshold mergekit's ``torch.topk`` keeps: its choice among
         equal values follows from the whole array (libstdc++'s selection on CPU), so the
-        chunks' variances are joined in row order and the same selection runs on them
-        (:func:`kernels.topk_tied`, torch's algorithm on packed float32 keys, ~3x faster than
-        it). Variances of float64 compute would lose their order as float32 keys, and a torch
+        same selection runs on the chunks' variances in row order (:func:`kernels.topk_tied`,
+        torch's algorithm on packed float32 keys, ~3x faster than it, packing each chunk where it
+        lies rather than joining them first). Variances of float64 compute would lose their order as float32 keys, and a torch
         built on another C++ library selects otherwise (``topk_select.agrees_with_torch``):
         torch.topk itself chooses there (unsorted: the same set, see ``kernels.topk_select``)."""
-        flat = torch.cat([c.values for c in chunks if c.values is not None])
-        if flat.dtype != torch.float64 and kernels.topk_select.agrees_with_torch():  # bf16/fp16 widen exactly
-            return torch.from_numpy(kernels.topk_tied(flat.to(torch.float32).numpy(), red.k, red.threshold))
+        parts = [c.values for c in chunks if c.values is not None]
+        if parts[0].dtype != torch.float64 and kernels.topk_select.agrees_with_torch():  # bf16/fp16 widen exactly
+            pieces = [p.to(torch.float32).numpy() for p in parts]  # packed where they lie: no joined copy
+            return torch.from_numpy(kernels.topk_tied(pieces, red.k, red.threshold))
+        flat = torch.cat(parts)
         indices = torch.topk(flat, k=red.k, largest=True, sorted=False).indices
         return torch.sort(indices[magnitude_keys(flat[indices]) == red.threshold]).values
 

@@ -69,6 +69,25 @@ def test_large_array_nth_element_branch():
     assert got.size > 1000 and np.array_equal(got, torch_tied(v, k, threshold))
 
 
+def test_pieces_choose_as_the_joined_array():
+    """SCE hands its chunks' variances as pieces, packed where they lie: the choice is the one
+    of the joined array (and torch's), NaN thresholds included, for any cut into pieces."""
+    g = torch.Generator().manual_seed(11)
+    nan_thresholds = 0
+    for trial in range(300):
+        n = int(torch.randint(1, 3000, (1,), generator=g))
+        v = tie_heavy(g, n, int(torch.randint(1, 20, (1,), generator=g)), nan=0.2 * (trial % 3 == 0))
+        k = int(torch.randint(1, n + 1, (1,), generator=g)) if trial % 2 else max(1, n // 97)
+        threshold = kth_key(v, k)
+        nan_thresholds += threshold > 0x7F800000
+        cuts = sorted(set(torch.randint(0, n + 1, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()))
+        pieces = [p.numpy() for p in torch.tensor_split(v, cuts)]  # empty pieces too
+        got = topk_tied(pieces, k, threshold)
+        assert np.array_equal(got, topk_tied(v.numpy(), k, threshold)), (trial, n, k, cuts)
+        assert np.array_equal(got, torch_tied(v, k, threshold)), (trial, n, k, cuts)
+    assert nan_thresholds > 5
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_the_depth_limit_fallback_still_selects_the_k_largest(depth):
     """Past its depth limit introselect finishes with a heap selection (torch's path on
@@ -77,7 +96,7 @@ def test_the_depth_limit_fallback_still_selects_the_k_largest(depth):
     v = tie_heavy(g, 5000, 50)
     bits = v.numpy().view(np.uint32)
     q = np.empty(v.numel(), dtype=np.uint64)
-    topk_select._pack(bits, q)
+    topk_select._pack(bits, q, 0)
     k = 1700
     topk_select._introselect(q, k - 1, 0, q.size, depth)
     chosen = v[torch.from_numpy((q[:k] & np.uint64(0xFFFFFFFF)).astype(np.int64))]

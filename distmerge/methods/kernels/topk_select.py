@@ -25,6 +25,7 @@ both branches.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
@@ -176,17 +177,32 @@ def _introselect(q, nth, first, last, depth):  # noqa: ANN001, ANN202
 
 
 @_jit
-def _pack(bits, q):  # noqa: ANN001, ANN202
-    """``q[i]`` = (comparator key of the float32 whose bits are ``bits[i]``) << 32 | i."""
+def _pack(bits, q, offset):  # noqa: ANN001, ANN202
+    """``q[i]`` = (comparator key of the float32 whose bits are ``bits[i]``) << 32 | (offset + i)."""
     for i in range(bits.size):
         k = bits[i] & _SIGN_OFF
         key = _NAN_KEY if k > _INF_KEY else np.uint64(k)
-        q[i] = (key << _HALF) | np.uint64(i)
+        q[i] = (key << _HALF) | np.uint64(offset + i)
 
 
 @_jit
-def _tied_in_top(bits, q, k, threshold):  # noqa: ANN001, ANN202
-    """Indices among the first ``k`` of ``q`` whose magnitude key is ``threshold``."""
+def _tied_in_top(q, k, threshold):  # noqa: ANN001, ANN202
+    """Indices among the first ``k`` of ``q`` whose comparator key is ``threshold`` (a key of at
+    most +inf: there it is the magnitude's bits, so no element needs to be looked up)."""
+    out = np.empty(k, dtype=np.int64)
+    count = 0
+    wanted = np.uint64(threshold)
+    for i in range(k):
+        e = q[i]
+        out[count] = np.int64(e & _LOW)
+        count += (e >> _HALF) == wanted
+    return out[:count]
+
+
+@_jit
+def _nan_tied_in_top(bits, q, k, threshold):  # noqa: ANN001, ANN202
+    """Indices among the first ``k`` of ``q`` whose magnitude bits are ``threshold``, a NaN's
+    (the comparator gave every NaN one key, so the bits themselves are compared)."""
     out = np.empty(k, dtype=np.int64)
     count = 0
     for i in range(k):
@@ -202,21 +218,28 @@ def _lg(n: int) -> int:
     return n.bit_length() - 1
 
 
-def topk_tied(values: np.ndarray, k: int, threshold: int) -> np.ndarray:
+def topk_tied(values: np.ndarray | Sequence[np.ndarray], k: int, threshold: int) -> np.ndarray:
     """Sorted indices of the elements tied at magnitude key ``threshold`` among those
     ``torch.topk(torch.from_numpy(values), k, largest=True)`` picks (``values``: float32
-    magnitudes, NaN allowed; ``0 < k <= values.size < 2**32``)."""
-    n = values.size
+    magnitudes, NaN allowed, or the consecutive pieces of such an array, e.g. a tensor's chunks,
+    which are packed where they lie instead of being joined first; ``0 < k <= size < 2**32``)."""
+    parts = [values] if isinstance(values, np.ndarray) else list(values)
+    bits = [np.ascontiguousarray(p, dtype=np.float32).reshape(-1).view(np.uint32) for p in parts]
+    n = sum(b.size for b in bits)
     if not 0 < k <= n < 1 << 32:
         raise ValueError(f"topk of {k} from {n} elements")
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     q = np.empty(n, dtype=np.uint64)
-    _pack(bits, q)
+    offset = 0
+    for b in bits:
+        _pack(b, q[offset:offset + b.size], offset)
+        offset += b.size
     if k * PARTIAL_SORT_FACTOR <= n:
         _heap_select(q, 0, k, n)  # partial_sort's choice; its sort_heap only orders the k
     elif k < n:  # nth_element at k - 1 (with k == n every element is chosen)
         _introselect(q, k - 1, 0, n, 2 * _lg(n))
-    return np.sort(_tied_in_top(bits, q, k, threshold))
+    if threshold <= int(_INF_KEY):
+        return np.sort(_tied_in_top(q, k, threshold))
+    return np.sort(_nan_tied_in_top(np.concatenate(bits), q, k, threshold))
 
 
 @cache
