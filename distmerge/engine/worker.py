@@ -10,7 +10,6 @@ import os
 import socket
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError, OutputError
+from distmerge.io.checksums import crc32
 from distmerge.io.remote import pin_versions, thread_fetched_bytes
 from distmerge.io.safetensors import TensorInfo, read_row_set
 from distmerge.io.scan import count_nonfinite
@@ -128,20 +128,41 @@ def read_counted(job: MergeJob, unit: WorkUnit) -> tuple[list[torch.Tensor], int
     return raw, thread_fetched_bytes() - before
 
 
+def output_scan_suffices(job: MergeJob) -> bool:
+    """Whether the output's NaN/Inf count stands in for the inputs' scans: the method carries
+    every NaN/Inf of an input into the output element it merges (``MergeMethod.
+    nonfinite_reaches_output``) and no row step follows it. Then a clean output proves clean
+    inputs, and the inputs are scanned only when the output is not clean, to name the input
+    and give the same error or warning. It saves a pass over every input (for a linear merge
+    of three models, three of its four scans)."""
+    return get_method(job.method).nonfinite_reaches_output and not job.row_steps
+
+
+def check_inputs(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], rows: list[torch.Tensor] | None = None,
+                 warnings: list[str] | None = None) -> None:
+    """Raise (``job.check_finite``) or add a warning for each source whose rows hold NaN/Inf
+    (``rows``: the compute-dtype rows, made from ``raw`` when not given)."""
+    t = job.tensors[unit.tensor]
+    if rows is None:
+        rows = compute_rows(job, unit, raw)
+    for info, r, stored in zip(t.sources, rows, raw, strict=True):
+        warning = _check_finite(r, stored, info, unit.row_start, unit.row_end, job.check_finite)
+        if warning and warnings is not None:
+            warnings.append(warning)
+
+
 def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced: Reductions | None,
-                warnings: list[str] | None = None) -> torch.Tensor:
-    """Merged rows of a unit from its raw rows, after the job's row steps, in the output dtype."""
+                warnings: list[str] | None = None, scan_inputs: bool = True) -> torch.Tensor:
+    """Merged rows of a unit from its raw rows, after the job's row steps, in the output dtype.
+    ``scan_inputs=False``: the caller checks the inputs itself (:func:`output_scan_suffices`)."""
     t = job.tensors[unit.tensor]
     out_dtype = SAFETENSORS_TO_TORCH[t.out_dtype]
     if t.params is None:
         return raw[0].to(out_dtype)
     rows = compute_rows(job, unit, raw)
     # A failing check fails the merge in the reduction rounds, which read these rows already.
-    if not (job.check_finite and t.reduction_rounds):
-        for info, r, stored in zip(t.sources, rows, raw, strict=True):
-            warning = _check_finite(r, stored, info, unit.row_start, unit.row_end, job.check_finite)
-            if warning and warnings is not None:
-                warnings.append(warning)
+    if scan_inputs and not (job.check_finite and t.reduction_rounds):
+        check_inputs(job, unit, raw, rows, warnings)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
     ctx = shard_context(job, unit, rows)
     merged = get_method(job.method).merge(base, experts, t.params, ctx, reduced)
@@ -188,6 +209,7 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
     crcs, sizes, nonfinite = [0] * len(units), [0] * len(units), [0] * len(units)
+    scan_output_only = output_scan_suffices(job)
     sink = job.output.open_batch(units, job.tensors)
     with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
         # Read the next block while this one is merged: disk and CPU overlap.
@@ -200,12 +222,14 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
                 raise InterruptedError("the merge stopped")
             upcoming = reader.submit(read_counted, job, work[k + 1][1]) if k + 1 < len(work) else None
             t = job.tensors[block.tensor]
-            out = merge_block(job, block, raw, reduced.get(block.tensor), warnings)
+            out = merge_block(job, block, raw, reduced.get(block.tensor), warnings, not scan_output_only)
+            bad = count_nonfinite(out)  # what the output holds: the inputs were finite, a cast can overflow
+            if bad and scan_output_only and t.params is not None:
+                check_inputs(job, block, raw, warnings=warnings)  # which input, before anything is written
             del raw
             offset, _ = t.out_span(block.row_start, block.row_end)
             sizes[i] += sink.write(t.file_index, offset, out)
-            crcs[i] = zlib.crc32(out.contiguous().reshape(-1).view(torch.uint8).numpy(), crcs[i])
-            bad = count_nonfinite(out)  # what the output holds: the inputs were finite, a cast can overflow
+            crcs[i] = crc32(out.contiguous().reshape(-1).view(torch.uint8).numpy(), crcs[i])
             if bad and job.check_finite:
                 raise OutputError(f"tensor {t.name!r} rows {block.row_start}:{block.row_end}: the merge makes {bad} "
                                   f"NaN/Inf values in {TORCH_NAME.get(t.out_dtype, t.out_dtype)} (an output dtype too narrow for the merged "

@@ -29,6 +29,7 @@ class Linear(MergeMethod):
     uses_base = False
     min_experts = 1
     reads_stored_rows = True
+    nonfinite_reaches_output = True  # every model's rows enter every output element, by an fma
     global_parameters = {"normalize": ParamSpec(True, bool)}
     model_parameters = {"weight": ParamSpec(None)}
 

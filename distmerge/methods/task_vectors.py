@@ -279,6 +279,7 @@ class TaskArithmetic(TaskVectorMethod):
     """Task arithmetic (Ilharco et al. 2023): ``base + lambda * sum_i w_i (x_i - base)``."""
 
     name = "task_arithmetic"
+    nonfinite_reaches_output = True  # nothing is dropped: each delta, and the base, reach the sum
 
 
 class Ties(TaskVectorMethod):

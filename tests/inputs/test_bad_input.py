@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from distmerge.config import parse_config
 from distmerge.engine.run import run_merge
 from distmerge.errors import CheckpointError
+from distmerge.testing.method_cases import method_config
 from tests.helpers import load_state, make_config
 
 INDEX = "model.safetensors.index.json"
@@ -47,14 +48,21 @@ def _poison(folder: Path, tensor: str, value: float) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+def _base_unless_linear(method: str, base: Path) -> dict[str, str]:
+    """linear merges a configured base as one more input (mergekit's way): these tests leave it out."""
+    return {} if method == "linear" else {"base_model": str(base)}
+
+
 @pytest.mark.usefixtures("ray_local")
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # ties: caught in its statistics pass
+# ties: caught in its statistics pass; linear and task_arithmetic: found by the output's scan
+# (engine.worker.output_scan_suffices), then named by scanning that block's inputs
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
 def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path, method):
     base, experts = llama_family
     bad = _copy(experts[0], tmp_path / "nan")
     _poison(bad, "model.layers.2.mlp.up_proj.weight", float("nan"))
     params = {"weight": 0.5} | ({"density": 0.5} if method == "ties" else {})
-    cfg = parse_config({"merge_method": method, "base_model": str(base),
+    cfg = parse_config({"merge_method": method, **_base_unless_linear(method, base),
                         "models": [{"model": str(m), "parameters": params} for m in (bad, experts[1])]})
     with pytest.raises(CheckpointError, match=r"nan/model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.2\.mlp\.up_proj\.weight' has 1 NaN/Inf"):
         run_merge(cfg, tmp_path / "out", progress=False)
@@ -66,7 +74,7 @@ def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path, method):
 
 
 @pytest.mark.usefixtures("ray_local")
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # ties: caught in its statistics pass
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])  # as above
 def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, tmp_path, method):
     """A finite weight too large for ``dtype: float16`` becomes Inf in the cast: the error names
     the compute dtype and a wider one, not a broken input; a NaN as stored is still the input's."""
@@ -75,7 +83,7 @@ def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, 
     _poison(big, "model.layers.2.mlp.up_proj.weight", 70000.0)  # float16 holds up to 65504
     assert torch.isfinite(load_state(big)["model.layers.2.mlp.up_proj.weight"]).all()
     params = {"weight": 0.5} | ({"density": 0.5} if method == "ties" else {})
-    cfg = parse_config({"merge_method": method, "base_model": str(base), "dtype": "float16",
+    cfg = parse_config({"merge_method": method, **_base_unless_linear(method, base), "dtype": "float16",
                         "models": [{"model": str(m), "parameters": params} for m in (big, experts[1])]})
     with pytest.raises(CheckpointError) as caught:
         run_merge(cfg, tmp_path / "out", progress=False)
@@ -87,6 +95,34 @@ def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, 
     _poison(big, "model.layers.2.mlp.up_proj.weight", float("nan"))  # now the input's own
     with pytest.raises(CheckpointError, match=r"has 1 NaN/Inf values in rows .*the input is broken"):
         run_merge(cfg, tmp_path / "out3", progress=False)
+
+
+@pytest.mark.parametrize(("method", "scans_per_block"), [("linear", 1), ("task_arithmetic", 1), ("slerp", 3)])
+def test_a_clean_merge_scans_the_inputs_only_where_the_method_needs_it(llama_family, tmp_path, monkeypatch,
+                                                                        method, scans_per_block):
+    """linear and task_arithmetic carry every NaN/Inf to the output, so a clean merge scans each
+    block's output alone (one pass instead of one per model and the output); slerp scans its two
+    inputs and the output. Counted on the local executor, whose threads run in this process."""
+    from distmerge.engine import worker
+
+    base, experts = llama_family
+    scans, blocks = [], []
+    count, merge = worker.count_nonfinite, worker.merge_block
+
+    def counting(values: torch.Tensor) -> int:
+        scans.append(values.numel())
+        return count(values)
+
+    def merging(*args, **kwargs) -> torch.Tensor:
+        blocks.append(args[1])
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "count_nonfinite", counting)
+    monkeypatch.setattr(worker, "merge_block", merging)
+    cfg = parse_config(method_config(method, base, experts))
+    report = run_merge(cfg, tmp_path / "out", executor="local", progress=False)
+    assert not report["warnings"] and len(blocks) >= len(load_state(tmp_path / "out"))
+    assert len(scans) == scans_per_block * len(blocks)
 
 
 def test_cli_errors_are_messages_not_tracebacks(llama_family, tmp_path):
