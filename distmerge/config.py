@@ -267,10 +267,19 @@ class MergeConfig(_Strict):
         return result
 
 
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as distmerge's messages name keys: ``models[0].parameters``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid merge config"]
+    """One line for one problem (``source: invalid merge config: key: why``), else a line each."""
+    lines = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = _key_path(item["loc"])
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             parent = item["loc"][:-1]
@@ -281,8 +290,10 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         if item["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         quiet = item["type"] in ("missing", "extra_forbidden") or not item["loc"]  # top level: not the whole file
-        lines.append(f"  {loc}: {msg}" + ("" if quiet else f" (got {shown(item['input'])})"))
-    return "\n".join(lines)
+        lines.append(f"{loc}: {msg}" + ("" if quiet else f" (got {shown(item['input'])})"))
+    if len(lines) == 1:
+        return f"{source}: invalid merge config: {lines[0]}"
+    return "\n  ".join([f"{source}: invalid merge config ({len(lines)} problems)", *lines])
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

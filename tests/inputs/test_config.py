@@ -58,8 +58,24 @@ def test_filters_as_mergekit_unfiltered_first_and_star_match_everything():
     assert resolve_value(single, "model.norm.weight", 0.0, "w", NUMBER.read) is None
 
 
+def test_one_problem_is_one_line_and_several_are_listed():
+    """One problem: one line, keys named as every other message names them (``models[0].x``);
+    several: a count, then a line each."""
+    with pytest.raises(ConfigError) as one:
+        parse_config({**BASE, "models": [{"model": "m", "parameters": [1, 2]}]}, source="m.yml")
+    assert str(one.value) == ("m.yml: invalid merge config: models[0].parameters: Input should be a valid "
+                              "dictionary (got [1, 2])")
+    with pytest.raises(ConfigError) as several:
+        parse_config({**BASE, "models": [{"model": "m", "paramters": {}, "foo": 1}]}, source="m.yml")
+    assert str(several.value).splitlines() == [
+        "m.yml: invalid merge config (2 problems)",
+        "  models[0].paramters: unknown key; allowed keys here: model, parameters",
+        "  models[0].foo: unknown key; allowed keys here: model, parameters",
+    ]
+
+
 def test_unknown_key_lists_allowed():
-    with pytest.raises(ConfigError, match=r"models\.0\.paramters: unknown key; allowed keys here: model, parameters"):
+    with pytest.raises(ConfigError, match=r"invalid merge config: models\[0\]\.paramters: unknown key; allowed keys here: model, parameters"):
         parse_config({**BASE, "models": [{"model": "m", "paramters": {}}]})
     with pytest.raises(ConfigError, match=r"execution\.shard_sise: unknown key.*shard_size"):
         parse_config({**BASE, "execution": {"shard_sise": "1MB"}})
