@@ -231,9 +231,10 @@ class Sce(MergeMethod):
         """Which elements tied at the threshold mergekit's ``torch.topk`` keeps: its choice among
         equal values follows from the whole array (libstdc++'s selection on CPU), so the
         same selection runs on the chunks' variances in row order (:func:`kernels.topk_tied`,
-        torch's algorithm on packed float32 keys, ~3x faster than it, packing each chunk where it
-        lies rather than joining them first). Variances of float64 compute would lose their order as float32 keys, and a torch
-        built on another C++ library selects otherwise (``topk_select.agrees_with_torch``):
+        torch's algorithm on packed float32 keys, ~3x faster than it, packing each chunk where
+        it lies rather than joining them first). Variances of float64 compute would lose their
+        order as float32 keys, and a torch built on another C++ library selects otherwise
+        (``topk_select.agrees_with_torch``):
         torch.topk itself chooses there (unsorted: the same set, see ``kernels.topk_select``)."""
         parts = [c.values for c in chunks if c.values is not None]
         if parts[0].dtype != torch.float64 and kernels.topk_select.agrees_with_torch():  # bf16/fp16 widen exactly
