@@ -34,8 +34,10 @@ def _dot(a, b):  # noqa: ANN001, ANN202 - numba infers the types
     for j in range(starts.size):
         s = starts[j]
         z = sizes[j]
+        x = a[s:s + z]  # slices, not a[s + i]: the index arithmetic kept this loop scalar (3x slower)
+        y = b[s:s + z]
         for i in range(z):
-            buf[i] = np.float64(_value(a, s + i)) * np.float64(_value(b, s + i))
+            buf[i] = np.float64(_value(x, i)) * np.float64(_value(y, i))
         leaf[j] = pw_block(buf, z)
     return pairwise_combine(n, leaf)
 
