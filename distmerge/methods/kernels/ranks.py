@@ -154,7 +154,12 @@ def _rank_values(values, outer, n, inner, table, out):  # noqa: ANN001, ANN202
     """``out[f] = table[rank of |values[f]| along dim 1]`` for a flat (outer, n, inner) block."""
     keys, keys2, order, order2, hist = _scratch(n)
     for o in range(outer):
-        for c in range(inner):
+        if inner == 1:  # contiguous rows: a slice (see _della_keep)
+            row = values[o * n:(o + 1) * n]
+            for j in range(n):
+                keys[j] = _magnitude_key(row[j])
+            _rank_row(keys, keys2, order, order2, hist, table, out, o * n, 1)
+        for c in range(inner if inner > 1 else 0):
             first = o * n * inner + c
             for j in range(n):
                 keys[j] = _magnitude_key(values[first + j * inner])
@@ -171,7 +176,12 @@ def _della_keep(base, x, mode, outer, n, inner, table, key0, key1, start, mask, 
     state = np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
     for o in range(outer):
         s0 = o * slab
-        for c in range(inner):
+        if inner == 1:  # rows contiguous (every 2-D weight): slices, which the compiler vectorizes
+            xs, bs = x[s0:s0 + n], base[s0:s0 + n]
+            for j in range(n):
+                keys[j] = _magnitude_key(abs(_r(_value(xs, j) - _value(bs, j), mode)))
+            _rank_row(keys, keys2, order, order2, hist, table, probs, s0, 1)
+        for c in range(inner if inner > 1 else 0):
             for j in range(n):
                 f = s0 + j * inner + c
                 keys[j] = _magnitude_key(abs(_r(_value(x, f) - _value(base, f), mode)))
