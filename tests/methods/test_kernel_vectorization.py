@@ -1,0 +1,48 @@
+"""The hot loops that once compiled to scalar code compile to vector code now.
+
+Each of these loops broke a rule of :mod:`distmerge.methods.kernels` (``x[s + i]`` instead of a
+slice; ``kl[j // cols]``, a division per element) and ran 3-6x slower for it, with the same
+results: no exactness test could notice. These read the optimized LLVM IR of a freshly compiled
+copy (the cached dispatchers keep none) and fail if the loop goes back to scalar code.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numba
+import numpy as np
+import pytest
+
+from distmerge.methods.kernels import dots, fusion_loops
+
+BF16_BITS = np.arange(4096, dtype=np.uint16)
+FLOATS = np.linspace(0.0, 1.0, 4096).astype(np.float32)
+
+
+def fresh_ir(dispatcher: numba.core.registry.CPUDispatcher, *args: object) -> str:
+    """The optimized LLVM IR of ``dispatcher``'s function compiled anew for ``args``."""
+    fresh = numba.njit(dispatcher.py_func)
+    fresh(*args)
+    return fresh.inspect_llvm(fresh.signatures[0])
+
+
+def vector_ops(ir: str, op: str, element: str) -> int:
+    """How many ``op`` instructions on vectors of ``element`` the IR holds."""
+    return len(re.findall(rf"= {op}(?: [a-z]+)* <\d+ x {element}>", ir))
+
+
+@pytest.mark.parametrize("operands", [BF16_BITS, FLOATS], ids=["bfloat16-bits", "float32"])
+def test_the_dot_multiplies_contiguous_vectors(operands: np.ndarray):
+    ir = fresh_ir(dots._dot, operands, operands)
+    assert vector_ops(ir, "fmul", "double") > 0
+    # Indexing a[s + i] made LLVM compute a vector of 64-bit indices (the wraparound check for
+    # a negative index) and load lane by lane: 1.5 against 0.47 ns per element.
+    assert not re.search(r"<\d+ x i64>", ir)
+
+
+def test_arcee_fusions_merge_is_vectorized():
+    ir = fresh_ir(fusion_loops._merge, BF16_BITS, BF16_BITS, FLOATS[:64], 64, np.float32(0.5),
+                  np.empty(BF16_BITS.size, dtype=np.float32))
+    for op in ("fsub", "fmul", "fadd"):
+        assert vector_ops(ir, op, "float") > 0, op  # kl[j // cols] kept it scalar: 2.1 against 0.57 ns
