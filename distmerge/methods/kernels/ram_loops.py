@@ -26,7 +26,7 @@ import numpy as np
 from distmerge.methods.kernels.rounding import _jit, _r, _value
 from distmerge.methods.kernels.stack_order import reordered_from, stack_column
 
-BLOCK = 2048  # elements per block: the per-model task-vector rows stay in L1/L2 cache
+BLOCK = 512  # elements per block: every scratch row of a block together within a 32 KB L1 cache
 
 
 @_jit

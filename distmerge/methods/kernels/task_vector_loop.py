@@ -29,7 +29,7 @@ KEEP_NOTHING = 1 << 32  # a low threshold above every key
 
 RESCALE_NONE, RESCALE_MULTIPLY, RESCALE_DIVIDE, RESCALE_DIVIDE_BY_PROBS = 0, 1, 2, 3
 
-BLOCK = 2048  # elements per block: the per-expert scratch rows stay in L1/L2 cache
+BLOCK = 512  # elements per block: every scratch row of a block together within a 32 KB L1 cache
 
 
 @_jit
