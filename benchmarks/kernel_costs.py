@@ -1,0 +1,79 @@
+"""Nanoseconds per element of the hot kernels, beside linear's weighted sum in the same run.
+
+    .venv/bin/python -m benchmarks.kernel_costs
+
+Each kernel runs on 2^22 elements of bfloat16-valued rows (as stored: bf16 bits, float32
+compute), two experts where a method takes several, best of 7 calls after a warm-up call, on
+one thread. This is where a loop that stopped vectorizing shows (docs: the rules in
+``distmerge/methods/kernels/__init__.py``); ``bench_method_cost`` gives what a method costs as a
+whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from distmerge.methods.kernels import dots, fusion_loops, linear_loop, ram_loops, ranks
+from distmerge.methods.kernels import task_vector_loop as tv
+from distmerge.methods.kernels.rounding import value_arrays
+
+N = 1 << 22
+COLS = 1536  # a last-dim vector (arcee_fusion's KL, DELLA's ranked rows)
+
+
+def best_ns(call: Callable[[], object], elements: int, repeat: int = 7) -> float:
+    call()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times) / elements * 1e9
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(N, generator=g) * 0.02).to(torch.bfloat16)
+    experts = [(base.float() + torch.randn(N, generator=g) * 1e-3).to(torch.bfloat16) for _ in range(2)]
+    b, x0, x1 = value_arrays([base, *experts], torch.float32)
+    w = np.array([0.5, 0.5], dtype=np.float32)
+    kl = np.random.default_rng(0).random(N // COLS + 1).astype(np.float32)
+    picks = np.random.default_rng(1).integers(0, N, 1 << 20)
+    one = np.array(1.0, dtype=np.float32)
+
+    def task_vectors(consensus: bool) -> Callable[[], object]:
+        return lambda: tv.task_vectors(
+            b, [x0, x1], 0, low=[900_000_000] * 2, high=[tv.NO_HIGH] * 2, masks=[None] * 2, rescale_kind=[0, 0],
+            rescale=np.ones(2, dtype=np.float32), probs=[None] * 2, weights=w, consensus=consensus, normalize=True,
+            total_weight=one, lam=one)
+
+    out = np.empty(N, dtype=np.float32)
+    rows = (N // COLS, COLS)
+    table = np.linspace(0.3, 0.7, COLS).astype(np.float32)
+    cases: list[tuple[str, Callable[[], object], int]] = [
+        ("linear: weighted sum of 3 rows (baseline)", lambda: linear_loop.weighted_sum([b, x0, x1], np.array([0.3, 0.3, 0.4], np.float32), None), N),
+        ("float64 dot (bf16 bits)", lambda: dots.float64_dot(base, experts[0]), N),
+        ("TIES merge, 2 experts (per output)", task_vectors(True), N),
+        ("thresholded task-vector sum, 2 experts (per output)", task_vectors(False), N),
+        ("RAM+ merge, 2 experts (per output)", lambda: ram_loops.ram_merge(b, (x0, x1), 0.0, np.array([1e-5], np.float32), np.array([1.2, 0.8], np.float32), True, N, out), N),
+        ("arcee_fusion merge", lambda: fusion_loops.fusion_merge(b, x0, kl, COLS, 1e-4), N),
+        ("arcee_fusion counts, every element", lambda: fusion_loops.fusion_counts(b, x0, kl, COLS, None, np.zeros(0, np.int64)), N),
+        ("arcee_fusion counts, per sampled pick", lambda: fusion_loops.fusion_counts(b, x0, kl, COLS, picks, np.zeros(0, np.int64)), picks.size),
+        ("DELLA keep rule (ranks, draws)", lambda: ranks.della_keep(b[: rows[0] * COLS], x0[: rows[0] * COLS], torch.float32, rows, table, np.array([1, 2], np.uint64), 0), rows[0] * COLS),
+    ]
+    linear = None
+    print("| kernel | ns per element | against linear's |")
+    print("|---|---:|---:|")
+    for name, call, elements in cases:
+        ns = best_ns(call, elements)
+        linear = linear or ns
+        print(f"| {name} | {ns:.2f} | {ns / linear:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
