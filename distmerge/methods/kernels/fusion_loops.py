@@ -71,7 +71,7 @@ def _counts(base, x, kl, cols, sampled, picks, buckets, hist):  # noqa: ANN001, 
     repetition): with no ``buckets``, ``hist[0]`` counts the keys' high 16 bits; else
     ``hist[q]`` the low 16 bits of the keys in high bucket ``buckets[q]``. Every element goes
     vector by vector, one KL each: no division per element. (The update is written out in
-    both loops: passing the arrays to a helper made the sampled loop 1.5x slower.)"""
+    both loops: passing the arrays to a helper made the sampled loop 2x slower, 33 -> 65 ns.)"""
     for i in range(picks.size if sampled else 0):
         j = picks[i]
         key = _importance_key(np.float32(_value(x, j) - _value(base, j)), kl[j // cols])

@@ -159,11 +159,12 @@ def _rank_values(values, outer, n, inner, table, out):  # noqa: ANN001, ANN202
             for j in range(n):
                 keys[j] = _magnitude_key(row[j])
             _rank_row(keys, keys2, order, order2, hist, table, out, o * n, 1)
-        for c in range(inner if inner > 1 else 0):
-            first = o * n * inner + c
-            for j in range(n):
-                keys[j] = _magnitude_key(values[first + j * inner])
-            _rank_row(keys, keys2, order, order2, hist, table, out, first, inner)
+        else:
+            for c in range(inner):
+                first = o * n * inner + c
+                for j in range(n):
+                    keys[j] = _magnitude_key(values[first + j * inner])
+                _rank_row(keys, keys2, order, order2, hist, table, out, first, inner)
 
 
 @_jit
@@ -181,11 +182,12 @@ def _della_keep(base, x, mode, outer, n, inner, table, key0, key1, start, mask, 
             for j in range(n):
                 keys[j] = _magnitude_key(abs(_r(_value(xs, j) - _value(bs, j), mode)))
             _rank_row(keys, keys2, order, order2, hist, table, probs, s0, 1)
-        for c in range(inner if inner > 1 else 0):
-            for j in range(n):
-                f = s0 + j * inner + c
-                keys[j] = _magnitude_key(abs(_r(_value(x, f) - _value(base, f), mode)))
-            _rank_row(keys, keys2, order, order2, hist, table, probs, s0 + c, inner)
+        else:
+            for c in range(inner):
+                for j in range(n):
+                    f = s0 + j * inner + c
+                    keys[j] = _magnitude_key(abs(_r(_value(x, f) - _value(base, f), mode)))
+                _rank_row(keys, keys2, order, order2, hist, table, probs, s0 + c, inner)
         fill_raw(key0, key1, start + s0, raw, state)
         pr = probs[s0:s0 + slab]
         m = mask[s0:s0 + slab]
