@@ -146,7 +146,7 @@ def resolve_value(value: Any, tensor: str, t: float, where: str, read: Callable[
             for entry in value:
                 unknown = set(entry) - {"filter", "value"}
                 if unknown or "value" not in entry:
-                    raise ConfigError(f"{where}: filter entries take keys 'filter' and 'value', got {sorted(entry)}")
+                    raise ConfigError(f"{where}: filter entries take keys 'filter' and 'value', got {sorted(map(str, entry))}")
                 flt = entry.get("filter")
                 if flt is not None and not isinstance(flt, str):
                     raise ConfigError(f"{where}: filter {shown(flt, 40)} is a {type(flt).__name__} (a number or list); a filter is a "

@@ -46,6 +46,13 @@ def test_filters_first_match_wins_and_fallback():
     assert resolve_value([{"filter": "mlp", "value": 1}], "model.norm.weight", 0.0, "w", NUMBER.read) is None
 
 
+def test_a_filter_entry_with_a_number_key_is_a_config_error():
+    """YAML keys need not be strings (``{value: .nan, 1: .nan}``): the message lists them all
+    (found by the fuzz test: sorting int and str keys raised a TypeError, a traceback)."""
+    with pytest.raises(ConfigError, match=r"filter entries take keys 'filter' and 'value', got \['1', 'value'\]"):
+        resolve_value([{"value": 0.5, 1: 0.5}], "model.norm.weight", 0.0, "w", NUMBER.read)
+
+
 def test_filters_as_mergekit_unfiltered_first_and_star_match_everything():
     """mergekit 0.1.5: an entry without a filter, or with filter "*", matches every tensor, so
     placed first it wins; a single {filter, value} mapping is a one-entry list."""
