@@ -170,5 +170,5 @@ def resolve_value(value: Any, tensor: str, t: float, where: str, read: Callable[
                           "or all scalars")
     if isinstance(value, dict):
         raise ConfigError(f"{where}: expected a number, a gradient list, a {{filter, value}} entry or a list of "
-                          f"them, got a mapping with keys {sorted(value)}")
+                          f"them, got a mapping with keys {sorted(map(str, value))}")
     return read(value, where)

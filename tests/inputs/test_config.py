@@ -51,6 +51,8 @@ def test_a_filter_entry_with_a_number_key_is_a_config_error():
     (found by the fuzz test: sorting int and str keys raised a TypeError, a traceback)."""
     with pytest.raises(ConfigError, match=r"filter entries take keys 'filter' and 'value', got \['1', 'value'\]"):
         resolve_value([{"value": 0.5, 1: 0.5}], "model.norm.weight", 0.0, "w", NUMBER.read)
+    with pytest.raises(ConfigError, match=r"a mapping with keys \['1', 'filter'\]"):
+        resolve_value({"filter": 0.5, 1: 0.5}, "model.norm.weight", 0.0, "w", NUMBER.read)
 
 
 def test_filters_as_mergekit_unfiltered_first_and_star_match_everything():
