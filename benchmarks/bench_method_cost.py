@@ -2,8 +2,8 @@
 
     .venv/bin/python -m benchmarks.bench_method_cost --model-gb 0.5 --repeat 3 --plot benchmarks/method_cost.png
 
-Runs the engine's own worker functions (reduction rounds, then merge-and-write of every unit)
-sequentially on one thread over the synthetic checkpoints, page cache warm, alternating the
+Runs the engine's own schedule and worker functions (reduction rounds, merge-and-write of every
+unit, each tensor read once where its rows fit the shard size) one task at a time on one thread over the synthetic checkpoints, page cache warm, alternating the
 methods so background load hits them alike. On a shared machine this ratio is steadier than
 wall-clock figures of the multi-process engine.
 """
@@ -21,9 +21,10 @@ import torch
 from benchmarks.bench_engine import merge_config
 from benchmarks.synthetic import Shape, write_family
 from distmerge.config import parse_config
-from distmerge.engine.worker import MergeJob, run_batch, run_reduction_round
+from distmerge.engine.executors import execute
+from distmerge.engine.schedule import MergeSchedule
+from distmerge.engine.worker import MergeJob
 from distmerge.io.writes import create_file
-from distmerge.methods.base import Partials, Reductions, chunk_read
 from distmerge.output.writers import LocalFiles
 from distmerge.plan import batches, build_plan
 from distmerge.testing.method_cases import CASES
@@ -40,18 +41,9 @@ def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
     job = MergeJob(plan.method.name, tuple(plan.tensors), LocalFiles(tuple(str(out / f.name) for f in plan.files)),
                    plan.compute_dtype, 0)
     started = time.perf_counter()
-    reduced: dict[int, Reductions] = {}
-    for round_ in range(plan.reduction_rounds):
-        units = [u for u in plan.reduction_units(round_) if chunk_read(reduced.get(u.tensor), round_, u.row_start, u.row_end)]
-        partials: dict[int, dict[int, Partials]] = {}
-        for batch in batches(units, plan.shard_size):
-            for tensor, row, part in run_reduction_round(job, batch, round_, reduced):
-                partials.setdefault(tensor, {})[row] = part
-        for i, chunks in partials.items():
-            t = plan.tensors[i]
-            reduced[i] = plan.method.reduce([chunks[r] for r in sorted(chunks)], t.params, t.shape, round_, reduced.get(i))
-    for batch in batches(plan.units, plan.shard_size):
-        run_batch(job, batch, reduced)
+    schedule = MergeSchedule(plan, list(batches(plan.units, plan.shard_size, plan.read_once_tensors)))
+    while (task := schedule.take()) is not None:  # the engine's order, one task at a time
+        schedule.done(task, execute(job, task))
     return time.perf_counter() - started
 
 

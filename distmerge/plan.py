@@ -9,7 +9,7 @@ work units sized by a memory budget. The same config gives the same plan, byte f
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,10 @@ class MergePlan:
 
     @property
     def peak_worker_bytes(self) -> int:
-        return max((u.working_bytes for u in self.units), default=0)
+        """A unit's working memory, and a read-once tensor's rows held beside it."""
+        held = self.read_once_tensors
+        return max((u.working_bytes + (tensor_read_bytes(self.tensors[u.tensor]) if u.tensor in held else 0)
+                    for u in self.units), default=0)
 
     @property
     def reduction_rounds(self) -> int:
@@ -143,19 +146,19 @@ class MergePlan:
 
     def reduction_units(self, round_: int = 0) -> list[WorkUnit]:
         """Canonical row chunks of the tensors whose merge needs reduction round ``round_``."""
-        units = []
-        for i, t in enumerate(self.tensors):
-            if t.reduction_rounds <= round_ or not t.numel:
-                continue
-            step = max(1, REDUCTION_CHUNK_ELEMENTS // max(1, t.row_numel))
-            for r0 in range(0, t.rows, step):
-                r1 = min(t.rows, r0 + step)
-                read = sum((r1 - r0) * t.row_nbytes(s.dtype) for s in t.sources)
-                # Working set: raw rows, their compute-dtype copies and room for kernel scratch
-                # (the round-0 window counts, a DARE mask, DELLA's per-row ranks) per source.
-                working = read + (r1 - r0) * t.row_numel * 4 * (3 * len(t.sources))
-                units.append(WorkUnit(i, r0, r1, read, 0, working))
-        return units
+        return [u for i, t in enumerate(self.tensors) if t.reduction_rounds > round_ for u in reduction_chunks(i, t)]
+
+    def read_once(self, index: int) -> bool:
+        """Whether tensor ``index`` is read once: its reduction rounds and its merge run in one
+        task, on its rows of every source held in memory, instead of a read for the rounds and
+        another for the merge. Those rows must fit the shard size (the same budget a unit's
+        working memory has): held whole, they come on top of a block's working memory only."""
+        t = self.tensors[index]
+        return bool(t.reduction_rounds and t.numel) and tensor_read_bytes(t) <= self.shard_size
+
+    @property
+    def read_once_tensors(self) -> frozenset[int]:
+        return frozenset(i for i in range(len(self.tensors)) if self.read_once(i))
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -189,9 +192,34 @@ class MergePlan:
         ]
         reducing = sum(1 for t in self.tensors if t.reduction_rounds)
         if reducing:
+            once = len(self.read_once_tensors)
             lines.append(f"whole-tensor reductions: {reducing} tensors, {self.reduction_rounds} round(s) of "
-                         f"{len(self.reduction_units())} canonical chunks")
+                         f"{len(self.reduction_units())} canonical chunks; {once} of them read once "
+                         "(statistics and merge from one read: their rows fit the shard size)")
         return "\n".join(lines)
+
+
+def tensor_read_bytes(t: TensorPlan) -> int:
+    """Bytes of a tensor's rows from every source, as read."""
+    return t.rows * sum(t.row_nbytes(s.dtype) for s in t.sources)
+
+
+def reduction_chunks(index: int, t: TensorPlan) -> list[WorkUnit]:
+    """The canonical row chunks of tensor ``index``'s reduction rounds: their rows follow from
+    its shape alone, never from the shard size, so the reductions (reduced in chunk order) are
+    the same under any sharding."""
+    if not t.numel:
+        return []
+    step = max(1, REDUCTION_CHUNK_ELEMENTS // max(1, t.row_numel))
+    units = []
+    for r0 in range(0, t.rows, step):
+        r1 = min(t.rows, r0 + step)
+        read = sum((r1 - r0) * t.row_nbytes(s.dtype) for s in t.sources)
+        # Working set: raw rows, their compute-dtype copies and room for kernel scratch
+        # (the round-0 window counts, a DARE mask, DELLA's per-row ranks) per source.
+        working = read + (r1 - r0) * t.row_numel * 4 * (3 * len(t.sources))
+        units.append(WorkUnit(index, r0, r1, read, 0, working))
+    return units
 
 
 def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsize: int) -> list[WorkUnit]:
@@ -274,12 +302,18 @@ def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base
 MAX_UNITS_PER_BATCH = 256
 
 
-def batches(units: Iterable[WorkUnit], budget: int) -> Iterator[list[WorkUnit]]:
-    """Group consecutive units into batches of at most ``budget`` working bytes (>= 1 unit)."""
+def batches(units: Iterable[WorkUnit], budget: int, whole: Container[int] = frozenset()) -> Iterator[list[WorkUnit]]:
+    """Group consecutive units into batches of at most ``budget`` working bytes (>= 1 unit).
+
+    The units of a tensor in ``whole`` (read once, :meth:`MergePlan.read_once`) stay in one
+    batch, past the budget if need be: a batch merges block by block, so its memory is a
+    block's (and the held tensor's), not the sum of its units'.
+    """
     batch: list[WorkUnit] = []
     used = 0
     for unit in units:
-        if batch and (used + unit.working_bytes > budget or len(batch) >= MAX_UNITS_PER_BATCH):
+        together = bool(batch) and unit.tensor in whole and batch[-1].tensor == unit.tensor
+        if batch and not together and (used + unit.working_bytes > budget or len(batch) >= MAX_UNITS_PER_BATCH):
             yield batch
             batch, used = [], 0
         batch.append(unit)

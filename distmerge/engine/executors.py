@@ -53,7 +53,7 @@ def execute(job: MergeJob, task: Task, stop: threading.Event | None = None) -> A
     if isinstance(task, ReductionTask):
         return run_reduction_round(job, task.units, task.round_, task.previous)
     assert isinstance(task, MergeTask)
-    return run_batch(job, task.units, task.reduced, stop)
+    return run_batch(job, task.units, task.reduced, stop, task.read_once)
 
 
 def local_cpus() -> int:

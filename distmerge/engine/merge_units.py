@@ -51,8 +51,8 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
 
     def done(task: Task, result: Any) -> None:
         bar.total = schedule.work_bytes  # one more round for a tensor moves the end
+        bar.update(schedule.work(task))
         if isinstance(task, ReductionTask):
-            bar.update(sum(u.read_bytes for u in task.units))
             return
         results.append(result)
         target.parts_done(result.parts, journal)
@@ -60,7 +60,6 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
             journal.unit(r.tensor, r.row_start, r.row_end, r.crc32, r.nonfinite)
         for w in result.warnings:
             log.warning("%s", w)
-        bar.update(sum(u.write_bytes for u in task.units))
         for u in task.units:
             f = plan.tensors[u.tensor].file_index
             remaining[f] -= 1

@@ -43,6 +43,6 @@ class RayExecutor:
         def submit(task: Task) -> Any:
             if isinstance(task, ReductionTask):
                 return reduction_task.remote(job_ref, task.units, task.round_, task.previous)
-            return merge_batch_task.remote(job_ref, task.units, task.reduced)
+            return merge_batch_task.remote(job_ref, task.units, task.reduced, task.read_once)
 
         run_bounded(submit, schedule, limit, on_done)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distmerge.methods.base import Partials, Reductions
-from distmerge.plan import MergePlan, WorkUnit, batches
+from distmerge.plan import MergePlan, TensorPlan, WorkUnit, batches
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,13 @@ class ReductionTask:
 
 @dataclass(frozen=True)
 class MergeTask:
-    """A batch of units to merge and write, with the reductions of the tensors it touches."""
+    """A batch of units to merge and write, with the reductions of the tensors it touches;
+    ``read_once`` names the tensors whose rounds the task runs itself, on the rows it reads
+    for their merge (:meth:`MergePlan.read_once`)."""
 
     units: list[WorkUnit]
     reduced: dict[int, Reductions]
+    read_once: frozenset[int] = frozenset()
 
 
 Task = ReductionTask | MergeTask
@@ -80,18 +83,25 @@ class MergeSchedule:
         self._chunks: dict[int, list[WorkUnit]] = defaultdict(list)  # tensor -> its canonical chunks
         for u in plan.reduction_units(0):
             self._chunks[u.tensor].append(u)
-        touched = {u.tensor for batch in merge_batches for u in batch}
-        self._tensors = {i: _Tensor() for i in sorted(touched) if self._chunks.get(i)}
+        self._batches = list(merge_batches)
+        in_batches: dict[int, set[int]] = defaultdict(set)  # tensor -> the batches holding its units
+        for k, batch in enumerate(self._batches):
+            for u in batch:
+                in_batches[u.tensor].add(k)
+        # A tensor whose rows fit in memory and whose units are in one batch is read once: that
+        # batch's task runs its rounds too (no reduction tasks, no second read).
+        self.read_once = frozenset(i for i, ks in in_batches.items()
+                                   if self._chunks.get(i) and len(ks) == 1 and plan.read_once(i))
+        self._tensors = {i: _Tensor() for i in sorted(in_batches) if self._chunks.get(i) and i not in self.read_once}
         self._waiting: dict[int, list[int]] = defaultdict(list)  # tensor -> merge batches waiting for it
         self._blocked: list[set[int]] = []
-        self._batches = list(merge_batches)
         for k, batch in enumerate(self._batches):
             blockers = {u.tensor for u in batch if u.tensor in self._tensors}
             self._blocked.append(blockers)
             for i in blockers:
                 self._waiting[i].append(k)
             if not blockers:
-                self._push(MergeTask(batch, {}))
+                self._push(self._merge_task(batch))
         # Every tensor's first round is ready at once: its chunks batched across tensors, as small
         # tensors (norms, biases) would otherwise make a task each.
         first: list[WorkUnit] = []
@@ -129,9 +139,17 @@ class MergeSchedule:
 
     # -- inside ------------------------------------------------------------------------------
 
+    def work(self, task: Task) -> int:
+        """A task's share of the progress bar: a reduction's reads; a merge's writes, and the
+        reads of the tensors it reads once (their rounds run in it)."""
+        if isinstance(task, ReductionTask):
+            return sum(u.read_bytes for u in task.units)
+        return sum(u.write_bytes for u in task.units) + sum(
+            c.read_bytes for i in sorted(task.read_once) for c in self._chunks[i])
+
     def _push(self, task: Task) -> None:
         first = min(u.tensor for u in task.units)
-        self.work_bytes += sum(u.write_bytes if isinstance(task, MergeTask) else u.read_bytes for u in task.units)
+        self.work_bytes += self.work(task)
         heapq.heappush(self._ready, (first, self._sequence, task))
         self._sequence += 1
 
@@ -148,16 +166,26 @@ class MergeSchedule:
         parts = [state.partials[r] for r in sorted(state.partials)]
         reduced = self.plan.method.reduce(parts, t.params, t.shape, state.round_, self.reduced.get(tensor))
         self.reduced[tensor] = reduced
-        # The next round that reads anything, on the chunks it reads (a round may need only
-        # some chunks, or none: then it is skipped).
-        for round_ in range(state.round_ + 1, t.reduction_rounds):
-            chunks = [c for c in self._chunks[tensor] if reduced.reads(round_, c.row_start, c.row_end)]
-            if chunks:
-                self._start_round(tensor, round_, chunks)
-                return
+        following = next_round(t, self._chunks[tensor], state.round_, reduced)
+        if following is not None:
+            self._start_round(tensor, *following)
+            return
         for k in self._waiting.pop(tensor, []):
             self._blocked[k].discard(tensor)
             if not self._blocked[k]:
-                batch = self._batches[k]
-                self._push(MergeTask(batch, {i: self.reduced[i] for i in {u.tensor for u in batch}
-                                             if i in self.reduced}))
+                self._push(self._merge_task(self._batches[k]))
+
+    def _merge_task(self, batch: list[WorkUnit]) -> MergeTask:
+        touched = {u.tensor for u in batch}
+        return MergeTask(batch, {i: self.reduced[i] for i in touched if i in self.reduced},
+                         self.read_once & touched)
+
+
+def next_round(t: TensorPlan, chunks: list[WorkUnit], after: int, reduced: Reductions) -> tuple[int, list[WorkUnit]] | None:
+    """The round after round ``after`` that reads anything, and the chunks it reads (a round may
+    need only some chunks, or none: then it is skipped); None once the tensor is reduced."""
+    for round_ in range(after + 1, t.reduction_rounds):
+        reading = [c for c in chunks if reduced.reads(round_, c.row_start, c.row_end)]
+        if reading:
+            return round_, reading
+    return None

@@ -16,8 +16,9 @@ TASK_RETRIES = 3
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
-def merge_batch_task(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions]) -> BatchResult:
-    result = run_batch(job, units, reduced)
+def merge_batch_task(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions],
+                     read_once: frozenset[int]) -> BatchResult:
+    result = run_batch(job, units, reduced, read_once=read_once)
     # Simulated nodes share a hostname; the Ray node id tells them apart in the report.
     context = ray.get_runtime_context()
     result.node = f"{result.node}/{context.get_node_id()[:12]}"

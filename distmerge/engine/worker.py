@@ -19,6 +19,7 @@ import torch
 
 from distmerge.dtypes import SAFETENSORS_TO_TORCH, TORCH_NAME
 from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
+from distmerge.engine.schedule import next_round
 from distmerge.errors import CheckpointError, OutputError
 from distmerge.io.checksums import crc32
 from distmerge.io.remote import pin_versions, thread_fetched_bytes
@@ -28,7 +29,7 @@ from distmerge.lora import LoraTensorInfo, read_source_rows
 from distmerge.methods import get_method
 from distmerge.methods.base import Partials, Reductions, ShardContext, in_compute
 from distmerge.output.writers import LocalFiles, PartUploads, UploadedPart
-from distmerge.plan import TensorPlan, WorkUnit
+from distmerge.plan import TensorPlan, WorkUnit, reduction_chunks, tensor_read_bytes
 
 
 @dataclass(frozen=True)
@@ -196,33 +197,94 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
     return out
 
 
+class HeldRows:
+    """The rows of a batch's read-once tensors (:meth:`MergePlan.read_once`), each read whole at
+    its first block and held until its last: its rounds run on them, and its blocks are views
+    of them. Other tensors' blocks are read as they come. :meth:`read` runs on the batch's
+    reader thread; the dict is only ever grown there and shrunk on the merging thread."""
+
+    def __init__(self, job: MergeJob, tensors: frozenset[int]) -> None:
+        self.job, self.tensors = job, tensors
+        self._rows: dict[int, list[torch.Tensor]] = {}
+
+    def read(self, block: WorkUnit) -> tuple[list[torch.Tensor], int]:
+        """A block's raw rows of every source, and the bytes fetched from remote storage for them."""
+        if block.tensor not in self.tensors:
+            return read_counted(self.job, block)
+        fetched = 0
+        whole = self._rows.get(block.tensor)
+        if whole is None:
+            t = self.job.tensors[block.tensor]
+            whole, fetched = read_counted(self.job, WorkUnit(block.tensor, 0, t.rows, 0, 0, 0))
+            self._rows[block.tensor] = whole
+        return rows_of(whole, block.row_start, block.row_end), fetched
+
+    def reductions(self, tensor: int) -> Reductions:
+        """The tensor's rounds on its held rows (read by :meth:`read` before)."""
+        return reduce_held(self.job, tensor, self._rows[tensor])
+
+    def release(self, tensor: int) -> None:
+        self._rows.pop(tensor, None)
+
+
+def rows_of(whole: list[torch.Tensor], row_start: int, row_end: int) -> list[torch.Tensor]:
+    """Rows ``[row_start, row_end)`` of each source's whole rows, as views (a 0-d tensor is its one row)."""
+    return [w[row_start:row_end] if w.dim() else w for w in whole]
+
+
+def reduce_held(job: MergeJob, tensor: int, whole: list[torch.Tensor]) -> Reductions:
+    """A tensor's reduction rounds on its rows held in memory, as the schedule runs them: the
+    same canonical chunks, the same partials reduced in chunk order, the same rounds skipped,
+    so the reductions (and the merged bytes) are the ones separate reduction tasks give."""
+    t = job.tensors[tensor]
+    method = get_method(job.method)
+    chunks = reduction_chunks(tensor, t)
+    round_, reading, reduced = 0, chunks, None
+    while True:
+        parts = [unit_partials(job, c, rows_of(whole, c.row_start, c.row_end), round_, reduced) for c in reading]
+        reduced = method.reduce(parts, t.params, t.shape, round_, reduced)
+        following = next_round(t, chunks, round_, reduced)
+        if following is None:
+            return reduced
+        round_, reading = following
+
+
 def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions],
-              stop: threading.Event | None = None) -> BatchResult:
+              stop: threading.Event | None = None, read_once: frozenset[int] = frozenset()) -> BatchResult:
     """Merge and write a batch of units; returns checksums and I/O and memory figures.
 
     ``stop`` (the local executor's): once set, the batch ends before its next block, so a
     failed or interrupted merge does not go on writing (its output is not published either way).
+    ``read_once``: tensors whose reduction rounds run here, on the rows read for their merge
+    (all of their units are in this batch).
     """
     retain_freed_memory()
     pin_versions(job.pins)
     started, fetched = time.perf_counter(), 0
     warnings: list[str] = []
     work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
+    last_block = {block.tensor: k for k, (_, block) in enumerate(work)}
     crcs, sizes, nonfinite = [0] * len(units), [0] * len(units), [0] * len(units)
     scan_output_only = output_scan_suffices(job)
+    held = HeldRows(job, read_once)
+    reduced = dict(reduced)
     sink = job.output.open_batch(units, job.tensors)
     with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
         # Read the next block while this one is merged: disk and CPU overlap.
-        upcoming = reader.submit(read_counted, job, work[0][1]) if work else None
+        upcoming = reader.submit(held.read, work[0][1]) if work else None
         for k, (i, block) in enumerate(work):
             assert upcoming is not None
             raw, fetched_now = upcoming.result()
             fetched += fetched_now
             if stop is not None and stop.is_set():
                 raise InterruptedError("the merge stopped")
-            upcoming = reader.submit(read_counted, job, work[k + 1][1]) if k + 1 < len(work) else None
+            upcoming = reader.submit(held.read, work[k + 1][1]) if k + 1 < len(work) else None
             t = job.tensors[block.tensor]
+            if block.tensor in read_once and block.tensor not in reduced:
+                reduced[block.tensor] = held.reductions(block.tensor)
             out = merge_block(job, block, raw, reduced.get(block.tensor), warnings, not scan_output_only)
+            if last_block[block.tensor] == k:
+                held.release(block.tensor)
             bad = count_nonfinite(out)  # what the output holds: the inputs were finite, a cast can overflow
             if bad and scan_output_only and t.params is not None:
                 check_inputs(job, block, raw, warnings=warnings)  # which input, before anything is written
@@ -240,7 +302,8 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
         parts = sink.close()
     results = [UnitResult(u.tensor, u.row_start, u.row_end, crcs[i], sizes[i], nonfinite[i])
                for i, u in enumerate(units)]
-    read = sum(u.read_bytes for u in units)
+    read = sum(u.read_bytes for u in units if u.tensor not in read_once) + sum(
+        tensor_read_bytes(job.tensors[i]) for i in read_once)
     written = sum(sizes)
     return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),
                        os.getpid(), memory.peak, memory.start, warnings, fetched, parts)
@@ -251,16 +314,20 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
     """One reduction round of a multi-phase method: the partials of canonical chunks."""
     retain_freed_memory()
     pin_versions(job.pins)
-    out = []
-    for unit in units:
-        t = job.tensors[unit.tensor]
-        raw = read_block(job, unit)
-        rows = compute_rows(job, unit, raw)
-        if job.check_finite and round_ == 0:  # fail before any output is written (see merge_block)
-            for info, r, stored in zip(t.sources, rows, raw, strict=True):
-                _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
-        out.append((unit.tensor, unit.row_start, chunk_partials(job, unit, rows, round_, previous.get(unit.tensor))))
-    return out
+    return [(unit.tensor, unit.row_start, unit_partials(job, unit, read_block(job, unit), round_,
+                                                        previous.get(unit.tensor))) for unit in units]
+
+
+def unit_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_: int,
+                  previous: Reductions | None) -> Partials:
+    """Round ``round_``'s partials of one canonical chunk from its raw rows; in round 0 a NaN or
+    Inf in them fails the merge (unless allowed) before any output is written (see merge_block)."""
+    t = job.tensors[unit.tensor]
+    rows = compute_rows(job, unit, raw)
+    if job.check_finite and round_ == 0:
+        for info, r, stored in zip(t.sources, rows, raw, strict=True):
+            _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
+    return chunk_partials(job, unit, rows, round_, previous)
 
 
 def compute_rows(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -110,7 +110,7 @@ class LocalOutput:
         return LocalFiles(tuple(str(partial_path(self.folder, f.name)) for f in plan.files))
 
     def batches(self, plan: MergePlan, todo: list[WorkUnit]) -> Iterator[list[WorkUnit]]:
-        return batches(todo, plan.shard_size)
+        return batches(todo, plan.shard_size, plan.read_once_tensors)
 
     def parts_done(self, parts: list[UploadedPart], journal: JournalWriter) -> None:
         if parts:

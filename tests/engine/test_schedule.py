@@ -9,10 +9,10 @@ import random
 import pytest
 
 from distmerge.engine.schedule import MergeSchedule, MergeTask, ReductionTask
-from distmerge.engine.worker import MergeJob, run_reduction_round
+from distmerge.engine.worker import MergeJob, read_block, reduce_held, run_reduction_round
 from distmerge.methods.base import chunk_read
 from distmerge.output.writers import LocalFiles
-from distmerge.plan import batches, build_plan
+from distmerge.plan import WorkUnit, batches, build_plan
 from tests.helpers import make_config
 
 
@@ -70,9 +70,17 @@ def test_reductions_equal_global_rounds_and_merges_wait_for_them(llama_family, m
     log = _drain(schedule, job, random.Random(seed), width=4)
 
     expected = _global_rounds(plan, job)
-    assert set(schedule.reduced) == set(expected)
+    # Tensors whose rows fit the shard size are reduced by their merge task (read once), on
+    # their rows held whole: the same reductions.
+    assert schedule.read_once and not schedule.read_once & set(schedule.reduced)
+    assert set(schedule.reduced) | schedule.read_once == set(expected)
+    assert set(schedule.reduced), "no tensor was reduced by reduction tasks"
     for i, r in expected.items():
-        assert repr(schedule.reduced[i]) == repr(r), plan.tensors[i].name
+        if i in schedule.read_once:
+            whole = read_block(job, WorkUnit(i, 0, plan.tensors[i].rows, 0, 0, 0))
+            assert repr(reduce_held(job, i, whole)) == repr(r), plan.tensors[i].name
+        else:
+            assert repr(schedule.reduced[i]) == repr(r), plan.tensors[i].name
 
     merged = [task for kind, task in log if kind == "start" and isinstance(task, MergeTask)]
     assert sorted((u.tensor, u.row_start) for t in merged for u in t.units) == sorted(
@@ -85,7 +93,9 @@ def test_reductions_equal_global_rounds_and_merges_wait_for_them(llama_family, m
     for k, (kind, task) in enumerate(log):
         if kind == "start" and isinstance(task, MergeTask):
             for u in task.units:
-                if plan.tensors[u.tensor].reduction_rounds:
+                if u.tensor in schedule.read_once:
+                    assert u.tensor in task.read_once and u.tensor not in task.reduced
+                elif plan.tensors[u.tensor].reduction_rounds:
                     assert finished_at[u.tensor] < k, "a merge started before its tensor was reduced"
                     assert repr(task.reduced[u.tensor]) == repr(expected[u.tensor])
 
@@ -112,3 +122,26 @@ def test_a_resumed_run_reduces_only_the_tensors_it_still_writes(llama_family):
 def test_nothing_to_do_is_finished_at_once(llama_family):
     schedule = MergeSchedule(_plan(llama_family), [])
     assert schedule.take() is None and schedule.finished and schedule.work_bytes == 0
+
+
+def test_a_tensor_is_read_once_when_its_rows_fit_and_its_units_share_a_batch(llama_family):
+    plan = _plan(llama_family, shard_size=200_000)
+    fits = plan.read_once_tensors
+    split = {u.tensor for u in plan.units} - {u.tensor for u in plan.units if sum(
+        v.tensor == u.tensor for v in plan.units) == 1}
+    assert fits & split, "no tensor both fits and is cut into several units"
+    # Local outputs keep such a tensor's units in one batch, past the budget if need be.
+    grouped = list(batches(plan.units, plan.shard_size, fits))
+    holding = {i: {k for k, b in enumerate(grouped) if any(u.tensor == i for u in b)} for i in fits}
+    assert all(len(ks) == 1 for ks in holding.values())
+    assert MergeSchedule(plan, grouped).read_once == fits
+    # Batches fixed elsewhere (an object store's upload parts) may cut one: it is reduced apart.
+    one_per_unit = [[u] for u in plan.units]
+    schedule = MergeSchedule(plan, one_per_unit)
+    assert schedule.read_once == fits - split
+    _drain(schedule, _job(plan), random.Random(0), width=3)
+    assert set(schedule.reduced) == {i for i, t in enumerate(plan.tensors) if t.reduction_rounds} - (fits - split)
+    # A tensor too large for the shard size is never held whole.
+    small = _plan(llama_family, shard_size=5_000)
+    assert all(sum(t.row_nbytes(s.dtype) for s in t.sources) * t.rows <= 5_000
+               for t in (small.tensors[i] for i in small.read_once_tensors))

@@ -1,0 +1,79 @@
+"""A tensor whose rows of every source fit the shard size is read once: its reduction rounds
+and its merge run in one task on those rows held in memory, instead of one pass over the
+inputs for the statistics and another for the merge. The bytes are the ones separate
+reduction tasks give, for every method that has rounds, on threads and on Ray."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+import distmerge.engine.worker as worker
+from distmerge.config import parse_config
+from distmerge.engine.run import run_merge
+from distmerge.plan import build_plan
+from distmerge.testing.method_cases import CASES, method_config
+from tests.helpers import file_bytes
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+WITH_ROUNDS = sorted(m for m in CASES if m not in ("linear", "task_arithmetic", "passthrough", "nearswap", "ram"))
+SMALL_SHARD = 20_000  # most tiny-model tensors are larger: they get reduction tasks
+
+
+def _rows_read(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Rows read per (file, tensor) by this process's workers (the local executor's threads)."""
+    counts: Counter = Counter()
+    real = worker.read_source_rows
+
+    def counting(info, row_start, row_end):  # noqa: ANN001, ANN202 - read_source_rows' signature
+        counts[(str(info.file), info.name)] += row_end - row_start
+        return real(info, row_start, row_end)
+
+    monkeypatch.setattr(worker, "read_source_rows", counting)
+    return counts
+
+
+@pytest.mark.parametrize("method", WITH_ROUNDS)
+def test_the_statistics_and_the_merge_share_one_read(llama_family, tmp_path, monkeypatch, method):
+    base, experts = llama_family
+    cfg = parse_config(method_config(method, base, experts, execution={"seed": 5}))
+    plan = build_plan(cfg, 10**9)
+    rounds = {t.name: t for t in plan.tensors if t.reduction_rounds}
+    assert rounds, f"{method} has no reduction rounds here: take it out of WITH_ROUNDS"
+    assert set(plan.read_once_tensors) == {i for i, t in enumerate(plan.tensors) if t.reduction_rounds}
+
+    counts = _rows_read(monkeypatch)
+    run_merge(cfg, tmp_path / "once", executor="local", shard_size=10**9, workers=2, progress=False)
+    read = {name: n for (_, name), n in counts.items()}
+    for name, t in rounds.items():
+        per_source = [n for (_, tensor), n in counts.items() if tensor == name]
+        assert per_source and all(n == t.rows for n in per_source), (name, per_source)
+    assert set(read) >= set(rounds)
+
+    counts.clear()
+    apart = run_merge(cfg, tmp_path / "apart", executor="local", shard_size=SMALL_SHARD, workers=2, progress=False)
+    assert apart["units"] > len(plan.tensors)
+    twice = [name for name, t in rounds.items()
+             if all(n >= 2 * t.rows for (_, tensor), n in counts.items() if tensor == name)]
+    assert twice, "with a small shard size no tensor was read for its rounds and again for its merge"
+    assert file_bytes(tmp_path / "once") == file_bytes(tmp_path / "apart")
+
+
+@pytest.mark.parametrize("method", ["ties", "della", "model_stock"])
+def test_read_once_on_ray_gives_the_same_bytes(llama_family, tmp_path, method):
+    base, experts = llama_family
+    cfg = parse_config(method_config(method, base, experts, execution={"seed": 5}))
+    run_merge(cfg, tmp_path / "ray", executor="ray", shard_size=10**9, workers=2, progress=False)
+    run_merge(cfg, tmp_path / "apart", executor="local", shard_size=SMALL_SHARD, workers=2, progress=False)
+    assert file_bytes(tmp_path / "ray") == file_bytes(tmp_path / "apart")
+
+
+def test_plan_counts_the_held_rows_in_a_workers_memory(llama_family):
+    base, experts = llama_family
+    plan = build_plan(parse_config(method_config("ties", base, experts)), 10**9)
+    for u in plan.units:  # one unit per tensor at this shard size
+        t = plan.tensors[u.tensor]
+        held = t.rows * sum(t.row_nbytes(s.dtype) for s in t.sources) if t.reduction_rounds else 0
+        assert plan.peak_worker_bytes >= u.working_bytes + held, t.name
