@@ -33,8 +33,8 @@ WORK = Path(__file__).parent / "_work"
 WARM_UP_SHAPE = Shape(hidden=128, intermediate=256, vocab=512, heads=4, kv_heads=2)  # compiles, costs nothing
 
 
-def one_merge(method: str, base: Path, experts: list[Path], out: Path) -> float:
-    plan = build_plan(parse_config(merge_config(method, base, experts)), 256 * 10**6)
+def one_merge(method: str, base: Path, experts: list[Path], out: Path, shard_size: int = 256 * 10**6) -> float:
+    plan = build_plan(parse_config(merge_config(method, base, experts)), shard_size)
     out.mkdir(parents=True, exist_ok=True)
     for f in plan.files:
         create_file(out / f.name, f.header, f.size)
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--model-gb", type=float, default=0.5)
     parser.add_argument("--methods", default=",".join(CASES), help="comma-separated; default: every method")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--shard-mb", type=int, default=256, help="the merge's shard size (default: distmerge's)")
     parser.add_argument("--plot", type=Path, help="also draw each method's time against linear's into this PNG")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def main() -> None:
     one_merge(methods[0], base, experts, WORK / "cost-out")  # warm the page cache
     for _ in range(args.repeat):
         for m in methods:
-            times[m].append(one_merge(m, base, experts, WORK / "cost-out"))
+            times[m].append(one_merge(m, base, experts, WORK / "cost-out", args.shard_mb * 10**6))
     best = {m: min(v) for m, v in times.items()}
     median = {m: statistics.median(v) for m, v in times.items()}
     print("| method | best seconds (1 thread) | median seconds | ratio to linear (best) | ratio (median) |")

@@ -195,7 +195,7 @@ class MergePlan:
             once = len(self.read_once_tensors)
             lines.append(f"whole-tensor reductions: {reducing} tensors, {self.reduction_rounds} round(s) of "
                          f"{len(self.reduction_units())} canonical chunks; {once} of them read once "
-                         "(statistics and merge from one read: their rows fit the shard size)")
+                         "(rounds and merge from one read: their rows fit the shard size)")
         return "\n".join(lines)
 
 

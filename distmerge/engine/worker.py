@@ -197,51 +197,92 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
     return out
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a batch: ``kind`` "chunk" reads a canonical chunk of a read-once tensor and
+    computes its first round's partials; "merge" merges and writes a block of unit ``unit``."""
+
+    kind: str
+    unit: int  # the batch's unit a merge step writes (-1 for a chunk)
+    rows: WorkUnit
+
+
+def batch_steps(job: MergeJob, units: list[WorkUnit], read_once: frozenset[int]) -> list[Step]:
+    """A batch's steps in order. A read-once tensor's chunks come before its first block, and its
+    blocks are cut at chunk ends, so that each block is a view of one held chunk."""
+    steps: list[Step] = []
+    chunks: dict[int, list[WorkUnit]] = {}
+    for i, unit in enumerate(units):
+        if unit.tensor not in read_once:
+            steps += [Step("merge", i, b) for b in blocks(unit, job.block_bytes)]
+            continue
+        if unit.tensor not in chunks:
+            chunks[unit.tensor] = reduction_chunks(unit.tensor, job.tensors[unit.tensor])
+            steps += [Step("chunk", -1, c) for c in chunks[unit.tensor]]
+        for b in blocks(unit, job.block_bytes):
+            steps += [Step("merge", i, piece) for c in chunks[unit.tensor] if (piece := _overlap(b, c)) is not None]
+    return steps
+
+
+def _overlap(block: WorkUnit, chunk: WorkUnit) -> WorkUnit | None:
+    r0, r1 = max(block.row_start, chunk.row_start), min(block.row_end, chunk.row_end)
+    if r0 >= r1:
+        return None
+    rows = block.row_end - block.row_start
+    n = r1 - r0
+    return WorkUnit(block.tensor, r0, r1, block.read_bytes * n // rows, block.write_bytes * n // rows,
+                    block.working_bytes * n // rows)
+
+
 class HeldRows:
-    """The rows of a batch's read-once tensors (:meth:`MergePlan.read_once`), each read whole at
-    its first block and held until its last: its rounds run on them, and its blocks are views
-    of them. Other tensors' blocks are read as they come. :meth:`read` runs on the batch's
-    reader thread; the dict is only ever grown there and shrunk on the merging thread."""
+    """The rows of a batch's read-once tensors (:meth:`MergePlan.read_once`), read chunk by chunk
+    and held until the tensor's last block: its rounds run on them and its blocks are views of
+    them. :meth:`read` runs on the batch's reader thread, one step ahead of the merging thread
+    (a chunk's read overlaps the previous chunk's first-round partials); the dict is only grown
+    there and shrunk on the merging thread."""
 
     def __init__(self, job: MergeJob, tensors: frozenset[int]) -> None:
         self.job, self.tensors = job, tensors
-        self._rows: dict[int, list[torch.Tensor]] = {}
+        self._chunks: dict[int, list[tuple[WorkUnit, list[torch.Tensor]]]] = {}
 
-    def read(self, block: WorkUnit) -> tuple[list[torch.Tensor], int]:
-        """A block's raw rows of every source, and the bytes fetched from remote storage for them."""
+    def read(self, step: Step) -> tuple[list[torch.Tensor], int]:
+        """A step's raw rows of every source, and the bytes fetched from remote storage for them."""
+        block = step.rows
+        if step.kind == "chunk":
+            raw, fetched = read_counted(self.job, block)
+            self._chunks.setdefault(block.tensor, []).append((block, raw))
+            return raw, fetched
         if block.tensor not in self.tensors:
             return read_counted(self.job, block)
-        fetched = 0
-        whole = self._rows.get(block.tensor)
-        if whole is None:
-            t = self.job.tensors[block.tensor]
-            whole, fetched = read_counted(self.job, WorkUnit(block.tensor, 0, t.rows, 0, 0, 0))
-            self._rows[block.tensor] = whole
-        return rows_of(whole, block.row_start, block.row_end), fetched
+        chunk, raw = next((c, r) for c, r in self._chunks[block.tensor] if c.row_start <= block.row_start < c.row_end)
+        return rows_of(raw, block.row_start - chunk.row_start, block.row_end - chunk.row_start), 0
 
-    def reductions(self, tensor: int) -> Reductions:
-        """The tensor's rounds on its held rows (read by :meth:`read` before)."""
-        return reduce_held(self.job, tensor, self._rows[tensor])
+    def held(self, tensor: int) -> list[list[torch.Tensor]]:
+        return [raw for _, raw in self._chunks[tensor]]
 
     def release(self, tensor: int) -> None:
-        self._rows.pop(tensor, None)
+        self._chunks.pop(tensor, None)
 
 
-def rows_of(whole: list[torch.Tensor], row_start: int, row_end: int) -> list[torch.Tensor]:
-    """Rows ``[row_start, row_end)`` of each source's whole rows, as views (a 0-d tensor is its one row)."""
-    return [w[row_start:row_end] if w.dim() else w for w in whole]
+def rows_of(raw: list[torch.Tensor], row_start: int, row_end: int) -> list[torch.Tensor]:
+    """Rows ``[row_start, row_end)`` of each source's rows, as views (a 0-d tensor is its one row)."""
+    return [r[row_start:row_end] if r.dim() else r for r in raw]
 
 
-def reduce_held(job: MergeJob, tensor: int, whole: list[torch.Tensor]) -> Reductions:
-    """A tensor's reduction rounds on its rows held in memory, as the schedule runs them: the
-    same canonical chunks, the same partials reduced in chunk order, the same rounds skipped,
+def reduce_held(job: MergeJob, tensor: int, held: list[list[torch.Tensor]], first: list[Partials] | None = None) -> Reductions:
+    """A tensor's reduction rounds on its rows held in memory (``held[k]``: the raw rows of its
+    canonical chunk ``k``; ``first``: round 0's partials, when computed already), as the schedule
+    runs them: the same chunks, the same partials reduced in chunk order, the same rounds skipped,
     so the reductions (and the merged bytes) are the ones separate reduction tasks give."""
     t = job.tensors[tensor]
     method = get_method(job.method)
     chunks = reduction_chunks(tensor, t)
-    round_, reading, reduced = 0, chunks, None
+    rows = {c.row_start: raw for c, raw in zip(chunks, held, strict=True)}
+    reduced: Reductions | None = None
+    round_, reading = 0, chunks
     while True:
-        parts = [unit_partials(job, c, rows_of(whole, c.row_start, c.row_end), round_, reduced) for c in reading]
+        parts = first if round_ == 0 and first is not None else [
+            unit_partials(job, c, rows[c.row_start], round_, reduced) for c in reading]
         reduced = method.reduce(parts, t.params, t.shape, round_, reduced)
         following = next_round(t, chunks, round_, reduced)
         if following is None:
@@ -262,28 +303,34 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
     pin_versions(job.pins)
     started, fetched = time.perf_counter(), 0
     warnings: list[str] = []
-    work = [(i, block) for i, unit in enumerate(units) for block in blocks(unit, job.block_bytes)]
-    last_block = {block.tensor: k for k, (_, block) in enumerate(work)}
+    work = batch_steps(job, units, read_once)
+    last_step = {step.rows.tensor: k for k, step in enumerate(work)}
     crcs, sizes, nonfinite = [0] * len(units), [0] * len(units), [0] * len(units)
     scan_output_only = output_scan_suffices(job)
     held = HeldRows(job, read_once)
     reduced = dict(reduced)
+    first: dict[int, list[Partials]] = {}  # a read-once tensor's round-0 partials, chunk by chunk
     sink = job.output.open_batch(units, job.tensors)
     with PeakAnonRss() as memory, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
-        # Read the next block while this one is merged: disk and CPU overlap.
-        upcoming = reader.submit(held.read, work[0][1]) if work else None
-        for k, (i, block) in enumerate(work):
+        # Read the next step's rows while this one computes: disk and CPU overlap.
+        upcoming = reader.submit(held.read, work[0]) if work else None
+        for k, step in enumerate(work):
             assert upcoming is not None
             raw, fetched_now = upcoming.result()
             fetched += fetched_now
             if stop is not None and stop.is_set():
                 raise InterruptedError("the merge stopped")
-            upcoming = reader.submit(held.read, work[k + 1][1]) if k + 1 < len(work) else None
+            upcoming = reader.submit(held.read, work[k + 1]) if k + 1 < len(work) else None
+            block = step.rows
+            if step.kind == "chunk":
+                first.setdefault(block.tensor, []).append(unit_partials(job, block, raw, 0, None))
+                if block.row_end == job.tensors[block.tensor].rows:  # its last chunk: the rest of its rounds
+                    reduced[block.tensor] = reduce_held(job, block.tensor, held.held(block.tensor), first.pop(block.tensor))
+                continue
+            i = step.unit
             t = job.tensors[block.tensor]
-            if block.tensor in read_once and block.tensor not in reduced:
-                reduced[block.tensor] = held.reductions(block.tensor)
             out = merge_block(job, block, raw, reduced.get(block.tensor), warnings, not scan_output_only)
-            if last_block[block.tensor] == k:
+            if last_step[block.tensor] == k:
                 held.release(block.tensor)
             bad = count_nonfinite(out)  # what the output holds: the inputs were finite, a cast can overflow
             if bad and scan_output_only and t.params is not None:

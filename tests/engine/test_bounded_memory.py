@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from distmerge.engine.run import run_merge
-from tests.helpers import load_state, make_config
+from tests.helpers import file_bytes, load_state, make_config
 
 MB = 1000**2
 
 
-def _synthetic(folder: Path, seed: int) -> Path:
+def _synthetic(folder: Path, seed: int, held_rows: int = 0) -> Path:
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
     # Two 32 MB tensors per model: each far above the 2 MB shard budget used below.
@@ -26,6 +26,8 @@ def _synthetic(folder: Path, seed: int) -> Path:
         "model.layers.0.mlp.down_proj.weight": torch.randn(4096, 2048, generator=g),
         "model.norm.weight": torch.randn(4096, generator=g),
     }
+    if held_rows:  # a tensor small enough to be read once (held whole) at the shard size of its test
+        tensors["model.layers.0.self_attn.o_proj.weight"] = torch.randn(held_rows, 2048, generator=g)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     # Not a real architecture: verify then checks files, headers and checksums, not layer names.
     (folder / "config.json").write_text(json.dumps({"model_type": "synthetic-test", "num_hidden_layers": 1}))
@@ -77,6 +79,30 @@ def test_worker_memory_is_bounded_by_shard_size(tmp_path, executor):
     xs = [load_state(e) for e in experts]
     for name in b:
         torch.testing.assert_close(got[name], b[name] + 0.5 * (xs[0][name] - b[name]) + 0.5 * (xs[1][name] - b[name]))
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_read_once_memory_is_bounded_by_shard_size(tmp_path, executor):
+    """TIES holds a tensor whose rows fit the shard size whole while it runs its rounds and
+    merge on them (read once); the 32 MB tensors are reduced apart. No worker grows past a
+    few shards all the same, and the merge is TIES's."""
+    from distmerge.plan import build_plan
+
+    base = _synthetic(tmp_path / "base", 0, held_rows=256)
+    experts = [_synthetic(tmp_path / f"e{i}", i + 1, held_rows=256) for i in range(2)]
+    shard = 8 * MB
+    cfg = make_config("ties", base, experts, [0.5, 0.5], parameters={"density": 0.5})
+    plan = build_plan(cfg, shard)
+    held = {plan.tensors[i].name for i in plan.read_once_tensors}
+    assert "model.layers.0.self_attn.o_proj.weight" in held and "model.layers.0.mlp.up_proj.weight" not in held
+    report, growth = _settled_growth(cfg, tmp_path, shard, executor=executor)
+    workers = 2 if executor == "local" else 1
+    assert max(growth) <= workers * 4 * shard + 24 * MB, (growth, report["workers"])
+    reference = tmp_path / "reference"
+    run_merge(cfg, reference, shard_size=MB, workers=2, progress=False)  # nothing held: every tensor reduced apart
+    assert build_plan(cfg, MB).read_once_tensors <= {i for i, t in enumerate(plan.tensors) if t.name == "model.norm.weight"}
+    assert file_bytes(tmp_path / "out") == file_bytes(reference)
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -12,7 +12,7 @@ from distmerge.engine.schedule import MergeSchedule, MergeTask, ReductionTask
 from distmerge.engine.worker import MergeJob, read_block, reduce_held, run_reduction_round
 from distmerge.methods.base import chunk_read
 from distmerge.output.writers import LocalFiles
-from distmerge.plan import WorkUnit, batches, build_plan
+from distmerge.plan import batches, build_plan, reduction_chunks
 from tests.helpers import make_config
 
 
@@ -77,8 +77,8 @@ def test_reductions_equal_global_rounds_and_merges_wait_for_them(llama_family, m
     assert set(schedule.reduced), "no tensor was reduced by reduction tasks"
     for i, r in expected.items():
         if i in schedule.read_once:
-            whole = read_block(job, WorkUnit(i, 0, plan.tensors[i].rows, 0, 0, 0))
-            assert repr(reduce_held(job, i, whole)) == repr(r), plan.tensors[i].name
+            held = [read_block(job, c) for c in reduction_chunks(i, plan.tensors[i])]
+            assert repr(reduce_held(job, i, held)) == repr(r), plan.tensors[i].name
         else:
             assert repr(schedule.reduced[i]) == repr(r), plan.tensors[i].name
 
