@@ -137,7 +137,7 @@ class MergePlan:
     def peak_worker_bytes(self) -> int:
         """A unit's working memory, and a read-once tensor's rows held beside it."""
         held = self.read_once_tensors
-        return max((u.working_bytes + (tensor_read_bytes(self.tensors[u.tensor]) if u.tensor in held else 0)
+        return max((u.working_bytes + (held_bytes(self.tensors[u.tensor]) if u.tensor in held else 0)
                     for u in self.units), default=0)
 
     @property
@@ -154,7 +154,7 @@ class MergePlan:
         another for the merge. Those rows must fit the shard size (the same budget a unit's
         working memory has): held whole, they come on top of a block's working memory only."""
         t = self.tensors[index]
-        return bool(t.reduction_rounds and t.numel) and tensor_read_bytes(t) <= self.shard_size
+        return bool(t.reduction_rounds and t.numel) and held_bytes(t) <= self.shard_size
 
     @property
     def read_once_tensors(self) -> frozenset[int]:
@@ -202,6 +202,14 @@ class MergePlan:
 def tensor_read_bytes(t: TensorPlan) -> int:
     """Bytes of a tensor's rows from every source, as read."""
     return t.rows * sum(t.row_nbytes(s.dtype) for s in t.sources)
+
+
+def held_bytes(t: TensorPlan) -> int:
+    """Bytes of a tensor's rows from every source in memory: as read, or, for a tensor of a
+    merged vocabulary, as its rows are assembled (in the vocabulary's dtype)."""
+    if t.vocabulary is None:
+        return tensor_read_bytes(t)
+    return t.rows * t.row_numel * t.vocabulary.dtype.itemsize * len(t.sources)
 
 
 def reduction_chunks(index: int, t: TensorPlan) -> list[WorkUnit]:

@@ -117,3 +117,25 @@ def test_chat_template_without_a_merged_vocabulary(llama_family, tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text == "[user] hi\n"
     assert len(tok) == len(AutoTokenizer.from_pretrained(base))
+
+
+def test_a_read_once_vocabulary_tensor_gives_the_bytes_of_separate_rounds(two_vocabularies, tmp_path):
+    """TIES over a merged vocabulary: the token tensors are held as assembled (the vocabulary's
+    dtype, which the read-once budget counts) and merged from one read; a small shard size
+    reduces them in separate tasks: the same bytes."""
+    from distmerge.plan import build_plan, held_bytes
+
+    base, chat = two_vocabularies
+    cfg = parse_config({"merge_method": "ties", "base_model": str(base), "tokenizer": {"source": "union"},
+                        "models": [{"model": str(chat), "parameters": {"weight": 0.5, "density": 0.5}}]})
+    plan = build_plan(cfg, 10**9)
+    token = [i for i, t in enumerate(plan.tensors) if t.vocabulary is not None]
+    assert token and set(token) <= plan.read_once_tensors
+    for i in token:
+        t = plan.tensors[i]
+        assert held_bytes(t) == t.rows * t.row_numel * t.vocabulary.dtype.itemsize * len(t.sources)
+    run_merge(cfg, tmp_path / "once", shard_size=10**9, progress=False)
+    small = build_plan(cfg, 4_000)
+    assert not set(token) & small.read_once_tensors
+    run_merge(cfg, tmp_path / "apart", shard_size=4_000, progress=False)
+    assert file_bytes(tmp_path / "once") == file_bytes(tmp_path / "apart")
