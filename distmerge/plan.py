@@ -18,10 +18,11 @@ from distmerge.checkpoint import Checkpoint
 from distmerge.config import MergeConfig
 from distmerge.dtypes import ITEMSIZE
 from distmerge.io.locations import OBJECT_STORE_SCHEMES, url_scheme
-from distmerge.io.safetensors import RowShape, TensorInfo, encode_header, tensor_nbytes
+from distmerge.io.safetensors import RowShape, TensorInfo, tensor_nbytes
 from distmerge.lora import LoraTensorInfo
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, TensorParams
+from distmerge.plan_files import OutputFile, layout_files
 from distmerge.plan_sources import plan_sources
 from distmerge.plan_vocabulary import PlannedVocabulary
 from distmerge.sizes import format_size
@@ -79,16 +80,6 @@ class WorkUnit:
     read_bytes: int
     write_bytes: int
     working_bytes: int
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """One output safetensors file: its final name, header bytes and total size."""
-
-    name: str
-    header: bytes
-    size: int
-    tensors: tuple[str, ...]
 
 
 @dataclass
@@ -247,32 +238,6 @@ def units_for_tensor(index: int, t: TensorPlan, shard_size: int, compute_itemsiz
         r1 = min(t.rows, r0 + step)
         units.append(WorkUnit(index, r0, r1, (r1 - r0) * in_row, (r1 - r0) * out_row, (r1 - r0) * row_working))
     return units
-
-
-def layout_files(entries: list[tuple[str, str, tuple[int, ...]]], max_file_size: int) -> tuple[list[OutputFile], dict[str, tuple[int, int]]]:
-    """Group tensors (in order) into files of at most ``max_file_size`` data bytes.
-
-    Returns the files and, per tensor, ``(file index, absolute data offset in that file)``.
-    A tensor larger than the limit gets a file of its own. The header bytes are the format's
-    (:func:`distmerge.io.safetensors.encode_header`); the grouping and names are the plan's.
-    """
-    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, dtype, shape in entries:
-        nbytes = tensor_nbytes(dtype, shape)
-        if groups[-1] and size + nbytes > max_file_size:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, dtype, shape))
-        size += nbytes
-    n = len(groups)
-    files, where = [], {}
-    for i, group in enumerate(groups):
-        header, offsets, file_size = encode_header(group)
-        where.update((name, (i, offset)) for name, offset in offsets.items())
-        files.append(OutputFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", header, file_size,
-                                tuple(name for name, _, _ in group)))
-    return files, where
 
 
 def build_plan(config: MergeConfig, shard_size: int | None = None, *, needs_base: bool = False) -> MergePlan:

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "distmerge.plan": 3,
     "distmerge.parameters": 3,
     "distmerge.plan_sources": 3,
+    "distmerge.plan_files": 3,
     "distmerge.plan_vocabulary": 3,
     # 4. the output directory's life
     "distmerge.output": 4,

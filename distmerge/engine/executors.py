@@ -4,7 +4,7 @@ Why two: a merge on one machine needs no cluster, and starting an embedded Ray (
 raylet, workers importing torch again) costs seconds a user waits for on every command,
 more than a small merge itself takes. The local executor starts in no time: a pool of
 threads in this process, each merging whole batches with the same worker functions
-(:func:`~distmerge.engine.worker.run_batch`) a Ray task calls, one intra-op thread each as a
+(:func:`~distmerge.engine.batch.run_batch`) a Ray task calls, one intra-op thread each as a
 Ray worker with one CPU has, so both give the same bytes. The heavy work (numba kernels,
 torch ops, file I/O, CRC-32) releases the GIL, so the threads run in parallel. The distributed
 path (several nodes, ``ray job submit``, AIM's calibration pipeline) stays Ray
@@ -26,8 +26,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from distmerge.engine.batch import run_batch
 from distmerge.engine.schedule import MergeTask, ReductionTask, Task, WorkSource
-from distmerge.engine.worker import MergeJob, run_batch, run_reduction_round
+from distmerge.engine.worker import MergeJob, run_reduction_round
 from distmerge.errors import ConfigError
 
 log = logging.getLogger(__name__)

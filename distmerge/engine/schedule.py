@@ -10,7 +10,7 @@ of the next ones read: the two passes overlap.
 A tensor whose rows of every source fit the shard size, and whose units are in one batch, is
 not read twice at all: it is *read once* (:meth:`MergePlan.read_once`). That batch's task reads
 it whole, runs its rounds on those rows and merges from them (``MergeTask.read_once``,
-:func:`distmerge.engine.worker.reduce_held`), which saves a pass over the inputs that the
+:func:`distmerge.engine.batch.reduce_held`), which saves a pass over the inputs that the
 overlap above only hides.
 
 Each tensor's rounds are reduced from its canonical chunks in chunk order (every chunk, unless

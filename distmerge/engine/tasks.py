@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ray
 
-from distmerge.engine.worker import BatchResult, MergeJob, run_batch, run_reduction_round
+from distmerge.engine.batch import run_batch
+from distmerge.engine.worker import BatchResult, MergeJob, run_reduction_round
 from distmerge.methods.base import Partials, Reductions
 from distmerge.plan import WorkUnit
 

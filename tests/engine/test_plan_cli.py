@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from distmerge.cli import main
 from distmerge.config import parse_config
 from distmerge.errors import ConfigError
-from distmerge.plan import build_plan, layout_files
+from distmerge.plan import build_plan
+from distmerge.plan_files import layout_files
 from tests.helpers import evict, make_config, read_chars, resident_bytes, safetensors_header
 
 

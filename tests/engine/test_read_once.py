@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+import distmerge.engine.batch as batch
 import distmerge.engine.worker as worker
 from distmerge.config import parse_config
 from distmerge.engine.run import run_merge
@@ -78,3 +79,44 @@ def test_plan_counts_the_held_rows_in_a_workers_memory(llama_family):
         held = t.rows * sum(t.row_nbytes(s.dtype) for s in t.sources) if t.reduction_rounds else 0
         assert plan.peak_worker_bytes >= u.working_bytes + held, t.name
 
+
+@pytest.mark.parametrize("method", ["ties", "della", "breadcrumbs", "model_stock", "karcher", "sce"])
+def test_read_once_over_many_chunks_gives_the_same_bytes(llama_family, tmp_path, monkeypatch, method):
+    """With chunks of a few rows, a held tensor's later rounds read only some of its chunks (TIES's
+    tie counts, the radix rounds) and its blocks are cut at chunk ends: still the same bytes."""
+    import distmerge.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "REDUCTION_CHUNK_ELEMENTS", 1000)
+    base, experts = llama_family
+    cfg = parse_config(method_config(method, base, experts, execution={"seed": 5}))
+    plan = build_plan(cfg, 10**9)
+    many = [t.name for i, t in enumerate(plan.tensors)
+            if i in plan.read_once_tensors and len(plan_module.reduction_chunks(i, t)) >= 4]
+    assert many, "no held tensor has several chunks"
+    run_merge(cfg, tmp_path / "once", executor="local", shard_size=10**9, workers=2, progress=False)
+    run_merge(cfg, tmp_path / "apart", executor="local", shard_size=SMALL_SHARD, workers=2, progress=False)
+    assert file_bytes(tmp_path / "once") == file_bytes(tmp_path / "apart")
+
+
+def test_a_batchs_steps_read_each_chunk_once_and_merge_every_row_once(llama_family, monkeypatch):
+    import distmerge.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "REDUCTION_CHUNK_ELEMENTS", 1000)
+    base, experts = llama_family
+    plan = build_plan(parse_config(method_config("ties", base, experts)), 10**9)
+    job = worker.MergeJob("ties", tuple(plan.tensors), None, plan.compute_dtype, 0, block_bytes=20_000)
+    held = plan.read_once_tensors
+    steps = batch.batch_steps(job, plan.units, held)
+    for i, t in enumerate(plan.tensors):
+        mine = [s for s in steps if s.rows.tensor == i]
+        merged = sorted((s.rows.row_start, s.rows.row_end) for s in mine if s.kind == "merge")
+        assert merged[0][0] == 0 and merged[-1][1] == t.rows
+        assert all(a[1] == b[0] for a, b in zip(merged, merged[1:], strict=False)), t.name  # every row once, in order
+        chunks = [(s.rows.row_start, s.rows.row_end) for s in mine if s.kind == "chunk"]
+        if i not in held:
+            assert not chunks
+            continue
+        assert chunks == [(c.row_start, c.row_end) for c in plan_module.reduction_chunks(i, t)]
+        assert [s.kind for s in mine[:len(chunks)]] == ["chunk"] * len(chunks)  # read before any merge
+        ends = {c[1] for c in chunks}
+        assert all(not any(r0 < e < r1 for e in ends) for r0, r1 in merged), t.name  # one chunk per block

@@ -8,8 +8,9 @@ import random
 
 import pytest
 
+from distmerge.engine.batch import reduce_held
 from distmerge.engine.schedule import MergeSchedule, MergeTask, ReductionTask
-from distmerge.engine.worker import MergeJob, read_block, reduce_held, run_reduction_round
+from distmerge.engine.worker import MergeJob, read_block, run_reduction_round
 from distmerge.methods.base import chunk_read
 from distmerge.output.writers import LocalFiles
 from distmerge.plan import batches, build_plan, reduction_chunks
