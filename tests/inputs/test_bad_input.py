@@ -102,8 +102,9 @@ def test_a_clean_merge_scans_the_inputs_only_where_the_method_needs_it(llama_fam
                                                                         method, scans_per_block):
     """linear and task_arithmetic carry every NaN/Inf to the output, so a clean merge scans each
     block's output alone (one pass instead of one per model and the output); slerp scans its two
-    inputs and the output. Counted on the local executor, whose threads run in this process."""
-    from distmerge.engine import worker
+    inputs and the output. Counted on the local executor, whose threads run in this process:
+    the inputs' scans in the worker's functions, the outputs' in the batch's loop."""
+    from distmerge.engine import batch, worker
 
     base, experts = llama_family
     scans, blocks = [], []
@@ -118,7 +119,8 @@ def test_a_clean_merge_scans_the_inputs_only_where_the_method_needs_it(llama_fam
         return merge(*args, **kwargs)
 
     monkeypatch.setattr(worker, "count_nonfinite", counting)
-    monkeypatch.setattr(worker, "merge_block", merging)
+    monkeypatch.setattr(batch, "count_nonfinite", counting)
+    monkeypatch.setattr(batch, "merge_block", merging)
     cfg = parse_config(method_config(method, base, experts))
     report = run_merge(cfg, tmp_path / "out", executor="local", progress=False)
     assert not report["warnings"] and len(blocks) >= len(load_state(tmp_path / "out"))
