@@ -34,6 +34,7 @@ from distmerge.engine.worker import (
     merge_block,
     output_scan_suffices,
     read_counted,
+    rows_part,
     unit_partials,
 )
 from distmerge.errors import OutputError
@@ -74,12 +75,7 @@ def batch_steps(job: MergeJob, units: list[WorkUnit], read_once: frozenset[int])
 
 def _overlap(block: WorkUnit, chunk: WorkUnit) -> WorkUnit | None:
     r0, r1 = max(block.row_start, chunk.row_start), min(block.row_end, chunk.row_end)
-    if r0 >= r1:
-        return None
-    rows = block.row_end - block.row_start
-    n = r1 - r0
-    return WorkUnit(block.tensor, r0, r1, block.read_bytes * n // rows, block.write_bytes * n // rows,
-                    block.working_bytes * n // rows)
+    return rows_part(block, r0, r1) if r0 < r1 else None
 
 
 class HeldRows:

@@ -9,7 +9,7 @@ of the next ones read: the two passes overlap.
 
 A tensor whose rows of every source fit the shard size, and whose units are in one batch, is
 not read twice at all: it is *read once* (:meth:`MergePlan.read_once`). That batch's task reads
-it whole, runs its rounds on those rows and merges from them (``MergeTask.read_once``,
+it chunk by chunk, runs its rounds on the chunks it holds and merges from them (``MergeTask.read_once``,
 :func:`distmerge.engine.batch.reduce_held`), which saves a pass over the inputs that the
 overlap above only hides.
 
@@ -151,7 +151,7 @@ class MergeSchedule:
         if isinstance(task, ReductionTask):
             return sum(u.read_bytes for u in task.units)
         return sum(u.write_bytes for u in task.units) + sum(
-            c.read_bytes for i in sorted(task.read_once) for c in self._chunks[i])
+            c.read_bytes for i in task.read_once for c in self._chunks[i])
 
     def _push(self, task: Task) -> None:
         first = min(u.tensor for u in task.units)

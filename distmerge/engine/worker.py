@@ -183,13 +183,14 @@ def blocks(unit: WorkUnit, block_bytes: int) -> list[WorkUnit]:
     step = max(1, block_bytes // per_row)
     if step >= rows:
         return [unit]
-    out = []
-    for r0 in range(unit.row_start, unit.row_end, step):
-        r1 = min(unit.row_end, r0 + step)
-        n = r1 - r0
-        out.append(WorkUnit(unit.tensor, r0, r1, unit.read_bytes * n // rows, unit.write_bytes * n // rows,
-                            per_row * n))
-    return out
+    return [rows_part(unit, r0, min(unit.row_end, r0 + step)) for r0 in range(unit.row_start, unit.row_end, step)]
+
+
+def rows_part(unit: WorkUnit, row_start: int, row_end: int) -> WorkUnit:
+    """Rows ``[row_start, row_end)`` of ``unit``, its byte figures scaled to their share."""
+    rows, n = unit.row_end - unit.row_start, row_end - row_start
+    return WorkUnit(unit.tensor, row_start, row_end, unit.read_bytes * n // rows, unit.write_bytes * n // rows,
+                    unit.working_bytes * n // rows)
 
 
 def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
