@@ -18,7 +18,7 @@ import yaml
 from distmerge.dtypes import TORCH_NAME
 from distmerge.engine.phases import Phases
 from distmerge.engine.request import MergeRequest
-from distmerge.engine.worker import BatchResult
+from distmerge.engine.worker import BatchResult, ReductionResult
 from distmerge.errors import OutputError
 from distmerge.io.safetensors import INDEX_NAME, write_index
 from distmerge.io.writes import write_text_atomic
@@ -77,7 +77,7 @@ def write_side_files(request: MergeRequest, plan: MergePlan, out: Path, journal:
 
 
 def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journal: JournalWriter,
-             results: list[BatchResult], started: float, check_lock: Callable[[], None],
+             results: list[BatchResult], reductions: list[ReductionResult], started: float, check_lock: Callable[[], None],
              phases: Phases, executor: str) -> dict[str, Any]:
     """Side files, the checksum manifest, verification, report, and the index last (for an
     object-store output: the small files uploaded after verification, the index last)."""
@@ -109,7 +109,7 @@ def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journ
     if not verified.ok:
         raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
     phases.mark("verify")
-    report = build_report(plan, results, time.time() - started,
+    report = build_report(plan, results, time.time() - started, reductions=reductions,
                           sections={f.name: f.report_section() for f in request.features})
     report.update(out_dir=target.location, executor=executor, verify=verified.as_dict(), skipped_side_files=skipped, phases_s=dict(phases.seconds),
                   warnings=[w for r in results for w in r.warnings])

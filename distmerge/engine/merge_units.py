@@ -16,7 +16,7 @@ from distmerge.engine.executors import Executor
 from distmerge.engine.features import RowStep
 from distmerge.engine.schedule import MergeSchedule, ReductionTask, Task
 from distmerge.engine.scheduling import progress_bar
-from distmerge.engine.worker import BatchResult, MergeJob
+from distmerge.engine.worker import BatchResult, MergeJob, ReductionResult
 from distmerge.output.journal import JournalWriter
 from distmerge.output.local_files import UnitKey
 from distmerge.output.target import OutputTarget
@@ -34,8 +34,10 @@ def merge_job(plan: MergePlan, target: OutputTarget, row_steps: tuple[RowStep, .
 
 
 def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: JournalWriter,
-                done_units: set[UnitKey], executor: Executor, workers: int | None, progress: bool) -> list[BatchResult]:
-    """Write every unit not in ``done_units``; finish each file once all its rows are in."""
+                done_units: set[UnitKey], executor: Executor, workers: int | None,
+                progress: bool) -> tuple[list[BatchResult], list[ReductionResult]]:
+    """Write every unit not in ``done_units``; finish each file once all its rows are in.
+    Returns what the merge batches and the reduction tasks did (the report's figures)."""
     limit = executor.in_flight(workers)
     todo = [u for u in plan.units if (u.tensor, u.row_start, u.row_end) not in done_units]
     remaining: dict[int, int] = defaultdict(int)
@@ -46,6 +48,7 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
             target.file_done(plan, i, journal)
     schedule = MergeSchedule(plan, list(target.batches(plan, todo)))
     results: list[BatchResult] = []
+    reductions: list[ReductionResult] = []
     desc = f"merge ({plan.method.name})" + (" + statistics" if plan.reduction_rounds else "")
     bar = progress_bar(schedule.work_bytes, progress, desc)
 
@@ -53,6 +56,7 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
         bar.total = schedule.work_bytes  # one more round for a tensor moves the end
         bar.update(schedule.work(task))
         if isinstance(task, ReductionTask):
+            reductions.append(result)
             return
         results.append(result)
         target.parts_done(result.parts, journal)
@@ -68,4 +72,4 @@ def merge_units(plan: MergePlan, target: OutputTarget, job: MergeJob, journal: J
 
     executor.run(job, schedule, limit, done)
     bar.close()
-    return results
+    return results, reductions

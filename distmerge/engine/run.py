@@ -89,12 +89,13 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
             # 4. Model files created or reopened; reduction rounds; every unit merged and written.
             done_units = target.open_files(plan, interrupted, journal)
             phases.mark("open files")
-            results = merge_units(plan, target, merge_job(plan, target, row_steps), journal, done_units,
-                                  runner, request.workers, progress)
+            results, reductions = merge_units(plan, target, merge_job(plan, target, row_steps), journal, done_units,
+                                              runner, request.workers, progress)
             lock.check()
             phases.mark("merge")
             # 5. Side files, manifest, verification, report, and the index last.
-            report = finalize(request, plan, target, journal, results, started, lock.check, phases, runner.name)
+            report = finalize(request, plan, target, journal, results, reductions, started, lock.check, phases,
+                              runner.name)
     report.update(fingerprint=identity.fingerprint, resumed_units=len(done_units))
     log.info("merged %s into %s in %.1fs (%s)", plan.method.name, target.location, report["seconds"], phases.summary())
     return report

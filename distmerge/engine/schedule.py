@@ -129,14 +129,13 @@ class MergeSchedule:
     def finished(self) -> bool:
         return not self._ready and not self._running
 
-    def done(self, task: Task, result: object) -> None:
+    def done(self, task: Task, result: Any) -> None:
         """A task came back: a reduction's chunk partials go to their tensors (a tensor's round is
         reduced once all of its chunks are in); a merge needs nothing more from here."""
         self._running -= 1
         if isinstance(task, MergeTask):
             return
-        assert isinstance(result, list)
-        for tensor, row_start, part in result:
+        for tensor, row_start, part in result.partials:  # a ReductionResult (engine.worker)
             state = self._tensors[tensor]
             state.partials[row_start] = part
             state.outstanding -= 1

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ray
 
 from distmerge.engine.batch import run_batch
-from distmerge.engine.worker import BatchResult, MergeJob, run_reduction_round
-from distmerge.methods.base import Partials, Reductions
+from distmerge.engine.worker import BatchResult, MergeJob, ReductionResult, run_reduction_round
+from distmerge.methods.base import Reductions
 from distmerge.plan import WorkUnit
 
 TASK_RETRIES = 3
@@ -20,13 +20,19 @@ TASK_RETRIES = 3
 def merge_batch_task(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reductions],
                      read_once: frozenset[int]) -> BatchResult:
     result = run_batch(job, units, reduced, read_once=read_once)
-    # Simulated nodes share a hostname; the Ray node id tells them apart in the report.
-    context = ray.get_runtime_context()
-    result.node = f"{result.node}/{context.get_node_id()[:12]}"
+    result.node = _node(result.node)
     return result
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
 def reduction_task(job: MergeJob, units: list[WorkUnit], round_: int,
-                   previous: dict[int, Reductions]) -> list[tuple[int, int, Partials]]:
-    return run_reduction_round(job, units, round_, previous)
+                   previous: dict[int, Reductions]) -> ReductionResult:
+    result = run_reduction_round(job, units, round_, previous)
+    result.node = _node(result.node)
+    return result
+
+
+def _node(hostname: str) -> str:
+    """The report's name of this task's node: simulated nodes share a hostname, and the Ray node
+    id tells them apart."""
+    return f"{hostname}/{ray.get_runtime_context().get_node_id()[:12]}"

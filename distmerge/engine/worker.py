@@ -8,6 +8,9 @@ call them directly. A batch touches only its units' rows of each input and outpu
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 from distmerge.dtypes import SAFETENSORS_TO_TORCH
-from distmerge.engine.memory import retain_freed_memory
+from distmerge.engine.memory import PeakAnonRss, retain_freed_memory
 from distmerge.errors import CheckpointError
 from distmerge.io.remote import pin_versions, thread_fetched_bytes
 from distmerge.io.safetensors import TensorInfo, read_row_set
@@ -69,6 +72,22 @@ class BatchResult:
     warnings: list[str] = field(default_factory=list)
     bytes_fetched: int = 0  # from remote storage (ranged requests), retries included
     parts: list[UploadedPart] = field(default_factory=list)  # object-store outputs: the parts uploaded
+
+
+@dataclass
+class ReductionResult:
+    """A reduction task's partials (tensor, chunk's first row, partial), and what it read, where
+    and with how much memory: a method with rounds reads tensors for them too, and the report
+    counts those reads with the batches' (:class:`BatchResult`)."""
+
+    partials: list[tuple[int, int, Partials]]
+    bytes_read: int
+    seconds: float
+    node: str
+    pid: int
+    peak_anon_rss: int
+    start_anon_rss: int
+    bytes_fetched: int = 0
 
 
 def _check_finite(rows: torch.Tensor, raw: torch.Tensor, info: TensorInfo, r0: int, r1: int,
@@ -194,12 +213,21 @@ def rows_part(unit: WorkUnit, row_start: int, row_end: int) -> WorkUnit:
 
 
 def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
-                        previous: dict[int, Reductions]) -> list[tuple[int, int, Partials]]:
-    """One reduction round of a multi-phase method: the partials of canonical chunks."""
+                        previous: dict[int, Reductions]) -> ReductionResult:
+    """One reduction round of a multi-phase method: the partials of canonical chunks, and what
+    reading them cost."""
     retain_freed_memory()
     pin_versions(job.pins)
-    return [(unit.tensor, unit.row_start, unit_partials(job, unit, read_block(job, unit), round_,
-                                                        previous.get(unit.tensor))) for unit in units]
+    started, fetched = time.perf_counter(), 0
+    partials: list[tuple[int, int, Partials]] = []
+    with PeakAnonRss() as memory:
+        for unit in units:
+            raw, fetched_now = read_counted(job, unit)
+            fetched += fetched_now
+            partials.append((unit.tensor, unit.row_start, unit_partials(job, unit, raw, round_, previous.get(unit.tensor))))
+            del raw
+    return ReductionResult(partials, sum(u.read_bytes for u in units), time.perf_counter() - started,
+                           socket.gethostname(), os.getpid(), memory.peak, memory.start, fetched)
 
 
 def unit_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_: int,

@@ -31,18 +31,24 @@ class UnitFigures(Protocol):
     crc32: int
 
 
-class BatchFigures(Protocol):
-    """What the report needs of one batch a worker ran (the engine's ``BatchResult`` has it);
-    a protocol, so the output layer never imports the engine above it."""
+class TaskFigures(Protocol):
+    """What the report needs of any task a worker ran (a merge batch or a reduction round: the
+    engine's ``BatchResult`` and ``ReductionResult``); a protocol, so the output layer never
+    imports the engine above it."""
 
     bytes_read: int
-    bytes_written: int
     seconds: float
     node: str
     pid: int
     peak_anon_rss: int
     start_anon_rss: int
     bytes_fetched: int
+
+
+class BatchFigures(TaskFigures, Protocol):
+    """What the report needs of one merge batch besides :class:`TaskFigures`: what it wrote."""
+
+    bytes_written: int
 
     @property
     def units(self) -> Sequence[UnitFigures]:  # read-only: a list of any UnitFigures type fits
@@ -54,32 +60,42 @@ class BatchFigures(Protocol):
 
 
 def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: float, *,
+                 reductions: Sequence[TaskFigures] = (),
                  sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The run's figures: what was merged, bytes and time per node and worker, checksums, and a
-    section per feature of the merge (``sections``, e.g. ``aim``)."""
+    """The run's figures: what was merged, bytes and time per node and worker (merge batches and
+    ``reductions``, the reduction rounds' tasks, both: a method with rounds reads a tensor for
+    them too, unless it reads it once), checksums, and a section per feature of the merge
+    (``sections``, e.g. ``aim``)."""
     nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_read": 0, "bytes_fetched": 0, "bytes_written": 0,
-                                                            "units": 0, "batches": 0, "parts_uploaded": 0,
-                                                            "bytes_uploaded": 0})
+                                                            "units": 0, "batches": 0, "reduction_tasks": 0,
+                                                            "parts_uploaded": 0, "bytes_uploaded": 0})
     workers: dict[str, dict[str, Any]] = {}
-    for r in results:
+    for r in [*results, *reductions]:
         n = nodes[r.node]
         n["bytes_read"] += r.bytes_read
         n["bytes_fetched"] += r.bytes_fetched
+        key = f"{r.node}:{r.pid}"
+        w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss,
+                                     "batches": 0, "reduction_tasks": 0, "busy_seconds": 0.0, "bytes_read": 0,
+                                     "bytes_fetched": 0})
+        w["peak_anon_rss"] = max(w["peak_anon_rss"], r.peak_anon_rss)
+        w["baseline_anon_rss"] = min(w["baseline_anon_rss"], r.start_anon_rss)
+        w["busy_seconds"] += r.seconds
+        w["bytes_read"] += r.bytes_read
+        w["bytes_fetched"] += r.bytes_fetched
+    for r in results:
+        n = nodes[r.node]
         n["bytes_written"] += r.bytes_written
         n["units"] += len(r.units)
         n["batches"] += 1
         n["parts_uploaded"] += len(r.parts)
         n["bytes_uploaded"] += sum(p.nbytes for p in r.parts)
-        key = f"{r.node}:{r.pid}"
-        w = workers.setdefault(key, {"node": r.node, "pid": r.pid, "peak_anon_rss": 0, "baseline_anon_rss": r.start_anon_rss,
-                                     "batches": 0, "busy_seconds": 0.0, "bytes_read": 0, "bytes_fetched": 0})
-        w["peak_anon_rss"] = max(w["peak_anon_rss"], r.peak_anon_rss)
-        w["baseline_anon_rss"] = min(w["baseline_anon_rss"], r.start_anon_rss)
-        w["batches"] += 1
-        w["busy_seconds"] += r.seconds
-        w["bytes_read"] += r.bytes_read
-        w["bytes_fetched"] += r.bytes_fetched
-    read = sum(r.bytes_read for r in results)
+        workers[f"{r.node}:{r.pid}"]["batches"] += 1
+    for r in reductions:
+        nodes[r.node]["reduction_tasks"] += 1
+        workers[f"{r.node}:{r.pid}"]["reduction_tasks"] += 1
+    rounds_read = sum(r.bytes_read for r in reductions)
+    read = sum(r.bytes_read for r in results) + rounds_read
     written = sum(r.bytes_written for r in results)
     cfg = plan.config
     report: dict[str, Any] = {
@@ -99,9 +115,11 @@ def build_report(plan: MergePlan, results: Sequence[BatchFigures], seconds: floa
         "shard_size": plan.shard_size,
         "seed": cfg.execution.seed,
         "bytes_read": read,
+        # Of those, what the reduction rounds' tasks read (the statistics of tensors not read once).
+        "bytes_read_for_rounds": rounds_read,
         # Bytes that came over the network from remote inputs (0 for local ones): the ranges
         # the units needed, plus whatever retries asked for again.
-        "bytes_fetched": sum(r.bytes_fetched for r in results),
+        "bytes_fetched": sum(r.bytes_fetched for r in [*results, *reductions]),
         "bytes_written": written,
         # Object-store outputs: bytes sent as parts of the output files (headers included).
         "bytes_uploaded": sum(p.nbytes for r in results for p in r.parts),

@@ -120,3 +120,37 @@ def test_a_batchs_steps_read_each_chunk_once_and_merge_every_row_once(llama_fami
         assert [s.kind for s in mine[:len(chunks)]] == ["chunk"] * len(chunks)  # read before any merge
         ends = {c[1] for c in chunks}
         assert all(not any(r0 < e < r1 for e in ends) for r0, r1 in merged), t.name  # one chunk per block
+
+
+def _bytes_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bytes of every row range this process's workers read from an input, as they come."""
+    sizes: list[int] = []
+    real = worker.read_source_rows
+
+    def counting(info, row_start, row_end):  # noqa: ANN001, ANN202 - read_source_rows' signature
+        rows = real(info, row_start, row_end)
+        sizes.append(rows.numel() * rows.element_size())
+        return rows
+
+    monkeypatch.setattr(worker, "read_source_rows", counting)
+    return sizes
+
+
+@pytest.mark.parametrize(("method", "shard_size"), [("ties", SMALL_SHARD), ("ties", 10**9), ("model_stock", SMALL_SHARD),
+                                                    ("linear", SMALL_SHARD)])
+def test_the_report_counts_every_byte_the_workers_read(llama_family, tmp_path, monkeypatch, method, shard_size):
+    """The report's bytes read are the reduction tasks' reads and the merge batches' together,
+    as the workers read them; a merge that reads every tensor once reads no byte for its rounds."""
+    base, experts = llama_family
+    cfg = parse_config(method_config(method, base, experts, execution={"seed": 5}))
+    sizes = _bytes_read(monkeypatch)
+    report = run_merge(cfg, tmp_path / "out", executor="local", shard_size=shard_size, workers=2, progress=False)
+    assert report["bytes_read"] == sum(sizes) > 0
+    assert sum(w["bytes_read"] for w in report["workers"]) == sum(n["bytes_read"] for n in report["nodes"].values()) \
+        == report["bytes_read"]
+    reduction_tasks = sum(w["reduction_tasks"] for w in report["workers"])
+    if method == "linear" or shard_size == 10**9:
+        assert report["bytes_read_for_rounds"] == 0 and reduction_tasks == 0
+    else:
+        assert 0 < report["bytes_read_for_rounds"] < report["bytes_read"] and reduction_tasks > 0
+        assert sum(n["reduction_tasks"] for n in report["nodes"].values()) == reduction_tasks

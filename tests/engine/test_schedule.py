@@ -36,7 +36,7 @@ def _global_rounds(plan, job):
         units = [u for u in plan.reduction_units(round_) if chunk_read(reduced.get(u.tensor), round_, u.row_start, u.row_end)]
         partials: dict[int, dict[int, object]] = {}
         for unit in units:
-            for tensor, row_start, part in run_reduction_round(job, [unit], round_, reduced):
+            for tensor, row_start, part in run_reduction_round(job, [unit], round_, reduced).partials:
                 partials.setdefault(tensor, {})[row_start] = part
         for i, chunks in partials.items():
             t = plan.tensors[i]
