@@ -20,6 +20,7 @@ import torch
 from distmerge.methods.kernels import dots, fusion_loops, linear_loop, ram_loops, ranks
 from distmerge.methods.kernels import task_vector_loop as tv
 from distmerge.methods.kernels.rounding import value_arrays
+from distmerge.methods.random_stream import stream_key
 
 N = 1 << 22
 COLS = 1536  # a last-dim vector (arcee_fusion's KL, DELLA's ranked rows)
@@ -43,7 +44,8 @@ def main() -> None:
     b, x0, x1 = value_arrays([base, *experts], torch.float32)
     w = np.array([0.5, 0.5], dtype=np.float32)
     kl = np.random.default_rng(0).random(N // COLS + 1).astype(np.float32)
-    picks = np.random.default_rng(1).integers(0, N, 1 << 20)
+    # a tensor's sample as the rounds visit it: drawn from the stream, ordered by span
+    picks = fusion_loops.sample_positions(stream_key(0, "kernel_costs", -1), 1 << 20, N, 0, N)
     one = np.array(1.0, dtype=np.float32)
 
     def task_vectors(consensus: bool) -> Callable[[], object]:

@@ -67,8 +67,8 @@ def key_value(key: int) -> float:
 
 
 def sample_picks(ctx: ShardContext, numel: int, chunk_numel: int) -> np.ndarray | None:
-    """The tensor's sampled elements that fall in this chunk, chunk-relative, with repetition, in
-    draw order (None: no sampling): draw ``i`` of the stream is element
+    """The tensor's sampled elements that fall in this chunk, chunk-relative, with repetition,
+    ordered by position span (None: no sampling): draw ``i`` of the stream is element
     ``min(floor(u_i * numel), numel - 1)`` (:func:`fusion_loops.sample_positions`)."""
     if numel <= SAMPLE_SIZE:
         return None
@@ -84,9 +84,10 @@ def sample_weights(ctx: ShardContext, numel: int, chunk_numel: int) -> torch.Ten
 
 def row_kl(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """mergekit's KL of each last-dim vector, ``(..., 1)``: softmaxes along the last dim + 1e-8."""
-    p = F.softmax(x, dim=-1) + EPS
-    q = F.softmax(base, dim=-1) + EPS
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    p = F.softmax(x, dim=-1).add_(EPS)  # in place: the same floats, fewer chunk-sized buffers
+    q = F.softmax(base, dim=-1).add_(EPS)
+    ratio = torch.div(p, q, out=q).log_().mul_(p)
+    return torch.sum(ratio, dim=-1, keepdim=True)
 
 
 def sparse_counts(bins: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,3 +97,27 @@ def test_importances_at_the_threshold_are_kept(monkeypatch):
     assert same_reductions(r_torch, r_fused)
     assert torch.equal(m_torch[0].view(torch.int32), m_fused[0].view(torch.int32))
     assert torch.equal(m_fused[0][0, :210], x[0, :210])  # the plateau, at the threshold, is taken
+
+
+@pytest.mark.parametrize("numel", [1_000_001, 3 * 2**20, 50_000_000])
+def test_a_chunks_sample_is_the_streams_draws_that_fall_in_it(numel):
+    """The sample's positions in any element range, held once per tensor and ordered by span, are
+    exactly (as a multiset) the stream's draws that fall there: chunk edges in mid-span, at a
+    span's edge, a one-element chunk and the whole tensor."""
+    import numpy as np
+
+    from distmerge.methods.kernels import fusion_loops
+    from distmerge.methods.random_stream import stream_key, uniforms
+
+    draws = 200_000
+    everything = np.minimum((uniforms(7, "t", -1, 0, draws) * numel).astype(np.int64), numel - 1)
+    key = stream_key(7, "t", -1)
+    table = fusion_loops.sample_table(int(key[0]), int(key[1]), draws, numel)
+    span = 1 << table.shift
+    ranges = [(0, numel), (0, 1), (span - 3, 5 * span + 7), (span, 2 * span), (numel // 3, numel // 2 + 1),
+              (numel - 1, numel), (numel // 2, numel // 2)]
+    for lo, hi in ranges:
+        got = fusion_loops.sample_positions(key, draws, numel, lo, hi)
+        want = everything[(everything >= lo) & (everything < hi)] - lo
+        assert np.array_equal(np.sort(got), np.sort(want)), (lo, hi)
+    assert table.ordered.size == draws and np.all(np.diff(table.ordered >> table.shift) >= 0)
