@@ -68,7 +68,7 @@ def key_value(key: int) -> float:
 
 def sample_picks(ctx: ShardContext, numel: int, chunk_numel: int) -> np.ndarray | None:
     """The tensor's sampled elements that fall in this chunk, chunk-relative, with repetition,
-    ordered by position span (None: no sampling): draw ``i`` of the stream is element
+    ascending (None: no sampling): draw ``i`` of the stream is element
     ``min(floor(u_i * numel), numel - 1)`` (:func:`fusion_loops.sample_positions`)."""
     if numel <= SAMPLE_SIZE:
         return None

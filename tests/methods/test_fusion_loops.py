@@ -101,9 +101,9 @@ def test_importances_at_the_threshold_are_kept(monkeypatch):
 
 @pytest.mark.parametrize("numel", [1_000_001, 3 * 2**20, 50_000_000])
 def test_a_chunks_sample_is_the_streams_draws_that_fall_in_it(numel):
-    """The sample's positions in any element range, held once per tensor and ordered by span, are
-    exactly (as a multiset) the stream's draws that fall there: chunk edges in mid-span, at a
-    span's edge, a one-element chunk and the whole tensor."""
+    """The sample's positions in any element range, drawn once per tensor and sorted, are exactly
+    (as a multiset) the stream's draws that fall there: the whole tensor, its first and last
+    element, empty ranges, a drawn position as an edge on either side, arbitrary cuts."""
     import numpy as np
 
     from distmerge.methods.kernels import fusion_loops
@@ -112,12 +112,11 @@ def test_a_chunks_sample_is_the_streams_draws_that_fall_in_it(numel):
     draws = 200_000
     everything = np.minimum((uniforms(7, "t", -1, 0, draws) * numel).astype(np.int64), numel - 1)
     key = stream_key(7, "t", -1)
-    table = fusion_loops.sample_table(int(key[0]), int(key[1]), draws, numel)
-    span = 1 << table.shift
-    ranges = [(0, numel), (0, 1), (span - 3, 5 * span + 7), (span, 2 * span), (numel // 3, numel // 2 + 1),
-              (numel - 1, numel), (numel // 2, numel // 2)]
+    drawn = int(everything[17])
+    ranges = [(0, numel), (0, 1), (numel - 1, numel), (numel // 2, numel // 2), (drawn, drawn + 1), (drawn, numel),
+              (0, drawn), (numel // 3, numel // 2 + 1), (12_345, 987_654)]
     for lo, hi in ranges:
         got = fusion_loops.sample_positions(key, draws, numel, lo, hi)
         want = everything[(everything >= lo) & (everything < hi)] - lo
-        assert np.array_equal(np.sort(got), np.sort(want)), (lo, hi)
-    assert table.ordered.size == draws and np.all(np.diff(table.ordered >> table.shift) >= 0)
+        assert np.array_equal(got, np.sort(want)), (lo, hi)
+    assert fusion_loops.sample_positions(key, draws, numel, drawn, drawn + 1).size == np.count_nonzero(everything == drawn)
