@@ -175,7 +175,7 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced:
     if t.params is None:
         return raw[0].to(out_dtype)
     rows = compute_rows(job, unit, raw)
-    # A failing check fails the merge in the reduction rounds, which read these rows already.
+    # With rounds the inputs were scanned in round 0 (unit_partials), which read these rows already.
     if scan_inputs and not (job.check_finite and t.reduction_rounds):
         check_inputs(job, unit, raw, rows, warnings)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
@@ -233,10 +233,13 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
 def unit_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_: int,
                   previous: Reductions | None) -> Partials:
     """Round ``round_``'s partials of one canonical chunk from its raw rows; in round 0 a NaN or
-    Inf in them fails the merge (unless allowed) before any output is written (see merge_block)."""
+    Inf in them fails the merge (unless allowed) before any output is written (see merge_block).
+    Not for a method whose output shows every input NaN/Inf (:func:`output_scan_suffices`): its
+    merge finds them in the output's scan, then names the input, and a clean merge saves a pass
+    over every source (its rounds only make wrong statistics of a merge that then fails)."""
     t = job.tensors[unit.tensor]
     rows = compute_rows(job, unit, raw)
-    if job.check_finite and round_ == 0:
+    if job.check_finite and round_ == 0 and not output_scan_suffices(job):
         for info, r, stored in zip(t.sources, rows, raw, strict=True):
             _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
     return chunk_partials(job, unit, rows, round_, previous)

@@ -126,6 +126,10 @@ class ArceeFusion(MergeMethod):
     name = "arcee_fusion"
     uses_base = True
     reads_stored_rows = True
+    # The mask is a float multiply: out = base + (x - base) * m, and (x - base) * 0 is NaN where x
+    # or base is NaN or Inf, so every input NaN/Inf reaches its output element, whatever the
+    # quartiles made of them (tests/methods/test_nonfinite_reaches_output.py).
+    nonfinite_reaches_output = True
     min_experts = 1
     max_experts = 1
     global_parameters = {}

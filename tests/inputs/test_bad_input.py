@@ -11,13 +11,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from distmerge.config import parse_config
+from distmerge.config import MergeConfig, parse_config
 from distmerge.engine.run import run_merge
 from distmerge.errors import CheckpointError
 from distmerge.testing.method_cases import method_config
@@ -53,17 +54,25 @@ def _base_unless_linear(method: str, base: Path) -> dict[str, str]:
     return {} if method == "linear" else {"base_model": str(base)}
 
 
+def _config_with(method: str, base: Path, models: list[Path], **top: Any) -> MergeConfig:
+    """``method`` over ``models`` (arcee_fusion: the first alone, onto ``base``)."""
+    if method == "arcee_fusion":
+        return parse_config(method_config(method, base, models[:1], **top))
+    params = {"weight": 0.5} | ({"density": 0.5} if method == "ties" else {})
+    return parse_config({"merge_method": method, **_base_unless_linear(method, base), **top,
+                         "models": [{"model": str(m), "parameters": params} for m in models]})
+
+
 @pytest.mark.usefixtures("ray_local")
-# ties: caught in its statistics pass; linear and task_arithmetic: found by the output's scan
-# (engine.worker.output_scan_suffices), then named by scanning that block's inputs
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+# ties: caught in its statistics pass; linear, task_arithmetic and arcee_fusion (rounds, but its
+# output shows every input NaN/Inf): found by the output's scan (engine.worker.output_scan_suffices),
+# then named by scanning that block's inputs
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "arcee_fusion"])
 def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path, method):
     base, experts = llama_family
     bad = _copy(experts[0], tmp_path / "nan")
     _poison(bad, "model.layers.2.mlp.up_proj.weight", float("nan"))
-    params = {"weight": 0.5} | ({"density": 0.5} if method == "ties" else {})
-    cfg = parse_config({"merge_method": method, **_base_unless_linear(method, base),
-                        "models": [{"model": str(m), "parameters": params} for m in (bad, experts[1])]})
+    cfg = _config_with(method, base, [bad, experts[1]])
     with pytest.raises(CheckpointError, match=r"nan/model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.2\.mlp\.up_proj\.weight' has 1 NaN/Inf"):
         run_merge(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / INDEX).exists()
@@ -74,7 +83,7 @@ def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path, method):
 
 
 @pytest.mark.usefixtures("ray_local")
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])  # as above
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "arcee_fusion"])  # as above
 def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, tmp_path, method):
     """A finite weight too large for ``dtype: float16`` becomes Inf in the cast: the error names
     the compute dtype and a wider one, not a broken input; a NaN as stored is still the input's."""
@@ -82,9 +91,7 @@ def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, 
     big = _copy(experts[0], tmp_path / "big")
     _poison(big, "model.layers.2.mlp.up_proj.weight", 70000.0)  # float16 holds up to 65504
     assert torch.isfinite(load_state(big)["model.layers.2.mlp.up_proj.weight"]).all()
-    params = {"weight": 0.5} | ({"density": 0.5} if method == "ties" else {})
-    cfg = parse_config({"merge_method": method, **_base_unless_linear(method, base), "dtype": "float16",
-                        "models": [{"model": str(m), "parameters": params} for m in (big, experts[1])]})
+    cfg = _config_with(method, base, [big, experts[1]], dtype="float16")
     with pytest.raises(CheckpointError) as caught:
         run_merge(cfg, tmp_path / "out", progress=False)
     message = str(caught.value)
@@ -97,12 +104,13 @@ def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, 
         run_merge(cfg, tmp_path / "out3", progress=False)
 
 
-@pytest.mark.parametrize(("method", "scans_per_block"), [("linear", 1), ("task_arithmetic", 1), ("slerp", 3)])
+@pytest.mark.parametrize(("method", "scans_per_block"),
+                         [("linear", 1), ("task_arithmetic", 1), ("slerp", 3), ("arcee_fusion", 1)])
 def test_a_clean_merge_scans_the_inputs_only_where_the_method_needs_it(llama_family, tmp_path, monkeypatch,
                                                                         method, scans_per_block):
-    """linear and task_arithmetic carry every NaN/Inf to the output, so a clean merge scans each
-    block's output alone (one pass instead of one per model and the output); slerp scans its two
-    inputs and the output. Counted on the local executor, whose threads run in this process:
+    """linear, task_arithmetic and arcee_fusion carry every NaN/Inf to the output, so a clean merge
+    scans each block's output alone (one pass instead of one per model and the output; for
+    arcee_fusion none in its reduction rounds either); slerp scans its two inputs and the output. Counted on the local executor, whose threads run in this process:
     the inputs' scans in the worker's functions, the outputs' in the batch's loop."""
     from distmerge.engine import batch, worker
 
