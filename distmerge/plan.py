@@ -126,10 +126,13 @@ class MergePlan:
 
     @property
     def peak_worker_bytes(self) -> int:
-        """A unit's working memory, and a read-once tensor's rows held beside it."""
+        """A unit's working memory, and a read-once tensor's rows held beside it; or a reduction
+        task's canonical chunk, whose size follows from the tensor's shape and not from the shard
+        size (at a small shard size it is the larger)."""
         held = self.read_once_tensors
-        return max((u.working_bytes + (held_bytes(self.tensors[u.tensor]) if u.tensor in held else 0)
-                    for u in self.units), default=0)
+        merging = max((u.working_bytes + (held_bytes(self.tensors[u.tensor]) if u.tensor in held else 0)
+                       for u in self.units), default=0)
+        return max([merging, *(c.working_bytes for c in self.reduction_units(0) if c.tensor not in held)])
 
     @property
     def reduction_rounds(self) -> int:

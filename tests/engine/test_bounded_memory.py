@@ -85,8 +85,10 @@ def test_worker_memory_is_bounded_by_shard_size(tmp_path, executor):
 @pytest.mark.parametrize("executor", ["ray", "local"])
 def test_read_once_memory_is_bounded_by_shard_size(tmp_path, executor):
     """TIES holds a tensor whose rows fit the shard size whole while it runs its rounds and
-    merge on them (read once); the 32 MB tensors are reduced apart. No worker grows past a
-    few shards all the same, and the merge is TIES's."""
+    merge on them (read once); the 32 MB tensors are reduced apart, in canonical chunks of 2**22
+    elements whatever the shard size (here 3 x 16 MB read, more than the shard). No worker grows
+    past a few shards or two such chunks, whichever is more, all the same (the report counts the
+    reduction tasks' memory too), and the merge is TIES's."""
     from distmerge.plan import build_plan
 
     base = _synthetic(tmp_path / "base", 0, held_rows=256)
@@ -96,9 +98,12 @@ def test_read_once_memory_is_bounded_by_shard_size(tmp_path, executor):
     plan = build_plan(cfg, shard)
     held = {plan.tensors[i].name for i in plan.read_once_tensors}
     assert "model.layers.0.self_attn.o_proj.weight" in held and "model.layers.0.mlp.up_proj.weight" not in held
+    chunk = max(c.read_bytes for c in plan.reduction_units(0) if c.tensor not in plan.read_once_tensors)
+    assert chunk == 3 * 16 * 2**20 and plan.peak_worker_bytes > chunk > shard
     report, growth = _settled_growth(cfg, tmp_path, shard, executor=executor)
+    assert sum(w["reduction_tasks"] for w in report["workers"]) > 0
     workers = 2 if executor == "local" else 1
-    assert max(growth) <= workers * 4 * shard + 24 * MB, (growth, report["workers"])
+    assert max(growth) <= workers * max(4 * shard, 2 * chunk) + 24 * MB, (growth, report["workers"])
     reference = tmp_path / "reference"
     run_merge(cfg, reference, shard_size=MB, workers=2, progress=False)  # nothing held: every tensor reduced apart
     assert build_plan(cfg, MB).read_once_tensors <= {i for i, t in enumerate(plan.tensors) if t.name == "model.norm.weight"}
