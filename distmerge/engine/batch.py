@@ -13,8 +13,6 @@ ends, are views of them: one read of the inputs where the rounds and the merge t
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -196,5 +194,6 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
     read = sum(u.read_bytes for u in units if u.tensor not in read_once) + sum(
         tensor_read_bytes(job.tensors[i]) for i in read_once)
     written = sum(sizes)
-    return BatchResult(results, read, written, time.perf_counter() - started, socket.gethostname(),
-                       os.getpid(), memory.peak, memory.start, warnings, fetched, parts)
+    return BatchResult(units=results, bytes_read=read, bytes_written=written, seconds=time.perf_counter() - started,
+                       peak_anon_rss=memory.peak, start_anon_rss=memory.start, warnings=warnings,
+                       bytes_fetched=fetched, parts=parts)

@@ -57,37 +57,36 @@ class UnitResult:
     nonfinite: int = 0  # NaN/Inf among the merged values written (the output's own check, see verify)
 
 
-@dataclass
-class BatchResult:
+@dataclass(kw_only=True)
+class TaskFigures:
+    """What a task read, how long it ran, where and with how much memory: every task (a merge
+    batch, a reduction round) returns them, and the report adds them up per node and worker."""
+
+    bytes_read: int
+    seconds: float
+    peak_anon_rss: int
+    start_anon_rss: int
+    bytes_fetched: int = 0  # from remote storage (ranged requests), retries included
+    node: str = field(default_factory=socket.gethostname)  # the Ray tasks add the node id
+    pid: int = field(default_factory=os.getpid)
+
+
+@dataclass(kw_only=True)
+class BatchResult(TaskFigures):
     """What a batch did and where: for progress, the journal and the report."""
 
     units: list[UnitResult]
-    bytes_read: int
     bytes_written: int
-    seconds: float
-    node: str
-    pid: int
-    peak_anon_rss: int
-    start_anon_rss: int
     warnings: list[str] = field(default_factory=list)
-    bytes_fetched: int = 0  # from remote storage (ranged requests), retries included
     parts: list[UploadedPart] = field(default_factory=list)  # object-store outputs: the parts uploaded
 
 
-@dataclass
-class ReductionResult:
-    """A reduction task's partials (tensor, chunk's first row, partial), and what it read, where
-    and with how much memory: a method with rounds reads tensors for them too, and the report
-    counts those reads with the batches' (:class:`BatchResult`)."""
+@dataclass(kw_only=True)
+class ReductionResult(TaskFigures):
+    """A reduction task's partials (tensor, chunk's first row, partial): a method with rounds
+    reads tensors for them too, and the report counts those reads with the batches'."""
 
     partials: list[tuple[int, int, Partials]]
-    bytes_read: int
-    seconds: float
-    node: str
-    pid: int
-    peak_anon_rss: int
-    start_anon_rss: int
-    bytes_fetched: int = 0
 
 
 def _check_finite(rows: torch.Tensor, raw: torch.Tensor, info: TensorInfo, r0: int, r1: int,
@@ -226,8 +225,9 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
             fetched += fetched_now
             partials.append((unit.tensor, unit.row_start, unit_partials(job, unit, raw, round_, previous.get(unit.tensor))))
             del raw
-    return ReductionResult(partials, sum(u.read_bytes for u in units), time.perf_counter() - started,
-                           socket.gethostname(), os.getpid(), memory.peak, memory.start, fetched)
+    return ReductionResult(partials=partials, bytes_read=sum(u.read_bytes for u in units),
+                           seconds=time.perf_counter() - started, peak_anon_rss=memory.peak,
+                           start_anon_rss=memory.start, bytes_fetched=fetched)
 
 
 def unit_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_: int,
