@@ -57,7 +57,7 @@ def sample_table(key0: int, key1: int, draws: int, numel: int) -> np.ndarray:
     drawn once per tensor in a process (each of its chunks, in each round, used to draw all of
     them again) and kept for the few tensors in flight, 8 MB per million draws. Sorted, a chunk's
     picks are a slice, and the rounds read the rows in order: in draw order every pick missed the
-    cache (the counts took 7x as long at 11.5M elements)."""
+    cache (the counts took 7-10x as long at 11.5M elements, `benchmarks.arcee_sample_order`)."""
     positions = np.empty(draws, dtype=np.int64)
     _draw_positions(np.uint64(key0), np.uint64(key1), draws, numel, positions)
     positions.sort()
