@@ -20,6 +20,7 @@ import torch
 from distmerge.methods.kernels import dots, fusion_loops, linear_loop, ram_loops, ranks
 from distmerge.methods.kernels import task_vector_loop as tv
 from distmerge.methods.kernels.rounding import value_arrays
+from distmerge.methods.philox import fill_keep, fill_raw, philox_scratch
 from distmerge.methods.random_stream import stream_key
 
 N = 1 << 22
@@ -55,10 +56,16 @@ def main() -> None:
             total_weight=one, lam=one)
 
     out = np.empty(N, dtype=np.float32)
+    flags = np.empty(N, dtype=np.bool_)
+    draws = np.empty(N, dtype=np.uint64)
+    state = philox_scratch()
+    key = stream_key(0, "kernel_costs", 1)
     rows = (N // COLS, COLS)
     table = np.linspace(0.3, 0.7, COLS).astype(np.float32)
     cases: list[tuple[str, Callable[[], object], int]] = [
         ("linear: weighted sum of 3 rows (baseline)", lambda: linear_loop.weighted_sum([b, x0, x1], np.array([0.3, 0.3, 0.4], np.float32), None), N),
+        ("DARE keep flags (Philox4x32-10)", lambda: fill_keep(key[0], key[1], 3, np.uint64(1 << 31), flags, state), N),
+        ("64-bit draws (Philox4x64-10: DELLA, arcee_fusion's sample)", lambda: fill_raw(key[0], key[1], 3, draws, state), N),
         ("float64 dot (bf16 bits)", lambda: dots.float64_dot(base, experts[0]), N),
         ("TIES merge, 2 experts (per output)", task_vectors(True), N),
         ("thresholded task-vector sum, 2 experts (per output)", task_vectors(False), N),

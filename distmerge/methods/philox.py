@@ -1,19 +1,30 @@
-"""Philox4x64-10 in SIMD batches: the per-element random stream of DARE and DELLA at vector speed.
+"""Philox in SIMD batches: the per-element random streams of DARE and DELLA at vector speed.
 
-Why: DARE keeps each delta element iff its 64-bit draw is below a threshold, and with the L1
-rescale it draws every element twice (the L1 round, then the merge). One Philox block after
-another is a chain of ten dependent 64x64->128-bit multiplies, latency-bound at ~11 cycles
-per draw, which made the draws cost more than the rest of a DARE merge together. Here
-``LANES`` consecutive counters go through the ten rounds side by side, and each 64-bit high
-product is written as four 32x32->64-bit ones, which the compiler turns into AVX-512/AVX2
-``vpmuludq`` (there is no vector 64x64->128-bit multiply): about three times the throughput.
+Two counter-based generators, each keyed by the stream's 128-bit key
+(:func:`distmerge.methods.random_stream.stream_key`) and indexed by element position:
 
-Why it is exact: it is the same function. Element ``i`` of a stream is output ``i % 4`` of the
-Philox4x64-10 block at counter ``(i // 4 + 1, 0, 0, 0)`` under the stream's key, as numpy's
-``Philox(key=...).random_raw`` gives them (:mod:`distmerge.methods.random_stream`); the split
-multiply is exact integer arithmetic (every partial sum below fits in 64 bits). A batch that
-runs past the end of the range computes counters nobody reads; the counter wraps mod 2**64
-like numpy's, so the draws of a range never depend on where a block or a shard starts.
+- **Philox4x64-10** (:func:`fill_raw`): 64-bit outputs, as numpy's ``Philox(key=...)``
+  gives them. Element ``i`` is output ``i % 4`` of the block at counter ``(i // 4 + 1, 0, 0,
+  0)``. DELLA's uniform draws (top 53 bits) and arcee_fusion's sample come from it.
+- **Philox4x32-10** (:func:`fill_keep`): DARE's keep flags. A flag needs one comparison with
+  ``floor(density * 2**32)``, not 64 bits, and a 32x32->64-bit multiply is one vector
+  instruction (``vpmuludq``) where a 64-bit high product takes four and the low one three:
+  0.8 against 1.9 ns per flag on one Zen 5 core (``benchmarks/kernel_costs.py``), and DARE
+  draws every element of every expert twice (the L1 round, then the merge). Element ``i`` is
+  output ``i % 4`` of the Random123 Philox4x32-10 block whose counter words are ``(low, high
+  32 bits of i // 4, low, high 32 bits of key1)`` under the key ``(low, high 32 bits of
+  key0)``: the counter's upper half carries the rest of the 128-bit stream key.
+
+Why it is fast: one block after another is a chain of ten dependent multiplies,
+latency-bound. Here ``LANES`` consecutive counters go through the ten rounds side by side, which
+the compiler turns into AVX-512/AVX2 ``vpmuludq`` (a 64-bit high product is written as four
+32x32->64-bit ones: there is no vector 64x64->128-bit multiply).
+
+Why it is exact: it is the same function. The split multiply is exact integer arithmetic
+(every partial sum below fits in 64 bits); the tests compare the 64-bit stream with numpy's and
+the 32-bit one with a plain-Python Philox4x32-10 checked against Random123's known answers. A
+batch that runs past the end of the range computes counters nobody reads; counters wrap mod
+2**64, so the draws of a range never depend on where a block or a shard starts.
 
 Callers pass scratch from :func:`philox_scratch` so that a loop drawing one cache-sized block
 at a time allocates nothing per block. This module imports nothing from the package, so both
@@ -35,6 +46,8 @@ _M0, _M1 = np.uint64(0xD2E7470EE14C6C93), np.uint64(0xCA5A826395121157)  # Philo
 _M0_LO, _M0_HI = np.uint64(0xE14C6C93), np.uint64(0xD2E7470E)
 _M1_LO, _M1_HI = np.uint64(0x95121157), np.uint64(0xCA5A8263)
 _W0, _W1 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBB67AE8584CAA73B)  # Weyl key increments
+_M0_32, _M1_32 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)  # Philox4x32 multipliers
+_W0_32, _W1_32 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)  # its Weyl key increments
 _LOW32 = np.uint64(0xFFFFFFFF)
 _32 = np.uint64(32)
 
@@ -45,13 +58,13 @@ _inline = inline
 @dataclass(frozen=True)
 class KeepStream:
     """A keep-mask drawn where it is used: element ``i`` of a block that starts at stream position
-    ``start`` is kept iff output ``start + i`` of the stream keyed ``(key0, key1)`` is below
-    ``threshold`` (DARE: ``floor(density * 2**64)``)."""
+    ``start`` is kept iff output ``start + i`` of the Philox4x32-10 stream keyed ``(key0, key1)``
+    is below ``threshold``."""
 
     key0: int
     key1: int
     start: int
-    threshold: int
+    threshold: int  # floor(density * 2**32): a Philox4x32 output below it keeps its element
 
     def packed(self) -> np.ndarray:
         """``[key0, key1, start, threshold]`` as uint64, the form the kernels take."""
@@ -59,7 +72,8 @@ class KeepStream:
 
 
 def philox_scratch() -> np.ndarray:
-    """Scratch for :func:`fill_raw` / :func:`fill_keep`: one batch's state, ``(4, LANES)`` uint64."""
+    """Scratch for :func:`fill_raw` / :func:`fill_keep`: one batch's state, ``(4, LANES)`` uint64
+    (:func:`fill_keep` uses it as uint32)."""
     return np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
 
 
@@ -101,31 +115,74 @@ def _batch(key0, key1, group, state):  # noqa: ANN001, ANN202
         k1 = k1 + _W1
 
 
+@_jit
+def _batch32(key0, key1, group, state):  # noqa: ANN001, ANN202
+    """Philox4x32-10 blocks ``group .. group + LANES - 1`` of the keep stream: ``state[j, l]``
+    (uint32) is output ``j`` of block ``n = group + l``, i.e. stream element ``4 * n + j``. Its
+    counter words are ``(low, high 32 bits of n, low, high 32 bits of key1)``, its key ``(low, high
+    32 bits of key0)``."""
+    x0 = state[0]
+    x1 = state[1]
+    x2 = state[2]
+    x3 = state[3]
+    c2 = np.uint32(key1 & _LOW32)
+    c3 = np.uint32(key1 >> _32)
+    for lane in range(LANES):
+        n = group + np.uint64(lane)
+        x0[lane] = np.uint32(n & _LOW32)
+        x1[lane] = np.uint32(n >> _32)
+        x2[lane] = c2
+        x3[lane] = c3
+    k0 = key0 & _LOW32
+    k1 = key0 >> _32
+    for _ in range(10):
+        for lane in range(LANES):  # independent lanes: the vectorized loop
+            p0 = _M0_32 * np.uint64(x0[lane])
+            p1 = _M1_32 * np.uint64(x2[lane])
+            y0 = (p1 >> _32) ^ np.uint64(x1[lane]) ^ k0
+            y2 = (p0 >> _32) ^ np.uint64(x3[lane]) ^ k1
+            x1[lane] = np.uint32(p1 & _LOW32)
+            x3[lane] = np.uint32(p0 & _LOW32)
+            x0[lane] = np.uint32(y0)
+            x2[lane] = np.uint32(y2)
+        k0 = (k0 + _W0_32) & _LOW32
+        k1 = (k1 + _W1_32) & _LOW32
+
+
 @_inline
 def _fill(key0, key1, start, threshold, compare, raw, keep, state):  # noqa: ANN001, ANN202
-    """Stream outputs ``start ..`` into ``raw``, or ``output < threshold`` into ``keep``."""
+    """Philox4x64 outputs ``start ..`` into ``raw``, or Philox4x32 output ``< threshold`` into
+    ``keep``."""
     count = keep.size if compare else raw.size
     per_batch = OUTPUTS_PER_COUNTER * LANES
+    narrow = state.view(np.uint32)  # the keep stream's 32-bit state, in the same scratch
     i = 0
     position = np.uint64(start)  # int64 or uint64 in: numba would mix the two into float64
     group = position >> np.uint64(2)
     skip = np.int64(position & np.uint64(OUTPUTS_PER_COUNTER - 1))
     while i < count:
-        _batch(key0, key1, group, state)
+        if compare:
+            _batch32(key0, key1, group, narrow)
+        else:
+            _batch(key0, key1, group, state)
         n = min(per_batch - skip, count - i)
         if skip == 0 and n == per_batch:  # a whole batch: element 4 * lane + j is state[j, lane]
-            x0 = state[0]
-            x1 = state[1]
-            x2 = state[2]
-            x3 = state[3]
             if compare:
+                y0 = narrow[0]
+                y1 = narrow[1]
+                y2 = narrow[2]
+                y3 = narrow[3]
                 out = keep[i:i + per_batch]
                 for lane in range(LANES):
-                    out[4 * lane] = x0[lane] < threshold
-                    out[4 * lane + 1] = x1[lane] < threshold
-                    out[4 * lane + 2] = x2[lane] < threshold
-                    out[4 * lane + 3] = x3[lane] < threshold
+                    out[4 * lane] = y0[lane] < threshold
+                    out[4 * lane + 1] = y1[lane] < threshold
+                    out[4 * lane + 2] = y2[lane] < threshold
+                    out[4 * lane + 3] = y3[lane] < threshold
             else:
+                x0 = state[0]
+                x1 = state[1]
+                x2 = state[2]
+                x3 = state[3]
                 dst = raw[i:i + per_batch]
                 for lane in range(LANES):
                     dst[4 * lane] = x0[lane]
@@ -134,11 +191,10 @@ def _fill(key0, key1, start, threshold, compare, raw, keep, state):  # noqa: ANN
                     dst[4 * lane + 3] = x3[lane]
         else:
             for e in range(skip, skip + n):
-                v = state[e % OUTPUTS_PER_COUNTER, e // OUTPUTS_PER_COUNTER]
                 if compare:
-                    keep[i + e - skip] = v < threshold
+                    keep[i + e - skip] = narrow[e % OUTPUTS_PER_COUNTER, e // OUTPUTS_PER_COUNTER] < threshold
                 else:
-                    raw[i + e - skip] = v
+                    raw[i + e - skip] = state[e % OUTPUTS_PER_COUNTER, e // OUTPUTS_PER_COUNTER]
         i += n
         skip = 0
         group = group + np.uint64(LANES)
@@ -146,11 +202,11 @@ def _fill(key0, key1, start, threshold, compare, raw, keep, state):  # noqa: ANN
 
 @_jit
 def fill_raw(key0, key1, start, raw, state):  # noqa: ANN001, ANN202
-    """``raw[i]`` = stream output ``start + i`` (uint64)."""
+    """``raw[i]`` = Philox4x64 stream output ``start + i`` (uint64)."""
     _fill(key0, key1, start, np.uint64(0), False, raw, np.zeros(0, dtype=np.bool_), state)
 
 
 @_jit
 def fill_keep(key0, key1, start, threshold, keep, state):  # noqa: ANN001, ANN202
-    """``keep[i]`` = stream output ``start + i`` < ``threshold`` (no uint64 buffer)."""
+    """``keep[i]`` = Philox4x32 stream output ``start + i`` < ``threshold`` (no output buffer)."""
     _fill(key0, key1, start, threshold, True, state[0, :0], keep, state)  # no raw output: an empty view

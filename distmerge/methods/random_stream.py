@@ -2,16 +2,21 @@
 
 DARE and DELLA keep each delta element with some probability. For the merge to be identical
 whatever the shard size, worker count, scheduling order or retry, element ``i`` of a tensor
-must always get the same draw: Philox4x64-10 is a counter-based generator, so the draw
-of element ``i`` is the ``i``-th 64-bit output of the stream whose 128-bit key is derived from
-(seed, tensor name, model index), and a shard starting at element ``s`` jumps straight to
-counter ``s // 4`` (each counter value yields four 64-bit outputs) and skips ``s % 4``.
+must always get the same draw, so the draws come from counter-based generators whose 128-bit
+key is derived from (seed, tensor name, model index) and whose counter is the position: a
+shard starting at element ``s`` jumps straight to counter ``s // 4`` (each counter value yields
+four outputs) and skips ``s % 4``.
 
-The stream is exactly ``numpy.random.Philox(key=...)``'s (the tests compare them at many
-offsets); it is computed by a numba kernel because numpy's is several times slower and needs an
-8-byte buffer per element, where a DARE mask needs one comparison and one byte. The kernel
-(:mod:`distmerge.methods.philox`) runs many counters side by side in SIMD lanes;
-:func:`_philox_block` here is the one-block formulation, kept as its reference.
+- DELLA's uniforms (and arcee_fusion's sample) are the 64-bit outputs of Philox4x64-10,
+  exactly ``numpy.random.Philox(key=...)``'s (the tests compare them at many offsets).
+- DARE's keep flags compare the 32-bit outputs of Philox4x32-10 with ``floor(p * 2**32)``:
+  a flag needs no more bits, and that generator is about twice as fast
+  (:mod:`distmerge.methods.philox`, where the counter layout is given).
+
+The kernels (:mod:`distmerge.methods.philox`) run many counters side by side in SIMD lanes,
+because numpy's generator is several times slower and needs an 8-byte buffer per element,
+where a DARE mask needs one comparison and one byte; :func:`_philox_block` here is the
+one-block formulation of Philox4x64, kept as its reference.
 """
 
 from __future__ import annotations
@@ -105,22 +110,23 @@ def uniforms(seed: int, tensor: str, model: int, start: int, count: int) -> np.n
 
 
 def keep_threshold(p: float) -> int:
-    """``floor(p * 2**64)`` (for ``p < 1``): a draw below it keeps its element."""
-    return min(int(p * 2.0**64), 2**64 - 1)
+    """``floor(p * 2**32)``, ``2**32`` for ``p >= 1``: a 32-bit draw below it keeps its element."""
+    return min(int(p * 2.0**32), 2**32)
 
 
 def keep_stream(seed: int, tensor: str, model: int, start: int, count: int, p: float) -> KeepStream:
-    """:func:`bernoulli_mask`'s rule for elements ``start .. start + count`` (``p < 1``), for a
+    """:func:`bernoulli_mask`'s rule for elements ``start .. start + count``, for a
     kernel that draws the mask block by block where it uses it."""
     key = _positioned_key(seed, tensor, model, start, count)
     return KeepStream(int(key[0]), int(key[1]), start, keep_threshold(p))
 
 
 def bernoulli_mask(seed: int, tensor: str, model: int, start: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
-    """Keep-mask with probability ``p`` per element: ``raw < floor(p * 2**64)``.
+    """Keep-mask with probability ``p`` per element: Philox4x32 output ``< floor(p * 2**32)``.
 
     An integer comparison on the raw output is exact and cheaper than making floats; the
-    keep probability is ``floor(p * 2**64) / 2**64``, within 2**-64 of ``p``.
+    keep probability is ``floor(p * 2**32) / 2**32``, within 2**-32 of ``p`` (exactly 1 for
+    ``p >= 1``).
     """
     count = 1
     for d in shape:

@@ -25,7 +25,6 @@ and did not for any tensor of these models (a deterministic fact of this data, n
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 from distmerge.config import parse_config
 from distmerge.engine.run import run_merge
 from tests.helpers import load_state
+from tests.methods.keep_stream_reference import dare_keep
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -63,11 +63,9 @@ def _round(values: np.ndarray | float, dtype: torch.dtype) -> np.ndarray:
 
 
 def _dare_keep(seed: int, tensor: str, model: int, numel: int, density: float) -> np.ndarray:
-    """DARE's keep mask: element j's draw is output j of numpy's Philox keyed by
-    blake2b(seed, tensor, model); kept iff the draw is below floor(density * 2^64)."""
-    key = hashlib.blake2b(f"distmerge\x00{seed}\x00{tensor}\x00{model}".encode(), digest_size=16).digest()
-    draws = np.random.Philox(key=np.frombuffer(key, dtype="<u8").copy()).random_raw(numel)
-    return draws < np.uint64(min(int(density * 2.0**64), 2**64 - 1))
+    """DARE's keep mask: element j's draw is output j of the Philox4x32-10 stream keyed by
+    blake2b(seed, tensor, model); kept iff the draw is below floor(density * 2^32)."""
+    return dare_keep(seed, tensor, model, 0, numel, density)
 
 
 def _ties_keep(delta: np.ndarray, density: float) -> np.ndarray:

@@ -17,6 +17,7 @@ from distmerge.methods.base import ShardContext, TensorParams, chunk_read
 from distmerge.methods.random_stream import raw_draws
 from distmerge.methods.selection import DeltaKeys, dense_low, locate, magnitude_keys
 from distmerge.methods.sparsification.rounds import Bound
+from tests.methods.keep_stream_reference import dare_keep
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 SHAPES = [(37, 19), (5,), (1, 7), (3, 5, 4)]
@@ -179,8 +180,7 @@ def ref_stream(seed, model, n):
 
 
 def ref_dare_mask(delta, density, seed, model):
-    raw = ref_stream(seed, model, delta.numel())
-    return torch.from_numpy(raw < np.uint64(int(density * 2.0**64))).reshape(delta.shape)
+    return torch.from_numpy(dare_keep(seed, NAME, model, 0, delta.numel(), density)).reshape(delta.shape)
 
 
 def ref_della_probs(delta, density, eps):

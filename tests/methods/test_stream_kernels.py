@@ -1,8 +1,9 @@
 """DARE's fused kernels against independent references: the SIMD Philox stream, the L1 sums.
 
-:mod:`distmerge.methods.philox` runs many counters side by side; it must give numpy's
-``Philox(key=...).random_raw`` output for every position, and the same keep flags whatever
-block a position falls in. :mod:`distmerge.methods.kernels.l1_norms` sums ``CHAINS`` blocks side
+:mod:`distmerge.methods.philox` runs many counters side by side. Its 64-bit stream must give
+numpy's ``Philox(key=...).random_raw`` output for every position; its keep flags must be those
+of Philox4x32-10 written from its definition (:mod:`tests.methods.keep_stream_reference`,
+checked against Random123's published known answers), whatever block a position falls in. :mod:`distmerge.methods.kernels.l1_norms` sums ``CHAINS`` blocks side
 by side; its sums must be those of the definition (each 1024-element block left to right from
 +0.0, blocks in order), here computed with ``np.cumsum`` (a sequential float64 accumulation).
 The merge that draws its mask block by block is checked against the torch formulation in
@@ -17,14 +18,16 @@ import torch
 
 from distmerge.methods import get_method, kernels
 from distmerge.methods.kernels.l1_norms import L1_BLOCK, abs_sums
-from distmerge.methods.philox import LANES, fill_keep, fill_raw, philox_scratch
+from distmerge.methods.philox import LANES, _batch32, fill_keep, fill_raw, philox_scratch
 from distmerge.methods.random_stream import (
     _draws,
     _philox_block,
     bernoulli_mask,
     keep_stream,
+    keep_threshold,
     stream_key,
 )
+from tests.methods.keep_stream_reference import KNOWN_ANSWERS, WORD, keep_outputs, philox4x32_block
 from tests.methods.test_kernels import same_bits
 from tests.methods.test_methods_catalogue import ctx, params_for, reductions
 
@@ -37,6 +40,35 @@ def numpy_stream(start: int, count: int) -> np.ndarray:
     return np.random.Philox(key=KEY, counter=counter).random_raw(start % 4 + count)[start % 4:]
 
 
+def keep_stream_outputs(key: np.ndarray, start: int, count: int) -> np.ndarray:
+    """The keep stream's 32-bit outputs ``start ..`` of the stream keyed ``key``."""
+    return keep_outputs(int(key[0]), int(key[1]), start, count)
+
+
+@pytest.mark.parametrize(("counter", "key", "want"), KNOWN_ANSWERS)
+def test_philox4x32_gives_random123_known_answers(counter, key, want):
+    """The reference, and the SIMD batch (counter words 0-1 are the block, 2-3 the stream key's
+    second word), give the published outputs."""
+    assert philox4x32_block(counter, key) == want
+    state = philox_scratch()
+    narrow = state.view(np.uint32)
+    _batch32(np.uint64(key[0] | key[1] << 32), np.uint64(counter[2] | counter[3] << 32),
+             np.uint64(counter[0] | counter[1] << 32), narrow)
+    assert tuple(int(narrow[j, 0]) for j in range(4)) == want
+
+
+@pytest.mark.parametrize("start", [0, 3, 2**32 * 4 - 5, 2**62 - 7])
+def test_the_vectorized_reference_is_the_block_definition(start):
+    """The tests' numpy formulation gives, element by element, the Python block's outputs (across
+    a carry into the counter's high word too)."""
+    k0, k1 = int(KEY[0]), int(KEY[1])
+    got = keep_outputs(k0, k1, start, 37)
+    for i in range(start, start + 37):
+        n = i // 4
+        block = philox4x32_block((n & WORD, n >> 32, k1 & WORD, k1 >> 32), (k0 & WORD, k0 >> 32))
+        assert int(got[i - start]) == block[i % 4], i
+
+
 @pytest.mark.parametrize("start", [0, 1, 2, 3, 5, BATCH - 1, BATCH, BATCH + 3, 10**6 + 1, 2**40 + 3, 2**62 - 7])
 @pytest.mark.parametrize("count", [0, 1, 4, 7, BATCH - 1, BATCH, BATCH + 1, 3 * BATCH + 5])
 def test_philox_batches_equal_numpy(start, count):
@@ -44,11 +76,19 @@ def test_philox_batches_equal_numpy(start, count):
     raw = np.empty(count, dtype=np.uint64)
     fill_raw(KEY[0], KEY[1], start, raw, philox_scratch())
     assert np.array_equal(raw, want)
-    for p in (1e-9, 0.3, 0.5, 0.999999):
-        threshold = np.uint64(int(p * 2.0**64))
+
+
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 5, BATCH - 1, BATCH, BATCH + 3, 10**6 + 1, 2**40 + 3, 2**62 - 7])
+@pytest.mark.parametrize("count", [0, 1, 4, 7, BATCH - 1, BATCH, BATCH + 1, 3 * BATCH + 5])
+def test_keep_flags_equal_the_philox4x32_reference(start, count):
+    outputs = keep_stream_outputs(KEY, start, count)
+    for p in (1e-9, 0.3, 0.5, 0.999999, 1.0):
+        threshold = np.uint64(keep_threshold(p))
         keep = np.empty(count, dtype=np.bool_)
         fill_keep(KEY[0], KEY[1], np.uint64(start), threshold, keep, philox_scratch())  # uint64 start, as kernels pass it
-        assert np.array_equal(keep, want < threshold)
+        assert np.array_equal(keep, outputs < threshold)
+        if p == 1.0:
+            assert keep.all()
 
 
 def test_philox_batch_equals_one_block_formulation():
@@ -65,13 +105,13 @@ def test_draws_keep_their_signature_and_outputs():
     _draws(KEY[0], KEY[1], 77, np.uint64(0), False, raw, np.zeros(0, dtype=np.bool_))
     assert np.array_equal(raw, numpy_stream(77, 1000))
     keep = np.empty(1000, dtype=np.bool_)
-    _draws(KEY[0], KEY[1], 77, np.uint64(2**63), True, np.zeros(0, dtype=np.uint64), keep)
-    assert np.array_equal(keep, raw < np.uint64(2**63))
+    _draws(KEY[0], KEY[1], 77, np.uint64(2**31), True, np.zeros(0, dtype=np.uint64), keep)
+    assert np.array_equal(keep, keep_stream_outputs(KEY, 77, 1000) < np.uint64(2**31))
 
 
 def test_keep_flags_do_not_depend_on_the_block_cut():
     """Element i gets the same flag whichever block (and SIMD batch) it is drawn in."""
-    threshold = np.uint64(int(0.37 * 2.0**64))
+    threshold = np.uint64(keep_threshold(0.37))
     whole = np.empty(5000, dtype=np.bool_)
     fill_keep(KEY[0], KEY[1], 123, threshold, whole, philox_scratch())
     for cut in (1, 3, 255, 256, 257, 2048, 2049):
@@ -85,9 +125,12 @@ def test_keep_flags_do_not_depend_on_the_block_cut():
 def test_bernoulli_mask_is_the_stream_threshold_rule():
     shape = (37, 41)
     mask = bernoulli_mask(11, "model.layers.2.self_attn.q_proj.weight", 1, 999, shape, 0.42)
-    assert torch.equal(mask.reshape(-1), torch.from_numpy(numpy_stream(999, 37 * 41) < np.uint64(int(0.42 * 2.0**64))))
+    want = keep_stream_outputs(KEY, 999, 37 * 41) < np.uint64(int(0.42 * 2.0**32))
+    assert torch.equal(mask.reshape(-1), torch.from_numpy(want))
     st = keep_stream(11, "model.layers.2.self_attn.q_proj.weight", 1, 999, 37 * 41, 0.42)
-    assert (st.key0, st.key1, st.start, st.threshold) == (int(KEY[0]), int(KEY[1]), 999, int(0.42 * 2.0**64))
+    assert (st.key0, st.key1, st.start, st.threshold) == (int(KEY[0]), int(KEY[1]), 999, int(0.42 * 2.0**32))
+    assert bernoulli_mask(11, "t", 1, 0, (5, 7), 1.0).all()
+    assert keep_threshold(1.0) == keep_threshold(1.5) == 2**32 and keep_threshold(0.0) == 0
 
 
 # ---- the L1 sums -------------------------------------------------------------------------------
@@ -172,3 +215,24 @@ def test_dare_one_dimensional_tensor():
     m = get_method("dare_linear")
     c = ctx((5000,), 0, 5000, 2, 1)
     assert same_bits(m.merge(base, [x], params, c, reduced), m.merge_reference(base, [x], params, c, reduced))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.9])
+def test_keep_flags_are_independent_bernoulli_draws(p):
+    """Over 2^20 elements: the kept share is p; neighbours (in one block and across blocks), two
+    models' streams and two seeds' streams are kept together p^2 of the time (each within 6
+    standard errors)."""
+    n = 1 << 20
+    flags = {}
+    for seed, model in ((0, 0), (0, 1), (1, 0)):
+        flags[seed, model] = bernoulli_mask(seed, "model.layers.0.mlp.up_proj.weight", model, 0, (n,), p).numpy()
+    a = flags[0, 0]
+
+    def check(share: float, want: float, count: int) -> None:
+        assert abs(share - want) < 6 * np.sqrt(want * (1 - want) / count), (share, want)
+
+    check(a.mean(), p, n)
+    for lag in (1, 4, 256):  # the next output of a block, the next block, the next SIMD batch
+        check((a[:-lag] & a[lag:]).mean(), p * p, n - lag)
+    check((a & flags[0, 1]).mean(), p * p, n)
+    check((a & flags[1, 0]).mean(), p * p, n)
