@@ -130,9 +130,14 @@ class MergePlan:
         task's canonical chunk, whose size follows from the tensor's shape and not from the shard
         size (at a small shard size it is the larger)."""
         held = self.read_once_tensors
-        merging = max((u.working_bytes + (held_bytes(self.tensors[u.tensor]) if u.tensor in held else 0)
+        merging = max((u.working_bytes + (self._held_bytes(u.tensor) if u.tensor in held else 0)
                        for u in self.units), default=0)
         return max([merging, *(c.working_bytes for c in self.reduction_units(0) if c.tensor not in held)])
+
+    def _held_bytes(self, index: int) -> int:
+        """A read-once tensor's rows of every source, and what its rounds keep for its merge."""
+        t = self.tensors[index]
+        return held_bytes(t) + (self.method.held_scratch_bytes(t.params, t.shape) if t.params is not None else 0)
 
     @property
     def reduction_rounds(self) -> int:

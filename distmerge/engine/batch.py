@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -81,11 +82,14 @@ class HeldRows:
     and held until the tensor's last block: its rounds run on them and its blocks are views of
     them. :meth:`read` runs on the batch's reader thread, one step ahead of the merging thread
     (a chunk's read overlaps the previous chunk's first-round partials); the dict is only grown
-    there and shrunk on the merging thread."""
+    there and shrunk on the merging thread. Each held tensor also has a scratch dict
+    (``ShardContext.held``) where its rounds leave per-element results for its merge; it goes
+    with the rows."""
 
     def __init__(self, job: MergeJob, tensors: frozenset[int]) -> None:
         self.job, self.tensors = job, tensors
         self._chunks: dict[int, list[tuple[WorkUnit, list[torch.Tensor]]]] = {}
+        self._scratch: dict[int, dict[Any, Any]] = {}
 
     def read(self, step: Step) -> tuple[list[torch.Tensor], int]:
         """A step's raw rows of every source, and the bytes fetched from remote storage for them."""
@@ -102,8 +106,13 @@ class HeldRows:
     def held(self, tensor: int) -> list[list[torch.Tensor]]:
         return [raw for _, raw in self._chunks[tensor]]
 
+    def scratch(self, tensor: int) -> dict[Any, Any] | None:
+        """A held tensor's scratch (None for a tensor read per block)."""
+        return self._scratch.setdefault(tensor, {}) if tensor in self.tensors else None
+
     def release(self, tensor: int) -> None:
         self._chunks.pop(tensor, None)
+        self._scratch.pop(tensor, None)
 
 
 def rows_of(raw: list[torch.Tensor], row_start: int, row_end: int) -> list[torch.Tensor]:
@@ -111,9 +120,11 @@ def rows_of(raw: list[torch.Tensor], row_start: int, row_end: int) -> list[torch
     return [r[row_start:row_end] if r.dim() else r for r in raw]
 
 
-def reduce_held(job: MergeJob, tensor: int, held: list[list[torch.Tensor]], first: list[Partials] | None = None) -> Reductions:
+def reduce_held(job: MergeJob, tensor: int, held: list[list[torch.Tensor]], first: list[Partials] | None = None,
+                scratch: dict[Any, Any] | None = None) -> Reductions:
     """A tensor's reduction rounds on its rows held in memory (``held[k]``: the raw rows of its
-    canonical chunk ``k``; ``first``: round 0's partials, when computed already), as the schedule
+    canonical chunk ``k``; ``first``: round 0's partials, when computed already; ``scratch``: its
+    ``ShardContext.held``), as the schedule
     runs them: the same chunks, the same partials reduced in chunk order, the same rounds skipped,
     so the reductions (and the merged bytes) are the ones separate reduction tasks give."""
     t = job.tensors[tensor]
@@ -124,7 +135,7 @@ def reduce_held(job: MergeJob, tensor: int, held: list[list[torch.Tensor]], firs
     round_, reading = 0, chunks
     while True:
         parts = first if round_ == 0 and first is not None else [
-            unit_partials(job, c, rows[c.row_start], round_, reduced) for c in reading]
+            unit_partials(job, c, rows[c.row_start], round_, reduced, scratch) for c in reading]
         reduced = method.reduce(parts, t.params, t.shape, round_, reduced)
         following = next_round(t, chunks, round_, reduced)
         if following is None:
@@ -165,13 +176,16 @@ def run_batch(job: MergeJob, units: list[WorkUnit], reduced: dict[int, Reduction
             upcoming = reader.submit(held.read, work[k + 1]) if k + 1 < len(work) else None
             block = step.rows
             if step.kind == "chunk":
-                first.setdefault(block.tensor, []).append(unit_partials(job, block, raw, 0, None))
+                scratch = held.scratch(block.tensor)
+                first.setdefault(block.tensor, []).append(unit_partials(job, block, raw, 0, None, scratch))
                 if block.row_end == job.tensors[block.tensor].rows:  # its last chunk: the rest of its rounds
-                    reduced[block.tensor] = reduce_held(job, block.tensor, held.held(block.tensor), first.pop(block.tensor))
+                    reduced[block.tensor] = reduce_held(job, block.tensor, held.held(block.tensor),
+                                                        first.pop(block.tensor), scratch)
                 continue
             i = step.unit
             t = job.tensors[block.tensor]
-            out = merge_block(job, block, raw, reduced.get(block.tensor), warnings, not scan_output_only)
+            out = merge_block(job, block, raw, reduced.get(block.tensor), warnings, not scan_output_only,
+                              held.scratch(block.tensor))
             if last_step[block.tensor] == k:
                 held.release(block.tensor)
             bad = count_nonfinite(out)  # what the output holds: the inputs were finite, a cast can overflow

@@ -166,9 +166,11 @@ def check_inputs(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], rows: l
 
 
 def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced: Reductions | None,
-                warnings: list[str] | None = None, scan_inputs: bool = True) -> torch.Tensor:
+                warnings: list[str] | None = None, scan_inputs: bool = True,
+                held: dict[Any, Any] | None = None) -> torch.Tensor:
     """Merged rows of a unit from its raw rows, after the job's row steps, in the output dtype.
-    ``scan_inputs=False``: the caller checks the inputs itself (:func:`output_scan_suffices`)."""
+    ``scan_inputs=False``: the caller checks the inputs itself (:func:`output_scan_suffices`).
+    ``held``: the tensor's scratch while its rows are held (``ShardContext.held``)."""
     t = job.tensors[unit.tensor]
     out_dtype = SAFETENSORS_TO_TORCH[t.out_dtype]
     if t.params is None:
@@ -178,7 +180,7 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced:
     if scan_inputs and not (job.check_finite and t.reduction_rounds):
         check_inputs(job, unit, raw, rows, warnings)
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
-    ctx = shard_context(job, unit, rows)
+    ctx = shard_context(job, unit, rows, held)
     merged = get_method(job.method).merge(base, experts, t.params, ctx, reduced)
     if job.row_steps and base is not None:
         base = in_compute(base, ctx)
@@ -231,7 +233,7 @@ def run_reduction_round(job: MergeJob, units: list[WorkUnit], round_: int,
 
 
 def unit_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_: int,
-                  previous: Reductions | None) -> Partials:
+                  previous: Reductions | None, held: dict[Any, Any] | None = None) -> Partials:
     """Round ``round_``'s partials of one canonical chunk from its raw rows; in round 0 a NaN or
     Inf in them fails the merge (unless allowed) before any output is written (see merge_block).
     Not for a method whose output shows every input NaN/Inf (:func:`output_scan_suffices`): its
@@ -242,7 +244,7 @@ def unit_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_
     if job.check_finite and round_ == 0 and not output_scan_suffices(job):
         for info, r, stored in zip(t.sources, rows, raw, strict=True):
             _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
-    return chunk_partials(job, unit, rows, round_, previous)
+    return chunk_partials(job, unit, rows, round_, previous, held)
 
 
 def compute_rows(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -262,20 +264,21 @@ def _compute_dtype(job: MergeJob, unit: WorkUnit) -> torch.dtype:
     return SAFETENSORS_TO_TORCH[t.compute_dtype or job.compute_dtype]
 
 
-def shard_context(job: MergeJob, unit: WorkUnit, rows: list[torch.Tensor]) -> ShardContext:
-    """The method's view of a unit: which tensor and rows, and the compute dtype where the rows
-    (from :func:`compute_rows`) are not in it."""
+def shard_context(job: MergeJob, unit: WorkUnit, rows: list[torch.Tensor],
+                  held: dict[Any, Any] | None = None) -> ShardContext:
+    """The method's view of a unit: which tensor and rows, the compute dtype where the rows
+    (from :func:`compute_rows`) are not in it, and the tensor's scratch while its rows are held."""
     t = job.tensors[unit.tensor]
     compute = _compute_dtype(job, unit)
     stored = any(r.dtype != compute for r in rows)
     return ShardContext(t.name, t.shape, unit.row_start, unit.row_end, job.seed,
-                        tuple(range(len(rows) - (t.base is not None))), compute if stored else None)
+                        tuple(range(len(rows) - (t.base is not None))), compute if stored else None, held)
 
 
 def chunk_partials(job: MergeJob, unit: WorkUnit, rows: list[torch.Tensor], round_: int,
-                   previous: Reductions | None) -> Partials:
+                   previous: Reductions | None, held: dict[Any, Any] | None = None) -> Partials:
     """Round ``round_``'s partials of one canonical chunk from its rows (:func:`compute_rows`)."""
     t = job.tensors[unit.tensor]
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
-    return get_method(job.method).partial_reductions(base, experts, t.params, shard_context(job, unit, rows),
+    return get_method(job.method).partial_reductions(base, experts, t.params, shard_context(job, unit, rows, held),
                                                      round_, previous)

@@ -88,6 +88,10 @@ class ShardContext:
     # The dtype the method computes in when the rows are not in it (bfloat16 rows as stored,
     # float32 compute: see ``MergeMethod.reads_stored_rows``); None: the rows' own dtype.
     compute: torch.dtype | None = None
+    # Per-tensor scratch that lives while the engine holds the tensor's rows of every source in
+    # one process for its rounds and its merge (a read-once batch): what a round computed per
+    # element, kept for the merge of the same rows. None where the rounds run in their own tasks.
+    held: dict[Any, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def row_numel(self) -> int:
@@ -173,6 +177,11 @@ class MergeMethod:
     nonfinite_reaches_output: ClassVar[bool] = False
     global_parameters: ClassVar[dict[str, ParamSpec]] = {}
     model_parameters: ClassVar[dict[str, ParamSpec]] = {}
+
+    def held_scratch_bytes(self, params: TensorParams, shape: tuple[int, ...]) -> int:
+        """Bytes a tensor's rounds leave in ``ShardContext.held`` for its merge while its rows
+        are held (the plan's memory estimate adds them); 0 by default."""
+        return 0
 
     def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
         """How many whole-tensor reduction rounds this tensor's merge needs first (0: none).

@@ -133,10 +133,15 @@ def bernoulli_mask(seed: int, tensor: str, model: int, start: int, shape: tuple[
         count *= d
     if p >= 1.0:
         return torch.ones(shape, dtype=torch.bool)
-    st = keep_stream(seed, tensor, model, start, count, p)
+    return torch.from_numpy(keep_flags(keep_stream(seed, tensor, model, start, count, p), count)).reshape(shape)
+
+
+def keep_flags(stream: KeepStream, count: int) -> np.ndarray:
+    """The keep flags of a stream's ``count`` elements as one bool array."""
     keep = np.empty(count, dtype=np.bool_)
-    fill_keep(np.uint64(st.key0), np.uint64(st.key1), start, np.uint64(st.threshold), keep, philox_scratch())
-    return torch.from_numpy(keep).reshape(shape)
+    fill_keep(np.uint64(stream.key0), np.uint64(stream.key1), np.uint64(stream.start), np.uint64(stream.threshold),
+              keep, philox_scratch())
+    return keep
 
 
 def uniform_tensor(seed: int, tensor: str, model: int, start: int, shape: tuple[int, ...]) -> torch.Tensor:

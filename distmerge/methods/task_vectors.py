@@ -20,6 +20,7 @@ for bit (``merge_reference``) are kept side by side, to be read against each oth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from enum import Enum
@@ -94,6 +95,13 @@ class TaskVectorMethod(MergeMethod):
 
     def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
         return len(self.rounds(params, shape))
+
+    def held_scratch_bytes(self, params: TensorParams, shape: tuple[int, ...]) -> int:
+        """One byte per element of each sparsified expert where the L1 round keeps its masks."""
+        s = self.sparsifier
+        if s is None or not s.holds_masks or Rescale.of(params.global_) is not Rescale.L1 or not s.rounds(params, shape):
+            return 0
+        return math.prod(shape) * sum(s.active(p) for p in params.experts)
 
     def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
         if self.sparsifier is not None:
@@ -203,8 +211,12 @@ class TaskVectorMethod(MergeMethod):
         """Expert ``e``'s sparsification and rescale in the form the fused kernel takes."""
         if self.sparsifier is None or not self.sparsifier.active(p):
             return KernelTerms()
-        terms, divide_by = self.sparsifier.kernel_keep(e, x, base, p, ctx, reduced)
         rescale = Rescale.of(params.global_)
+        held = self.sparsifier.held_mask(e, ctx, x.numel()) if rescale is Rescale.L1 else None
+        if held is not None:  # the L1 round's mask of these rows (no divisor: the L1 rescale multiplies)
+            terms, divide_by = KernelTerms(mask=held), 1.0
+        else:
+            terms, divide_by = self.sparsifier.kernel_keep(e, x, base, p, ctx, reduced)
         dtype = compute_dtype(base, ctx)
         if rescale is Rescale.L1:
             assert reduced is not None

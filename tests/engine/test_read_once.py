@@ -13,6 +13,7 @@ import distmerge.engine.batch as batch
 import distmerge.engine.worker as worker
 from distmerge.config import parse_config
 from distmerge.engine.run import run_merge
+from distmerge.methods import get_method
 from distmerge.plan import build_plan
 from distmerge.testing.method_cases import CASES, method_config
 from tests.helpers import file_bytes
@@ -96,6 +97,64 @@ def test_read_once_over_many_chunks_gives_the_same_bytes(llama_family, tmp_path,
     run_merge(cfg, tmp_path / "once", executor="local", shard_size=10**9, workers=2, progress=False)
     run_merge(cfg, tmp_path / "apart", executor="local", shard_size=SMALL_SHARD, workers=2, progress=False)
     assert file_bytes(tmp_path / "once") == file_bytes(tmp_path / "apart")
+
+
+def _keep_rule_elements(monkeypatch: pytest.MonkeyPatch, method: str) -> Counter:
+    """Elements the method's keep rule decided (draws, ranks), per tensor, in this process."""
+    sparsifier = type(get_method(method).sparsifier)
+    real = sparsifier.kernel_keep
+    counts: Counter = Counter()
+
+    def counting(self, e, x, base, p, ctx, reduced):  # noqa: ANN001, ANN202 - kernel_keep's signature
+        counts[ctx.tensor] += x.numel()
+        return real(self, e, x, base, p, ctx, reduced)
+
+    monkeypatch.setattr(sparsifier, "kernel_keep", counting)
+    return counts
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+@pytest.mark.parametrize("chunk_elements", [1000, None])
+def test_a_held_tensors_merge_reads_the_masks_its_l1_round_made(llama_family, tmp_path, monkeypatch, method,
+                                                                chunk_elements):
+    """DARE's draws and DELLA's ranks and draws decide each element of a held tensor once: its L1
+    round keeps each chunk's masks (``ShardContext.held``) and the merge reads them, also with
+    blocks cut at chunk ends. Read per block, each element is decided twice. Same bytes."""
+    import distmerge.plan as plan_module
+
+    if chunk_elements is not None:
+        monkeypatch.setattr(plan_module, "REDUCTION_CHUNK_ELEMENTS", chunk_elements)
+    base, experts = llama_family
+    cfg = parse_config(method_config(method, base, experts, execution={"seed": 5}))
+    plan = build_plan(cfg, 10**9)
+    matrices = {t.name: t.numel * (len(t.sources) - 1) for i, t in enumerate(plan.tensors)
+                if i in plan.read_once_tensors and len(t.shape) == 2}
+    assert matrices
+    decided = _keep_rule_elements(monkeypatch, method)
+    run_merge(cfg, tmp_path / "once", executor="local", shard_size=10**9, workers=2, progress=False)
+    assert {name: decided[name] for name in matrices} == matrices
+    decided.clear()
+    run_merge(cfg, tmp_path / "apart", executor="local", shard_size=SMALL_SHARD, workers=2, progress=False)
+    assert {name: decided[name] for name in matrices} == {name: 2 * n for name, n in matrices.items()}
+    assert file_bytes(tmp_path / "once") == file_bytes(tmp_path / "apart")
+
+
+@pytest.mark.parametrize(("method", "rescale", "masks"), [("dare_ties", True, True), ("della", True, True),
+                                                          ("dare_ties", False, False), ("ties", True, False)])
+def test_plan_counts_the_masks_a_held_tensor_keeps(llama_family, method, rescale, masks):
+    """One byte per element of each sparsified expert, where an L1 round keeps masks."""
+    base, experts = llama_family
+    cfg = parse_config(method_config(method, base, experts, parameters={"rescale": rescale}))
+    plan = build_plan(cfg, 10**9)
+    m = get_method(method)
+    assert len(plan.read_once_tensors) == (len(plan.tensors) if rescale else 0)
+    for i, t in enumerate(plan.tensors):
+        want = t.numel * (len(t.sources) - 1) if masks else 0
+        assert m.held_scratch_bytes(t.params, t.shape) == want, t.name
+        if i in plan.read_once_tensors:
+            unit = next(u for u in plan.units if u.tensor == i)
+            held = t.rows * sum(t.row_nbytes(s.dtype) for s in t.sources)
+            assert plan.peak_worker_bytes >= unit.working_bytes + held + want, t.name
 
 
 def test_a_batchs_steps_read_each_chunk_once_and_merge_every_row_once(llama_family, monkeypatch):

@@ -22,6 +22,7 @@ import torch
 from distmerge.methods import kernels, reductions
 from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, unit_interval
 from distmerge.methods.philox import KeepStream
+from distmerge.methods.random_stream import keep_flags
 from distmerge.methods.sparsification.rounds import (
     ChunkPartials,
     L1Partial,
@@ -52,6 +53,7 @@ class Rescale(Enum):
 
 
 RESCALE_MODES = (Rescale.L1.value, Rescale.INVERSE_DENSITY.value)  # the values of rescale_mode
+HELD_MASK = "keep_mask"  # ShardContext.held key: (HELD_MASK, expert, first element) -> the chunk's mask
 
 
 @dataclass
@@ -100,6 +102,10 @@ class Sparsifier:
     """Base of the sparsification kinds; one stateless instance per kind."""
 
     name: ClassVar[str]
+    # True: the keep rule costs more than reading a mask (random draws, per-row ranks). Where the
+    # engine holds a tensor's rows for its rounds and its merge (``ShardContext.held``), the L1
+    # round keeps each chunk's masks there and the merge reads them instead of deciding again.
+    holds_masks: ClassVar[bool] = False
 
     def model_parameters(self) -> dict[str, ParamSpec]:
         """Per-model parameters this kind reads (after ``weight``), in the order users see them."""
@@ -168,6 +174,9 @@ class Sparsifier:
     ) -> L1Partial:
         """float64 L1 norms of expert ``e``'s delta rows before and after the keep rule."""
         terms, _ = self.kernel_keep(e, x, base, p, ctx, reduced)
+        if self.holds_masks and ctx.held is not None:
+            terms = KernelTerms(mask=terms.mask if terms.stream is None else keep_flags(terms.stream, x.numel()))
+            ctx.held[(HELD_MASK, e, ctx.element_start)] = terms.mask
         return L1Partial(*kernels.abs_sums(*kernels.delta_arrays(base, x, ctx.compute), terms.low, terms.high, terms.mask,
                                            terms.stream))
 
@@ -180,6 +189,18 @@ class Sparsifier:
                 before = reductions.ordered_sum([c.experts[e].before for c in partials])
                 after = reductions.ordered_sum([c.experts[e].after for c in partials])
                 out.l1_norms[e] = (before, after)
+
+    def held_mask(self, e: int, ctx: ShardContext, count: int) -> np.ndarray | None:
+        """Expert ``e``'s keep mask of the ``count`` elements from ``ctx.element_start``, as the L1
+        round left it in ``ctx.held`` (a merge block lies within one canonical chunk); None where
+        no round kept one."""
+        if not self.holds_masks or ctx.held is None:
+            return None
+        s = ctx.element_start
+        for (kind, expert, start), mask in ctx.held.items():
+            if kind == HELD_MASK and expert == e and start <= s and s + count <= start + mask.size:
+                return mask[s - start:s - start + count]
+        return None
 
     # ---- the keep rule --------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ class RandomDrop(Sparsifier):
     """DARE (``dare_linear``, ``dare_ties``): a Bernoulli(``density``) keep-mask per element."""
 
     name = "random"
+    holds_masks = True  # two Philox4x32 draws per element: 1.5-2x a mask read (benchmarks/kernel_costs.py)
 
     def keep(
         self, e: int, delta: torch.Tensor, p: Params, ctx: ShardContext, reduced: TaskVectorReductions | None,

@@ -78,6 +78,7 @@ class DellaSampling(Sparsifier):
     """DELLA (``della``, ``della_linear``): keep probability ``density +- epsilon`` by rank."""
 
     name = "della"
+    holds_masks = True  # a radix rank of every row and a Philox4x64 draw per element
 
     def model_parameters(self) -> dict[str, ParamSpec]:
         return super().model_parameters() | {"epsilon": ParamSpec(0.15, float, lambda v: v >= 0.0, "epsilon >= 0")}
