@@ -64,8 +64,8 @@ def main() -> None:
     table = np.linspace(0.3, 0.7, COLS).astype(np.float32)
     cases: list[tuple[str, Callable[[], object], int]] = [
         ("linear: weighted sum of 3 rows (baseline)", lambda: linear_loop.weighted_sum([b, x0, x1], np.array([0.3, 0.3, 0.4], np.float32), None), N),
-        ("DARE keep flags (Philox4x32-10)", lambda: fill_keep(key[0], key[1], 3, np.uint64(1 << 31), flags, state), N),
-        ("64-bit draws (Philox4x64-10: DELLA, arcee_fusion's sample)", lambda: fill_raw(key[0], key[1], 3, draws, state), N),
+        ("DARE keep flags (Philox4x32-10; DELLA draws from it too)", lambda: fill_keep(key[0], key[1], 3, np.uint64(1 << 31), flags, state), N),
+        ("64-bit draws (Philox4x64-10: arcee_fusion's sample; DARE and DELLA before 0.2)", lambda: fill_raw(key[0], key[1], 3, draws, state), N),
         ("float64 dot (bf16 bits)", lambda: dots.float64_dot(base, experts[0]), N),
         ("TIES merge, 2 experts (per output)", task_vectors(True), N),
         ("thresholded task-vector sum, 2 experts (per output)", task_vectors(False), N),

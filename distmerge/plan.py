@@ -150,10 +150,11 @@ class MergePlan:
     def read_once(self, index: int) -> bool:
         """Whether tensor ``index`` is read once: its reduction rounds and its merge run in one
         task, on its rows of every source held in memory, instead of a read for the rounds and
-        another for the merge. Those rows must fit the shard size (the same budget a unit's
-        working memory has): held whole, they come on top of a block's working memory only."""
+        another for the merge. Those rows, with what the rounds keep for the merge, must fit the
+        shard size (the same budget a unit's working memory has): held whole, they come on top
+        of a block's working memory only."""
         t = self.tensors[index]
-        return bool(t.reduction_rounds and t.numel) and held_bytes(t) <= self.shard_size
+        return bool(t.reduction_rounds and t.numel) and self._held_bytes(index) <= self.shard_size
 
     @property
     def read_once_tensors(self) -> frozenset[int]:

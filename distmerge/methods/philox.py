@@ -5,9 +5,11 @@ Two counter-based generators, each keyed by the stream's 128-bit key
 
 - **Philox4x64-10** (:func:`fill_raw`): 64-bit outputs, as numpy's ``Philox(key=...)``
   gives them. Element ``i`` is output ``i % 4`` of the block at counter ``(i // 4 + 1, 0, 0,
-  0)``. DELLA's uniform draws (top 53 bits) and arcee_fusion's sample come from it.
-- **Philox4x32-10** (:func:`fill_keep`): DARE's keep flags. A flag needs one comparison with
-  ``floor(density * 2**32)``, not 64 bits, and a 32x32->64-bit multiply is one vector
+  0)``. arcee_fusion's sample comes from it (DARE and DELLA did before distmerge 0.2).
+- **Philox4x32-10** (:func:`fill_keep`, :func:`fill_raw32`): the keep stream, DARE's keep
+  flags and DELLA's uniforms. A flag needs one comparison with ``floor(density * 2**32)``
+  (DELLA: ``output * 2**-32`` against its float32 probability), not 64 bits, and a
+  32x32->64-bit multiply is one vector
   instruction (``vpmuludq``) where a 64-bit high product takes four and the low one three:
   0.8 against 1.9 ns per flag on one Zen 5 core (``benchmarks/kernel_costs.py``), and DARE
   draws every element of every expert twice (the L1 round, then the merge). Element ``i`` is
@@ -149,25 +151,30 @@ def _batch32(key0, key1, group, state):  # noqa: ANN001, ANN202
         k1 = (k1 + _W1_32) & _LOW32
 
 
+_RAW64, _KEEP, _RAW32 = 0, 1, 2  # what _fill writes
+
+
 @_inline
-def _fill(key0, key1, start, threshold, compare, raw, keep, state):  # noqa: ANN001, ANN202
-    """Philox4x64 outputs ``start ..`` into ``raw``, or Philox4x32 output ``< threshold`` into
-    ``keep``."""
-    count = keep.size if compare else raw.size
+def _fill(key0, key1, start, threshold, kind, raw, narrow_raw, keep, state):  # noqa: ANN001, ANN202
+    """From element ``start`` on: Philox4x64 outputs into ``raw`` (``_RAW64``), or Philox4x32
+    outputs into ``narrow_raw`` (``_RAW32``) or their comparison ``< threshold`` into ``keep``
+    (``_KEEP``)."""
+    narrow_kind = kind != _RAW64
+    count = raw.size if kind == _RAW64 else (keep.size if kind == _KEEP else narrow_raw.size)
     per_batch = OUTPUTS_PER_COUNTER * LANES
-    narrow = state.view(np.uint32)  # the keep stream's 32-bit state, in the same scratch
+    narrow = state.view(np.uint32)  # the 32-bit stream's state, in the same scratch
     i = 0
     position = np.uint64(start)  # int64 or uint64 in: numba would mix the two into float64
     group = position >> np.uint64(2)
     skip = np.int64(position & np.uint64(OUTPUTS_PER_COUNTER - 1))
     while i < count:
-        if compare:
+        if narrow_kind:
             _batch32(key0, key1, group, narrow)
         else:
             _batch(key0, key1, group, state)
         n = min(per_batch - skip, count - i)
         if skip == 0 and n == per_batch:  # a whole batch: element 4 * lane + j is state[j, lane]
-            if compare:
+            if kind == _KEEP:
                 y0 = narrow[0]
                 y1 = narrow[1]
                 y2 = narrow[2]
@@ -178,6 +185,17 @@ def _fill(key0, key1, start, threshold, compare, raw, keep, state):  # noqa: ANN
                     out[4 * lane + 1] = y1[lane] < threshold
                     out[4 * lane + 2] = y2[lane] < threshold
                     out[4 * lane + 3] = y3[lane] < threshold
+            elif kind == _RAW32:
+                z0 = narrow[0]
+                z1 = narrow[1]
+                z2 = narrow[2]
+                z3 = narrow[3]
+                dst32 = narrow_raw[i:i + per_batch]
+                for lane in range(LANES):
+                    dst32[4 * lane] = z0[lane]
+                    dst32[4 * lane + 1] = z1[lane]
+                    dst32[4 * lane + 2] = z2[lane]
+                    dst32[4 * lane + 3] = z3[lane]
             else:
                 x0 = state[0]
                 x1 = state[1]
@@ -191,8 +209,10 @@ def _fill(key0, key1, start, threshold, compare, raw, keep, state):  # noqa: ANN
                     dst[4 * lane + 3] = x3[lane]
         else:
             for e in range(skip, skip + n):
-                if compare:
+                if kind == _KEEP:
                     keep[i + e - skip] = narrow[e % OUTPUTS_PER_COUNTER, e // OUTPUTS_PER_COUNTER] < threshold
+                elif kind == _RAW32:
+                    narrow_raw[i + e - skip] = narrow[e % OUTPUTS_PER_COUNTER, e // OUTPUTS_PER_COUNTER]
                 else:
                     raw[i + e - skip] = state[e % OUTPUTS_PER_COUNTER, e // OUTPUTS_PER_COUNTER]
         i += n
@@ -203,10 +223,17 @@ def _fill(key0, key1, start, threshold, compare, raw, keep, state):  # noqa: ANN
 @_jit
 def fill_raw(key0, key1, start, raw, state):  # noqa: ANN001, ANN202
     """``raw[i]`` = Philox4x64 stream output ``start + i`` (uint64)."""
-    _fill(key0, key1, start, np.uint64(0), False, raw, np.zeros(0, dtype=np.bool_), state)
+    _fill(key0, key1, start, np.uint64(0), _RAW64, raw, state.view(np.uint32)[0, :0], np.zeros(0, dtype=np.bool_),
+          state)
+
+
+@_jit
+def fill_raw32(key0, key1, start, raw, state):  # noqa: ANN001, ANN202
+    """``raw[i]`` = Philox4x32 stream output ``start + i`` (uint32): DELLA's uniforms."""
+    _fill(key0, key1, start, np.uint64(0), _RAW32, state[0, :0], raw, np.zeros(0, dtype=np.bool_), state)
 
 
 @_jit
 def fill_keep(key0, key1, start, threshold, keep, state):  # noqa: ANN001, ANN202
     """``keep[i]`` = Philox4x32 stream output ``start + i`` < ``threshold`` (no output buffer)."""
-    _fill(key0, key1, start, threshold, True, state[0, :0], keep, state)  # no raw output: an empty view
+    _fill(key0, key1, start, threshold, _KEEP, state[0, :0], state.view(np.uint32)[0, :0], keep, state)

@@ -7,11 +7,13 @@ key is derived from (seed, tensor name, model index) and whose counter is the po
 shard starting at element ``s`` jumps straight to counter ``s // 4`` (each counter value yields
 four outputs) and skips ``s % 4``.
 
-- DELLA's uniforms (and arcee_fusion's sample) are the 64-bit outputs of Philox4x64-10,
-  exactly ``numpy.random.Philox(key=...)``'s (the tests compare them at many offsets).
-- DARE's keep flags compare the 32-bit outputs of Philox4x32-10 with ``floor(p * 2**32)``:
-  a flag needs no more bits, and that generator is about twice as fast
-  (:mod:`distmerge.methods.philox`, where the counter layout is given).
+- The keep stream, Philox4x32-10's 32-bit outputs (:mod:`distmerge.methods.philox`, where
+  the counter layout is given): DARE keeps an element iff its output is below
+  ``floor(p * 2**32)``, DELLA iff ``output * 2**-32`` is below the element's keep probability
+  (a float32). A keep decision needs no more bits, and this generator is about twice as fast
+  as the 64-bit one.
+- arcee_fusion's sample positions come from the 64-bit outputs of Philox4x64-10, exactly
+  ``numpy.random.Philox(key=...)``'s (the tests compare them at many offsets).
 
 The kernels (:mod:`distmerge.methods.philox`) run many counters side by side in SIMD lanes,
 because numpy's generator is several times slower and needs an 8-byte buffer per element,
@@ -29,11 +31,19 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from distmerge.methods.philox import LANES, KeepStream, fill_keep, fill_raw, philox_scratch
+from distmerge.methods.philox import (
+    LANES,
+    KeepStream,
+    fill_keep,
+    fill_raw,
+    fill_raw32,
+    philox_scratch,
+)
 from distmerge.numba_cache import jit
 
 OUTPUTS_PER_COUNTER = 4  # Philox4x64: one counter increment = four 64-bit outputs
 _UNIT = 2.0**-53
+_UNIT32 = 2.0**-32
 
 
 def stream_key(seed: int, tensor: str, model: int) -> np.ndarray:
@@ -144,9 +154,18 @@ def keep_flags(stream: KeepStream, count: int) -> np.ndarray:
     return keep
 
 
-def uniform_tensor(seed: int, tensor: str, model: int, start: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Uniform float64 draws for a block of elements, shaped like the block."""
+def keep_uniforms(seed: int, tensor: str, model: int, start: int, count: int) -> np.ndarray:
+    """The keep stream's (Philox4x32's) outputs ``start ..`` as uniform float64 draws in [0, 1):
+    ``output * 2**-32``, exact. DELLA keeps an element iff its draw is below its probability."""
+    key = _positioned_key(seed, tensor, model, start, count)
+    out = np.empty(count, dtype=np.uint32)
+    fill_raw32(key[0], key[1], start, out, philox_scratch())
+    return out.astype(np.float64) * _UNIT32
+
+
+def keep_uniform_tensor(seed: int, tensor: str, model: int, start: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`keep_uniforms` for a block of elements, shaped like the block."""
     count = 1
     for d in shape:
         count *= d
-    return torch.from_numpy(uniforms(seed, tensor, model, start, count)).reshape(shape)
+    return torch.from_numpy(keep_uniforms(seed, tensor, model, start, count)).reshape(shape)

@@ -213,3 +213,19 @@ def test_the_report_counts_every_byte_the_workers_read(llama_family, tmp_path, m
     else:
         assert 0 < report["bytes_read_for_rounds"] < report["bytes_read"] and reduction_tasks > 0
         assert sum(n["reduction_tasks"] for n in report["nodes"].values()) == reduction_tasks
+
+
+def test_a_tensor_is_held_only_where_its_rows_and_masks_fit_the_shard_size(llama_family):
+    """The masks DARE's L1 round keeps count against the shard size like the rows they go with:
+    a tensor whose rows fit but whose rows and masks do not is read per block (TIES, which keeps
+    no masks, still holds it)."""
+    from distmerge.plan import held_bytes
+
+    base, experts = llama_family
+    dare = build_plan(parse_config(method_config("dare_ties", base, experts)), 10**9)
+    index, t = max(enumerate(dare.tensors), key=lambda it: it[1].numel)
+    masks = t.numel * (len(t.sources) - 1)
+    between = held_bytes(t) + masks - 1
+    assert index not in build_plan(parse_config(method_config("dare_ties", base, experts)), between).read_once_tensors
+    assert index in build_plan(parse_config(method_config("dare_ties", base, experts)), between + 1).read_once_tensors
+    assert index in build_plan(parse_config(method_config("ties", base, experts)), between).read_once_tensors

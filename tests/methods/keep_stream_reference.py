@@ -65,3 +65,10 @@ def dare_keep(seed: int, tensor: str, model: int, start: int, count: int, densit
     """DARE's keep flags of elements ``start ..`` of one (seed, tensor, model) stream."""
     k0, k1 = stream_words(seed, tensor, model)
     return keep_outputs(k0, k1, start, count) < np.uint64(min(int(density * 2.0**32), 2**32))
+
+
+def della_uniforms(seed: int, tensor: str, model: int, start: int, count: int) -> np.ndarray:
+    """DELLA's uniform draws: the same stream's outputs times 2**-32 (float64, exact); an element
+    is kept iff its draw is below its keep probability."""
+    k0, k1 = stream_words(seed, tensor, model)
+    return keep_outputs(k0, k1, start, count).astype(np.float64) * 2.0**-32

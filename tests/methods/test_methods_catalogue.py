@@ -17,7 +17,7 @@ from distmerge.methods.base import ShardContext, TensorParams, chunk_read
 from distmerge.methods.random_stream import raw_draws
 from distmerge.methods.selection import DeltaKeys, dense_low, locate, magnitude_keys
 from distmerge.methods.sparsification.rounds import Bound
-from tests.methods.keep_stream_reference import dare_keep
+from tests.methods.keep_stream_reference import dare_keep, della_uniforms
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 SHAPES = [(37, 19), (5,), (1, 7), (3, 5, 4)]
@@ -172,13 +172,6 @@ def ref_breadcrumbs_mask(delta, density, gamma):
     return mask
 
 
-def ref_stream(seed, model, n):
-    """Philox4x64 keyed by blake2b(seed, tensor, model), read from counter 0 (test's own copy)."""
-    key = np.frombuffer(hashlib.blake2b(f"distmerge\x00{seed}\x00{NAME}\x00{model}".encode(),
-                                        digest_size=16).digest(), dtype="<u8").copy()
-    return np.random.Philox(key=key).random_raw(n)
-
-
 def ref_dare_mask(delta, density, seed, model):
     return torch.from_numpy(dare_keep(seed, NAME, model, 0, delta.numel(), density)).reshape(delta.shape)
 
@@ -192,7 +185,7 @@ def ref_della_probs(delta, density, eps):
 
 
 def ref_della_mask(delta, density, eps, seed, model):
-    u = (ref_stream(seed, model, delta.numel()) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u = della_uniforms(seed, NAME, model, 0, delta.numel())
     probs = ref_della_probs(delta, density, eps)
     return torch.from_numpy(u).reshape(delta.shape) < probs.double(), probs
 

@@ -15,8 +15,9 @@ import torch
 
 from distmerge.methods import kernels
 from distmerge.methods.base import ShardContext
-from distmerge.methods.random_stream import stream_key, uniform_tensor
+from distmerge.methods.random_stream import stream_key
 from distmerge.methods.sparsification.della import DellaSampling, della_probabilities
+from tests.methods.keep_stream_reference import della_uniforms
 
 
 def old_della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -37,7 +38,7 @@ def old_della_probabilities(delta: torch.Tensor, density: float, epsilon: float)
 
 
 def old_della_mask(probs: torch.Tensor, seed: int, tensor: str, model: int, start: int) -> torch.Tensor:
-    u = uniform_tensor(seed, tensor, model, start, tuple(probs.shape))
+    u = torch.from_numpy(della_uniforms(seed, tensor, model, start, probs.numel())).reshape(probs.shape)
     return u < probs.to(torch.float64)
 
 

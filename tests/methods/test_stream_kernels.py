@@ -18,16 +18,30 @@ import torch
 
 from distmerge.methods import get_method, kernels
 from distmerge.methods.kernels.l1_norms import L1_BLOCK, abs_sums
-from distmerge.methods.philox import LANES, _batch32, fill_keep, fill_raw, philox_scratch
+from distmerge.methods.philox import (
+    LANES,
+    _batch32,
+    fill_keep,
+    fill_raw,
+    fill_raw32,
+    philox_scratch,
+)
 from distmerge.methods.random_stream import (
     _draws,
     _philox_block,
     bernoulli_mask,
     keep_stream,
     keep_threshold,
+    keep_uniforms,
     stream_key,
 )
-from tests.methods.keep_stream_reference import KNOWN_ANSWERS, WORD, keep_outputs, philox4x32_block
+from tests.methods.keep_stream_reference import (
+    KNOWN_ANSWERS,
+    WORD,
+    della_uniforms,
+    keep_outputs,
+    philox4x32_block,
+)
 from tests.methods.test_kernels import same_bits
 from tests.methods.test_methods_catalogue import ctx, params_for, reductions
 
@@ -236,3 +250,15 @@ def test_keep_flags_are_independent_bernoulli_draws(p):
         check((a[:-lag] & a[lag:]).mean(), p * p, n - lag)
     check((a & flags[0, 1]).mean(), p * p, n)
     check((a & flags[1, 0]).mean(), p * p, n)
+
+
+@pytest.mark.parametrize("start", [0, 1, 3, BATCH - 1, BATCH + 3, 10**6 + 1, 2**62 - 7])
+@pytest.mark.parametrize("count", [0, 1, 7, BATCH, 3 * BATCH + 5])
+def test_della_uniforms_are_the_keep_streams_outputs(start, count):
+    """DELLA's draws: the keep stream's 32-bit outputs (the SIMD fill) times 2**-32."""
+    raw = np.empty(count, dtype=np.uint32)
+    fill_raw32(KEY[0], KEY[1], np.uint64(start), raw, philox_scratch())
+    assert np.array_equal(raw.astype(np.uint64), keep_stream_outputs(KEY, start, count))
+    name = "model.layers.2.self_attn.q_proj.weight"
+    got = keep_uniforms(11, name, 1, start, count)
+    assert got.dtype == np.float64 and np.array_equal(got, della_uniforms(11, name, 1, start, count))

@@ -16,7 +16,7 @@ import torch
 from distmerge.errors import ConfigError
 from distmerge.methods import kernels, reductions
 from distmerge.methods.base import Params, ParamSpec, ShardContext, TensorParams, delta_in_compute
-from distmerge.methods.random_stream import stream_key, uniform_tensor, uniforms
+from distmerge.methods.random_stream import keep_uniform_tensor, keep_uniforms, stream_key
 from distmerge.methods.sparsification.base import (
     Divisor,
     KernelTerms,
@@ -65,13 +65,13 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
 
 def della_mask(probs: torch.Tensor, seed: int, tensor: str, model: int, start: int) -> torch.Tensor:
     """Keep iff the element's uniform draw is below its keep probability."""
-    u = uniform_tensor(seed, tensor, model, start, tuple(probs.shape))
+    u = keep_uniform_tensor(seed, tensor, model, start, tuple(probs.shape))
     return u < probs.to(torch.float64)
 
 
 def della_mask_draws(ctx: ShardContext, e: int, count: int) -> torch.Tensor:
     """The uniform draws of a 1-D DELLA chunk (shipped to the reduce, which ranks the vector)."""
-    return torch.from_numpy(uniforms(ctx.seed, ctx.tensor, stream_model(ctx, e), ctx.element_start, count))
+    return torch.from_numpy(keep_uniforms(ctx.seed, ctx.tensor, stream_model(ctx, e), ctx.element_start, count))
 
 
 class DellaSampling(Sparsifier):
