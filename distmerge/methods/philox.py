@@ -155,6 +155,20 @@ _RAW64, _KEEP, _RAW32 = 0, 1, 2  # what _fill writes
 
 
 @_inline
+def _in_stream_order(batch, dst):  # noqa: ANN001, ANN202
+    """``dst[4 * lane + j] = batch[j, lane]``: a whole batch's outputs in stream order."""
+    x0 = batch[0]
+    x1 = batch[1]
+    x2 = batch[2]
+    x3 = batch[3]
+    for lane in range(LANES):
+        dst[4 * lane] = x0[lane]
+        dst[4 * lane + 1] = x1[lane]
+        dst[4 * lane + 2] = x2[lane]
+        dst[4 * lane + 3] = x3[lane]
+
+
+@_inline
 def _fill(key0, key1, start, threshold, kind, raw, narrow_raw, keep, state):  # noqa: ANN001, ANN202
     """From element ``start`` on: Philox4x64 outputs into ``raw`` (``_RAW64``), or Philox4x32
     outputs into ``narrow_raw`` (``_RAW32``) or their comparison ``< threshold`` into ``keep``
@@ -186,27 +200,9 @@ def _fill(key0, key1, start, threshold, kind, raw, narrow_raw, keep, state):  # 
                     out[4 * lane + 2] = y2[lane] < threshold
                     out[4 * lane + 3] = y3[lane] < threshold
             elif kind == _RAW32:
-                z0 = narrow[0]
-                z1 = narrow[1]
-                z2 = narrow[2]
-                z3 = narrow[3]
-                dst32 = narrow_raw[i:i + per_batch]
-                for lane in range(LANES):
-                    dst32[4 * lane] = z0[lane]
-                    dst32[4 * lane + 1] = z1[lane]
-                    dst32[4 * lane + 2] = z2[lane]
-                    dst32[4 * lane + 3] = z3[lane]
+                _in_stream_order(narrow, narrow_raw[i:i + per_batch])
             else:
-                x0 = state[0]
-                x1 = state[1]
-                x2 = state[2]
-                x3 = state[3]
-                dst = raw[i:i + per_batch]
-                for lane in range(LANES):
-                    dst[4 * lane] = x0[lane]
-                    dst[4 * lane + 1] = x1[lane]
-                    dst[4 * lane + 2] = x2[lane]
-                    dst[4 * lane + 3] = x3[lane]
+                _in_stream_order(state, raw[i:i + per_batch])
         else:
             for e in range(skip, skip + n):
                 if kind == _KEEP:
