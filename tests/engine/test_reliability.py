@@ -73,6 +73,26 @@ def test_journal_of_another_merge_is_refused(clean_run, llama_family):
         run_merge(other, out, progress=False)
 
 
+def test_an_interrupted_run_of_another_minor_version_is_not_resumed(llama_family, tmp_path, monkeypatch):
+    """0.2 changed DARE's and DELLA's masks: a run another minor version began is refused, the
+    refusal naming the version (resuming it would mix two streams' masks in one model); the
+    same minor version resumes it."""
+    import distmerge.output.journal as journal
+
+    base, experts = llama_family
+    cfg = make_config("dare_ties", base, experts, [0.6, 0.3], parameters={"density": 0.5})
+    out = tmp_path / "out"
+    monkeypatch.setattr(journal, "__version__", "0.1.0")
+    run_merge(cfg, out, shard_size=20000, progress=False)
+    _interrupt(out, keep_units=3, damage=False)
+    monkeypatch.setattr(journal, "__version__", "0.2.0")
+    with pytest.raises(OutputError, match=r"the config differs \(distmerge version\)"):
+        run_merge(cfg, out, shard_size=20000, progress=False)
+    monkeypatch.setattr(journal, "__version__", "0.1.7")
+    report = run_merge(cfg, out, shard_size=20000, progress=False)
+    assert not report.get("noop") and (out / "model.safetensors.index.json").exists()
+
+
 def _interrupt(out, keep_units: int, damage: bool) -> None:
     """Turn a finished output into what a crash leaves: no index, a partial journal, lost writes."""
     (out / "model.safetensors.index.json").unlink()
