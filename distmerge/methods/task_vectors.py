@@ -20,7 +20,6 @@ for bit (``merge_reference``) are kept side by side, to be read against each oth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from enum import Enum
@@ -97,11 +96,7 @@ class TaskVectorMethod(MergeMethod):
         return len(self.rounds(params, shape))
 
     def held_scratch_bytes(self, params: TensorParams, shape: tuple[int, ...]) -> int:
-        """One byte per element of each sparsified expert where the L1 round keeps its masks."""
-        s = self.sparsifier
-        if s is None or not s.holds_masks or Rescale.of(params.global_) is not Rescale.L1 or not s.rounds(params, shape):
-            return 0
-        return math.prod(shape) * sum(s.active(p) for p in params.experts)
+        return 0 if self.sparsifier is None else self.sparsifier.held_mask_bytes(params, shape)
 
     def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:
         if self.sparsifier is not None:

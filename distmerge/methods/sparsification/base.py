@@ -190,6 +190,13 @@ class Sparsifier:
                 after = reductions.ordered_sum([c.experts[e].after for c in partials])
                 out.l1_norms[e] = (before, after)
 
+    def held_mask_bytes(self, params: TensorParams, shape: tuple[int, ...]) -> int:
+        """What the L1 round of a held tensor of ``shape`` keeps for its merge: one byte per
+        element of each sparsified expert (:attr:`holds_masks`), else nothing."""
+        if not self.holds_masks or Rescale.of(params.global_) is not Rescale.L1 or not self.rounds(params, shape):
+            return 0
+        return numel(shape) * sum(self.active(p) for p in params.experts)
+
     def held_mask(self, e: int, ctx: ShardContext, count: int) -> np.ndarray | None:
         """Expert ``e``'s keep mask of the ``count`` elements from ``ctx.element_start``, as the L1
         round left it in ``ctx.held`` (a merge block lies within one canonical chunk); None where

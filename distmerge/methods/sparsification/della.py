@@ -78,7 +78,11 @@ class DellaSampling(Sparsifier):
     """DELLA (``della``, ``della_linear``): keep probability ``density +- epsilon`` by rank."""
 
     name = "della"
-    holds_masks = True  # a radix rank of every row and a Philox4x64 draw per element
+    holds_masks = True  # a radix rank of every row and a draw per element
+
+    def held_mask_bytes(self, params: TensorParams, shape: tuple[int, ...]) -> int:
+        # a 1-D tensor's round ranks the whole vector in its reduce and keeps no mask
+        return super().held_mask_bytes(params, shape) if len(shape) >= 2 else 0
 
     def model_parameters(self) -> dict[str, ParamSpec]:
         return super().model_parameters() | {"epsilon": ParamSpec(0.15, float, lambda v: v >= 0.0, "epsilon >= 0")}
