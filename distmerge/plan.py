@@ -130,14 +130,9 @@ class MergePlan:
         task's canonical chunk, whose size follows from the tensor's shape and not from the shard
         size (at a small shard size it is the larger)."""
         held = self.read_once_tensors
-        merging = max((u.working_bytes + (self._held_bytes(u.tensor) if u.tensor in held else 0)
+        merging = max((u.working_bytes + (held_bytes(self.tensors[u.tensor], self.method) if u.tensor in held else 0)
                        for u in self.units), default=0)
         return max([merging, *(c.working_bytes for c in self.reduction_units(0) if c.tensor not in held)])
-
-    def _held_bytes(self, index: int) -> int:
-        """A read-once tensor's rows of every source, and what its rounds keep for its merge."""
-        t = self.tensors[index]
-        return held_bytes(t) + (self.method.held_scratch_bytes(t.params, t.shape) if t.params is not None else 0)
 
     @property
     def reduction_rounds(self) -> int:
@@ -150,11 +145,10 @@ class MergePlan:
     def read_once(self, index: int) -> bool:
         """Whether tensor ``index`` is read once: its reduction rounds and its merge run in one
         task, on its rows of every source held in memory, instead of a read for the rounds and
-        another for the merge. Those rows, with what the rounds keep for the merge, must fit the
-        shard size (the same budget a unit's working memory has): held whole, they come on top
-        of a block's working memory only."""
+        another for the merge. Those rows, and what the rounds keep for the merge, must fit the
+        shard size (a unit's budget): held whole, they come on top of a block's working memory."""
         t = self.tensors[index]
-        return bool(t.reduction_rounds and t.numel) and self._held_bytes(index) <= self.shard_size
+        return bool(t.reduction_rounds and t.numel) and held_bytes(t, self.method) <= self.shard_size
 
     @property
     def read_once_tensors(self) -> frozenset[int]:
@@ -204,12 +198,13 @@ def tensor_read_bytes(t: TensorPlan) -> int:
     return t.rows * sum(t.row_nbytes(s.dtype) for s in t.sources)
 
 
-def held_bytes(t: TensorPlan) -> int:
+def held_bytes(t: TensorPlan, method: MergeMethod | None = None) -> int:
     """Bytes of a tensor's rows from every source in memory: as read, or, for a tensor of a
-    merged vocabulary, as its rows are assembled (in the vocabulary's dtype)."""
-    if t.vocabulary is None:
-        return tensor_read_bytes(t)
-    return t.rows * t.row_numel * t.vocabulary.dtype.itemsize * len(t.sources)
+    merged vocabulary, as its rows are assembled (in the vocabulary's dtype); with ``method``,
+    plus what its rounds keep for its merge (``MergeMethod.held_scratch_bytes``)."""
+    rows = tensor_read_bytes(t) if t.vocabulary is None else (
+        t.rows * t.row_numel * t.vocabulary.dtype.itemsize * len(t.sources))
+    return rows + (method.held_scratch_bytes(t.params, t.shape) if method is not None and t.params is not None else 0)
 
 
 def reduction_chunks(index: int, t: TensorPlan) -> list[WorkUnit]:
