@@ -135,7 +135,11 @@ class TaskVectorMethod(MergeMethod):
         """Expert ``e``'s delta rows after sparsification and rescaling."""
         if self.sparsifier is None or not self.sparsifier.active(p):
             return delta
-        mask, divide_by = self.sparsifier.keep(e, delta, p, ctx, reduced)
+        held = self._held_mask(e, params, ctx, delta.numel())
+        if held is not None:
+            mask, divide_by = torch.from_numpy(held).reshape(delta.shape), 1.0
+        else:
+            mask, divide_by = self.sparsifier.keep(e, delta, p, ctx, reduced)
         kept = delta * mask
         rescale = Rescale.of(params.global_)
         if rescale is Rescale.NONE:
@@ -199,6 +203,13 @@ class TaskVectorMethod(MergeMethod):
             tail=stack_sums.tail_offset(ctx.tensor_numel, ctx.element_start, dtype))
         return torch.from_numpy(out).reshape(base.shape).to(dtype)
 
+    def _held_mask(self, e: int, params: TensorParams, ctx: ShardContext, count: int) -> np.ndarray | None:
+        """The keep mask the L1 round left for these rows of a held tensor, which both merge
+        paths read instead of deciding again (no divisor needed: the L1 rescale multiplies)."""
+        if self.sparsifier is None or Rescale.of(params.global_) is not Rescale.L1:
+            return None
+        return self.sparsifier.held_mask(e, ctx, count)
+
     def _kernel_terms(
         self, e: int, x: torch.Tensor, base: torch.Tensor, p: Params, params: TensorParams, ctx: ShardContext,
         reduced: TaskVectorReductions | None,
@@ -207,8 +218,8 @@ class TaskVectorMethod(MergeMethod):
         if self.sparsifier is None or not self.sparsifier.active(p):
             return KernelTerms()
         rescale = Rescale.of(params.global_)
-        held = self.sparsifier.held_mask(e, ctx, x.numel()) if rescale is Rescale.L1 else None
-        if held is not None:  # the L1 round's mask of these rows (no divisor: the L1 rescale multiplies)
+        held = self._held_mask(e, params, ctx, x.numel())
+        if held is not None:
             terms, divide_by = KernelTerms(mask=held), 1.0
         else:
             terms, divide_by = self.sparsifier.kernel_keep(e, x, base, p, ctx, reduced)
