@@ -236,15 +236,30 @@ def unit_partials(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], round_
                   previous: Reductions | None, held: dict[Any, Any] | None = None) -> Partials:
     """Round ``round_``'s partials of one canonical chunk from its raw rows; in round 0 a NaN or
     Inf in them fails the merge (unless allowed) before any output is written (see merge_block).
-    Not for a method whose output shows every input NaN/Inf (:func:`output_scan_suffices`): its
-    merge finds them in the output's scan, then names the input, and a clean merge saves a pass
-    over every source (its rounds only make wrong statistics of a merge that then fails)."""
+
+    The rows are scanned after the round unless its sums proved them finite
+    (``Partials.inputs_finite``): a clean chunk, the common case, then costs no pass of its own
+    (a round that fails on broken rows is scanned too, so the error names the input). Not for a
+    method whose output shows every input NaN/Inf (:func:`output_scan_suffices`): its merge finds
+    them in the output's scan, then names the input, and a clean merge saves a pass over every
+    source (its rounds only make wrong statistics of a merge that then fails)."""
     t = job.tensors[unit.tensor]
     rows = compute_rows(job, unit, raw)
-    if job.check_finite and round_ == 0 and not output_scan_suffices(job):
+    scan = job.check_finite and round_ == 0 and not output_scan_suffices(job)
+
+    def check() -> None:
         for info, r, stored in zip(t.sources, rows, raw, strict=True):
             _check_finite(r, stored, info, unit.row_start, unit.row_end, True)
-    return chunk_partials(job, unit, rows, round_, previous, held)
+
+    try:
+        partials = chunk_partials(job, unit, rows, round_, previous, held)
+    except Exception:
+        if scan:
+            check()
+        raise
+    if scan and not partials.inputs_finite:
+        check()
+    return partials
 
 
 def compute_rows(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -146,12 +146,29 @@ def chunk_read(previous: Reductions | None, round_: int, row_start: int, row_end
     return previous is None or previous.reads(round_, row_start, row_end)
 
 
+@dataclass
 class Partials:
     """Base of what :meth:`MergeMethod.partial_reductions` returns for one canonical chunk.
 
     Partials travel from the workers to the driver, so they hold exact integers, float64 sums
     or tensors, never anything that depends on the worker or the shard size.
+
+    ``inputs_finite``: round 0 proved that every element of every source's rows in the chunk
+    (the compute-dtype rows the method got) is finite, from sums it computes anyway (see
+    :func:`sums_prove_finite`). The engine then skips its NaN/Inf scan of those rows, a pass
+    over every source; False (unknown) leaves the scan to run.
     """
+
+    inputs_finite: bool = field(default=False, kw_only=True)
+
+
+def sums_prove_finite(sums: Sequence[float | torch.Tensor]) -> bool:
+    """Whether float sums prove their terms finite: a NaN or Inf term makes a sum NaN or Inf,
+    so finite sums mean finite terms. The caller's sums must have a term from every element of
+    every source (``x * x`` or ``|x - base|``, each non-finite exactly where an input is), and
+    they must not overflow for finite terms (float64 sums of squares or magnitudes of float32
+    values do not); an overflow would only make the engine scan."""
+    return all(bool(torch.isfinite(s).all()) if isinstance(s, torch.Tensor) else math.isfinite(s) for s in sums)
 
 
 class MergeMethod:

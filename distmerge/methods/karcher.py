@@ -43,6 +43,7 @@ from distmerge.methods.base import (
     TensorParams,
     compute_dtype,
     in_compute,
+    sums_prove_finite,
 )
 from distmerge.methods.kernels.karcher_loops import karcher_pass
 from distmerge.methods.kernels.rounding import stored_array
@@ -152,7 +153,9 @@ class Karcher(MergeMethod):
         sums = fused_pass(tensors, red, round_, params.global_["tol"], dtype)
         if sums is None:
             sums = self.replay_partials([in_compute(t, ctx) for t in tensors], params, round_, red)
-        return KarcherPartials(cast(list[float], sums), dtype)
+        sums = cast(list[float], sums)
+        # round 0 sums the squares of every input (the base too): they prove the rows finite
+        return KarcherPartials(sums, dtype, inputs_finite=round_ == 0 and sums_prove_finite(sums))
 
     def replay_partials(self, tensors: list[torch.Tensor], params: TensorParams, round_: int,
                         red: KarcherReductions | None) -> list[float]:

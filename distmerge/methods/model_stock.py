@@ -43,6 +43,7 @@ from distmerge.methods.base import (
     TensorParams,
     compute_dtype,
     rows_in_compute,
+    sums_prove_finite,
 )
 from distmerge.methods.kernels.blend_loops import stock_blend, stock_grams
 from distmerge.methods.kernels.rounding import stored_array
@@ -177,7 +178,9 @@ class ModelStock(MergeMethod):
         assert base is not None
         if not self._whole(params, ctx.shape):
             return GramPartials(None)  # filter_wise on >= 2-D: shard-local, nothing to collect
-        return GramPartials(_gram(base, experts, rows=False, ctx=ctx))
+        gram = _gram(base, experts, rows=False, ctx=ctx)
+        # the diagonal sums the exact squares of every delta x - base: finite, so are the rows
+        return GramPartials(gram, inputs_finite=sums_prove_finite([gram.diagonal()]))
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> ModelStockReductions:

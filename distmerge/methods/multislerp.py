@@ -34,6 +34,7 @@ from distmerge.methods.base import (
     TensorParams,
     compute_dtype,
     rows_in_compute,
+    sums_prove_finite,
 )
 from distmerge.methods.kernels.multislerp_loops import multislerp_pass
 from distmerge.methods.kernels.rounding import stored_array
@@ -177,7 +178,8 @@ class MultiSlerp(MergeMethod):
         if sums is None:
             sums = self.replay(*rows_in_compute(base, experts, ctx), params, red, round_, ctx.element_start,
                                ctx.tensor_numel)
-        return SumPartials(sums, dtype)
+        # round 0 sums the squares of every model's vector (x, or x - base): they prove the rows finite
+        return SumPartials(sums, dtype, inputs_finite=round_ == 0 and sums_prove_finite(sums))
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> MultiSlerpReductions:

@@ -32,6 +32,7 @@ from distmerge.methods.base import (
     TensorParams,
     compute_dtype,
     rows_in_compute,
+    sums_prove_finite,
 )
 from distmerge.methods.kernels.nuslerp_loops import nuslerp_blend, nuslerp_cosine_sum
 from distmerge.methods.kernels.rounding import stored_array
@@ -109,10 +110,12 @@ class NuSlerp(MergeMethod):
         # dot widens stored rows exactly: no cast. Anything else is computed by torch.
         stored = round_ == 0 and mode == "whole" and base is None
         v0, v1 = self._vectors(base, experts) if stored else self._vectors(*rows_in_compute(base, experts, ctx))
-        if round_ == 0:
+        if round_ == 0:  # the two sums of squares: a term of every element of v0 and v1 (so of the base)
             if mode == "whole":
-                return NuSlerpPartials((reductions.dot(v0, v0), reductions.dot(v1, v1)), dtype)
-            return NuSlerpPartials((scalars.column_dot(v0, v0), scalars.column_dot(v1, v1)), v0.dtype)
+                sums = (reductions.dot(v0, v0), reductions.dot(v1, v1))
+                return NuSlerpPartials(sums, dtype, inputs_finite=sums_prove_finite(sums))
+            sums = (scalars.column_dot(v0, v0), scalars.column_dot(v1, v1))
+            return NuSlerpPartials(sums, v0.dtype, inputs_finite=sums_prove_finite(sums))
         assert isinstance(previous, NuSlerpReductions)
         prod = (v0 / previous.norms[0]) * (v1 / previous.norms[1])
         return NuSlerpPartials((scalars.total(prod) if mode == "whole" else scalars.column_sum(prod),), v0.dtype)

@@ -58,6 +58,7 @@ class DeltaKeys:
         """``compute``: the dtype of the delta when the rows come as stored (default: ``x``'s)."""
         self._base, self._x, self._mode = kernels.delta_arrays(base, x, compute)
         self.numel = x.numel()
+        self.nonfinite = -1  # NaN/Inf deltas, once a pass over every key has counted them
 
     def round_zero(self, ranks: dict[K, int], numel: int) -> tuple[torch.Tensor, dict[K, Speculation]]:
         """Round 0 of a chunk: the high-bits histogram, and for each named rank the low bits
@@ -72,7 +73,8 @@ class DeltaKeys:
 
     def speculate(self, ranks: dict[K, int], numel: int) -> dict[K, WindowCount]:
         """The speculative round of a chunk: for each named rank, the buckets where the chunk
-        expects it, how many keys lie above them, and the low bits of the keys inside.
+        expects it, how many keys lie above them, and the low bits of the keys inside. The
+        same pass counts the NaN/Inf deltas (:attr:`nonfinite`).
 
         No high-bits histogram: when every chunk's window holds the global threshold
         (:func:`resolve_windows`), the counts above and inside give it exactly; when one
@@ -83,7 +85,7 @@ class DeltaKeys:
         small = 0 < self.numel <= MIN_SAMPLED and self.numel < numel
         windows = {name: EVERY_BUCKET for name in ranks} if small else _countable(self._windows(ranks, numel))
         counted = {name: (0, 0) if w == EVERY_BUCKET else w for name, w in windows.items()}
-        above, parts = kernels.above_and_windows(self._base, self._x, self._mode, _key_ranges(counted))
+        above, parts, self.nonfinite = kernels.above_and_windows(self._base, self._x, self._mode, _key_ranges(counted))
         out: dict[K, WindowCount] = {}
         for (name, w), n, part in zip(windows.items(), above, parts, strict=True):
             out[name] = (w, 0, *self._every_key()) if w == EVERY_BUCKET else (w, n, *part)

@@ -36,6 +36,7 @@ from distmerge.methods.base import (
     ShardContext,
     TensorParams,
     compute_dtype,
+    sums_prove_finite,
 )
 from distmerge.methods.kernels.blend_loops import slerp_blend, slerp_sums
 from distmerge.methods.kernels.rounding import stored_array
@@ -102,7 +103,9 @@ class Slerp(MergeMethod):
         assert base is not None
         sums = np.empty(3, dtype=np.float64)  # reductions.dot's three sums, in one pass
         slerp_sums(stored_array(base), stored_array(experts[0]), sums)
-        return SlerpPartials(float(sums[0]), float(sums[1]), float(sums[2]))
+        # the sums of squares hold a term of every element of both rows
+        return SlerpPartials(float(sums[0]), float(sums[1]), float(sums[2]),
+                             inputs_finite=len(experts) == 1 and sums_prove_finite([float(sums[1]), float(sums[2])]))
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> SlerpReductions:

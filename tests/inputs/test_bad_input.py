@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from distmerge.config import MergeConfig, parse_config
 from distmerge.engine.run import run_merge
 from distmerge.errors import CheckpointError
-from distmerge.testing.method_cases import method_config
+from distmerge.testing.method_cases import CASES, NO_BASE, method_config
 from tests.helpers import load_state, make_config
 
 INDEX = "model.safetensors.index.json"
@@ -82,6 +83,46 @@ def test_nan_input_is_an_error_or_a_warning(llama_family, tmp_path, method):
     assert torch.isnan(load_state(tmp_path / "out2")["model.layers.2.mlp.up_proj.weight"][1, 2])
 
 
+def _poison_at(folder: Path, tensor: str, where: int, value: float) -> None:
+    """Set the element at flat index ``where`` (negative: from the end) of a stored tensor."""
+    index = json.loads((folder / INDEX).read_text())
+    file = folder / index["weight_map"][tensor]
+    tensors = load_file(file)
+    tensors[tensor].view(-1)[where] = value
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+MATRIX, VECTOR = "model.layers.2.mlp.up_proj.weight", "model.layers.1.post_attention_layernorm.weight"
+
+
+@pytest.mark.parametrize("method", [m for m in CASES if m != "passthrough"])
+def test_every_broken_input_is_named_where_rounds_prove_clean_ones_finite(llama_family, tmp_path, method):
+    """Where a method's first round proves clean inputs finite (``Partials.inputs_finite``) the
+    engine skips their scan, so that proof must fail on every broken input: a NaN, +Inf or -Inf
+    in the base or in any model, in a matrix or a vector, at its first, a middle or its last
+    element, with the tensor held in one batch or its rounds in their own tasks (a shard size
+    below the tensor). Each fails the merge naming the model's file and the tensor, and
+    publishes nothing."""
+    base, experts = llama_family
+    kind = CASES[method][0]
+    models = experts[:1] if kind == "one expert" else experts
+    first = base if method not in NO_BASE else models[0]
+    cases = [(models[0], MATRIX, 1234, float("nan"), None),
+             (first, VECTOR, -1, float("inf"), None),
+             (models[-1], MATRIX, 0, float("-inf"), 20_000),
+             (first, MATRIX, -1, float("nan"), 20_000)]
+    for k, (model, tensor, where, value, shard_size) in enumerate(cases):
+        bad = _copy(model, tmp_path / f"bad{k}")
+        _poison_at(bad, tensor, where, value)
+        swap = {model: bad}
+        cfg = parse_config(method_config(method, swap.get(base, base), [swap.get(m, m) for m in experts]))
+        out = tmp_path / f"out{k}"
+        with pytest.raises(CheckpointError, match=rf"bad{k}/model-\d+-of-\d+\.safetensors: tensor '{re.escape(tensor)}' "
+                                                  r"has 1 NaN/Inf values in rows"):
+            run_merge(cfg, out, executor="local", shard_size=shard_size, progress=False)
+        assert not (out / INDEX).exists()
+
+
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "arcee_fusion"])  # as above
 def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, tmp_path, method):
@@ -104,14 +145,23 @@ def test_overflow_in_the_compute_dtype_is_not_blamed_on_the_input(llama_family, 
         run_merge(cfg, tmp_path / "out3", progress=False)
 
 
-@pytest.mark.parametrize(("method", "scans_per_block"),
-                         [("linear", 1), ("task_arithmetic", 1), ("slerp", 3), ("arcee_fusion", 1)])
+# Scans per merged block on a clean merge: 1 is the output's alone. nearswap has no rounds and
+# drops NaNs, so it scans its two inputs too; ram's and sce's first rounds prove nothing;
+# passthrough scans its one input and the output.
+SCANS_PER_BLOCK = {"nearswap": 3, "ram": 4, "ramplus_tl": 4, "sce": 4, "passthrough": 2}
+
+
+@pytest.mark.parametrize("method", list(CASES))
 def test_a_clean_merge_scans_the_inputs_only_where_the_method_needs_it(llama_family, tmp_path, monkeypatch,
-                                                                        method, scans_per_block):
+                                                                        method):
     """linear, task_arithmetic and arcee_fusion carry every NaN/Inf to the output, so a clean merge
     scans each block's output alone (one pass instead of one per model and the output; for
-    arcee_fusion none in its reduction rounds either); slerp scans its two inputs and the output. Counted on the local executor, whose threads run in this process:
-    the inputs' scans in the worker's functions, the outputs' in the batch's loop."""
+    arcee_fusion none in its reduction rounds either). The methods whose first round sums a term
+    of every element (squares, magnitudes, or counts the NaN/Inf keys) prove the inputs finite
+    there (``Partials.inputs_finite``) and scan the output alone too. Counted on the local
+    executor, whose threads run in this process: the inputs' scans in the worker's functions,
+    the outputs' in the batch's loop."""
+    scans_per_block = SCANS_PER_BLOCK.get(method, 1)
     from distmerge.engine import batch, worker
 
     base, experts = llama_family

@@ -159,7 +159,8 @@ def test_speculative_counts_equal_torch_keys(dtype):
     b, xa = kernels.as_array(base, kd), kernels.as_array(x, kd)
     med = int(keys.median())
     for ranges in [[(med - 5000, med + 90000), (med + 20000, med + 400000)], [(0, 0)], [(med - 70000, med + 1)]]:
-        above, parts = kernels.above_and_windows(b, xa, mode, ranges)
+        above, parts, nonfinite = kernels.above_and_windows(b, xa, mode, ranges)
+        assert nonfinite == 0
         for (lo, hi), n, (values, counts) in zip(ranges, above, parts, strict=True):
             assert n == int((keys >= hi).sum())
             want_values, want_counts = torch.unique(keys[(keys >= lo) & (keys < hi)] - lo, return_counts=True)
@@ -167,6 +168,30 @@ def test_speculative_counts_equal_torch_keys(dtype):
     for key in (med, int(keys.max()), -1):
         want = (keys.reshape(64, 301) == key).sum(1)
         assert torch.equal(torch.from_numpy(kernels.row_key_counts(b, xa, mode, 64, key)), want)
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+def test_the_speculative_pass_counts_every_nonfinite_delta(dtype):
+    """The count that proves a chunk's rows finite (``Partials.inputs_finite``) equals torch's
+    count of NaN/Inf deltas: NaN, +Inf and -Inf in the base or the model, at block edges and
+    inside, Inf minus Inf, and a difference of finite values that overflows the dtype."""
+    base, (x,) = inputs((64, 301), 1, dtype, seed=6)
+    flat_b, flat_x = base.view(-1), x.view(-1)
+    big = torch.finfo(dtype).max
+    for i, (where, value) in enumerate([(flat_b, float("nan")), (flat_x, float("inf")), (flat_x, float("-inf")),
+                                        (flat_b, float("inf"))]):
+        where[[0, 127, 128, 4000 + i, flat_x.numel() - 1][i:i + 2]] = value
+    flat_b[5000], flat_x[5000] = float("inf"), float("inf")  # inf - inf: NaN
+    flat_b[6000], flat_x[6000] = -big, big  # finite rows whose difference overflows: counted, then scanned
+    kd, mode = kernels.kernel_dtype(dtype), kernels.kernel_mode(dtype)
+    assert mode is not None
+    want = int((~torch.isfinite(x - base)).sum())
+    assert want >= 8
+    for ranges in [[(0, 0)], [(1 << 20, 1 << 30), (0x3F000000, 0x3F800000)], []]:
+        _, _, nonfinite = kernels.above_and_windows(kernels.as_array(base, kd), kernels.as_array(x, kd), mode, ranges)
+        assert nonfinite == want
+    clean_b, (clean_x,) = inputs((64, 301), 1, dtype, seed=6)
+    assert kernels.above_and_windows(kernels.as_array(clean_b, kd), kernels.as_array(clean_x, kd), mode, [])[2] == 0
 
 
 def test_float16_compute_uses_the_torch_formulation():

@@ -141,6 +141,9 @@ class Sparsifier:
                 part = self.partial(round_, e, base, x, p, ctx, previous)
                 if part is not None:
                     out.experts[e] = part
+        # Each expert's partial that read every delta (x - base) may prove its rows finite.
+        out.inputs_finite = len(out.experts) == len(experts) and all(
+            getattr(part, "finite", False) for part in out.experts.values())
         return out
 
     def partial(

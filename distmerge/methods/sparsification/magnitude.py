@@ -122,7 +122,7 @@ class MagnitudeTrim(Sparsifier):
                 resolved = selection.resolve_windows([windows[bound]], rank)
                 if resolved is not None and rank - resolved.above < resolved.tied[0]:
                     ties[bound] = _rows_tied(keys, ctx, resolved.key)
-        return SpeculativePartial((ctx.row_start, ctx.row_end), windows, ties)
+        return SpeculativePartial((ctx.row_start, ctx.row_end), windows, ties, keys.nonfinite)
 
     @staticmethod
     def _tie_rows(e: int, keys: selection.DeltaKeys, ctx: ShardContext,

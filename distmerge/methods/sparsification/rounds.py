@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from distmerge.methods.base import Partials, Reductions
+from distmerge.methods.base import Partials, Reductions, sums_prove_finite
 from distmerge.methods.selection import Speculation, WindowCount
 
 
@@ -46,6 +46,13 @@ class SpeculativePartial:
     # a chunk that is the whole tensor: per bound whose ties must be split, its tie rows (as
     # in :class:`TiePartial`)
     ties: dict[Bound, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # keys of NaN/Inf deltas in the chunk, counted in the same pass (-1: not counted)
+    nonfinite: int = -1
+
+    @property
+    def finite(self) -> bool:
+        """Every delta of the chunk is finite, so are the expert's and the base's rows."""
+        return self.nonfinite == 0
 
 
 @dataclass
@@ -82,6 +89,12 @@ class L1Partial:
     before: float
     after: float
 
+    @property
+    def finite(self) -> bool:
+        """Every delta of the chunk is finite (``before`` sums all their magnitudes), so are the
+        expert's and the base's rows (:func:`~distmerge.methods.base.sums_prove_finite`)."""
+        return sums_prove_finite([self.before])
+
 
 @dataclass
 class VectorPartial:
@@ -89,6 +102,12 @@ class VectorPartial:
 
     delta: torch.Tensor
     draws: torch.Tensor
+
+    @property
+    def finite(self) -> bool:
+        """Every delta ``x - base`` of the chunk is finite, so are the expert's and the base's
+        rows (one pass over the deltas instead of one over each source)."""
+        return bool(torch.isfinite(self.delta).all())
 
 
 P = TypeVar("P", SpeculativePartial, HighPartial, LowPartial, TiePartial, L1Partial, VectorPartial)
