@@ -19,6 +19,7 @@ class Passthrough(MergeMethod):
     uses_base = False
     min_experts = 1
     max_experts = 1
+    nonfinite_reaches_output = True  # a copy, or ``x * scale``: NaN and Inf stay NaN or Inf (0 * Inf is NaN)
     global_parameters = {}
     model_parameters = {"scale": ParamSpec(1.0)}
 

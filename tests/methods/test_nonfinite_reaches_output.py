@@ -19,7 +19,7 @@ SPECIALS = (float("nan"), float("inf"), float("-inf"))
 
 
 def test_the_flag_is_set_where_the_engine_relies_on_it():
-    assert FLAGGED == ["arcee_fusion", "linear", "task_arithmetic"]
+    assert FLAGGED == ["arcee_fusion", "linear", "passthrough", "task_arithmetic"]
 
 
 def _inputs(g: torch.Generator, n_inputs: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -64,6 +64,8 @@ def test_every_input_nan_or_inf_reaches_the_output(name, dtype, compute):
         if "lambda" in method.global_parameters:
             glob["lambda"] = [1.0, 0.0, 0.5][trial % 3]
         per_model = [{"weight": w} for w in weights] if "weight" in method.model_parameters else None
+        if "scale" in method.model_parameters:  # passthrough: the weights as its scale
+            per_model = [{"scale": w} for w in weights]
         params = params_for(name, n, glob, per_model)
         reduced = reductions(name, base, experts, params, compute=compute)
         merged = merge_sharded(name, base, experts, params, reduced, 10, compute=compute)
@@ -74,7 +76,7 @@ def test_every_input_nan_or_inf_reaches_the_output(name, dtype, compute):
             # parameters, not on an input, so a broken input must not spread over the tensor
             assert (finite | poisoned).all(), (trial, weights, glob, out_dtype)
         checked += int(poisoned.sum())
-    assert checked > 500
+    assert checked > (400 if method.max_experts == 1 else 500)  # one model (passthrough): fewer broken inputs
 
 
 @pytest.mark.parametrize("name", FLAGGED)
