@@ -153,10 +153,11 @@ class Partials:
     Partials travel from the workers to the driver, so they hold exact integers, float64 sums
     or tensors, never anything that depends on the worker or the shard size.
 
-    ``inputs_finite``: round 0 proved that every element of every source's rows in the chunk
+    ``inputs_finite``: the round proved that every element of every source's rows in the chunk
     (the compute-dtype rows the method got) is finite, from sums it computes anyway (see
-    :func:`sums_prove_finite`). The engine then skips its NaN/Inf scan of those rows, a pass
-    over every source; False (unknown) leaves the scan to run.
+    :func:`sums_prove_finite`). The engine reads it in round 0, where it checks the inputs, and
+    then skips its NaN/Inf scan of those rows, a pass over every source; False (unknown)
+    leaves the scan to run.
     """
 
     inputs_finite: bool = field(default=False, kw_only=True)
@@ -165,9 +166,9 @@ class Partials:
 def sums_prove_finite(sums: Sequence[float | torch.Tensor]) -> bool:
     """Whether float sums prove their terms finite: a NaN or Inf term makes a sum NaN or Inf,
     so finite sums mean finite terms. The caller's sums must have a term from every element of
-    every source (``x * x`` or ``|x - base|``, each non-finite exactly where an input is), and
-    they must not overflow for finite terms (float64 sums of squares or magnitudes of float32
-    values do not); an overflow would only make the engine scan."""
+    every source (``x * x`` or ``|x - base|``, non-finite wherever an input is). A sum that
+    overflows on finite terms proves nothing and only costs the scan: float64 sums of float32
+    values' squares or magnitudes do not overflow; in float64 compute they can."""
     return all(bool(torch.isfinite(s).all()) if isinstance(s, torch.Tensor) else math.isfinite(s) for s in sums)
 
 
