@@ -103,9 +103,9 @@ class Slerp(MergeMethod):
         assert base is not None
         sums = np.empty(3, dtype=np.float64)  # reductions.dot's three sums, in one pass
         slerp_sums(stored_array(base), stored_array(experts[0]), sums)
-        # the sums of squares hold a term of every element of both rows
+        # the sums of squares hold a term of every element of both rows (slerp takes one model)
         return SlerpPartials(float(sums[0]), float(sums[1]), float(sums[2]),
-                             inputs_finite=len(experts) == 1 and sums_prove_finite([float(sums[1]), float(sums[2])]))
+                             inputs_finite=sums_prove_finite([float(sums[1]), float(sums[2])]))
 
     def reduce(self, partials: Sequence[Partials], params: TensorParams, shape: tuple[int, ...],
                round_: int, previous: Reductions | None) -> SlerpReductions:

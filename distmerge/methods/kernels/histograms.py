@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from distmerge.methods.kernels.rounding import _jit, _key, _r, _value, mode_tag
+from distmerge.methods.kernels.rounding import INF_KEY, _jit, _key, _r, _value, mode_tag
 
 KEY_BUCKETS = 1 << 15  # distinct high 16 bits of a key (the sign bit of a magnitude is 0)
-_INF_KEY = np.int32(0x7F800000)  # the key of +Inf; every NaN's key is above it
+_INF_KEY = np.int32(INF_KEY)  # the keys here are int32
 
 
 @_jit

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmerge.methods.kernels.rounding import _inline, _jit, _r, _value, mode_tag
+from distmerge.methods.kernels.rounding import INF_KEY, _inline, _jit, _r, _value, mode_tag
 from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, fill_raw32
 
 MAX_DIGIT = 11  # bits per radix pass at most: 2048 buckets
 MIN_DIGIT = 4  # and at least (short rows): 16 buckets
 _SIGN_OFF = np.uint32(0x7FFFFFFF)
-_INF_KEY = np.uint32(0x7F800000)
+_INF_KEY = np.uint32(INF_KEY)
 _NAN_KEY = np.uint32(0x7F800001)  # every NaN: one key above +inf
 _UNIT32 = 2.0**-32  # as random_stream.keep_uniforms: a 32-bit draw -> [0, 1)
 

@@ -26,6 +26,9 @@ from distmerge.numba_cache import inline, jit
 
 NATIVE = 0  # float32 / float64: no rounding beyond the dtype's own
 BFLOAT16 = 1  # float32 arrays, every result rounded to bfloat16
+# The bit pattern of float32 +Inf: a magnitude's key (its bits, sign cleared) is at least this
+# exactly where the magnitude is Inf or NaN.
+INF_KEY = 0x7F800000
 
 _jit = jit  # distmerge.numba_cache's: its guard drops a cache older than any compiled file
 _inline = inline

@@ -31,10 +31,10 @@ from functools import cache
 import numpy as np
 import torch
 
-from distmerge.methods.kernels.rounding import _inline, _jit
+from distmerge.methods.kernels.rounding import INF_KEY, _inline, _jit
 
 _SIGN_OFF = np.uint32(0x7FFFFFFF)
-_INF_KEY = np.uint32(0x7F800000)
+_INF_KEY = np.uint32(INF_KEY)
 _NAN_KEY = np.uint64(0x7F800001)  # every NaN: one key above +inf (the comparator's NaNs tie)
 _HALF = np.uint64(32)
 _LOW = np.uint64(0xFFFFFFFF)
