@@ -182,8 +182,8 @@ def merge_block(job: MergeJob, unit: WorkUnit, raw: list[torch.Tensor], reduced:
     base, experts = (rows[0], rows[1:]) if t.base is not None else (None, rows)
     ctx = shard_context(job, unit, rows, held)
     merged = get_method(job.method).merge(base, experts, t.params, ctx, reduced)
-    if job.row_steps and base is not None:
-        base = in_compute(base, ctx)
+    if job.row_steps:  # in the compute dtype (passthrough may return its rows as read)
+        base, merged = (None if base is None else in_compute(base, ctx)), in_compute(merged, ctx)
     for step in job.row_steps:
         merged = step.apply(unit.tensor, t.shape, unit.row_start, unit.row_end, base, merged)
     if not t.shape:

@@ -256,7 +256,10 @@ class MergeMethod:
         reduced: Reductions | None = None,
     ) -> torch.Tensor:
         """Merged rows of this shard, in :meth:`result_dtype` of the compute dtype; ``reduced``
-        is the last round's :meth:`reduce` result (None when the tensor needs no rounds)."""
+        is the last round's :meth:`reduce` result (None when the tensor needs no rounds). Where
+        the rows came as stored (``ctx.compute`` set), a method may return stored rows whose
+        values the compute dtype holds exactly and whose cast to it keeps every bit (finite:
+        passthrough's copy): the engine casts to the output dtype either way."""
         raise NotImplementedError
 
     def validate(self, params: TensorParams, where: str, inputs: Sequence[str] = ()) -> None:

@@ -29,10 +29,10 @@ F32 = torch.float32
 
 
 def test_the_methods_that_read_stored_rows():
-    """The flag is where the fused loops are: every method but passthrough, which merges nothing."""
+    """The flag is where the fused loops are, and on passthrough, whose copy is the rows as read."""
     assert sorted(["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
                    "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ram", "ramplus_tl", "nuslerp", "karcher",
-                   "multislerp", "sce", "arcee_fusion", "nearswap"]) == STORED
+                   "multislerp", "sce", "arcee_fusion", "nearswap", "passthrough"]) == STORED
 
 
 def bf16_inputs(shape, n, seed, ties):
@@ -79,12 +79,14 @@ def both_ways(name, base, xs, params, chunk_rows, steps, every_chunk=False, with
     return out
 
 
-def assert_same(cast, stored):
+def assert_same(cast, stored, copies=False):
+    """``copies``: the method may return stored rows as they are (passthrough at scale 1), which
+    must widen to the cast rows' bits."""
     (r_cast, m_cast), (r_stored, m_stored) = cast, stored
     assert same_values(r_cast, r_stored)
     for a, b in zip(m_cast, m_stored, strict=True):
-        assert a.dtype == b.dtype == F32
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert a.dtype == F32 and b.dtype == (torch.bfloat16 if copies else F32)
+        assert torch.equal(a.view(torch.int32), b.float().view(torch.int32))
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["smooth", "tied"])
@@ -96,7 +98,7 @@ def test_stored_rows_merge_as_cast_rows(name, shape, ties):
     params = case_params(name, n)
     rows = shape[0]
     cast, stored = both_ways(name, base, xs, params, chunk_rows=4, steps=(3, rows))
-    assert_same(cast, stored)
+    assert_same(cast, stored, copies=name == "passthrough")
     # the merge did something: it is not the base (arcee_fusion keeps it where no importance
     # of a 5-element vector reaches Q2 + 1.5 IQR)
     if name not in NO_BASE and not (name == "arcee_fusion" and shape == (5,)):
@@ -155,7 +157,8 @@ UNIT = WorkUnit(0, 0, 4, 0, 0, 0)
 @pytest.mark.parametrize(("method", "compute", "dtypes", "stored"), [
     ("ties", "F32", (torch.bfloat16,) * 3, True),
     ("linear", "F32", (torch.bfloat16,) * 3, True),
-    ("passthrough", "F32", (torch.bfloat16,), False),  # no flag: cast
+    ("passthrough", "F32", (torch.bfloat16,), True),
+    ("passthrough", "F32", (torch.float16,), False),  # float16 rows: cast
     ("ties", "BF16", (torch.bfloat16,) * 3, False),  # already the compute dtype
     ("ties", "F64", (torch.bfloat16,) * 3, False),  # float64 compute: cast
     ("ties", "F32", (torch.bfloat16, torch.float16, torch.bfloat16), False),  # mixed: cast all
@@ -241,3 +244,61 @@ def test_row_steps_get_the_base_in_the_compute_dtype():
     assert step.seen[0].dtype == F32 and torch.equal(step.seen[0], base.float())
     want = get_method("linear").merge(None, [x.float() for x in xs], params, shard_context(job, unit, [base.float()])) + base.float()
     assert torch.equal(got, want)
+
+
+def test_a_method_without_the_flag_gets_cast_rows(monkeypatch):
+    monkeypatch.setattr(type(get_method("passthrough")), "reads_stored_rows", False)
+    raw = [torch.ones(4, 3, dtype=torch.bfloat16)]
+    rows = compute_rows(_job("passthrough"), UNIT, raw)
+    assert rows[0].dtype == F32 and shard_context(_job("passthrough"), UNIT, rows).compute is None
+
+
+def _passthrough_block(raw, out_dtype, scale=1.0, row_steps=(), monkeypatch=None):
+    """merge_block of passthrough over one source's bf16 rows (float32 compute); with
+    ``monkeypatch``, the rows cast first as a method without the flag gets them."""
+    params = params_for("passthrough", 1, model={"scale": scale})
+    t = _PlannedTensor(shape=tuple(raw.shape), base=None, params=params, out_dtype=out_dtype, sources=(None,))
+    job = dataclasses.replace(MergeJob("passthrough", (t,), None, "F32", 0), check_finite=False,  # type: ignore[arg-type]
+                              row_steps=row_steps)
+    if monkeypatch is not None:
+        monkeypatch.setattr(type(get_method("passthrough")), "reads_stored_rows", False)
+    return merge_block(job, WorkUnit(0, 0, raw.shape[0], 0, 0, 0), [raw], None, scan_inputs=False)  # as the batch calls it
+
+
+@pytest.mark.parametrize("out_dtype", ["BF16", "F32", "F16"])
+def test_passthrough_writes_clean_rows_as_read(out_dtype, monkeypatch):
+    """Scale 1 on finite rows: no cast and no copy where the output is bfloat16; every output
+    dtype gets the bytes of the cast rows."""
+    raw = (torch.randn(16, 8) * 100).to(torch.bfloat16)
+    raw[0, :3] = torch.tensor([0.0, -0.0, 1e-40])  # signed zeros and a subnormal survive too
+    fast = _passthrough_block(raw, out_dtype)
+    if out_dtype == "BF16":
+        assert fast is raw
+    cast = _passthrough_block(raw, out_dtype, monkeypatch=monkeypatch)
+    assert fast.dtype == cast.dtype and torch.equal(fast.view(torch.uint8), cast.view(torch.uint8))
+
+
+def test_passthrough_rows_with_nan_payloads_give_the_cast_bytes(monkeypatch):
+    """A NaN's payload and sign do not survive torch's bfloat16 -> float32 -> bfloat16 casts
+    (mergekit's path at float32 compute): such rows are cast, so the bytes stay the same."""
+    bits = torch.tensor([[0x7FC1, -0x003F, 0x7F80, -0x0080], [0x3F80, 0x7FFF, 0x0001, -0x7FBF]], dtype=torch.int16)
+    raw = bits.view(torch.bfloat16)
+    fast = _passthrough_block(raw, "BF16")
+    cast = _passthrough_block(raw, "BF16", monkeypatch=monkeypatch)
+    assert not torch.equal(raw.view(torch.int16), cast.view(torch.int16))  # the cast path rewrites the NaNs
+    assert torch.equal(fast.view(torch.int16), cast.view(torch.int16))
+
+
+def test_passthrough_scales_and_row_steps_see_the_compute_dtype():
+    raw = torch.randn(16, 8).to(torch.bfloat16)
+    scaled = _passthrough_block(raw, "F32", scale=0.5)
+    assert torch.equal(scaled, raw.float() * 0.5)
+    seen = []
+
+    class Step:  # a feature's row step (engine.features.RowStep)
+        def apply(self, tensor, shape, row_start, row_end, base, merged):
+            seen.append((base, merged.dtype))
+            return merged
+
+    out = _passthrough_block(raw, "BF16", row_steps=(Step(),))
+    assert seen == [(None, F32)] and torch.equal(out.view(torch.int16), raw.view(torch.int16))
