@@ -68,10 +68,12 @@ def reference_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilo
 def fused_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,
                  compute: torch.dtype | None = None) -> CountPartials:
     """:func:`reference_counts` by :func:`ram_counts` (exact integers either way); ``compute``:
-    the compute dtype of rows that come as stored (default: their own)."""
+    the compute dtype of rows that come as stored (default: their own). The loop also counts
+    the task vectors' NaN/Inf elements: none proves every row finite (``Partials.inputs_finite``;
+    ``x - base`` is finite only where both are), which saves the engine a scan of each source."""
     shared, unique = np.zeros(len(experts), dtype=np.int64), np.zeros(len(experts), dtype=np.int64)
-    ram_counts(*_loop_arrays(base, experts, epsilon, compute or base.dtype), shared, unique)
-    return CountPartials(shared.tolist(), unique.tolist())
+    nonfinite = ram_counts(*_loop_arrays(base, experts, epsilon, compute or base.dtype), shared, unique)
+    return CountPartials(shared.tolist(), unique.tolist(), inputs_finite=nonfinite == 0)
 
 
 def _loop_arrays(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float,  # noqa: ANN202

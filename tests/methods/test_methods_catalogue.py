@@ -589,3 +589,23 @@ def test_della_epsilon_must_keep_probabilities_inside(density, epsilon):
 def test_rescale_mode_choices():
     with pytest.raises(ConfigError, match="l1, inverse_density"):
         get_method("dare_ties").global_parameters["rescale_mode"].validate("l2", "parameters.rescale_mode")
+
+
+def test_model_stock_computes_a_tensors_t_once(monkeypatch):
+    """Every merge block of a tensor blends with the same t: it is computed once per compute
+    dtype from the reduced Gram matrix, and the blocks equal one blend with that t."""
+    from distmerge.methods import model_stock
+
+    base, xs = make_inputs((40, 6), 3, torch.float32, seed=4)
+    params = params_for("model_stock", 3)
+    reduced = reductions("model_stock", base, xs, params)
+    calls = []
+    real = model_stock.stock_t
+    monkeypatch.setattr(model_stock, "stock_t", lambda *a, **k: calls.append(a[1:]) or real(*a, **k))
+    merged = merge_sharded("model_stock", base, xs, params, reduced, step=3)
+    assert calls == [(torch.float32,)]
+    t = real(reduced.gram, torch.float32)
+    assert torch.equal(merged, model_stock.blend_reference(base, xs, t))
+    merge_sharded("model_stock", base, xs, params, reduced, step=7)
+    merged_bf16 = merge_sharded("model_stock", base.bfloat16(), [x.bfloat16() for x in xs], params, reduced, step=5)
+    assert calls == [(torch.float32,), (torch.bfloat16,)] and merged_bf16.dtype == torch.bfloat16

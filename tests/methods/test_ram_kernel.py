@@ -42,11 +42,32 @@ def test_fused_ram_equals_torch(dtype: torch.dtype, size: int, k: int) -> None:
         want = reference_merge(base, xs, epsilon, None)
         got = fused_merge(base, xs, epsilon, None)
         assert got.dtype == want.dtype and same_bits(got, want), epsilon
-        counts = fused_counts(base, xs, epsilon)
-        assert counts == reference_counts(base, xs, epsilon)
+        counts, want_counts = fused_counts(base, xs, epsilon), reference_counts(base, xs, epsilon)
+        assert (counts.shared, counts.unique) == (want_counts.shared, want_counts.unique)
+        assert counts.inputs_finite  # finite rows: the round proves it
         n = base.numel()
         assert all(0 <= s + u <= n for s, u in zip(counts.shared, counts.unique, strict=True))
         lambda_ = 1 + 0.1 * torch.tensor([0.05, 0.2, 0.13][:k], dtype=torch.float32)
         want = reference_merge(base, xs, epsilon, lambda_)
         got = fused_merge(base, xs, epsilon, lambda_)
         assert got.dtype == want.dtype and same_bits(got, want), ("ramplus_tl", epsilon)
+
+
+@pytest.mark.parametrize("where", [0, 2047, 2048, 4999])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_fused_counts_prove_finite_rows_only(dtype: torch.dtype, value: float, where: int) -> None:
+    """A NaN or Inf in the base or in any model, at a block's edge or inside one, leaves the
+    chunk unproven (the engine then scans it) with the counts torch gives; so does a finite
+    difference too large for the compute dtype (it rounds to Inf)."""
+    for source in range(3):
+        base, xs = inputs(5000, 2, dtype, 1e-5)
+        rows = [base.clone(), *(x.clone() for x in xs)]
+        rows[source][where] = value
+        got, want = fused_counts(rows[0], rows[1:], 1e-5), reference_counts(rows[0], rows[1:], 1e-5)
+        assert not got.inputs_finite, (source, where)
+        assert (got.shared, got.unique) == (want.shared, want.unique)
+    big = torch.finfo(dtype).max
+    base, xs = inputs(5000, 2, dtype, 1e-5)
+    base[where], xs[1][where] = -big, torch.tensor(big, dtype=dtype)
+    assert not fused_counts(base, xs, 1e-5).inputs_finite

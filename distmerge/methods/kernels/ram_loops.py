@@ -49,12 +49,15 @@ def _task_vectors(b, xs, s, z, mode, eps, tv, count):  # noqa: ANN001, ANN202
 @_jit
 def ram_counts(b, xs, mode, eps, shared, unique):  # noqa: ANN001, ANN202
     """ramplus_tl's round: per model, its nonzero elements shared with another model and unique
-    to it, added into ``shared`` and ``unique`` (int64)."""
+    to it, added into ``shared`` and ``unique`` (int64). Returns how many task vector elements
+    are NaN or Inf (not below +Inf in magnitude): 0 proves the rows finite."""
     n = b.size
     k = len(xs)
     tv = np.empty((k, BLOCK), dtype=eps.dtype)
     count = np.empty(BLOCK, dtype=eps.dtype)
+    big = eps.dtype.type(np.inf)
     one = eps.dtype.type(1.0)
+    nonfinite = 0
     for s in range(0, n, BLOCK):
         z = min(BLOCK, n - s)
         _task_vectors(b, xs, s, z, mode, eps[0], tv, count)
@@ -62,12 +65,16 @@ def ram_counts(b, xs, mode, eps, shared, unique):  # noqa: ANN001, ANN202
             t = tv[e]
             sh = 0
             un = 0
+            bad = 0
             for i in range(z):
                 nz = abs(t[i]) > eps[0]
                 sh += nz & (count[i] > one)
                 un += nz & (count[i] == one)
+                bad += not (abs(t[i]) < big)
             shared[e] += sh
             unique[e] += un
+            nonfinite += bad
+    return nonfinite
 
 
 @_jit
