@@ -17,9 +17,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from distmerge.methods.kernels import dots, fusion_loops, linear_loop, ram_loops, ranks
+from distmerge.methods.kernels import blend_loops, dots, fusion_loops, linear_loop, ram_loops, ranks
 from distmerge.methods.kernels import task_vector_loop as tv
-from distmerge.methods.kernels.rounding import value_arrays
+from distmerge.methods.kernels.rounding import NATIVE, mode_tag, value_arrays
 from distmerge.methods.philox import fill_keep, fill_raw, philox_scratch
 from distmerge.methods.random_stream import stream_key
 
@@ -69,6 +69,9 @@ def main() -> None:
         ("float64 dot (bf16 bits)", lambda: dots.float64_dot(base, experts[0]), N),
         ("TIES merge, 2 experts (per output)", task_vectors(True), N),
         ("thresholded task-vector sum, 2 experts (per output)", task_vectors(False), N),
+        ("model stock Gram matrix, 2 experts (lane order)", lambda: blend_loops.stock_grams(b, (x0, x1), mode_tag(NATIVE), N, np.empty((1, 2, 2))), N),
+        ("model stock blend, 2 experts", lambda: blend_loops.stock_blend(b, (x0, x1), mode_tag(NATIVE), np.array([0.6], np.float32), np.array([0.4], np.float32), np.float32(2.0), out), N),
+        ("RAM+ counts, 2 experts (with the NaN/Inf count)", lambda: ram_loops.ram_counts(b, (x0, x1), 0.0, np.array([1e-5], np.float32), np.zeros(2, np.int64), np.zeros(2, np.int64)), N),
         ("RAM+ merge, 2 experts (per output)", lambda: ram_loops.ram_merge(b, (x0, x1), 0.0, np.array([1e-5], np.float32), np.array([1.2, 0.8], np.float32), True, N, out), N),
         ("arcee_fusion merge", lambda: fusion_loops.fusion_merge(b, x0, kl, COLS, 1e-4), N),
         ("arcee_fusion counts, every element", lambda: fusion_loops.fusion_counts(b, x0, kl, COLS, None, np.zeros(0, np.int64)), N),

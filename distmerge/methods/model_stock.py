@@ -18,10 +18,9 @@ ulp, so model stock agrees with mergekit to within 1 ulp rather than bit for bit
 
 The Gram matrices and the blend are fused loops (:mod:`distmerge.methods.kernels.blend_loops`)
 that read the rows in their compute dtype and give the floats of the torch formulation
-(:func:`gram_reference`, :func:`blend_reference`): the diagonal sums in numpy's order, the
-off-diagonal ones in torch's (:mod:`distmerge.methods.kernels.sum_orders`). float16 compute
-has no kernel mode, and where the torch order cannot be reproduced (an unknown vector width)
-the off-diagonal sums stay torch's; both use the torch formulation.
+(:func:`gram_reference`, :func:`blend_reference`); every Gram sum adds in the lane order
+(``sum_orders.lane_sum``), which a loop keeps in SIMD registers. float16 compute has no kernel
+mode and runs the torch formulation.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from distmerge.methods import kernels, reductions, stack_sums
+from distmerge.methods import kernels, stack_sums
 from distmerge.methods.base import (
     MergeMethod,
     ParamSpec,
@@ -47,7 +46,7 @@ from distmerge.methods.base import (
 )
 from distmerge.methods.kernels.blend_loops import stock_blend, stock_grams
 from distmerge.methods.kernels.rounding import stored_array
-from distmerge.methods.kernels.sum_orders import torch_sum_lanes
+from distmerge.methods.kernels.sum_orders import lane_sum
 
 NORM_FLOOR = 1e-6
 
@@ -75,29 +74,18 @@ def stock_t(gram: torch.Tensor, dtype: torch.dtype = torch.float64,
     return torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
 
 
-def _gram_entry(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
-    """float64 sum of ``a * b``: exact squares on the diagonal (``torch.norm`` upcasts), the
-    compute dtype's rounded products off it (``(a * b).sum()``)."""
-    return reductions.dot(a, b) if same else float((a * b).double().sum())
-
-
 def gram_reference(base: torch.Tensor, experts: Sequence[torch.Tensor], rows: bool) -> torch.Tensor:
-    """Gram matrix of the task vectors as torch/numpy ops: of the whole rows (``[n, n]``), or
-    of each last-dim vector (``rows``: ``[..., n, n]``). The kernels' formulation."""
-    offsets = [x - base for x in experts]
+    """Gram matrix of the task vectors as torch ops: of the whole rows (``[n, n]``), or of each
+    last-dim vector (``rows``: ``[..., n, n]``). The kernels' formulation: float64 sums in the
+    lane order of the float64 squares on the diagonal (``torch.norm`` upcasts; exact but for
+    float64 offsets), of the compute dtype's rounded products off it (``(a * b).sum()``)."""
+    offsets = [(x - base).reshape(-1) if not rows else x - base for x in experts]
     n = len(offsets)
-    if not rows:
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                gram[i, j] = gram[j, i] = _gram_entry(offsets[i], offsets[j], i == j)
-        return gram
-    gram = torch.empty(base.shape[:-1] + (n, n), dtype=torch.float64)
+    gram = torch.empty(offsets[0].shape[:-1] + (n, n), dtype=torch.float64)
     for i in range(n):
         for j in range(i, n):
-            gram[..., i, j] = gram[..., j, i] = (
-                reductions.rowwise_dot(offsets[i], offsets[i]) if i == j
-                else (offsets[i] * offsets[j]).double().sum(-1))
+            products = offsets[i].double() ** 2 if i == j else (offsets[i] * offsets[j]).double()
+            gram[..., i, j] = gram[..., j, i] = lane_sum(products)
     return gram
 
 
@@ -114,14 +102,12 @@ def blend_reference(base: torch.Tensor, experts: Sequence[torch.Tensor], t: torc
 def _gram(base: torch.Tensor, experts: Sequence[torch.Tensor], rows: bool, ctx: ShardContext) -> torch.Tensor:
     """:func:`gram_reference`'s matrices, by the fused kernel where the compute dtype has one."""
     mode = kernels.kernel_mode(compute_dtype(base, ctx))
-    lanes = torch_sum_lanes()
-    if mode is None or lanes == 0 or base.numel() == 0:
+    if mode is None or base.numel() == 0:
         return gram_reference(*rows_in_compute(base, experts, ctx), rows)
     n = len(experts)
     row_len = base.shape[-1] if rows else base.numel()
     out = np.empty((base.numel() // row_len, n, n), dtype=np.float64)
-    stock_grams(stored_array(base), tuple(stored_array(x) for x in experts), kernels.mode_tag(mode), lanes,
-                row_len, out)
+    stock_grams(stored_array(base), tuple(stored_array(x) for x in experts), kernels.mode_tag(mode), row_len, out)
     return torch.from_numpy(out).reshape((base.shape[:-1] if rows else ()) + (n, n))
 
 

@@ -33,7 +33,8 @@ class Passthrough(MergeMethod):
               ctx: ShardContext, stats: dict[str, Any] | None = None) -> torch.Tensor:
         """The model's rows times ``scale``: in the compute dtype, or, at scale 1, the rows as
         read where the compute dtype holds them exactly (``ctx.compute`` set) and they are finite
-        (one sum, a tenth of a cast's cost). The engine then writes them without a pass."""
+        (one sum, a tenth of a cast's cost). The engine writes them as they are where the output
+        dtype is theirs (``out_dtype: bfloat16``), else casts them once to it."""
         x, scale = experts[0], params.experts[0]["scale"]
         if scale != 1.0:
             return in_compute(x, ctx) * scale

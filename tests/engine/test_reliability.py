@@ -74,9 +74,9 @@ def test_journal_of_another_merge_is_refused(clean_run, llama_family):
 
 
 def test_an_interrupted_run_of_another_minor_version_is_not_resumed(llama_family, tmp_path, monkeypatch):
-    """0.2 changed DARE's and DELLA's masks: a run another minor version began is refused, the
-    refusal naming the version (resuming it would mix two streams' masks in one model); the
-    same minor version resumes it."""
+    """0.2 changed DARE's and DELLA's masks (0.3 model stock's Gram sums): a run another minor
+    version began is refused, the refusal naming the version (resuming it would mix two
+    streams' masks in one model); the same minor version resumes it."""
     import distmerge.output.journal as journal
 
     base, experts = llama_family

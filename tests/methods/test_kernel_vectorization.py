@@ -46,3 +46,16 @@ def test_arcee_fusions_merge_is_vectorized():
                   np.empty(BF16_BITS.size, dtype=np.float32))
     for op in ("fsub", "fmul", "fadd"):
         assert vector_ops(ir, op, "float") > 0, op  # kl[j // cols] kept it scalar: 2.1 against 0.57 ns
+
+
+@pytest.mark.parametrize("operands", [BF16_BITS, FLOATS], ids=["bfloat16-bits", "float32"])
+def test_model_stocks_gram_sums_are_vectorized(operands: np.ndarray):
+    """A loop from a run-time start (``range(lo, hi, LANES)``) stayed scalar: 1.56 against
+    0.40 ns per element; so did one loop over every model at once."""
+    from distmerge.methods.kernels import blend_loops, rounding
+
+    ir = fresh_ir(blend_loops._pair_sums, operands, operands, operands, rounding.mode_tag(rounding.NATIVE),
+                  5, operands.size, np.empty(3))
+    assert vector_ops(ir, "fadd", "double") > 0 and vector_ops(ir, "fmul", "double") > 0
+    # the slow loop had these too, but gathered its rows lane by lane through vectors of indices
+    assert not re.search(r"<\d+ x i64>", ir)

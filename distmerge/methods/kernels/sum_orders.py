@@ -1,28 +1,24 @@
-"""float64 sums in the exact orders of numpy's and torch's CPU reductions, for fused kernels.
+"""float64 sums in fixed orders for fused kernels: numpy's pairwise order, and a lane order.
 
-Why: SLERP's and model stock's statistics are whole-tensor float64 sums, taken until now with
-numpy (``reductions.dot``: ``np.add.reduce`` of the products) and torch (``.double().sum()``)
-after casting every row to float64: three or four passes over memory and two temporaries
-per sum. A fused kernel computes each product where it reads the rows; to give the same
-floats it must add them in the same order, which is what this module reproduces.
+Why: the statistics of SLERP, nuslerp, multislerp, Karcher and model stock are whole-tensor
+float64 sums. A fused kernel computes each product where it reads the rows; to give the same
+floats every time (and the floats of a torch/numpy formulation) it must add them in a fixed
+order, which is what this module defines.
 
 * numpy (``np.add.reduce`` of a contiguous float64 vector, one call of the inner loop for the
   whole vector): ``0.0 + pairwise(v)``, where ``pairwise`` splits a vector longer than 128
   into ``n2 = n // 2 - (n // 2) % 8`` and the rest, recursively, and sums a vector of at
   most 128 with eight accumulators (``_pw_block``; fewer than 8 elements: left to right
   from -0.0). The kernels compute the leaves' sums themselves (:func:`pairwise_spans` gives
-  the leaves in order) and combine them with :func:`pairwise_combine`.
-* torch (``sum`` of a contiguous float64 tensor, or of each contiguous last-dim row, on one
-  intra-op thread: ``cascade_sum`` in aten/src/ATen/native/cpu/SumKernel.cpp):
-  :func:`cascade_sum`, in steps (:func:`cascade_plan`, :func:`cascade_rows`, ...) that a
-  kernel can feed with values it computes a window at a time. Its order depends on the width of torch's ``Vectorized<double>``
-  (4 or 8 lanes) in the kernel torch dispatches to, which :func:`torch_sum_lanes` finds by
-  probing torch once; where neither width reproduces torch, callers keep torch's own sum.
+  the leaves in order) and combine them with :func:`pairwise_combine`. ``reductions.dot``
+  and the methods whose sums it defines add in this order.
+* lanes (:data:`LANES` accumulators, element ``i`` into lane ``i % LANES``, :func:`lane_sum`):
+  an order a loop keeps in SIMD registers. Model stock's Gram matrices add in it: three sums of
+  two task vectors cost 0.43 ns per element that way against 1.23 ns in numpy's order with
+  torch's for the cross terms (bfloat16 rows, float32 compute, 2^24 elements).
 """
 
 from __future__ import annotations
-
-from functools import cache
 
 import numpy as np
 import torch
@@ -31,8 +27,6 @@ from distmerge.methods.kernels.rounding import _inline, _jit
 
 PW_BLOCK = 128  # numpy's PW_BLOCKSIZE
 _STACK = 128  # pairwise tree depth bound: log2(n / 64), so any n below 2**70
-CASCADE_LEVELS = _LEVELS = 4  # torch's multi_row_sum: num_levels
-_ROWS = 4  # torch's row_sum: ilp_factor
 
 
 # ---- numpy: pairwise ----------------------------------------------------------------------
@@ -155,7 +149,30 @@ def pairwise_combine(n, leaf):  # noqa: ANN001, ANN202
     return 0.0 + values[0]
 
 
-# ---- torch: cascade_sum ---------------------------------------------------------------------
+# ---- lanes: a float64 sum that vectorizes -----------------------------------------------------
+
+LANES = 16  # a lane sum's accumulators: four AVX2 (two AVX-512) float64 vectors
+
+
+def lane_sum(v: torch.Tensor) -> torch.Tensor:
+    """The lane order's float64 sums of ``v``'s last-dim vectors, as torch ops (the reference
+    of the loops that add in it, and their path where no loop runs): element ``i < n - n % LANES``
+    goes to lane ``i % LANES``, added in order from +0.0 (torch's ``cumsum`` adds one after
+    another); the lanes are added in order from +0.0, then the last ``n % LANES`` elements."""
+    v = v.to(torch.float64)
+    n = v.shape[-1]
+    whole = n - n % LANES
+    total = torch.zeros(v.shape[:-1], dtype=torch.float64)
+    if whole:
+        lanes = 0.0 + v[..., :whole].reshape(*v.shape[:-1], whole // LANES, LANES).cumsum(-2)[..., -1, :]
+        for lane in range(LANES):
+            total = total + lanes[..., lane]
+    for i in range(whole, n):
+        total = total + v[..., i]
+    return total
+
+
+# ---- ATen's helpers ----------------------------------------------------------------------------
 
 @_inline
 def ceil_log2(x):  # noqa: ANN001, ANN202
@@ -169,113 +186,3 @@ def ceil_log2(x):  # noqa: ANN001, ANN202
         v >>= 1
         bits += 1
     return bits
-
-
-@_jit
-def cascade_short(v):  # noqa: ANN001, ANN202
-    """torch's scalar ``row_sum`` (a vector shorter than one SIMD vector): four accumulators
-    over quads, the tail into the first, then the other three into it."""
-    n = v.size
-    a = np.zeros(_ROWS, dtype=np.float64)
-    quads = n // _ROWS
-    for i in range(quads):
-        for k in range(_ROWS):
-            a[k] += v[i * _ROWS + k]
-    for p in range(quads * _ROWS, n):
-        a[0] += v[p]
-    for k in range(1, _ROWS):
-        a[0] += a[k]
-    return 0.0 + a[0]
-
-
-@_jit
-def cascade_plan(n, lanes):  # noqa: ANN001, ANN202
-    """``(width, rows, step, power)`` of torch's ``multi_row_sum`` over ``n >= lanes`` values:
-    rows of ``width = 4 * lanes`` values, carried up a level every ``step = 2**power`` rows."""
-    width = _ROWS * lanes
-    rows = (n // lanes) // _ROWS
-    power = max(4, ceil_log2(rows) // _LEVELS)
-    return width, rows, 1 << power, power
-
-
-@_jit
-def cascade_rows(acc, values, count, width):  # noqa: ANN001, ANN202
-    """Add ``count`` rows of ``values`` to level 0, row after row (one chain per column)."""
-    a0 = acc[0]
-    for j in range(count):
-        row = values[j * width:(j + 1) * width]
-        for c in range(width):
-            a0[c] += row[c]
-
-
-@_jit
-def cascade_carry(acc, i, power):  # noqa: ANN001, ANN202
-    """After ``i`` rows (a multiple of the step): carry each level into the next, up to the
-    first level whose block is not complete yet."""
-    mask = (1 << power) - 1
-    for level in range(1, _LEVELS):
-        for c in range(acc.shape[1]):
-            acc[level, c] += acc[level - 1, c]
-            acc[level - 1, c] = 0.0
-        if (i & (mask << (level * power))) != 0:
-            break
-
-
-@_jit
-def cascade_finish(acc, rest, lanes):  # noqa: ANN001, ANN202
-    """The sum, from the levels and ``rest``: the values after the last whole row (fewer
-    than three vectors, then fewer than ``lanes`` scalars)."""
-    for level in range(1, _LEVELS):
-        for c in range(acc.shape[1]):
-            acc[0, c] += acc[level, c]
-    vectors = rest.size // lanes
-    for vec in range(vectors):  # row_sum's leftover vectors, into the first
-        for lane in range(lanes):
-            acc[0, lane] += rest[vec * lanes + lane]
-    for k in range(1, _ROWS):
-        for lane in range(lanes):
-            acc[0, lane] += acc[0, k * lanes + lane]
-    final = 0.0
-    for p in range(vectors * lanes, rest.size):
-        final += rest[p]
-    for lane in range(lanes):
-        final += acc[0, lane]
-    return 0.0 + final
-
-
-@_jit
-def cascade_sum(v, lanes):  # noqa: ANN001, ANN202
-    """torch's single-thread ``sum`` of the contiguous float64 vector ``v`` with ``lanes``-wide
-    vectors (``vectorized_inner_sum``; shorter than one vector: :func:`cascade_short`).
-    Fused kernels run the same steps on values they compute a window at a time."""
-    n = v.size
-    if n < lanes:
-        return cascade_short(v)
-    width, rows, step, power = cascade_plan(n, lanes)
-    acc = np.zeros((_LEVELS, width), dtype=np.float64)
-    i = 0
-    while i + step <= rows:
-        cascade_rows(acc, v[i * width:(i + step) * width], step, width)
-        i += step
-        cascade_carry(acc, i, power)
-    cascade_rows(acc, v[i * width:rows * width], rows - i, width)
-    return cascade_finish(acc, v[rows * width:], lanes)
-
-
-@cache
-def torch_sum_lanes() -> int:
-    """The vector width (4 or 8) with which :func:`cascade_sum` equals torch's float64 ``sum``
-    on this machine and torch build, or 0 when neither does (then use torch's own sum)."""
-    g = torch.Generator().manual_seed(0)
-    probes = [torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(4 * torch.randn(n, generator=g,
-              dtype=torch.float64)) for n in (9, 37, 100, 1000, 5000)]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        wanted = [float(p.sum()) for p in probes]
-    finally:
-        torch.set_num_threads(saved)
-    for lanes in (4, 8):
-        if all(cascade_sum(p.numpy(), lanes) == w for p, w in zip(probes, wanted, strict=True)):
-            return lanes
-    return 0
