@@ -20,7 +20,7 @@ prove the index non-negative, and the wraparound check keeps the loop scalar); n
 modulo per element (loop over the last-dim vectors and hoist the per-vector value instead of
 ``kl[j // cols]``); helpers inlined into a hot loop take scalars, not arrays; a branch that does
 not change inside the loop goes outside it (one loop per case); accumulators that must follow
-numpy's or torch's order are scalars or small fixed arrays, as :mod:`.sum_orders` writes them;
+numpy's order or the lane order are scalars or small fixed arrays, as :mod:`.sum_orders` writes them;
 and a block's scratch rows together fit a 32 KB L1 cache (the task-vector and RAM loops ran
 1.5x slower at 2048-element blocks than at 512).
 ``tests/methods/test_kernel_vectorization.py`` checks the loops that broke these rules once.
