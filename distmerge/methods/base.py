@@ -12,6 +12,10 @@ magnitude threshold, a norm, a dot product) declare how many passes it takes
 ``partial_reductions`` over canonical row chunks that do not depend on the shard size, reduces
 the partials in chunk order and hands the reduced values (a :class:`Reductions`) to every
 shard's :meth:`MergeMethod.merge`, so outputs are identical under any sharding.
+
+Longer than 300 lines because it is the whole contract between the engine and the methods in
+one place: the method class, what its rounds return (partials, reductions) and the row
+helpers that every method's torch paths share.
 """
 
 from __future__ import annotations
@@ -132,6 +136,16 @@ class Reductions:
 
     complete: bool = False
     round_rows: dict[int, tuple[tuple[int, int], ...]] | None = None
+    # What merge blocks compute from these values alone, once per tensor (:meth:`derive`).
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def derive(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per ``key`` (model stock's t, RAM+'s lambdas, nuslerp's coefficients:
+        a dozen small torch ops, 0.2-0.4 ms, that each of a tensor's ~230 merge blocks repeated
+        in a 0.5 GB merge). Threads that race compute the same value twice."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
     def reads(self, round_: int, row_start: int, row_end: int) -> bool:
         """Whether round ``round_`` reads the canonical chunk of rows ``[row_start, row_end)``."""

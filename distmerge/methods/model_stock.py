@@ -26,7 +26,7 @@ mode and runs the torch formulation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -137,19 +137,9 @@ class GramPartials(Partials):
 
 @dataclass(kw_only=True)
 class ModelStockReductions(Reductions):
-    """The whole tensor's Gram matrix of the task vectors (None: filter-wise, each row computes
-    its own), and its t per compute dtype once a merge block has computed it (:meth:`t`)."""
+    """The whole tensor's Gram matrix of the task vectors (None: filter-wise, each row computes its own)."""
 
     gram: torch.Tensor | None = None
-    computed_t: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-
-    def t(self, dtype: torch.dtype) -> torch.Tensor:
-        """:func:`stock_t` of the Gram matrix in ``dtype``, computed once per tensor: some twenty
-        small torch ops, 0.4 ms, which every merge block of a tensor used to repeat."""
-        assert self.gram is not None
-        if dtype not in self.computed_t:
-            self.computed_t[dtype] = stock_t(self.gram, dtype)
-        return self.computed_t[dtype]
 
 
 class ModelStock(MergeMethod):
@@ -193,8 +183,9 @@ class ModelStock(MergeMethod):
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None
         if self._whole(params, ctx.shape):
-            assert isinstance(reduced, ModelStockReductions)
-            t = reduced.t(compute_dtype(base, ctx))
+            assert isinstance(reduced, ModelStockReductions) and reduced.gram is not None
+            dtype, gram = compute_dtype(base, ctx), reduced.gram
+            t = reduced.derive(("t", dtype), lambda: stock_t(gram, dtype))  # once per tensor
         else:  # one t per last-dim vector
             vector = ctx.shape[-1]
             t = stock_t(_gram(base, experts, rows=True, ctx=ctx), compute_dtype(base, ctx),

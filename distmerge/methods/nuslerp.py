@@ -139,7 +139,9 @@ class NuSlerp(MergeMethod):
         dtype = compute_dtype(experts[0], ctx)
         if self._mode(params, ctx.shape) == "whole" and kernels.kernel_mode(dtype) is not None:
             assert isinstance(reduced, NuSlerpReductions) and reduced.cos is not None
-            return self._fused_blend(base, experts, t, reduced.cos, dtype)
+            cos = reduced.cos
+            colinear, coefficients = reduced.derive(("blend", dtype), lambda: _blend_coefficients(t, cos, dtype))
+            return self._fused_blend(base, experts, colinear, coefficients, dtype)
         base, experts = rows_in_compute(base, experts, ctx)
         v0, v1 = self._vectors(base, experts)
         if self._mode(params, ctx.shape) == "last":
@@ -168,26 +170,32 @@ class NuSlerp(MergeMethod):
                                         kernels.as_array(red.norms[1], kd)))
 
     @staticmethod
-    def _fused_blend(base: torch.Tensor | None, experts: Sequence[torch.Tensor], t: float,
-                     cos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _fused_blend(base: torch.Tensor | None, experts: Sequence[torch.Tensor], colinear: bool,
+                     coefficients: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """:func:`nuslerp_apply` (and ``+ base``) of a whole tensor's rows computing in ``dtype``:
-        its scalars by torch, as there, the elementwise steps in one loop."""
-        kd = kernels.kernel_dtype(dtype)
-        np_kd = np.float64 if kd == torch.float64 else np.float32  # the loop's arithmetic type
-        cos_theta = cos.to(dtype).clamp(-1, 1)
-        colinear = bool((1 - cos_theta.square()) <= COLINEAR_EPS**2)
-        if colinear:  # torch multiplies by the Python numbers 1 - t and t
-            coefficients = np.array([kernels.scalar(1 - t, dtype), kernels.scalar(t, dtype), 1.0], dtype=np_kd)
-        else:
-            theta = torch.acos(cos_theta)
-            scalars_ = torch.stack([torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)])
-            coefficients = kernels.as_array(scalars_, kd)
+        its scalars by torch, as there (:func:`_blend_coefficients`), the elementwise steps in one loop."""
+        np_kd = coefficients.dtype.type  # the loop's arithmetic type
         x0, x1 = stored_array(experts[0]), stored_array(experts[1])
         b = stored_array(base) if base is not None else x0
         out = np.empty(x0.size, dtype=np_kd)
         mode = kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
         nuslerp_blend(b, x0, x1, base is not None, mode, colinear, coefficients, out)
         return torch.from_numpy(out).to(dtype).reshape(experts[0].shape)
+
+
+def _blend_coefficients(t: float, cos: torch.Tensor, dtype: torch.dtype) -> tuple[bool, np.ndarray]:
+    """:func:`nuslerp_apply`'s scalars, as torch computes them in ``dtype``, for the blend loop:
+    whether the vectors are colinear, and the coefficients (``1 - t``, ``t``, 1 then; else
+    ``sin((1 - t) theta)``, ``sin(t theta)``, ``sin(theta)``) in the loop's arithmetic type."""
+    kd = kernels.kernel_dtype(dtype)
+    np_kd = np.float64 if kd == torch.float64 else np.float32
+    cos_theta = cos.to(dtype).clamp(-1, 1)
+    colinear = bool((1 - cos_theta.square()) <= COLINEAR_EPS**2)
+    if colinear:  # torch multiplies by the Python numbers 1 - t and t
+        return True, np.array([kernels.scalar(1 - t, dtype), kernels.scalar(t, dtype), 1.0], dtype=np_kd)
+    theta = torch.acos(cos_theta)
+    scalars_ = torch.stack([torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)])
+    return False, kernels.as_array(scalars_, kd)
 
 
 def _ordered(values: list) -> float | torch.Tensor:

@@ -123,6 +123,14 @@ class RamPlusReductions(Reductions):
     unique: list[int]
 
 
+def _lambdas(reduced: RamPlusReductions, g: dict) -> torch.Tensor:
+    """mergekit's float32 ``lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha)``."""
+    shared_counts = torch.tensor(reduced.shared, dtype=torch.int64)
+    unique_counts = torch.tensor(reduced.unique, dtype=torch.int64)
+    rho = shared_counts / unique_counts.clamp(min=g["epsilon"])
+    return 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])
+
+
 class Ram(MergeMethod):
     name = "ram"
     uses_base = True
@@ -180,10 +188,7 @@ class RamPlusTl(MergeMethod):
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:
         assert base is not None and isinstance(reduced, RamPlusReductions)
         g = params.global_
-        shared_counts = torch.tensor(reduced.shared, dtype=torch.int64)
-        unique_counts = torch.tensor(reduced.unique, dtype=torch.int64)
-        rho = shared_counts / unique_counts.clamp(min=g["epsilon"])
-        lambda_ = 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])
+        lambda_ = reduced.derive("lambda", lambda: _lambdas(reduced, g))  # once per tensor
         if _fused(base, experts, ctx):
             return fused_merge(base, experts, g["epsilon"], lambda_, ctx.compute, ctx.element_start, ctx.tensor_numel)
         return reference_merge(*rows_in_compute(base, experts, ctx), g["epsilon"], lambda_, ctx.element_start,

@@ -609,3 +609,25 @@ def test_model_stock_computes_a_tensors_t_once(monkeypatch):
     merge_sharded("model_stock", base, xs, params, reduced, step=7)
     merged_bf16 = merge_sharded("model_stock", base.bfloat16(), [x.bfloat16() for x in xs], params, reduced, step=5)
     assert calls == [(torch.float32,), (torch.bfloat16,)] and merged_bf16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["model_stock", "ramplus_tl", "nuslerp"])
+def test_what_blocks_derive_from_the_reductions_is_computed_once(name):
+    """``Reductions.derive``: the blocks of a tensor share one computed value (one entry), and
+    merge the bits that blocks computing it afresh each give."""
+    import dataclasses
+
+    from distmerge.testing.method_cases import CASES
+
+    n = 2 if name == "nuslerp" else 3
+    _, glob, model = CASES[name]
+    base, xs = make_inputs((40, 6), n, torch.float32, seed=8)
+    params = params_for(name, n, glob, model)
+    reduced = reductions(name, base, xs, params)
+    shared = merge_sharded(name, base, xs, params, reduced, step=3)
+    assert len(reduced.derived) == 1
+    m = get_method(name)
+    fresh = torch.cat([m.merge(base[a:a + 3] if m.uses_base else None, [x[a:a + 3] for x in xs], params,
+                               ctx((40, 6), a, min(40, a + 3), 0, n), dataclasses.replace(reduced, derived={}))
+                       for a in range(0, 40, 3)])
+    assert torch.equal(shared.view(torch.int32), fresh.view(torch.int32))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distmerge.methods import scalars
-from distmerge.methods.nuslerp import NuSlerp, NuSlerpReductions, nuslerp_apply
+from distmerge.methods.nuslerp import NuSlerp, NuSlerpReductions, _blend_coefficients, nuslerp_apply
 from tests.methods.test_kernels import same_bits
 
 SIZES = [1, 7, 128, 129, 1000, 4097, 65537]
@@ -45,5 +45,6 @@ def test_fused_cosine_and_blend_equal_torch(dtype: torch.dtype, size: int, with_
         for t in (0.3, 0.5, 0.9):
             want = nuslerp_apply(t, v0, v1, cos)
             want = base + want if with_base else want
-            got = NuSlerp._fused_blend(base if with_base else None, xs, t, cos, xs[0].dtype)
+            got = NuSlerp._fused_blend(base if with_base else None, xs, *_blend_coefficients(t, cos, xs[0].dtype),
+                                       xs[0].dtype)
             assert got.dtype == want.dtype and same_bits(got, want), (cos_value, t)
