@@ -11,15 +11,17 @@ Two counter-based generators, each keyed by the stream's 128-bit key
   (DELLA: ``output * 2**-32`` against its float32 probability), not 64 bits, and a
   32x32->64-bit multiply is one vector
   instruction (``vpmuludq``) where a 64-bit high product takes four and the low one three:
-  0.8 against 1.9 ns per flag on one Zen 5 core (``benchmarks/kernel_costs.py``), and DARE
-  draws every element of every expert twice (the L1 round, then the merge). Element ``i`` is
+  0.45 against 1.7 ns per flag on one Zen 5 core (``benchmarks/kernel_costs.py``), and DARE
+  draws every element of every expert twice (the L1 round, then the merge) unless the
+  tensor is held. Element ``i`` is
   output ``i % 4`` of the Random123 Philox4x32-10 block whose counter words are ``(low, high
   32 bits of i // 4, low, high 32 bits of key1)`` under the key ``(low, high 32 bits of
   key0)``: the counter's upper half carries the rest of the 128-bit stream key.
 
 Why it is fast: one block after another is a chain of ten dependent multiplies,
 latency-bound. Here ``LANES`` consecutive counters go through the ten rounds side by side, which
-the compiler turns into AVX-512/AVX2 ``vpmuludq`` (a 64-bit high product is written as four
+the compiler turns into AVX-512/AVX2 ``vpmuludq`` (Philox4x32 keeps each lane's rounds in
+registers: :func:`_batch32`) (a 64-bit high product is written as four
 32x32->64-bit ones: there is no vector 64x64->128-bit multiply).
 
 Why it is exact: it is the same function. The split multiply is exact integer arithmetic
@@ -117,38 +119,65 @@ def _batch(key0, key1, group, state):  # noqa: ANN001, ANN202
         k1 = k1 + _W1
 
 
+@_inline
+def _block32(c0, c1, c2, c3, k0, k1):  # noqa: ANN001, ANN202
+    """Philox4x32-10 of the counter words ``c0..c3`` under the key ``(k0, k1)`` (each a 32-bit
+    value held in a uint64): its four outputs, likewise."""
+    x0 = c0
+    x1 = c1
+    x2 = c2
+    x3 = c3
+    for _ in range(10):
+        p0 = _M0_32 * x0
+        p1 = _M1_32 * x2
+        x0 = ((p1 >> _32) ^ x1 ^ k0) & _LOW32
+        x2 = ((p0 >> _32) ^ x3 ^ k1) & _LOW32
+        x1 = p1 & _LOW32
+        x3 = p0 & _LOW32
+        k0 = (k0 + _W0_32) & _LOW32
+        k1 = (k1 + _W1_32) & _LOW32
+    return x0, x1, x2, x3
+
+
 @_jit
 def _batch32(key0, key1, group, state):  # noqa: ANN001, ANN202
     """Philox4x32-10 blocks ``group .. group + LANES - 1`` of the keep stream: ``state[j, l]``
     (uint32) is output ``j`` of block ``n = group + l``, i.e. stream element ``4 * n + j``. Its
     counter words are ``(low, high 32 bits of n, low, high 32 bits of key1)``, its key ``(low, high
-    32 bits of key0)``."""
-    x0 = state[0]
-    x1 = state[1]
-    x2 = state[2]
-    x3 = state[3]
-    c2 = np.uint32(key1 & _LOW32)
-    c3 = np.uint32(key1 >> _32)
-    for lane in range(LANES):
-        n = group + np.uint64(lane)
-        x0[lane] = np.uint32(n & _LOW32)
-        x1[lane] = np.uint32(n >> _32)
-        x2[lane] = c2
-        x3[lane] = c3
+    32 bits of key0)``.
+
+    The ten rounds run inside the loop over lanes: LLVM unrolls them, keeps a lane's four words
+    in registers, and vectorizes the lane loop (0.50 against 0.88 ns per keep flag with the rounds
+    outside, which stored and reloaded every word every round, ``benchmarks/kernel_costs.py``).
+    """
+    c2 = key1 & _LOW32
+    c3 = key1 >> _32
     k0 = key0 & _LOW32
     k1 = key0 >> _32
-    for _ in range(10):
-        for lane in range(LANES):  # independent lanes: the vectorized loop
-            p0 = _M0_32 * np.uint64(x0[lane])
-            p1 = _M1_32 * np.uint64(x2[lane])
-            y0 = (p1 >> _32) ^ np.uint64(x1[lane]) ^ k0
-            y2 = (p0 >> _32) ^ np.uint64(x3[lane]) ^ k1
-            x1[lane] = np.uint32(p1 & _LOW32)
-            x3[lane] = np.uint32(p0 & _LOW32)
-            x0[lane] = np.uint32(y0)
-            x2[lane] = np.uint32(y2)
-        k0 = (k0 + _W0_32) & _LOW32
-        k1 = (k1 + _W1_32) & _LOW32
+    for lane in range(LANES):
+        n = group + np.uint64(lane)
+        x0, x1, x2, x3 = _block32(n & _LOW32, n >> _32, c2, c3, k0, k1)
+        state[0, lane] = np.uint32(x0)
+        state[1, lane] = np.uint32(x1)
+        state[2, lane] = np.uint32(x2)
+        state[3, lane] = np.uint32(x3)
+
+
+@_jit
+def _keep_batch(key0, key1, group, threshold, keep):  # noqa: ANN001, ANN202
+    """:func:`_batch32`'s blocks compared with ``threshold`` straight into ``keep`` (``4 * LANES``
+    flags in stream order), without the scratch in between."""
+    c2 = key1 & _LOW32
+    c3 = key1 >> _32
+    k0 = key0 & _LOW32
+    k1 = key0 >> _32
+    for lane in range(LANES):
+        n = group + np.uint64(lane)
+        x0, x1, x2, x3 = _block32(n & _LOW32, n >> _32, c2, c3, k0, k1)
+        keep[4 * lane] = x0 < threshold
+        keep[4 * lane + 1] = x1 < threshold
+        keep[4 * lane + 2] = x2 < threshold
+        keep[4 * lane + 3] = x3 < threshold
 
 
 _RAW64, _KEEP, _RAW32 = 0, 1, 2  # what _fill writes
@@ -182,26 +211,18 @@ def _fill(key0, key1, start, threshold, kind, raw, narrow_raw, keep, state):  # 
     group = position >> np.uint64(2)
     skip = np.int64(position & np.uint64(OUTPUTS_PER_COUNTER - 1))
     while i < count:
-        if narrow_kind:
+        n = min(per_batch - skip, count - i)
+        whole = skip == 0 and n == per_batch  # element 4 * lane + j is state[j, lane]
+        if whole and kind == _KEEP:
+            _keep_batch(key0, key1, group, threshold, keep[i:i + per_batch])
+        elif narrow_kind:
             _batch32(key0, key1, group, narrow)
         else:
             _batch(key0, key1, group, state)
-        n = min(per_batch - skip, count - i)
-        if skip == 0 and n == per_batch:  # a whole batch: element 4 * lane + j is state[j, lane]
-            if kind == _KEEP:
-                y0 = narrow[0]
-                y1 = narrow[1]
-                y2 = narrow[2]
-                y3 = narrow[3]
-                out = keep[i:i + per_batch]
-                for lane in range(LANES):
-                    out[4 * lane] = y0[lane] < threshold
-                    out[4 * lane + 1] = y1[lane] < threshold
-                    out[4 * lane + 2] = y2[lane] < threshold
-                    out[4 * lane + 3] = y3[lane] < threshold
-            elif kind == _RAW32:
+        if whole:
+            if kind == _RAW32:
                 _in_stream_order(narrow, narrow_raw[i:i + per_batch])
-            else:
+            elif kind == _RAW64:
                 _in_stream_order(state, raw[i:i + per_batch])
         else:
             for e in range(skip, skip + n):

@@ -59,3 +59,20 @@ def test_model_stocks_gram_sums_are_vectorized(operands: np.ndarray):
     assert vector_ops(ir, "fadd", "double") > 0 and vector_ops(ir, "fmul", "double") > 0
     # the slow loop had these too, but gathered its rows lane by lane through vectors of indices
     assert not re.search(r"<\d+ x i64>", ir)
+
+
+def test_philox4x32_rounds_stay_in_registers():
+    """The keep stream's ten rounds run inside the vectorized loop over lanes: the words of a
+    block are stored once, at the end. With the rounds outside the lane loop every word was
+    stored and loaded again every round (160 vector loads): 0.88 against 0.45 ns per flag."""
+    from distmerge.methods import philox
+
+    state = philox.philox_scratch()
+    ir = fresh_ir(philox._batch32, np.uint64(1), np.uint64(2), np.uint64(3), state.view(np.uint32))
+    assert vector_ops(ir, "mul", "i64") >= 10  # two multiplies a round, unrolled, on vectors of lanes
+    assert not re.search(r"= load <\d+ x i32>", ir)
+    assert len(re.findall(r"store <\d+ x i32>", ir)) <= 4
+    keep = np.empty(4 * philox.LANES, dtype=np.bool_)
+    ir = fresh_ir(philox._keep_batch, np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(5), keep)
+    assert vector_ops(ir, "mul", "i64") >= 10
+    assert not re.search(r"= load <\d+ x i(32|64)>", ir)
