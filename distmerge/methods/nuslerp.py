@@ -34,7 +34,11 @@ from distmerge.methods.base import (
     rows_in_compute,
     sums_prove_finite,
 )
-from distmerge.methods.kernels.nuslerp_loops import nuslerp_blend, nuslerp_cosine_sum
+from distmerge.methods.kernels.nuslerp_loops import (
+    nuslerp_blend,
+    nuslerp_cosine_sum,
+    nuslerp_square_sums,
+)
 from distmerge.methods.kernels.rounding import stored_array
 
 NORM_EPS = 1e-7
@@ -103,15 +107,16 @@ class NuSlerp(MergeMethod):
         dtype = compute_dtype(experts[0], ctx)
         if mode == "last":
             return NuSlerpPartials((), dtype)
-        if round_ == 1 and mode == "whole" and kernels.kernel_mode(dtype) is not None:
+        if mode == "whole" and kernels.kernel_mode(dtype) is not None:
+            if round_ == 0:  # the two sums of squares: a term of every element of v0 and v1 (so of the base)
+                sums = self._fused_squares(base, experts, dtype)
+                return NuSlerpPartials(sums, dtype, inputs_finite=sums_prove_finite(sums))
             assert isinstance(previous, NuSlerpReductions)
             return NuSlerpPartials((self._fused_cosine(base, experts, previous, dtype),), dtype)
-        # Without a base the vectors are the rows themselves, and the whole-tensor norms' float64
-        # dot widens stored rows exactly: no cast. Anything else is computed by torch.
-        stored = round_ == 0 and mode == "whole" and base is None
-        v0, v1 = self._vectors(base, experts) if stored else self._vectors(*rows_in_compute(base, experts, ctx))
-        if round_ == 0:  # the two sums of squares: a term of every element of v0 and v1 (so of the base)
-            if mode == "whole":
+        # Anything else is computed by torch.
+        v0, v1 = self._vectors(*rows_in_compute(base, experts, ctx))
+        if round_ == 0:
+            if mode == "whole":  # float16 compute: no kernel mode
                 sums = (reductions.dot(v0, v0), reductions.dot(v1, v1))
                 return NuSlerpPartials(sums, dtype, inputs_finite=sums_prove_finite(sums))
             sums = (scalars.column_dot(v0, v0), scalars.column_dot(v1, v1))
@@ -156,6 +161,19 @@ class NuSlerp(MergeMethod):
 
 
     # ---- the fused loops (:mod:`kernels.nuslerp_loops`), bit for bit the torch steps above ----
+
+    @staticmethod
+    def _fused_squares(base: torch.Tensor | None, experts: Sequence[torch.Tensor], dtype: torch.dtype,
+                       ) -> tuple[float, float]:
+        """Round 0 of a whole tensor on these rows (computing in ``dtype``): ``reductions.dot``
+        of each vector with itself, both from one pass."""
+        kd = kernels.kernel_dtype(dtype)
+        x0, x1 = stored_array(experts[0]), stored_array(experts[1])
+        b = stored_array(base) if base is not None else x0
+        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
+        sums = np.zeros(2, dtype=np.float64)
+        nuslerp_square_sums(b, x0, x1, base is not None, mode, torch.empty(0, dtype=kd).numpy(), sums)
+        return float(sums[0]), float(sums[1])
 
     @staticmethod
     def _fused_cosine(base: torch.Tensor | None, experts: Sequence[torch.Tensor], red: NuSlerpReductions,

@@ -10,6 +10,9 @@ not, across numpy's pairwise leaf boundaries (128 elements and its splits).
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -48,3 +51,25 @@ def test_fused_cosine_and_blend_equal_torch(dtype: torch.dtype, size: int, with_
             got = NuSlerp._fused_blend(base if with_base else None, xs, *_blend_coefficients(t, cos, xs[0].dtype),
                                        xs[0].dtype)
             assert got.dtype == want.dtype and same_bits(got, want), (cos_value, t)
+
+
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
+@pytest.mark.parametrize("size", [0, *SIZES])
+@pytest.mark.parametrize(("stored", "compute"), [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.float32), (torch.float64, torch.float64)], ids=str)
+def test_fused_squares_equal_numpys_float64_sums(stored: torch.dtype, compute: torch.dtype, size: int,
+                                                 with_base: bool) -> None:
+    """Round 0 (both norms' sums of squares from one pass) gives numpy's float64 pairwise sum of
+    each compute-dtype vector's squares: bf16 rows as stored under float32 compute (as the
+    engine hands them), rows in the compute dtype otherwise; a NaN or Inf comes through."""
+    base, xs = inputs(size, stored)
+    for bad in ([], [(0, 3, math.nan), (1, 128, math.inf)]):
+        if bad and size < 129:
+            continue
+        xs = [x.clone() for x in xs]
+        for e, i, value in bad:
+            xs[e].view(-1)[i] = value
+        vectors = [x.to(compute) - base.to(compute) if with_base else x.to(compute) for x in xs]
+        want = tuple(float(np.add.reduce(v.reshape(-1).double().numpy() ** 2)) for v in vectors)
+        got = NuSlerp._fused_squares(base if with_base else None, xs, compute)
+        assert np.array_equal(np.array(got), np.array(want), equal_nan=True), (got, want)

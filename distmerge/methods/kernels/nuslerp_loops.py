@@ -1,4 +1,4 @@
-"""NuSLERP's cosine round and its blend over a whole tensor as fused loops, one pass each.
+"""NuSLERP's two reduction rounds and its blend over a whole tensor as fused loops, one pass each.
 
 Why: for a whole flattened tensor (mergekit's default ``nuslerp_flatten``) the torch
 formulation makes the unit vectors, their product and a float64 copy of it for the cosine's
@@ -10,6 +10,7 @@ The steps, per element (``_r``: rounding to the compute dtype, every op as torch
 scalars are 0-dim tensors of the compute dtype, computed by torch before the loop):
 
     v_e = _r(x_e - b)  (or x_e without a base)
+    norms round: sum of float64(v_0)**2 and of float64(v_1)**2, both in one pass
     cosine round: sum of float64(_r(_r(v_0 / n_0) * _r(v_1 / n_1)))
     blend: _r(_r(_r(a_0 v_0) + _r(a_1 v_1)) / s), or colinear _r(_r(c_0 v_0) + _r(c_1 v_1));
            then _r(b + that) with a base
@@ -43,6 +44,36 @@ def _vectors(b, x0, x1, s, z, has_base, mode, v0, v1):  # noqa: ANN001, ANN202
             v0[i] = _value(a0, i)
         for i in range(z):
             v1[i] = _value(a1, i)
+
+
+@_jit
+def nuslerp_square_sums(b, x0, x1, has_base, mode, like, sums):  # noqa: ANN001, ANN202
+    """``reductions.dot(v_e, v_e)`` of both vectors over these rows into ``sums[0]`` and
+    ``sums[1]``: the same leaves and tree as two separate float64 dots (squares of compute-dtype
+    values are exact in float64), from one read of the rows instead of two. ``like``: an array
+    of the kernel dtype (the vectors' buffers take it)."""
+    n = x0.size
+    starts, sizes = pairwise_spans(n)
+    leaf0 = np.empty(starts.size, dtype=np.float64)
+    leaf1 = np.empty(starts.size, dtype=np.float64)
+    buf0 = np.empty(PW_BLOCK, dtype=np.float64)
+    buf1 = np.empty(PW_BLOCK, dtype=np.float64)
+    v0 = np.empty(PW_BLOCK, dtype=like.dtype)
+    v1 = np.empty(PW_BLOCK, dtype=like.dtype)
+    for j in range(starts.size):
+        s = starts[j]
+        z = sizes[j]
+        _vectors(b, x0, x1, s, z, has_base, mode, v0, v1)
+        for i in range(z):
+            q = np.float64(v0[i])
+            buf0[i] = q * q
+        for i in range(z):
+            q = np.float64(v1[i])
+            buf1[i] = q * q
+        leaf0[j] = pw_block(buf0, z)
+        leaf1[j] = pw_block(buf1, z)
+    sums[0] = pairwise_combine(n, leaf0)
+    sums[1] = pairwise_combine(n, leaf1)
 
 
 @_jit
