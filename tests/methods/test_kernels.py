@@ -158,7 +158,9 @@ def test_speculative_counts_equal_torch_keys(dtype):
     assert mode is not None
     b, xa = kernels.as_array(base, kd), kernels.as_array(x, kd)
     med = int(keys.median())
-    for ranges in [[(med - 5000, med + 90000), (med + 20000, med + 400000)], [(0, 0)], [(med - 70000, med + 1)]]:
+    # Windows whose every key is hit, over and over (the distinct keys' list fills its last slot).
+    for ranges in [[(med - 5000, med + 90000), (med + 20000, med + 400000)], [(0, 0)], [(med - 70000, med + 1)],
+                   [(med, med + 1), (med - 2, med + 3)]]:
         above, parts, nonfinite = kernels.above_and_windows(b, xa, mode, ranges)
         assert nonfinite == 0
         for (lo, hi), n, (values, counts) in zip(ranges, above, parts, strict=True):

@@ -104,7 +104,7 @@ WINDOW_BLOCK = 128  # keys computed per block before the rare window hits are co
 
 
 @_jit
-def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite):  # noqa: ANN001, ANN202
+def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite, touched, distinct):  # noqa: ANN001, ANN202
     # Per block: compute each key, count it against every range's top, and note whether any key
     # of the block falls inside a range (one vectorized step); then, only for such blocks,
     # gather the offsets of the keys inside without a branch (write every offset, advance past
@@ -114,6 +114,9 @@ def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite
     # The keys of NaN/Inf deltas (>= the key of +Inf) are counted in the same vectorized loop
     # (in float64 compute a key is float32's, so a finite delta beyond its range counts too:
     # the count proves clean rows finite where it is 0, and otherwise only costs the scan).
+    # Each offset counted for the first time is noted in ``touched[w]`` (``distinct[w]`` of
+    # them), so the caller reads the few hundred distinct keys of a window without scanning
+    # all of it: a breadcrumbs window spans up to ~720k keys (measured 0.8 ms a scan per chunk).
     keys = np.empty(WINDOW_BLOCK, dtype=np.int32)
     offsets = np.empty(WINDOW_BLOCK, dtype=np.uint32)
     bad = 0
@@ -139,8 +142,14 @@ def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite
                     offsets[c] = o
                     c += o < span
                 counts = windows[w]
+                seen = touched[w]
+                n = distinct[w]
                 for j in range(c):
-                    counts[offsets[j]] += 1
+                    o = offsets[j]
+                    seen[n] = o
+                    n += counts[o] == 0
+                    counts[o] += 1
+                distinct[w] = n
     nonfinite[0] = bad
 
 
@@ -161,12 +170,15 @@ def above_and_windows(
     spans = np.array([max(0, hi - lo) for lo, hi in ranges], dtype=np.uint32)
     width = int(spans.max()) if len(ranges) else 0
     windows = np.zeros((len(ranges), width), dtype=np.int32)
+    # One slot more than a window's keys: the loop writes each offset before it knows it is new.
+    touched = np.empty((len(ranges), width + 1), dtype=np.uint32)
+    distinct = np.zeros(len(ranges), dtype=np.int64)
     above = np.zeros(len(ranges), dtype=np.int64)
     nonfinite = np.zeros(1, dtype=np.int64)
-    _above_and_windows(base, x, mode_tag(mode), his, los, spans, windows, above, nonfinite)
+    _above_and_windows(base, x, mode_tag(mode), his, los, spans, windows, above, nonfinite, touched, distinct)
     parts = []
     for w in range(len(ranges)):
-        values = np.flatnonzero(windows[w])
+        values = np.sort(touched[w, :distinct[w]]).astype(np.int64)
         parts.append((torch.from_numpy(values.astype(np.int32)), torch.from_numpy(windows[w, values].astype(np.int64))))
     return [int(a) for a in above], parts, int(nonfinite[0])
 
