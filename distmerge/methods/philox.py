@@ -11,7 +11,7 @@ Two counter-based generators, each keyed by the stream's 128-bit key
   (DELLA: ``output * 2**-32`` against its float32 probability), not 64 bits, and a
   32x32->64-bit multiply is one vector
   instruction (``vpmuludq``) where a 64-bit high product takes four and the low one three:
-  0.45 against 1.7 ns per flag on one Zen 5 core (``benchmarks/kernel_costs.py``), and DARE
+  0.40 against 1.7 ns per flag on one Zen 5 core (``benchmarks/kernel_costs.py``), and DARE
   draws every element of every expert twice (the L1 round, then the merge) unless the
   tensor is held. Element ``i`` is
   output ``i % 4`` of the Random123 Philox4x32-10 block whose counter words are ``(low, high
@@ -20,9 +20,9 @@ Two counter-based generators, each keyed by the stream's 128-bit key
 
 Why it is fast: one block after another is a chain of ten dependent multiplies,
 latency-bound. Here ``LANES`` consecutive counters go through the ten rounds side by side, which
-the compiler turns into AVX-512/AVX2 ``vpmuludq`` (Philox4x32 keeps each lane's rounds in
-registers: :func:`_batch32`) (a 64-bit high product is written as four
-32x32->64-bit ones: there is no vector 64x64->128-bit multiply).
+the compiler turns into AVX-512/AVX2 ``vpmuludq`` (a 64-bit high product is written as four
+32x32->64-bit ones: there is no vector 64x64->128-bit multiply). Philox4x32 runs each lane's
+ten rounds inside the lane loop, in registers (:func:`_batch32`).
 
 Why it is exact: it is the same function. The split multiply is exact integer arithmetic
 (every partial sum below fits in 64 bits); the tests compare the 64-bit stream with numpy's and
@@ -77,7 +77,7 @@ class KeepStream:
 
 def philox_scratch() -> np.ndarray:
     """Scratch for :func:`fill_raw` / :func:`fill_keep`: one batch's state, ``(4, LANES)`` uint64
-    (:func:`fill_keep` uses it as uint32)."""
+    (the 32-bit stream uses it as uint32 for the partial batches at a range's ends)."""
     return np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
 
 
@@ -139,6 +139,16 @@ def _block32(c0, c1, c2, c3, k0, k1):  # noqa: ANN001, ANN202
     return x0, x1, x2, x3
 
 
+@_inline
+def _key_words(key0, key1):  # noqa: ANN001, ANN202
+    """The keep stream's counter words 2-3 (``key1``'s halves) and its key (``key0``'s halves),
+    each a 32-bit value in a uint64. A Python int comes in as int64: numba would mix it with
+    uint64 arithmetic into float64, hence the casts."""
+    key0 = np.uint64(key0)
+    key1 = np.uint64(key1)
+    return key1 & _LOW32, key1 >> _32, key0 & _LOW32, key0 >> _32
+
+
 @_jit
 def _batch32(key0, key1, group, state):  # noqa: ANN001, ANN202
     """Philox4x32-10 blocks ``group .. group + LANES - 1`` of the keep stream: ``state[j, l]``
@@ -147,13 +157,11 @@ def _batch32(key0, key1, group, state):  # noqa: ANN001, ANN202
     32 bits of key0)``.
 
     The ten rounds run inside the loop over lanes: LLVM unrolls them, keeps a lane's four words
-    in registers, and vectorizes the lane loop (0.50 against 0.88 ns per keep flag with the rounds
-    outside, which stored and reloaded every word every round, ``benchmarks/kernel_costs.py``).
+    in registers, and vectorizes the lane loop. With the rounds outside it, every word was stored
+    and loaded again every round: 0.88 against 0.45 ns per keep flag (both timed in one process;
+    ``benchmarks/kernel_costs.py`` gives 0.40 now).
     """
-    c2 = key1 & _LOW32
-    c3 = key1 >> _32
-    k0 = key0 & _LOW32
-    k1 = key0 >> _32
+    c2, c3, k0, k1 = _key_words(key0, key1)
     for lane in range(LANES):
         n = group + np.uint64(lane)
         x0, x1, x2, x3 = _block32(n & _LOW32, n >> _32, c2, c3, k0, k1)
@@ -167,10 +175,7 @@ def _batch32(key0, key1, group, state):  # noqa: ANN001, ANN202
 def _keep_batch(key0, key1, group, threshold, keep):  # noqa: ANN001, ANN202
     """:func:`_batch32`'s blocks compared with ``threshold`` straight into ``keep`` (``4 * LANES``
     flags in stream order), without the scratch in between."""
-    c2 = key1 & _LOW32
-    c3 = key1 >> _32
-    k0 = key0 & _LOW32
-    k1 = key0 >> _32
+    c2, c3, k0, k1 = _key_words(key0, key1)
     for lane in range(LANES):
         n = group + np.uint64(lane)
         x0, x1, x2, x3 = _block32(n & _LOW32, n >> _32, c2, c3, k0, k1)

@@ -262,3 +262,15 @@ def test_della_uniforms_are_the_keep_streams_outputs(start, count):
     name = "model.layers.2.self_attn.q_proj.weight"
     got = keep_uniforms(11, name, 1, start, count)
     assert got.dtype == np.float64 and np.array_equal(got, della_uniforms(11, name, 1, start, count))
+
+
+def test_keys_may_come_as_python_ints():
+    """A key passed as a Python int (int64 in numba) gives the uint64 key's draws: mixed with
+    uint64 arithmetic it would have become float64 and not compiled."""
+    k0, k1 = int(KEY[0]) >> 2, int(KEY[1]) >> 2  # below 2**63: a Python int numba takes as int64
+    got = np.empty(300, dtype=np.uint32)
+    fill_raw32(k0, k1, 5, got, philox_scratch())
+    assert np.array_equal(got.astype(np.uint64), keep_outputs(k0, k1, 5, 300))
+    keep = np.empty(300, dtype=np.bool_)
+    fill_keep(k0, k1, 5, 2**31, keep, philox_scratch())
+    assert np.array_equal(keep, keep_outputs(k0, k1, 5, 300) < np.uint64(2**31))

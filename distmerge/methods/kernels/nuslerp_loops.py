@@ -23,9 +23,11 @@ import numpy as np
 from distmerge.methods.kernels.rounding import _jit, _r, _value
 from distmerge.methods.kernels.sum_orders import (
     PW_BLOCK,
+    leaves_into,
     pairwise_combine,
     pairwise_spans,
     pw_block,
+    square_into,
 )
 
 
@@ -49,31 +51,23 @@ def _vectors(b, x0, x1, s, z, has_base, mode, v0, v1):  # noqa: ANN001, ANN202
 @_jit
 def nuslerp_square_sums(b, x0, x1, has_base, mode, like, sums):  # noqa: ANN001, ANN202
     """``reductions.dot(v_e, v_e)`` of both vectors over these rows into ``sums[0]`` and
-    ``sums[1]``: the same leaves and tree as two separate float64 dots (squares of compute-dtype
-    values are exact in float64), from one read of the rows instead of two. ``like``: an array
-    of the kernel dtype (the vectors' buffers take it)."""
+    ``sums[1]``: the same float64 squares (exact for float32 and bfloat16 values, rounded as
+    numpy rounds them for float64) with the same leaves and tree as two separate dots, from one
+    read of the rows instead of two. ``like``: an array of the kernel dtype (the vectors'
+    buffers take it)."""
     n = x0.size
     starts, sizes = pairwise_spans(n)
-    leaf0 = np.empty(starts.size, dtype=np.float64)
-    leaf1 = np.empty(starts.size, dtype=np.float64)
-    buf0 = np.empty(PW_BLOCK, dtype=np.float64)
-    buf1 = np.empty(PW_BLOCK, dtype=np.float64)
+    leaf = np.empty((2, starts.size), dtype=np.float64)
+    buf = np.empty((2, PW_BLOCK), dtype=np.float64)
     v0 = np.empty(PW_BLOCK, dtype=like.dtype)
     v1 = np.empty(PW_BLOCK, dtype=like.dtype)
     for j in range(starts.size):
         s = starts[j]
         z = sizes[j]
         _vectors(b, x0, x1, s, z, has_base, mode, v0, v1)
-        for i in range(z):
-            q = np.float64(v0[i])
-            buf0[i] = q * q
-        for i in range(z):
-            q = np.float64(v1[i])
-            buf1[i] = q * q
-        leaf0[j] = pw_block(buf0, z)
-        leaf1[j] = pw_block(buf1, z)
-    sums[0] = pairwise_combine(n, leaf0)
-    sums[1] = pairwise_combine(n, leaf1)
+        square_into(buf[0], v0, z)
+        square_into(buf[1], v1, z)
+        leaves_into(leaf, j, buf, z, sums, n, j == starts.size - 1)
 
 
 @_jit

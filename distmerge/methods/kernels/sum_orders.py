@@ -103,7 +103,7 @@ def square_into(q, v, z):  # noqa: ANN001, ANN202
         q[i] = np.float64(v[i]) * np.float64(v[i])
 
 
-@_jit
+@_inline
 def leaves_into(leaf, j, buf, z, sums, n, last):  # noqa: ANN001, ANN202
     """Leaf ``j`` of each lane's pairwise sum from ``buf[lane, :z]``; after the ``last`` leaf,
     each lane's whole sum of ``n`` elements into ``sums``."""
