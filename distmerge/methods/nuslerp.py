@@ -168,11 +168,8 @@ class NuSlerp(MergeMethod):
         """Round 0 of a whole tensor on these rows (computing in ``dtype``): ``reductions.dot``
         of each vector with itself, both from one pass."""
         kd = kernels.kernel_dtype(dtype)
-        x0, x1 = stored_array(experts[0]), stored_array(experts[1])
-        b = stored_array(base) if base is not None else x0
-        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
         sums = np.zeros(2, dtype=np.float64)
-        nuslerp_square_sums(b, x0, x1, base is not None, mode, torch.empty(0, dtype=kd).numpy(), sums)
+        nuslerp_square_sums(*_loop_rows(base, experts, dtype), torch.empty(0, dtype=kd).numpy(), sums)
         return float(sums[0]), float(sums[1])
 
     @staticmethod
@@ -181,10 +178,7 @@ class NuSlerp(MergeMethod):
         """Round 1 of a whole tensor on these rows (computing in ``dtype``): ``scalars.total`` of
         the unit vectors' product."""
         kd = kernels.kernel_dtype(dtype)
-        x0, x1 = stored_array(experts[0]), stored_array(experts[1])
-        b = stored_array(base) if base is not None else x0
-        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
-        return float(nuslerp_cosine_sum(b, x0, x1, base is not None, mode, kernels.as_array(red.norms[0], kd),
+        return float(nuslerp_cosine_sum(*_loop_rows(base, experts, dtype), kernels.as_array(red.norms[0], kd),
                                         kernels.as_array(red.norms[1], kd)))
 
     @staticmethod
@@ -192,13 +186,18 @@ class NuSlerp(MergeMethod):
                      coefficients: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """:func:`nuslerp_apply` (and ``+ base``) of a whole tensor's rows computing in ``dtype``:
         its scalars by torch, as there (:func:`_blend_coefficients`), the elementwise steps in one loop."""
-        np_kd = coefficients.dtype.type  # the loop's arithmetic type
-        x0, x1 = stored_array(experts[0]), stored_array(experts[1])
-        b = stored_array(base) if base is not None else x0
-        out = np.empty(x0.size, dtype=np_kd)
-        mode = kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
-        nuslerp_blend(b, x0, x1, base is not None, mode, colinear, coefficients, out)
+        out = np.empty(experts[0].numel(), dtype=coefficients.dtype)  # the loop's arithmetic type
+        nuslerp_blend(*_loop_rows(base, experts, dtype), colinear, coefficients, out)
         return torch.from_numpy(out).to(dtype).reshape(experts[0].shape)
+
+
+def _loop_rows(base: torch.Tensor | None, experts: Sequence[torch.Tensor], dtype: torch.dtype,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, int]:
+    """The loops' first arguments: ``(b, x0, x1, has_base, mode)``, the rows as stored (``b`` is
+    ``x0``, unread, without a base) and the compute dtype's mode tag."""
+    x0, x1 = stored_array(experts[0]), stored_array(experts[1])
+    b = stored_array(base) if base is not None else x0
+    return b, x0, x1, base is not None, kernels.mode_tag(cast(int, kernels.kernel_mode(dtype)))
 
 
 def _blend_coefficients(t: float, cos: torch.Tensor, dtype: torch.dtype) -> tuple[bool, np.ndarray]:

@@ -178,7 +178,7 @@ def above_and_windows(
     _above_and_windows(base, x, mode_tag(mode), his, los, spans, windows, above, nonfinite, touched, distinct)
     parts = []
     for w in range(len(ranges)):
-        values = np.sort(touched[w, :distinct[w]]).astype(np.int64)
+        values = np.sort(touched[w, :distinct[w]])  # the offsets, ascending, as flatnonzero gave them
         parts.append((torch.from_numpy(values.astype(np.int32)), torch.from_numpy(windows[w, values].astype(np.int64))))
     return [int(a) for a in above], parts, int(nonfinite[0])
 
