@@ -110,6 +110,30 @@ def test_ranks_of_every_digit_width(n):
         assert torch.equal(kernel_ranks(values), argsort_ranks(values)), hex(keep)
 
 
+@pytest.mark.parametrize("n", [2, 5, 2048, 5632])
+def test_ranks_of_zeros_and_a_narrow_range(n):
+    """Keys rewritten as offsets from the smallest nonzero key (``_offset_keys``): exact zeros
+    beside nonzero magnitudes whose keys span ``steps`` multiples of ``2**lo`` (every span
+    around a power of two, where the offsets' width and pass count change), with and
+    without zeros, ties, and infinities and NaNs, which make the span too wide to offset."""
+    g = torch.Generator().manual_seed(n)
+    for lo in (0, 3, 16):
+        for steps in (1, 2, 3, 15, 16, 17, 255, 256, 1023, 1024, 1025, 2047, 2048, 2049, 40000):
+            start = 0x3A000000 + (0x5 << lo)
+            bits = start + (torch.randint(0, steps + 1, (3, n), generator=g, dtype=torch.int64) << lo)
+            bits[:, 0] = start  # the smallest nonzero key is in every row
+            for zeros in (0.0, 0.3, 0.9):
+                row = bits.clone()
+                row[torch.rand(row.shape, generator=g) < zeros] = 0
+                values = row.to(torch.int32).view(torch.float32)
+                values = torch.where(torch.rand(values.shape, generator=g) < 0.5, -values, values)
+                assert torch.equal(kernel_ranks(values), argsort_ranks(values)), (lo, steps, zeros)
+            specials = values.clone()
+            specials[:, 1::7] = float("inf")
+            specials[:, 3::11] = float("nan")
+            assert torch.equal(kernel_ranks(specials), argsort_ranks(specials)), (lo, steps)
+
+
 CASES = [(0.5, 0.15), (0.3, 0.1), (0.9, 0.05)]
 
 

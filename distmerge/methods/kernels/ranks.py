@@ -11,15 +11,16 @@ stable least-significant-digit radix sort over those patterns gives exactly the 
 position order, +0.0 and -0.0 are one key (the sign bit is cleared), denormals order by their
 bits as by value, and every NaN gets one key above +inf (torch's sort puts NaNs last, as
 equals). Only the bits that vary inside a row are sorted, in as few passes of at most 11 bits
-as they need (deltas of bfloat16 weights need two or three), each pass's histogram no larger
-than the row.
+as they need, each pass's histogram no larger than the row; where it takes fewer bits, the
+keys are first rewritten as their offsets from the smallest nonzero key, zero kept below them
+(:func:`_offset_keys`), which makes the deltas of bfloat16 weights one pass instead of two.
 
 The DELLA loop (:func:`della_keep`) writes each element's keep probability from a per-rank
 table (computed by the caller with the torch formulation's own ops, so its values are the same
 floats) straight from its sorted position, then compares it with the element's uniform draw:
 the keep stream (Philox4x32, :mod:`distmerge.methods.philox`) and float64 uniform as
 ``random_stream.keep_uniforms``. No order, rank or draw tensor is materialised; per element and
-core it is ~7 ns against ~50 ns for the argsort alone.
+core it is ~3.5-3.9 ns against ~50 ns for the argsort alone.
 """
 
 from __future__ import annotations
@@ -44,15 +45,54 @@ def _magnitude_key(v):  # noqa: ANN001, ANN202 - numba infers the types
     return _NAN_KEY if k > _INF_KEY else k
 
 
+@_inline
+def _key_stats(keys):  # noqa: ANN001, ANN202
+    """``(vary, smallest, largest, zeros)``: the bits in which some key differs from the first,
+    the smallest nonzero key (0xFFFFFFFF if none), the largest key and how many keys are 0."""
+    k0 = keys[0]
+    vary = np.uint32(0)
+    smallest = np.uint32(0xFFFFFFFF)
+    largest = np.uint32(0)
+    zeros = 0
+    for i in range(keys.size):
+        k = keys[i]
+        vary |= k ^ k0
+        zeros += k == 0
+        largest = max(largest, k)
+        smallest = min(smallest, k if k != 0 else np.uint32(0xFFFFFFFF))
+    return vary, smallest, largest, zeros
+
+
+@_inline
+def _bit_length(v):  # noqa: ANN001, ANN202
+    width = 0
+    while v >> np.uint32(width):
+        width += 1
+    return width
+
+
+@_inline
+def _offset_keys(keys, lo, smallest, zero):  # noqa: ANN001, ANN202
+    """Each key replaced by its offset: ``0`` for a zero key, else ``((k - smallest) >> lo) +
+    zero`` (``zero``: 1 when some key is 0, else 0).
+
+    Why: a delta of two bfloat16 weights is a multiple of the weights' ulp, so a row's nonzero
+    magnitudes span ~1000-1300 steps of bit ``lo`` (a few hundred distinct values), while the
+    exact zeros a fine-tune leaves stretch the keys' varying bits to 14-15: two radix passes
+    where the offsets need one. The map keeps order and ties, since every key has the same
+    bits below ``lo``."""
+    shift = np.uint32(lo)
+    for i in range(keys.size):
+        k = keys[i]
+        keys[i] = np.uint32(0) if k == 0 else ((k - smallest) >> shift) + zero
+
+
 @_jit
 def _rank_row(keys, keys2, order, order2, hist, table, out, first, stride):  # noqa: ANN001, ANN202
     """``out[first + i * stride] = table[r_i]``, ``r_i`` the stable ascending rank of ``keys[i]``
     (uint32; clobbered, as ``keys2``, ``order`` and ``order2``, the scratch of the passes)."""
     n = keys.size
-    k0 = keys[0]
-    vary = np.uint32(0)
-    for i in range(n):
-        vary |= keys[i] ^ k0
+    vary, smallest, largest, zeros = _key_stats(keys)
     if vary == 0:  # one key: position order
         for i in range(n):
             out[first + i * stride] = table[i]
@@ -60,9 +100,13 @@ def _rank_row(keys, keys2, order, order2, hist, table, out, first, stride):  # n
     lo = 0  # the lowest and highest bits that vary: the rest orders nothing
     while (vary >> np.uint32(lo)) & np.uint32(1) == 0:
         lo += 1
-    hi = 32
-    while (vary >> np.uint32(hi - 1)) & np.uint32(1) == 0:
-        hi -= 1
+    hi = _bit_length(vary)
+    zero = np.uint32(1 if zeros else 0)
+    offsets = _bit_length(((largest - smallest) >> np.uint32(lo)) + zero)
+    if offsets < hi - lo:  # the offsets' bit 0 varies (as bit lo of the keys), their top is bit offsets - 1
+        _offset_keys(keys, lo, smallest, zero)
+        lo, hi = 0, offsets
+    k0 = keys[0]
     widest = MIN_DIGIT  # buckets at most ~n: clearing and summing them costs no more than a pass
     while widest < MAX_DIGIT and (2 << widest) <= n:
         widest += 1
