@@ -35,10 +35,12 @@ BASE_AS_MODEL = ("linear", "multislerp", "karcher")
 
 def merge_config(method: str, base: Path, experts: list[Path], stats: str | None = None) -> dict:
     """The benchmark's config for ``method``: its case in ``distmerge.testing.method_cases``
-    (every method of the registry), float32 compute, bfloat16 output. Methods that take one
-    expert (slerp, nearswap, arcee_fusion) read the base and the first expert; nuslerp without a
-    base blends the two experts; passthrough copies the base."""
-    cfg = method_config(method, base, experts, dtype="float32", out_dtype="bfloat16")
+    (every method of the registry), float32 compute unless the name says otherwise
+    (``della@bfloat16``: the config's ``dtype``, as many mergekit configs set it), bfloat16
+    output. Methods that take one expert (slerp, nearswap, arcee_fusion) read the base and the
+    first expert; nuslerp without a base blends the two experts; passthrough copies the base."""
+    method, _, dtype = method.partition("@")
+    cfg = method_config(method, base, experts, dtype=dtype or "float32", out_dtype="bfloat16")
     if method in BASE_AS_MODEL:
         cfg["models"].insert(0, {**cfg["models"][0], "model": str(base)})
     if stats:
