@@ -39,6 +39,9 @@ def test_the_dot_multiplies_contiguous_vectors(operands: np.ndarray):
     # Indexing a[s + i] made LLVM compute a vector of 64-bit indices (the wraparound check for
     # a negative index) and load lane by lane: 1.5 against 0.47 ns per element.
     assert not re.search(r"<\d+ x i64>", ir)
+    # numpy's eight pairwise accumulators as one <8 x double> (sum_orders._eight_accumulators):
+    # as eight scalar chains they stayed scalar, 0.30 against 0.21 ns per element in cache
+    assert re.search(r"= fadd(?: [a-z]+)* <8 x double>", ir)
 
 
 def test_arcee_fusions_merge_is_vectorized():

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from distmerge.methods.kernels.rounding import _inline, _jit
 
@@ -31,31 +34,49 @@ _STACK = 128  # pairwise tree depth bound: log2(n / 64), so any n below 2**70
 
 # ---- numpy: pairwise ----------------------------------------------------------------------
 
+@intrinsic
+def _eight_accumulators(typingctx, v, n):  # noqa: ANN001, ANN202 - numba typing signature
+    """numpy's eight accumulators over ``v[:n - n % 8]`` (``n >= 8``, ``v`` contiguous float64):
+    ``r_j = ((v[j] + v[8 + j]) + v[16 + j]) + ...``, as one ``<8 x double>`` vector.
+
+    Why LLVM IR: written as eight scalar chains, LLVM left them scalar (an inner trip count of
+    8 is below its vectorizer's threshold, and its SLP pass did not pack them), 0.30 ns per
+    element of a dot in cache; the vector adds are lane by lane the same IEEE additions in the
+    same order, 0.21 ns."""
+    if not (isinstance(v, types.Array) and v.dtype == types.float64 and v.ndim == 1 and v.layout == "C"
+            and isinstance(n, types.Integer)):
+        return None
+    result = types.UniTuple(types.float64, 8)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        vector = ir.VectorType(ir.DoubleType(), 8)
+        groups = builder.bitcast(data, vector.as_pointer())
+        count = builder.sdiv(args[1], ir.Constant(args[1].type, 8))
+        acc = cgutils.alloca_once(builder, vector)  # promoted to a register by LLVM
+        builder.store(builder.load(groups, align=8), acc)
+        one = ir.Constant(count.type, 1)
+        with cgutils.for_range_slice(builder, one, count, one) as (g, _):
+            builder.store(builder.fadd(builder.load(acc), builder.load(builder.gep(groups, [g]), align=8)), acc)
+        total = builder.load(acc)
+        lanes = [builder.extract_element(total, ir.Constant(ir.IntType(32), j)) for j in range(8)]
+        return context.make_tuple(builder, result, lanes)
+
+    return result(v, n), codegen
+
+
 @_inline
 def pw_block(v, n):  # noqa: ANN001, ANN202 - numba infers the types
-    """numpy's pairwise sum of ``v[:n]`` for ``n <= 128``."""
+    """numpy's pairwise sum of ``v[:n]`` for ``n <= 128`` (``v`` contiguous)."""
     if n < 8:
         res = -0.0
         for i in range(n):
             res += v[i]
         return res
-    r0, r1, r2, r3, r4, r5, r6, r7 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
-    i = 8
-    end = n - n % 8
-    while i < end:
-        r0 += v[i]
-        r1 += v[i + 1]
-        r2 += v[i + 2]
-        r3 += v[i + 3]
-        r4 += v[i + 4]
-        r5 += v[i + 5]
-        r6 += v[i + 6]
-        r7 += v[i + 7]
-        i += 8
+    r0, r1, r2, r3, r4, r5, r6, r7 = _eight_accumulators(v, n)
     res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < n:
+    for i in range(n - n % 8, n):
         res += v[i]
-        i += 1
     return res
 
 
