@@ -134,6 +134,42 @@ def test_ranks_of_zeros_and_a_narrow_range(n):
             assert torch.equal(kernel_ranks(specials), argsort_ranks(specials)), (lo, steps)
 
 
+ROW_KINDS = {  # keys varying in this many low bits (with the offsets: one, two or three passes)
+    "one pass": 9, "two passes": 19, "three passes": 31, "one key": 0, "zeros and offsets": -1}
+
+
+def row_of(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "zeros and offsets":  # bfloat16 deltas: zeros beside a narrow range of nonzero keys
+        bits = 0x3A000000 + (torch.randint(0, 1500, (n,), generator=g, dtype=torch.int64) << 16)
+        bits[torch.rand(n, generator=g) < 0.3] = 0
+    else:
+        width = ROW_KINDS[kind]
+        bits = torch.randint(0, 2**width, (n,), generator=g, dtype=torch.int64) if width else torch.full((n,), 77)
+        bits = bits & 0x7F7FFFFF  # no infinities or NaNs here
+    return bits.to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 300, 2048, 5632])
+def test_rows_ranked_in_pairs(n):
+    """Contiguous rows are ranked two at a time (``_rank_pair``): side by side where both take
+    the same one or two passes, each alone otherwise. Every ordered pair of row kinds, and an odd
+    row left over, in the ranks kernel and in DELLA's keep rule (float32 and bfloat16 deltas)."""
+    g = torch.Generator().manual_seed(n)
+    kinds = list(ROW_KINDS)
+    order = [k for a in kinds for b in kinds for k in (a, b)] + [kinds[1]]
+    values = torch.stack([row_of(kind, n, g) for kind in order])
+    values = torch.where(torch.rand(values.shape, generator=g) < 0.5, -values, values)
+    assert torch.equal(kernel_ranks(values), argsort_ranks(values))
+    rows = values.shape[0]
+    c = ShardContext("t.weight", (rows, n), 0, rows, seed=9, expert_ids=(4,))
+    for x in (values, values.to(torch.bfloat16)):  # deltas against a zero base
+        terms, probs = DellaSampling().kernel_keep(0, x, torch.zeros_like(x), {"density": 0.5, "epsilon": 0.15}, c, None)
+        want_probs = old_della_probabilities(x, 0.5, 0.15)
+        assert torch.equal(probs.view(torch.int32), want_probs.view(torch.int32))
+        want_mask = old_della_mask(want_probs, c.seed, c.tensor, 4, 0)
+        assert np.array_equal(terms.mask, want_mask.reshape(-1).numpy())
+
+
 CASES = [(0.5, 0.15), (0.3, 0.1), (0.9, 0.05)]
 
 

@@ -20,7 +20,8 @@ prove the index non-negative, and the wraparound check keeps the loop scalar); n
 modulo per element (loop over the last-dim vectors and hoist the per-vector value instead of
 ``kl[j // cols]``); helpers inlined into a hot loop take scalars, not arrays; a branch that does
 not change inside the loop goes outside it (one loop per case); accumulators that must follow
-numpy's order or the lane order are scalars or small fixed arrays, as :mod:`.sum_orders` writes them;
+numpy's order or the lane order are scalars or small fixed arrays, as :mod:`.sum_orders` writes them
+(numpy's eight accumulators as one ``<8 x double>``, emitted as LLVM IR: LLVM left them scalar);
 and a block's scratch rows together fit a 32 KB L1 cache (the task-vector and RAM loops ran
 1.5x slower at 2048-element blocks than at 512).
 ``tests/methods/test_kernel_vectorization.py`` checks the loops that broke these rules once.
@@ -28,7 +29,8 @@ and a block's scratch rows together fit a 32 KB L1 cache (the task-vector and RA
 One module per idea: :mod:`.rounding` (compute-dtype rounding and array helpers, shared by
 every loop), :mod:`.histograms` (the selection's key counts), :mod:`.task_vector_loop` (the
 task-vector merge and its L1 norms), :mod:`.linear_loop` (the weighted sum), :mod:`.ranks`
-(stable magnitude ranks along dim 1 by radix sort, and DELLA's keep rule), :mod:`.variance`
+(stable magnitude ranks along dim 1, and DELLA's keep rule), :mod:`.radix_ranks` (the radix
+sort they rank by, one row or two side by side), :mod:`.variance`
 (the variance across models, SCE's selection statistic), :mod:`.dots` (numpy's float64 dot,
 fused). This package
 gathers their public names, so callers write ``kernels.task_vectors(...)``.

@@ -1,0 +1,299 @@
+"""Stable ascending ranks of a row of uint32 keys by least-significant-digit radix sort.
+
+Why: DELLA ranks the magnitudes of each row's deltas (:mod:`.ranks`); a stable LSD radix sort
+gives the order of a stable comparison sort in O(n) per row. Only the bits that vary inside a
+row are sorted, in as few passes of at most :data:`MAX_DIGIT` bits as they need, each pass's
+histogram no larger than the row. Where it takes fewer bits, the keys are first rewritten as
+their offsets from the smallest nonzero key, zero kept below them (:func:`_offset_keys`), which
+makes the deltas of bfloat16 weights one pass instead of two. Two rows that take the same one
+or two passes are ranked side by side (:func:`_rank_pair`), so each loop carries two rows'
+independent counters.
+
+Each function writes ``out[first + i * stride] = table[r_i]``, ``r_i`` the rank of key ``i``:
+the caller maps ranks to what it needs (DELLA: its keep probabilities) without a rank array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distmerge.methods.kernels.rounding import _inline, _jit
+
+MAX_DIGIT = 11  # bits per radix pass at most: 2048 buckets
+MIN_DIGIT = 4  # and at least (short rows): 16 buckets
+
+
+@_inline
+def _key_stats(keys):  # noqa: ANN001, ANN202
+    """``(vary, smallest, largest, zeros)``: the bits in which some key differs from the first,
+    the smallest nonzero key (0xFFFFFFFF if none), the largest key and how many keys are 0."""
+    k0 = keys[0]
+    vary, largest, smallest, zeros = np.uint32(0), np.uint32(0), np.uint32(0xFFFFFFFF), 0
+    for i in range(keys.size):
+        k = keys[i]
+        vary |= k ^ k0
+        zeros += k == 0
+        largest = max(largest, k)
+        smallest = min(smallest, k if k != 0 else np.uint32(0xFFFFFFFF))
+    return vary, smallest, largest, zeros
+
+
+@_inline
+def _bit_length(v):  # noqa: ANN001, ANN202
+    width = 0
+    while v >> np.uint32(width):
+        width += 1
+    return width
+
+
+@_inline
+def _offset_keys(keys, lo, smallest, zero):  # noqa: ANN001, ANN202
+    """Each key replaced by its offset: ``0`` for a zero key, else ``((k - smallest) >> lo) +
+    zero`` (``zero``: 1 when some key is 0, else 0).
+
+    Why: a delta of two bfloat16 weights is a multiple of the weights' ulp, so a row's nonzero
+    magnitudes span ~1000-1300 steps of bit ``lo`` (a few hundred distinct values), while the
+    exact zeros a fine-tune leaves stretch the keys' varying bits to 14-15: two radix passes
+    where the offsets need one. The map keeps order and ties, since every key has the same
+    bits below ``lo``."""
+    shift = np.uint32(lo)
+    for i in range(keys.size):
+        k = keys[i]
+        keys[i] = np.uint32(0) if k == 0 else ((k - smallest) >> shift) + zero
+
+
+@_inline
+def _prepare(keys):  # noqa: ANN001, ANN202
+    """``(lo, hi)``: the lowest varying bit of the keys and one past the highest, after the
+    offset rewrite where it narrows them (:func:`_offset_keys`); ``hi == 0`` when every key is
+    the same (the ranks are the positions)."""
+    vary, smallest, largest, zeros = _key_stats(keys)
+    if vary == 0:
+        return 0, 0
+    lo = _bit_length(vary & (~vary + np.uint32(1))) - 1  # the lowest and highest bits that vary:
+    hi = _bit_length(vary)  # the rest orders nothing
+    zero = np.uint32(1 if zeros else 0)
+    offsets = _bit_length(((largest - smallest) >> np.uint32(lo)) + zero)
+    if offsets < hi - lo:  # the offsets' bit 0 varies (as bit lo of the keys), their top is bit offsets - 1
+        _offset_keys(keys, lo, smallest, zero)
+        return 0, offsets
+    return lo, hi
+
+
+@_inline
+def _digits(n, lo, hi):  # noqa: ANN001, ANN202
+    """``(passes, digit)``: how many radix passes bits ``lo .. hi`` take, of how many bits each."""
+    widest = MIN_DIGIT  # buckets at most ~n: clearing and summing them costs no more than a pass
+    while widest < MAX_DIGIT and (2 << widest) <= n:
+        widest += 1
+    passes = (hi - lo + widest - 1) // widest
+    return passes, (hi - lo + passes - 1) // passes
+
+
+@_inline
+def _positions(out, first, stride, table, n):  # noqa: ANN001, ANN202
+    """Every key the same: the ranks are the positions."""
+    for i in range(n):
+        out[first + i * stride] = table[i]
+
+
+@_jit
+def _rank_row(keys, keys2, order, order2, hist, table, out, first, stride):  # noqa: ANN001, ANN202
+    """``out[first + i * stride] = table[r_i]``, ``r_i`` the stable ascending rank of ``keys[i]``
+    (uint32; clobbered, as ``keys2``, ``order`` and ``order2``, the scratch of the passes)."""
+    lo, hi = _prepare(keys)
+    if hi == 0:
+        _positions(out, first, stride, table, keys.size)
+    else:
+        _sort(keys, keys2, order, order2, hist, table, out, first, stride, lo, hi)
+
+
+@_jit
+def _sort(keys, keys2, order, order2, hist, table, out, first, stride, lo, hi):  # noqa: ANN001, ANN202
+    """:func:`_rank_row`'s radix passes over the prepared keys' bits ``lo .. hi``."""
+    n = keys.size
+    k0 = keys[0]
+    passes, digit = _digits(n, lo, hi)
+    buckets = 1 << digit
+    mask = np.uint32(buckets - 1)
+    h = hist[:passes, :buckets]
+    h[:, :] = 0
+    h0, h1, h2 = hist[0], hist[1], hist[2]
+    low, step, step2 = np.uint32(lo), np.uint32(digit), np.uint32(2 * digit)
+    if passes == 1:  # one loop per pass count: the compiler keeps the counters' addresses apart
+        for i in range(n):
+            h0[(keys[i] >> low) & mask] += 1
+    elif passes == 2:
+        for i in range(n):
+            k = keys[i] >> low
+            h0[k & mask] += 1
+            h1[(k >> step) & mask] += 1
+    elif passes == 3:
+        for i in range(n):
+            k = keys[i] >> low
+            h0[k & mask] += 1
+            h1[(k >> step) & mask] += 1
+            h2[(k >> step2) & mask] += 1
+    else:
+        for i in range(n):
+            k = keys[i] >> low
+            for p in range(passes):
+                h[p, (k >> np.uint32(p * digit)) & mask] += 1
+    last = passes - 1  # a digit the same for every key orders nothing either (bit lo varies: pass 0 stays)
+    while _one_digit(h[last], k0, np.uint32(lo + last * digit), mask, n):
+        last -= 1
+    src_k, dst_k, src_o, dst_o = keys, keys2, order2, order
+    done = False
+    for p in range(last + 1):
+        shift = np.uint32(lo + p * digit)
+        hp = h[p]
+        if _one_digit(hp, k0, shift, mask, n):
+            continue
+        _starts(hp, buckets)
+        if p == last:  # the final positions are the ranks: write the table there
+            if done:
+                for i in range(n):
+                    d = (src_k[i] >> shift) & mask
+                    at = hp[d]
+                    hp[d] = at + 1
+                    out[first + src_o[i] * stride] = table[at]
+            else:
+                for i in range(n):
+                    d = (src_k[i] >> shift) & mask
+                    at = hp[d]
+                    hp[d] = at + 1
+                    out[first + i * stride] = table[at]
+            return
+        if done:
+            for i in range(n):
+                k = src_k[i]
+                d = (k >> shift) & mask
+                at = hp[d]
+                hp[d] = at + 1
+                dst_k[at] = k
+                dst_o[at] = src_o[i]
+        else:
+            for i in range(n):
+                k = src_k[i]
+                d = (k >> shift) & mask
+                at = hp[d]
+                hp[d] = at + 1
+                dst_k[at] = k
+                dst_o[at] = i
+        done = True
+        src_k, dst_k, src_o, dst_o = dst_k, src_k, dst_o, src_o
+
+
+@_jit
+def _rank_pair(a, b, table, out, first_a, first_b, stride):  # noqa: ANN001, ANN202
+    """Two rows ranked as :func:`_rank_row` ranks each (``a`` and ``b``: their scratch, as
+    :func:`_scratch` gives it, keys in ``[0]``), side by side where both take the same one or two
+    passes, so that each loop carries both rows' counters.
+
+    Why: a row holds a few hundred distinct magnitudes, some of them frequent, and a bucket's
+    counter is read, incremented and written back for each of its keys, so a frequent bucket's
+    keys wait on each other's store. Two rows' counters are independent chains: one
+    histogram-and-scatter pass over float32-compute deltas took 2.64 against 3.59 ns per
+    element (RESULTS.md, the nineteenth part)."""
+    ka, kb = a[0], b[0]
+    n = ka.size
+    lo_a, hi_a = _prepare(ka)
+    lo_b, hi_b = _prepare(kb)
+    if hi_a != 0 and hi_b != 0:
+        passes, digit_a = _digits(n, lo_a, hi_a)
+        passes_b, digit_b = _digits(n, lo_b, hi_b)
+        if passes == passes_b and passes <= 2:
+            _side_by_side(a, b, passes, lo_a, digit_a, lo_b, digit_b, table, out, first_a, first_b, stride)
+            return
+    for rows, lo, hi, first in ((a, lo_a, hi_a, first_a), (b, lo_b, hi_b, first_b)):
+        if hi == 0:
+            _positions(out, first, stride, table, n)
+        else:
+            _sort(rows[0], rows[1], rows[2], rows[3], rows[4], table, out, first, stride, lo, hi)
+
+
+@_inline
+def _side_by_side(a, b, passes, lo_a, digit_a, lo_b, digit_b, table, out, first_a, first_b, stride):  # noqa: ANN001, ANN202, PLR0913
+    """:func:`_rank_pair`'s one or two shared passes. Neither skips a digit: the first digit
+    holds a row's lowest varying bit and the last its highest, so with two passes no digit is
+    the same for every key (what :func:`_sort` checks for with three or more)."""
+    ka, kb = a[0], b[0]
+    n = ka.size
+    mask_a, mask_b = np.uint32((1 << digit_a) - 1), np.uint32((1 << digit_b) - 1)
+    low_a, low_b = np.uint32(lo_a), np.uint32(lo_b)
+    next_a, next_b = np.uint32(lo_a + digit_a), np.uint32(lo_b + digit_b)
+    a0, a1, b0, b1 = a[4][0], a[4][1], b[4][0], b[4][1]
+    a[4][:passes, :1 << digit_a] = 0
+    b[4][:passes, :1 << digit_b] = 0
+    if passes == 1:
+        for i in range(n):
+            a0[(ka[i] >> low_a) & mask_a] += 1
+            b0[(kb[i] >> low_b) & mask_b] += 1
+    else:
+        for i in range(n):
+            k = ka[i]
+            a0[(k >> low_a) & mask_a] += 1
+            a1[(k >> next_a) & mask_a] += 1
+            k = kb[i]
+            b0[(k >> low_b) & mask_b] += 1
+            b1[(k >> next_b) & mask_b] += 1
+    for p in range(passes):
+        _starts(a[4][p], 1 << digit_a)
+        _starts(b[4][p], 1 << digit_b)
+    if passes == 1:
+        for i in range(n):
+            d = (ka[i] >> low_a) & mask_a
+            at = a0[d]
+            a0[d] = at + 1
+            out[first_a + i * stride] = table[at]
+            d = (kb[i] >> low_b) & mask_b
+            at = b0[d]
+            b0[d] = at + 1
+            out[first_b + i * stride] = table[at]
+        return
+    sorted_a, sorted_b, order_a, order_b = a[1], b[1], a[2], b[2]
+    for i in range(n):
+        k = ka[i]
+        d = (k >> low_a) & mask_a
+        at = a0[d]
+        a0[d] = at + 1
+        sorted_a[at] = k
+        order_a[at] = i
+        k = kb[i]
+        d = (k >> low_b) & mask_b
+        at = b0[d]
+        b0[d] = at + 1
+        sorted_b[at] = k
+        order_b[at] = i
+    for i in range(n):
+        d = (sorted_a[i] >> next_a) & mask_a
+        at = a1[d]
+        a1[d] = at + 1
+        out[first_a + order_a[i] * stride] = table[at]
+        d = (sorted_b[i] >> next_b) & mask_b
+        at = b1[d]
+        b1[d] = at + 1
+        out[first_b + order_b[i] * stride] = table[at]
+
+
+@_inline
+def _one_digit(h, k0, shift, mask, n):  # noqa: ANN001, ANN202
+    """Whether every key has the first key's digit: ``h`` counts them all in its bucket."""
+    return h[(k0 >> shift) & mask] == n
+
+
+@_inline
+def _starts(h, buckets):  # noqa: ANN001, ANN202
+    """Counts to each bucket's first position (exclusive prefix sums)."""
+    total = 0
+    for d in range(buckets):
+        c = h[d]
+        h[d] = total
+        total += c
+
+
+@_jit
+def _scratch(n):  # noqa: ANN001, ANN202
+    """The passes' scratch for rows of ``n``: keys, keys2, order, order2 and the histograms."""
+    return (np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32),
+            np.empty(n, dtype=np.int32), np.empty((8, 1 << MAX_DIGIT), dtype=np.int32))
