@@ -153,31 +153,23 @@ def _sort(keys, keys2, order, order2, hist, table, out, first, stride, lo, hi): 
         if p == last:  # the final positions are the ranks: write the table there
             if done:
                 for i in range(n):
-                    d = (src_k[i] >> shift) & mask
-                    at = hp[d]
-                    hp[d] = at + 1
+                    at = _next_place(hp, (src_k[i] >> shift) & mask)
                     out[first + src_o[i] * stride] = table[at]
             else:
                 for i in range(n):
-                    d = (src_k[i] >> shift) & mask
-                    at = hp[d]
-                    hp[d] = at + 1
+                    at = _next_place(hp, (src_k[i] >> shift) & mask)
                     out[first + i * stride] = table[at]
             return
         if done:
             for i in range(n):
                 k = src_k[i]
-                d = (k >> shift) & mask
-                at = hp[d]
-                hp[d] = at + 1
+                at = _next_place(hp, (k >> shift) & mask)
                 dst_k[at] = k
                 dst_o[at] = src_o[i]
         else:
             for i in range(n):
                 k = src_k[i]
-                d = (k >> shift) & mask
-                at = hp[d]
-                hp[d] = at + 1
+                at = _next_place(hp, (k >> shift) & mask)
                 dst_k[at] = k
                 dst_o[at] = i
         done = True
@@ -242,38 +234,34 @@ def _side_by_side(a, b, passes, lo_a, digit_a, lo_b, digit_b, table, out, first_
         _starts(b[4][p], 1 << digit_b)
     if passes == 1:
         for i in range(n):
-            d = (ka[i] >> low_a) & mask_a
-            at = a0[d]
-            a0[d] = at + 1
+            at = _next_place(a0, (ka[i] >> low_a) & mask_a)
             out[first_a + i * stride] = table[at]
-            d = (kb[i] >> low_b) & mask_b
-            at = b0[d]
-            b0[d] = at + 1
+            at = _next_place(b0, (kb[i] >> low_b) & mask_b)
             out[first_b + i * stride] = table[at]
         return
     sorted_a, sorted_b, order_a, order_b = a[1], b[1], a[2], b[2]
     for i in range(n):
         k = ka[i]
-        d = (k >> low_a) & mask_a
-        at = a0[d]
-        a0[d] = at + 1
+        at = _next_place(a0, (k >> low_a) & mask_a)
         sorted_a[at] = k
         order_a[at] = i
         k = kb[i]
-        d = (k >> low_b) & mask_b
-        at = b0[d]
-        b0[d] = at + 1
+        at = _next_place(b0, (k >> low_b) & mask_b)
         sorted_b[at] = k
         order_b[at] = i
     for i in range(n):
-        d = (sorted_a[i] >> next_a) & mask_a
-        at = a1[d]
-        a1[d] = at + 1
+        at = _next_place(a1, (sorted_a[i] >> next_a) & mask_a)
         out[first_a + order_a[i] * stride] = table[at]
-        d = (sorted_b[i] >> next_b) & mask_b
-        at = b1[d]
-        b1[d] = at + 1
+        at = _next_place(b1, (sorted_b[i] >> next_b) & mask_b)
         out[first_b + order_b[i] * stride] = table[at]
+
+
+@_inline
+def _next_place(h, d):  # noqa: ANN001, ANN202
+    """Bucket ``d``'s next place, counted on (a stable pass's step for one key)."""
+    at = h[d]
+    h[d] = at + 1
+    return at
 
 
 @_inline
