@@ -84,7 +84,7 @@ def _della_keep(base, x, mode, outer, n, inner, table, key0, key1, start, mask, 
     a, b = _scratch(n), _scratch(n)
     keys, keys2, order, order2, hist = a
     slab = n * inner
-    raw = np.empty(2 * slab, dtype=np.uint32)
+    raw = np.empty(2 * n if inner == 1 else slab, dtype=np.uint32)  # the draws of two rows, or of one slab
     state = np.empty((OUTPUTS_PER_COUNTER, LANES), dtype=np.uint64)
     if inner == 1:  # rows contiguous (every 2-D weight), two at a time (_rank_pair)
         for o in range(0, outer, 2):
