@@ -62,7 +62,7 @@ def assert_same_bits(a, b):
     assert torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("topk", [1.0, 0.0, 0.37, 0.004])
 @pytest.mark.parametrize("kind", ["smooth", "tied", "awkward", "infinite"])
 def test_fused_sce_is_the_torch_formulation(kind, topk, n, monkeypatch):

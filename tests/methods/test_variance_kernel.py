@@ -29,7 +29,7 @@ def _inputs(n: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> to
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("shape", [(37, 41), (1000,), (3, 5, 7), (0, 4)])
 def test_equals_torch_var(dtype: torch.dtype, n: int, shape: tuple[int, ...]):
     x = _inputs(n, shape, dtype, seed=n * 7 + len(shape))

@@ -26,6 +26,7 @@ import numpy as np
 from distmerge.methods.kernels.rounding import _inline, _jit, _value
 from distmerge.methods.kernels.stack_order import reordered_from, stack_column
 from distmerge.methods.kernels.sum_orders import PW_BLOCK, leaves_into, pairwise_spans
+from distmerge.methods.kernels.variance import exact_reciprocal, over_count
 
 BLOCK = 2048  # elements per block of the counting rounds and the merge
 KEEP_ALL = -1  # a threshold below every key (select_topk >= 1)
@@ -57,13 +58,15 @@ def _variance_keys(tv, m, mean, m2, keys):  # noqa: ANN001, ANN202
     for e in range(n):
         row = tv[e]
         count = np.float64(e + 1)
+        r = exact_reciprocal(e + 1)
         for j in range(m):
             x = np.float64(row[j])
             delta = x - mean[j]
-            mean[j] = mean[j] + delta / count
+            mean[j] = mean[j] + over_count(delta, count, r)
             m2[j] = m2[j] + delta * (x - mean[j])
+    r = exact_reciprocal(n)
     for j in range(m):
-        keys[j] = np.int64(np.float32(m2[j] / np.float64(n)).view(np.uint32) & _SIGN_OFF)
+        keys[j] = np.int64(np.float32(over_count(m2[j], np.float64(n), r)).view(np.uint32) & _SIGN_OFF)
 
 
 @_inline
