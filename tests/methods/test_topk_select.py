@@ -88,6 +88,61 @@ def test_pieces_choose_as_the_joined_array():
     assert nan_thresholds > 5
 
 
+def scalar_partition(q: list[int], first: int, last: int, pivot: int) -> int:
+    """libstdc++'s ``__unguarded_partition``, transcribed: keys in the high 32 bits, ``a`` goes
+    before ``b`` when its key is larger; permutes ``q`` in place, returns the cut."""
+    p = q[pivot] >> 32
+    while True:
+        while q[first] >> 32 > p:
+            first += 1
+        last -= 1
+        while p > q[last] >> 32:
+            last -= 1
+        if not first < last:
+            return first
+        q[first], q[last] = q[last], q[first]
+        first += 1
+
+
+def partition_inputs(g: torch.Generator):
+    """Key arrays (introselect partitions 4 or more) that stop the block phase at every point:
+    sizes around multiples of the block, runs of equal keys as long as a block, sorted and
+    reversed keys, one key, few keys."""
+    block = topk_select.PARTITION_BLOCK
+    sizes = [4, 5, 255, 256, 257, 511, 512, 513, 767, 768, 769, 1023, 2 * block + 3, 5000, 20011]
+    sizes += torch.randint(4, 4000, (30,), generator=g).tolist()
+    for n in sizes:
+        yield torch.randint(0, 1 << 20, (n,), generator=g)  # nearly distinct
+        yield torch.randint(0, 3, (n,), generator=g)
+        yield torch.randint(0, 40, (n,), generator=g)
+        yield torch.zeros(n, dtype=torch.int64)
+        yield torch.arange(n)
+        yield torch.arange(n).flip(0)
+        yield torch.arange(n) // block  # runs a block long
+        yield (torch.arange(n) % (block + 1)) * (torch.arange(n) % 2)  # sawtooth over zeros
+
+
+def test_block_partition_makes_the_scalar_swaps():
+    """Each partition, as introselect calls it (median of three moved to the front), leaves the
+    whole array and the cut exactly as libstdc++'s scalar loop does."""
+    g = torch.Generator().manual_seed(5)
+    lefts = np.empty(topk_select.PARTITION_BLOCK, dtype=np.int64)
+    rights = np.empty_like(lefts)
+    cases = 0
+    for keys in partition_inputs(g):
+        n = keys.numel()
+        q = [(int(k) << 32) | i for i, k in enumerate(keys.tolist())]
+        candidates = sorted([1, n // 2, n - 1], key=lambda i: q[i] >> 32)
+        median = candidates[1]
+        q[0], q[median] = q[median], q[0]
+        packed = np.array(q, dtype=np.uint64)
+        cut = topk_select._partition(packed, 1, n, 0, lefts, rights)
+        want = scalar_partition(q, 1, n, 0)
+        assert cut == want and packed.tolist() == q, (n, keys[:8].tolist())
+        cases += 1
+    assert cases > 300
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_the_depth_limit_fallback_still_selects_the_k_largest(depth):
     """Past its depth limit introselect finishes with a heap selection (torch's path on
