@@ -8,19 +8,21 @@
     erase: TIES sign consensus, m_i = [sign(tv_i) == sign(sum_i tv_i)]  (ties to +, a zero never matches)
     out = base + sum_i(tv_i w_i m_i) / max(sum_i(w_i m_i), 1e-6)
 
-Whole-tensor quantities, in reduction rounds over canonical chunks: round 0 counts the nonzero
-variances (exact) and histograms the high 16 bits of the variances' float32 bit patterns
-(``selection``'s radix selection, the same as TIES's threshold); round 1 finds the exact k-th
-largest from the low 16 bits inside the located bucket, and whether only some of the elements
-tied at it are among the k; then round 2 joins the chunks' |variance| on the driver and runs
-mergekit's ``torch.topk`` on it, to learn which tied elements it keeps (that choice depends on
-the whole array, and it moves the weights, so no cheaper tie rule gives mergekit's output);
-tensors above ``TOPK_GATHER_MAX_ELEMENTS`` keep every tie instead (bounded memory); the
-last round sums the kept task vectors' squares in float64 (rounded once to the compute dtype,
-as mergekit's mean returns). Without selection only that last round runs. Everything
-elementwise is mergekit's torch expression in the compute dtype; in float32 compute the rounds
-and the merge run as fused loops over the rows as stored (:mod:`.kernels.sce_loops`, the same
-floats).
+Whole-tensor quantities, in reduction rounds over canonical chunks. With selection, a tensor
+of at most ``TOPK_GATHER_MAX_ELEMENTS`` elements gathers its |variance| in round 0 (chunks in
+row order) and the driver runs mergekit's ``torch.topk`` selection on it once
+(:class:`kernels.PackedMagnitudes`, torch's algorithm on packed float32 keys): that gives the
+count of nonzero variances (so k), the k-th largest variance key, and which of the elements
+tied at it are among the k (that choice depends on the whole array, and it moves the weights,
+so no cheaper tie rule gives mergekit's output); round 1 is skipped. A larger tensor keeps its
+memory bounded: round 0 counts the nonzero variances (exact) and histograms the high 16 bits of
+the variances' float32 bit patterns, round 1 finds the exact k-th largest from the low 16 bits
+inside the located bucket (``selection``'s radix selection, the same as TIES's threshold), and
+every element tied at it is kept. The last round sums the kept task vectors' squares in
+float64 (rounded once to the compute dtype, as mergekit's mean returns). Without selection only
+that last round runs. Everything elementwise is mergekit's torch expression in the compute
+dtype; in float32 compute the rounds and the merge run as fused loops over the rows as stored
+(:mod:`.kernels.sce_loops`, the same floats).
 """
 
 from __future__ import annotations
@@ -56,31 +58,31 @@ from distmerge.methods.selection import (
 from distmerge.methods.sparsification.base import numel
 
 NONE_KEPT = 0x7FFFFFFF  # a threshold key above every finite variance: keep nothing
-# The largest tensor whose variances the driver gathers to split ties as torch.topk does: 2^26
-# elements are 256 MB of float32 variances plus topk's values and indices (at most ~400 MB more).
-# A larger tensor keeps every element tied at the threshold (more than k by the ties; the same
-# for any sharding, and memory stays bounded by the shard size): docs/methods.md, difference 12.
+# The largest tensor whose variances the driver gathers to select as torch.topk does: 2^26
+# elements are 256 MB of float32 variances plus 512 MB of packed keys. A larger tensor keeps
+# every element tied at the threshold (more than k by the ties; the same for any sharding, and
+# memory stays bounded by the shard size): docs/methods.md, difference 12.
 TOPK_GATHER_MAX_ELEMENTS = 1 << 26
-TIES_ROUND = 2  # with selection: which of the elements tied at the threshold are among the k
+LOW_ROUND = 1  # with selection, above TOPK_GATHER_MAX_ELEMENTS: the low 16 bits of the k-th key
 
 
 @dataclass
 class ScePartials(Partials):
-    nonzero: int = 0
-    high: torch.Tensor | None = None  # round 0: high-bits histogram of the variance keys
+    values: torch.Tensor | None = None  # round 0 of a gathered tensor: the chunk's |variance|, flat
+    nonzero: int = 0  # round 0 of a larger tensor: nonzero variance keys,
+    high: torch.Tensor | None = None  # and the high-bits histogram of the variance keys
     low: tuple[torch.Tensor, torch.Tensor] | None = None  # round 1: low bits in the bucket, counts
-    values: torch.Tensor | None = None  # round 2, ties to split: the chunk's |variance|, flat
     squares: tuple[float, ...] = ()  # last round: float64 sums of the kept tv_i^2
     dtype: torch.dtype = torch.float32
 
 
 @dataclass(kw_only=True)
 class SceReductions(Reductions):
-    bucket: tuple[int, int] | None = None  # (bucket, rank left inside it) after round 0
+    bucket: tuple[int, int] | None = None  # (bucket, rank left inside it) after round 0 of a larger tensor
     threshold: int | None = None  # variance key of the k-th largest (None: no selection)
     k: int = 0
-    split: bool = False  # fewer than all elements tied at the threshold are among the k
-    tie_kept: torch.Tensor | None = None  # then: sorted flat indices of the tied elements kept
+    tie_kept: torch.Tensor | None = None  # sorted flat indices of the tied elements kept, when
+    # only some are (None: every element tied at the threshold is kept)
     weights: torch.Tensor | None = None  # [N], compute dtype, normalized
 
 
@@ -100,7 +102,12 @@ class Sce(MergeMethod):
         return 0.0 < params.global_["select_topk"] < 1.0
 
     def reduction_rounds(self, params: TensorParams, shape: tuple[int, ...] | None = None) -> int:
-        return 4 if self._selects(params) else 1
+        return 3 if self._selects(params) else 1
+
+    @staticmethod
+    def _gathers(count: int) -> bool:
+        """Whether a selecting tensor of ``count`` elements gathers its variances in round 0."""
+        return count <= TOPK_GATHER_MAX_ELEMENTS
 
     @staticmethod
     def _task_vectors(base, experts):
@@ -160,13 +167,13 @@ class Sce(MergeMethod):
         last = self.reduction_rounds(params) - 1
         if round_ < last:
             var = kernels.variance_across(tvs)
+            if round_ == 0 and self._gathers(ctx.tensor_numel):
+                return ScePartials(values=var.abs().reshape(-1), dtype=tvs.dtype)
             keys = magnitude_keys(var)
             if round_ == 0:
                 return ScePartials(nonzero=int(torch.count_nonzero(keys)), dtype=tvs.dtype,
                                    high=torch.bincount(keys >> 16, minlength=HIGH_BINS))
             assert red is not None
-            if round_ == TIES_ROUND:
-                return ScePartials(values=var.abs().reshape(-1) if red.split else None, dtype=tvs.dtype)
             if red.bucket is None:
                 return ScePartials(dtype=tvs.dtype)
             inside = keys[(keys >> 16) == red.bucket[0]] & 0xFFFF
@@ -183,13 +190,13 @@ class Sce(MergeMethod):
             threshold, tied = self._keep_rule(params, red, ctx, b.size)
             sums = sce_loops.sce_square_sums(b, xs, threshold, tied)
             return ScePartials(squares=tuple(float(v) for v in sums), dtype=torch.float32)
+        if round_ == 0 and self._gathers(ctx.tensor_numel):
+            values = sce_loops.sce_counts(b, xs, sce_loops.MAGNITUDES)[1]
+            return ScePartials(values=torch.from_numpy(values), dtype=torch.float32)
         if round_ == 0:
             nonzero, high = sce_loops.sce_counts(b, xs, sce_loops.HISTOGRAM)  # keys < 2**31: HIGH_BINS
             return ScePartials(nonzero=nonzero, dtype=torch.float32, high=torch.from_numpy(high[:HIGH_BINS]))
         assert red is not None
-        if round_ == TIES_ROUND:
-            values = sce_loops.sce_counts(b, xs, sce_loops.MAGNITUDES)[1] if red.split else None
-            return ScePartials(values=None if values is None else torch.from_numpy(values), dtype=torch.float32)
         if red.bucket is None:
             return ScePartials(dtype=torch.float32)
         low = sce_loops.sce_counts(b, xs, sce_loops.LOW_BITS, red.bucket[0])[1]
@@ -200,23 +207,7 @@ class Sce(MergeMethod):
         chunks = cast(Sequence[ScePartials], partials)
         out = SceReductions() if previous is None else replace(cast(SceReductions, previous))
         last = self.reduction_rounds(params) - 1
-        if round_ < last and round_ == 0:
-            # mergekit multiplies the 0-dim int64 count by the float: a float32 product
-            out.k = int(torch.tensor(sum(c.nonzero for c in chunks)) * params.global_["select_topk"])
-            if out.k == 0:
-                out.threshold = NONE_KEPT
-            else:
-                out.bucket = locate(sum_histograms([c.high for c in chunks]), out.k)
-        elif round_ == TIES_ROUND:
-            if out.split:
-                out.tie_kept = self._tie_kept(chunks, out)
-        elif round_ < last:
-            if out.bucket is not None:
-                histogram = dense_low([c.low for c in chunks if c.low is not None])
-                low, needed = locate(histogram, out.bucket[1])
-                out.threshold = (out.bucket[0] << 16) | low
-                out.split = needed < int(histogram[low]) and numel(shape) <= TOPK_GATHER_MAX_ELEMENTS
-        else:
+        if round_ == last:
             count = numel(shape)
             dtype = chunks[0].dtype
             n = len(chunks[0].squares)
@@ -224,25 +215,58 @@ class Sce(MergeMethod):
             weights = torch.stack([scalars.as_dtype(s / count, dtype) for s in sums])
             weight_sum = torch.sum(weights).item()
             out.weights = torch.ones_like(weights) / n if abs(weight_sum) < 1e-6 else weights / weight_sum
+        elif round_ == 0 and self._gathers(numel(shape)):
+            self._select(chunks, params, out)
+            out.round_rows = {LOW_ROUND: ()}  # the selection is complete: round 1 reads nothing
+        elif round_ == 0:
+            out.k = self._k(sum(c.nonzero for c in chunks), params)
+            if out.k == 0:
+                out.threshold = NONE_KEPT
+            else:
+                out.bucket = locate(sum_histograms([c.high for c in chunks]), out.k)
+        elif out.bucket is not None:  # round 1 of a larger tensor
+            histogram = dense_low([c.low for c in chunks if c.low is not None])
+            low, _ = locate(histogram, out.bucket[1])
+            out.threshold = (out.bucket[0] << 16) | low
         return out
 
     @staticmethod
-    def _tie_kept(chunks: Sequence[ScePartials], red: SceReductions) -> torch.Tensor:
-        """Which elements tied at the threshold mergekit's ``torch.topk`` keeps: its choice among
-        equal values follows from the whole array (libstdc++'s selection on CPU), so the
-        same selection runs on the chunks' variances in row order (:func:`kernels.topk_tied`,
-        torch's algorithm on packed float32 keys, ~3x faster than it, packing each chunk where
-        it lies rather than joining them first). Variances of float64 compute would lose their
-        order as float32 keys, and a torch built on another C++ library selects otherwise
-        (``topk_select.agrees_with_torch``):
-        torch.topk itself chooses there (unsorted: the same set, see ``kernels.topk_select``)."""
+    def _k(nonzero: int, params: TensorParams) -> int:
+        """How many elements the selection keeps: mergekit multiplies the 0-dim int64 count of
+        nonzero variances by the float, a float32 product."""
+        return int(torch.tensor(nonzero) * params.global_["select_topk"])
+
+    def _select(self, chunks: Sequence[ScePartials], params: TensorParams, out: SceReductions) -> None:
+        """k, the threshold and the kept ties of a gathered tensor, from its chunks' |variance|.
+
+        ``torch.topk``'s choice among equal values follows from the whole array (libstdc++'s
+        selection on CPU), so the same selection runs on the chunks' variances in row order
+        (:class:`kernels.PackedMagnitudes`, torch's algorithm on packed float32 keys, ~3x faster
+        than it, packing each chunk where it lies rather than joining them first); it also
+        gives the k-th largest key. Variances of float64 compute would lose their order as
+        float32 keys, and a torch built on another C++ library selects otherwise
+        (``topk_select.agrees_with_torch``): torch.topk itself chooses there (unsorted: the
+        same set, see ``kernels.topk_select``)."""
         parts = [c.values for c in chunks if c.values is not None]
         if parts[0].dtype != torch.float64 and kernels.topk_select.agrees_with_torch():  # bf16/fp16 widen exactly
-            pieces = [p.to(torch.float32).numpy() for p in parts]  # packed where they lie: no joined copy
-            return torch.from_numpy(kernels.topk_tied(pieces, red.k, red.threshold))
+            packed = kernels.PackedMagnitudes([p.to(torch.float32).numpy() for p in parts])
+            out.k = self._k(packed.nonzero, params)
+            if out.k == 0:
+                out.threshold = NONE_KEPT
+                return
+            out.threshold, tied = packed.top(out.k)
+            out.tie_kept = None if tied is None else torch.from_numpy(tied)
+            return
         flat = torch.cat(parts)
-        indices = torch.topk(flat, k=red.k, largest=True, sorted=False).indices
-        return torch.sort(indices[magnitude_keys(flat[indices]) == red.threshold]).values
+        keys = magnitude_keys(flat).to(torch.int64)
+        out.k = self._k(int(torch.count_nonzero(keys)), params)
+        if out.k == 0:
+            out.threshold = NONE_KEPT
+            return
+        out.threshold = int(torch.kthvalue(keys, keys.numel() - out.k + 1).values)  # the k-th largest
+        if int((keys >= out.threshold).sum()) > out.k:  # only some of the tied are among the k
+            indices = torch.topk(flat, k=out.k, largest=True, sorted=False).indices
+            out.tie_kept = torch.sort(indices[keys[indices] == out.threshold]).values
 
     def merge(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], params: TensorParams,
               ctx: ShardContext, reduced: Reductions | None = None) -> torch.Tensor:

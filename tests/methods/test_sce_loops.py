@@ -62,10 +62,15 @@ def assert_same_bits(a, b):
     assert torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
 
 
+@pytest.mark.parametrize("gathered", [True, False])
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("topk", [1.0, 0.0, 0.37, 0.004])
 @pytest.mark.parametrize("kind", ["smooth", "tied", "awkward", "infinite"])
-def test_fused_sce_is_the_torch_formulation(kind, topk, n, monkeypatch):
+def test_fused_sce_is_the_torch_formulation(kind, topk, n, gathered, monkeypatch):
+    """Both selections: the variances gathered (the tensor's own), and the radix rounds of a
+    tensor above the gather bound (lowered to none here)."""
+    if not gathered:
+        monkeypatch.setattr(sce, "TOPK_GATHER_MAX_ELEMENTS", 0)
     for shape in ((37, 19), (6,), (3, 5, 4)):
         base, xs = sce_inputs(kind, shape, n, seed=n + shape[0])
         params = params_for("sce", n, {"select_topk": topk})
@@ -84,11 +89,11 @@ def test_the_cases_reach_every_selection_path(monkeypatch):
     ones merge to finite rows other than the base, and the infinite ones to NaN."""
     base, xs = sce_inputs("tied", (37, 19), 2, seed=39)
     reduced = reductions("sce", base, xs, params_for("sce", 2, {"select_topk": 0.37}), chunk_rows=7)
-    assert reduced.split and reduced.tie_kept is not None and reduced.tie_kept.numel() > 0
+    assert reduced.tie_kept is not None and reduced.tie_kept.numel() > 0
     base, xs = sce_inputs("smooth", (37, 19), 3, seed=40)
     params = params_for("sce", 3, {"select_topk": 0.37})
     reduced = reductions("sce", base, xs, params, chunk_rows=7)
-    assert not reduced.split and 0 < reduced.k < base.numel()
+    assert reduced.tie_kept is None and 0 < reduced.k < base.numel()
     merged = merge_sharded("sce", base, xs, params, reduced, 37)
     moved = merged != base
     assert 0 < int(moved.sum()) < base.numel()

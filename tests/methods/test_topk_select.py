@@ -1,6 +1,7 @@
-"""``kernels.topk_tied`` picks, among the elements tied at the k-th largest magnitude, exactly
-those ``torch.topk(largest=True)`` picks on CPU: in both of torch's branches (partial sort and
-nth_element), on arrays whose values repeat, with NaNs and infinities, at the edges of k."""
+"""``kernels.PackedMagnitudes.top`` finds the k-th largest magnitude key and picks, among the
+elements tied at it, exactly those ``torch.topk(largest=True)`` picks on CPU: in both of torch's
+branches (partial sort and nth_element), on arrays whose values repeat, with NaNs and
+infinities, at the edges of k; and its count of nonzero magnitudes is ``count_nonzero``'s."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from distmerge.methods.kernels import topk_select
-from distmerge.methods.kernels.topk_select import topk_tied
+from distmerge.methods.kernels.topk_select import PackedMagnitudes
 from distmerge.methods.selection import magnitude_keys
 
 
@@ -22,6 +23,24 @@ def torch_tied(v: torch.Tensor, k: int, threshold: int) -> np.ndarray:
 def kth_key(v: torch.Tensor, k: int) -> int:
     """The magnitude key at the k-th largest (NaNs rank above everything, as in topk)."""
     return int(magnitude_keys(torch.topk(v, k).values[-1:])[0])
+
+
+def topk_tied(values, k: int, threshold: int) -> np.ndarray:
+    """The port's choice, checked against what it must also give: the threshold, the nonzero
+    count, and None exactly when every tied element is among the k (expanded to all of them)."""
+    packed = PackedMagnitudes(values)
+    joined = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in
+                             ([values] if isinstance(values, np.ndarray) else values)])
+    keys = joined.view(np.uint32) & 0x7FFFFFFF
+    assert packed.nonzero == int(np.count_nonzero(keys))
+    got, tied = packed.top(k)
+    assert got == threshold, (got, threshold)
+    every = np.flatnonzero(keys == threshold)
+    if tied is None:
+        assert int((keys > threshold).sum()) + every.size == k  # nothing tied left out
+        return every
+    assert tied.size < every.size
+    return tied
 
 
 def tie_heavy(g: torch.Generator, n: int, levels: int, nan: float = 0.0, inf: float = 0.0) -> torch.Tensor:
@@ -160,7 +179,31 @@ def test_the_depth_limit_fallback_still_selects_the_k_largest(depth):
 
 def test_refuses_an_empty_choice():
     with pytest.raises(ValueError, match="topk of 0"):
-        topk_tied(np.ones(3, dtype=np.float32), 0, 0)
+        PackedMagnitudes(np.ones(3, dtype=np.float32)).top(0)
+
+
+def test_a_nan_threshold_is_the_kth_largest_bit_pattern():
+    """NaNs tie in torch's comparator but not as bit patterns: when the k-th largest is a NaN,
+    the threshold is the k-th largest bit pattern (as the radix selection of larger tensors
+    finds it), and the kept ties are those of the chosen with exactly those bits."""
+    g = torch.Generator().manual_seed(9)
+    for trial in range(200):
+        n = int(torch.randint(8, 3000, (1,), generator=g))
+        bits = torch.randint(0x7F800001, 0x7F800040, (n,), generator=g, dtype=torch.int64)  # NaN payloads
+        v = bits.to(torch.int32).view(torch.float32).clone()
+        finite = torch.rand(n, generator=g) < 0.3
+        v[finite] = torch.randint(0, 5, (int(finite.sum()),), generator=g).float()
+        k = int(torch.randint(1, int((~finite).sum()) + 1, (1,), generator=g))
+        keys = v.view(torch.int32).numpy() & 0x7FFFFFFF
+        want = int(np.sort(keys)[::-1][k - 1])
+        got, tied = PackedMagnitudes(v.numpy()).top(k)
+        assert got == want, trial
+        chosen = torch.topk(v, k, largest=True, sorted=False).indices.numpy()
+        expected = np.sort(chosen[keys[chosen] == want])
+        if tied is None:
+            assert np.array_equal(expected, np.flatnonzero(keys == want))
+        else:
+            assert np.array_equal(tied, expected), trial
 
 
 def test_the_port_agrees_with_this_torch_and_sce_falls_back_where_not(monkeypatch):

@@ -80,14 +80,14 @@ from distmerge.methods.kernels.task_vector_loop import (
     abs_sums,
     task_vectors,
 )
-from distmerge.methods.kernels.topk_select import topk_tied
+from distmerge.methods.kernels.topk_select import PackedMagnitudes
 from distmerge.methods.kernels.variance import variance_across
 
 __all__ = [
-    "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "RESCALE_DIVIDE",
+    "BFLOAT16", "BLOCK", "KEEP_NOTHING", "KEY_BUCKETS", "NATIVE", "NO_HIGH", "NO_LOW", "PackedMagnitudes", "RESCALE_DIVIDE",
     "RESCALE_DIVIDE_BY_PROBS", "RESCALE_MULTIPLY", "RESCALE_NONE", "above_and_windows", "abs_sums", "as_array", "block_dims", "della_keep",
     "delta_arrays", "delta_keys", "float64_dot", "histogram_and_windows", "kernel_dtype", "kernel_mode", "key_histogram", "magnitude_ranks",
-    "mode_tag", "rank_values", "round_array", "rounded", "row_key_counts", "scalar", "stored_array", "task_vectors", "topk_tied", "value_arrays", "variance_across", "warm_up",
+    "mode_tag", "rank_values", "round_array", "rounded", "row_key_counts", "scalar", "stored_array", "task_vectors", "value_arrays", "variance_across", "warm_up",
     "weighted_sum",
 ]
 

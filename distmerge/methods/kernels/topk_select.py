@@ -248,11 +248,25 @@ def _introselect(q, nth, first, last, depth):  # noqa: ANN001, ANN202
 
 @_jit
 def _pack(bits, q, offset):  # noqa: ANN001, ANN202
-    """``q[i]`` = (comparator key of the float32 whose bits are ``bits[i]``) << 32 | (offset + i)."""
+    """``q[i]`` = (comparator key of the float32 whose bits are ``bits[i]``) << 32 | (offset + i);
+    returns how many of the magnitudes are not zero (NaN counts, as in ``count_nonzero``)."""
+    nonzero = 0
     for i in range(bits.size):
         k = bits[i] & _SIGN_OFF
+        nonzero += k != 0
         key = _NAN_KEY if k > _INF_KEY else np.uint64(k)
         q[i] = (key << _HALF) | np.uint64(offset + i)
+    return nonzero
+
+
+@_jit
+def _key_after(q, k, key):  # noqa: ANN001, ANN202
+    """Whether an element after the first ``k`` of ``q`` has comparator key ``key``."""
+    wanted = np.uint64(key)
+    found = False
+    for i in range(k, q.size):
+        found |= (q[i] >> _HALF) == wanted
+    return found
 
 
 @_jit
@@ -288,33 +302,55 @@ def _lg(n: int) -> int:
     return n.bit_length() - 1
 
 
-def topk_tied(values: np.ndarray | Sequence[np.ndarray], k: int, threshold: int) -> np.ndarray:
-    """Sorted indices of the elements tied at magnitude key ``threshold`` among those
-    ``torch.topk(torch.from_numpy(values), k, largest=True)`` picks (``values``: float32
-    magnitudes, NaN allowed, or the consecutive pieces of such an array, e.g. a tensor's chunks,
-    which are packed where they lie instead of being joined first; ``0 < k <= size < 2**32``)."""
-    parts = [values] if isinstance(values, np.ndarray) else list(values)
-    bits = [np.ascontiguousarray(p, dtype=np.float32).reshape(-1).view(np.uint32) for p in parts]
-    n = sum(b.size for b in bits)
-    if not 0 < k <= n < 1 << 32:
-        raise ValueError(f"topk of {k} from {n} elements")
-    q = np.empty(n, dtype=np.uint64)
-    offset = 0
-    for b in bits:
-        _pack(b, q[offset:offset + b.size], offset)
-        offset += b.size
-    if k * PARTIAL_SORT_FACTOR <= n:
-        _heap_select(q, 0, k, n)  # partial_sort's choice; its sort_heap only orders the k
-    elif k < n:  # nth_element at k - 1 (with k == n every element is chosen)
-        _introselect(q, k - 1, 0, n, 2 * _lg(n))
-    if threshold <= int(_INF_KEY):
-        return np.sort(_tied_in_top(q, k, threshold))
-    return np.sort(_nan_tied_in_top(np.concatenate(bits), q, k, threshold))
+class PackedMagnitudes:
+    """A tensor's float32 magnitudes (NaN allowed), packed for torch.topk's selection: one
+    uint64 per element (:func:`_pack`), from the consecutive pieces of the array (a tensor's
+    chunks), each packed where it lies instead of being joined first. ``nonzero`` counts the
+    magnitudes that are not zero, which SCE needs for its ``k`` before it selects."""
+
+    def __init__(self, values: np.ndarray | Sequence[np.ndarray]) -> None:
+        parts = [values] if isinstance(values, np.ndarray) else list(values)
+        self._bits = [np.ascontiguousarray(p, dtype=np.float32).reshape(-1).view(np.uint32) for p in parts]
+        self.size = sum(b.size for b in self._bits)
+        if self.size >= 1 << 32:
+            raise ValueError(f"topk over {self.size} elements: indices take 32 bits")
+        self._q = np.empty(self.size, dtype=np.uint64)
+        self.nonzero = 0
+        offset = 0
+        for b in self._bits:
+            self.nonzero += int(_pack(b, self._q[offset:offset + b.size], offset))
+            offset += b.size
+
+    def top(self, k: int) -> tuple[int, np.ndarray | None]:
+        """What ``torch.topk(values, k, largest=True)`` keeps, as SCE needs it: the magnitude
+        key (float32 bits, integer order) of the k-th largest, and, when only some of the
+        elements tied at it are among the k, the sorted indices of those (else None: every
+        tied element is kept). Selects in place, so it is called once."""
+        n, q = self.size, self._q
+        if not 0 < k <= n:
+            raise ValueError(f"topk of {k} from {n} elements")
+        if k == n:  # every element is chosen, so every tie: the smallest key
+            return min(int((b & _SIGN_OFF).min()) for b in self._bits if b.size), None
+        if k * PARTIAL_SORT_FACTOR <= n:
+            _heap_select(q, 0, k, n)  # partial_sort's choice (its sort_heap only orders the k)
+            kth = int(q[0] >> _HALF)  # the heap's top: the last of the chosen
+        else:  # nth_element at k - 1
+            _introselect(q, k - 1, 0, n, 2 * _lg(n))
+            kth = int(q[k - 1] >> _HALF)
+        if kth <= int(_INF_KEY):  # not a NaN: the comparator's key is the magnitude's bits
+            return kth, np.sort(_tied_in_top(q, k, kth)) if _key_after(q, k, kth) else None
+        # The k-th is a NaN, and NaNs tie in the comparator: the k-th largest bit pattern decides
+        # (as it did in the radix selection), and its ties are found by their bits.
+        keys = np.concatenate(self._bits) & _SIGN_OFF
+        threshold = int(np.partition(keys, n - k)[n - k])
+        rest = (q[k:] & _LOW).astype(np.int64)
+        tied = np.sort(_nan_tied_in_top(keys, q, k, threshold))
+        return threshold, tied if bool(np.any(keys[rest] == threshold)) else None
 
 
 @cache
 def agrees_with_torch() -> bool:
-    """Whether this torch's CPU topk chooses as :func:`topk_tied` does, probed once on tie-heavy
+    """Whether this torch's CPU topk chooses as :meth:`PackedMagnitudes.top` does, probed once on tie-heavy
     arrays in both of its branches. The port is libstdc++'s selection (Linux wheels); a torch
     built on another C++ library (libc++, MSVC's) or a changed ``TopKImpl.h`` would choose other
     tied elements, and then callers use ``torch.topk`` itself."""
@@ -326,7 +362,10 @@ def agrees_with_torch() -> bool:
         threshold = int(torch.topk(v, k).values[-1:].view(torch.int32)[0]) & 0x7FFFFFFF
         keys = v[chosen].view(torch.int32) & 0x7FFFFFFF
         want = torch.sort(chosen[keys == threshold]).values.numpy()
-        if not np.array_equal(topk_tied(v.numpy(), k, threshold), want):
+        got, tied = PackedMagnitudes(v.numpy()).top(k)
+        if tied is None:  # every tied element kept
+            tied = np.flatnonzero((v.view(torch.int32) & 0x7FFFFFFF).numpy() == threshold)
+        if got != threshold or not np.array_equal(tied, want):
             log.info("torch.topk chooses tied elements otherwise here: SCE's tie split runs torch.topk")
             return False
     return True
