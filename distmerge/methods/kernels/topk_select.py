@@ -261,12 +261,17 @@ def _pack(bits, q, offset):  # noqa: ANN001, ANN202
 
 @_jit
 def _key_after(q, k, key):  # noqa: ANN001, ANN202
-    """Whether an element after the first ``k`` of ``q`` has comparator key ``key``."""
+    """Whether an element after the first ``k`` of ``q`` has comparator key ``key``. A split tie
+    usually lies just after the k (the last partitions were narrow there), so the scan stops at
+    the first block holding one instead of reading the rest (a branch-free test per block)."""
     wanted = np.uint64(key)
-    found = False
-    for i in range(k, q.size):
-        found |= (q[i] >> _HALF) == wanted
-    return found
+    for start in range(k, q.size, 64):
+        found = False
+        for i in range(start, min(start + 64, q.size)):
+            found |= (q[i] >> _HALF) == wanted
+        if found:
+            return True
+    return False
 
 
 @_jit
