@@ -120,3 +120,21 @@ def test_a_chunks_sample_is_the_streams_draws_that_fall_in_it(numel):
         want = everything[(everything >= lo) & (everything < hi)] - lo
         assert np.array_equal(got, np.sort(want)), (lo, hi)
     assert fusion_loops.sample_positions(key, draws, numel, drawn, drawn + 1).size == np.count_nonzero(everything == drawn)
+
+
+def test_positions_sort_as_numpy_sorts_them():
+    """The sample's bucket sort gives ``np.sort``'s array for any positions, not only evenly
+    spread ones: empty, one, all equal, reversed, clustered in one bucket, one-element tensors."""
+    import numpy as np
+
+    from distmerge.methods.kernels import fusion_loops
+
+    rng = np.random.default_rng(3)
+    cases = [(np.zeros(0, dtype=np.int64), 5), (np.array([4]), 5), (np.zeros(1000, dtype=np.int64), 1),
+             (np.arange(3000)[::-1].copy(), 3000), (np.full(500, 77), 10**9),
+             (rng.integers(0, 9, 4000), 9), (rng.integers(10**6, 10**6 + 50, 3000), 2 * 10**6),
+             (rng.integers(0, 2**40, 10**5), 2**40), (rng.integers(0, 1_000_003, 10**6), 1_000_003)]
+    for positions, numel in cases:
+        got = positions.astype(np.int64)
+        fusion_loops._sort_positions(got, numel)
+        assert np.array_equal(got, np.sort(positions)), (positions.size, numel)

@@ -51,6 +51,39 @@ def _draw_positions(key0, key1, draws, numel, out):  # noqa: ANN001, ANN202
             out[s + i] = min(np.int64(u * np.float64(numel)), top)
 
 
+@_jit
+def _sort_positions(positions, numel):  # noqa: ANN001, ANN202
+    """``positions`` (each in ``[0, numel)``) sorted in place, as ``np.sort`` sorts them.
+
+    Why not ``np.sort``: here it measured 50 ns per element (a million int64 take 50 ms, and a
+    0.5 GB merge sorts 23 samples: 1.2 s of arcee_fusion's 4 s). Drawn uniformly, the positions
+    spread evenly over buckets of their high bits: counted and placed bucket by bucket (a
+    bucket's positions all below the next bucket's), each is then at most its bucket's few
+    elements from its place, which one insertion sort pass closes (12 ms a million)."""
+    n = positions.size
+    shift = 0
+    while ((numel - 1) >> shift) >= max(1, n // 4):  # about four positions a bucket
+        shift += 1
+    starts = np.zeros(((numel - 1) >> shift) + 2, dtype=np.int64)
+    for i in range(n):
+        starts[(positions[i] >> shift) + 1] += 1
+    for b in range(starts.size - 1):
+        starts[b + 1] += starts[b]
+    placed = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        b = positions[i] >> shift
+        placed[starts[b]] = positions[i]
+        starts[b] += 1
+    for i in range(1, n):
+        v = placed[i]
+        j = i
+        while j > 0 and placed[j - 1] > v:
+            placed[j] = placed[j - 1]
+            j -= 1
+        placed[j] = v
+    positions[:] = placed
+
+
 @lru_cache(maxsize=4)
 def sample_table(key0: int, key1: int, draws: int, numel: int) -> np.ndarray:
     """The ``draws`` positions drawn from ``numel`` by the stream keyed ``(key0, key1)``, sorted:
@@ -60,7 +93,7 @@ def sample_table(key0: int, key1: int, draws: int, numel: int) -> np.ndarray:
     cache (the counts took 7-10x as long at 11.5M elements, `benchmarks.arcee_sample_order`)."""
     positions = np.empty(draws, dtype=np.int64)
     _draw_positions(np.uint64(key0), np.uint64(key1), draws, numel, positions)
-    positions.sort()
+    _sort_positions(positions, numel)
     positions.flags.writeable = False  # shared by every chunk of the tensor
     return positions
 
