@@ -17,9 +17,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from distmerge.methods.kernels import blend_loops, dots, fusion_loops, linear_loop, ram_loops, ranks
+from distmerge.methods.kernels import (
+    blend_loops,
+    dots,
+    fusion_loops,
+    linear_loop,
+    ram_loops,
+    ranks,
+    sce_loops,
+)
 from distmerge.methods.kernels import task_vector_loop as tv
 from distmerge.methods.kernels.rounding import NATIVE, mode_tag, value_arrays
+from distmerge.methods.kernels.topk_select import PackedMagnitudes
 from distmerge.methods.philox import fill_keep, fill_raw, philox_scratch
 from distmerge.methods.random_stream import stream_key
 
@@ -48,6 +57,10 @@ def main() -> None:
     # a tensor's sample as the rounds visit it: drawn from the stream, ordered by span
     picks = fusion_loops.sample_positions(stream_key(0, "kernel_costs", -1), 1 << 20, N, 0, N)
     one = np.array(1.0, dtype=np.float32)
+    # SCE's gathered |variance| (bf16-valued task vectors: many ties) and its selection's k
+    variances = sce_loops.sce_counts(b, [x0, x1], sce_loops.MAGNITUDES)[1]
+    k = int(np.count_nonzero(variances) * 0.5)
+    drawn = np.minimum((np.random.default_rng(1).random(1 << 20) * N).astype(np.int64), N - 1)
 
     def task_vectors(consensus: bool) -> Callable[[], object]:
         return lambda: tv.task_vectors(
@@ -76,6 +89,10 @@ def main() -> None:
         ("arcee_fusion merge", lambda: fusion_loops.fusion_merge(b, x0, kl, COLS, 1e-4), N),
         ("arcee_fusion counts, every element", lambda: fusion_loops.fusion_counts(b, x0, kl, COLS, None, np.zeros(0, np.int64)), N),
         ("arcee_fusion counts, per sampled pick", lambda: fusion_loops.fusion_counts(b, x0, kl, COLS, picks, np.zeros(0, np.int64)), picks.size),
+        ("SCE variances and their magnitudes (a gathering round)", lambda: sce_loops.sce_counts(b, [x0, x1], sce_loops.MAGNITUDES), N),
+        ("SCE selection: pack, topk of half (nth_element), ties kept", lambda: PackedMagnitudes(variances).top(k), N),
+        ("arcee_fusion sample: sorting 2^20 drawn positions (per position)", lambda: fusion_loops._sort_positions(drawn.copy(), N), drawn.size),
+        ("the same positions by np.sort (per position)", lambda: np.sort(drawn), drawn.size),
         ("DELLA keep rule (ranks, draws)", lambda: ranks.della_keep(b[: rows[0] * COLS], x0[: rows[0] * COLS], torch.float32, rows, table, np.array([1, 2], np.uint64), 0), rows[0] * COLS),
     ]
     linear = None
