@@ -233,7 +233,8 @@ class Sce(MergeMethod):
     @staticmethod
     def _k(nonzero: int, params: TensorParams) -> int:
         """How many elements the selection keeps: mergekit multiplies the 0-dim int64 count of
-        nonzero variances by the float, a float32 product."""
+        nonzero variances by the float, a float32 product (which stays within the count: no
+        ``select_topk`` below 1 rounded it past counts up to 2^26)."""
         return int(torch.tensor(nonzero) * params.global_["select_topk"])
 
     def _select(self, chunks: Sequence[ScePartials], params: TensorParams, out: SceReductions) -> None:

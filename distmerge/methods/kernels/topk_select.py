@@ -44,6 +44,7 @@ _NAN_KEY = np.uint64(0x7F800001)  # every NaN: one key above +inf (the comparato
 _HALF = np.uint64(32)
 _LOW = np.uint64(0xFFFFFFFF)
 PARTIAL_SORT_FACTOR = 64  # torch: partial_sort when k * 64 <= n
+PARTITION_BLOCK = 256  # elements scanned per block of :func:`_partition`'s swap-finding phase
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,6 @@ def _insertion_sort(q, first, last):  # noqa: ANN001, ANN202
                 q[hole] = q[hole - 1]
                 hole -= 1
             q[hole] = value
-
-
-PARTITION_BLOCK = 256  # elements scanned per block of :func:`_partition`'s swap-finding phase
 
 
 @_inline
@@ -345,12 +343,15 @@ class PackedMagnitudes:
         if kth <= int(_INF_KEY):  # not a NaN: the comparator's key is the magnitude's bits
             return kth, np.sort(_tied_in_top(q, k, kth)) if _key_after(q, k, kth) else None
         # The k-th is a NaN, and NaNs tie in the comparator: the k-th largest bit pattern decides
-        # (as it did in the radix selection), and its ties are found by their bits.
+        # (as the radix selection of a larger tensor finds it), its ties are found by their bits,
+        # and they are split where more keys than k reach it in bit order, as that selection
+        # counts. (The comparator may have chosen a NaN of a lower payload over a higher one;
+        # both are NaN variances, whose task vectors make every weight NaN: no output differs.)
         keys = np.concatenate(self._bits) & _SIGN_OFF
         threshold = int(np.partition(keys, n - k)[n - k])
-        rest = (q[k:] & _LOW).astype(np.int64)
-        tied = np.sort(_nan_tied_in_top(keys, q, k, threshold))
-        return threshold, tied if bool(np.any(keys[rest] == threshold)) else None
+        if int(np.count_nonzero(keys >= threshold)) == k:
+            return threshold, None
+        return threshold, np.sort(_nan_tied_in_top(keys, q, k, threshold))
 
 
 @cache

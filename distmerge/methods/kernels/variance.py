@@ -32,7 +32,8 @@ def over_count(v, count, reciprocal):  # noqa: ANN001, ANN202
     :func:`exact_reciprocal` not 0) it multiplies instead: ``v * 2^-k`` rounds the same real
     number as ``v / 2^k``, so it is the same float, and a vector multiply costs a fraction of
     a division (the first two models' Welford steps and a two-model ``m2 / n`` measured 10-20%
-    of SCE's fused loops). The test is loop-invariant, so each loop keeps one form."""
+    of SCE's fused loops). In the fused loops over a block the test is loop-invariant, so each
+    loop keeps one form; the per-element loop here tests it once per model."""
     return v * reciprocal if reciprocal != 0.0 else v / count
 
 
