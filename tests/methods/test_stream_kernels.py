@@ -18,6 +18,7 @@ import torch
 
 from distmerge.methods import get_method, kernels
 from distmerge.methods.kernels.l1_norms import L1_BLOCK, abs_sums
+from distmerge.methods.kernels.rounding import INF_KEY
 from distmerge.methods.philox import (
     LANES,
     _batch32,
@@ -197,6 +198,38 @@ def test_abs_sums_key_window_and_nonfinite():
     want = reference_abs_sums(delta, (keys >= lo) & (keys < hi))
     assert np.isnan(got[0]) and np.isnan(want[0])
     assert got[1] == want[1]  # the NaN key is above hi: not kept
+
+
+EDGE_KEYS = [0, 1, 0x3C000000, 0x3C000001, 0x7F7FFFFF, INF_KEY, 0x7FC00000, 0x7FFFFFFF]
+EDGE_BOUNDS = [kernels.NO_LOW, 0, 1, 0x3C000000, 0x3C000001, INF_KEY, 0x7FC00000, 0x7FFFFFFF,
+               1 << 31, kernels.NO_HIGH, kernels.KEEP_NOTHING]
+
+
+@pytest.mark.parametrize("lo", EDGE_BOUNDS)
+def test_key_windows_at_every_edge_keep_what_python_ints_keep(lo):
+    """The loops test keys against int32 bounds (``rounding.key_bounds``), the thresholds are
+    Python ints beyond int32 at "no bound": every ``[lo, hi)`` keeps exactly the keys the
+    64-bit comparison keeps, at zero, at and beside a key, at +Inf's key, at NaN keys (the
+    largest, 0x7FFFFFFF, included) and with no key inside. Checked in the task-vector merge
+    (kept deltas reach the output, the rest are multiplied by 0) and in the L1 sums."""
+    keys = np.array(EDGE_KEYS * 300, dtype=np.uint32)
+    base = np.random.default_rng(lo % 1009).standard_normal(keys.size).astype(np.float32)
+    signs = np.where(np.arange(keys.size) % 2 == 0, 0, 0x80000000).astype(np.uint32)
+    delta = (keys | signs).view(np.float32)
+    x = base + delta
+    d = x - base  # the kernel's delta (NaN payloads and roundings included); its keys decide
+    got_keys = np.abs(d).view(np.int32).astype(np.int64)
+    one, scalar_one = np.ones(1, dtype=np.float32), np.array(1.0, dtype=np.float32)
+    for hi in EDGE_BOUNDS:
+        keep = (got_keys >= lo) & (got_keys < hi)
+        out = kernels.task_vectors(base, [x], kernels.NATIVE, low=[lo], high=[hi], masks=[None],
+                                   rescale_kind=[kernels.RESCALE_NONE], rescale=one, probs=[None], weights=one,
+                                   consensus=False, normalize=False, total_weight=scalar_one, lam=scalar_one)
+        with np.errstate(invalid="ignore"):  # Inf and NaN deltas times 0, as the kernel multiplies
+            want = base + (np.float32(0.0) + d * keep.astype(np.float32))
+        assert same_bits(torch.from_numpy(out), torch.from_numpy(want)), (hex(lo), hex(hi))
+        sums = abs_sums(base, x, kernels.NATIVE, lo, hi, None)
+        assert np.array_equal(sums, reference_abs_sums(d, keep), equal_nan=True), (hex(lo), hex(hi))
 
 
 # ---- the merge, drawing its mask block by block -----------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmerge.methods.kernels.rounding import _jit, _key, _r, _value, mode_tag
+from distmerge.methods.kernels.rounding import _jit, _key, _r, _value, key_bounds, mode_tag
 from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, KeepStream, fill_keep
 
 L1_BLOCK = 1024  # elements per block sum (part of the result's definition: do not change)
@@ -31,7 +31,8 @@ CHAINS = 8  # blocks summed side by side (``_chains`` spells out eight)
 @_jit
 def _magnitudes(base, x, mode, lo, hi, mask, keep, first, mags, kept):  # noqa: ANN001, ANN202
     """``mags[i] = |d|`` (float64) and ``kept[i]`` = ``|d|`` if kept else +0.0, for the elements
-    ``first .. first + mags.size`` of the chunk (``keep``: their draws, or empty). One
+    ``first .. first + mags.size`` of the chunk (kept: keys in ``[lo, hi]``, int32 bounds from
+    :func:`.rounding.key_bounds`; ``keep``: their draws, or empty). One
     branch-free loop per condition: a loop-invariant branch inside would stop vectorization."""
     xs = x[first:first + mags.size]  # slices, not x[first + i]: index arithmetic blocks vectorization
     bs = base[first:first + mags.size]
@@ -40,7 +41,7 @@ def _magnitudes(base, x, mode, lo, hi, mask, keep, first, mags, kept):  # noqa: 
         k = _key(d)
         a = np.float64(abs(d))
         mags[i] = a
-        kept[i] = a if (lo <= k) & (k < hi) else 0.0
+        kept[i] = a if (lo <= k) & (k <= hi) else 0.0
     if mask.size:
         m = mask[first:first + mags.size]
         for i in range(mags.size):
@@ -113,6 +114,6 @@ def abs_sums(
     where given, ``mask`` and the keep-draws of ``stream`` from the chunk's start): one pass,
     float64, the same sums for the same chunk every time."""
     sums = np.zeros(2, dtype=np.float64)
-    _abs_sums(base, x, mode_tag(mode), lo, hi, np.zeros(0, dtype=np.bool_) if mask is None else mask,
+    _abs_sums(base, x, mode_tag(mode), *key_bounds(lo, hi), np.zeros(0, dtype=np.bool_) if mask is None else mask,
               np.zeros(0, dtype=np.uint64) if stream is None else stream.packed(), sums)
     return float(sums[0]), float(sums[1])

@@ -186,3 +186,18 @@ def _key(d):  # noqa: ANN001, ANN202
     """Selection key of a delta: the float32 bit pattern of ``|d|`` (orders like |d|)."""
     return _bits32(abs(d))
 
+
+MAX_KEY = 0x7FFFFFFF  # the largest key (int32): a magnitude's sign bit is clear
+
+
+def key_bounds(lo: int, hi: int) -> tuple[np.int32, np.int32]:
+    """The keys in ``[lo, hi)`` as int32 bounds ``(first, last)``, both inclusive (``(1, 0)``
+    where no key is inside), for a loop to test ``(first <= k) & (k <= last)``.
+
+    Why: keys are int32, while the thresholds are Python ints whose "no bound" values lie
+    outside int32; a key compared with an int64 bound is widened first, and each 64-bit vector
+    compare covers half the lanes of a 32-bit one. On a 2-core AMD EPYC (AVX2), int32 bounds
+    took the thresholded task-vector sum from 1.4-2.1 to 1.1-1.3 ns per element and the TIES
+    merge from 2.6-3.0 to 2.3-2.6 (2^22 elements, alternated three times)."""
+    first, last = max(lo, 0), min(hi - 1, MAX_KEY)
+    return (np.int32(first), np.int32(last)) if first <= last else (np.int32(1), np.int32(0))

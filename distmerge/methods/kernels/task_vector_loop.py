@@ -19,7 +19,7 @@ import numpy as np
 from distmerge.methods.kernels.l1_norms import (
     abs_sums as abs_sums,  # re-exported: the L1 round's partials
 )
-from distmerge.methods.kernels.rounding import _jit, _key, _r, _value, mode_tag
+from distmerge.methods.kernels.rounding import MAX_KEY, _jit, _key, _r, _value, key_bounds, mode_tag
 from distmerge.methods.kernels.stack_order import reordered_from, stack_column
 from distmerge.methods.philox import LANES, OUTPUTS_PER_COUNTER, KeepStream, fill_keep
 
@@ -34,7 +34,8 @@ BLOCK = 512  # elements per block: every scratch row of a block together within 
 
 @_jit
 def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001, ANN202
-    """One expert's weighted, sparsified, rescaled delta rows; the common case in one loop."""
+    """One expert's weighted, sparsified, rescaled delta rows (keys kept in ``[lo, hi]``,
+    int32 bounds from :func:`.rounding.key_bounds`); the common case in one loop."""
     zero = row.dtype.type(0.0)
     one = row.dtype.type(1.0)
     m = row.size
@@ -42,19 +43,19 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
         for j in range(m):
             d = _r(_value(x, j) - _value(b, j), mode)
             k = _key(d)
-            row[j] = _r(d * (one if (lo <= k) & (k < hi) else zero) * w, mode)
+            row[j] = _r(d * (one if (lo <= k) & (k <= hi) else zero) * w, mode)
         return
     if mask.size and kind == RESCALE_MULTIPLY:  # DARE with the L1 rescale: the loops below in one
         for j in range(m):
             d = _r(_value(x, j) - _value(b, j), mode)
             k = _key(d)
-            v = d * (one if (lo <= k) & (k < hi) else zero) * (one if mask[j] else zero)
+            v = d * (one if (lo <= k) & (k <= hi) else zero) * (one if mask[j] else zero)
             row[j] = _r(_r(v * f, mode) * w, mode)
         return
     for j in range(m):
         d = _r(_value(x, j) - _value(b, j), mode)
         k = _key(d)
-        row[j] = d * (one if (lo <= k) & (k < hi) else zero)
+        row[j] = d * (one if (lo <= k) & (k <= hi) else zero)
     if mask.size:
         for j in range(m):
             row[j] = row[j] * (one if mask[j] else zero)
@@ -72,11 +73,12 @@ def _sparsified(x, b, mode, lo, hi, mask, kind, f, pr, w, row):  # noqa: ANN001,
 
 
 @_jit
-def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind, rescale, probs,  # noqa: ANN001, ANN202
+def _task_vectors(base, xs, mode, bounds, masks, streams, drawn, rescale_kind, rescale, probs,  # noqa: ANN001, ANN202
                   weights, consensus, normalize, total_weight, lam, tail, out):
     """One pass of the task-vector family; the torch formulation, op for op, per element.
 
-    Per expert e: d = x - base; kept = d * mask (mask from key thresholds [low, high) and,
+    Per expert e: d = x - base; kept = d * mask (mask from the key bounds ``bounds[e]``, both
+    inclusive (:func:`.rounding.key_bounds`), and,
     where given, an explicit mask, or where ``drawn[e]``, the keep-draws of the stream
     ``streams[e]`` = (key0, key1, start, threshold), drawn block by block); rescaled by a
     factor, a divisor or a per-element probability; weighted (by the weight rounded to the compute dtype). Then either a plain
@@ -104,7 +106,7 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
     plain = not consensus  # task arithmetic: every expert's delta kept whole, a plain sum
     for e in range(n):
         plain = plain and not drawn[e] and masks[e].size == 0 and rescale_kind[e] == RESCALE_NONE
-        plain = plain and low[e] == NO_LOW and high[e] == NO_HIGH
+        plain = plain and bounds[e, 0] == 0 and bounds[e, 1] == MAX_KEY
     for s in range(0, out.size, BLOCK):
         m = min(BLOCK, out.size - s)
         b = base[s:s + m]
@@ -130,7 +132,7 @@ def _task_vectors(base, xs, mode, low, high, masks, streams, drawn, rescale_kind
                 mask = keep[:m]
             else:
                 mask = masks[e][s:s + m] if masks[e].size else masks[e]
-            _sparsified(xs[e][s:s + m], b, mode, low[e], high[e], mask,
+            _sparsified(xs[e][s:s + m], b, mode, bounds[e, 0], bounds[e, 1], mask,
                         kind, rescale[e], probs[e][s:s + m] if kind == RESCALE_DIVIDE_BY_PROBS else probs[e],
                         weights[e], wd[e, :m])
         # Sums over the experts accumulate unrounded (float32 in bfloat16 mode, as torch's
@@ -238,7 +240,8 @@ def task_vectors(
         if st is not None:
             packed[e] = st.packed()
     out = np.empty(base.size, dtype=weights.dtype)
-    _task_vectors(base, tuple(xs), mode_tag(mode), np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64),
+    bounds = np.array([key_bounds(lo, hi) for lo, hi in zip(low, high, strict=True)], dtype=np.int32).reshape(-1, 2)
+    _task_vectors(base, tuple(xs), mode_tag(mode), bounds,
                   tuple(empty_mask if m is None else m for m in masks), packed, np.asarray(drawn, dtype=np.bool_),
                   np.asarray(rescale_kind, dtype=np.int64), rescale, tuple(empty_probs if p is None else p for p in probs),
                   weights, consensus, normalize, total_weight[()], lam[()],
