@@ -149,6 +149,25 @@ def _task_vectors(base, xs, mode, bounds, masks, streams, drawn, rescale_kind, r
             for e in range(n):
                 terms[e] = wd[e, j]
             acc[j] = stack_column(terms, n, s + j >= tail)
+        if consensus and n == 2 and normalize and lam == one and first_reordered >= m:
+            # Two experts at TIES' defaults: the loops below, fused into one pass per element (the
+            # same operations in the same order). As five loops over the block the consensus
+            # cost as much again as the thresholded sum before it; fused, the TIES merge took
+            # 2.3 -> 1.2 ns per element (2^22 elements, AMD EPYC AVX2, alternated three times).
+            r0, r1 = wd[0, :m], wd[1, :m]
+            w0, w1 = weights[0], weights[1]
+            z0, z1 = zero * w0, zero * w1
+            o = out[s:s + m]
+            for j in range(m):
+                sgn = one if _r(acc[j], mode) >= zero else -one
+                a0 = r0[j] * sgn
+                a0 = zero if a0 < zero else a0
+                a1 = r1[j] * sgn
+                a1 = zero if a1 < zero else a1
+                t = (zero + a0) + a1
+                d = _r((zero + (w0 if a0 > zero else z0)) + (w1 if a1 > zero else z1), mode)
+                o[j] = _r(_value(b, j) + _r(_r(t, mode) * sgn / (one if d == zero else d), mode), mode)
+            continue
         if consensus:
             sg = sign[:m]
             dv = div[:m]
