@@ -81,8 +81,7 @@ class SceReductions(Reductions):
     bucket: tuple[int, int] | None = None  # (bucket, rank left inside it) after round 0 of a larger tensor
     threshold: int | None = None  # variance key of the k-th largest (None: no selection)
     k: int = 0
-    tie_kept: torch.Tensor | None = None  # sorted flat indices of the tied elements kept, when
-    # only some are (None: every element tied at the threshold is kept)
+    tie_kept: torch.Tensor | None = None  # sorted flat indices of the kept ties (None: every tie kept)
     weights: torch.Tensor | None = None  # [N], compute dtype, normalized
 
 
@@ -116,8 +115,7 @@ class Sce(MergeMethod):
     def _keep_rule(self, params: TensorParams, red: SceReductions | None, ctx: ShardContext,
                    count: int) -> tuple[int, np.ndarray]:
         """The kernels' form of :meth:`_kept`'s selection for ``count`` elements from
-        ``ctx.element_start``: the threshold key, and which elements tied at it are kept (empty:
-        every one)."""
+        ``ctx.element_start``: the threshold key, and which ties are kept (empty: every one)."""
         density = params.global_["select_topk"]
         if density >= 1:
             return sce_loops.KEEP_ALL, np.zeros(0, dtype=np.bool_)
