@@ -217,10 +217,7 @@ class Sce(MergeMethod):
             self._select(chunks, params, out)
             out.round_rows = {LOW_ROUND: ()}  # the selection is complete: round 1 reads nothing
         elif round_ == 0:
-            out.k = self._k(sum(c.nonzero for c in chunks), params)
-            if out.k == 0:
-                out.threshold = NONE_KEPT
-            else:
+            if self._set_k(out, sum(c.nonzero for c in chunks), params):
                 out.bucket = locate(sum_histograms([c.high for c in chunks]), out.k)
         elif out.bucket is not None:  # round 1 of a larger tensor
             histogram = dense_low([c.low for c in chunks if c.low is not None])
@@ -229,11 +226,15 @@ class Sce(MergeMethod):
         return out
 
     @staticmethod
-    def _k(nonzero: int, params: TensorParams) -> int:
-        """How many elements the selection keeps: mergekit multiplies the 0-dim int64 count of
-        nonzero variances by the float, a float32 product (which stays within the count: no
-        ``select_topk`` below 1 rounded it past counts up to 2^26)."""
-        return int(torch.tensor(nonzero) * params.global_["select_topk"])
+    def _set_k(out: SceReductions, nonzero: int, params: TensorParams) -> bool:
+        """Set how many elements the selection keeps, and whether it keeps any (at k = 0 the
+        threshold is ``NONE_KEPT`` and nothing is left to select). mergekit multiplies the 0-dim
+        int64 count of nonzero variances by the float, a float32 product (which stays within
+        the count: no ``select_topk`` below 1 rounded it past counts up to 2^26)."""
+        out.k = int(torch.tensor(nonzero) * params.global_["select_topk"])
+        if out.k == 0:
+            out.threshold = NONE_KEPT
+        return out.k > 0
 
     def _select(self, chunks: Sequence[ScePartials], params: TensorParams, out: SceReductions) -> None:
         """k, the threshold and the kept ties of a gathered tensor, from its chunks' |variance|.
@@ -249,18 +250,14 @@ class Sce(MergeMethod):
         parts = [c.values for c in chunks if c.values is not None]
         if parts[0].dtype != torch.float64 and kernels.topk_select.agrees_with_torch():  # bf16/fp16 widen exactly
             packed = kernels.PackedMagnitudes([p.to(torch.float32).numpy() for p in parts])
-            out.k = self._k(packed.nonzero, params)
-            if out.k == 0:
-                out.threshold = NONE_KEPT
+            if not self._set_k(out, packed.nonzero, params):
                 return
             out.threshold, tied = packed.top(out.k)
             out.tie_kept = None if tied is None else torch.from_numpy(tied)
             return
         flat = torch.cat(parts)
         keys = magnitude_keys(flat).to(torch.int64)
-        out.k = self._k(int(torch.count_nonzero(keys)), params)
-        if out.k == 0:
-            out.threshold = NONE_KEPT
+        if not self._set_k(out, int(torch.count_nonzero(keys)), params):
             return
         out.threshold = int(torch.kthvalue(keys, keys.numel() - out.k + 1).values)  # the k-th largest
         if int((keys >= out.threshold).sum()) > out.k:  # only some of the tied are among the k

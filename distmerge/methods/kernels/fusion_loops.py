@@ -55,11 +55,14 @@ def _draw_positions(key0, key1, draws, numel, out):  # noqa: ANN001, ANN202
 def _sort_positions(positions, numel):  # noqa: ANN001, ANN202
     """``positions`` (each in ``[0, numel)``) sorted in place, as ``np.sort`` sorts them.
 
-    Why not ``np.sort``: here it measured 50 ns per element (a million int64 take 50 ms, and a
-    0.5 GB merge sorts 23 samples: 1.2 s of arcee_fusion's 4 s). Drawn uniformly, the positions
-    spread evenly over buckets of their high bits: counted and placed bucket by bucket (a
-    bucket's positions all below the next bucket's), each is then at most its bucket's few
-    elements from its place, which one insertion sort pass closes (12 ms a million)."""
+    Why not ``np.sort``: its cost depends on the CPU far more than this sort's does
+    (``benchmarks.kernel_costs``, per position): 51 ns against this sort's 12.9 on the machine of
+    RESULTS.md's twentieth part, 13.9 against 18.6 on the AMD Zen 3 of its twenty-first. A
+    0.5 GB merge sorts 23 samples of a million, so the slow case cost 1.2 s of arcee_fusion's
+    4 s and the fast one saves 0.1 s: this sort is the choice with the smaller worst case.
+    Drawn uniformly, the positions spread evenly over buckets of their high bits: counted and
+    placed bucket by bucket (a bucket's positions all below the next bucket's), each is then at
+    most its bucket's few elements from its place, which one insertion sort pass closes."""
     n = positions.size
     shift = 0
     while ((numel - 1) >> shift) >= max(1, n // 4):  # about four positions a bucket
