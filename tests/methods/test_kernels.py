@@ -172,6 +172,33 @@ def test_speculative_counts_equal_torch_keys(dtype):
         assert torch.equal(torch.from_numpy(kernels.row_key_counts(b, xa, mode, 64, key)), want)
 
 
+@pytest.mark.parametrize("numel", [1, 7, 8, 127, 129, 261, 1037])
+def test_sparse_window_hits_are_counted_wherever_they_fall(numel):
+    """The speculative pass gathers only the eight-key words of a block that hold a key inside
+    a range: a lone key inside at each place of a block (first, last, each word's edges, a
+    short last block that ends mid-word, after blocks whose flags were set), and ranges that
+    hold every key or none, count as torch counts its own keys."""
+    base = torch.zeros(numel)
+    span = torch.arange(1, numel + 1, dtype=torch.float32)
+    for inside_at in sorted({0, 7, 8, 63, 64, 127, 128, 135, 136, 255, 256, numel // 2, numel - 2, numel - 1}):
+        if not 0 <= inside_at < numel:
+            continue
+        x = span * 1000.0  # every key far above the ranges but the one inside
+        x[inside_at] = 3.0
+        x[:inside_at:5] = 2.0  # keys below the ranges, scattered before it
+        keys = x.view(torch.int32).to(torch.int64)
+        k3, k2 = int(torch.tensor(3.0).view(torch.int32)), int(torch.tensor(2.0).view(torch.int32))
+        arrays = kernels.as_array(base, torch.float32), kernels.as_array(x, torch.float32)
+        for ranges in [[(k3, k3 + 1)], [(k3 - 7, k3 + 5), (k2, k2 + 1)], [(k2 + 1, k3)], [(k2, k3 + 1)]]:
+            above, parts, nonfinite = kernels.above_and_windows(*arrays, kernels.kernel_mode(torch.float32), ranges)
+            assert nonfinite == 0
+            for (lo, hi), n, (values, counts) in zip(ranges, above, parts, strict=True):
+                assert n == int((keys >= hi).sum()), (inside_at, lo, hi)
+                want_values, want_counts = torch.unique(keys[(keys >= lo) & (keys < hi)] - lo, return_counts=True)
+                assert torch.equal(values.to(torch.int64), want_values), (inside_at, lo, hi)
+                assert torch.equal(counts, want_counts), (inside_at, lo, hi)
+
+
 @pytest.mark.parametrize("dtype", COMPUTE, ids=str)
 def test_the_speculative_pass_counts_every_nonfinite_delta(dtype):
     """The count that proves a chunk's rows finite (``Partials.inputs_finite``) equals torch's
