@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.kernel_costs
 
 Each kernel runs on 2^22 elements of bfloat16-valued rows (as stored: bf16 bits, float32
-compute), two experts where a method takes several, best of 7 calls after a warm-up call, on
+compute), two experts where a method takes several (three in one TIES row), best of 7 calls after a warm-up call, on
 one thread. This is where a loop that stopped vectorizing shows (docs: the rules in
 ``distmerge/methods/kernels/__init__.py``); ``bench_method_cost`` gives what a method costs as a
 whole.
@@ -21,13 +21,14 @@ from distmerge.methods.kernels import (
     blend_loops,
     dots,
     fusion_loops,
+    histograms,
     linear_loop,
     ram_loops,
     ranks,
     sce_loops,
 )
 from distmerge.methods.kernels import task_vector_loop as tv
-from distmerge.methods.kernels.rounding import NATIVE, mode_tag, value_arrays
+from distmerge.methods.kernels.rounding import NATIVE, mode_tag, stored_array, value_arrays
 from distmerge.methods.kernels.topk_select import PackedMagnitudes
 from distmerge.methods.philox import fill_keep, fill_raw, philox_scratch
 from distmerge.methods.random_stream import stream_key
@@ -50,9 +51,8 @@ def main() -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(N, generator=g) * 0.02).to(torch.bfloat16)
-    experts = [(base.float() + torch.randn(N, generator=g) * 1e-3).to(torch.bfloat16) for _ in range(2)]
-    b, x0, x1 = value_arrays([base, *experts], torch.float32)
-    w = np.array([0.5, 0.5], dtype=np.float32)
+    experts = [(base.float() + torch.randn(N, generator=g) * 1e-3).to(torch.bfloat16) for _ in range(3)]
+    b, x0, x1, x2 = value_arrays([base, *experts], torch.float32)
     kl = np.random.default_rng(0).random(N // COLS + 1).astype(np.float32)
     # a tensor's sample as the rounds visit it: drawn from the stream, ordered by span
     picks = fusion_loops.sample_positions(stream_key(0, "kernel_costs", -1), 1 << 20, N, 0, N)
@@ -62,11 +62,25 @@ def main() -> None:
     k = int(np.count_nonzero(variances) * 0.5)
     drawn = np.minimum((np.random.default_rng(1).random(1 << 20) * N).astype(np.int64), N - 1)
 
-    def task_vectors(consensus: bool) -> Callable[[], object]:
+    def task_vectors(consensus: bool, xs: tuple[np.ndarray, ...] = (x0, x1)) -> Callable[[], object]:
+        n = len(xs)
         return lambda: tv.task_vectors(
-            b, [x0, x1], 0, low=[900_000_000] * 2, high=[tv.NO_HIGH] * 2, masks=[None] * 2, rescale_kind=[0, 0],
-            rescale=np.ones(2, dtype=np.float32), probs=[None] * 2, weights=w, consensus=consensus, normalize=True,
-            total_weight=one, lam=one)
+            b, list(xs), 0, low=[900_000_000] * n, high=[tv.NO_HIGH] * n, masks=[None] * n, rescale_kind=[0] * n,
+            rescale=np.ones(n, dtype=np.float32), probs=[None] * n, weights=np.full(n, 0.5, np.float32),
+            consensus=consensus, normalize=True, total_weight=one, lam=one)
+
+    # TIES' speculative statistics pass: a window of three buckets around the 60th percentile
+    # key, as the engine places it, over these deltas (few keys inside, in most blocks) and over
+    # deltas of a few ulps (9% of the keys inside: a fine-tune's heavy ties)
+    ulps = torch.randint(-3, 4, (N,), generator=g, dtype=torch.int16)
+    x_ulps = stored_array((base.view(torch.int16) + ulps).view(torch.bfloat16))
+
+    def window(x: np.ndarray) -> list[tuple[int, int]]:
+        key = int(np.quantile(histograms.delta_keys(b, x, NATIVE), 0.6))
+        first = ((key >> 16) - 1) << 16
+        return [(first, first + (3 << 16))]
+
+    window_x0, window_ulps = window(x0), window(x_ulps)
 
     out = np.empty(N, dtype=np.float32)
     flags = np.empty(N, dtype=np.bool_)
@@ -80,7 +94,10 @@ def main() -> None:
         ("DARE keep flags (Philox4x32-10; DELLA draws from it too)", lambda: fill_keep(key[0], key[1], 3, np.uint64(1 << 31), flags, state), N),
         ("64-bit draws (Philox4x64-10: arcee_fusion's sample; DARE and DELLA before 0.2)", lambda: fill_raw(key[0], key[1], 3, draws, state), N),
         ("float64 dot (bf16 bits)", lambda: dots.float64_dot(base, experts[0]), N),
+        ("TIES statistics: speculative pass (keys above, window counts)", lambda: histograms.above_and_windows(b, x0, NATIVE, window_x0), N),
+        ("the same over deltas of a few ulps (heavy ties)", lambda: histograms.above_and_windows(b, x_ulps, NATIVE, window_ulps), N),
         ("TIES merge, 2 experts (per output)", task_vectors(True), N),
+        ("TIES merge, 3 experts (per output)", task_vectors(True, (x0, x1, x2)), N),
         ("thresholded task-vector sum, 2 experts (per output)", task_vectors(False), N),
         ("model stock Gram matrix, 2 experts (lane order)", lambda: blend_loops.stock_grams(b, (x0, x1), mode_tag(NATIVE), N, np.empty((1, 2, 2))), N),
         ("model stock blend, 2 experts", lambda: blend_loops.stock_blend(b, (x0, x1), mode_tag(NATIVE), np.array([0.6], np.float32), np.array([0.4], np.float32), np.float32(2.0), out), N),

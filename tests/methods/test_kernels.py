@@ -74,6 +74,22 @@ def test_fused_merge_equals_torch_formulation(name, glob, model, dtype):
 
 
 @pytest.mark.parametrize("dtype", COMPUTE, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_ties_consensus_of_one_to_four_experts_equals_torch(n, dtype):
+    """TIES at its defaults fuses the consensus of up to three experts into one loop that
+    reads three rows (missing experts' rows are zeros of weight 0); one, two, three and four
+    experts (the general loops), with a negative weight among them, give torch's bits."""
+    shape = (29, 31)
+    base, xs = inputs(shape, n, dtype, seed=20 + n)
+    params = params_for("ties", n, {}, [{"weight": w, "density": 0.5} for w in (0.6, -0.35, 0.9, 0.4)[:n]])
+    reduced = reductions("ties", base, xs, params, seed=5)
+    m = get_method("ties")
+    c = ctx(shape, 0, shape[0], 5, n)
+    got, want = m.merge(base, xs, params, c, reduced), m.merge_reference(base, xs, params, c, reduced)
+    assert same_bits(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", COMPUTE, ids=str)
 def test_fused_merge_propagates_nan_like_torch(dtype):
     base, xs = inputs((9, 5), 2, dtype, seed=1)
     xs[1][3, 2] = float("nan")
