@@ -215,6 +215,30 @@ def test_sparse_window_hits_are_counted_wherever_they_fall(numel):
                 assert torch.equal(counts, want_counts), (inside_at, lo, hi)
 
 
+def test_a_window_over_the_top_bucket_counts_the_nan_keys_there():
+    """A NaN whose payload fills its bits has the largest key, 2^31 - 1, in the top bucket, and
+    a window placed there ends at 2^31, outside int32: the pass counts it as torch counts its
+    own keys (it raised OverflowError before), and so does TIES' selection round that put the
+    window there (one expert's bf16 NaN of bits 0xFFFF beside 63 finite deltas, density 1/64)."""
+    x = torch.full((300,), 0.5)
+    x.view(torch.int32)[[3, 299]] = -1  # bits 0xFFFFFFFF: |.| is 0x7FFFFFFF
+    x.view(torch.int32)[200] = 0x7FC00000
+    keys = x.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    ranges = [(0x7FFF0000, 1 << 31), (0x7FC00000, 0x7FC00001)]
+    arrays = kernels.as_array(torch.zeros(300), torch.float32), kernels.as_array(x, torch.float32)
+    above, parts, nonfinite = kernels.above_and_windows(*arrays, kernels.kernel_mode(torch.float32), ranges)
+    assert nonfinite == 3
+    for (lo, hi), n, (values, counts) in zip(ranges, above, parts, strict=True):
+        assert n == int((keys >= hi).sum())
+        want_values, want_counts = torch.unique(keys[(keys >= lo) & (keys < hi)] - lo, return_counts=True)
+        assert torch.equal(values.to(torch.int64), want_values) and torch.equal(counts, want_counts)
+    assert [p[1].tolist() for p in parts] == [[2], [1]]
+    base, expert = torch.zeros(1, 64, dtype=torch.bfloat16), torch.full((1, 64), 0.5, dtype=torch.bfloat16)
+    expert.view(torch.int16)[0, 43] = -1
+    params = params_for("ties", 1, {}, [{"weight": 1.0, "density": 1 / 64}])
+    reductions("ties", base, [expert], params, seed=0)
+
+
 @pytest.mark.parametrize("dtype", COMPUTE, ids=str)
 def test_the_speculative_pass_counts_every_nonfinite_delta(dtype):
     """The count that proves a chunk's rows finite (``Partials.inputs_finite``) equals torch's

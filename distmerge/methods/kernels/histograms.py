@@ -105,7 +105,7 @@ HIT_WORD = 8  # keys whose inside-a-window flags (one byte each) are read as one
 
 
 @_jit
-def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite, touched, distinct):  # noqa: ANN001, ANN202
+def _above_and_windows(base, x, mode, lasts, los, spans, windows, above, nonfinite, touched, distinct):  # noqa: ANN001, ANN202
     # Per block: compute each key; per range, count it against the range's top, flag whether it
     # lies inside (a byte per key) and take the smallest offset from the range's start, all in
     # one vectorized loop; then, only in blocks whose smallest offset is inside, gather the
@@ -133,7 +133,7 @@ def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite
     words = inside.view(np.uint64)
     hit_words = np.empty(WINDOW_BLOCK // HIT_WORD, dtype=np.int64)
     bad = np.zeros(WINDOW_BLOCK, dtype=np.int32)
-    tops = np.zeros((his.size, WINDOW_BLOCK), dtype=np.int32)
+    tops = np.zeros((lasts.size, WINDOW_BLOCK), dtype=np.int32)
     for s in range(0, x.size, WINDOW_BLOCK):
         m = min(x.size - s, WINDOW_BLOCK)
         xs, bs = x[s:s + m], base[s:s + m]
@@ -141,14 +141,14 @@ def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite
             k = _key(_r(_value(xs, j) - _value(bs, j), mode))
             keys[j] = k
             bad[j] += np.int32(k >= _INF_KEY)
-        for w in range(his.size):
-            hi, lo, span = his[w], los[w], spans[w]
+        for w in range(lasts.size):
+            last, lo, span = lasts[w], los[w], spans[w]
             for j in range(m, WINDOW_BLOCK):  # a short last block: its missing keys lie outside
                 keys[j] = lo - 1
             nearest = np.uint32(0xFFFFFFFF)
             for j in range(m):
                 o = np.uint32(keys[j] - lo)
-                tops[w, j] += np.int32(keys[j] >= hi)
+                tops[w, j] += np.int32(keys[j] > last)
                 inside[j] = o < span
                 nearest = min(nearest, o)
             if nearest < span:
@@ -178,7 +178,7 @@ def _above_and_windows(base, x, mode, his, los, spans, windows, above, nonfinite
                     n += counts[o] == 0
                     counts[o] += 1
                 distinct[w] = n
-    for w in range(his.size):
+    for w in range(lasts.size):
         above[w] = np.sum(tops[w].astype(np.int64))
     nonfinite[0] = np.sum(bad.astype(np.int64))
 
@@ -195,7 +195,9 @@ def above_and_windows(
     the pass over every key is a vectorized compare and sum (measured ~3x faster than
     :func:`histogram_and_windows` on 2^25 bf16-valued float32 deltas).
     """
-    his = np.array([hi for _, hi in ranges], dtype=np.int32)
+    # Each range's last key, not its end: a window over the top bucket ends at 2^31, beyond
+    # int32 (where NaN deltas' keys lie), while its last key 2^31 - 1 is the largest key.
+    lasts = np.array([hi - 1 for _, hi in ranges], dtype=np.int32)
     los = np.array([lo for lo, _ in ranges], dtype=np.int32)
     spans = np.array([max(0, hi - lo) for lo, hi in ranges], dtype=np.uint32)
     width = int(spans.max()) if len(ranges) else 0
@@ -205,7 +207,7 @@ def above_and_windows(
     distinct = np.zeros(len(ranges), dtype=np.int64)
     above = np.zeros(len(ranges), dtype=np.int64)
     nonfinite = np.zeros(1, dtype=np.int64)
-    _above_and_windows(base, x, mode_tag(mode), his, los, spans, windows, above, nonfinite, touched, distinct)
+    _above_and_windows(base, x, mode_tag(mode), lasts, los, spans, windows, above, nonfinite, touched, distinct)
     parts = []
     for w in range(len(ranges)):
         values = np.sort(touched[w, :distinct[w]])  # the offsets, ascending, as flatnonzero gave them
