@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from distmerge.methods import selection
 from distmerge.methods.kernels import (
     blend_loops,
     dots,
@@ -69,16 +70,15 @@ def main() -> None:
             rescale=np.ones(n, dtype=np.float32), probs=[None] * n, weights=np.full(n, 0.5, np.float32),
             consensus=consensus, normalize=True, total_weight=one, lam=one)
 
-    # TIES' speculative statistics pass: a window of three buckets around the 60th percentile
-    # key, as the engine places it, over these deltas (few keys inside, in most blocks) and over
+    # TIES' speculative statistics pass: the window where the engine expects density 0.4's
+    # threshold, over these deltas (few keys inside, in most blocks) and over
     # deltas of a few ulps (9% of the keys inside: a fine-tune's heavy ties)
     ulps = torch.randint(-3, 4, (N,), generator=g, dtype=torch.int16)
     x_ulps = stored_array((base.view(torch.int16) + ulps).view(torch.bfloat16))
 
-    def window(x: np.ndarray) -> list[tuple[int, int]]:
-        key = int(np.quantile(histograms.delta_keys(b, x, NATIVE), 0.6))
-        first = ((key >> 16) - 1) << 16
-        return [(first, first + (3 << 16))]
+    def window(x: np.ndarray) -> list[tuple[int, int]]:  # the engine's placement for a whole-tensor chunk
+        first, count = selection.local_estimate(histograms.key_histogram(b, x, NATIVE), int(0.4 * N), N, N)
+        return [(first << 16, (first + count) << 16)]
 
     window_x0, window_ulps = window(x0), window(x_ulps)
 
