@@ -15,6 +15,7 @@ import torch
 
 from distmerge.methods import kernels
 from distmerge.methods.base import ShardContext
+from distmerge.methods.kernels import radix_ranks
 from distmerge.methods.random_stream import stream_key
 from distmerge.methods.sparsification.della import DellaSampling, della_probabilities
 from tests.methods.keep_stream_reference import della_uniforms
@@ -217,3 +218,46 @@ def test_della_keep_draws_follow_the_element_position():
     parts = [kernels.della_keep(*kernels.delta_arrays(base[a:b], x[a:b]), (b - a, shape[1]), table, key, a * shape[1])[0]
              for a, b in ((0, 5), (5, 6), (6, 12))]
     assert np.array_equal(whole, np.concatenate(parts))
+
+
+def coarse_rows(rows: int, n: int, odd: int, g: torch.Generator, *, zeros: bool, odd_spread: int,
+                odd_first: bool = True) -> torch.Tensor:
+    """Keys as deltas of bfloat16 weights taken in float32 give them: ~1500 values of the high
+    16 bits over a few exponents, low bits 0, except ``odd`` keys per row whose low bits are
+    set (``odd_spread`` distinct low parts, one of them a NaN where 3; 0: every odd key the
+    same), among the row's first keys or its last."""
+    high = 0x3A000000 + (torch.randint(0, 1500, (rows, n), generator=g, dtype=torch.int64) << 16)
+    if zeros:
+        high[torch.rand(high.shape, generator=g) < 0.2] = 0
+    at = torch.arange(odd) if odd_first else torch.arange(n - odd, n)
+    for r in range(rows):
+        places = at if r % 2 else torch.randperm(n, generator=g)[:odd]
+        if odd_spread:
+            low = torch.randint(1, 1 + odd_spread, (odd,), generator=g, dtype=torch.int64)
+        else:
+            low = torch.full((odd,), 0x1234, dtype=torch.int64)
+        high[r, places] = (high[r, places] | low) if odd_spread else (0x3A100000 | low)
+        if odd > 2 and odd_spread == 3:
+            high[r, places[1]] = 0x7FC00000  # a NaN: the largest key, too far above the rest
+    values = high.to(torch.int32).view(torch.float32)
+    return torch.where(torch.rand(values.shape, generator=g) < 0.5, -values, values)
+
+
+@pytest.mark.parametrize("n", [300, 2048, 5632])
+def test_ranks_of_keys_placed_by_their_high_bits(n):
+    """``_coarse_rank``: keys with low bits set are few, ranked apart and given the places their
+    high bits' buckets leave. Every count of such keys around the ways they are ordered (one,
+    insertion up to ``SHORT``, radix passes beyond, all the same key) and around the share
+    where the row goes back to the radix passes (``n / ODD_SHARE``: found by the first keys,
+    or only by the whole row when they sit at its end), with and without zeros, in pairs of
+    rows and in strided (3-D) blocks."""
+    g = torch.Generator().manual_seed(n)
+    limit = n // radix_ranks.ODD_SHARE
+    for odd in sorted({1, 2, 3, radix_ranks.SHORT, radix_ranks.SHORT + 1, limit - 1, limit, limit + 1, 2 * limit}):
+        for zeros in (False, True):
+            for spread in (0, 3, 0xFFFF):
+                for odd_first in (True, False):
+                    values = coarse_rows(5, n, odd, g, zeros=zeros, odd_spread=spread, odd_first=odd_first)
+                    assert torch.equal(kernel_ranks(values), argsort_ranks(values)), (odd, zeros, spread)
+                    block = values[:4].reshape(2, 2, n).transpose(1, 2).contiguous()  # rows strided by 2
+                    assert torch.equal(kernel_ranks(block), argsort_ranks(block)), (odd, zeros, spread)

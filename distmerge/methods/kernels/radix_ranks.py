@@ -5,9 +5,11 @@ gives the order of a stable comparison sort in O(n) per row. Only the bits that 
 row are sorted, in as few passes of at most :data:`MAX_DIGIT` bits as they need, each pass's
 histogram no larger than the row. Where it takes fewer bits, the keys are first rewritten as
 their offsets from the smallest nonzero key, zero kept below them (:func:`_offset_keys`), which
-makes the deltas of bfloat16 weights one pass instead of two. Two rows that take the same one
-or two passes are ranked side by side (:func:`_rank_pair`), so each loop carries two rows'
-independent counters.
+makes the deltas of bfloat16 weights one pass instead of two. Where the keys would still take
+two or more passes but few of them set bits below the top few (float32 deltas of bfloat16
+weights), one counting pass over the high bits places the rest (:func:`_coarse_rank`). Two rows
+that take the same one or two passes are ranked side by side (:func:`_rank_pair`), so each loop
+carries two rows' independent counters.
 
 Each function writes ``out[first + i * stride] = table[r_i]``, ``r_i`` the rank of key ``i``:
 the caller maps ranks to what it needs (DELLA: its keep probabilities) without a rank array.
@@ -21,6 +23,9 @@ from distmerge.methods.kernels.rounding import _inline, _jit
 
 MAX_DIGIT = 11  # bits per radix pass at most: 2048 buckets
 MIN_DIGIT = 4  # and at least (short rows): 16 buckets
+ODD_SHARE = 8  # _coarse_rank: at most 1 key in 8 with fine bits set, ...
+ODD_SAMPLE = 256  # ... judged first on the row's first keys
+SHORT = 32  # odd keys up to this many are ordered by insertion
 
 
 @_inline
@@ -63,17 +68,28 @@ def _offset_keys(keys, lo, smallest, zero):  # noqa: ANN001, ANN202
 
 
 @_inline
-def _prepare(keys):  # noqa: ANN001, ANN202
-    """``(lo, hi)``: the lowest varying bit of the keys and one past the highest, after the
-    offset rewrite where it narrows them (:func:`_offset_keys`); ``hi == 0`` when every key is
-    the same (the ranks are the positions)."""
+def _plan(keys):  # noqa: ANN001, ANN202
+    """``(lo, hi, smallest, largest, zero)``: the lowest varying bit of the keys and one past the
+    highest (``hi == 0`` when every key is the same: the ranks are the positions), the smallest
+    nonzero and the largest key, and 1 where some key is 0 (else 0)."""
     vary, smallest, largest, zeros = _key_stats(keys)
     if vary == 0:
-        return 0, 0
+        return 0, 0, smallest, largest, np.uint32(0)
     lo = _bit_length(vary & (~vary + np.uint32(1))) - 1  # the lowest and highest bits that vary:
     hi = _bit_length(vary)  # the rest orders nothing
-    zero = np.uint32(1 if zeros else 0)
-    offsets = _bit_length(((largest - smallest) >> np.uint32(lo)) + zero)
+    return lo, hi, smallest, largest, np.uint32(1 if zeros else 0)
+
+
+@_inline
+def _offset_width(lo, smallest, largest, zero):  # noqa: ANN001, ANN202
+    """How many bits the keys take as offsets (:func:`_offset_keys`)."""
+    return _bit_length(((largest - smallest) >> np.uint32(lo)) + zero)
+
+
+@_inline
+def _narrow(keys, lo, hi, smallest, largest, zero):  # noqa: ANN001, ANN202
+    """The bits ``(lo, hi)`` to sort, after the offset rewrite where it narrows them."""
+    offsets = _offset_width(lo, smallest, largest, zero)
     if offsets < hi - lo:  # the offsets' bit 0 varies (as bit lo of the keys), their top is bit offsets - 1
         _offset_keys(keys, lo, smallest, zero)
         return 0, offsets
@@ -81,11 +97,19 @@ def _prepare(keys):  # noqa: ANN001, ANN202
 
 
 @_inline
-def _digits(n, lo, hi):  # noqa: ANN001, ANN202
-    """``(passes, digit)``: how many radix passes bits ``lo .. hi`` take, of how many bits each."""
-    widest = MIN_DIGIT  # buckets at most ~n: clearing and summing them costs no more than a pass
+def _widest(n):  # noqa: ANN001, ANN202
+    """The widest digit for rows of ``n``: buckets at most ~n, so that clearing and summing
+    them costs no more than a pass."""
+    widest = MIN_DIGIT
     while widest < MAX_DIGIT and (2 << widest) <= n:
         widest += 1
+    return widest
+
+
+@_inline
+def _digits(n, lo, hi):  # noqa: ANN001, ANN202
+    """``(passes, digit)``: how many radix passes bits ``lo .. hi`` take, of how many bits each."""
+    widest = _widest(n)
     passes = (hi - lo + widest - 1) // widest
     return passes, (hi - lo + passes - 1) // passes
 
@@ -101,11 +125,106 @@ def _positions(out, first, stride, table, n):  # noqa: ANN001, ANN202
 def _rank_row(keys, keys2, order, order2, hist, table, out, first, stride):  # noqa: ANN001, ANN202
     """``out[first + i * stride] = table[r_i]``, ``r_i`` the stable ascending rank of ``keys[i]``
     (uint32; clobbered, as ``keys2``, ``order`` and ``order2``, the scratch of the passes)."""
-    lo, hi = _prepare(keys)
+    lo, hi, smallest, largest, zero = _plan(keys)
     if hi == 0:
         _positions(out, first, stride, table, keys.size)
-    else:
+    elif not _coarse_rank(keys, keys2, order, order2, hist, table, out, first, stride, lo, hi, smallest, largest, zero):
+        lo, hi = _narrow(keys, lo, hi, smallest, largest, zero)
         _sort(keys, keys2, order, order2, hist, table, out, first, stride, lo, hi)
+
+
+@_jit
+def _coarse_rank(keys, keys2, order, order2, hist, table, out, first, stride, lo, hi, smallest, largest, zero):  # noqa: ANN001, ANN202, PLR0913
+    """:func:`_rank_row` in one counting pass over the keys' high bits, where the radix passes
+    would take two or more and few keys have low bits set; False (nothing written, the keys
+    untouched) where that does not hold.
+
+    Why: a delta of two bfloat16 weights, taken in float32, mostly has no more significant
+    bits than a bfloat16 (its keys' low 16 bits are 0), yet its rows span a few exponents and
+    the odd delta of a weight near zero sets low bits: 20 or more bits vary, two passes. Here
+    each key's coarse part (its bits from ``shift`` up, as an offset, in one pass's buckets)
+    places it; a key whose fine bits (``lo .. shift``) are all 0 is the smallest of its coarse
+    bucket's keys, in position order, so its rank is the bucket's next place. The few others
+    (``odd``) are ranked among themselves by their whole keys, then take the places their
+    buckets have left, in that order: the stable order of the whole keys."""
+    n = keys.size
+    if _digits(n, 0, min(_offset_width(lo, smallest, largest, zero), hi - lo))[0] < 2:
+        return False  # one pass already
+    buckets = 1 << _widest(n)
+    shift = lo
+    while ((largest >> np.uint32(shift)) - (smallest >> np.uint32(shift))) + zero >= buckets:
+        shift += 1
+    fine = np.uint32((1 << shift) - (1 << lo))  # bits lo .. shift - 1
+    sample = min(n, ODD_SAMPLE)
+    odd = 0
+    for i in range(sample):
+        odd += (keys[i] & fine) != 0
+    if odd * ODD_SHARE > sample:
+        return False
+    top = np.uint32(shift)
+    low = smallest >> top
+    used = ((largest >> top) - low) + zero + 1
+    h = hist[0]
+    h[:used] = 0
+    odd = 0
+    for i in range(n):
+        k = keys[i]
+        h[_coarse(k, top, low, zero)] += 1
+        odd += (k & fine) != 0
+    if odd * ODD_SHARE > n:
+        return False
+    _starts(h, used)
+    odd_keys, odd_at = keys2[:odd], order2[:odd]
+    j = 0
+    for i in range(n):
+        k = keys[i]
+        if k & fine:
+            odd_keys[j] = k
+            odd_at[j] = i
+            j += 1
+        else:
+            out[first + i * stride] = table[_next_place(h, _coarse(k, top, low, zero))]
+    by_rank = order[:odd]  # the odd keys' indices in stable order of their keys
+    if odd <= SHORT:
+        _insertion_order(odd_keys, by_rank)
+    else:
+        ranked, identity = order2[odd:2 * odd], order2[2 * odd:3 * odd]  # 3 * odd <= n
+        for j in range(odd):
+            identity[j] = j
+        sort_keys = keys[:odd]  # every key of the row is read: its scratch is free
+        sort_keys[:] = odd_keys
+        lo2, hi2, smallest2, largest2, zero2 = _plan(sort_keys)
+        if hi2 == 0:
+            ranked[:] = identity
+        else:
+            lo2, hi2 = _narrow(sort_keys, lo2, hi2, smallest2, largest2, zero2)
+            _sort(sort_keys, keys[odd:2 * odd], order[:odd], order[odd:2 * odd], hist[1:], identity, ranked, 0, 1,
+                  lo2, hi2)
+        for j in range(odd):
+            by_rank[ranked[j]] = j
+    for r in range(odd):
+        j = by_rank[r]
+        out[first + odd_at[j] * stride] = table[_next_place(h, _coarse(odd_keys[j], top, low, zero))]
+    return True
+
+
+@_inline
+def _coarse(k, top, low, zero):  # noqa: ANN001, ANN202
+    """A key's coarse bucket: 0 for the key 0, else its bits from ``top`` up as an offset from
+    the smallest nonzero key's (``low``), after the zero bucket where there is one."""
+    return np.uint32(0) if k == 0 else (k >> top) - low + zero
+
+
+@_inline
+def _insertion_order(keys, order):  # noqa: ANN001, ANN202
+    """``order``: the indices of the few ``keys`` in stable ascending order of their keys."""
+    for j in range(keys.size):
+        k = keys[j]
+        t = j
+        while t > 0 and keys[order[t - 1]] > k:
+            order[t] = order[t - 1]
+            t -= 1
+        order[t] = j
 
 
 @_jit
@@ -189,15 +308,23 @@ def _rank_pair(a, b, table, out, first_a, first_b, stride):  # noqa: ANN001, ANN
     element (RESULTS.md, the nineteenth part)."""
     ka, kb = a[0], b[0]
     n = ka.size
-    lo_a, hi_a = _prepare(ka)
-    lo_b, hi_b = _prepare(kb)
-    if hi_a != 0 and hi_b != 0:
+    lo_a, hi_a, smallest_a, largest_a, zero_a = _plan(ka)
+    lo_b, hi_b, smallest_b, largest_b, zero_b = _plan(kb)
+    left_a = hi_a == 0 or not _coarse_rank(*a, table, out, first_a, stride, lo_a, hi_a, smallest_a, largest_a, zero_a)
+    left_b = hi_b == 0 or not _coarse_rank(*b, table, out, first_b, stride, lo_b, hi_b, smallest_b, largest_b, zero_b)
+    if left_a and hi_a != 0:
+        lo_a, hi_a = _narrow(ka, lo_a, hi_a, smallest_a, largest_a, zero_a)
+    if left_b and hi_b != 0:
+        lo_b, hi_b = _narrow(kb, lo_b, hi_b, smallest_b, largest_b, zero_b)
+    if left_a and left_b and hi_a != 0 and hi_b != 0:
         passes, digit_a = _digits(n, lo_a, hi_a)
         passes_b, digit_b = _digits(n, lo_b, hi_b)
         if passes == passes_b and passes <= 2:
             _side_by_side(a, b, passes, lo_a, digit_a, lo_b, digit_b, table, out, first_a, first_b, stride)
             return
-    for rows, lo, hi, first in ((a, lo_a, hi_a, first_a), (b, lo_b, hi_b, first_b)):
+    for rows, left, lo, hi, first in ((a, left_a, lo_a, hi_a, first_a), (b, left_b, lo_b, hi_b, first_b)):
+        if not left:
+            continue
         if hi == 0:
             _positions(out, first, stride, table, n)
         else:

@@ -17,8 +17,8 @@ table (computed by the caller with the torch formulation's own ops, so its value
 floats) straight from its sorted position, then compares it with the element's uniform draw:
 the keep stream (Philox4x32, :mod:`distmerge.methods.philox`) and float64 uniform as
 ``random_stream.keep_uniforms``. No order, rank or draw tensor is materialised; per element and
-core it is ~3.3-3.7 ns for bfloat16-compute deltas and ~5.8-6.8 ns for float32-compute ones,
-against ~50 ns for the argsort alone.
+core it is ~3.3-3.7 ns for bfloat16-compute deltas and ~7 ns for float32-compute ones of
+bfloat16 weights (RESULTS.md, the twenty-third part), against ~50 ns for the argsort alone.
 """
 
 from __future__ import annotations
