@@ -7,7 +7,10 @@ hold the GIL the merge's worker threads need. So the shapes are kept three ways:
 - in memory, once per process and shape-relevant config;
 - on disk, under ``DISTMERGE_CACHE`` (default ``~/.cache/distmerge``) ``/architectures``, one
   JSON file per shape-relevant config and transformers version: a user iterating on merges
-  of one architecture pays for the build once;
+  of one architecture pays for the build once. A config that transformers cannot build (a
+  custom architecture, no ``model_type``) is kept there too, as such: trying again costs
+  every merge of it seconds of imports, and only another transformers version could change
+  the answer (a missing import is not kept: installing it could);
 - built ahead by a child process (:func:`prepare_architecture`, right after planning), on
   another core while the merge runs; the verification waits for it, and builds in-process
   only when the child did not deliver (then the failure is reported as the check's warning).
@@ -56,22 +59,27 @@ def cache_file(key: str) -> Path:
     return cache_home() / "architectures" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
-def _load(key: str) -> Shapes | None:
-    """The shapes cached on disk for ``key``, or None (missing, unreadable or another key's)."""
+def _load(key: str) -> tuple[bool, Shapes | None]:
+    """``(found, shapes)`` as cached on disk for ``key``: shapes None where the build failed;
+    not found where the file is missing, unreadable or another key's."""
     try:
         stored = json.loads(cache_file(key).read_text())
         if stored.get("key") != key:
-            return None
-        return {name: tuple(int(d) for d in shape) for name, shape in stored["shapes"].items()}
+            return False, None
+        if stored["shapes"] is None:
+            return True, None
+        return True, {name: tuple(int(d) for d in shape) for name, shape in stored["shapes"].items()}
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
-        return None
+        return False, None
 
 
-def _store(key: str, shapes: Shapes) -> None:
+def _store(key: str, shapes: Shapes | None) -> None:
+    """Keep a build's outcome on disk (None: transformers cannot build this config)."""
     try:
         path = cache_file(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({"key": key, "shapes": {n: list(s) for n, s in shapes.items()}}))
+        kept = None if shapes is None else {n: list(s) for n, s in shapes.items()}
+        write_text_atomic(path, json.dumps({"key": key, "shapes": kept}))
     except OSError as e:  # a read-only home: the build is only not kept
         log.debug("cannot cache the architecture: %r", e)
 
@@ -85,8 +93,8 @@ def prepare_architecture(config: dict[str, Any]) -> None:
     with _LOCK:
         if key in _MEMORY or key in _CHILDREN:
             return
-        shapes = _load(key)
-        if shapes is not None:
+        found, shapes = _load(key)
+        if found or not _has_model_type(config):
             _MEMORY[key] = shapes
             return
         try:
@@ -112,42 +120,58 @@ def expected_architecture(config: dict[str, Any]) -> Shapes | None:
                     child.wait(CHILD_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
                     child.kill()
-            shapes = _load(key)
-            if shapes is None:
-                shapes = build_architecture(config)
-                if shapes is not None:
+            found, shapes = _load(key)  # the child's outcome, failure included: not tried again here
+            if not found:
+                shapes, final = _build(config)
+                if final:
                     _store(key, shapes)
             _MEMORY[key] = shapes
         return _MEMORY[key]
 
 
+def _has_model_type(config: dict[str, Any]) -> bool:
+    """transformers builds a config by its ``model_type``: without one there is nothing to
+    import or try."""
+    return isinstance(config.get("model_type"), str)
+
+
 def build_architecture(config: dict[str, Any]) -> Shapes | None:
     """The shapes, built by transformers on the meta device (tied output embeddings left out)."""
+    return _build(config)[0]
+
+
+def _build(config: dict[str, Any]) -> tuple[Shapes | None, bool]:
+    """``(shapes, final)``: :func:`build_architecture`'s shapes, and whether the outcome holds
+    for this transformers version (False: an import failed, which installing it would mend)."""
+    if not _has_model_type(config):
+        return None, True
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
-
+    except ImportError as e:
+        log.debug("cannot import what builds the architecture: %r", e)
+        return None, False
+    try:
         cfg = AutoConfig.for_model(**config)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(cfg)
     except Exception as e:  # noqa: BLE001 - any failure means "cannot check", reported as a warning
         log.debug("cannot build the architecture of config.json: %r", e)
-        return None
+        return None, True
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         for name in [n for n in shapes if n.endswith("lm_head.weight")]:
             shapes.pop(name)
-    return shapes
+    return shapes, True
 
 
 def _main() -> int:
-    """The child of :func:`prepare_architecture`: config JSON on stdin, the shapes into the cache."""
+    """The child of :func:`prepare_architecture`: config JSON on stdin, the outcome into the cache."""
     config = json.loads(sys.stdin.read())
-    shapes = build_architecture(config)
-    if shapes is None:
-        return 1
-    _store(shape_key(config), shapes)
-    return 0
+    shapes, final = _build(config)
+    if final:
+        _store(shape_key(config), shapes)
+    return 0 if shapes is not None else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ same as an in-process build; a damaged cache file is rebuilt, never trusted."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,35 @@ def test_a_damaged_or_foreign_cache_file_is_rebuilt(llama_family, fresh_cache, m
         assert json.loads(path.read_text())["key"] == key  # rewritten whole
 
 
-def test_an_unknown_architecture_is_none_and_not_cached(fresh_cache):
+def test_an_architecture_transformers_cannot_build_is_kept_as_such(fresh_cache, monkeypatch):
+    """A custom architecture fails its build once: the child's failure is kept on disk, and
+    neither this process nor a later one tries again (each try is seconds of imports)."""
     config = {"model_type": "no-such-architecture"}
     prepare_architecture(config)  # the child fails; never raises
+    monkeypatch.setattr(architecture, "_build", lambda c: pytest.fail("built again after the child"))
+    assert expected_architecture(config) is None
+    assert architecture._CHILDREN == {}
+    assert json.loads(cache_file(shape_key(config)).read_text()) == {"key": shape_key(config), "shapes": None}
+
+    monkeypatch.setattr(architecture, "_MEMORY", {})  # a new process
+    prepare_architecture(config)
+    assert architecture._CHILDREN == {}  # no child started
+    assert expected_architecture(config) is None
+
+
+def test_a_config_without_a_model_type_imports_nothing(fresh_cache, monkeypatch):
+    """``config.json`` of ``{}`` (a hand-made folder): no child, no import of transformers."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # an import would raise ImportError
+    prepare_architecture({})
+    assert architecture._CHILDREN == {}
+    assert expected_architecture({}) is None
+    assert expected_architecture({"model_type": 7}) is None
+
+
+def test_a_failed_import_is_not_kept(fresh_cache, monkeypatch):
+    """transformers missing: no shapes now, but installing it could give them, so nothing is
+    kept on disk and the next process tries again."""
+    config = {"model_type": "llama"}
+    monkeypatch.setitem(sys.modules, "transformers", None)
     assert expected_architecture(config) is None
     assert not cache_file(shape_key(config)).exists()

@@ -13,6 +13,10 @@ carries two rows' independent counters.
 
 Each function writes ``out[first + i * stride] = table[r_i]``, ``r_i`` the rank of key ``i``:
 the caller maps ranks to what it needs (DELLA: its keep probabilities) without a rank array.
+
+Longer than 300 lines because it is one algorithm, a row's stable ranks, whose three ways (the
+radix passes, two rows side by side, the coarse pass) share their planning and scratch and
+fall back on one another row by row.
 """
 
 from __future__ import annotations
