@@ -148,13 +148,13 @@ def _build(config: dict[str, Any]) -> tuple[Shapes | None, bool]:
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as e:
-        log.debug("cannot import what builds the architecture: %r", e)
-        return None, False
-    try:
+
         cfg = AutoConfig.for_model(**config)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(cfg)
+    except ImportError as e:  # transformers, accelerate or a package the model class needs
+        log.debug("cannot import what builds the architecture: %r", e)
+        return None, False
     except Exception as e:  # noqa: BLE001 - any failure means "cannot check", reported as a warning
         log.debug("cannot build the architecture of config.json: %r", e)
         return None, True

@@ -87,9 +87,20 @@ def test_a_config_without_a_model_type_imports_nothing(fresh_cache, monkeypatch)
 
 
 def test_a_failed_import_is_not_kept(fresh_cache, monkeypatch):
-    """transformers missing: no shapes now, but installing it could give them, so nothing is
-    kept on disk and the next process tries again."""
+    """transformers missing, or a package its model class needs: no shapes now, but installing
+    it could give them, so nothing is kept on disk and the next process tries again."""
     config = {"model_type": "llama"}
-    monkeypatch.setitem(sys.modules, "transformers", None)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)
+        assert expected_architecture(config) is None
+    assert not cache_file(shape_key(config)).exists()
+
+    import transformers
+
+    def needs_a_package(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'some_kernel_package'")
+
+    monkeypatch.setattr(architecture, "_MEMORY", {})
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", needs_a_package)
     assert expected_architecture(config) is None
     assert not cache_file(shape_key(config)).exists()
