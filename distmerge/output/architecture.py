@@ -10,7 +10,7 @@ hold the GIL the merge's worker threads need. So the shapes are kept three ways:
   of one architecture pays for the build once. A config that transformers cannot build (a
   custom architecture, no ``model_type``) is kept there too, as such: trying again costs
   every merge of it seconds of imports, and only another transformers version could change
-  the answer (a missing import is not kept: installing it could);
+  the answer (a failed import, or memory running out, is not kept: the environment can change);
 - built ahead by a child process (:func:`prepare_architecture`, right after planning), on
   another core while the merge runs; the verification waits for it, and builds in-process
   only when the child did not deliver (then the failure is reported as the check's warning).
@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from distmerge.errors import DistmergeError
 from distmerge.io.model_source import cache_home
 from distmerge.io.writes import write_text_atomic
 
@@ -80,7 +81,7 @@ def _store(key: str, shapes: Shapes | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = None if shapes is None else {n: list(s) for n, s in shapes.items()}
         write_text_atomic(path, json.dumps({"key": key, "shapes": kept}))
-    except OSError as e:  # a read-only home: the build is only not kept
+    except (OSError, DistmergeError) as e:  # a read-only or full cache: the outcome is only not kept
         log.debug("cannot cache the architecture: %r", e)
 
 
@@ -148,12 +149,15 @@ def _build(config: dict[str, Any]) -> tuple[Shapes | None, bool]:
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
-
+    except Exception as e:  # noqa: BLE001 - missing or broken (a torch library): the environment's, mendable
+        log.debug("cannot import what builds the architecture: %r", e)
+        return None, False
+    try:
         cfg = AutoConfig.for_model(**config)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(cfg)
-    except ImportError as e:  # transformers, accelerate or a package the model class needs
-        log.debug("cannot import what builds the architecture: %r", e)
+    except (ImportError, MemoryError) as e:  # a package the model class needs; memory: not the config's
+        log.debug("cannot build the architecture of config.json now: %r", e)
         return None, False
     except Exception as e:  # noqa: BLE001 - any failure means "cannot check", reported as a warning
         log.debug("cannot build the architecture of config.json: %r", e)

@@ -104,3 +104,25 @@ def test_a_failed_import_is_not_kept(fresh_cache, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", needs_a_package)
     assert expected_architecture(config) is None
     assert not cache_file(shape_key(config)).exists()
+
+
+def test_a_broken_environment_or_an_unwritable_cache_is_a_warning_not_a_crash(fresh_cache, monkeypatch):
+    """A non-ImportError from the imports (a torch library that will not load) is not kept
+    and does not escape; nor does a cache file that cannot be written (here a folder in its
+    place), for a config that builds or one that does not."""
+    import types
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise OSError("libcudart.so.12: cannot open shared object file")
+
+    config = {"model_type": "llama"}
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "accelerate", Broken("accelerate"))
+        assert expected_architecture(config) is None
+    assert not cache_file(shape_key(config)).exists()
+
+    for unwritable in ({}, {"model_type": "no-such-architecture"}):
+        cache_file(shape_key(unwritable)).mkdir(parents=True)
+        assert expected_architecture(unwritable) is None
+
