@@ -108,6 +108,8 @@ def finalize(request: MergeRequest, plan: MergePlan, target: OutputTarget, journ
                              nonfinite=None if execution.verify == "full" else nonfinite)
     if not verified.ok:
         raise OutputError(f"{out}: verification failed; the index was not written:\n  " + "\n  ".join(verified.problems))
+    for warning in verified.warnings:  # also in the report's "verify"; said here so the user sees it
+        log.warning("verify: %s", warning)
     phases.mark("verify")
     report = build_report(plan, results, time.time() - started, reductions=reductions,
                           sections={f.name: f.report_section() for f in request.features})

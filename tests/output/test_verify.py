@@ -213,3 +213,23 @@ def test_quick_reads_no_tensor_data(capsys, copy):
         pytest.skip("this filesystem keeps the files in memory (tmpfs?): page-cache residency cannot be checked")
     pulled = {p.name: resident_bytes(p, safetensors_header(p)[0]) for p in files}
     assert sum(pulled.values()) <= len(files) * 128 * 1024, f"data pages in the page cache after verify --quick: {pulled}"
+
+
+def test_a_merge_says_when_the_architecture_could_not_be_checked(llama_family, tmp_path, caplog):
+    """A model folder whose config.json transformers cannot build (here it has no model_type):
+    the merge succeeds, and says, not only in the report, that tensor names went unchecked."""
+    base, experts = llama_family
+    folders = []
+    for src in [base, *experts]:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        (dst / "config.json").write_text("{}")
+        folders.append(dst)
+    with caplog.at_level("WARNING", logger="distmerge.engine.finalize"):
+        report = run_merge(make_config("task_arithmetic", folders[0], folders[1:], [0.6, 0.3]), tmp_path / "out",
+                           progress=False)
+    said = [r.getMessage() for r in caplog.records if r.name == "distmerge.engine.finalize"]
+    assert said == [f"verify: {tmp_path / 'out' / 'config.json'}: transformers cannot build model_type None; "
+                    "tensor names were not checked against it"]
+    assert report["verify"]["warnings"] == [said[0].removeprefix("verify: ")]
+
