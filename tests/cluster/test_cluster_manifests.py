@@ -222,7 +222,7 @@ def test_submit_script_ships_no_code_and_runs_the_rayjob_command(values: dict[st
     assert "working_dir" not in submit and "--working-dir" not in submit
     env = json.loads(re.search(r"--runtime-env-json '([^']+)'", submit).group(1))
     assert set(env) == {"env_vars"}
-    assert "TOKENIZERS_PARALLELISM" not in env["env_vars"], "distmerge's ray.init sets it; Ray rejects the clash"
+    assert "TOKENIZERS_PARALLELISM" not in env["env_vars"], "the image sets it"
     assert f"-- {manifest('rayjob')['spec']['entrypoint']}" in submit
     assert f"svc/{values['name']}-head-svc" in script
 

@@ -44,6 +44,9 @@ class Probe:  # an actor: its worker stays up while the test looks (idle task wo
     def pid(self):
         return os.getpid()
 
+    def env(self, key):
+        return os.environ.get(key)
+
 probe = Probe.remote()
 
 node = ray.nodes()[0]
@@ -54,7 +57,9 @@ for key in ("NodeManagerPort", "ObjectManagerPort", "MetricsExportPort", "Metric
     if int(node.get(key) or 0) > 0:  # -1: not bound (e.g. fixed port 52365 taken by another Ray)
         ports[key] = int(node[key])
 print(MARK + json.dumps({"node_ip": info["node_ip_address"], "session_dir": info["session_dir"],
-                  "worker_pid": ray.get(probe.pid.remote()), "ports": ports}), flush=True)
+                  "worker_pid": ray.get(probe.pid.remote()), "ports": ports,
+                  "worker_tokenizers": ray.get(probe.env.remote("TOKENIZERS_PARALLELISM")),
+                  "driver_tokenizers": os.environ.get("TOKENIZERS_PARALLELISM")}), flush=True)
 sys.stdin.read()
 ray.shutdown()
 """
@@ -99,7 +104,7 @@ def _listening(procs: dict[int, psutil.Process]) -> list[tuple[str, int, int, st
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads every process's sockets via /proc")
 def test_embedded_ray_listens_on_loopback_only():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TOKENIZERS_PARALLELISM")}
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, _MARK], cwd=REPO, env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     started: dict[int, psutil.Process] = {}
@@ -126,6 +131,10 @@ def test_embedded_ray_listens_on_loopback_only():
         exposed = sorted(s for s in seen if not _is_loopback(s[0]))
         assert not exposed, f"listening beyond loopback (node address {info['node_ip']}): {exposed}"
         assert _is_loopback(info["node_ip"]), info["node_ip"]
+        # Its workers inherit the worker environment from the start (no runtime_env, so the idle
+        # workers Ray starts in advance serve the first tasks); the driver's own is left as it was.
+        assert info["worker_tokenizers"] == cluster.WORKER_ENV["TOKENIZERS_PARALLELISM"]
+        assert info["driver_tokenizers"] is None
     finally:
         if proc.poll() is None:
             proc.stdin.close()  # the subprocess shuts its Ray down and exits
@@ -167,12 +176,14 @@ def _record_init(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     def fake_init(**kwargs: object) -> None:
         calls.append({"kwargs": kwargs, "cluster_flag": ray_constants.ENABLE_RAY_CLUSTER,
-                      "cluster_env": os.environ.get(cluster._RAY_CLUSTER_ENV)})
+                      "cluster_env": os.environ.get(cluster._RAY_CLUSTER_ENV),
+                      "tokenizers": os.environ.get("TOKENIZERS_PARALLELISM")})
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(cluster._RAY_CLUSTER_ENV, raising=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")  # restored by monkeypatch afterwards
     return calls
 
@@ -185,7 +196,7 @@ def test_joining_a_cluster_is_unchanged(monkeypatch):
     assert cluster.connect("10.0.0.5:6379") is True
     assert calls == [{"kwargs": {"address": "10.0.0.5:6379", "log_to_driver": True,
                                  "configure_logging": False},
-                      "cluster_flag": before, "cluster_env": None}]
+                      "cluster_flag": before, "cluster_env": None, "tokenizers": None}]
 
 
 def test_embedded_start_turns_cluster_mode_off_only_while_starting(monkeypatch):
@@ -202,3 +213,14 @@ def test_embedded_start_turns_cluster_mode_off_only_while_starting(monkeypatch):
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     assert ray_constants.ENABLE_RAY_CLUSTER is before
     assert cluster._RAY_CLUSTER_ENV not in os.environ
+    # The workers' environment is inherited from the start, not a runtime_env (which would keep
+    # the first tasks and actors off the workers Ray starts in advance); only during the start.
+    assert "runtime_env" not in call["kwargs"]
+    assert call["tokenizers"] == "false" and "TOKENIZERS_PARALLELISM" not in os.environ
+
+
+def test_embedded_start_keeps_the_users_worker_environment(monkeypatch):
+    calls = _record_init(monkeypatch)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    cluster.connect(num_cpus=1)
+    assert calls[0]["tokenizers"] == "true" and os.environ["TOKENIZERS_PARALLELISM"] == "true"
