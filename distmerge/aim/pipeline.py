@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +73,7 @@ def calibrate_stages(
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    started: StartedStages | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """AIM statistics of the base model over ``sequences`` by a staged forward on Ray, and per
     stage what it held and which node ran it.
@@ -82,13 +84,40 @@ def calibrate_stages(
     Uses the Ray the caller initialized (a local one is started if none is). Stages use a GPU
     when the cluster has one, the CPU otherwise; ``dtype`` defaults to float32 on CPU and the
     checkpoint's float dtype on GPU. ``stages="auto"`` plans the stages from the memory the
-    cluster's nodes offer (``stage_memory`` optionally caps a stage).
+    cluster's nodes offer (``stage_memory`` optionally caps a stage). ``started``: stage actors
+    :func:`start_stages` started ahead of the data, used where they were planned for sequences
+    of this length (else stopped, and the stages planned again).
     """
-    import ray
-
     checkpoint, layout = open_base(model_dir)
     vocab = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].shape[0]
     sequences = _check_sequences(sequences, vocab)
+    taken = started.take(int(sequences.shape[1]), micro_batch_size, dtype) if started is not None else None
+    if taken is not None:
+        plan = started.plan
+    else:
+        plan = _plan(checkpoint, layout, int(sequences.shape[1]), stages, stage_memory, micro_batch_size, dtype)
+    del layout
+    return run_stages(model_dir, sequences, plan.placements, micro_batch_size, progress, plan.dtype, taken)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Where each stage runs, in which dtype, planned for micro-batches of sequences of ``seq_len``
+    tokens (the activations a stage must find room for)."""
+
+    placements: list[StagePlacement]
+    dtype: torch.dtype
+    seq_len: int
+    micro_batch_size: int
+    requested_dtype: torch.dtype | None
+
+
+def _plan(
+    checkpoint: Any, layout: Any, seq_len: int, stages: int | Literal["auto"], stage_memory: int | None,
+    micro_batch_size: int, dtype: torch.dtype | None,
+) -> StagePlan:
+    import ray
+
     if micro_batch_size < 1:
         raise ConfigError(f"aim.micro_batch_size: must be at least 1, got {micro_batch_size}")
     if not ray.is_initialized():
@@ -97,15 +126,71 @@ def calibrate_stages(
         log.info("Ray is not initialized; starting a local Ray for AIM calibration")
         connect()  # the embedded Ray: on loopback only, like a merge's
     use_gpu = ray.cluster_resources().get("GPU", 0.0) > 0
-    if dtype is None:
+    chosen = dtype
+    if chosen is None:
         stored = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")]
-        dtype = torch.float32 if not use_gpu or stored.dtype not in ("BF16", "F16") else (
+        chosen = torch.float32 if not use_gpu or stored.dtype not in ("BF16", "F16") else (
             torch.bfloat16 if stored.dtype == "BF16" else torch.float16)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    overhead = stage_overhead(checkpoint.config, micro_batch_size, int(sequences.shape[1]), itemsize)
+    itemsize = torch.empty((), dtype=chosen).element_size()
+    overhead = stage_overhead(checkpoint.config, micro_batch_size, seq_len, itemsize)
     placements = place_model_stages(checkpoint, layout, stages, stage_memory, itemsize, overhead, cluster_nodes())
-    del layout
-    return run_stages(model_dir, sequences, placements, micro_batch_size, progress, dtype)
+    return StagePlan(placements, chosen, seq_len, micro_batch_size, dtype)
+
+
+class StartedStages:
+    """Stage actors started before the calibration data is ready.
+
+    Why: a stage actor's start (a Ray worker importing torch and transformers, then reading its
+    layers) takes seconds, and so does loading the tokenizer and tokenizing in the driver; started
+    first, the two overlap. A ``with`` block owns the actors: whatever the pass did not take, or
+    left alive, is stopped when it ends (on an error in the data too).
+    """
+
+    def __init__(self, model_dir: str | Path, plan: StagePlan) -> None:
+        self.plan = plan
+        self._started: tuple[list[Any], bool] | None = _start_actors(model_dir, plan.placements, plan.dtype)
+        self._all = list(self._started[0])
+
+    def take(self, seq_len: int, micro_batch_size: int, dtype: torch.dtype | None) -> tuple[list[Any], bool] | None:
+        """The actors and whether they use GPUs, once, if they were planned for this pass; None
+        (and the actors stopped) if not."""
+        started, self._started = self._started, None
+        if started is None:
+            return None
+        if (seq_len, micro_batch_size, dtype) != (self.plan.seq_len, self.plan.micro_batch_size,
+                                                  self.plan.requested_dtype):
+            log.info("AIM calibration: the data's sequences have %d tokens, not the %d the stages were "
+                     "started for; planning them again", seq_len, self.plan.seq_len)
+            _stop(started[0])
+            return None
+        return started
+
+    def __enter__(self) -> StartedStages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _stop(self._all)
+
+
+def start_stages(
+    model_dir: str | Path,
+    seq_len: int,
+    stages: int | Literal["auto"] = "auto",
+    stage_memory: int | None = None,
+    micro_batch_size: int = 4,
+    dtype: torch.dtype | None = None,
+) -> StartedStages:
+    """Plan the stages for sequences of ``seq_len`` tokens and start their actors now, without
+    waiting for them (see :class:`StartedStages`); pass the result to :func:`calibrate_stages`."""
+    checkpoint, layout = open_base(model_dir)
+    return StartedStages(model_dir, _plan(checkpoint, layout, seq_len, stages, stage_memory, micro_batch_size, dtype))
+
+
+def _stop(actors: Sequence[Any]) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
 
 
 def run_stages(
@@ -115,20 +200,23 @@ def run_stages(
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    started: tuple[list[Any], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Run the staged forward over given layer ranges (or placed stages); returns the statistics
     and what each stage held and where (its :meth:`StageActor.describe`).
 
     A stage actor that dies mid-pass (its node lost, the process killed) fails the pass; the
     pass then runs again on fresh actors, up to :data:`PASS_ATTEMPTS` times, so the statistics
-    always come from one complete pass.
+    always come from one complete pass. ``started``: the first attempt's actors, already started
+    for these placements, and whether they use GPUs (:meth:`StartedStages.take`).
     """
     import ray
 
     placements = [r if isinstance(r, StagePlacement) else StagePlacement(tuple(r), None, "", 0) for r in ranges]
     for attempt in range(1, PASS_ATTEMPTS + 1):
         try:
-            return _one_pass(model_dir, sequences, placements, micro_batch_size, progress, dtype)
+            first, started = started, None
+            return _one_pass(model_dir, sequences, placements, micro_batch_size, progress, dtype, first)
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
             if attempt == PASS_ATTEMPTS:
                 raise DistmergeError(f"AIM calibration: a stage actor died in each of {PASS_ATTEMPTS} attempts "
@@ -145,39 +233,17 @@ def _one_pass(
     micro_batch_size: int,
     progress: bool,
     dtype: torch.dtype,
+    started: tuple[list[Any], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    pinned = {p.node_id for p in placements if p.node_id}
-    if pinned:  # stages pinned to nodes: each node's CPUs (GPUs) are shared by its own stages only
-        count = {node: sum(p.node_id == node for p in placements) for node in pinned}
-        res = {n["NodeID"]: n["Resources"] for n in nodes}
-        cpu_share = min(res.get(node, {}).get("CPU", 0.0) / k for node, k in count.items())
-        gpu_share = min(res.get(node, {}).get("GPU", 0.0) / k for node, k in count.items())
-        num_cpus = float(math.floor(cpu_share)) if cpu_share >= 1 else max(cpu_share, 0.01)
-        num_gpus = 1.0 if gpu_share >= 1 else (1.0 / math.ceil(1.0 / gpu_share) if gpu_share > 0 else 0.0)
-    else:
-        num_cpus, num_gpus = stage_resources(
-            [n["Resources"].get("CPU", 0.0) for n in nodes], [n["Resources"].get("GPU", 0.0) for n in nodes],
-            len(placements))
+    actors, on_gpu = started if started is not None else _start_actors(model_dir, placements, dtype)
     log.info(
         "AIM calibration of %s: %d sequences x %d tokens, %d stages %s, %s %s, micro-batches of %d",
         model_dir, sequences.shape[0], sequences.shape[1], len(placements), [p.layers for p in placements],
-        "GPU" if num_gpus else "CPU", str(dtype).removeprefix("torch."), micro_batch_size,
+        "GPU" if on_gpu else "CPU", str(dtype).removeprefix("torch."), micro_batch_size,
     )
-    actor_cls = ray.remote(StageActor)
-    actors = []
-    for i, p in enumerate(placements):
-        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        if p.node_id:
-            options.update(memory=p.memory, scheduling_strategy=NodeAffinitySchedulingStrategy(p.node_id, soft=False))
-        actors.append(actor_cls.options(**options).remote(
-            str(model_dir), p.layers[0], p.layers[1], i == 0, i == len(placements) - 1,
-            str(dtype).removeprefix("torch."), "cuda" if num_gpus else "cpu", num_cpus,
-        ))
     try:
         reports = ray.get([a.describe.remote() for a in actors])
         for i, report in enumerate(reports):
@@ -203,10 +269,47 @@ def _one_pass(
                 bar.update(len(done))
         stats = _merge_statistics(ray.get([a.statistics.remote() for a in actors]))
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        _stop(actors)
     log.info("AIM statistics computed for %d modules", len(stats))
     return stats, reports
+
+
+def _resources(placements: list[StagePlacement]) -> tuple[float, float]:
+    """``(num_cpus, num_gpus)`` of each stage actor: shares of the nodes they are pinned to, or
+    of the cluster (:func:`stage_resources`)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    pinned = {p.node_id for p in placements if p.node_id}
+    if pinned:  # stages pinned to nodes: each node's CPUs (GPUs) are shared by its own stages only
+        count = {node: sum(p.node_id == node for p in placements) for node in pinned}
+        res = {n["NodeID"]: n["Resources"] for n in nodes}
+        cpu_share = min(res.get(node, {}).get("CPU", 0.0) / k for node, k in count.items())
+        gpu_share = min(res.get(node, {}).get("GPU", 0.0) / k for node, k in count.items())
+        num_cpus = float(math.floor(cpu_share)) if cpu_share >= 1 else max(cpu_share, 0.01)
+        num_gpus = 1.0 if gpu_share >= 1 else (1.0 / math.ceil(1.0 / gpu_share) if gpu_share > 0 else 0.0)
+        return num_cpus, num_gpus
+    return stage_resources([n["Resources"].get("CPU", 0.0) for n in nodes],
+                           [n["Resources"].get("GPU", 0.0) for n in nodes], len(placements))
+
+
+def _start_actors(model_dir: str | Path, placements: list[StagePlacement], dtype: torch.dtype) -> tuple[list[Any], bool]:
+    """One :class:`StageActor` per placement, started without waiting; and whether they use GPUs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    num_cpus, num_gpus = _resources(placements)
+    actor_cls = ray.remote(StageActor)
+    actors = []
+    for i, p in enumerate(placements):
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if p.node_id:
+            options.update(memory=p.memory, scheduling_strategy=NodeAffinitySchedulingStrategy(p.node_id, soft=False))
+        actors.append(actor_cls.options(**options).remote(
+            str(model_dir), p.layers[0], p.layers[1], i == 0, i == len(placements) - 1,
+            str(dtype).removeprefix("torch."), "cuda" if num_gpus else "cpu", num_cpus,
+        ))
+    return actors, num_gpus > 0
 
 
 class StageActor(StageWorker):
