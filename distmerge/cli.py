@@ -273,8 +273,10 @@ def run() -> None:
     code = main()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        try:
-            ray.shutdown()
+        try:  # as Ray's own exit hook calls it: with its half-second for the workers' last log lines
+            ray.shutdown(_exiting_interpreter=True)
+        except KeyboardInterrupt:
+            print("distmerge: interrupted while stopping Ray", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - the work is done; its exit code stands
             print(f"distmerge: warning: stopping Ray failed ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
     sys.stdout.flush()

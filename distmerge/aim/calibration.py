@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from distmerge.aim.pipeline import calibrate_stages, start_stages
+from distmerge.aim.pipeline import StartedStages, calibrate_stages, start_stages
 from distmerge.aim.sequences import load_calibration_sequences
 from distmerge.aim.stats_file import save_statistics
 from distmerge.config import AimConfig
@@ -34,15 +35,22 @@ def calibrate(
                           "give precomputed statistics with aim.stats")
     cal = aim.calibration
     base = str(base_model)  # a folder, a Hub id or s3:// (Path() would fold s3:// into s3:/)
-    # The stage actors start first, planned for sequences of block_size tokens (the data's length
-    # unless it comes pre-tokenized at another), and get ready while the data is tokenized here.
-    with start_stages(base, cal.block_size, stages=aim.stages, stage_memory=aim.stage_memory,
-                      micro_batch_size=aim.micro_batch_size) as started:
-        sequences = load_calibration_sequences(cal, base)
+    with contextlib.ExitStack() as stack:
+        ahead: list[StartedStages] = []
+
+        def start_ahead() -> None:
+            """Once the data and tokenizer files have passed their checks: the stage actors start,
+            planned for sequences of block_size tokens (text is cut into such blocks), and get
+            ready while the data is tokenized here."""
+            ahead.append(stack.enter_context(start_stages(
+                base, cal.block_size, stages=aim.stages, stage_memory=aim.stage_memory,
+                micro_batch_size=aim.micro_batch_size)))
+
+        sequences = load_calibration_sequences(cal, base, before_tokenizing=start_ahead)
         check_token_ids(sequences, base)
         stats, stages = calibrate_stages(
             base, sequences, stages=aim.stages, stage_memory=aim.stage_memory,
-            micro_batch_size=aim.micro_batch_size, progress=progress, started=started,
+            micro_batch_size=aim.micro_batch_size, progress=progress, started=ahead[0] if ahead else None,
         )
     metadata = {
         "base_model": base if is_remote(base) or not os.path.exists(base) else str(Path(base).resolve()),

@@ -91,7 +91,8 @@ def calibrate_stages(
     checkpoint, layout = open_base(model_dir)
     vocab = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].shape[0]
     sequences = _check_sequences(sequences, vocab)
-    taken = started.take(int(sequences.shape[1]), micro_batch_size, dtype) if started is not None else None
+    request = (int(sequences.shape[1]), stages, stage_memory, micro_batch_size, dtype)
+    taken = started.take(request) if started is not None else None
     if taken is not None:
         plan = started.plan
     else:
@@ -107,9 +108,8 @@ class StagePlan:
 
     placements: list[StagePlacement]
     dtype: torch.dtype
-    seq_len: int
-    micro_batch_size: int
-    requested_dtype: torch.dtype | None
+    #: What it was planned for: ``(seq_len, stages, stage_memory, micro_batch_size, dtype asked)``.
+    request: tuple[Any, ...]
 
 
 def _plan(
@@ -134,7 +134,7 @@ def _plan(
     itemsize = torch.empty((), dtype=chosen).element_size()
     overhead = stage_overhead(checkpoint.config, micro_batch_size, seq_len, itemsize)
     placements = place_model_stages(checkpoint, layout, stages, stage_memory, itemsize, overhead, cluster_nodes())
-    return StagePlan(placements, chosen, seq_len, micro_batch_size, dtype)
+    return StagePlan(placements, chosen, (seq_len, stages, stage_memory, micro_batch_size, dtype))
 
 
 class StartedStages:
@@ -151,16 +151,16 @@ class StartedStages:
         self._started: tuple[list[Any], bool] | None = _start_actors(model_dir, plan.placements, plan.dtype)
         self._all = list(self._started[0])
 
-    def take(self, seq_len: int, micro_batch_size: int, dtype: torch.dtype | None) -> tuple[list[Any], bool] | None:
-        """The actors and whether they use GPUs, once, if they were planned for this pass; None
-        (and the actors stopped) if not."""
+    def take(self, request: tuple[Any, ...]) -> tuple[list[Any], bool] | None:
+        """The actors and whether they use GPUs, once, if they were planned for this ``request``
+        (as :attr:`StagePlan.request`); None (and the actors stopped) if not."""
         started, self._started = self._started, None
         if started is None:
             return None
-        if (seq_len, micro_batch_size, dtype) != (self.plan.seq_len, self.plan.micro_batch_size,
-                                                  self.plan.requested_dtype):
-            log.info("AIM calibration: the data's sequences have %d tokens, not the %d the stages were "
-                     "started for; planning them again", seq_len, self.plan.seq_len)
+        if request != self.plan.request:
+            log.info("AIM calibration: the stages were started for sequences of %d tokens (%s); this pass "
+                     "has %d (%s): planning them again", self.plan.request[0], self.plan.request[1:],
+                     request[0], request[1:])
             _stop(started[0])
             return None
         return started

@@ -202,6 +202,28 @@ def test_stages_started_ahead_serve_the_pass_or_are_stopped(ray_local, aim_model
             ray.get(actor.describe.remote(), timeout=60)
 
 
+def test_data_that_fails_its_checks_starts_no_stage(ray_local, aim_models, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The actors start ahead of the tokenizing, but only once the data and the tokenizer's files
+    have passed their checks: a user's mistake there is reported without any actor (killing one
+    still being created makes Ray print a worker error beside distmerge's own)."""
+    import shutil
+
+    from distmerge.errors import CheckpointError
+
+    starts = _count_actor_starts(monkeypatch)
+    bare = tmp_path / "no_tokenizer"
+    shutil.copytree(aim_models["llama"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    aim = AimConfig(calibration=CalibrationConfig(dataset="builtin", n_samples=2, block_size=64), stages=1)
+    with pytest.raises(CheckpointError, match="no tokenizer found"):
+        calibrate(bare, aim, None, progress=False)
+    text = tmp_path / "d.jsonl"
+    text.write_text('{"body": "some text"}\n')
+    aim = AimConfig(calibration=CalibrationConfig(dataset=str(text), n_samples=2, block_size=64), stages=1)
+    with pytest.raises(ConfigError, match="column 'text' is not in"):
+        calibrate(aim_models["llama"], aim, None, progress=False)
+    assert starts == []
+
+
 def test_calibrate_one_stage_saves_statistics(ray_local, aim_models, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     base = aim_models["llama"]
     aim = AimConfig(calibration=CalibrationConfig(dataset="builtin", n_samples=6, block_size=512, seed=1), stages=1)
