@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from distmerge.aim.pipeline import StartedStages, calibrate_stages, start_stages
+from distmerge.aim.pipeline import calibrate_stages
 from distmerge.aim.sequences import load_calibration_sequences
+from distmerge.aim.stage_actors import StartedStages, start_stages
 from distmerge.aim.stats_file import save_statistics
 from distmerge.config import AimConfig
 from distmerge.errors import ConfigError

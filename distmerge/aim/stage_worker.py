@@ -8,7 +8,7 @@ embeddings from the model's own rotary module (per layer type for Gemma 3), an e
 causal mask per attention kind (eager attention pinned), and layer outputs unwrapped only when
 they are tuples. Forward pre-hooks accumulate the AIM statistic of every module it runs.
 
-This class is plain Python, so it can be tested without Ray; :mod:`distmerge.aim.pipeline`
+This class is plain Python, so it can be tested without Ray; :mod:`distmerge.aim.stage_actors`
 wraps it in a Ray actor.
 """
 

@@ -166,11 +166,11 @@ def test_ray_one_stage_per_layer_holds_only_its_layers(ray_local, aim_models, se
 
 
 def _count_actor_starts(monkeypatch) -> list:  # type: ignore[no-untyped-def]
-    from distmerge.aim import pipeline
+    from distmerge.aim import stage_actors
 
     starts: list = []
-    start = pipeline._start_actors
-    monkeypatch.setattr(pipeline, "_start_actors", lambda *args: starts.append(args[2]) or start(*args))
+    start = stage_actors.start_actors
+    monkeypatch.setattr(stage_actors, "start_actors", lambda *args: starts.append(args[2]) or start(*args))
     return starts
 
 
@@ -181,7 +181,7 @@ def test_stages_started_ahead_serve_the_pass_or_are_stopped(ray_local, aim_model
     stages planned again; an error before the pass stops them with the ``with`` block."""
     import ray
 
-    from distmerge.aim.pipeline import start_stages
+    from distmerge.aim.stage_actors import start_stages
 
     starts = _count_actor_starts(monkeypatch)
     base, length = aim_models["llama"], int(sequences.shape[1])
