@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -12,7 +11,6 @@ import torch
 
 from distmerge.aim.pipeline import calibrate_stages
 from distmerge.aim.sequences import load_calibration_sequences
-from distmerge.aim.stage_actors import StartedStages, start_stages
 from distmerge.aim.stats_file import save_statistics
 from distmerge.config import AimConfig
 from distmerge.errors import ConfigError
@@ -36,23 +34,12 @@ def calibrate(
                           "give precomputed statistics with aim.stats")
     cal = aim.calibration
     base = str(base_model)  # a folder, a Hub id or s3:// (Path() would fold s3:// into s3:/)
-    with contextlib.ExitStack() as stack:
-        ahead: list[StartedStages] = []
-
-        def start_ahead() -> None:
-            """Once the data and tokenizer files have passed their checks: the stage actors start,
-            planned for sequences of block_size tokens (text is cut into such blocks), and get
-            ready while the data is tokenized here."""
-            ahead.append(stack.enter_context(start_stages(
-                base, cal.block_size, stages=aim.stages, stage_memory=aim.stage_memory,
-                micro_batch_size=aim.micro_batch_size)))
-
-        sequences = load_calibration_sequences(cal, base, before_tokenizing=start_ahead)
-        check_token_ids(sequences, base)
-        stats, stages = calibrate_stages(
-            base, sequences, stages=aim.stages, stage_memory=aim.stage_memory,
-            micro_batch_size=aim.micro_batch_size, progress=progress, started=ahead[0] if ahead else None,
-        )
+    sequences = load_calibration_sequences(cal, base)
+    check_token_ids(sequences, base)
+    stats, stages = calibrate_stages(
+        base, sequences, stages=aim.stages, stage_memory=aim.stage_memory,
+        micro_batch_size=aim.micro_batch_size, progress=progress,
+    )
     metadata = {
         "base_model": base if is_remote(base) or not os.path.exists(base) else str(Path(base).resolve()),
         "dataset": cal.dataset if cal.dataset == "builtin" or is_remote(cal.dataset) else str(Path(cal.dataset).resolve()),

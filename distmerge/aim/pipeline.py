@@ -18,7 +18,6 @@ import torch
 
 from distmerge.aim import stage_actors
 from distmerge.aim.layout import open_base
-from distmerge.aim.stage_actors import StartedStages
 from distmerge.aim.stage_split import StagePlacement
 from distmerge.aim.wire import pack
 from distmerge.errors import ConfigError, DistmergeError
@@ -70,7 +69,6 @@ def calibrate_stages(
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype | None = None,
-    started: StartedStages | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """AIM statistics of the base model over ``sequences`` by a staged forward on Ray, and per
     stage what it held and which node ran it.
@@ -81,21 +79,14 @@ def calibrate_stages(
     Uses the Ray the caller initialized (a local one is started if none is). Stages use a GPU
     when the cluster has one, the CPU otherwise; ``dtype`` defaults to float32 on CPU and the
     checkpoint's float dtype on GPU. ``stages="auto"`` plans the stages from the memory the
-    cluster's nodes offer (``stage_memory`` optionally caps a stage). ``started``: stage actors
-    :func:`~distmerge.aim.stage_actors.start_stages` started ahead of the data, used where they were planned for sequences
-    of this length (else stopped, and the stages planned again).
+    cluster's nodes offer (``stage_memory`` optionally caps a stage).
     """
     checkpoint, layout = open_base(model_dir)
     vocab = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].shape[0]
     sequences = _check_sequences(sequences, vocab)
-    request = (int(sequences.shape[1]), stages, stage_memory, micro_batch_size, dtype)
-    taken = started.take(request) if started is not None else None
-    if taken is not None:
-        plan = started.plan
-    else:
-        plan = stage_actors.plan_stages(checkpoint, layout, int(sequences.shape[1]), stages, stage_memory, micro_batch_size, dtype)
+    plan = stage_actors.plan_stages(checkpoint, layout, int(sequences.shape[1]), stages, stage_memory, micro_batch_size, dtype)
     del layout
-    return run_stages(model_dir, sequences, plan.placements, micro_batch_size, progress, plan.dtype, taken)
+    return run_stages(model_dir, sequences, plan.placements, micro_batch_size, progress, plan.dtype)
 
 
 def run_stages(
@@ -105,23 +96,20 @@ def run_stages(
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
-    started: tuple[list[Any], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Run the staged forward over given layer ranges (or placed stages); returns the statistics
     and what each stage held and where (its :meth:`StageActor.describe`).
 
     A stage actor that dies mid-pass (its node lost, the process killed) fails the pass; the
     pass then runs again on fresh actors, up to :data:`PASS_ATTEMPTS` times, so the statistics
-    always come from one complete pass. ``started``: the first attempt's actors, already started
-    for these placements, and whether they use GPUs (:meth:`~distmerge.aim.stage_actors.StartedStages.take`).
+    always come from one complete pass.
     """
     import ray
 
     placements = [r if isinstance(r, StagePlacement) else StagePlacement(tuple(r), None, "", 0) for r in ranges]
     for attempt in range(1, PASS_ATTEMPTS + 1):
         try:
-            first, started = started, None
-            return _one_pass(model_dir, sequences, placements, micro_batch_size, progress, dtype, first)
+            return _one_pass(model_dir, sequences, placements, micro_batch_size, progress, dtype)
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
             if attempt == PASS_ATTEMPTS:
                 raise DistmergeError(f"AIM calibration: a stage actor died in each of {PASS_ATTEMPTS} attempts "
@@ -138,12 +126,11 @@ def _one_pass(
     micro_batch_size: int,
     progress: bool,
     dtype: torch.dtype,
-    started: tuple[list[Any], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     import ray
     from tqdm.auto import tqdm
 
-    actors, on_gpu = started if started is not None else stage_actors.start_actors(model_dir, placements, dtype)
+    actors, on_gpu = stage_actors.start_actors(model_dir, placements, dtype)
     log.info(
         "AIM calibration of %s: %d sequences x %d tokens, %d stages %s, %s %s, micro-batches of %d",
         model_dir, sequences.shape[0], sequences.shape[1], len(placements), [p.layers for p in placements],

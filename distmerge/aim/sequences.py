@@ -30,15 +30,8 @@ log = logging.getLogger(__name__)
 
 
 
-def load_calibration_sequences(
-    calibration: CalibrationConfig, tokenizer_dir: str | Path, before_tokenizing: Callable[[], object] | None = None,
-) -> torch.Tensor:
-    """The calibration sequences for ``calibration``, tokenized with the tokenizer in ``tokenizer_dir``.
-
-    ``before_tokenizing`` is called once the data and the tokenizer's files have passed their
-    checks, before the slow part (importing transformers, loading the tokenizer, tokenizing);
-    not at all for pre-tokenized data.
-    """
+def load_calibration_sequences(calibration: CalibrationConfig, tokenizer_dir: str | Path) -> torch.Tensor:
+    """The calibration sequences for ``calibration``, tokenized with the tokenizer in ``tokenizer_dir``."""
     table = read_dataset(calibration.dataset, calibration.text_field)
     if "input_ids" in table.column_names:
         return pretokenized_blocks(table, calibration.block_size)
@@ -46,10 +39,7 @@ def load_calibration_sequences(
     if calibration.dataset == "builtin" and field not in table.column_names:
         field = "text"
     texts = text_column(table, field, calibration.dataset)
-    folder = tokenizer_folder(tokenizer_dir)
-    if before_tokenizing is not None:
-        before_tokenizing()
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(tokenizer_dir)
     sequences = sample_sequences(texts, tokenizer.encode, calibration.n_samples, calibration.block_size, calibration.seed)
     log.info("calibration data %s: %d sequences of %d tokens", calibration.dataset, *sequences.shape)
     return sequences
@@ -134,18 +124,6 @@ def load_tokenizer(tokenizer_dir: str | Path):  # type: ignore[no-untyped-def]
 
     ``tokenizer_dir`` is a folder or any model reference (a Hub id, ``s3://``): a remote model's
     tokenizer files are fetched with its other small files."""
-    from transformers import AutoTokenizer
-
-    folder = tokenizer_folder(tokenizer_dir)
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"base model {folder}: cannot load its tokenizer ({e})") from e
-
-
-def tokenizer_folder(tokenizer_dir: str | Path) -> Path:
-    """The local folder of the base model's tokenizer, checked: it has one, and its files are
-    regular files inside it. A CheckpointError naming the folder if not."""
     folder = locate_model(str(tokenizer_dir), "base model", CheckpointError).folder
     if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_CORE_FILES):
         raise CheckpointError(
@@ -157,4 +135,9 @@ def tokenizer_folder(tokenizer_dir: str | Path) -> Path:
         if os.path.lexists(folder / name):
             require_regular(check_inside(folder / name, folder, "tokenizer file", CheckpointError),
                             f"tokenizer file {name}", CheckpointError)
-    return folder
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"base model {folder}: cannot load its tokenizer ({e})") from e

@@ -1,5 +1,4 @@
-"""The calibration's stage actors: planning them, starting them (ahead of the pass or in it),
-their resources, and stopping them.
+"""The calibration's stage actors: planning them, their resources, starting and stopping them.
 
 Split from :mod:`distmerge.aim.pipeline`, which runs the pass over the actors this module starts.
 """
@@ -16,7 +15,6 @@ from typing import Any, Literal
 
 import torch
 
-from distmerge.aim.layout import open_base
 from distmerge.aim.stage_plan import cluster_nodes, place_model_stages, stage_overhead
 from distmerge.aim.stage_split import StagePlacement, stage_resources
 from distmerge.aim.stage_worker import StageWorker
@@ -32,8 +30,6 @@ class StagePlan:
 
     placements: list[StagePlacement]
     dtype: torch.dtype
-    #: What it was planned for: ``(seq_len, stages, stage_memory, micro_batch_size, dtype asked)``.
-    request: tuple[Any, ...]
 
 
 def plan_stages(
@@ -58,56 +54,7 @@ def plan_stages(
     itemsize = torch.empty((), dtype=chosen).element_size()
     overhead = stage_overhead(checkpoint.config, micro_batch_size, seq_len, itemsize)
     placements = place_model_stages(checkpoint, layout, stages, stage_memory, itemsize, overhead, cluster_nodes())
-    return StagePlan(placements, chosen, (seq_len, stages, stage_memory, micro_batch_size, dtype))
-
-
-class StartedStages:
-    """Stage actors started before the calibration data is ready.
-
-    Why: a stage actor's start (a Ray worker importing torch and transformers, then reading its
-    layers) takes seconds, and so does loading the tokenizer and tokenizing in the driver; started
-    first, the two overlap. A ``with`` block owns the actors: whatever the pass did not take, or
-    left alive, is stopped when it ends (on an error in the data too).
-    """
-
-    def __init__(self, model_dir: str | Path, plan: StagePlan) -> None:
-        self.plan = plan
-        self._started: tuple[list[Any], bool] | None = start_actors(model_dir, plan.placements, plan.dtype)
-        self._all = list(self._started[0])
-
-    def take(self, request: tuple[Any, ...]) -> tuple[list[Any], bool] | None:
-        """The actors and whether they use GPUs, once, if they were planned for this ``request``
-        (as :attr:`StagePlan.request`); None (and the actors stopped) if not."""
-        started, self._started = self._started, None
-        if started is None:
-            return None
-        if request != self.plan.request:
-            log.info("AIM calibration: the stages were started for sequences of %d tokens (%s); this pass "
-                     "has %d (%s): planning them again", self.plan.request[0], self.plan.request[1:],
-                     request[0], request[1:])
-            stop_actors(started[0])
-            return None
-        return started
-
-    def __enter__(self) -> StartedStages:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stop_actors(self._all)
-
-
-def start_stages(
-    model_dir: str | Path,
-    seq_len: int,
-    stages: int | Literal["auto"] = "auto",
-    stage_memory: int | None = None,
-    micro_batch_size: int = 4,
-    dtype: torch.dtype | None = None,
-) -> StartedStages:
-    """Plan the stages for sequences of ``seq_len`` tokens and start their actors now, without
-    waiting for them (see :class:`StartedStages`); pass the result to :func:`calibrate_stages`."""
-    checkpoint, layout = open_base(model_dir)
-    return StartedStages(model_dir, plan_stages(checkpoint, layout, seq_len, stages, stage_memory, micro_batch_size, dtype))
+    return StagePlan(placements, chosen)
 
 
 def stop_actors(actors: Sequence[Any]) -> None:

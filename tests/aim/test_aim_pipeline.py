@@ -174,38 +174,10 @@ def _count_actor_starts(monkeypatch) -> list:  # type: ignore[no-untyped-def]
     return starts
 
 
-def test_stages_started_ahead_serve_the_pass_or_are_stopped(ray_local, aim_models, sequences, references,  # type: ignore[no-untyped-def]
-                                                             monkeypatch) -> None:
-    """Actors started before the data (``start_stages``) run the pass where they were planned for
-    its sequences' length, with no second start; for another length they are stopped and the
-    stages planned again; an error before the pass stops them with the ``with`` block."""
-    import ray
-
-    from distmerge.aim.stage_actors import start_stages
-
-    starts = _count_actor_starts(monkeypatch)
-    base, length = aim_models["llama"], int(sequences.shape[1])
-    with start_stages(base, length, stages=2, micro_batch_size=2) as started:
-        stats, _ = calibrate_stages(base, sequences, stages=2, micro_batch_size=2, progress=False, started=started)
-    assert len(starts) == 1
-    assert_stats_equal(stats, references["llama"])
-    with start_stages(base, length + 8, stages=2, micro_batch_size=2) as started:
-        unused = list(started._all)
-        stats, _ = calibrate_stages(base, sequences, stages=2, micro_batch_size=2, progress=False, started=started)
-    assert len(starts) == 3
-    assert_stats_equal(stats, references["llama"])
-    with pytest.raises(ConfigError, match="the data"), start_stages(base, length, stages=2) as started:
-        left = list(started._all)
-        raise ConfigError("the data could not be read")
-    for actor in unused + left:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.describe.remote(), timeout=60)
-
-
 def test_data_that_fails_its_checks_starts_no_stage(ray_local, aim_models, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The actors start ahead of the tokenizing, but only once the data and the tokenizer's files
-    have passed their checks: a user's mistake there is reported without any actor (killing one
-    still being created makes Ray print a worker error beside distmerge's own)."""
+    """The stage actors start only once the data is tokenized: a user's mistake in the data or
+    the tokenizer's files is reported without any actor (killing one still being created makes
+    Ray print a worker error beside distmerge's own)."""
     import shutil
 
     from distmerge.errors import CheckpointError
@@ -230,7 +202,7 @@ def test_calibrate_one_stage_saves_statistics(ray_local, aim_models, tmp_path, m
     out = tmp_path / "aim_stats.safetensors"
     starts = _count_actor_starts(monkeypatch)
     stats, meta = calibrate(base, aim, out, progress=False)
-    assert len(starts) == 1  # started before the tokenizing, for block_size: the pass took them
+    assert len(starts) == 1  # one start of the stages: no pass run twice
     sequences = load_calibration_sequences(aim.calibration, base)
     assert_stats_equal(stats, reference_statistics(base, sequences, micro_batch=4))
     loaded, saved_meta = load_statistics(out)
