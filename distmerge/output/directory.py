@@ -125,7 +125,8 @@ def check_statistics_target(path: Path, inputs: dict[str, Path | str]) -> None:
     from distmerge.aim.stats_file import load_statistics
     from distmerge.errors import ConfigError
 
-    check_output_location(path, inputs)
+    check_output_location(path, inputs, "the statistics file (--out)",
+                          "writing it could destroy an input. Choose an --out path outside every input")
     if os.path.lexists(path):
         if path.is_symlink() or not path.is_file():
             raise OutputError(f"{path}: exists and is not a regular file; refused (choose another --out)")
@@ -140,7 +141,8 @@ def check_plot_target(path: Path, inputs: dict[str, Path | str]) -> None:
     """``--plot``: never an input or inside one, and never an existing file distmerge did not plot."""
     from distmerge.aim.stats_summary import PLOT_MARKER
 
-    check_output_location(path, inputs)
+    check_output_location(path, inputs, "the --plot image",
+                          "writing it could destroy an input. Choose a --plot path outside every input")
     if path.suffix.lower() != ".png":
         raise OutputError(f"{path}: --plot writes a PNG image; give a path ending in .png")
     if os.path.lexists(path):

@@ -28,9 +28,14 @@ def _identities(path: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def check_output_location(out: Path, inputs: dict[str, Path | str]) -> None:
+def check_output_location(out: Path, inputs: dict[str, Path | str], what: str = "the output directory",
+                          advice: str = "writing (or --overwrite) there could destroy an input. Choose an "
+                                        "OUT_DIR outside every input") -> None:
     """Refuse ``out`` when it is, is inside, or contains any of ``inputs`` (role -> path; the
-    URLs of remote inputs, given as text, cannot be a local OUT and are passed over)."""
+    URLs of remote inputs, given as text, cannot be a local OUT and are passed over).
+
+    ``what`` names ``out`` in the message and ``advice`` says why and what to do instead: for a
+    merge's OUT_DIR by default, or for a file a command writes (``calibrate --out``, ``--plot``)."""
     out_real = Path(os.path.realpath(out))
     out_ids = _identities(out_real)
     try:
@@ -56,6 +61,5 @@ def check_output_location(out: Path, inputs: dict[str, Path | str]) -> None:
             relation = "contains"
         if relation:
             raise OutputError(
-                f"{out}: the output directory {relation} {role} {path}; refused, since writing (or "
-                "--overwrite) there could destroy an input. Choose an OUT_DIR outside every input"
+                f"{out}: {what} {relation} {role} {path}; refused, since {advice}"
             )

@@ -449,7 +449,12 @@ def test_calibrate_never_overwrites_a_file_it_did_not_write(family, capsys):
     shard = sorted(base.glob("model-*.safetensors"))[0]
     before = snapshot(root / "models")
     code, text = run_cli(["calibrate", cfg, "--out", shard], capsys)
-    assert code == 2 and "is inside base_model" in text
+    assert code == 2 and "the statistics file (--out) is inside base_model" in text
+    assert "Choose an --out path outside every input" in text and "output directory" not in text
+    code, text = run_cli(["calibrate", cfg, "--out", root / "s.safetensors", "--plot", base / "stats.png"], capsys)
+    assert code == 2 and "the --plot image is inside base_model" in text
+    assert "Choose a --plot path outside every input" in text and "output directory" not in text
+    assert not (root / "s.safetensors").exists()
     notes = root / "notes.safetensors"
     notes.write_text("not statistics")
     code, text = run_cli(["calibrate", cfg, "--out", notes], capsys)
