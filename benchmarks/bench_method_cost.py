@@ -6,6 +6,10 @@ Runs the engine's own schedule and worker functions (reduction rounds, merge-and
 unit, each tensor read once where its rows fit the shard size) one task at a time on one thread over the synthetic checkpoints, page cache warm, alternating the
 methods so background load hits them alike. On a shared machine this ratio is steadier than
 wall-clock figures of the multi-process engine.
+
+``--shard-mb 256,600`` runs every method at each shard size, alternated in each repeat (rows
+``method@256MB``, each against linear at the same size): what reading a tensor once, rather
+than once for its rounds and again for its merge, is worth per method.
 """
 
 from __future__ import annotations
@@ -52,30 +56,38 @@ def main() -> None:
     parser.add_argument("--model-gb", type=float, default=0.5)
     parser.add_argument("--methods", default=",".join(CASES), help="comma-separated; default: every method")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--shard-mb", type=int, default=256, help="the merge's shard size (default: distmerge's)")
+    parser.add_argument("--shard-mb", default="256",
+                        help="the merge's shard size in MB (default: distmerge's); comma-separated to compare several")
     parser.add_argument("--plot", type=Path, help="also draw each method's time against linear's into this PNG")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, experts = write_family(WORK / f"synthetic-{args.model_gb:g}GB", int(args.model_gb * 1e9))
     methods = args.methods.split(",")
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    shards = [int(v) for v in args.shard_mb.split(",")]
+    runs = [(m, mb) for m in methods for mb in shards]
+    label = {(m, mb): m if len(shards) == 1 else f"{m}@{mb}MB" for m, mb in runs}
+    times: dict[str, list[float]] = {label[r]: [] for r in runs}
     tiny_base, tiny_experts = write_family(WORK / "synthetic-warm-up", 10**6, shape=WARM_UP_SHAPE)
     for m in methods:  # compile (or load) every method's kernels before anything is timed
         one_merge(m, tiny_base, tiny_experts, WORK / "cost-warm-up")
     one_merge(methods[0], base, experts, WORK / "cost-out")  # warm the page cache
-    for _ in range(args.repeat):
+    for k in range(args.repeat):
         for m in methods:
-            times[m].append(one_merge(m, base, experts, WORK / "cost-out", args.shard_mb * 10**6))
-    best = {m: min(v) for m, v in times.items()}
-    median = {m: statistics.median(v) for m, v in times.items()}
+            for mb in shards if k % 2 == 0 else shards[::-1]:  # neither size always first
+                times[label[m, mb]].append(one_merge(m, base, experts, WORK / "cost-out", mb * 10**6))
+    best = {name: min(v) for name, v in times.items()}
+    median = {name: statistics.median(v) for name, v in times.items()}
+    linear = {mb: label["linear", mb] for mb in shards} if "linear" in methods else {}
     print("| method | best seconds (1 thread) | median seconds | ratio to linear (best) | ratio (median) |")
     print("|---|---:|---:|---:|---:|")
-    for m in methods:
-        print(f"| {m} | {best[m]:.2f} | {median[m]:.2f} | {best[m] / best['linear']:.2f} | "
-              f"{median[m] / median['linear']:.2f} |")
+    for m, mb in runs:
+        name, base_name = label[m, mb], linear.get(mb)
+        ratios = (f"{best[name] / best[base_name]:.2f} | {median[name] / median[base_name]:.2f}"
+                  if base_name else "- | -")
+        print(f"| {name} | {best[name]:.2f} | {median[name]:.2f} | {ratios} |")
     print(json.dumps(times))
-    if args.plot:
-        plot_ratios({m: best[m] / best["linear"] for m in methods}, args.plot, args.model_gb)
+    if args.plot and linear:
+        plot_ratios({label[r]: best[label[r]] / best[linear[r[1]]] for r in runs}, args.plot, args.model_gb)
 
 
 def plot_ratios(ratios: dict[str, float], path: Path, model_gb: float) -> None:
