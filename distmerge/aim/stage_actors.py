@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Where each stage runs, in which dtype, planned for micro-batches of sequences of ``seq_len``
-    tokens (the activations a stage must find room for)."""
+    """Where each stage runs (its layers, node and memory) and the dtype the stages compute in."""
 
     placements: list[StagePlacement]
     dtype: torch.dtype
@@ -36,6 +35,11 @@ def plan_stages(
     checkpoint: Any, layout: Any, seq_len: int, stages: int | Literal["auto"], stage_memory: int | None,
     micro_batch_size: int, dtype: torch.dtype | None,
 ) -> StagePlan:
+    """The stages for micro-batches of ``micro_batch_size`` sequences of ``seq_len`` tokens: each
+    stage must find room for its layers and those activations (:func:`stage_overhead`), so the
+    plan waits for the sequences' length. Starts the embedded Ray if none is running, since the
+    placement reads the cluster's nodes; ``dtype`` None picks float32 on CPU and the checkpoint's
+    bf16/fp16 on GPU."""
     import ray
 
     if micro_batch_size < 1:
