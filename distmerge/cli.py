@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="who merges: local (threads of this process, no Ray to start), ray (Ray tasks: "
                             "the cluster at --ray-address/RAY_ADDRESS, else an embedded Ray), auto (default "
                             "from the config's execution.executor, itself auto: Ray when an address is given "
-                            "or AIM must calibrate, local otherwise)")
+                            "or AIM calibrates in several stages, local otherwise)")
     merge.add_argument("--shard-size", type=_size_arg, help="memory budget of one work unit, e.g. 256MB (default from config)")
     merge.add_argument("--workers", type=_positive_int, help="work units in flight at once (default: CPUs of the cluster)")
     merge.add_argument("--seed", type=int, help="seed of randomized methods (DARE, DELLA)")
@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("config", type=Path)
     calibrate.add_argument("--out", required=True,
                            help="statistics file to write (.safetensors): a path, s3://bucket/key or gs://bucket/key")
-    calibrate.add_argument("--ray-address")
+    calibrate.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS)")
+    calibrate.add_argument("--executor", choices=("auto", "local", "ray"),
+                           help="local: one stage in this process; ray: Ray stage actors; auto (default: the "
+                                "config's execution.executor): as merge --executor decides")
     calibrate.add_argument("--no-progress", action="store_true")
     calibrate.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
 
@@ -160,7 +163,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from distmerge.aim.feature import AimFeature
+    from distmerge.aim.in_process import pipeline_reason
     from distmerge.engine.cluster import connect
+    from distmerge.engine.executors import choose_executor
     from distmerge.engine.request import resolve_request
     from distmerge.output.directory import check_statistics_target
 
@@ -180,7 +185,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         check_statistics_target(out, request.input_paths())
     if args.plot is not None:
         _check_plot(args.plot, {**request.input_paths(), "--out": out})
-    connect(args.ray_address)
+    # Ray where a merge would take it, else the one stage in this process (aim.in_process).
+    setting = args.executor or request.config.execution.executor
+    if choose_executor(setting, args.ray_address, pipeline_reason(request.config.aim)).name == "ray":
+        connect(args.ray_address)
     aim.calibrate(out, progress=not args.no_progress)
     if remote is not None:
         remote.publish()

@@ -162,7 +162,8 @@ class ExecutionConfig(_Strict):
     verify: Literal["sample", "full", "layout"] = "sample"
     # Who runs the batches: "local" (threads of this process, starts at once), "ray" (Ray tasks:
     # an embedded Ray, or the cluster named by --ray-address / RAY_ADDRESS), "auto": Ray when an
-    # address is given, Ray already runs here or AIM must calibrate; local otherwise (engine.executors).
+    # address is given, Ray already runs here or AIM calibrates in several stages; local otherwise
+    # (engine.executors; a one-stage calibration then runs in this process: aim.in_process).
     executor: Literal["auto", "local", "ray"] = "auto"
 
     @field_validator("verify", mode="before")

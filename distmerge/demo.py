@@ -2,7 +2,8 @@
 
 Builds a tiny Llama base and two fine-tuned-like experts (sharded safetensors, index, config,
 tokenizer), calibrates AIM on the base model with the built-in text, merges with task
-arithmetic + AIM on an embedded local Ray, loads the result with transformers and generates.
+arithmetic + AIM on this machine (threads of this process; Ray only where a cluster is given),
+loads the result with transformers and generates.
 """
 
 from __future__ import annotations

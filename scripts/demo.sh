@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job end to end: tiny base + two experts, AIM calibration, merge on an embedded
-# local Ray, load the result in transformers and generate. Output under ./demo-output.
+# The main job end to end: tiny base + two experts, AIM calibration and the merge on one
+# machine (in this process: no Ray to start), load the result in transformers and generate.
+# Output under ./demo-output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

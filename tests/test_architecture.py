@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
     "distmerge.engine": 5,
     "distmerge.aim.feature": 5,
     "distmerge.aim.pipeline": 5,
+    "distmerge.aim.in_process": 5,
     "distmerge.aim.stage_actors": 5,
     "distmerge.aim.calibration": 5,
     "distmerge.aim.stage_worker": 5,

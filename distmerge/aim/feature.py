@@ -97,16 +97,20 @@ class AimFeature:
         return {"aim.stats": path}
 
     def calibrate(self, out_path: Path | None, progress: bool) -> None:
-        """Calibrate the base model now (on the connected Ray), saving to ``out_path`` if given."""
+        """Calibrate the base model now (on the connected Ray, else in this process), saving to
+        ``out_path`` if given."""
         from distmerge.aim.calibration import calibrate
 
         self.statistics, self.metadata = calibrate(self.base_model, self.aim, out_path, progress=progress)
 
     def needs_ray(self, out: Path) -> str | None:
-        """Calibrating the base model needs Ray (its pipeline of stage actors); loading statistics does not."""
+        """Calibrating the base model in a pipeline of several stages needs Ray (its stage actors);
+        one stage runs in this process where no Ray runs, and loading statistics needs nothing."""
+        from distmerge.aim.in_process import pipeline_reason
+
         if self.aim.stats or (out / SAVED_NAME).is_file():
             return None
-        return "aim: without aim.stats the base model is calibrated by a pipeline of Ray stage actors"
+        return pipeline_reason(self.aim)
 
     def prepare(self, plan: MergePlan, out: Path, record_written: Callable[[str], None],
                 progress: bool) -> ChannelRelaxation:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from distmerge.aim import stage_actors
+from distmerge.aim import in_process, stage_actors
 from distmerge.aim.layout import open_base
 from distmerge.aim.stage_split import StagePlacement
 from distmerge.aim.wire import pack
@@ -45,7 +45,9 @@ def _check_sequences(sequences: torch.Tensor, vocab_size: int | None) -> torch.T
     return sequences
 
 
-def _merge_statistics(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def merge_statistics(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The stages' statistics as one float32 map; refused if two stages computed one module or
+    a statistic is not finite."""
     merged: dict[str, torch.Tensor] = {}
     for part in parts:
         for name, value in part.items():
@@ -70,20 +72,26 @@ def calibrate_stages(
     progress: bool = True,
     dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """AIM statistics of the base model over ``sequences`` by a staged forward on Ray, and per
-    stage what it held and which node ran it.
+    """AIM statistics of the base model over ``sequences`` by a staged forward on Ray (or, on
+    one machine running no Ray with one stage asked for, by that stage in this process:
+    :mod:`~distmerge.aim.in_process`), and per stage what it held and which node ran it.
 
     The statistics are one float32 vector per module (every Linear incl. ``lm_head``, every
     norm), keyed by its ``named_modules()`` name, each ``sum_sequences mean_tokens |input|``.
 
-    Uses the Ray the caller initialized (a local one is started if none is). Stages use a GPU
-    when the cluster has one, the CPU otherwise; ``dtype`` defaults to float32 on CPU and the
-    checkpoint's float dtype on GPU. ``stages="auto"`` plans the stages from the memory the
+    Uses the Ray the caller initialized (a local one is started if none is and several stages
+    are asked for). Stages use a GPU when the cluster (or this machine) has one, the CPU
+    otherwise; ``dtype`` defaults to float32 on CPU and the checkpoint's float dtype on GPU. ``stages="auto"`` plans the stages from the memory the
     cluster's nodes offer (``stage_memory`` optionally caps a stage).
     """
     checkpoint, layout = open_base(model_dir)
     vocab = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].shape[0]
     sequences = _check_sequences(sequences, vocab)
+    if in_process.runs_here(stages, stage_memory):
+        placement, chosen, device = in_process.plan_here(checkpoint, layout, int(sequences.shape[1]),
+                                                         micro_batch_size, dtype)
+        del layout
+        return in_process.run_here(model_dir, sequences, placement, micro_batch_size, progress, chosen, device)
     plan = stage_actors.plan_stages(checkpoint, layout, int(sequences.shape[1]), stages, stage_memory, micro_batch_size, dtype)
     del layout
     return run_stages(model_dir, sequences, plan.placements, micro_batch_size, progress, plan.dtype)
@@ -159,7 +167,7 @@ def _one_pass(
                 done, pending = ray.wait(pending, num_returns=1)
                 ray.get(done)
                 bar.update(len(done))
-        stats = _merge_statistics(ray.get([a.statistics.remote() for a in actors]))
+        stats = merge_statistics(ray.get([a.statistics.remote() for a in actors]))
     finally:
         stage_actors.stop_actors(actors)
     log.info("AIM statistics computed for %d modules", len(stats))

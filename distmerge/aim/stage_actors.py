@@ -15,7 +15,12 @@ from typing import Any, Literal
 
 import torch
 
-from distmerge.aim.stage_plan import cluster_nodes, place_model_stages, stage_overhead
+from distmerge.aim.stage_plan import (
+    calibration_dtype,
+    cluster_nodes,
+    place_model_stages,
+    stage_overhead,
+)
 from distmerge.aim.stage_split import StagePlacement, stage_resources
 from distmerge.aim.stage_worker import StageWorker
 from distmerge.errors import ConfigError
@@ -49,12 +54,7 @@ def plan_stages(
 
         log.info("Ray is not initialized; starting a local Ray for AIM calibration")
         connect()  # the embedded Ray: on loopback only, like a merge's
-    use_gpu = ray.cluster_resources().get("GPU", 0.0) > 0
-    chosen = dtype
-    if chosen is None:
-        stored = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")]
-        chosen = torch.float32 if not use_gpu or stored.dtype not in ("BF16", "F16") else (
-            torch.bfloat16 if stored.dtype == "BF16" else torch.float16)
+    chosen = calibration_dtype(checkpoint, layout, ray.cluster_resources().get("GPU", 0.0) > 0, dtype)
     itemsize = torch.empty((), dtype=chosen).element_size()
     overhead = stage_overhead(checkpoint.config, micro_batch_size, seq_len, itemsize)
     placements = place_model_stages(checkpoint, layout, stages, stage_memory, itemsize, overhead, cluster_nodes())

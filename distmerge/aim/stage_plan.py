@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
+
 from distmerge.aim.layout import ModelLayout
 from distmerge.aim.stage_split import (
     NodeMemory,
@@ -43,6 +45,17 @@ def _layer_sizes(checkpoint: Checkpoint, layout: ModelLayout, itemsize: int) -> 
     embed = layout.part_bytes(checkpoint, [layout.embed], itemsize)
     head = layout.part_bytes(checkpoint, [layout.norm, layout.head], itemsize)
     return layer_bytes, embed, head
+
+
+def calibration_dtype(checkpoint: Checkpoint, layout: ModelLayout, on_gpu: bool, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the stages compute in: ``dtype`` if given, else float32 on CPU and the
+    checkpoint's own bf16/fp16 on a GPU (one rule for the Ray stages and the in-process one)."""
+    if dtype is not None:
+        return dtype
+    stored = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].dtype
+    if not on_gpu or stored not in ("BF16", "F16"):
+        return torch.float32
+    return torch.bfloat16 if stored == "BF16" else torch.float16
 
 
 def stage_overhead(config: dict[str, Any], micro_batch: int, seq_len: int, itemsize: int) -> int:

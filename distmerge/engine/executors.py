@@ -7,12 +7,14 @@ threads in this process, each merging whole batches with the same worker functio
 (:func:`~distmerge.engine.batch.run_batch`) a Ray task calls, one intra-op thread each as a
 Ray worker with one CPU has, so both give the same bytes. The heavy work (numba kernels,
 torch ops, file I/O, CRC-32) releases the GIL, so the threads run in parallel. The distributed
-path (several nodes, ``ray job submit``, AIM's calibration pipeline) stays Ray
-(:mod:`distmerge.engine.ray_executor`).
+path (several nodes, ``ray job submit``, AIM's calibration pipeline of several stages) stays
+Ray (:mod:`distmerge.engine.ray_executor`); a one-stage calibration runs in this process
+(:mod:`distmerge.aim.in_process`).
 
 ``execution.executor`` (or ``--executor``) chooses: ``auto`` (default) takes Ray when an
 address is given (``--ray-address``, ``RAY_ADDRESS``), when this process already runs Ray,
-or when a feature needs it (AIM calibrating the base model), and the local threads otherwise.
+or when a feature needs it (AIM calibrating the base model in several stages), and the local
+threads otherwise.
 """
 
 from __future__ import annotations

@@ -212,6 +212,38 @@ def test_calibrate_one_stage_saves_statistics(ray_local, aim_models, tmp_path, m
     assert saved_meta["base_model"] == str(base.resolve())
 
 
+def test_one_stage_in_this_process_equals_the_ray_stage_bit_for_bit(ray_local, aim_models, sequences, references) -> None:  # type: ignore[no-untyped-def]
+    """The in-process path (no Ray running, one stage) computes what a lone Ray stage actor
+    computes, with the threads that actor gets: the same statistics, not just close ones."""
+    from distmerge.aim import in_process, stage_actors
+    from distmerge.aim.layout import open_base
+
+    base = aim_models["gemma3"]
+    checkpoint, layout = open_base(base)
+    placement, dtype, device = in_process.plan_here(checkpoint, layout, sequences.shape[1], 2, None)
+    assert (placement.layers, dtype, device) == ((0, 3), torch.float32, "cpu")
+    threads = int(stage_actors.actor_resources([placement])[0])
+    here, reports = in_process.run_here(base, sequences, placement, 2, False, dtype, device, threads=threads)
+    on_ray, _ = run_stages(base, sequences, [(0, 3)], micro_batch_size=2, progress=False)
+    assert here.keys() == on_ray.keys() and all(torch.equal(here[k], on_ray[k]) for k in here)
+    assert_stats_equal(here, references["gemma3"])
+    assert [(r["layers"], r["node_id"], r["device"]) for r in reports] == [((0, 3), "in-process", "cpu")]
+
+
+def test_calibrate_runs_in_this_process_only_without_ray_and_for_one_stage(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from distmerge.aim import in_process
+    from distmerge.engine import executors
+
+    monkeypatch.setattr(executors, "ray_running", lambda: False)
+    assert in_process.runs_here("auto", None) and in_process.runs_here(1, None)
+    assert not in_process.runs_here(2, None) and not in_process.runs_here("auto", 10**9)
+    monkeypatch.setattr(executors, "ray_running", lambda: True)
+    assert not in_process.runs_here("auto", None)
+    assert in_process.pipeline_reason(AimConfig(stages=3)) == "aim.stages: 3 asks for a pipeline of 3 Ray stage actors"
+    assert "aim.stage_memory" in in_process.pipeline_reason(AimConfig(stage_memory="2GB"))
+    assert in_process.pipeline_reason(AimConfig()) is None and in_process.pipeline_reason(AimConfig(stages=1)) is None
+
+
 def test_unsupported_architecture_and_bad_ids(tmp_path, aim_models) -> None:  # type: ignore[no-untyped-def]
     import json
     import shutil

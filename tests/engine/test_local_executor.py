@@ -107,14 +107,42 @@ def test_refusals_are_one_line_without_traceback(llama_family, tmp_path, flags, 
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
-def test_local_executor_refuses_aim_calibration_and_creates_nothing(llama_family, tmp_path):
+def test_aim_calibrates_in_process_without_ray_and_writes_what_ray_writes(llama_family, tmp_path):
+    """``auto`` with AIM calibrating one stage takes the local path: no Ray imported, the
+    statistics computed in the command's process, and the merge's bytes those of the Ray
+    executor merging with the same statistics; ``distmerge calibrate`` gives them too."""
     base, experts = llama_family
-    data = {**_config("task_arithmetic", base, experts, executor="local"), "aim": {"omega": 0.4}}
+    aim = {"omega": 0.4, "calibration": {"n_samples": 8, "block_size": 512}}
+    path = tmp_path / "m.yml"
+    path.write_text(yaml.safe_dump({**_config("task_arithmetic", base, experts), "aim": aim}))
+    run = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress",
+               code="print('RAY IMPORTED' if 'ray' in sys.modules else 'no ray')")
+    assert run.returncode == 0 and "no ray" in run.stdout, run.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["executor"] == "local" and report["aim"]["relaxed_tensors"] > 10
+    stages = json.loads(report["aim"]["metadata"]["stages"])
+    assert [s["node_id"] for s in stages] == ["in-process"] and stages[0]["layers"][0] == 0
+    stats = tmp_path / "stats.safetensors"
+    cal = _cli("calibrate", str(path), "--out", str(stats), "--no-progress")
+    assert cal.returncode == 0, cal.stderr[-2000:]
+    saved = load_file(tmp_path / "out" / "aim_statistics.safetensors")
+    assert saved.keys() == load_file(stats).keys() and all(torch.equal(v, load_file(stats)[k]) for k, v in saved.items())
+    on_ray = {**_config("task_arithmetic", base, experts), "aim": {"omega": 0.4, "stats": str(stats)}}
+    assert run_merge(parse_config(on_ray), tmp_path / "ray", executor="ray", progress=False)["executor"] == "ray"
+    assert file_bytes(tmp_path / "out") == file_bytes(tmp_path / "ray")
+
+
+def test_local_executor_refuses_a_calibration_pipeline_and_creates_nothing(llama_family, tmp_path):
+    base, experts = llama_family
+    data = {**_config("task_arithmetic", base, experts, executor="local"), "aim": {"omega": 0.4, "stages": 2}}
     path = tmp_path / "m.yml"
     path.write_text(yaml.safe_dump(data))
     run = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress")
-    assert run.returncode == 2 and "Ray stage actors" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "aim.stages: 2 asks for a pipeline of 2 Ray stage actors" in run.stderr
+    assert "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    cal = _cli("calibrate", str(path), "--out", str(tmp_path / "s.safetensors"), "--no-progress")
+    assert cal.returncode == 2 and "use executor auto or ray" in cal.stderr and not (tmp_path / "s.safetensors").exists()
 
 
 @pytest.mark.parametrize(("executor", "method"), [("local", "linear"), ("ray", "linear"), ("ray", "ties")])
