@@ -81,8 +81,9 @@ def calibrate_stages(
 
     Uses the Ray the caller initialized (a local one is started if none is and several stages
     are asked for). Stages use a GPU when the cluster (or this machine) has one, the CPU
-    otherwise; ``dtype`` defaults to float32 on CPU and the checkpoint's float dtype on GPU. ``stages="auto"`` plans the stages from the memory the
-    cluster's nodes offer (``stage_memory`` optionally caps a stage).
+    otherwise; ``dtype`` defaults to float32 on CPU and the checkpoint's float dtype on GPU.
+    ``stages="auto"`` plans the stages from the memory the cluster's nodes offer
+    (``stage_memory`` optionally caps a stage).
     """
     checkpoint, layout = open_base(model_dir)
     vocab = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].shape[0]
