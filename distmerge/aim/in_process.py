@@ -4,9 +4,9 @@ Why: on one machine without Ray, a pipeline of one stage actor computes exactly 
 :class:`~distmerge.aim.stage_worker.StageWorker` in this process computes, but first starts an
 embedded Ray and a worker process that imports torch and transformers again: ~15 s of the
 21-24 s a ``distmerge calibrate`` of a 4-layer model took (``benchmarks/bench_calibrate_command``,
-RESULTS.md). Here the same
-worker runs in the command's process with the thread count the embedded Ray would give that one
-actor (every CPU), so both paths give the same statistics (tested).
+RESULTS.md). Here the same worker runs in the command's process with the thread count the
+embedded Ray would give that one actor (every CPU), so both paths give the same statistics
+(tested).
 
 The Ray pipeline stays the path wherever Ray runs or is asked for: a cluster address
 (``--ray-address``, ``RAY_ADDRESS``: ``ray job submit``, KubeRay), a Ray this process already
