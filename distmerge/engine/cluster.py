@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 import psutil
+
+from distmerge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and
         # Ray refuses to start a driver whose runtime env clashes with it.
         log.info("joining Ray cluster at %s", address)
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
         cpus = num_cpus or os.cpu_count() or 1
@@ -80,6 +84,28 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
                      object_store_memory=store, include_dashboard=False, dashboard_host=LOOPBACK,
                      log_to_driver=True, configure_logging=False)
     return True
+
+
+#: Seconds to wait for a TCP connection to a named cluster's head before saying it is not there.
+REACH_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str) -> None:
+    """Refuse, in one line, a ``host:port`` (or ``ray://host:port``) nobody answers on.
+
+    Why: ``ray.init`` retries an unreachable GCS without end (a mistyped ``--ray-address`` or a
+    stale ``RAY_ADDRESS`` hung the command for minutes, printing only Ray's warnings). ``auto``
+    and other forms are left to Ray.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in target:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as e:
+        raise ConfigError(f"Ray cluster at {address} (--ray-address or RAY_ADDRESS): nothing answers there "
+                          f"({e.strerror or e}); start it with `ray start --head` or give the head's address") from None
 
 
 @contextlib.contextmanager

@@ -97,6 +97,7 @@ def test_auto_merges_without_ray_and_never_imports_it(llama_family, tmp_path):
 @pytest.mark.parametrize(("flags", "message"), [
     (("--executor", "local", "--ray-address", "127.0.0.1:1"), "drop one of them"),
     (("--executor", "threads"), "invalid choice: 'threads'"),
+    (("--ray-address", "127.0.0.1:1"), "Ray cluster at 127.0.0.1:1 (--ray-address or RAY_ADDRESS): nothing answers"),
 ])
 def test_refusals_are_one_line_without_traceback(llama_family, tmp_path, flags, message):
     base, experts = llama_family
@@ -143,6 +144,10 @@ def test_local_executor_refuses_a_calibration_pipeline_and_creates_nothing(llama
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     cal = _cli("calibrate", str(path), "--out", str(tmp_path / "s.safetensors"), "--no-progress")
     assert cal.returncode == 2 and "use executor auto or ray" in cal.stderr and not (tmp_path / "s.safetensors").exists()
+    # A cluster address nobody answers on: refused at once (Ray's own join retries without end).
+    gone = _cli("calibrate", str(path), "--out", str(tmp_path / "s.safetensors"), "--no-progress",
+                "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    assert gone.returncode == 2 and "nothing answers there" in gone.stderr and "Traceback" not in gone.stderr
 
 
 @pytest.mark.parametrize(("executor", "method"), [("local", "linear"), ("ray", "linear"), ("ray", "ties")])
