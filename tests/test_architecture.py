@@ -35,7 +35,8 @@ LAYERS: dict[str, int] = {
     "distmerge.dtypes": 0,
     "distmerge.sizes": 0,
     "distmerge.model_config": 0,
-    "distmerge.numba_cache": 0,  # the compiled kernels' decorators and their on-disk cache's guard
+    "distmerge.numba_cache": 0,
+    "distmerge.torch_threads": 0,  # torch's process-wide thread count, set for a block and restored  # the compiled kernels' decorators and their on-disk cache's guard
     # 1. what a merge is asked to do, and a model folder
     "distmerge.config": 1,
     "distmerge.checkpoint": 1,

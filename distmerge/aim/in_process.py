@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +31,7 @@ from distmerge.aim.stage_worker import StageWorker
 from distmerge.aim.wire import pack
 from distmerge.config import AimConfig
 from distmerge.errors import ConfigError
+from distmerge.torch_threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +72,7 @@ def plan_here(checkpoint: Any, layout: Any, seq_len: int, micro_batch_size: int,
         placements = place_model_stages(checkpoint, layout, "auto", None, itemsize, overhead, [here])
     except ConfigError as e:
         raise ConfigError(f"{e}; or join a Ray cluster (--ray-address), whose nodes then hold a stage each") from None
-    if len(placements) != 1:  # one node: one stage or none (place_stages raises)
-        raise ConfigError(f"aim: the base model needs {len(placements)} stages to fit this machine's memory")
-    return placements[0], chosen, device
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+    return placements[0], chosen, device  # one node: one stage, or place_model_stages raised
 
 
 def run_here(model_dir: str | Path, sequences: torch.Tensor, placement: StagePlacement, micro_batch_size: int,
@@ -100,7 +87,7 @@ def run_here(model_dir: str | Path, sequences: torch.Tensor, placement: StagePla
     from distmerge.aim.pipeline import merge_statistics
 
     start, end = placement.layers
-    with _threads(threads or os.cpu_count() or 1):
+    with torch_threads(threads or os.cpu_count() or 1):
         worker = StageWorker(model_dir, start, end, True, True, str(dtype).removeprefix("torch."), device)
         log.info("AIM calibration of %s: %d sequences x %d tokens, one stage (layers %d-%d) in this process "
                  "(no Ray needed), %s %s, micro-batches of %d", model_dir, sequences.shape[0], sequences.shape[1],

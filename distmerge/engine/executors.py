@@ -23,15 +23,15 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 from distmerge.engine.batch import run_batch
 from distmerge.engine.schedule import MergeTask, ReductionTask, Task, WorkSource
 from distmerge.engine.worker import MergeJob, run_reduction_round
 from distmerge.errors import ConfigError
+from distmerge.torch_threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,10 @@ def run_threaded(work: Callable[[Any, threading.Event], Any], schedule: WorkSour
     """
     stop = threading.Event()
     pending: dict[Future[Any], Any] = {}
-    with single_intra_op_thread(), ThreadPoolExecutor(max(1, limit), thread_name_prefix="distmerge-worker") as pool:
+    # One torch intra-op thread per worker thread, as in a 1-CPU Ray worker (Ray starts its
+    # workers with OMP_NUM_THREADS=1): no oversubscribed cores, and every reduction in the
+    # same order as on Ray (same bytes). The count is process-wide; each thread applies it.
+    with torch_threads(1), ThreadPoolExecutor(max(1, limit), thread_name_prefix="distmerge-worker") as pool:
         try:
             drain(schedule, limit, pending, lambda task: pool.submit(work, task, stop), _wait_threads, on_done)
         except BaseException:
@@ -123,24 +126,6 @@ def drain(schedule: WorkSource, limit: int, pending: dict[Any, Any], submit: Cal
             task = pending.pop(handle)
             schedule.done(task, result)
             on_done(task, result)
-
-
-@contextmanager
-def single_intra_op_thread() -> Iterator[None]:
-    """One torch intra-op thread per worker thread while the pool runs, as in a 1-CPU Ray worker.
-
-    torch's thread count is process-wide; each worker thread applies it at its first parallel
-    op. Ray starts its workers with ``OMP_NUM_THREADS=1``; the same setting here keeps the
-    threads from oversubscribing the cores and every reduction in the same order (same bytes).
-    """
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def ray_running() -> bool:

@@ -41,6 +41,7 @@ import torch
 
 from distmerge.methods.kernels.stack_order import LEFT_TO_RIGHT_MAX, QUAD
 from distmerge.methods.kernels.sum_orders import ceil_log2
+from distmerge.torch_threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +242,8 @@ def vector_lanes() -> int:
     probes = []
     for dtype, n, numel in cases:
         probes.append(([spread_values((numel,), g).to(dtype) for _ in range(n)], numel))
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         wanted = [torch.stack(xs).sum(dim=0) for xs, _ in probes]
-    finally:
-        torch.set_num_threads(saved)
     for lanes in (8, 16, 4):
         if all(torch.equal(stack_sum_for(xs, 0, numel, lanes), w) for (xs, numel), w in zip(probes, wanted, strict=True)):
             return lanes

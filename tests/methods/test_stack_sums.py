@@ -12,6 +12,7 @@ import torch
 
 from distmerge.methods import sce as sce_module
 from distmerge.methods import stack_sums
+from distmerge.torch_threads import torch_threads
 from tests.methods.test_methods_catalogue import params_for, torch_and_fused
 from tests.methods.test_methods_mergekit_015 import (
     bits_equal,
@@ -47,9 +48,7 @@ def _terms(n: int, numel: int, dtype: torch.dtype, g: torch.Generator) -> list[t
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_stack_sum_is_torchs_stacked_sum_whole_and_in_shards(dtype, threads):
     g = torch.Generator().manual_seed(11)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for n in COUNTS:
             for numel in NUMELS:
                 xs = _terms(n, numel, dtype, g)
@@ -59,8 +58,6 @@ def test_stack_sum_is_torchs_stacked_sum_whole_and_in_shards(dtype, threads):
                     parts = [stack_sums.stack_sum([x[:cut] for x in xs], 0, numel),
                              stack_sums.stack_sum([x[cut:] for x in xs], cut, numel)]
                     assert torch.equal(_bits(torch.cat(parts)), _bits(want)), (n, numel, cut)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def test_the_order_differs_from_left_to_right_only_in_the_tail_from_five_models():
