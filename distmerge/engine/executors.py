@@ -134,6 +134,22 @@ def ray_running() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
+def check_executor_request(setting: str, ray_address: str | None) -> None:
+    """Refuse what is wrong with the executor request before a run creates anything: ``local``
+    with a cluster address, or a cluster address nobody answers on.
+
+    Why before: a merge locks OUT and opens its journal before its executor starts; a refusal
+    there left an OUT holding only a journal. The address probe is the one ``connect`` makes.
+    """
+    if setting == "local" and ray_address:
+        raise ConfigError("--ray-address joins a Ray cluster, executor local runs without one; drop one of them")
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if setting != "local" and address and not ray_running():
+        from distmerge.engine.cluster import check_reachable
+
+        check_reachable(address)
+
+
 def choose_executor(setting: str, ray_address: str | None, needs_ray: str | None) -> Executor:
     """The executor ``setting`` (auto, local, ray) names for this run.
 
@@ -142,11 +158,9 @@ def choose_executor(setting: str, ray_address: str | None, needs_ray: str | None
     """
     address = ray_address or os.environ.get("RAY_ADDRESS")
     if setting == "local":
-        if ray_address:
-            raise ConfigError("--ray-address joins a Ray cluster, execution.executor: local merges without one; "
-                              "drop one of them")
+        check_executor_request(setting, ray_address)
         if needs_ray:
-            raise ConfigError(f"execution.executor: local: {needs_ray}, which runs on Ray; use executor auto or ray")
+            raise ConfigError(f"executor local: {needs_ray}, which runs on Ray; use executor auto or ray")
         return LocalExecutor()
     if setting == "ray" or address or ray_running() or needs_ray:
         from distmerge.engine.ray_executor import RayExecutor
