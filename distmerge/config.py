@@ -24,7 +24,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distmerge.dtypes import config_dtype
 from distmerge.errors import ConfigError, shown
@@ -111,9 +119,10 @@ class CalibrationConfig(_Strict):
     @classmethod
     def _dataset_path(cls, v: str) -> str:
         return _plain_path(v) or v
-    n_samples: int = Field(256, ge=1, le=MAX_CALIBRATION_SAMPLES)
-    block_size: int = Field(512, ge=2, le=MAX_BLOCK_SIZE)
-    seed: int = Field(42, ge=0, le=MAX_SEED)
+    # Strict: a YAML `true` or `2.5` is a mistake to point at, not a count (lax ints take them).
+    n_samples: StrictInt = Field(256, ge=1, le=MAX_CALIBRATION_SAMPLES)
+    block_size: StrictInt = Field(512, ge=2, le=MAX_BLOCK_SIZE)
+    seed: StrictInt = Field(42, ge=0, le=MAX_SEED)
 
 
 class AimConfig(_Strict):
@@ -127,18 +136,18 @@ class AimConfig(_Strict):
     # None: each stage as large as the node it runs on allows (planned from Ray's per-node
     # memory); a size caps every stage's weights and activations (more, smaller stages).
     stage_memory: int | None = None
-    micro_batch_size: int = Field(4, ge=1, le=65536)
+    micro_batch_size: StrictInt = Field(4, ge=1, le=65536)
 
     @field_validator("stats")
     @classmethod
     def _stats_path(cls, v: str | None) -> str | None:
         return _plain_path(v)
 
-    @field_validator("stages")
+    @field_validator("stages", mode="before")
     @classmethod
-    def _positive_stages(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 4096:
-            raise ValueError("stages must be 'auto' or an integer from 1 to 4096")
+    def _positive_stages(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096):
+            raise ValueError("must be 'auto' or an integer from 1 to 4096")
         return v
 
     @field_validator("stage_memory", mode="before")

@@ -155,10 +155,13 @@ def place_stages(sizes: Sequence[int], overhead: int, nodes: Sequence[NodeMemory
                                 for i, m in left.items())
             what = (f"layer {start} alone needs {format_size(need)}" if need > limit or need > max(n.memory for n in nodes)
                     else f"the model needs {format_size(total)} in all and layers {start}.. do not fit what is left")
+            capped = cap is not None and need > cap
+            advice = (f"raise aim.stage_memory to at least {format_size(need)} or drop it" if capped else
+                      "add nodes or memory (ray start --memory), calibrate on GPUs in bf16, "
+                      "or give precomputed statistics with aim.stats")
             raise ValueError(f"AIM calibration stages cannot be placed: {what}, but the nodes offer {offered}"
                              + (f" and aim.stage_memory caps a stage at {format_size(cap)}" if cap else "")
-                             + "; add nodes or memory (ray start --memory), calibrate on GPUs in bf16, "
-                             "or give precomputed statistics with aim.stats")
+                             + f"; {advice}")
         placements.append(StagePlacement((start, end), node.node_id, node.address, used))
         left[node.node_id] -= used
         start = end

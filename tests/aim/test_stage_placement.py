@@ -47,8 +47,12 @@ def test_what_cannot_be_placed_is_said() -> None:
         place_stages([GB] * 12, GB // 2, nodes(6, 6))
     with pytest.raises(ValueError, match="no alive node"):
         place_stages([GB], 0, [])
-    with pytest.raises(ValueError, match=r"aim.stage_memory caps a stage at 1\.00 GB"):
+    with pytest.raises(ValueError, match=r"aim.stage_memory caps a stage at 1\.00 GB; "
+                                         r"raise aim.stage_memory to at least 2\.00 GB or drop it$"):
         place_stages([2 * GB], 0, nodes(8), cap=GB)
+    # the nodes, not the cap, are short: the advice is about memory
+    with pytest.raises(ValueError, match=r"caps a stage at 9\.00 GB; add nodes or memory"):
+        place_stages([GB, 7 * GB], GB // 2, nodes(6, 6), cap=9 * GB)
 
 
 def test_stages_are_rebalanced_where_they_still_fit() -> None:

@@ -101,6 +101,23 @@ def test_wrong_types_and_ranges():
         parse_config({**BASE, "tokenizer_source": "union", "tokenizer": {"source": "base"}})
 
 
+@pytest.mark.parametrize(("aim", "message"), [
+    ({"stages": True}, r"aim\.stages: must be 'auto' or an integer from 1 to 4096 \(got True\)$"),
+    ({"stages": 2.0}, r"aim\.stages: must be .* \(got 2\.0\)$"),
+    ({"stages": "2"}, r"aim\.stages: must be .* \(got '2'\)$"),
+    ({"stages": 0}, r"aim\.stages: must be .* \(got 0\)$"),
+    ({"micro_batch_size": True}, r"aim\.micro_batch_size: Input should be a valid integer \(got True\)$"),
+    ({"calibration": {"n_samples": 8.0}}, r"aim\.calibration\.n_samples: Input should be a valid integer"),
+    ({"calibration": {"block_size": False}}, r"aim\.calibration\.block_size: Input should be a valid integer"),
+])
+def test_aim_counts_are_integers_not_booleans_or_floats(aim, message):
+    """A YAML ``true`` or ``2.0`` where a count belongs is a mistake to point at (pydantic's lax
+    int would read them as 1 and 2)."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**BASE, "aim": aim})
+    assert parse_config({**BASE, "aim": {"stages": 2, "micro_batch_size": 1}}).aim.stages == 2
+
+
 def test_yaml_syntax_error_has_line(tmp_path):
     path = tmp_path / "bad.yml"
     path.write_text("merge_method: linear\nmodels:\n  - model: a\n   parameters: {weight: 1\n")
