@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,10 +33,15 @@ def calibrate(
         raise ConfigError(f"base_model {base_model}: AIM calibration runs the base model itself, and a LoRA base "
                           "(MODEL+ADAPTER) is not supported there; merge the adapter into the model first, or "
                           "give precomputed statistics with aim.stats")
+    from distmerge.checkpoint import Checkpoint
+
     cal = aim.calibration
     base = str(base_model)  # a folder, a Hub id or s3:// (Path() would fold s3:// into s3:/)
+    # The model folder's own checks first (config.json, weight headers), as a merge makes them:
+    # a broken config.json is then named as such, not as the tokenizer loader's failure.
+    config = Checkpoint.open(base, role="base model").config
     sequences = load_calibration_sequences(cal, base)
-    check_token_ids(sequences, base)
+    check_token_ids(sequences, config)
     stats, stages = calibrate_stages(
         base, sequences, stages=aim.stages, stage_memory=aim.stage_memory,
         micro_batch_size=aim.micro_batch_size, progress=progress,
@@ -59,12 +65,10 @@ def calibrate(
     return stats, metadata
 
 
-def check_token_ids(sequences: torch.Tensor, base_model: str | Path) -> None:
-    """Token ids must index the base model's vocabulary: a pre-tokenized dataset made for
-    another model would otherwise fail deep inside a stage actor's embedding lookup."""
-    from distmerge.checkpoint import Checkpoint
-
-    config = Checkpoint.open(base_model, role="base model").config
+def check_token_ids(sequences: torch.Tensor, config: dict[str, Any]) -> None:
+    """Token ids must index the base model's vocabulary (``config``: its config.json): a
+    pre-tokenized dataset made for another model would otherwise fail deep inside a stage
+    actor's embedding lookup."""
     vocab = next((c.get("vocab_size") for c in (config, config.get("text_config") or {})
                   if isinstance(c.get("vocab_size"), int)), None)
     if sequences.numel() and vocab is not None:

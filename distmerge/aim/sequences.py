@@ -140,4 +140,10 @@ def load_tokenizer(tokenizer_dir: str | Path):  # type: ignore[no-untyped-def]
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"base model {folder}: cannot load its tokenizer ({e})") from e
+        vocabularies = [n for n in TOKENIZER_CORE_FILES if n != "tokenizer_config.json"]
+        if not any((folder / name).is_file() for name in vocabularies):  # transformers' words are about converters
+            raise CheckpointError(f"base model {folder}: its tokenizer has settings (tokenizer_config.json) but no "
+                                  f"vocabulary ({', '.join(vocabularies)}); copy the tokenizer's files from where "
+                                  "the model came from") from None
+        reason = " ".join(str(e).split())  # transformers' messages run over several lines
+        raise CheckpointError(f"base model {folder}: cannot load its tokenizer ({reason})") from e

@@ -188,6 +188,19 @@ def test_data_that_fails_its_checks_starts_no_stage(ray_local, aim_models, tmp_p
     aim = AimConfig(calibration=CalibrationConfig(dataset="builtin", n_samples=2, block_size=64), stages=1)
     with pytest.raises(CheckpointError, match="no tokenizer found"):
         calibrate(bare, aim, None, progress=False)
+    # Settings without a vocabulary: named as such (transformers speaks of converters, in 5 lines).
+    shutil.copy(aim_models["llama"] / "tokenizer_config.json", bare)
+    with pytest.raises(CheckpointError, match=r"no_tokenizer: its tokenizer has settings \(tokenizer_config\.json\) "
+                                              r"but no vocabulary \(tokenizer\.json, ") as caught:
+        calibrate(bare, aim, None, progress=False)
+    assert "\n" not in str(caught.value)
+    # A broken config.json is named as the model folder's error, before the tokenizer is loaded.
+    shutil.copy(aim_models["llama"] / "tokenizer.json", bare)
+    for text, message in [("[]", "config.json: expected a JSON object of settings, got a list"),
+                          ("{broken", "config.json: not valid JSON")]:
+        (bare / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            calibrate(bare, aim, None, progress=False)
     text = tmp_path / "d.jsonl"
     text.write_text('{"body": "some text"}\n')
     aim = AimConfig(calibration=CalibrationConfig(dataset=str(text), n_samples=2, block_size=64), stages=1)
