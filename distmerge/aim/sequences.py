@@ -70,6 +70,7 @@ def sample_sequences(
     """Shuffle, keep up to ``n_samples`` documents of at most ``block_size`` tokens, cut sequences."""
     order = np.random.default_rng(seed).permutation(len(texts))
     kept: list[list[int]] = []
+    too_long = 0
     for index in order:
         text = texts[int(index)]
         if text is None:
@@ -78,21 +79,27 @@ def sample_sequences(
         if not text:
             continue
         ids = list(encode(text))
-        if not ids or len(ids) > block_size:
+        if len(ids) > block_size:
+            too_long += 1
+            continue
+        if not ids:
             continue
         kept.append(ids)
         if len(kept) == n_samples:
             break
     if len(kept) < n_samples:
-        log.warning("calibration data: only %d samples of at most %d tokens (n_samples=%d)",
-                    len(kept), block_size, n_samples)
+        log.warning("calibration data: only %d samples of at most %d tokens (n_samples=%d; %d longer documents "
+                    "skipped)", len(kept), block_size, n_samples, too_long)
     stream = torch.tensor([t for ids in kept for t in ids], dtype=torch.int64)
     n_sequences = stream.numel() // block_size
     if n_sequences == 0:
+        # Documents longer than a block are skipped whole: where that emptied the data, a smaller
+        # block_size keeps fewer of them, and only a larger one helps.
+        advice = (f"a larger block_size ({too_long} documents were longer than {block_size} tokens and skipped)"
+                  if too_long else "a smaller block_size")
         raise ConfigError(
             f"aim.calibration: the data yields {stream.numel()} tokens in {len(kept)} samples of at most "
-            f"{block_size} tokens, not enough for one block; use more data, a larger n_samples or a "
-            "smaller block_size"
+            f"{block_size} tokens, not enough for one block; use more data, a larger n_samples or {advice}"
         )
     return stream[: n_sequences * block_size].reshape(n_sequences, block_size)
 

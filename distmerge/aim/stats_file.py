@@ -8,13 +8,13 @@ damaged file fails with a message instead of relaxing weights with garbage.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from distmerge.errors import ConfigError
 from distmerge.io.files import require_regular
+from distmerge.io.writes import write_bytes_atomic
 
 FORMAT = "distmerge-aim-statistics"
 # Where a merge saves the statistics it calibrated, inside its output directory (reused on resume).
@@ -24,8 +24,10 @@ REQUIRED_METADATA = ("base_model", "dataset", "n_blocks", "block_size", "tokens"
 
 
 def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write statistics as float32 safetensors, atomically (a temporary name, then rename)."""
-    from safetensors.torch import save_file
+    """Write statistics as float32 safetensors, atomically (a temporary name, fsync, rename), through
+    the one writer every output file uses (so with the same permissions: safetensors' own
+    ``save_file`` creates 0600 files, where the model files beside them are 0644)."""
+    from safetensors.torch import save
 
     path = Path(path)
     if not stats:
@@ -34,10 +36,7 @@ def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, metadata: 
     meta.update(format=FORMAT, version=VERSION)
     tensors = {name: v.detach().to("cpu", torch.float32).contiguous() for name, v in stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # a link planted at the temporary name goes, its target stays
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, save(tensors, metadata=meta))
 
 
 def load_statistics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

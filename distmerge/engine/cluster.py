@@ -91,16 +91,22 @@ REACH_TIMEOUT_S = 10.0
 
 
 def check_reachable(address: str) -> None:
-    """Refuse, in one line, a ``host:port`` (or ``ray://host:port``) nobody answers on.
+    """Refuse, in one line, an address that is not a Ray cluster's (``host:port``,
+    ``ray://host:port``, ``auto`` or ``local``) or a ``host:port`` nobody answers on.
 
     Why: ``ray.init`` retries an unreachable GCS without end (a mistyped ``--ray-address`` or a
-    stale ``RAY_ADDRESS`` hung the command for minutes, printing only Ray's warnings). ``auto``
-    and other forms are left to Ray.
+    stale ``RAY_ADDRESS`` hung the command for minutes, printing only Ray's warnings), and
+    raises a bare ValueError for a form it cannot parse (a host without its port, the
+    dashboard's ``http://`` address that ``ray job submit`` takes).
     """
+    if address in ("auto", "local"):
+        return
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit() or "/" in target:
-        return
+        dashboard = " (http:// is the dashboard's address, for ray job submit)" if "://" in target else ""
+        raise ConfigError(f"Ray cluster address {address!r} (--ray-address or RAY_ADDRESS): not a Ray address"
+                          f"{dashboard}; give the head's host:port (e.g. 127.0.0.1:6379), ray://host:port or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as e:

@@ -37,8 +37,10 @@ class MergeIdentity:
 
 
 def fingerprint_config(cfg: MergeConfig) -> dict[str, Any]:
-    """The config less what cannot change the output bytes (parallelism and shard size)."""
-    return cfg.model_dump(mode="json", exclude={"execution": {"workers", "shard_size"}})
+    """The config less what cannot change the output bytes: parallelism, shard size and who runs
+    the batches (the executors give identical bytes, tested), so a rerun with another
+    ``--executor`` finds its finished output instead of a "different config"."""
+    return cfg.model_dump(mode="json", exclude={"execution": {"workers", "shard_size", "executor"}})
 
 
 def input_fingerprint_data(plan: MergePlan) -> list[tuple[str, Any]]:

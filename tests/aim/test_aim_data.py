@@ -172,8 +172,35 @@ def test_data_errors_name_the_field(tmp_path: Path, tok_dir: Path) -> None:
         read_dataset(str(bad))
     short = tmp_path / "short.txt"
     short.write_text("ab")
-    with pytest.raises(ConfigError, match="not enough for one block"):
+    with pytest.raises(ConfigError, match="not enough for one block; .* or a smaller block_size$"):
         load_calibration_sequences(CalibrationConfig(dataset=str(short), block_size=8), tok_dir)
+
+
+def test_too_little_data_names_the_block_size_that_would_help() -> None:
+    """Documents longer than a block are skipped whole: when that leaves too few tokens, the
+    advice is a larger block_size (a smaller one would skip more); when the documents are just
+    short and few, a smaller one."""
+    encode = lambda s: [ord(c) for c in s]  # noqa: E731
+    with pytest.raises(ConfigError, match=r"yields 0 tokens in 0 samples .* or a larger block_size "
+                                          r"\(2 documents were longer than 4 tokens and skipped\)$"):
+        sample_sequences(["abcdefgh", "ijklmnop"], encode, n_samples=2, block_size=4, seed=0)
+    with pytest.raises(ConfigError, match=r"yields 4 tokens in 2 samples .* or a smaller block_size$"):
+        sample_sequences(["ab", "cd"], encode, n_samples=2, block_size=8, seed=0)
+    assert sample_sequences(["ab", "cd"], encode, n_samples=2, block_size=4, seed=0).shape == (1, 4)
+
+
+def test_statistics_are_written_with_the_permissions_of_the_other_outputs(tmp_path: Path) -> None:
+    """Through the one writer (0644 under umask 022), not safetensors' save_file (0600)."""
+    import os
+
+    path = tmp_path / "aim.safetensors"
+    save_statistics({"m": torch.tensor([1.0, 2.0])}, path, {"base_model": "/m", "dataset": "builtin",
+                                                            "n_blocks": "1", "block_size": "4", "tokens": "4"})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["aim.safetensors"]  # no temporary left
+    assert torch.equal(load_statistics(path)[0]["m"], torch.tensor([1.0, 2.0]))
 
 
 def test_statistics_file_roundtrip_and_validation(tmp_path: Path) -> None:

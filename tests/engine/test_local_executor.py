@@ -89,6 +89,9 @@ def test_auto_merges_without_ray_and_never_imports_it(llama_family, tmp_path):
     assert report["phases_s"]["local"] < 0.5  # the pool "starts" at once (Ray's start: seconds)
     again = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress")
     assert again.returncode == 0 and re.search(r"already complete: .* \(fingerprint [0-9a-f]{16}\)", again.stdout), again.stdout
+    # The executor is not part of the merge's identity (same bytes): another one finds it done too.
+    other = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress", "--executor", "local")
+    assert other.returncode == 0 and "already complete" in other.stdout, other.stderr[-2000:]
     ray_out = run_merge(parse_config(_config("ties", base, experts)), tmp_path / "ray", executor="ray", progress=False)
     assert ray_out["executor"] == "ray"
     assert file_bytes(tmp_path / "out") == file_bytes(tmp_path / "ray")
@@ -98,6 +101,7 @@ def test_auto_merges_without_ray_and_never_imports_it(llama_family, tmp_path):
     (("--executor", "local", "--ray-address", "127.0.0.1:1"), "drop one of them"),
     (("--executor", "threads"), "invalid choice: 'threads'"),
     (("--ray-address", "127.0.0.1:1"), "Ray cluster at 127.0.0.1:1 (--ray-address or RAY_ADDRESS): nothing answers"),
+    (("--ray-address", "http://127.0.0.1:8265"), "not a Ray address (http:// is the dashboard's address"),
 ])
 def test_refusals_are_one_line_without_traceback(llama_family, tmp_path, flags, message):
     base, experts = llama_family
@@ -106,6 +110,18 @@ def test_refusals_are_one_line_without_traceback(llama_family, tmp_path, flags, 
     run = _cli("merge", str(path), str(tmp_path / "out"), "--no-progress", *flags)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists()  # refused before OUT (its lock and journal) was made
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "http://127.0.0.1:8265", "ray://", "host:port", ":6379"])
+def test_addresses_ray_cannot_parse_are_refused_before_ray_sees_them(address):
+    """Ray's own refusal of these is a bare ValueError (reported as a distmerge bug, exit 70)."""
+    from distmerge.engine.cluster import check_reachable
+    from distmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"not a Ray address.*give the head's host:port \(e\.g\. 127\.0\.0\.1:6379\)"):
+        check_reachable(address)
+    check_reachable("auto")  # Ray's own forms pass to Ray
+    check_reachable("local")
 
 
 def test_aim_calibrates_in_process_without_ray_and_writes_what_ray_writes(llama_family, tmp_path):
