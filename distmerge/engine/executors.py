@@ -136,7 +136,7 @@ def ray_running() -> bool:
 
 def check_executor_request(setting: str, ray_address: str | None) -> None:
     """Refuse what is wrong with the executor request before a run creates anything: ``local``
-    with a cluster address, or a cluster address nobody answers on.
+    with a cluster address, or a cluster address that is not one or that nobody answers on.
 
     Why before: a merge locks OUT and opens its journal before its executor starts; a refusal
     there left an OUT holding only a journal. The address probe is the one ``connect`` makes.
