@@ -6,10 +6,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from distmerge.aim.layout import open_base
 from distmerge.aim.pipeline import calibrate_stages
 from distmerge.aim.sequences import load_calibration_sequences
 from distmerge.aim.stats_file import save_statistics
@@ -33,18 +33,16 @@ def calibrate(
         raise ConfigError(f"base_model {base_model}: AIM calibration runs the base model itself, and a LoRA base "
                           "(MODEL+ADAPTER) is not supported there; merge the adapter into the model first, or "
                           "give precomputed statistics with aim.stats")
-    from distmerge.checkpoint import Checkpoint
-
     cal = aim.calibration
     base = str(base_model)  # a folder, a Hub id or s3:// (Path() would fold s3:// into s3:/)
-    # The model folder's own checks first (config.json, weight headers), as a merge makes them:
-    # a broken config.json is then named as such, not as the tokenizer loader's failure.
-    config = Checkpoint.open(base, role="base model").config
+    # The model folder's own checks first (config.json, weight headers, the layers' tensors), as
+    # a merge makes them: a broken config.json is then named as such, not as the tokenizer
+    # loader's failure. The token ids are checked against its embedding by calibrate_stages.
+    opened = open_base(base)
     sequences = load_calibration_sequences(cal, base)
-    check_token_ids(sequences, config)
     stats, stages = calibrate_stages(
         base, sequences, stages=aim.stages, stage_memory=aim.stage_memory,
-        micro_batch_size=aim.micro_batch_size, progress=progress,
+        micro_batch_size=aim.micro_batch_size, progress=progress, opened=opened,
     )
     metadata = {
         "base_model": base if is_remote(base) or not os.path.exists(base) else str(Path(base).resolve()),
@@ -64,15 +62,3 @@ def calibrate(
         log.info("AIM statistics saved to %s", out_path)
     return stats, metadata
 
-
-def check_token_ids(sequences: torch.Tensor, config: dict[str, Any]) -> None:
-    """Token ids must index the base model's vocabulary (``config``: its config.json): a
-    pre-tokenized dataset made for another model would otherwise fail deep inside a stage
-    actor's embedding lookup."""
-    vocab = next((c.get("vocab_size") for c in (config, config.get("text_config") or {})
-                  if isinstance(c.get("vocab_size"), int)), None)
-    if sequences.numel() and vocab is not None:
-        low, high = int(sequences.min()), int(sequences.max())
-        if low < 0 or high >= vocab:
-            raise ConfigError(f"aim.calibration: token ids range over {low}..{high} but the base model's vocabulary "
-                              f"has {vocab} entries; the data was tokenized for another model")

@@ -17,9 +17,10 @@ from typing import Any, Literal
 import torch
 
 from distmerge.aim import in_process, stage_actors
-from distmerge.aim.layout import open_base
+from distmerge.aim.layout import ModelLayout, open_base
 from distmerge.aim.stage_split import StagePlacement
 from distmerge.aim.wire import pack
+from distmerge.checkpoint import Checkpoint
 from distmerge.errors import ConfigError, DistmergeError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def calibrate_stages(
     micro_batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    opened: tuple[Checkpoint, ModelLayout] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """AIM statistics of the base model over ``sequences`` by a staged forward on Ray (or, on
     one machine running no Ray with one stage asked for, by that stage in this process:
@@ -83,9 +85,10 @@ def calibrate_stages(
     are asked for). Stages use a GPU when the cluster (or this machine) has one, the CPU
     otherwise; ``dtype`` defaults to float32 on CPU and the checkpoint's float dtype on GPU.
     ``stages="auto"`` plans the stages from the memory the cluster's nodes offer
-    (``stage_memory`` optionally caps a stage).
+    (``stage_memory`` optionally caps a stage). ``opened`` is ``open_base(model_dir)`` when the
+    caller has it already (``calibrate`` checks the folder before it tokenizes).
     """
-    checkpoint, layout = open_base(model_dir)
+    checkpoint, layout = opened if opened is not None else open_base(model_dir)
     vocab = checkpoint.tensors[layout.source(checkpoint, f"{layout.embed}.weight")].shape[0]
     sequences = _check_sequences(sequences, vocab)
     if in_process.runs_here(stages, stage_memory):

@@ -10,6 +10,7 @@ longer ones) until ``n_samples`` are kept, concatenate them and cut the stream i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -152,5 +153,20 @@ def load_tokenizer(tokenizer_dir: str | Path):  # type: ignore[no-untyped-def]
             raise CheckpointError(f"base model {folder}: its tokenizer has settings (tokenizer_config.json) but no "
                                   f"vocabulary ({', '.join(vocabularies)}); copy the tokenizer's files from where "
                                   "the model came from") from None
+        broken = _unreadable_json(folder)
+        if broken:  # transformers does not say which file its JSON error came from
+            raise CheckpointError(f"base model {folder}: cannot load its tokenizer: {broken}") from None
         reason = " ".join(str(e).split())  # transformers' messages run over several lines
         raise CheckpointError(f"base model {folder}: cannot load its tokenizer ({reason})") from e
+
+
+def _unreadable_json(folder: Path) -> str | None:
+    """The first of the tokenizer's JSON files that is not valid JSON, named with the reason.
+    Only read after the tokenizer failed to load: tokenizer.json can be tens of MB."""
+    for name in SIDE_FILES:
+        if name.endswith(".json") and (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_bytes())
+            except (ValueError, UnicodeDecodeError) as e:
+                return f"{name}: not valid JSON ({str(e)[:200]})"
+    return None

@@ -13,8 +13,6 @@ import os
 import socket
 from collections.abc import Iterator
 
-import psutil
-
 from distmerge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,6 +26,12 @@ _RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 #: What the embedded Ray's workers run with: no tokenizers thread pool in the calibration's
 #: stage actors and data workers (forked Ray processes and its threads do not mix).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster a run joins: ``address`` (``--ray-address``), else ``RAY_ADDRESS`` (which
+    ``ray job submit`` sets inside a job), else None (the embedded Ray, or no Ray at all)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -63,14 +67,16 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and
         # Ray refuses to start a driver whose runtime env clashes with it.
-        log.info("joining Ray cluster at %s", address)
         check_reachable(address)
+        log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
+        import psutil
+
         cpus = num_cpus or os.cpu_count() or 1
         # Workers write results to files, so the object store carries only small payloads.
         store = int(min(2 * 1024**3, max(100 * 1024**2, psutil.virtual_memory().available * 0.05)))
@@ -92,7 +98,8 @@ REACH_TIMEOUT_S = 10.0
 
 def check_reachable(address: str) -> None:
     """Refuse, in one line, an address that is not a Ray cluster's (``host:port``,
-    ``ray://host:port``, ``auto`` or ``local``) or a ``host:port`` nobody answers on.
+    ``ray://host:port``, ``auto`` or ``local``), a ``host:port`` nobody answers on, or one where
+    something other than a Ray head's GCS answers.
 
     Why: ``ray.init`` retries an unreachable GCS without end (a mistyped ``--ray-address`` or a
     stale ``RAY_ADDRESS`` hung the command for minutes, printing only Ray's warnings), and
@@ -112,6 +119,41 @@ def check_reachable(address: str) -> None:
     except OSError as e:
         raise ConfigError(f"Ray cluster at {address} (--ray-address or RAY_ADDRESS): nothing answers there "
                           f"({e.strerror or e}); start it with `ray start --head` or give the head's address") from None
+    if not address.startswith("ray://"):  # the Ray Client server speaks another protocol
+        why = _not_a_gcs(target)
+        if why:
+            raise ConfigError(f"Ray cluster at {address} (--ray-address or RAY_ADDRESS): something answers there "
+                              f"but it is not a Ray head ({why}); give the head's GCS address, the host:port "
+                              "`ray start --head` prints (port 6379 unless --port was given)")
+
+
+def _not_a_gcs(target: str) -> str | None:
+    """Why what answers on ``target`` is not a Ray GCS, or None if it may be one.
+
+    Why: ``ray.init`` given a port where another service listens (a proxy, the dashboard's HTTP
+    port, a listener that closes at once) waits 25 s under Ray's C++ warnings or hangs for
+    good. One gRPC call of the GCS's own service settles it in milliseconds: a GCS answers
+    it, or refuses it for want of the cluster's token (``UNAUTHENTICATED``: still Ray, and
+    ``ray.init`` has the token), where anything else fails to speak gRPC or lacks the service.
+    """
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # a Ray without these modules: ray.init finds out itself
+        return None
+    with grpc.insecure_channel(target) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=REACH_TIMEOUT_S)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                return "it does not speak gRPC: an HTTP server, a proxy or another service?"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return f"no gRPC answer within {REACH_TIMEOUT_S:.0f} s"
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                return "a gRPC server without Ray's GCS service"
+    return None
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 from distmerge.engine.batch import run_batch
+from distmerge.engine.cluster import check_reachable, cluster_address
 from distmerge.engine.schedule import MergeTask, ReductionTask, Task, WorkSource
 from distmerge.engine.worker import MergeJob, run_reduction_round
 from distmerge.errors import ConfigError
@@ -143,10 +144,8 @@ def check_executor_request(setting: str, ray_address: str | None) -> None:
     """
     if setting == "local" and ray_address:
         raise ConfigError("--ray-address joins a Ray cluster, executor local runs without one; drop one of them")
-    address = ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(ray_address)
     if setting != "local" and address and not ray_running():
-        from distmerge.engine.cluster import check_reachable
-
         check_reachable(address)
 
 
@@ -156,7 +155,7 @@ def choose_executor(setting: str, ray_address: str | None, needs_ray: str | None
     ``needs_ray`` is the reason a feature needs Ray (None if it does not), so that a refusal
     of ``local`` can say why.
     """
-    address = ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(ray_address)
     if setting == "local":
         check_executor_request(setting, ray_address)
         if needs_ray:

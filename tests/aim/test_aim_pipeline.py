@@ -201,6 +201,14 @@ def test_data_that_fails_its_checks_starts_no_stage(ray_local, aim_models, tmp_p
         (bare / "config.json").write_text(text)
         with pytest.raises(CheckpointError, match=message):
             calibrate(bare, aim, None, progress=False)
+    # A broken tokenizer file is named (transformers' JSON error does not say which file).
+    shutil.copy(aim_models["llama"] / "config.json", bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        good = (bare / name).read_bytes()
+        (bare / name).write_bytes(good[:-40])
+        with pytest.raises(CheckpointError, match=rf"no_tokenizer: cannot load its tokenizer: {name}: not valid JSON"):
+            calibrate(bare, aim, None, progress=False)
+        (bare / name).write_bytes(good)
     text = tmp_path / "d.jsonl"
     text.write_text('{"body": "some text"}\n')
     aim = AimConfig(calibration=CalibrationConfig(dataset=str(text), n_samples=2, block_size=64), stages=1)

@@ -192,8 +192,11 @@ def test_joining_a_cluster_is_unchanged(monkeypatch):
     from ray._private import ray_constants
 
     calls = _record_init(monkeypatch)
+    probed: list[str] = []  # the address check is tested in tests/engine/test_cluster_address.py
+    monkeypatch.setattr(cluster, "check_reachable", probed.append)
     before = ray_constants.ENABLE_RAY_CLUSTER
     assert cluster.connect("10.0.0.5:6379") is True
+    assert probed == ["10.0.0.5:6379"]
     assert calls == [{"kwargs": {"address": "10.0.0.5:6379", "log_to_driver": True,
                                  "configure_logging": False},
                       "cluster_flag": before, "cluster_env": None, "tokenizers": None}]

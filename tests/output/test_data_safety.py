@@ -470,7 +470,7 @@ def test_pretokenized_ids_beyond_the_vocabulary_are_refused(family, capsys):
     data["aim"] = {"calibration": {"dataset": str(data_file), "block_size": 4}}
     cfg = write_config(root / "aim.yml", data)
     code, text = run_cli(["calibrate", cfg, "--out", root / "s.safetensors"], capsys)
-    assert code == 2 and "token ids range over 1..1000000" in text and "260 entries" in text, text
+    assert code == 2 and "token ids span [1, 1000000]" in text and "260 entries" in text, text
     assert not (root / "s.safetensors").exists()
 
 
