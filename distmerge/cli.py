@@ -102,15 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--omega", type=_omega_arg, default=0.4, help="omega the factors are shown for (default 0.4)")
     stats.add_argument("--plot", type=Path, help="also draw the statistics per layer into this PNG (needs matplotlib)")
     add_warm_up_parser(sub)
+    for command in sub.choices.values():  # also after the subcommand (`merge c.yml out --debug`)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def _configure_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # HTTP clients log every request at INFO (one per range read of a remote input).
     for noisy in ("urllib3", "filelock", "ray", "httpx", "httpx2", "httpcore", "httpcore2", "botocore", "boto3",
                   "huggingface_hub"):
@@ -128,8 +127,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.config, args.out_dir, ray_address=args.ray_address, shard_size=args.shard_size,
         workers=args.workers, seed=args.seed, overwrite=args.overwrite, overwrite_foreign=args.overwrite_foreign,
         resume=args.resume, allow_nonfinite=True if args.allow_nonfinite else None, executor=args.executor,
-        progress=not args.no_progress,
-    )
+        progress=not args.no_progress)
     if report.get("noop"):
         print(f"already complete: {report['out_dir']} (fingerprint {report.get('fingerprint')}); nothing to do")
     else:

@@ -28,7 +28,10 @@ class OutputError(DistmergeError):
 
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` for a message: cut to ``limit`` characters, and safe for any value
-    (Python refuses to print an integer of more than 4300 digits)."""
+    (Python refuses to print an integer of more than 4300 digits). true, false and null as the
+    user wrote them (YAML and JSON), not Python's True, False and None."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
     try:
         text = repr(value)
     except ValueError:

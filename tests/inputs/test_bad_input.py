@@ -193,8 +193,10 @@ def test_cli_errors_are_messages_not_tracebacks(llama_family, tmp_path):
     proc = _cli(["merge", str(cfg), str(tmp_path / "out")])
     assert proc.returncode == 2
     assert victim.name in proc.stderr and "truncated" in proc.stderr and "Traceback" not in proc.stderr
-    debug = _cli(["--debug", "merge", str(cfg), str(tmp_path / "out")])
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    for flags in (["--debug", "merge", str(cfg), str(tmp_path / "out")],
+                  ["merge", str(cfg), str(tmp_path / "out"), "--debug"]):  # either place, as users type it
+        debug = _cli(flags)
+        assert debug.returncode != 0 and "Traceback" in debug.stderr and victim.name in debug.stderr
     assert not (tmp_path / "out" / INDEX).exists()
 
 

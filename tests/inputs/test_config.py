@@ -102,11 +102,11 @@ def test_wrong_types_and_ranges():
 
 
 @pytest.mark.parametrize(("aim", "message"), [
-    ({"stages": True}, r"aim\.stages: must be 'auto' or an integer from 1 to 4096 \(got True\)$"),
+    ({"stages": True}, r"aim\.stages: must be 'auto' or an integer from 1 to 4096 \(got true\)$"),
     ({"stages": 2.0}, r"aim\.stages: must be .* \(got 2\.0\)$"),
     ({"stages": "2"}, r"aim\.stages: must be .* \(got '2'\)$"),
     ({"stages": 0}, r"aim\.stages: must be .* \(got 0\)$"),
-    ({"micro_batch_size": True}, r"aim\.micro_batch_size: Input should be a valid integer \(got True\)$"),
+    ({"micro_batch_size": True}, r"aim\.micro_batch_size: Input should be a valid integer \(got true\)$"),
     ({"calibration": {"n_samples": 8.0}}, r"aim\.calibration\.n_samples: Input should be a valid integer"),
     ({"calibration": {"block_size": False}}, r"aim\.calibration\.block_size: Input should be a valid integer"),
 ])
