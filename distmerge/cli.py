@@ -161,7 +161,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from distmerge.aim.feature import AimFeature
-    from distmerge.aim.in_process import pipeline_reason
     from distmerge.engine.cluster import connect
     from distmerge.engine.executors import choose_executor
     from distmerge.engine.request import resolve_request
@@ -185,7 +184,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         _check_plot(args.plot, {**request.input_paths(), "--out": out})
     # Ray where a merge would take it, else the one stage in this process (aim.in_process).
     setting = args.executor or request.config.execution.executor
-    if choose_executor(setting, args.ray_address, pipeline_reason(request.config.aim)).name == "ray":
+    if choose_executor(setting, args.ray_address, aim.pipeline_reason()).name == "ray":
         connect(args.ray_address)
     aim.calibrate(out, progress=not args.no_progress)
     if remote is not None:

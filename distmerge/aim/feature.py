@@ -106,11 +106,25 @@ class AimFeature:
     def needs_ray(self, out: Path) -> str | None:
         """Calibrating the base model in a pipeline of several stages needs Ray (its stage actors);
         one stage runs in this process where no Ray runs, and loading statistics needs nothing."""
-        from distmerge.aim.in_process import pipeline_reason
-
         if self.aim.stats or (out / SAVED_NAME).is_file():
             return None
-        return pipeline_reason(self.aim)
+        return self.pipeline_reason()
+
+    def pipeline_reason(self) -> str | None:
+        """Why calibrating takes a pipeline of Ray stage actors (None: one stage in this process
+        will do); an ``aim.stage_memory`` no layer of the base model fits is refused here, from
+        its headers, before Ray is started or joined for it."""
+        from distmerge.aim.in_process import pipeline_reason
+
+        reason = pipeline_reason(self.aim)
+        if reason and self.aim.stages == "auto" and self.aim.stage_memory is not None:
+            from distmerge.aim.layout import open_base
+            from distmerge.aim.stage_plan import check_stage_cap
+
+            checkpoint, layout = open_base(str(self.base_model))
+            check_stage_cap(checkpoint, layout, self.aim.stage_memory, self.aim.calibration.block_size,
+                            self.aim.micro_batch_size, None)
+        return reason
 
     def prepare(self, plan: MergePlan, out: Path, record_written: Callable[[str], None],
                 progress: bool) -> ChannelRelaxation:

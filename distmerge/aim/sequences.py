@@ -147,7 +147,7 @@ def load_tokenizer(tokenizer_dir: str | Path):  # type: ignore[no-untyped-def]
 
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a stranger's files reach transformers' parsers in any shape
         vocabularies = [n for n in TOKENIZER_CORE_FILES if n != "tokenizer_config.json"]
         if not any((folder / name).is_file() for name in vocabularies):  # transformers' words are about converters
             raise CheckpointError(f"base model {folder}: its tokenizer has settings (tokenizer_config.json) but no "
@@ -156,17 +156,20 @@ def load_tokenizer(tokenizer_dir: str | Path):  # type: ignore[no-untyped-def]
         broken = _unreadable_json(folder)
         if broken:  # transformers does not say which file its JSON error came from
             raise CheckpointError(f"base model {folder}: cannot load its tokenizer: {broken}") from None
-        reason = " ".join(str(e).split())  # transformers' messages run over several lines
+        reason = (f"a tokenizer file lacks the key {e}" if isinstance(e, KeyError)
+                  else " ".join(str(e).split()))  # transformers' messages run over several lines
         raise CheckpointError(f"base model {folder}: cannot load its tokenizer ({reason})") from e
 
 
 def _unreadable_json(folder: Path) -> str | None:
-    """The first of the tokenizer's JSON files that is not valid JSON, named with the reason.
-    Only read after the tokenizer failed to load: tokenizer.json can be tens of MB."""
+    """The first of the tokenizer's JSON files that is not valid JSON or not an object, named
+    with the reason. Read only after the tokenizer failed to load (tokenizer.json: tens of MB)."""
     for name in SIDE_FILES:
         if name.endswith(".json") and (folder / name).is_file():
             try:
-                json.loads((folder / name).read_bytes())
-            except (ValueError, UnicodeDecodeError) as e:
+                data = json.loads((folder / name).read_bytes())
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 return f"{name}: not valid JSON ({str(e)[:200]})"
+            if not isinstance(data, dict):
+                return f"{name}: expected a JSON object, got {type(data).__name__}"
     return None

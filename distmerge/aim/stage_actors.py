@@ -17,6 +17,7 @@ import torch
 
 from distmerge.aim.stage_plan import (
     calibration_dtype,
+    check_stage_cap,
     cluster_nodes,
     place_model_stages,
     stage_overhead,
@@ -49,6 +50,8 @@ def plan_stages(
 
     if micro_batch_size < 1:
         raise ConfigError(f"aim.micro_batch_size: must be at least 1, got {micro_batch_size}")
+    if stages == "auto" and stage_memory is not None:
+        check_stage_cap(checkpoint, layout, stage_memory, seq_len, micro_batch_size, dtype)
     if not ray.is_initialized():
         from distmerge.engine.cluster import connect
 

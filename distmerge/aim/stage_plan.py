@@ -21,6 +21,7 @@ from distmerge.aim.stage_split import (
 )
 from distmerge.checkpoint import Checkpoint
 from distmerge.errors import ConfigError
+from distmerge.sizes import format_size
 
 # A stage worker's own footprint beyond its weights and activations: the Python process with
 # torch, transformers and Ray loaded (measured ~0.35 GB resident on CPU), rounded up.
@@ -45,6 +46,39 @@ def _layer_sizes(checkpoint: Checkpoint, layout: ModelLayout, itemsize: int) -> 
     embed = layout.part_bytes(checkpoint, [layout.embed], itemsize)
     head = layout.part_bytes(checkpoint, [layout.norm, layout.head], itemsize)
     return layer_bytes, embed, head
+
+
+def _stage_sizes(checkpoint: Checkpoint, layout: ModelLayout, itemsize: int) -> list[int]:
+    """Weight bytes per decoder layer as stages hold them: the embeddings with the first layer,
+    the final norm and head with the last."""
+    layer_bytes, embed, head = _layer_sizes(checkpoint, layout, itemsize)
+    sizes = list(layer_bytes)
+    sizes[0] += embed
+    sizes[-1] += head
+    return sizes
+
+
+def check_stage_cap(checkpoint: Checkpoint, layout: ModelLayout, stage_memory: int, seq_len: int,
+                    micro_batch_size: int, dtype: torch.dtype | None) -> None:
+    """Refuse an ``aim.stage_memory`` that some layer exceeds on any device, before Ray starts.
+
+    Why here: the placement needs the cluster's nodes and the device (float32 on CPU, the
+    checkpoint's bf16/fp16 on a GPU), so it runs after Ray has started (15 s on a laptop). A
+    layer that needs more than the cap even in the narrowest dtype a stage may compute in fits
+    no stage anywhere, which the headers alone tell.
+    """
+    narrowest = min((calibration_dtype(checkpoint, layout, gpu, dtype) for gpu in (False, True)),
+                    key=lambda d: torch.empty((), dtype=d).element_size())
+    itemsize = torch.empty((), dtype=narrowest).element_size()
+    sizes = _stage_sizes(checkpoint, layout, itemsize)
+    overhead = stage_overhead(checkpoint.config, micro_batch_size, seq_len, itemsize)
+    largest = max(range(len(sizes)), key=sizes.__getitem__)
+    need = overhead + sizes[largest]
+    if need > stage_memory:
+        raise ConfigError(f"aim.stages=auto: AIM calibration stages cannot be placed: layer {largest} alone needs "
+                          f"{format_size(need)} (computing in {str(narrowest).removeprefix('torch.')}, with one "
+                          f"micro-batch's activations and the worker) and aim.stage_memory caps a stage at "
+                          f"{format_size(stage_memory)}; raise aim.stage_memory to at least {format_size(need)} or drop it")
 
 
 def calibration_dtype(checkpoint: Checkpoint, layout: ModelLayout, on_gpu: bool, dtype: torch.dtype | None) -> torch.dtype:
@@ -88,11 +122,7 @@ def place_model_stages(checkpoint: Checkpoint, layout: ModelLayout, stages: int 
     a node it fits, see :func:`place_stages`); for an integer, an even split Ray places freely."""
     if stages != "auto":
         return [StagePlacement(r, None, "", 0) for r in plan_model_stages(checkpoint, layout, stages, 0, itemsize)]
-    layer_bytes, embed, head = _layer_sizes(checkpoint, layout, itemsize)
-    sizes = list(layer_bytes)
-    sizes[0] += embed
-    sizes[-1] += head
     try:
-        return place_stages(sizes, overhead, nodes, stage_memory)
+        return place_stages(_stage_sizes(checkpoint, layout, itemsize), overhead, nodes, stage_memory)
     except ValueError as e:
         raise ConfigError(f"aim.stages=auto: {e}") from None

@@ -72,8 +72,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and
         # Ray refuses to start a driver whose runtime env clashes with it.
         check_reachable(address)
-        log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        try:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+        except ConnectionError as e:  # Ray's words name its own --address flag; say it as ours
+            why = ("no Ray cluster runs on this machine (auto joins one that `ray start` started here)"
+                   if address == "auto" else f"Ray could not join it ({' '.join(str(e).split())[:300]})")
+            raise ConfigError(f"Ray cluster at {address} (--ray-address or RAY_ADDRESS): {why}; start it with "
+                              "`ray start --head` or give the head's address") from None
+        log.info("joined Ray cluster at %s", address)
     else:
         import psutil
 
@@ -98,8 +104,8 @@ REACH_TIMEOUT_S = 10.0
 
 def check_reachable(address: str) -> None:
     """Refuse, in one line, an address that is not a Ray cluster's (``host:port``,
-    ``ray://host:port``, ``auto`` or ``local``), a ``host:port`` nobody answers on, or one where
-    something other than a Ray head's GCS answers.
+    ``ray://host:port``, ``auto`` or ``local``), a ``host:port`` nobody answers on, one where
+    something other than a Ray head's GCS answers, or a head that refuses this process's token.
 
     Why: ``ray.init`` retries an unreachable GCS without end (a mistyped ``--ray-address`` or a
     stale ``RAY_ADDRESS`` hung the command for minutes, printing only Ray's warnings), and
@@ -110,7 +116,8 @@ def check_reachable(address: str) -> None:
         return
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or "/" in target:
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in target \
+            or address != address.strip():
         dashboard = " (http:// is the dashboard's address, for ray job submit)" if "://" in target else ""
         raise ConfigError(f"Ray cluster address {address!r} (--ray-address or RAY_ADDRESS): not a Ray address"
                           f"{dashboard}; give the head's host:port (e.g. 127.0.0.1:6379), ray://host:port or auto")
@@ -119,41 +126,69 @@ def check_reachable(address: str) -> None:
     except OSError as e:
         raise ConfigError(f"Ray cluster at {address} (--ray-address or RAY_ADDRESS): nothing answers there "
                           f"({e.strerror or e}); start it with `ray start --head` or give the head's address") from None
-    if not address.startswith("ray://"):  # the Ray Client server speaks another protocol
-        why = _not_a_gcs(target)
-        if why:
-            raise ConfigError(f"Ray cluster at {address} (--ray-address or RAY_ADDRESS): something answers there "
-                              f"but it is not a Ray head ({why}); give the head's GCS address, the host:port "
-                              "`ray start --head` prints (port 6379 unless --port was given)")
+    refusal = _gcs_refusal(target, client=address.startswith("ray://"))
+    if refusal:
+        raise ConfigError(f"Ray cluster at {address} (--ray-address or RAY_ADDRESS): {refusal}")
 
 
-def _not_a_gcs(target: str) -> str | None:
-    """Why what answers on ``target`` is not a Ray GCS, or None if it may be one.
+#: The advice when a Ray head refuses this process's auth token (Ray's token authentication).
+TOKEN_HELP = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the head's token, as "
+              "`ray start --head` was given it (https://docs.ray.io/en/latest/ray-security/token-auth.html)")
+
+
+def _gcs_refusal(target: str, client: bool) -> str | None:
+    """Why joining what answers on ``target`` cannot work, or None if it may. ``client``: a
+    ``ray://`` address, the Ray Client server's, which speaks gRPC but not the GCS's service
+    (only a server that speaks no gRPC at all is refused there).
 
     Why: ``ray.init`` given a port where another service listens (a proxy, the dashboard's HTTP
     port, a listener that closes at once) waits 25 s under Ray's C++ warnings or hangs for
-    good. One gRPC call of the GCS's own service settles it in milliseconds: a GCS answers
-    it, or refuses it for want of the cluster's token (``UNAUTHENTICATED``: still Ray, and
-    ``ray.init`` has the token), where anything else fails to speak gRPC or lacks the service.
+    good, and a head that refuses this process's auth token fails after 20 s naming neither the
+    token nor the address given. One gRPC call of the GCS's own service, carrying the token Ray
+    would send, settles it in milliseconds: a GCS answers it, or refuses the token; anything
+    else fails to speak gRPC or lacks the service.
     """
     try:
         import grpc
         from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
     except ImportError:  # a Ray without these modules: ray.init finds out itself
         return None
+    token = _ray_token_metadata()
     with grpc.insecure_channel(target) as channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), timeout=REACH_TIMEOUT_S)
+                gcs_service_pb2.GetClusterIdRequest(), timeout=REACH_TIMEOUT_S, metadata=token)
         except grpc.RpcError as e:
             code = e.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                return "it does not speak gRPC: an HTTP server, a proxy or another service?"
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return f"no gRPC answer within {REACH_TIMEOUT_S:.0f} s"
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                return "a gRPC server without Ray's GCS service"
+            if client and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                has = "the token this process has is not its" if token else "this process has none"
+                return f"the head asks for its auth token and {has}; {TOKEN_HELP}"
+            why = {grpc.StatusCode.UNAVAILABLE: "it does not speak gRPC: an HTTP server, a proxy or another service?",
+                   grpc.StatusCode.DEADLINE_EXCEEDED: f"no gRPC answer within {REACH_TIMEOUT_S:.0f} s",
+                   grpc.StatusCode.UNIMPLEMENTED: "a gRPC server without Ray's GCS service"}.get(code)
+            if why and client:
+                return (f"something answers there but it is not a Ray Client server ({why}); give ray://host:port "
+                        "of the head's client server (port 10001 unless --ray-client-server-port was given)")
+            if why:
+                return (f"something answers there but it is not a Ray head ({why}); give the head's GCS address, "
+                        "the host:port `ray start --head` prints (port 6379 unless --port was given)")
     return None
+
+
+def _ray_token_metadata() -> tuple[tuple[str, str], ...]:
+    """The auth header Ray's own client would send (from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token, by Ray's loader), or none."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        loader = AuthenticationTokenLoader.instance()
+        if not loader.has_token(ignore_auth_mode=True):
+            return ()
+        return tuple(loader.get_token_for_http_header().items())
+    except (ImportError, AttributeError, TypeError, RuntimeError):  # another Ray: no token known
+        return ()
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 from distmerge.engine.batch import run_batch
-from distmerge.engine.cluster import check_reachable, cluster_address
+from distmerge.engine.cluster import cluster_address, connect
 from distmerge.engine.schedule import MergeTask, ReductionTask, Task, WorkSource
 from distmerge.engine.worker import MergeJob, run_reduction_round
 from distmerge.errors import ConfigError
@@ -135,18 +135,20 @@ def ray_running() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def check_executor_request(setting: str, ray_address: str | None) -> None:
-    """Refuse what is wrong with the executor request before a run creates anything: ``local``
-    with a cluster address, or a cluster address that is not one or that nobody answers on.
+def join_named_cluster(setting: str, ray_address: str | None) -> None:
+    """Before a run creates anything: refuse ``local`` with a cluster address, and join the
+    cluster an address (``--ray-address`` or ``RAY_ADDRESS``) names, which the run then uses.
 
-    Why before: a merge locks OUT and opens its journal before its executor starts; a refusal
-    there left an OUT holding only a journal. The address probe is the one ``connect`` makes.
+    Why before: a merge locks OUT, clears it for ``--overwrite`` and opens its journal before
+    its executor starts; an address that failed there (nobody answers, something else answers,
+    the head refuses the token, ``auto`` finds no cluster) left OUT holding only a journal, an
+    earlier output deleted. Whether a cluster is there and takes this process is only certain
+    once joined (:func:`~distmerge.engine.cluster.connect` checks the address first).
     """
     if setting == "local" and ray_address:
         raise ConfigError("--ray-address joins a Ray cluster, executor local runs without one; drop one of them")
-    address = cluster_address(ray_address)
-    if setting != "local" and address and not ray_running():
-        check_reachable(address)
+    if setting != "local" and cluster_address(ray_address) and not ray_running():
+        connect(ray_address)
 
 
 def choose_executor(setting: str, ray_address: str | None, needs_ray: str | None) -> Executor:
@@ -157,7 +159,7 @@ def choose_executor(setting: str, ray_address: str | None, needs_ray: str | None
     """
     address = cluster_address(ray_address)
     if setting == "local":
-        check_executor_request(setting, ray_address)
+        join_named_cluster(setting, ray_address)
         if needs_ray:
             raise ConfigError(f"executor local: {needs_ray}, which runs on Ray; use executor auto or ray")
         return LocalExecutor()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distmerge.config import MergeConfig
-from distmerge.engine.executors import check_executor_request, choose_executor
+from distmerge.engine.executors import choose_executor, join_named_cluster
 from distmerge.engine.finalize import finalize
 from distmerge.engine.fingerprint import identify
 from distmerge.engine.merge_units import merge_job, merge_units
@@ -52,7 +52,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, ray_addr
     request = resolve_request(config, shard_size=shard_size, workers=workers, seed=seed,
                               allow_nonfinite=allow_nonfinite, executor=executor)
     plan = build_plan(request.config, request.shard_size, needs_base=request.needs_base)
-    check_executor_request(request.config.execution.executor, ray_address)
+    join_named_cluster(request.config.execution.executor, ray_address)
     # 2. The output: named by the merge's identity, apart from every input, locked, examined.
     identity = identify(request, plan)
     phases.mark("plan")

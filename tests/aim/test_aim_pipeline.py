@@ -203,12 +203,18 @@ def test_data_that_fails_its_checks_starts_no_stage(ray_local, aim_models, tmp_p
             calibrate(bare, aim, None, progress=False)
     # A broken tokenizer file is named (transformers' JSON error does not say which file).
     shutil.copy(aim_models["llama"] / "config.json", bare)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name, text, why in [("tokenizer.json", None, "not valid JSON"), ("tokenizer_config.json", None, "not valid JSON"),
+                            ("tokenizer.json", b"null", "expected a JSON object, got NoneType"),
+                            ("tokenizer_config.json", b"[]", "expected a JSON object, got list")]:
         good = (bare / name).read_bytes()
-        (bare / name).write_bytes(good[:-40])
-        with pytest.raises(CheckpointError, match=rf"no_tokenizer: cannot load its tokenizer: {name}: not valid JSON"):
+        (bare / name).write_bytes(good[:-40] if text is None else text)
+        with pytest.raises(CheckpointError, match=rf"no_tokenizer: cannot load its tokenizer: {name}: {why}"):
             calibrate(bare, aim, None, progress=False)
         (bare / name).write_bytes(good)
+    (bare / "tokenizer.json").write_bytes(b"{}")  # an object without what transformers looks up: still one line
+    with pytest.raises(CheckpointError, match=r"no_tokenizer: cannot load its tokenizer \(a tokenizer file lacks"):
+        calibrate(bare, aim, None, progress=False)
+    shutil.copy(aim_models["llama"] / "tokenizer.json", bare)
     text = tmp_path / "d.jsonl"
     text.write_text('{"body": "some text"}\n')
     aim = AimConfig(calibration=CalibrationConfig(dataset=str(text), n_samples=2, block_size=64), stages=1)

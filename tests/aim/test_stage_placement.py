@@ -63,3 +63,40 @@ def test_stages_are_rebalanced_where_they_still_fit() -> None:
     # a small second node: balance cannot hold, the greedy plan stands (7 GB + 3 GB)
     plan = place_stages([GB] * 10, GB, nodes(8, 4))
     assert [(p.layers, p.node_id) for p in plan] == [((0, 7), "node0"), ((7, 10), "node1")]
+
+
+def test_a_cap_no_layer_fits_is_refused_from_the_headers_before_ray_starts(aim_models, monkeypatch, tmp_path) -> None:
+    """``aim.stage_memory`` below what one layer needs (its weights, one micro-batch's
+    activations, the worker: at least WORKER_BYTES) is refused before Ray is started or joined;
+    a cap that leaves room is not refused there."""
+    import ray
+
+    from distmerge.aim import calibrate
+    from distmerge.aim.feature import AimFeature
+    from distmerge.aim.layout import open_base
+    from distmerge.aim.stage_plan import WORKER_BYTES, check_stage_cap
+    from distmerge.config import AimConfig, CalibrationConfig, parse_config
+    from distmerge.engine import cluster
+    from distmerge.errors import ConfigError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray was started for a cap no layer fits"))
+    aim = AimConfig(calibration=CalibrationConfig(dataset="builtin", n_samples=6, block_size=512),
+                    stage_memory=f"{WORKER_BYTES // 1000**2 - 1}MB")
+    with pytest.raises(ConfigError, match=r"^aim\.stages=auto: AIM calibration stages cannot be placed: layer \d "
+                                          r"alone needs 5\d\d\.\d\d MB \(computing in float32, .* and aim\.stage_memory "
+                                          r"caps a stage at 499\.00 MB; raise aim\.stage_memory to at least 5\d\d\.\d\d "
+                                          r"MB or drop it$"):
+        calibrate(aim_models["llama"], aim, None, progress=False)
+    checkpoint, layout = open_base(aim_models["llama"])
+    check_stage_cap(checkpoint, layout, 2 * WORKER_BYTES, 512, 4, None)  # room: no refusal
+    # The commands ask the feature whether it needs Ray before starting it (merge: needs_ray,
+    # calibrate: pipeline_reason): the same refusal comes from there.
+    base = str(aim_models["llama"])
+    config = parse_config({"merge_method": "task_arithmetic", "base_model": base,
+                           "models": [{"model": base, "parameters": {"weight": 1.0}}],
+                           "aim": {"stage_memory": "499MB"}})
+    with pytest.raises(ConfigError, match=r"aim\.stage_memory caps a stage at 499\.00 MB; raise"):
+        AimFeature(config).needs_ray(tmp_path)
+    roomy = config.model_copy(update={"aim": config.aim.model_copy(update={"stage_memory": 2 * WORKER_BYTES})})
+    assert "aim.stage_memory caps each calibration stage" in AimFeature(roomy).pipeline_reason()

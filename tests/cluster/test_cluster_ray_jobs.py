@@ -11,6 +11,7 @@ The cluster and its isolation: :mod:`tests.cluster.loopback`.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,7 +75,7 @@ def test_job_merges_on_both_nodes_with_the_local_bytes(ray_cluster: RayCluster, 
     status = ray_cluster.cli("job", "status", "--address", ray_cluster.dashboard, "dm-merge-1")
     assert "succeeded" in (status.stdout + status.stderr).lower()
     cli_logs = ray_cluster.cli("job", "logs", "--address", ray_cluster.dashboard, "dm-merge-1").stdout
-    for line in ("plan:", "joining Ray cluster at ", "merge (task_arithmetic)", "merged task_arithmetic"):
+    for line in ("plan:", "joined Ray cluster at ", "merge (task_arithmetic)", "merged task_arithmetic"):
         assert line in cli_logs, f"{line!r} missing from the job log:\n{cli_logs[-4000:]}"
     assert "100%" in cli_logs  # the progress bar reaches the job log although it is no TTY
     assert (out / "model.safetensors.index.json").exists()
@@ -151,3 +152,36 @@ def test_fingerprint_output_names_a_new_directory(ray_cluster: RayCluster, merge
     assert len(outs[0].name) > len("merged-") + 7
     assert (outs[0] / "model.safetensors.index.json").exists()
     assert file_bytes(outs[0]) == file_bytes(merge_inputs["local"])
+
+
+@pytest.mark.parametrize("token", [None, "ab" * 32])
+def test_a_head_refusing_this_process_token_is_refused_before_out_is_touched(
+        ray_cluster: RayCluster, merge_inputs: dict[str, Path], tmp_path: Path, token: str | None) -> None:
+    """No token, or not the head's: refused in one line in seconds, the earlier output kept
+    (Ray itself retried for 20 s, then named neither the token nor the address given, after
+    ``--overwrite`` had cleared OUT). With the head's token the same command joins and finds
+    the merge done."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(merge_inputs["local"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    env = {k: v for k, v in ray_cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine's user
+    if token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    address = f"127.0.0.1:{ray_cluster.gcs_port}"
+    command = [*_merge_cmd(merge_inputs, out, "8KB"), "--overwrite", "--no-progress", "--ray-address", address]
+    started = time.monotonic()
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    has = "the token this process has is not its" if token else "this process has none"
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"distmerge: error: Ray cluster at {address} (--ray-address or RAY_ADDRESS): the head asks for its auth "
+        f"token and {has}; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the head's "
+        "token, as `ray start --head` was given it (https://docs.ray.io/en/latest/ray-security/token-auth.html)"], \
+        run.stderr[-3000:]
+    assert time.monotonic() - started < 15
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    joined = subprocess.run([c for c in command if c != "--overwrite"], env={**ray_cluster.env, "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0 and "already complete" in joined.stdout, joined.stderr[-3000:]

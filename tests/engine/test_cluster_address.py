@@ -106,7 +106,8 @@ def test_a_port_where_something_else_answers_is_refused(not_ray, monkeypatch, ki
     assert time.monotonic() - started < (3.0 if kind == "silent" else 1.0)
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "http://127.0.0.1:8265", "ray://", "host:port", ":6379"])
+@pytest.mark.parametrize("address", ["127.0.0.1", "http://127.0.0.1:8265", "ray://", "host:port", ":6379",
+                                     "127.0.0.1:0", "127.0.0.1:99999", " 127.0.0.1:6379", "127.0.0.1:6379 "])
 def test_addresses_ray_cannot_parse_are_refused_before_ray_sees_them(address):
     """Ray's own refusal of these is a bare ValueError (reported as a distmerge bug, exit 70)."""
     with pytest.raises(ConfigError, match=r"not a Ray address.*give the head's host:port \(e\.g\. 127\.0\.0\.1:6379\)"):
@@ -149,3 +150,31 @@ def test_overwrite_onto_an_earlier_output_keeps_it_when_the_address_is_not_ray(
         "GCS address, the host:port `ray start --head` prints (port 6379 unless --port was given)"]
     assert _every_file(out) == before
 
+
+
+def test_auto_without_a_cluster_here_says_so_in_our_words(monkeypatch):
+    """Ray's own words ask for its ``--address`` flag; distmerge's is ``--ray-address``."""
+    import ray
+
+    def no_cluster(**kwargs: object) -> None:
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ConfigError) as refused:
+        cluster.connect("auto")
+    assert str(refused.value) == (
+        "Ray cluster at auto (--ray-address or RAY_ADDRESS): no Ray cluster runs on this machine (auto joins one "
+        "that `ray start` started here); start it with `ray start --head` or give the head's address")
+
+
+@pytest.mark.parametrize("kind", ["http", "close"])
+def test_a_ray_client_address_where_no_grpc_answers_is_refused(not_ray, kind):
+    """ray:// is the Ray Client server's (gRPC, not the GCS's service): only a port that speaks no
+    gRPC is refused there (Ray's client waited 34 s on it, then failed over several lines)."""
+    address = f"ray://127.0.0.1:{not_ray[kind]}"
+    with pytest.raises(ConfigError, match=r"something answers there but it is not a Ray Client server \(it does not "
+                                          r"speak gRPC.*give ray://host:port of the head's client server"):
+        check_reachable(address)
+    check_reachable(f"ray://127.0.0.1:{not_ray['grpc']}")  # a gRPC server: may be the client server
