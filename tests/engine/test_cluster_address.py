@@ -73,6 +73,7 @@ class _Hello(BaseHTTPRequestHandler):
 def not_ray() -> Iterator[dict[str, int]]:
     """Ports on loopback where something answers that is not a Ray head."""
     import grpc
+    import ray.core.generated.gcs_service_pb2_grpc  # noqa: F401 - the probe's imports, paid before any timing
 
     http = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
     threading.Thread(target=http.serve_forever, daemon=True).start()
