@@ -157,12 +157,12 @@ def _gcs_refusal(target: str, client: bool) -> str | None:
     with grpc.insecure_channel(target) as channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), timeout=REACH_TIMEOUT_S, metadata=token)
+                gcs_service_pb2.GetClusterIdRequest(), timeout=REACH_TIMEOUT_S, metadata=token or ())
         except grpc.RpcError as e:
             code = e.code()
             if client and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return None
-            if code == grpc.StatusCode.UNAUTHENTICATED:
+            if code == grpc.StatusCode.UNAUTHENTICATED and token is not None:  # None: Ray's token unknown here
                 has = "the token this process has is not its" if token else "this process has none"
                 return f"the head asks for its auth token and {has}; {TOKEN_HELP}"
             why = {grpc.StatusCode.UNAVAILABLE: "it does not speak gRPC: an HTTP server, a proxy or another service?",
@@ -177,9 +177,10 @@ def _gcs_refusal(target: str, client: bool) -> str | None:
     return None
 
 
-def _ray_token_metadata() -> tuple[tuple[str, str], ...]:
+def _ray_token_metadata() -> tuple[tuple[str, str], ...] | None:
     """The auth header Ray's own client would send (from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token, by Ray's loader), or none."""
+    ~/.ray/auth_token, by Ray's loader), ``()`` if it has no token, None where this Ray has no
+    such loader (then only ``ray.init`` can tell whether the head takes this process)."""
     try:
         from ray._raylet import AuthenticationTokenLoader
 
@@ -187,8 +188,8 @@ def _ray_token_metadata() -> tuple[tuple[str, str], ...]:
         if not loader.has_token(ignore_auth_mode=True):
             return ()
         return tuple(loader.get_token_for_http_header().items())
-    except (ImportError, AttributeError, TypeError, RuntimeError):  # another Ray: no token known
-        return ()
+    except (ImportError, AttributeError, TypeError, RuntimeError):  # another Ray's internals
+        return None
 
 
 @contextlib.contextmanager

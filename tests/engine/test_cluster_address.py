@@ -81,11 +81,23 @@ def not_ray() -> Iterator[dict[str, int]]:
     other_grpc = grpc.server(ThreadPoolExecutor(max_workers=1))  # no services: every call UNIMPLEMENTED
     grpc_port = other_grpc.add_insecure_port("127.0.0.1:0")
     other_grpc.start()
-    yield {"http": http.server_address[1], "close": closing.port, "silent": silent.port, "grpc": grpc_port}
+
+    class _RefuseAll(grpc.GenericRpcHandler):  # as a token-auth Ray head answers a call without its token
+        def service(self, handler_call_details: object) -> object:
+            def refuse(request: object, context: grpc.ServicerContext) -> None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "InvalidAuthToken")
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    token_head = grpc.server(ThreadPoolExecutor(max_workers=1), handlers=[_RefuseAll()])
+    token_port = token_head.add_insecure_port("127.0.0.1:0")
+    token_head.start()
+    yield {"http": http.server_address[1], "close": closing.port, "silent": silent.port, "grpc": grpc_port,
+           "token": token_port}
     http.shutdown()
     closing.close()
     silent.close()
     other_grpc.stop(None)
+    token_head.stop(None)
 
 
 @pytest.mark.parametrize(("kind", "why"), [
@@ -179,3 +191,18 @@ def test_a_ray_client_address_where_no_grpc_answers_is_refused(not_ray, kind):
                                           r"speak gRPC.*give ray://host:port of the head's client server"):
         check_reachable(address)
     check_reachable(f"ray://127.0.0.1:{not_ray['grpc']}")  # a gRPC server: may be the client server
+
+
+def test_a_head_asking_for_a_token_is_refused_only_where_ray_s_token_is_known(not_ray, monkeypatch):
+    """The real head is tried in tests/cluster/test_cluster_ray_jobs.py; here which answer
+    follows from which token: none, one the head turns down, and a Ray whose token loader is
+    not there (then ``ray.init`` decides, nothing is refused early)."""
+    address = f"127.0.0.1:{not_ray['token']}"
+    for token, has in [((), "this process has none"),
+                       ((("authorization", "Bearer " + "ab" * 32),), "the token this process has is not its")]:
+        monkeypatch.setattr(cluster, "_ray_token_metadata", lambda token=token: token)
+        with pytest.raises(ConfigError, match=rf"^Ray cluster at {address} \(--ray-address or RAY_ADDRESS\): the "
+                                              rf"head asks for its auth token and {has}; set RAY_AUTH_MODE=token"):
+            check_reachable(address)
+    monkeypatch.setattr(cluster, "_ray_token_metadata", lambda: None)
+    check_reachable(address)
