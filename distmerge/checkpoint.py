@@ -19,7 +19,7 @@ from distmerge.io.files import check_inside
 from distmerge.io.locations import is_remote
 from distmerge.io.model_source import ModelSource, locate_model
 from distmerge.io.safetensors import INDEX_NAME, TensorInfo, parse_safetensors_header
-from distmerge.io.structured import read_json
+from distmerge.io.structured import json_kind, read_json
 from distmerge.model_config import check_config_against_tensors
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Checkpoint:
         config = read_json(check_inside(config_path, folder, "config.json", CheckpointError),
                            f"{role}'s config.json", CheckpointError, limit=MAX_CONFIG_JSON_BYTES)
         if not isinstance(config, dict):
-            raise CheckpointError(f"{config_path}: expected a JSON object of settings, got a {type(config).__name__}")
+            raise CheckpointError(f"{config_path}: expected a JSON object of settings, got {json_kind(config)}")
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             file_tensors, _ = parse_safetensors_header(file)

@@ -26,6 +26,7 @@ from distmerge.config import CalibrationConfig
 from distmerge.errors import CheckpointError, ConfigError
 from distmerge.io.files import check_inside, require_regular
 from distmerge.io.model_source import locate_model
+from distmerge.io.structured import json_kind
 
 log = logging.getLogger(__name__)
 
@@ -171,5 +172,5 @@ def _unreadable_json(folder: Path) -> str | None:
             except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 return f"{name}: not valid JSON ({str(e)[:200]})"
             if not isinstance(data, dict):
-                return f"{name}: expected a JSON object, got {type(data).__name__}"
+                return f"{name}: expected a JSON object, got {json_kind(data)}"
     return None

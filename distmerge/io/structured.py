@@ -83,6 +83,17 @@ def parse_json(raw: bytes | str, source: str, error: type[DistmergeError], *,
     return data
 
 
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words, for "expected a JSON object, got ...":
+    a user reads ``null`` and ``an array`` in their file, not Python's NoneType and list."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    kinds = {dict: "an object", list: "an array", str: "a string"}
+    return next((kind for t, kind in kinds.items() if isinstance(value, t)), "a number")
+
+
 def _refuse_constant(name: str) -> Any:
     """NaN and Infinity are not JSON; Python's parser accepts them unless told otherwise."""
     raise ValueError(f"{name} is not a JSON value")

@@ -22,7 +22,7 @@ from distmerge.checkpoint import Checkpoint
 from distmerge.errors import CheckpointError, shown
 from distmerge.io.files import check_inside
 from distmerge.io.safetensors import TensorInfo, parse_safetensors_header
-from distmerge.io.structured import read_json
+from distmerge.io.structured import json_kind, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -150,7 +150,7 @@ def _apply(ckpt: Checkpoint, folder: Path, where: str) -> LoraCheckpoint:
 def _settings(config: Any, path: Path) -> dict[str, Any]:
     """The adapter_config.json settings the merge uses, checked."""
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got a {type(config).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {json_kind(config)}")
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type is {shown(config.get('peft_type'))}; only LoRA adapters "
                               "(peft_type LORA) can be merged into a model")

@@ -196,7 +196,7 @@ def test_data_that_fails_its_checks_starts_no_stage(ray_local, aim_models, tmp_p
     assert "\n" not in str(caught.value)
     # A broken config.json is named as the model folder's error, before the tokenizer is loaded.
     shutil.copy(aim_models["llama"] / "tokenizer.json", bare)
-    for text, message in [("[]", "config.json: expected a JSON object of settings, got a list"),
+    for text, message in [("[]", "config.json: expected a JSON object of settings, got an array"),
                           ("{broken", "config.json: not valid JSON")]:
         (bare / "config.json").write_text(text)
         with pytest.raises(CheckpointError, match=message):
@@ -204,8 +204,8 @@ def test_data_that_fails_its_checks_starts_no_stage(ray_local, aim_models, tmp_p
     # A broken tokenizer file is named (transformers' JSON error does not say which file).
     shutil.copy(aim_models["llama"] / "config.json", bare)
     for name, text, why in [("tokenizer.json", None, "not valid JSON"), ("tokenizer_config.json", None, "not valid JSON"),
-                            ("tokenizer.json", b"null", "expected a JSON object, got NoneType"),
-                            ("tokenizer_config.json", b"[]", "expected a JSON object, got list")]:
+                            ("tokenizer.json", b"null", "expected a JSON object, got null"),
+                            ("tokenizer_config.json", b"[]", "expected a JSON object, got an array")]:
         good = (bare / name).read_bytes()
         (bare / name).write_bytes(good[:-40] if text is None else text)
         with pytest.raises(CheckpointError, match=rf"no_tokenizer: cannot load its tokenizer: {name}: {why}"):

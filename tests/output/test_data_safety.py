@@ -272,7 +272,7 @@ def test_config_json_values_are_checked_against_the_tensors(family, capsys, key,
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("[1, 2, 3]", "expected a JSON object of settings, got a list"),
+    ("[1, 2, 3]", "expected a JSON object of settings, got an array"),
     ("[" * 100_000 + "]" * 100_000, "arrays and objects in 200000 bytes is not the shape"),
     ('{"pad": "' + " " * 100_000 + '", "a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
     ('{"a": ' * 200 + "1" + "}" * 200, "nested more than 64 levels"),
