@@ -98,7 +98,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-#: Seconds to wait for a TCP connection to a named cluster's head before saying it is not there.
+#: Seconds to wait for a named cluster's head, for the TCP connection and again for the gRPC
+#: answer, before saying it is not there.
 REACH_TIMEOUT_S = 10.0
 
 
